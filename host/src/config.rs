@@ -1,0 +1,376 @@
+//! Configuration: command-line flags over an optional TOML file, parsed once into types that
+//! cannot hold a wrong value. Everything downstream takes a [`Config`] and never re-checks it.
+//!
+//! ```toml
+//! listen = "0.0.0.0:9002"
+//! plugins_dir = "/plugins"
+//!
+//! [defaults]                   # every plugin, unless its own table says otherwise
+//! failure_policy = "fail-closed"
+//! failure_status = 500
+//! timeout_ms = 20
+//! memory_limit_mib = 32
+//!
+//! [plugins.10-auth]            # keyed by file name without `.wasm`
+//! config = '{"realm": "api"}'
+//! failure_policy = "fail-open"
+//! ```
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// Where the guide's Go server listens, and so where Envoy configs for it already point.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:9002";
+/// The mount point of the plugin volume in the container image and Kubernetes manifests.
+pub const DEFAULT_PLUGINS_DIR: &str = "/plugins";
+
+/// A header plugin runs in microseconds; 20 ms is a thousand times that, and a chain of eight
+/// plugins on one phase still answers inside Envoy's default 200 ms `message_timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(20);
+const MAX_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enough for a plugin that buffers a 1 MiB body a few times over; small enough that a
+/// thousand concurrent instances stay within a pod's memory.
+pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 32;
+const MAX_MEMORY_LIMIT_MIB: u64 = 4096;
+/// Envoy's own answer when ext_proc fails with `failure_mode_allow: false`.
+pub const DEFAULT_FAILURE_STATUS: u16 = 500;
+/// Instances alive at once across all streams (one per plugin per stream in flight). Each
+/// reserves address space, not memory, until it is used.
+pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+
+/// Command-line flags. Each overrides the same setting in the file.
+#[derive(Debug, Parser)]
+#[command(
+    name = "wasm-extproc",
+    version,
+    about = "Envoy ext_proc server running WebAssembly component plugins"
+)]
+pub struct Cli {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "WASM_EXTPROC_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Address of the gRPC listener [default: 0.0.0.0:9002].
+    #[arg(long, env = "WASM_EXTPROC_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory of `.wasm` component plugins, run in file-name order [default: /plugins].
+    #[arg(long, env = "WASM_EXTPROC_PLUGINS_DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "WASM_EXTPROC_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// What the file may say. Unknown keys are errors: a misspelt setting must not be ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    plugins_dir: Option<PathBuf>,
+    #[serde(default)]
+    runtime: FileRuntime,
+    #[serde(default)]
+    defaults: FilePluginSettings,
+    #[serde(default)]
+    plugins: BTreeMap<String, FilePluginSettings>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRuntime {
+    max_instances: Option<u32>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePluginSettings {
+    config: Option<String>,
+    failure_policy: Option<FailureMode>,
+    failure_status: Option<u16>,
+    timeout_ms: Option<u64>,
+    memory_limit_mib: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum FailureMode {
+    FailOpen,
+    FailClosed,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub plugins_dir: PathBuf,
+    pub max_instances: u32,
+    pub defaults: PluginSettings,
+    /// Settings by plugin name (the file name without `.wasm`).
+    pub plugins: BTreeMap<String, PluginSettings>,
+}
+
+/// How one plugin runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSettings {
+    /// Handed to the plugin verbatim through `host.config`.
+    pub config: String,
+    pub failure_policy: FailurePolicy,
+    pub budget: Budget,
+}
+
+/// What a plugin failure (trap, deadline, memory limit) does to the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Continue as if the plugin had not run, and skip it for the rest of the stream.
+    Open,
+    /// Answer the client with this status; the chain stops.
+    Closed { status: u16 },
+}
+
+/// The resources one handler call may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Wall-clock time for one handler call.
+    pub timeout: Duration,
+    /// Ceiling on the instance's linear memory.
+    pub memory_limit_bytes: u64,
+}
+
+/// A configuration error, in one line a person can act on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl Config {
+    /// Reads the file (if any) and applies the flags over it.
+    pub fn load(cli: &Cli) -> Result<Config, ConfigError> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    ConfigError(format!("cannot read config file {}: {e}", path.display()))
+                })?;
+                Self::parse_file(&text, path)?
+            }
+            None => FileConfig::default(),
+        };
+        Self::from_parts(file, cli)
+    }
+
+    /// Parses a configuration file's text; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        let file = Self::parse_file(text, origin)?;
+        Self::from_parts(file, &Cli::parse_from(["wasm-extproc"]))
+    }
+
+    fn parse_file(text: &str, origin: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end();
+            let line = e
+                .span()
+                .map(|span| text[..span.start].matches('\n').count() + 1)
+                .map(|line| format!(" (line {line})"))
+                .unwrap_or_default();
+            ConfigError(format!("config file {}{line}: {message}", origin.display()))
+        })
+    }
+
+    fn from_parts(file: FileConfig, cli: &Cli) -> Result<Config, ConfigError> {
+        let base = PluginSettings {
+            config: String::new(),
+            failure_policy: FailurePolicy::Closed {
+                status: DEFAULT_FAILURE_STATUS,
+            },
+            budget: Budget {
+                timeout: DEFAULT_TIMEOUT,
+                memory_limit_bytes: DEFAULT_MEMORY_LIMIT_MIB << 20,
+            },
+        };
+        let defaults = file
+            .defaults
+            .apply_to(&base)
+            .map_err(|e| ConfigError(format!("[defaults]: {e}")))?;
+        let plugins = file
+            .plugins
+            .into_iter()
+            .map(|(name, settings)| {
+                let resolved = settings
+                    .apply_to(&defaults)
+                    .map_err(|e| ConfigError(format!("[plugins.{name}]: {e}")))?;
+                Ok((name, resolved))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        let max_instances = file.runtime.max_instances.unwrap_or(DEFAULT_MAX_INSTANCES);
+        if max_instances == 0 {
+            return Err(ConfigError(
+                "[runtime] max_instances must be at least 1".into(),
+            ));
+        }
+        Ok(Config {
+            listen: cli
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
+            plugins_dir: cli
+                .plugins_dir
+                .clone()
+                .or(file.plugins_dir)
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PLUGINS_DIR)),
+            max_instances,
+            defaults,
+            plugins,
+        })
+    }
+
+    /// The settings for the plugin called `name`.
+    pub fn settings_for(&self, name: &str) -> &PluginSettings {
+        self.plugins.get(name).unwrap_or(&self.defaults)
+    }
+
+    /// The largest memory limit any plugin may have: the pooling allocator reserves this much
+    /// address space per instance.
+    pub fn max_memory_limit_bytes(&self) -> u64 {
+        self.plugins
+            .values()
+            .chain([&self.defaults])
+            .map(|s| s.budget.memory_limit_bytes)
+            .max()
+            .unwrap_or(DEFAULT_MEMORY_LIMIT_MIB << 20)
+    }
+}
+
+impl FilePluginSettings {
+    fn apply_to(&self, base: &PluginSettings) -> Result<PluginSettings, String> {
+        let status = match self.failure_status {
+            Some(status) if !(200..=599).contains(&status) => {
+                return Err(format!(
+                    "failure_status {status} is not an HTTP status (200-599)"
+                ));
+            }
+            Some(status) => status,
+            None => match base.failure_policy {
+                FailurePolicy::Closed { status } => status,
+                FailurePolicy::Open => DEFAULT_FAILURE_STATUS,
+            },
+        };
+        let failure_policy = match self.failure_policy {
+            Some(FailureMode::FailOpen) => FailurePolicy::Open,
+            Some(FailureMode::FailClosed) => FailurePolicy::Closed { status },
+            None => match base.failure_policy {
+                FailurePolicy::Open => FailurePolicy::Open,
+                FailurePolicy::Closed { .. } => FailurePolicy::Closed { status },
+            },
+        };
+        let timeout = match self.timeout_ms {
+            Some(0) => return Err("timeout_ms must be at least 1".into()),
+            Some(ms) if Duration::from_millis(ms) > MAX_TIMEOUT => {
+                return Err(format!(
+                    "timeout_ms {ms} is above the {} ms ceiling",
+                    MAX_TIMEOUT.as_millis()
+                ));
+            }
+            Some(ms) => Duration::from_millis(ms),
+            None => base.budget.timeout,
+        };
+        let memory_limit_bytes = match self.memory_limit_mib {
+            Some(mib) if !(1..=MAX_MEMORY_LIMIT_MIB).contains(&mib) => {
+                return Err(format!(
+                    "memory_limit_mib {mib} is outside 1-{MAX_MEMORY_LIMIT_MIB}"
+                ));
+            }
+            Some(mib) => mib << 20,
+            None => base.budget.memory_limit_bytes,
+        };
+        Ok(PluginSettings {
+            config: self.config.clone().unwrap_or_else(|| base.config.clone()),
+            failure_policy,
+            budget: Budget {
+                timeout,
+                memory_limit_bytes,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(config.plugins_dir, Path::new(DEFAULT_PLUGINS_DIR));
+        assert_eq!(
+            config.settings_for("anything").failure_policy,
+            FailurePolicy::Closed { status: 500 }
+        );
+        assert_eq!(
+            config.settings_for("anything").budget.timeout,
+            DEFAULT_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn plugin_tables_inherit_from_defaults() {
+        let config = parse(
+            r#"
+            [defaults]
+            failure_status = 503
+            timeout_ms = 5
+            [plugins.a]
+            config = "x"
+            [plugins.b]
+            failure_policy = "fail-open"
+            memory_limit_mib = 8
+            "#,
+        )
+        .unwrap();
+        let a = config.settings_for("a");
+        assert_eq!(a.config, "x");
+        assert_eq!(a.failure_policy, FailurePolicy::Closed { status: 503 });
+        assert_eq!(a.budget.timeout, Duration::from_millis(5));
+        let b = config.settings_for("b");
+        assert_eq!(b.failure_policy, FailurePolicy::Open);
+        assert_eq!(b.budget.memory_limit_bytes, 8 << 20);
+        assert_eq!(
+            config.max_memory_limit_bytes(),
+            DEFAULT_MEMORY_LIMIT_MIB << 20
+        );
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_setting() {
+        let err = parse("listen = \"0.0.0.0:9002\"\nplugin_dir = \"/x\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config file test.toml (line 2): unknown field `plugin_dir`"),
+            "{text}"
+        );
+
+        let err = parse("[plugins.auth]\nfailure_status = 42\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "[plugins.auth]: failure_status 42 is not an HTTP status (200-599)"
+        );
+
+        let err = parse("[defaults]\ntimeout_ms = 0\n").unwrap_err();
+        assert_eq!(err.to_string(), "[defaults]: timeout_ms must be at least 1");
+
+        let err = parse("[defaults]\nfailure_policy = \"maybe\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `maybe`"), "{err}");
+    }
+}

@@ -1,0 +1,330 @@
+//! The host's own words for an HTTP exchange: phases, header sections, body messages and what a
+//! plugin chain decides. Neither Envoy's protobufs nor wasmtime appear here, so the protocol
+//! state machine and the plugin runtime meet on neutral ground.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+/// One of the six points at which Envoy consults the processor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Phase {
+    RequestHeaders,
+    RequestBody,
+    RequestTrailers,
+    ResponseHeaders,
+    ResponseBody,
+    ResponseTrailers,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 6] = [
+        Phase::RequestHeaders,
+        Phase::RequestBody,
+        Phase::RequestTrailers,
+        Phase::ResponseHeaders,
+        Phase::ResponseBody,
+        Phase::ResponseTrailers,
+    ];
+
+    /// The name used in logs, metrics and configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::RequestHeaders => "request_headers",
+            Phase::RequestBody => "request_body",
+            Phase::RequestTrailers => "request_trailers",
+            Phase::ResponseHeaders => "response_headers",
+            Phase::ResponseBody => "response_body",
+            Phase::ResponseTrailers => "response_trailers",
+        }
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A set of phases.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct PhaseSet(u8);
+
+impl PhaseSet {
+    pub const EMPTY: PhaseSet = PhaseSet(0);
+
+    pub fn with(self, phase: Phase) -> Self {
+        PhaseSet(self.0 | phase.bit())
+    }
+
+    pub fn contains(self, phase: Phase) -> bool {
+        self.0 & phase.bit() != 0
+    }
+
+    pub fn union(self, other: PhaseSet) -> Self {
+        PhaseSet(self.0 | other.0)
+    }
+
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Phase> {
+        Phase::ALL.into_iter().filter(move |p| self.contains(*p))
+    }
+}
+
+impl FromIterator<Phase> for PhaseSet {
+    fn from_iter<I: IntoIterator<Item = Phase>>(iter: I) -> Self {
+        iter.into_iter().fold(PhaseSet::EMPTY, PhaseSet::with)
+    }
+}
+
+impl fmt::Debug for PhaseSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.iter()).finish()
+    }
+}
+
+/// A header or trailer section, in arrival order, with every name lower-case.
+///
+/// It remembers which names were changed so the reply to Envoy carries only the difference,
+/// not the whole section.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderMap {
+    entries: Vec<(String, Vec<u8>)>,
+    changed: BTreeSet<String>,
+}
+
+/// The net effect of the changes made to a [`HeaderMap`]: for each changed name, its values
+/// now (empty when the name was removed).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HeaderChanges {
+    pub set: Vec<(String, Vec<Vec<u8>>)>,
+    pub removed: Vec<String>,
+}
+
+impl HeaderChanges {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.removed.is_empty()
+    }
+}
+
+impl HeaderMap {
+    /// A section as it arrived from Envoy: nothing is marked changed.
+    pub fn from_entries(entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
+        HeaderMap {
+            entries: entries
+                .into_iter()
+                .map(|(name, value)| (name.to_ascii_lowercase(), value))
+                .collect(),
+            changed: BTreeSet::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[u8]> {
+        self.entries
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_slice())
+    }
+
+    pub fn get_all(&self, name: &str) -> Vec<Vec<u8>> {
+        self.entries
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    pub fn entries(&self) -> &[(String, Vec<u8>)] {
+        &self.entries
+    }
+
+    /// Replaces every value of `name`, keeping the position of the first one.
+    pub fn set(&mut self, name: &str, value: Vec<u8>) {
+        let name = name.to_ascii_lowercase();
+        match self.entries.iter().position(|(n, _)| *n == name) {
+            Some(first) => {
+                self.entries[first].1 = value;
+                let mut index = 0;
+                self.entries.retain(|(n, _)| {
+                    let keep = index <= first || *n != name;
+                    index += 1;
+                    keep
+                });
+            }
+            None => self.entries.push((name.clone(), value)),
+        }
+        self.changed.insert(name);
+    }
+
+    pub fn append(&mut self, name: &str, value: Vec<u8>) {
+        let name = name.to_ascii_lowercase();
+        self.entries.push((name.clone(), value));
+        self.changed.insert(name);
+    }
+
+    pub fn remove(&mut self, name: &str) {
+        let name = name.to_ascii_lowercase();
+        self.entries.retain(|(n, _)| *n != name);
+        self.changed.insert(name);
+    }
+
+    /// What changed since the section arrived.
+    pub fn changes(&self) -> HeaderChanges {
+        let mut changes = HeaderChanges::default();
+        for name in &self.changed {
+            let values = self.get_all(name);
+            if values.is_empty() {
+                changes.removed.push(name.clone());
+            } else {
+                changes.set.push((name.clone(), values));
+            }
+        }
+        changes
+    }
+}
+
+/// One body message from Envoy, possibly replaced by plugins.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BodyChunk {
+    pub data: Vec<u8>,
+    pub end_of_stream: bool,
+    pub replaced: bool,
+}
+
+impl BodyChunk {
+    pub fn new(data: Vec<u8>, end_of_stream: bool) -> Self {
+        BodyChunk {
+            data,
+            end_of_stream,
+            replaced: false,
+        }
+    }
+
+    pub fn replace(&mut self, data: Vec<u8>) {
+        self.data = data;
+        self.replaced = true;
+    }
+}
+
+/// What a phase carries into the chain and, changed, back out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    Headers {
+        headers: HeaderMap,
+        end_of_stream: bool,
+    },
+    Body(BodyChunk),
+    Trailers(HeaderMap),
+}
+
+/// An answer to the client instead of the upstream's.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ImmediateResponse {
+    pub status: u16,
+    pub headers: Vec<(String, Vec<u8>)>,
+    pub body: Vec<u8>,
+    pub grpc_status: Option<u32>,
+    pub details: String,
+}
+
+/// What the chain decided for one phase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// Pass the message on, changed as it now is.
+    Continue(Message),
+    /// Answer the client now.
+    Respond(ImmediateResponse),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(entries: &[(&str, &str)]) -> HeaderMap {
+        HeaderMap::from_entries(
+            entries
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
+        )
+    }
+
+    #[test]
+    fn names_are_case_insensitive_and_stored_lower_case() {
+        let mut headers = map(&[("Content-Type", "text/plain")]);
+        assert_eq!(headers.get("content-type"), Some(&b"text/plain"[..]));
+        headers.set("X-Tag", b"a".to_vec());
+        assert_eq!(headers.entries()[1].0, "x-tag");
+    }
+
+    #[test]
+    fn set_replaces_every_value_in_place_of_the_first() {
+        let mut headers = map(&[("a", "1"), ("b", "2"), ("a", "3")]);
+        headers.set("a", b"9".to_vec());
+        assert_eq!(headers, {
+            let mut expected = map(&[("a", "9"), ("b", "2")]);
+            expected.changed.insert("a".into());
+            expected
+        });
+    }
+
+    #[test]
+    fn changes_name_only_what_changed() {
+        let mut headers = map(&[("a", "1"), ("b", "2"), ("c", "3")]);
+        assert!(headers.changes().is_empty());
+        headers.append("a", b"4".to_vec());
+        headers.remove("b");
+        headers.set("d", b"5".to_vec());
+        headers.remove("never-there");
+        let changes = headers.changes();
+        assert_eq!(
+            changes.set,
+            vec![
+                ("a".to_string(), vec![b"1".to_vec(), b"4".to_vec()]),
+                ("d".to_string(), vec![b"5".to_vec()]),
+            ]
+        );
+        assert_eq!(
+            changes.removed,
+            vec!["b".to_string(), "never-there".to_string()]
+        );
+    }
+
+    #[test]
+    fn a_name_removed_then_set_again_is_a_set() {
+        let mut headers = map(&[("a", "1")]);
+        headers.remove("a");
+        headers.set("a", b"2".to_vec());
+        let changes = headers.changes();
+        assert_eq!(changes.set, vec![("a".to_string(), vec![b"2".to_vec()])]);
+        assert!(changes.removed.is_empty());
+    }
+
+    #[test]
+    fn phase_sets_hold_what_was_added() {
+        let set: PhaseSet = [Phase::RequestHeaders, Phase::ResponseBody]
+            .into_iter()
+            .collect();
+        assert!(set.contains(Phase::RequestHeaders));
+        assert!(!set.contains(Phase::RequestBody));
+        assert_eq!(set.iter().count(), 2);
+        assert!(PhaseSet::EMPTY.is_empty());
+    }
+}

@@ -1,0 +1,507 @@
+//! The only module that speaks wasmtime.
+//!
+//! A [`Runtime`] owns the engine (pooling allocator, epoch interruption, async support) and a
+//! linker holding WASI (no preopens, no environment, no network) and the contract's `host`
+//! interface. [`Runtime::load`] compiles a component once, checks that it speaks this host's
+//! contract and pre-links it ([`Plugin`]). [`Plugin::instantiate`] makes a fresh store and
+//! instance for one ext_proc stream ([`Instance`]), and [`Instance::call`] runs one handler on
+//! the plugin's budget, answering in the host's own types.
+//!
+//! Failures come back as [`PluginError`], classified so the failure policy and the logs can
+//! tell a trap from a deadline from a memory ceiling.
+
+mod bindings;
+mod store;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Component, Linker, Resource, types::ComponentItem};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+use crate::config::PluginSettings;
+use crate::http::{ImmediateResponse, Message, Phase, PhaseSet};
+use bindings::exports::wasm_extproc::processor::handler;
+use bindings::wasm_extproc::processor::types as wit;
+use store::{Lent, StoreState};
+
+/// The contract this host speaks, as it appears in export names.
+pub const CONTRACT_PACKAGE: &str = "wasm-extproc:processor";
+pub const CONTRACT_VERSION: &str = "0.1.0";
+const HANDLER_EXPORT: &str = "wasm-extproc:processor/handler@0.1.0";
+
+/// How often the engine's epoch advances: the granularity of deadlines, and how long a guest
+/// runs at most before it yields the tokio worker to other streams.
+const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// What went wrong in a plugin.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum PluginError {
+    /// The guest trapped (`unreachable`, a Rust panic, stack overflow, out-of-bounds access).
+    #[error("trapped: {0}")]
+    Trap(String),
+    /// The handler ran past its deadline and was interrupted.
+    #[error("ran past its {0:?} deadline")]
+    Deadline(Duration),
+    /// The instance tried to grow its memory past its ceiling.
+    #[error("exceeded its memory limit of {0} bytes")]
+    MemoryLimit(u64),
+    /// The handler returned something the host cannot pass on.
+    #[error("returned invalid output: {0}")]
+    InvalidOutput(String),
+    /// No instance could be created: the pool is full or instantiation failed.
+    #[error("could not be instantiated: {0}")]
+    Instantiate(String),
+}
+
+impl PluginError {
+    /// A short, stable name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Trap(_) => "trap",
+            PluginError::Deadline(_) => "deadline",
+            PluginError::MemoryLimit(_) => "memory_limit",
+            PluginError::InvalidOutput(_) => "invalid_output",
+            PluginError::Instantiate(_) => "instantiate",
+        }
+    }
+}
+
+/// Why a component could not be loaded. Each names what the operator must fix.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: not a valid WebAssembly component: {reason}")]
+    Compile { path: String, reason: String },
+    #[error("{path}: {reason}")]
+    Contract { path: String, reason: String },
+    #[error("{path}: imports {reason}")]
+    Link { path: String, reason: String },
+    #[error("{path}: failed while the host asked which phases it handles: {reason}")]
+    Probe { path: String, reason: String },
+}
+
+/// The engine and linker, shared by every plugin.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime").finish_non_exhaustive()
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Sizes of the instance pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolLimits {
+    /// Component instances alive at once (one per plugin per stream in flight).
+    pub max_instances: u32,
+    /// The largest linear memory any instance may have.
+    pub max_memory_bytes: u64,
+}
+
+impl Runtime {
+    pub fn new(limits: PoolLimits) -> anyhow::Result<Runtime> {
+        let mut pool = PoolingAllocationConfig::new();
+        let instances = limits.max_instances;
+        pool.total_component_instances(instances);
+        // A Rust or C component holds one core module plus a few small shim modules (with a
+        // table each) that wit-component adds; JS and Python components hold more.
+        pool.total_core_instances(instances.saturating_mul(8));
+        pool.total_tables(instances.saturating_mul(8));
+        pool.total_memories(instances.saturating_mul(2));
+        pool.max_memories_per_component(4);
+        pool.max_tables_per_component(16);
+        pool.max_memory_size(usize::try_from(limits.max_memory_bytes)?);
+
+        let mut config = Config::new();
+        config
+            .epoch_interruption(true)
+            .wasm_component_model(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(to_anyhow)?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(to_anyhow)?;
+        bindings::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
+            .map_err(to_anyhow)?;
+
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        let weak = engine.weak();
+        let stop = ticker_stop.clone();
+        std::thread::Builder::new()
+            .name("wasm-epoch".into())
+            .spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    match weak.upgrade() {
+                        Some(engine) => engine.increment_epoch(),
+                        None => break,
+                    }
+                }
+            })?;
+        Ok(Runtime {
+            engine,
+            linker,
+            ticker_stop,
+        })
+    }
+
+    /// Compiles, checks and links the component at `path`, then asks it which phases it
+    /// handles. Every error names the file.
+    pub async fn load(
+        &self,
+        name: &str,
+        path: &Path,
+        settings: PluginSettings,
+    ) -> Result<Plugin, LoadError> {
+        let shown = path.display().to_string();
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        let engine = self.engine.clone();
+        let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
+            .await
+            .expect("compilation task panicked")
+            .map_err(|e| LoadError::Compile {
+                path: shown.clone(),
+                reason: first_line(&e),
+            })?;
+        self.check_contract(&component)
+            .map_err(|reason| LoadError::Contract {
+                path: shown.clone(),
+                reason,
+            })?;
+        let instance_pre =
+            self.linker
+                .instantiate_pre(&component)
+                .map_err(|e| LoadError::Link {
+                    path: shown.clone(),
+                    reason: describe_link_error(&e),
+                })?;
+        let pre = bindings::PluginPre::new(instance_pre).map_err(|e| LoadError::Contract {
+            path: shown.clone(),
+            reason: format!(
+                "exports {HANDLER_EXPORT} with a different shape than this host expects: {}",
+                first_line(&e)
+            ),
+        })?;
+        let mut plugin = Plugin {
+            inner: Arc::new(PluginInner {
+                name: name.to_string(),
+                settings,
+                phases: PhaseSet::EMPTY,
+                engine: self.engine.clone(),
+                pre,
+            }),
+        };
+        let phases = plugin.probe_phases().await.map_err(|e| LoadError::Probe {
+            path: shown.clone(),
+            reason: e.to_string(),
+        })?;
+        Arc::get_mut(&mut plugin.inner)
+            .expect("plugin not yet shared")
+            .phases = phases;
+        Ok(plugin)
+    }
+
+    /// Explains, in the operator's terms, a component that does not export this host's
+    /// `handler` interface.
+    fn check_contract(&self, component: &Component) -> Result<(), String> {
+        let ty = component.component_type();
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(n, _)| n.to_string())
+            .collect();
+        if exports.iter().any(|e| e == HANDLER_EXPORT) {
+            return Ok(());
+        }
+        let prefix = format!("{CONTRACT_PACKAGE}/handler@");
+        if let Some(other) = exports.iter().find(|e| e.starts_with(&prefix)) {
+            let version = &other[prefix.len()..];
+            return Err(format!(
+                "built against {CONTRACT_PACKAGE}@{version}, but this host speaks \
+                 {CONTRACT_PACKAGE}@{CONTRACT_VERSION} (expected an export named {HANDLER_EXPORT}); \
+                 rebuild the plugin against wit/processor.wit"
+            ));
+        }
+        let interfaces: Vec<&String> = exports
+            .iter()
+            .filter(|e| {
+                ty.get_export(&self.engine, e)
+                    .is_some_and(|i| matches!(i.ty, ComponentItem::ComponentInstance(_)))
+            })
+            .collect();
+        Err(format!(
+            "does not export {HANDLER_EXPORT}; it exports {} -- is it built for the \
+             wasm-extproc:processor/plugin world?",
+            if interfaces.is_empty() {
+                "no interfaces".to_string()
+            } else {
+                interfaces
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ))
+    }
+}
+
+/// A compiled, linked plugin with its settings. Cheap to clone.
+#[derive(Clone)]
+pub struct Plugin {
+    inner: Arc<PluginInner>,
+}
+
+struct PluginInner {
+    name: String,
+    settings: PluginSettings,
+    phases: PhaseSet,
+    engine: Engine,
+    pre: bindings::PluginPre<StoreState>,
+}
+
+impl std::fmt::Debug for Plugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.inner.name)
+            .field("phases", &self.inner.phases)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    pub fn settings(&self) -> &PluginSettings {
+        &self.inner.settings
+    }
+
+    /// The phases the plugin said it handles.
+    pub fn phases(&self) -> PhaseSet {
+        self.inner.phases
+    }
+
+    /// A fresh instance with its own store, for one ext_proc stream.
+    pub async fn instantiate(&self) -> Result<Instance, PluginError> {
+        let inner = &self.inner;
+        let state = StoreState::new(&inner.name, &inner.settings);
+        let mut store = Store::new(&inner.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.epoch_deadline_callback(|ctx| {
+            let state = ctx.data();
+            Ok(match state.call_started {
+                Some(started) if started.elapsed() < state.timeout => {
+                    wasmtime::UpdateDeadline::Yield(1)
+                }
+                _ => wasmtime::UpdateDeadline::Interrupt,
+            })
+        });
+        // Instantiation runs the guest's start code: it gets the same budget as a call.
+        store.data_mut().call_started = Some(Instant::now());
+        store.set_epoch_deadline(1);
+        let result = inner.pre.instantiate_async(&mut store).await;
+        store.data_mut().call_started = None;
+        match result {
+            Ok(bindings) => Ok(Instance {
+                store,
+                bindings,
+                plugin: self.clone(),
+            }),
+            Err(e) => Err(classify(&e, store.data(), true)),
+        }
+    }
+
+    async fn probe_phases(&self) -> Result<PhaseSet, PluginError> {
+        let mut instance = self.instantiate().await?;
+        instance.begin(None);
+        let result = instance
+            .bindings
+            .wasm_extproc_processor_handler()
+            .call_handled_phases(&mut instance.store)
+            .await;
+        instance.store.data_mut().call_started = None;
+        let flags = result.map_err(|e| classify(&e, instance.store.data(), false))?;
+        Ok(from_wit_phases(flags))
+    }
+}
+
+/// What a handler decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Respond(ImmediateResponse),
+}
+
+/// One plugin's instance for one stream. Owned by the task serving the stream.
+pub struct Instance {
+    store: Store<StoreState>,
+    bindings: bindings::Plugin,
+    plugin: Plugin,
+}
+
+impl std::fmt::Debug for Instance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Instance")
+            .field("plugin", &self.plugin.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Instance {
+    /// Runs the handler for `phase` on `message`. The message comes back changed on success
+    /// and exactly as it went in on failure.
+    pub async fn call(
+        &mut self,
+        phase: Phase,
+        message: Message,
+    ) -> (Message, Result<Action, PluginError>) {
+        self.begin(Some(phase));
+        self.store.data_mut().lent = Some(Lent::new(message));
+        let result = self.dispatch(phase).await;
+        let state = self.store.data_mut();
+        state.call_started = None;
+        let lent = state.lent.take().expect("message lent for the call");
+        match result {
+            Ok(action) => match convert_action(action) {
+                Ok(action) => (lent.into_current(), Ok(action)),
+                Err(e) => (lent.into_original(), Err(e)),
+            },
+            Err(e) => {
+                let error = classify(&e, self.store.data(), false);
+                (lent.into_original(), Err(error))
+            }
+        }
+    }
+
+    fn begin(&mut self, phase: Option<Phase>) {
+        let state = self.store.data_mut();
+        state.phase = phase;
+        state.limits.reset();
+        state.call_started = Some(Instant::now());
+        self.store.set_epoch_deadline(1);
+    }
+
+    async fn dispatch(&mut self, phase: Phase) -> wasmtime::Result<wit::Action> {
+        let handler: &handler::Guest = self.bindings.wasm_extproc_processor_handler();
+        let store = &mut self.store;
+        let fields = || Resource::<store::Fields>::new_borrow(store::LENT_REP);
+        let body = || Resource::<store::Body>::new_borrow(store::LENT_REP);
+        let end_of_stream = match &store.data().lent {
+            Some(Lent {
+                current: Message::Headers { end_of_stream, .. },
+                ..
+            }) => *end_of_stream,
+            _ => false,
+        };
+        match phase {
+            Phase::RequestHeaders => {
+                handler
+                    .call_on_request_headers(store, fields(), end_of_stream)
+                    .await
+            }
+            Phase::RequestBody => handler.call_on_request_body(store, body()).await,
+            Phase::RequestTrailers => handler.call_on_request_trailers(store, fields()).await,
+            Phase::ResponseHeaders => {
+                handler
+                    .call_on_response_headers(store, fields(), end_of_stream)
+                    .await
+            }
+            Phase::ResponseBody => handler.call_on_response_body(store, body()).await,
+            Phase::ResponseTrailers => handler.call_on_response_trailers(store, fields()).await,
+        }
+    }
+}
+
+fn convert_action(action: wit::Action) -> Result<Action, PluginError> {
+    match action {
+        wit::Action::Continue => Ok(Action::Continue),
+        wit::Action::Respond(r) => {
+            if !(200..=599).contains(&r.status) {
+                return Err(PluginError::InvalidOutput(format!(
+                    "immediate response status {} is not 200-599",
+                    r.status
+                )));
+            }
+            Ok(Action::Respond(ImmediateResponse {
+                status: r.status,
+                headers: r.headers,
+                body: r.body,
+                grpc_status: r.grpc_status,
+                details: r.details,
+            }))
+        }
+    }
+}
+
+fn from_wit_phases(flags: wit::Phases) -> PhaseSet {
+    [
+        (wit::Phases::REQUEST_HEADERS, Phase::RequestHeaders),
+        (wit::Phases::REQUEST_BODY, Phase::RequestBody),
+        (wit::Phases::REQUEST_TRAILERS, Phase::RequestTrailers),
+        (wit::Phases::RESPONSE_HEADERS, Phase::ResponseHeaders),
+        (wit::Phases::RESPONSE_BODY, Phase::ResponseBody),
+        (wit::Phases::RESPONSE_TRAILERS, Phase::ResponseTrailers),
+    ]
+    .into_iter()
+    .filter(|(flag, _)| flags.contains(*flag))
+    .map(|(_, phase)| phase)
+    .collect()
+}
+
+/// Sorts a guest failure into the kinds the failure policy and the logs distinguish.
+fn classify(error: &wasmtime::Error, state: &StoreState, instantiating: bool) -> PluginError {
+    if state.limits.exceeded() {
+        return PluginError::MemoryLimit(state.limits.limit());
+    }
+    match error.downcast_ref::<Trap>() {
+        Some(Trap::Interrupt) => PluginError::Deadline(state.timeout),
+        Some(trap) => PluginError::Trap(trap.to_string()),
+        None if instantiating => PluginError::Instantiate(first_line(error)),
+        None => PluginError::Trap(first_line(error)),
+    }
+}
+
+fn first_line(error: &wasmtime::Error) -> String {
+    let text = format!("{error:#}");
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+/// wasmtime says "component imports instance `x`, but a matching implementation was not found
+/// in the linker"; operators need the name and that the host does not provide it.
+fn describe_link_error(error: &wasmtime::Error) -> String {
+    let text = format!("{error:#}");
+    let import = text
+        .split('`')
+        .nth(1)
+        .map(str::to_string)
+        .unwrap_or_else(|| first_line(error));
+    format!(
+        "`{import}`, which this host does not provide (it provides WASI 0.2 and \
+         {CONTRACT_PACKAGE}/host@{CONTRACT_VERSION}): {}",
+        text.replace('\n', " ")
+    )
+}
+
+fn to_anyhow(error: wasmtime::Error) -> anyhow::Error {
+    anyhow::anyhow!("{error:#}")
+}

@@ -1,0 +1,273 @@
+//! What one store holds, and the host side of the contract's imports: the `fields` and `body`
+//! resources lent to a handler, logging and configuration.
+
+use std::time::{Duration, Instant};
+
+use wasmtime::component::{Resource, ResourceTable};
+use wasmtime::{ResourceLimiter, Result, format_err};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::wasm_extproc::processor::{host, types};
+use crate::config::PluginSettings;
+use crate::http::{BodyChunk, HeaderMap, Message, Phase};
+
+/// The handle a handler receives for the message it is lent. Only one message is lent at a
+/// time, and borrows end when the call returns, so a constant is enough.
+pub const LENT_REP: u32 = 0;
+
+/// Longest log line a plugin may write; longer ones are cut so a plugin cannot flood the log
+/// with one call.
+const MAX_LOG_LINE: usize = 4096;
+
+/// Marker for the `fields` resource: the data lives in [`StoreState::lent`].
+pub struct Fields;
+/// Marker for the `body` resource.
+pub struct Body;
+
+/// The message a handler is working on, and how it was before the first change, so a failing
+/// handler's changes can be dropped.
+pub struct Lent {
+    pub current: Message,
+    original: Option<Message>,
+}
+
+impl Lent {
+    pub fn new(message: Message) -> Self {
+        Lent {
+            current: message,
+            original: None,
+        }
+    }
+
+    /// Called before every change: copies the message once, on the first.
+    fn changing(&mut self) -> &mut Message {
+        if self.original.is_none() {
+            self.original = Some(self.current.clone());
+        }
+        &mut self.current
+    }
+
+    pub fn into_current(self) -> Message {
+        self.current
+    }
+
+    pub fn into_original(self) -> Message {
+        self.original.unwrap_or(self.current)
+    }
+}
+
+/// Enforces the plugin's memory ceiling and remembers whether it was hit, so a guest that
+/// aborts after a failed `memory.grow` is reported as out of memory, not as a plain trap.
+pub struct MemoryLimiter {
+    limit: u64,
+    exceeded: bool,
+}
+
+/// Tables hold function references; no plugin needs more than this, and a bound keeps a
+/// hostile one from growing host memory through them.
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+
+impl MemoryLimiter {
+    pub fn reset(&mut self) {
+        self.exceeded = false;
+    }
+    pub fn exceeded(&self) -> bool {
+        self.exceeded
+    }
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> Result<bool> {
+        if desired as u64 > self.limit {
+            self.exceeded = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+}
+
+/// Everything one store holds: one plugin instance serving one stream.
+pub struct StoreState {
+    plugin: String,
+    config: String,
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limits: MemoryLimiter,
+    pub timeout: Duration,
+    /// When the current guest call started; `None` between calls.
+    pub call_started: Option<Instant>,
+    pub phase: Option<Phase>,
+    pub lent: Option<Lent>,
+}
+
+impl StoreState {
+    pub fn new(plugin: &str, settings: &PluginSettings) -> Self {
+        StoreState {
+            plugin: plugin.to_string(),
+            config: settings.config.clone(),
+            // No preopened directories, no environment, no arguments, no sockets: a plugin
+            // sees nothing of the host unless the operator grants it.
+            wasi: WasiCtx::builder().build(),
+            table: ResourceTable::new(),
+            limits: MemoryLimiter {
+                limit: settings.budget.memory_limit_bytes,
+                exceeded: false,
+            },
+            timeout: settings.budget.timeout,
+            call_started: None,
+            phase: None,
+            lent: None,
+        }
+    }
+
+    fn lent(&mut self, rep: u32) -> Result<&mut Lent> {
+        match (&mut self.lent, rep) {
+            (Some(lent), LENT_REP) => Ok(lent),
+            _ => Err(format_err!(
+                "handle used outside the handler call it was lent to"
+            )),
+        }
+    }
+
+    fn headers(&mut self, rep: u32) -> Result<&HeaderMap> {
+        match &self.lent(rep)?.current {
+            Message::Headers { headers, .. } | Message::Trailers(headers) => Ok(headers),
+            Message::Body(_) => Err(format_err!("fields handle lent for a body")),
+        }
+    }
+
+    fn headers_mut(&mut self, rep: u32) -> Result<&mut HeaderMap> {
+        match self.lent(rep)?.changing() {
+            Message::Headers { headers, .. } | Message::Trailers(headers) => Ok(headers),
+            Message::Body(_) => Err(format_err!("fields handle lent for a body")),
+        }
+    }
+
+    fn body(&mut self, rep: u32) -> Result<&BodyChunk> {
+        match &self.lent(rep)?.current {
+            Message::Body(body) => Ok(body),
+            _ => Err(format_err!("body handle lent for headers")),
+        }
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl types::Host for StoreState {}
+
+impl types::HostFields for StoreState {
+    fn get(&mut self, this: Resource<Fields>, name: String) -> Result<Option<Vec<u8>>> {
+        Ok(self.headers(this.rep())?.get(&name).map(<[u8]>::to_vec))
+    }
+
+    fn get_all(&mut self, this: Resource<Fields>, name: String) -> Result<Vec<Vec<u8>>> {
+        Ok(self.headers(this.rep())?.get_all(&name))
+    }
+
+    fn has(&mut self, this: Resource<Fields>, name: String) -> Result<bool> {
+        Ok(self.headers(this.rep())?.contains(&name))
+    }
+
+    fn set(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
+        self.headers_mut(this.rep())?.set(&name, value);
+        Ok(())
+    }
+
+    fn append(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
+        self.headers_mut(this.rep())?.append(&name, value);
+        Ok(())
+    }
+
+    fn remove(&mut self, this: Resource<Fields>, name: String) -> Result<()> {
+        self.headers_mut(this.rep())?.remove(&name);
+        Ok(())
+    }
+
+    fn entries(&mut self, this: Resource<Fields>) -> Result<Vec<(String, Vec<u8>)>> {
+        Ok(self.headers(this.rep())?.entries().to_vec())
+    }
+
+    fn drop(&mut self, _this: Resource<Fields>) -> Result<()> {
+        // Lent by borrow only: the host never hands out an owned handle.
+        Ok(())
+    }
+}
+
+impl types::HostBody for StoreState {
+    fn bytes(&mut self, this: Resource<Body>) -> Result<Vec<u8>> {
+        Ok(self.body(this.rep())?.data.clone())
+    }
+
+    fn len(&mut self, this: Resource<Body>) -> Result<u64> {
+        Ok(self.body(this.rep())?.data.len() as u64)
+    }
+
+    fn end_of_stream(&mut self, this: Resource<Body>) -> Result<bool> {
+        Ok(self.body(this.rep())?.end_of_stream)
+    }
+
+    fn replace(&mut self, this: Resource<Body>, data: Vec<u8>) -> Result<()> {
+        match self.lent(this.rep())?.changing() {
+            Message::Body(body) => {
+                body.replace(data);
+                Ok(())
+            }
+            _ => Err(format_err!("body handle lent for headers")),
+        }
+    }
+
+    fn drop(&mut self, _this: Resource<Body>) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl host::Host for StoreState {
+    fn log(&mut self, level: host::LogLevel, mut message: String) -> Result<()> {
+        if message.len() > MAX_LOG_LINE {
+            let mut cut = MAX_LOG_LINE;
+            while !message.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            message.truncate(cut);
+            message.push_str("...");
+        }
+        let plugin = self.plugin.as_str();
+        let phase = self.phase.map(Phase::as_str).unwrap_or("load");
+        match level {
+            host::LogLevel::Trace => tracing::trace!(target: "plugin", plugin, phase, "{message}"),
+            host::LogLevel::Debug => tracing::debug!(target: "plugin", plugin, phase, "{message}"),
+            host::LogLevel::Info => tracing::info!(target: "plugin", plugin, phase, "{message}"),
+            host::LogLevel::Warn => tracing::warn!(target: "plugin", plugin, phase, "{message}"),
+            host::LogLevel::Error => tracing::error!(target: "plugin", plugin, phase, "{message}"),
+        }
+        Ok(())
+    }
+
+    fn config(&mut self) -> Result<String> {
+        Ok(self.config.clone())
+    }
+}

@@ -1,0 +1,85 @@
+//! Start-up failures as an operator sees them: one line naming what is wrong, and an exit
+//! code a supervisor can act on.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn host(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
+        .args(args)
+        .env("RUST_LOG", "off")
+        .env_remove("WASM_EXTPROC_CONFIG")
+        .output()
+        .expect("binary runs")
+}
+
+fn one_line(output: &Output) -> String {
+    let stderr = String::from_utf8(output.stderr.clone()).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "exactly one line: {stderr:?}");
+    stderr.trim_end().to_string()
+}
+
+fn write(dir: &Path, name: &str, contents: &[u8]) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, contents).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn invalid_configuration_exits_64_naming_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "host.toml",
+        b"listen = \"127.0.0.1:0\"\n[defaults]\ntimeout = 5\n",
+    );
+    let output = host(&["--config", &config]);
+    assert_eq!(output.status.code(), Some(64));
+    assert_eq!(
+        one_line(&output),
+        format!(
+            "wasm-extproc: config file {config} (line 3): unknown field `timeout`, expected one of `config`, `failure_policy`, `failure_status`, `timeout_ms`, `memory_limit_mib`"
+        )
+    );
+}
+
+#[test]
+fn a_broken_plugin_stops_start_up_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = write(dir.path(), "10-broken.wasm", b"this is not wasm");
+    let output = host(&[
+        "--plugins-dir",
+        &dir.path().display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_line(&output);
+    assert!(
+        line.starts_with(&format!(
+            "wasm-extproc: {plugin}: not a valid WebAssembly component: "
+        )),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_missing_plugins_directory_stops_start_up_naming_it() {
+    let output = host(&[
+        "--plugins-dir",
+        "/no/such/plugins",
+        "--listen",
+        "127.0.0.1:0",
+    ]);
+    assert_eq!(output.status.code(), Some(1));
+    assert_eq!(
+        one_line(&output),
+        "wasm-extproc: plugins directory /no/such/plugins: No such file or directory (os error 2)"
+    );
+}
+
+#[test]
+fn an_unknown_flag_is_a_usage_error() {
+    let output = host(&["--plugin-dir", "/x"]);
+    assert_eq!(output.status.code(), Some(2));
+}

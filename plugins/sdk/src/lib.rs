@@ -1,0 +1,308 @@
+//! Write [wasm-extproc] plugins in Rust.
+//!
+//! A plugin is a type that implements [`Plugin`], overriding the hooks for the phases it
+//! handles, and names them in [`Plugin::PHASES`]; [`export_plugin!`] turns it into the
+//! component's exports.
+//!
+//! ```ignore
+//! use wasm_extproc_sdk::{export_plugin, Action, Headers, Phases, Plugin};
+//!
+//! #[derive(Default)]
+//! struct Tag;
+//!
+//! impl Plugin for Tag {
+//!     const PHASES: Phases = Phases::REQUEST_HEADERS;
+//!
+//!     fn on_request_headers(&mut self, headers: &Headers, _end_of_stream: bool) -> Action {
+//!         headers.set("x-tagged", "yes");
+//!         Action::Continue
+//!     }
+//! }
+//!
+//! export_plugin!(Tag);
+//! ```
+//!
+//! One value of the plugin type lives for one HTTP exchange: the host creates a fresh instance
+//! of the component for every ext_proc stream, and the SDK creates the value with
+//! [`Default`] on the first hook call. Fields set while handling the request are there when the
+//! response arrives, and never seen by another request.
+//!
+//! [wasm-extproc]: https://github.com/wasm-extproc/wasm-extproc
+
+#[doc(hidden)]
+pub mod bindings {
+    wit_bindgen::generate!({
+        path: "../../wit",
+        world: "plugin",
+        pub_export_macro: true,
+        export_macro_name: "__export_component",
+        default_bindings_module: "wasm_extproc_sdk::bindings",
+    });
+}
+
+use bindings::exports::wasm_extproc::processor::handler;
+use bindings::wasm_extproc::processor::host;
+use bindings::wasm_extproc::processor::types;
+
+pub use types::{ImmediateResponse, Phases};
+
+/// Headers or trailers of the message being handled, owned by the host.
+///
+/// Reads copy only what they return; writes are applied in the host, visible to later plugins,
+/// and discarded if the hook fails.
+#[derive(Debug)]
+pub struct Headers<'a>(&'a types::Fields);
+
+impl Headers<'_> {
+    /// The first value of `name` (case-insensitive), if present.
+    pub fn get(&self, name: &str) -> Option<Vec<u8>> {
+        self.0.get(name)
+    }
+
+    /// The first value of `name` as UTF-8 text; `None` if absent or not UTF-8.
+    pub fn get_str(&self, name: &str) -> Option<String> {
+        self.get(name).and_then(|v| String::from_utf8(v).ok())
+    }
+
+    /// Every value of `name`, in order.
+    pub fn get_all(&self, name: &str) -> Vec<Vec<u8>> {
+        self.0.get_all(name)
+    }
+
+    /// Whether `name` is present.
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.has(name)
+    }
+
+    /// Replaces every value of `name` with `value`.
+    pub fn set(&self, name: &str, value: impl AsRef<[u8]>) {
+        self.0.set(name, value.as_ref());
+    }
+
+    /// Adds one more value of `name`.
+    pub fn append(&self, name: &str, value: impl AsRef<[u8]>) {
+        self.0.append(name, value.as_ref());
+    }
+
+    /// Removes every value of `name`.
+    pub fn remove(&self, name: &str) {
+        self.0.remove(name);
+    }
+
+    /// Every header, in order, names lower-case. Copies the whole section: prefer
+    /// [`get`](Self::get) when the names are known.
+    pub fn entries(&self) -> Vec<(String, Vec<u8>)> {
+        self.0.entries()
+    }
+}
+
+/// One message of a request or response body.
+#[derive(Debug)]
+pub struct Body<'a>(&'a types::Body);
+
+impl Body<'_> {
+    /// The bytes of this message.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.0.bytes()
+    }
+
+    /// The number of bytes, without copying them.
+    pub fn len(&self) -> u64 {
+        self.0.len()
+    }
+
+    /// Whether this message carries no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether this is the last message of the body.
+    pub fn end_of_stream(&self) -> bool {
+        self.0.end_of_stream()
+    }
+
+    /// Replaces the bytes of this message.
+    pub fn replace(&self, data: impl AsRef<[u8]>) {
+        self.0.replace(data.as_ref());
+    }
+}
+
+/// What the host does after a hook returns.
+#[derive(Debug, Clone)]
+pub enum Action {
+    /// Pass the message on to the next plugin, then to Envoy.
+    Continue,
+    /// Stop the chain and answer the client now.
+    Respond(ImmediateResponse),
+}
+
+impl Action {
+    /// An immediate answer with `status` and a plain-text `body`.
+    pub fn respond(status: u16, body: impl Into<String>) -> Self {
+        let body: String = body.into();
+        Action::Respond(ImmediateResponse {
+            status,
+            headers: vec![("content-type".into(), b"text/plain".to_vec())],
+            body: body.into_bytes(),
+            grpc_status: None,
+            details: String::new(),
+        })
+    }
+}
+
+impl From<Action> for types::Action {
+    fn from(action: Action) -> Self {
+        match action {
+            Action::Continue => types::Action::Continue,
+            Action::Respond(response) => types::Action::Respond(response),
+        }
+    }
+}
+
+/// A plugin: hooks for the phases of one HTTP exchange.
+///
+/// Every hook defaults to [`Action::Continue`]; override the ones named in
+/// [`PHASES`](Self::PHASES). The host calls only those.
+pub trait Plugin: Default + 'static {
+    /// The phases whose hooks this plugin overrides.
+    const PHASES: Phases;
+
+    /// The request's headers. `end_of_stream` is true when the request has no body.
+    fn on_request_headers(&mut self, headers: &Headers, end_of_stream: bool) -> Action {
+        let _ = (headers, end_of_stream);
+        Action::Continue
+    }
+
+    /// A message of the request's body.
+    fn on_request_body(&mut self, body: &Body) -> Action {
+        let _ = body;
+        Action::Continue
+    }
+
+    /// The request's trailers.
+    fn on_request_trailers(&mut self, trailers: &Headers) -> Action {
+        let _ = trailers;
+        Action::Continue
+    }
+
+    /// The response's headers. `end_of_stream` is true when the response has no body.
+    fn on_response_headers(&mut self, headers: &Headers, end_of_stream: bool) -> Action {
+        let _ = (headers, end_of_stream);
+        Action::Continue
+    }
+
+    /// A message of the response's body.
+    fn on_response_body(&mut self, body: &Body) -> Action {
+        let _ = body;
+        Action::Continue
+    }
+
+    /// The response's trailers.
+    fn on_response_trailers(&mut self, trailers: &Headers) -> Action {
+        let _ = trailers;
+        Action::Continue
+    }
+}
+
+/// The configuration string the operator gave this plugin; empty if none.
+pub fn config() -> String {
+    host::config()
+}
+
+/// Writing to the host's log, tagged with the plugin's name and the current phase.
+pub mod log {
+    use super::host::{LogLevel, log};
+
+    /// Logs at debug level.
+    pub fn debug(message: &str) {
+        log(LogLevel::Debug, message);
+    }
+    /// Logs at info level.
+    pub fn info(message: &str) {
+        log(LogLevel::Info, message);
+    }
+    /// Logs at warn level.
+    pub fn warn(message: &str) {
+        log(LogLevel::Warn, message);
+    }
+    /// Logs at error level.
+    pub fn error(message: &str) {
+        log(LogLevel::Error, message);
+    }
+}
+
+/// The per-stream value of the plugin type. A component instance is single-threaded and lives
+/// for one stream, so a plain cell is enough.
+#[doc(hidden)]
+pub struct Slot<P>(core::cell::RefCell<Option<P>>);
+
+// SAFETY: a component instance runs on one thread and never re-enters a hook, so the cell is
+// never shared across threads; `Sync` is needed only to put the slot in a `static`.
+unsafe impl<P> Sync for Slot<P> {}
+
+impl<P: Plugin> Slot<P> {
+    #[doc(hidden)]
+    pub const fn new() -> Self {
+        Slot(core::cell::RefCell::new(None))
+    }
+
+    fn with(&self, hook: impl FnOnce(&mut P) -> Action) -> types::Action {
+        let mut slot = self.0.borrow_mut();
+        hook(slot.get_or_insert_with(P::default)).into()
+    }
+}
+
+/// Implements the component's exports for `P`; used by [`export_plugin!`].
+#[doc(hidden)]
+pub trait Exported {
+    type Plugin: Plugin;
+    fn slot() -> &'static Slot<Self::Plugin>;
+}
+
+impl<E: Exported> handler::Guest for E {
+    fn handled_phases() -> Phases {
+        E::Plugin::PHASES
+    }
+
+    fn on_request_headers(headers: &types::Fields, end_of_stream: bool) -> types::Action {
+        E::slot().with(|p| p.on_request_headers(&Headers(headers), end_of_stream))
+    }
+
+    fn on_request_body(body: &types::Body) -> types::Action {
+        E::slot().with(|p| p.on_request_body(&Body(body)))
+    }
+
+    fn on_request_trailers(trailers: &types::Fields) -> types::Action {
+        E::slot().with(|p| p.on_request_trailers(&Headers(trailers)))
+    }
+
+    fn on_response_headers(headers: &types::Fields, end_of_stream: bool) -> types::Action {
+        E::slot().with(|p| p.on_response_headers(&Headers(headers), end_of_stream))
+    }
+
+    fn on_response_body(body: &types::Body) -> types::Action {
+        E::slot().with(|p| p.on_response_body(&Body(body)))
+    }
+
+    fn on_response_trailers(trailers: &types::Fields) -> types::Action {
+        E::slot().with(|p| p.on_response_trailers(&Headers(trailers)))
+    }
+}
+
+/// Exports a [`Plugin`] type as the component's handlers.
+#[macro_export]
+macro_rules! export_plugin {
+    ($plugin:ty) => {
+        struct __WasmExtprocExport;
+
+        impl $crate::Exported for __WasmExtprocExport {
+            type Plugin = $plugin;
+            fn slot() -> &'static $crate::Slot<$plugin> {
+                static SLOT: $crate::Slot<$plugin> = $crate::Slot::new();
+                &SLOT
+            }
+        }
+
+        $crate::bindings::__export_component!(__WasmExtprocExport);
+    };
+}

@@ -1,0 +1,249 @@
+//! A real Envoy, configured from `deploy/envoy/envoy.yaml` -- the same file operators use --
+//! with its ports pointed at this test's host and upstream.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::process::{Child, Command};
+
+/// The listener, ext_proc, upstream and admin ports as written in `deploy/envoy/envoy.yaml`.
+const LISTENER_PORT: &str = "port_value: 8000";
+const EXT_PROC_PORT: &str = "port_value: 9002";
+const UPSTREAM_PORT: &str = "port_value: 8080";
+const ADMIN_PORT: &str = "port_value: 9901";
+
+/// How long Envoy may take to start listening.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The Envoy binary: `$ENVOY_BIN`, else the one `cargo xtask` installs, else `envoy` on PATH.
+pub fn binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("ENVOY_BIN") {
+        return PathBuf::from(path);
+    }
+    let installed = crate::repo_root().join("target/tools/envoy/bin/envoy");
+    if installed.is_file() {
+        return installed;
+    }
+    PathBuf::from("envoy")
+}
+
+/// `deploy/envoy/envoy.yaml` with its ports replaced. `listener` 0 lets the kernel choose.
+pub fn render_config(
+    listener: u16,
+    ext_proc: SocketAddr,
+    upstream: SocketAddr,
+    admin: u16,
+) -> anyhow::Result<String> {
+    let path = crate::repo_root().join("deploy/envoy/envoy.yaml");
+    let mut text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+    for (needle, port) in [
+        (LISTENER_PORT, listener),
+        (EXT_PROC_PORT, ext_proc.port()),
+        (UPSTREAM_PORT, upstream.port()),
+        (ADMIN_PORT, admin),
+    ] {
+        if text.matches(needle).count() != 1 {
+            bail!("{} must contain `{needle}` exactly once", path.display());
+        }
+        text = text.replace(needle, &format!("port_value: {port}"));
+    }
+    Ok(text.replace("address: 0.0.0.0", "address: 127.0.0.1"))
+}
+
+/// A running Envoy. Killed when dropped.
+#[derive(Debug)]
+pub struct Envoy {
+    child: Child,
+    /// Where clients connect.
+    pub listener: SocketAddr,
+    pub admin: SocketAddr,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts Envoy in front of `upstream` with `ext_proc` as its processor, and waits until
+    /// it listens.
+    pub async fn start(ext_proc: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Envoy> {
+        let config = render_config(0, ext_proc, upstream, 0)?;
+        Self::start_with_config(&config).await
+    }
+
+    /// Starts Envoy with a configuration whose listener and admin ports are 0.
+    pub async fn start_with_config(config: &str) -> anyhow::Result<Envoy> {
+        let dir = tempfile::tempdir()?;
+        let config_path = dir.path().join("envoy.yaml");
+        let admin_path = dir.path().join("admin-address");
+        std::fs::write(&config_path, config)?;
+        let log = std::fs::File::create(dir.path().join("envoy.log"))?;
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&config_path)
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "2",
+                "--log-level",
+                "warn",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| {
+                format!(
+                    "cannot start {}: run `cargo xtask setup`",
+                    binary().display()
+                )
+            })?;
+        let mut envoy = Envoy {
+            child,
+            listener: "0.0.0.0:0".parse()?,
+            admin: "0.0.0.0:0".parse()?,
+            _dir: dir,
+        };
+        envoy.wait_ready(&admin_path).await?;
+        Ok(envoy)
+    }
+
+    async fn wait_ready(&mut self, admin_path: &std::path::Path) -> anyhow::Result<()> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("envoy exited with {status}: {}", self.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "envoy did not become ready in {STARTUP_TIMEOUT:?}: {}",
+                    self.log()
+                );
+            }
+            if let Ok(text) = std::fs::read_to_string(admin_path)
+                && let Ok(admin) = text.trim().parse::<SocketAddr>()
+            {
+                self.admin = admin;
+                if let Ok(listeners) = self.admin_get("/listeners?format=json").await
+                    && let Some(listener) = bound_listener(&listeners)
+                {
+                    self.listener = listener;
+                    return Ok(());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What Envoy wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    /// GET on the admin interface.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<String> {
+        let response = request(self.admin, "GET", path, &[], Vec::new()).await?;
+        Ok(String::from_utf8_lossy(&response.body).into_owned())
+    }
+
+    /// A counter from `/stats`, 0 if absent.
+    pub async fn counter(&self, name: &str) -> anyhow::Result<u64> {
+        let stats = self.admin_get(&format!("/stats?filter=^{name}$")).await?;
+        Ok(stats
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}: ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// An HTTP/1.1 request through Envoy's listener.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> anyhow::Result<HttpResponse> {
+        request(self.listener, method, path, headers, body).await
+    }
+
+    /// `GET path` through Envoy.
+    pub async fn get(&self, path: &str) -> anyhow::Result<HttpResponse> {
+        self.request("GET", path, &[], Vec::new()).await
+    }
+}
+
+fn bound_listener(json: &str) -> Option<SocketAddr> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    let socket = &value["listener_statuses"][0]["local_address"]["socket_address"];
+    let port = socket["port_value"].as_u64()?;
+    (port != 0).then(|| SocketAddr::from(([127, 0, 0, 1], port as u16)))
+}
+
+/// A response as a client saw it.
+#[derive(Debug, Clone)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// Every value of `name`.
+    pub fn header_values(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// The body as JSON.
+    pub fn json(&self) -> anyhow::Result<serde_json::Value> {
+        Ok(serde_json::from_slice(&self.body)?)
+    }
+}
+
+/// One HTTP/1.1 request to `address`.
+pub async fn request(
+    address: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> anyhow::Result<HttpResponse> {
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(format!("http://{address}{path}"));
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let response = client
+        .request(builder.body(Full::new(Bytes::from(body)))?)
+        .await?;
+    let status = response.status().as_u16();
+    let headers = response
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let body = response.into_body().collect().await?.to_bytes().to_vec();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
+}

