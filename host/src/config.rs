@@ -14,6 +14,9 @@
 //! [plugins.10-auth]            # keyed by file name without `.wasm`
 //! config = '{"realm": "api"}'
 //! failure_policy = "fail-open"
+//!
+//! [envoy]                      # what the Envoy ext_proc filter in front is configured with
+//! message_timeout_ms = 200
 //! ```
 
 use std::collections::BTreeMap;
@@ -42,6 +45,10 @@ pub const DEFAULT_FAILURE_STATUS: u16 = 500;
 /// Instances alive at once across all streams (one per plugin per stream in flight). Each
 /// reserves address space, not memory, until it is used.
 pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// Envoy's default `message_timeout`.
+pub const DEFAULT_ENVOY_MESSAGE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Envoy's default `max_request_headers_kb`.
+pub const DEFAULT_ENVOY_MAX_HEADERS_KIB: u64 = 60;
 
 /// Command-line flags. Each overrides the same setting in the file.
 #[derive(Debug, Parser)]
@@ -83,6 +90,19 @@ struct FileConfig {
     defaults: FilePluginSettings,
     #[serde(default)]
     plugins: BTreeMap<String, FilePluginSettings>,
+    #[serde(default)]
+    envoy: FileEnvoy,
+}
+
+/// Settings of the Envoy filter in front of the host that the host must respect.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEnvoy {
+    message_timeout_ms: Option<u64>,
+    max_message_timeout_ms: Option<u64>,
+    allow_all_routing: Option<bool>,
+    allow_envoy_headers: Option<bool>,
+    max_headers_kib: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +137,38 @@ pub struct Config {
     pub defaults: PluginSettings,
     /// Settings by plugin name (the file name without `.wasm`).
     pub plugins: BTreeMap<String, PluginSettings>,
+    pub envoy: EnvoySettings,
+}
+
+/// What the Envoy ext_proc filter in front of the host is configured with. The host keeps its
+/// answers inside these limits, so Envoy never rejects one the operator cannot explain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoySettings {
+    /// The filter's `message_timeout`: how long Envoy waits for each answer.
+    pub message_timeout: Duration,
+    /// The filter's `max_message_timeout`, if set: the host may ask for up to this much time
+    /// (`override_message_timeout`) for a phase whose plugins' budgets add up to more than
+    /// `message_timeout`.
+    pub max_message_timeout: Option<Duration>,
+    /// `mutation_rules.allow_all_routing`: may plugins change `host`, `:authority`,
+    /// `:scheme` and `:method`?
+    pub allow_all_routing: bool,
+    /// `mutation_rules.allow_envoy`: may plugins change `x-envoy-*` headers?
+    pub allow_envoy_headers: bool,
+    /// `max_request_headers_kb` of the connection manager, in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for EnvoySettings {
+    fn default() -> Self {
+        EnvoySettings {
+            message_timeout: DEFAULT_ENVOY_MESSAGE_TIMEOUT,
+            max_message_timeout: None,
+            allow_all_routing: false,
+            allow_envoy_headers: false,
+            max_header_bytes: (DEFAULT_ENVOY_MAX_HEADERS_KIB << 10) as usize,
+        }
+    }
 }
 
 /// How one plugin runs.
@@ -215,6 +267,7 @@ impl Config {
                 "[runtime] max_instances must be at least 1".into(),
             ));
         }
+        let envoy = file.envoy.resolve()?;
         Ok(Config {
             listen: cli
                 .listen
@@ -228,6 +281,7 @@ impl Config {
             max_instances,
             defaults,
             plugins,
+            envoy,
         })
     }
 
@@ -245,6 +299,47 @@ impl Config {
             .map(|s| s.budget.memory_limit_bytes)
             .max()
             .unwrap_or(DEFAULT_MEMORY_LIMIT_MIB << 20)
+    }
+}
+
+impl FileEnvoy {
+    fn resolve(&self) -> Result<EnvoySettings, ConfigError> {
+        let defaults = EnvoySettings::default();
+        let message_timeout = match self.message_timeout_ms {
+            Some(0) => {
+                return Err(ConfigError(
+                    "[envoy] message_timeout_ms must be at least 1".into(),
+                ));
+            }
+            Some(ms) => Duration::from_millis(ms),
+            None => defaults.message_timeout,
+        };
+        let max_message_timeout = match self.max_message_timeout_ms {
+            Some(ms) if Duration::from_millis(ms) < message_timeout => {
+                return Err(ConfigError(format!(
+                    "[envoy] max_message_timeout_ms {ms} is below message_timeout_ms {}",
+                    message_timeout.as_millis()
+                )));
+            }
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => None,
+        };
+        let max_header_bytes = match self.max_headers_kib {
+            Some(kib) if !(1..=8192).contains(&kib) => {
+                return Err(ConfigError(format!(
+                    "[envoy] max_headers_kib {kib} is outside 1-8192"
+                )));
+            }
+            Some(kib) => (kib << 10) as usize,
+            None => defaults.max_header_bytes,
+        };
+        Ok(EnvoySettings {
+            message_timeout,
+            max_message_timeout,
+            allow_all_routing: self.allow_all_routing.unwrap_or(false),
+            allow_envoy_headers: self.allow_envoy_headers.unwrap_or(false),
+            max_header_bytes,
+        })
     }
 }
 

@@ -2,7 +2,7 @@
 //! plugin chain decides. Neither Envoy's protobufs nor wasmtime appear here, so the protocol
 //! state machine and the plugin runtime meet on neutral ground.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 /// One of the six points at which Envoy consults the processor.
@@ -41,6 +41,121 @@ impl Phase {
     fn bit(self) -> u8 {
         1 << (self as u8)
     }
+
+    pub fn direction(self) -> Direction {
+        match self {
+            Phase::RequestHeaders | Phase::RequestBody | Phase::RequestTrailers => {
+                Direction::Request
+            }
+            Phase::ResponseHeaders | Phase::ResponseBody | Phase::ResponseTrailers => {
+                Direction::Response
+            }
+        }
+    }
+}
+
+/// Which half of the exchange a phase belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+impl Direction {
+    pub fn headers(self) -> Phase {
+        match self {
+            Direction::Request => Phase::RequestHeaders,
+            Direction::Response => Phase::ResponseHeaders,
+        }
+    }
+
+    pub fn body(self) -> Phase {
+        match self {
+            Direction::Request => Phase::RequestBody,
+            Direction::Response => Phase::ResponseBody,
+        }
+    }
+
+    pub fn trailers(self) -> Phase {
+        match self {
+            Direction::Request => Phase::RequestTrailers,
+            Direction::Response => Phase::ResponseTrailers,
+        }
+    }
+}
+
+/// How a plugin wants a body phase delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Delivery {
+    /// Each message as Envoy sends it.
+    #[default]
+    Chunks,
+    /// The whole body in one call, held back by the host where Envoy streams.
+    Whole,
+}
+
+/// What a plugin handles, as it registered at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Registration {
+    pub phases: PhaseSet,
+    pub request_body: Delivery,
+    pub response_body: Delivery,
+}
+
+impl Registration {
+    pub fn delivery(&self, direction: Direction) -> Delivery {
+        match direction {
+            Direction::Request => self.request_body,
+            Direction::Response => self.response_body,
+        }
+    }
+}
+
+/// How Envoy sends a body (its `processing_mode`), as it told the host in `protocol_config`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyMode {
+    /// Not sent, or Envoy did not say.
+    #[default]
+    None,
+    Streamed,
+    Buffered,
+    BufferedPartial,
+    FullDuplexStreamed,
+}
+
+impl BodyMode {
+    /// Whether Envoy sends everything it will send of the body in one message.
+    pub fn is_buffered(self) -> bool {
+        matches!(self, BodyMode::Buffered | BodyMode::BufferedPartial)
+    }
+}
+
+/// What Envoy told the host about the exchange beyond headers and body: attributes and
+/// forwarded metadata, already rendered as text (strings as they are, other values as JSON).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExchangeContext {
+    pub attributes: BTreeMap<String, String>,
+    /// Keyed by (namespace, key).
+    pub metadata: BTreeMap<(String, String), String>,
+}
+
+/// What plugins asked for besides changing the message.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Effects {
+    /// Dynamic metadata to set: (namespace, key, value), in the order set.
+    pub metadata: Vec<(String, String, String)>,
+    pub clear_route_cache: bool,
+}
+
+impl Effects {
+    pub fn is_empty(&self) -> bool {
+        self.metadata.is_empty() && !self.clear_route_cache
+    }
+
+    pub fn absorb(&mut self, other: Effects) {
+        self.metadata.extend(other.metadata);
+        self.clear_route_cache |= other.clear_route_cache;
+    }
 }
 
 impl fmt::Display for Phase {
@@ -70,6 +185,10 @@ impl PhaseSet {
 
     pub fn is_empty(self) -> bool {
         self.0 == 0
+    }
+
+    pub fn intersects(self, other: PhaseSet) -> bool {
+        self.0 & other.0 != 0
     }
 
     pub fn iter(self) -> impl Iterator<Item = Phase> {
@@ -245,13 +364,22 @@ pub struct ImmediateResponse {
     pub details: String,
 }
 
-/// What the chain decided for one phase.
+/// What the chain decided for one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub enum Decision {
     /// Pass the message on, changed as it now is.
     Continue(Message),
+    /// A plugin that wants the whole body is holding this chunk back: nothing goes on yet.
+    Held,
     /// Answer the client now.
     Respond(ImmediateResponse),
+}
+
+/// The chain's decision and what plugins asked for on the way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    pub decision: Decision,
+    pub effects: Effects,
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@
 //! - [`ext_proc`]: the gRPC service -- a pure protocol state machine, conversions to and from
 //!   Envoy's protobufs, and the per-stream task around them.
 //! - [`http`]: the host's own types for headers, bodies and verdicts, shared by all of the above.
-//! - [`telemetry`], [`shutdown`]: logs and signals.
+//! - [`metrics`], [`telemetry`], [`shutdown`]: counters, logs and signals.
 //!
 //! # Request flow
 //!
@@ -31,6 +31,7 @@ pub mod chain;
 pub mod config;
 pub mod ext_proc;
 pub mod http;
+pub mod metrics;
 pub mod registry;
 pub mod runtime;
 pub mod shutdown;
@@ -44,6 +45,8 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
 pub use config::Config;
+use config::EnvoySettings;
+use metrics::Metrics;
 use registry::Chain;
 use runtime::{PoolLimits, Runtime};
 
@@ -57,6 +60,8 @@ pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 pub struct Host {
     // Field order matters: the chain's instances must go before the runtime's engine ticker.
     chain: Arc<Chain>,
+    envoy: EnvoySettings,
+    metrics: Arc<Metrics>,
     _runtime: Runtime,
 }
 
@@ -71,6 +76,8 @@ impl Host {
         let chain = registry::load_chain(&runtime, config).await?;
         Ok(Host {
             chain: Arc::new(chain),
+            envoy: config.envoy.clone(),
+            metrics: Metrics::new(),
             _runtime: runtime,
         })
     }
@@ -78,6 +85,11 @@ impl Host {
     /// The loaded chain.
     pub fn chain(&self) -> &Chain {
         &self.chain
+    }
+
+    /// The host's metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// Serves ext_proc and gRPC health on `listener` until `shutdown` completes, then lets
@@ -88,10 +100,14 @@ impl Host {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
-        let ext_proc =
-            ExternalProcessorServer::new(ext_proc::ExtProcService::new(self.chain.clone()))
-                .max_decoding_message_size(MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let service = ext_proc::ExtProcService::new(
+            self.chain.clone(),
+            self.envoy.clone(),
+            self.metrics.clone(),
+        );
+        let ext_proc = ExternalProcessorServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
         health
             .set_serving::<ExternalProcessorServer<ext_proc::ExtProcService>>()
             .await;

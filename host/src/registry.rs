@@ -6,11 +6,12 @@
 //! timestamped `..2026_...` directories, and exposes each file as a symlink beside them.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::config::Config;
-use crate::http::PhaseSet;
+use crate::config::{Config, EnvoySettings};
+use crate::http::{Phase, PhaseSet};
 use crate::runtime::{Plugin, Runtime};
 
 /// The loaded chain, in order. Shared by every stream that starts while it is current.
@@ -35,6 +36,48 @@ impl Chain {
     /// Every phase some plugin handles.
     pub fn phases(&self) -> PhaseSet {
         self.phases
+    }
+
+    /// The most time the chain can take on one message of `phase`: the budgets of the
+    /// plugins that handle it, added up.
+    pub fn budget(&self, phase: Phase) -> Duration {
+        self.plugins
+            .iter()
+            .filter(|p| p.phases().contains(phase))
+            .map(|p| p.settings().budget.timeout)
+            .sum()
+    }
+
+    /// Checks that Envoy waits long enough for every phase: the plugins' budgets must fit in
+    /// its `message_timeout`, or in `max_message_timeout` where the host can ask for more.
+    pub fn check_budgets(&self, envoy: &EnvoySettings) -> anyhow::Result<()> {
+        for phase in Phase::ALL {
+            let budget = self.budget(phase);
+            let limit = envoy.max_message_timeout.unwrap_or(envoy.message_timeout);
+            if budget >= limit {
+                let plugins: Vec<String> = self
+                    .plugins
+                    .iter()
+                    .filter(|p| p.phases().contains(phase))
+                    .map(|p| {
+                        format!(
+                            "{} ({} ms)",
+                            p.name(),
+                            p.settings().budget.timeout.as_millis()
+                        )
+                    })
+                    .collect();
+                bail!(
+                    "the budgets of the plugins handling {phase} add up to {} ms ({}), but Envoy \
+                     waits {} ms for an answer; lower their timeout_ms, or raise the filter's \
+                     max_message_timeout and set [envoy] max_message_timeout_ms to match",
+                    budget.as_millis(),
+                    plugins.join(", "),
+                    limit.as_millis()
+                );
+            }
+        }
+        Ok(())
     }
 }
 
@@ -105,7 +148,9 @@ pub async fn load_chain(runtime: &Runtime, config: &Config) -> anyhow::Result<Ch
         );
         plugins.push(plugin);
     }
-    Ok(Chain::new(plugins))
+    let chain = Chain::new(plugins);
+    chain.check_budgets(&config.envoy)?;
+    Ok(chain)
 }
 
 #[cfg(test)]

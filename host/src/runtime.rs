@@ -22,15 +22,17 @@ use wasmtime::component::{Component, Linker, Resource, types::ComponentItem};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
 use crate::config::PluginSettings;
-use crate::http::{ImmediateResponse, Message, Phase, PhaseSet};
+use crate::http::{
+    Delivery, Effects, ExchangeContext, ImmediateResponse, Message, Phase, PhaseSet, Registration,
+};
 use bindings::exports::wasm_extproc::processor::handler;
 use bindings::wasm_extproc::processor::types as wit;
 use store::{Lent, StoreState};
 
 /// The contract this host speaks, as it appears in export names.
 pub const CONTRACT_PACKAGE: &str = "wasm-extproc:processor";
-pub const CONTRACT_VERSION: &str = "0.1.0";
-const HANDLER_EXPORT: &str = "wasm-extproc:processor/handler@0.1.0";
+pub const CONTRACT_VERSION: &str = "0.2.0";
+const HANDLER_EXPORT: &str = "wasm-extproc:processor/handler@0.2.0";
 
 /// How often the engine's epoch advances: the granularity of deadlines, and how long a guest
 /// runs at most before it yields the tokio worker to other streams.
@@ -54,6 +56,9 @@ pub enum PluginError {
     /// No instance could be created: the pool is full or instantiation failed.
     #[error("could not be instantiated: {0}")]
     Instantiate(String),
+    /// The plugin asked for whole bodies and this one outgrew what the host will hold.
+    #[error("needs the whole body, which grew past the {0}-byte limit")]
+    BodyTooLarge(usize),
 }
 
 impl PluginError {
@@ -65,6 +70,7 @@ impl PluginError {
             PluginError::MemoryLimit(_) => "memory_limit",
             PluginError::InvalidOutput(_) => "invalid_output",
             PluginError::Instantiate(_) => "instantiate",
+            PluginError::BodyTooLarge(_) => "body_too_large",
         }
     }
 }
@@ -83,7 +89,7 @@ pub enum LoadError {
     Contract { path: String, reason: String },
     #[error("{path}: imports {reason}")]
     Link { path: String, reason: String },
-    #[error("{path}: failed while the host asked which phases it handles: {reason}")]
+    #[error("{path}: failed while the host asked what it handles (register): {reason}")]
     Probe { path: String, reason: String },
 }
 
@@ -206,18 +212,18 @@ impl Runtime {
             inner: Arc::new(PluginInner {
                 name: name.to_string(),
                 settings,
-                phases: PhaseSet::EMPTY,
+                registration: Registration::default(),
                 engine: self.engine.clone(),
                 pre,
             }),
         };
-        let phases = plugin.probe_phases().await.map_err(|e| LoadError::Probe {
+        let registration = plugin.probe().await.map_err(|e| LoadError::Probe {
             path: shown.clone(),
             reason: e.to_string(),
         })?;
         Arc::get_mut(&mut plugin.inner)
             .expect("plugin not yet shared")
-            .phases = phases;
+            .registration = registration;
         Ok(plugin)
     }
 
@@ -273,7 +279,7 @@ pub struct Plugin {
 struct PluginInner {
     name: String,
     settings: PluginSettings,
-    phases: PhaseSet,
+    registration: Registration,
     engine: Engine,
     pre: bindings::PluginPre<StoreState>,
 }
@@ -282,7 +288,7 @@ impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
             .field("name", &self.inner.name)
-            .field("phases", &self.inner.phases)
+            .field("registration", &self.inner.registration)
             .finish_non_exhaustive()
     }
 }
@@ -298,7 +304,12 @@ impl Plugin {
 
     /// The phases the plugin said it handles.
     pub fn phases(&self) -> PhaseSet {
-        self.inner.phases
+        self.inner.registration.phases
+    }
+
+    /// What the plugin registered at load.
+    pub fn registration(&self) -> &Registration {
+        &self.inner.registration
     }
 
     /// A fresh instance with its own store, for one ext_proc stream.
@@ -331,17 +342,21 @@ impl Plugin {
         }
     }
 
-    async fn probe_phases(&self) -> Result<PhaseSet, PluginError> {
+    async fn probe(&self) -> Result<Registration, PluginError> {
         let mut instance = self.instantiate().await?;
         instance.begin(None);
         let result = instance
             .bindings
             .wasm_extproc_processor_handler()
-            .call_handled_phases(&mut instance.store)
+            .call_register(&mut instance.store)
             .await;
         instance.store.data_mut().call_started = None;
-        let flags = result.map_err(|e| classify(&e, instance.store.data(), false))?;
-        Ok(from_wit_phases(flags))
+        let registration = result.map_err(|e| classify(&e, instance.store.data(), false))?;
+        Ok(Registration {
+            phases: from_wit_phases(registration.phases),
+            request_body: from_wit_delivery(registration.request_body),
+            response_body: from_wit_delivery(registration.response_body),
+        })
     }
 }
 
@@ -350,6 +365,13 @@ impl Plugin {
 pub enum Action {
     Continue,
     Respond(ImmediateResponse),
+}
+
+/// A successful call: the handler's decision and what it asked for besides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub action: Action,
+    pub effects: Effects,
 }
 
 /// One plugin's instance for one stream. Owned by the task serving the stream.
@@ -367,29 +389,43 @@ impl std::fmt::Debug for Instance {
     }
 }
 
+/// Checks a handler's output before it is accepted; an error becomes
+/// [`PluginError::InvalidOutput`] and the message is rolled back.
+pub type OutputCheck<'a> = &'a (dyn Fn(&Message, &Outcome) -> Result<(), String> + Sync);
+
 impl Instance {
-    /// Runs the handler for `phase` on `message`. The message comes back changed on success
-    /// and exactly as it went in on failure.
+    /// Runs the handler for `phase` on `message`, with `context` describing the exchange.
+    /// The message comes back changed on success and exactly as it went in on failure,
+    /// including when `check` rejects the output.
     pub async fn call(
         &mut self,
         phase: Phase,
         message: Message,
-    ) -> (Message, Result<Action, PluginError>) {
+        context: &Arc<ExchangeContext>,
+        check: OutputCheck<'_>,
+    ) -> (Message, Result<Outcome, PluginError>) {
         self.begin(Some(phase));
-        self.store.data_mut().lent = Some(Lent::new(message));
+        let state = self.store.data_mut();
+        state.lent = Some(Lent::new(message));
+        state.context = context.clone();
         let result = self.dispatch(phase).await;
         let state = self.store.data_mut();
         state.call_started = None;
         let lent = state.lent.take().expect("message lent for the call");
-        match result {
-            Ok(action) => match convert_action(action) {
-                Ok(action) => (lent.into_current(), Ok(action)),
-                Err(e) => (lent.into_original(), Err(e)),
+        let effects = std::mem::take(&mut state.effects);
+        let outcome = match result {
+            Ok(action) => convert_action(action).map(|action| Outcome { action, effects }),
+            Err(e) => Err(classify(&e, self.store.data(), false)),
+        };
+        match outcome {
+            Ok(outcome) => match check(&lent.current, &outcome) {
+                Ok(()) => (lent.into_current(), Ok(outcome)),
+                Err(reason) => (
+                    lent.into_original(),
+                    Err(PluginError::InvalidOutput(reason)),
+                ),
             },
-            Err(e) => {
-                let error = classify(&e, self.store.data(), false);
-                (lent.into_original(), Err(error))
-            }
+            Err(error) => (lent.into_original(), Err(error)),
         }
     }
 
@@ -397,6 +433,7 @@ impl Instance {
         let state = self.store.data_mut();
         state.phase = phase;
         state.limits.reset();
+        state.effects = Effects::default();
         state.call_started = Some(Instant::now());
         self.store.set_epoch_deadline(1);
     }
@@ -453,6 +490,13 @@ fn convert_action(action: wit::Action) -> Result<Action, PluginError> {
     }
 }
 
+fn from_wit_delivery(delivery: wit::BodyDelivery) -> Delivery {
+    match delivery {
+        wit::BodyDelivery::Chunks => Delivery::Chunks,
+        wit::BodyDelivery::Whole => Delivery::Whole,
+    }
+}
+
 fn from_wit_phases(flags: wit::Phases) -> PhaseSet {
     [
         (wit::Phases::REQUEST_HEADERS, Phase::RequestHeaders),
@@ -497,7 +541,7 @@ fn describe_link_error(error: &wasmtime::Error) -> String {
         .unwrap_or_else(|| first_line(error));
     format!(
         "`{import}`, which this host does not provide (it provides WASI 0.2 and \
-         {CONTRACT_PACKAGE}/host@{CONTRACT_VERSION}): {}",
+         {CONTRACT_PACKAGE}/{{host,context}}@{CONTRACT_VERSION}): {}",
         text.replace('\n', " ")
     )
 }

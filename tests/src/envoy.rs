@@ -41,20 +41,99 @@ pub fn render_config(
     upstream: SocketAddr,
     admin: u16,
 ) -> anyhow::Result<String> {
-    let path = crate::repo_root().join("deploy/envoy/envoy.yaml");
-    let mut text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    for (needle, port) in [
-        (LISTENER_PORT, listener),
-        (EXT_PROC_PORT, ext_proc.port()),
-        (UPSTREAM_PORT, upstream.port()),
-        (ADMIN_PORT, admin),
-    ] {
-        if text.matches(needle).count() != 1 {
-            bail!("{} must contain `{needle}` exactly once", path.display());
-        }
-        text = text.replace(needle, &format!("port_value: {port}"));
+    EnvoyConfig::default().render(listener, ext_proc, upstream, admin)
+}
+
+/// Variations on `deploy/envoy/envoy.yaml` for tests: the processing mode and extra filter
+/// settings. Each change replaces a line the file must contain exactly once, so the file and
+/// the tests cannot drift apart silently.
+#[derive(Debug, Clone, Default)]
+pub struct EnvoyConfig {
+    /// `(field, value)` pairs of `processing_mode`, e.g. `("request_body_mode", "BUFFERED")`.
+    pub processing_mode: Vec<(&'static str, &'static str)>,
+    /// Extra lines for the ext_proc filter's `typed_config`, e.g. `"request_attributes: [request.path]"`.
+    pub filter_settings: Vec<String>,
+    /// Speak HTTP/2 to the upstream (needed to carry trailers).
+    pub upstream_http2: bool,
+}
+
+const FILTER_ANCHOR: &str = "                      failure_mode_allow: false\n";
+const UPSTREAM_ANCHOR: &str = "    - name: httpbin\n      type: STATIC\n";
+const HTTP2_OPTIONS: &str = "      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config:
+            http2_protocol_options: {}
+";
+
+impl EnvoyConfig {
+    /// Sets one `processing_mode` field.
+    pub fn mode(mut self, field: &'static str, value: &'static str) -> Self {
+        self.processing_mode.push((field, value));
+        self
     }
-    Ok(text.replace("address: 0.0.0.0", "address: 127.0.0.1"))
+
+    /// Adds one line to the filter's settings.
+    pub fn filter(mut self, line: impl Into<String>) -> Self {
+        self.filter_settings.push(line.into());
+        self
+    }
+
+    pub fn render(
+        &self,
+        listener: u16,
+        ext_proc: SocketAddr,
+        upstream: SocketAddr,
+        admin: u16,
+    ) -> anyhow::Result<String> {
+        let path = crate::repo_root().join("deploy/envoy/envoy.yaml");
+        let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        let mut edits: Vec<(String, String)> = vec![
+            (LISTENER_PORT.into(), format!("port_value: {listener}")),
+            (
+                EXT_PROC_PORT.into(),
+                format!("port_value: {}", ext_proc.port()),
+            ),
+            (
+                UPSTREAM_PORT.into(),
+                format!("port_value: {}", upstream.port()),
+            ),
+            (ADMIN_PORT.into(), format!("port_value: {admin}")),
+        ];
+        for (field, value) in &self.processing_mode {
+            let current = ["NONE", "SEND", "SKIP"]
+                .iter()
+                .map(|v| format!("{field}: {v}\n"))
+                .find(|line| text.contains(line.as_str()))
+                .with_context(|| format!("{} has no processing_mode.{field}", path.display()))?;
+            edits.push((current, format!("{field}: {value}\n")));
+        }
+        if !self.filter_settings.is_empty() {
+            let mut block = FILTER_ANCHOR.to_string();
+            for line in &self.filter_settings {
+                block.push_str(&format!("                      {line}\n"));
+            }
+            edits.push((FILTER_ANCHOR.into(), block));
+        }
+        if self.upstream_http2 {
+            edits.push((
+                UPSTREAM_ANCHOR.into(),
+                format!("{UPSTREAM_ANCHOR}{HTTP2_OPTIONS}"),
+            ));
+        }
+        let mut text = text;
+        for (needle, replacement) in edits {
+            if text.matches(needle.as_str()).count() != 1 {
+                bail!(
+                    "{} must contain `{}` exactly once",
+                    path.display(),
+                    needle.trim_end()
+                );
+            }
+            text = text.replace(needle.as_str(), &replacement);
+        }
+        Ok(text.replace("address: 0.0.0.0", "address: 127.0.0.1"))
+    }
 }
 
 /// A running Envoy. Killed when dropped.
@@ -71,7 +150,16 @@ impl Envoy {
     /// Starts Envoy in front of `upstream` with `ext_proc` as its processor, and waits until
     /// it listens.
     pub async fn start(ext_proc: SocketAddr, upstream: SocketAddr) -> anyhow::Result<Envoy> {
-        let config = render_config(0, ext_proc, upstream, 0)?;
+        Self::start_with(&EnvoyConfig::default(), ext_proc, upstream).await
+    }
+
+    /// Like [`start`](Self::start), with a variation of the configuration.
+    pub async fn start_with(
+        config: &EnvoyConfig,
+        ext_proc: SocketAddr,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<Envoy> {
+        let config = config.render(0, ext_proc, upstream, 0)?;
         Self::start_with_config(&config).await
     }
 

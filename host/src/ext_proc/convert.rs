@@ -1,21 +1,31 @@
 //! Envoy's ext_proc protobufs to the host's types, and the one place that builds a
 //! `ProcessingResponse`.
 
+use std::collections::BTreeMap;
+use std::time::Duration;
+
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 use envoy_types::pb::envoy::config::core::v3::{
-    HeaderMap as PbHeaderMap, HeaderValue, HeaderValueOption,
+    HeaderMap as PbHeaderMap, HeaderValue, HeaderValueOption, Metadata,
 };
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::BodySendMode;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyMutation, BodyResponse, CommonResponse, GrpcStatus, HeaderMutation, HeadersResponse,
     ImmediateResponse as PbImmediateResponse, ProcessingRequest, ProcessingResponse,
-    TrailersResponse, body_mutation, processing_request, processing_response,
+    StreamedBodyResponse, TrailersResponse, body_mutation, processing_request, processing_response,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{self as pb, value::Kind};
 
 use super::protocol::ProtocolError;
 use crate::http::{
-    BodyChunk, HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase, Verdict,
+    BodyChunk, BodyMode, Decision, Effects, HeaderChanges, HeaderMap, ImmediateResponse, Message,
+    Phase, Verdict,
 };
+
+/// Envoy recommends streamed body chunks of at most 64 KiB in `FULL_DUPLEX_STREAMED` mode.
+pub const MAX_STREAMED_CHUNK: usize = 64 * 1024;
 
 /// One inbound message in the host's terms.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,12 +34,31 @@ pub struct Inbound {
     pub message: Message,
     /// Envoy does not wait for (or read) an answer to this message.
     pub observability: bool,
+    /// Attributes sent with this message, rendered as text.
+    pub attributes: BTreeMap<String, String>,
+    /// Forwarded metadata, keyed by (namespace, key), values as JSON.
+    pub metadata: BTreeMap<(String, String), String>,
+    /// The body modes Envoy is configured with (request, response), when it says.
+    pub body_modes: Option<(BodyMode, BodyMode)>,
 }
 
 /// Reads a `ProcessingRequest`.
 pub fn inbound(request: ProcessingRequest) -> Result<Inbound, ProtocolError> {
     use processing_request::Request;
     let observability = request.observability_mode;
+    let body_modes = request.protocol_config.map(|c| {
+        (
+            body_mode(c.request_body_mode),
+            body_mode(c.response_body_mode),
+        )
+    });
+    let attributes = request
+        .attributes
+        .into_values()
+        .flat_map(|s| s.fields)
+        .map(|(name, value)| (name, text(&value)))
+        .collect();
+    let metadata = metadata_entries(request.metadata_context);
     let (phase, message) = match request.request.ok_or(ProtocolError::EmptyRequest)? {
         Request::RequestHeaders(h) => (
             Phase::RequestHeaders,
@@ -66,7 +95,57 @@ pub fn inbound(request: ProcessingRequest) -> Result<Inbound, ProtocolError> {
         phase,
         message,
         observability,
+        attributes,
+        metadata,
+        body_modes,
     })
+}
+
+fn body_mode(mode: i32) -> BodyMode {
+    match BodySendMode::try_from(mode) {
+        Ok(BodySendMode::Streamed) => BodyMode::Streamed,
+        Ok(BodySendMode::Buffered) => BodyMode::Buffered,
+        Ok(BodySendMode::BufferedPartial) => BodyMode::BufferedPartial,
+        Ok(BodySendMode::FullDuplexStreamed) => BodyMode::FullDuplexStreamed,
+        // GRPC mode is not implemented by Envoy; NONE and unknown values send no body.
+        _ => BodyMode::None,
+    }
+}
+
+fn metadata_entries(metadata: Option<Metadata>) -> BTreeMap<(String, String), String> {
+    metadata
+        .into_iter()
+        .flat_map(|m| m.filter_metadata)
+        .flat_map(|(namespace, fields)| {
+            fields
+                .fields
+                .into_iter()
+                .map(move |(key, value)| ((namespace.clone(), key), json(&value).to_string()))
+        })
+        .collect()
+}
+
+/// Strings as they are; everything else as JSON.
+fn text(value: &pb::Value) -> String {
+    match &value.kind {
+        Some(Kind::StringValue(s)) => s.clone(),
+        _ => json(value).to_string(),
+    }
+}
+
+fn json(value: &pb::Value) -> serde_json::Value {
+    match &value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map(serde_json::Value::Number)
+            .unwrap_or(serde_json::Value::Null),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::StructValue(s)) => {
+            serde_json::Value::Object(s.fields.iter().map(|(k, v)| (k.clone(), json(v))).collect())
+        }
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(l.values.iter().map(json).collect()),
+    }
 }
 
 /// Envoy fills `raw_value`; older versions and some clients fill `value`.
@@ -81,62 +160,193 @@ fn header_map(map: Option<PbHeaderMap>) -> HeaderMap {
     }))
 }
 
-/// The answer to a message of `phase` after the chain decided `verdict`.
-pub fn outbound(phase: Phase, verdict: Verdict) -> ProcessingResponse {
+/// What the answer to one message depends on besides the chain's verdict.
+#[derive(Debug, Clone, Default)]
+pub struct Answering {
+    /// How Envoy sends bodies in the message's direction.
+    pub body_mode: BodyMode,
+    /// The direction's `content-length` as its headers arrived, if they had one.
+    pub content_length: Option<u64>,
+    /// Phases to switch off, sent with a headers answer.
+    pub mode_override: Option<ProcessingMode>,
+}
+
+/// The answers to a message of `phase` after the chain decided `verdict`: exactly one, except
+/// in `FULL_DUPLEX_STREAMED` body mode, where a body message gets none while plugins hold it
+/// and as many 64 KiB chunks as it takes when they let it go.
+pub fn replies(phase: Phase, verdict: Verdict, answering: &Answering) -> Vec<ProcessingResponse> {
     use processing_response::Response;
-    let response = match verdict {
-        Verdict::Respond(answer) => Response::ImmediateResponse(immediate_response(answer)),
-        Verdict::Continue(message) => match (phase, message) {
-            (Phase::RequestHeaders, Message::Headers { headers, .. }) => {
-                Response::RequestHeaders(headers_response(&headers))
-            }
-            (Phase::ResponseHeaders, Message::Headers { headers, .. }) => {
-                Response::ResponseHeaders(headers_response(&headers))
-            }
-            (Phase::RequestBody, Message::Body(body)) => Response::RequestBody(body_response(body)),
-            (Phase::ResponseBody, Message::Body(body)) => {
-                Response::ResponseBody(body_response(body))
-            }
-            (Phase::RequestTrailers, Message::Trailers(trailers)) => {
-                Response::RequestTrailers(trailers_response(&trailers))
-            }
-            (Phase::ResponseTrailers, Message::Trailers(trailers)) => {
-                Response::ResponseTrailers(trailers_response(&trailers))
-            }
-            (phase, message) => unreachable!("{phase} carried {message:?}"),
-        },
-    };
-    ProcessingResponse {
+    let Verdict { decision, effects } = verdict;
+    let dynamic_metadata = dynamic_metadata(&effects);
+    let wrap = |response: Response| ProcessingResponse {
         response: Some(response),
+        dynamic_metadata: dynamic_metadata.clone(),
+        ..ProcessingResponse::default()
+    };
+    let message = match decision {
+        Decision::Respond(answer) => {
+            return vec![wrap(Response::ImmediateResponse(immediate_response(
+                answer,
+            )))];
+        }
+        Decision::Held => return Vec::new(),
+        Decision::Continue(message) => message,
+    };
+    match message {
+        Message::Headers { headers, .. } => {
+            let common = CommonResponse {
+                header_mutation: header_mutation(headers.changes()),
+                // Envoy honours this only for request headers.
+                clear_route_cache: effects.clear_route_cache && phase == Phase::RequestHeaders,
+                ..CommonResponse::default()
+            };
+            let response = HeadersResponse {
+                response: Some(common),
+            };
+            let mut reply = wrap(match phase {
+                Phase::RequestHeaders => Response::RequestHeaders(response),
+                _ => Response::ResponseHeaders(response),
+            });
+            reply.mode_override = answering.mode_override;
+            vec![reply]
+        }
+        Message::Body(body) if answering.body_mode == BodyMode::FullDuplexStreamed => {
+            streamed_body(phase, body)
+                .into_iter()
+                .enumerate()
+                .map(|(i, response)| {
+                    let mut reply = ProcessingResponse {
+                        response: Some(response),
+                        ..ProcessingResponse::default()
+                    };
+                    if i == 0 {
+                        reply.dynamic_metadata = dynamic_metadata.clone();
+                    }
+                    reply
+                })
+                .collect()
+        }
+        Message::Body(body) => {
+            let response = body_response(body, answering);
+            vec![wrap(match phase {
+                Phase::RequestBody => Response::RequestBody(response),
+                _ => Response::ResponseBody(response),
+            })]
+        }
+        Message::Trailers(trailers) => {
+            let response = TrailersResponse {
+                header_mutation: header_mutation(trailers.changes()),
+            };
+            vec![wrap(match phase {
+                Phase::RequestTrailers => Response::RequestTrailers(response),
+                _ => Response::ResponseTrailers(response),
+            })]
+        }
+    }
+}
+
+/// An answer that asks Envoy for more time before the real one.
+pub fn more_time(timeout: Duration) -> ProcessingResponse {
+    ProcessingResponse {
+        override_message_timeout: Some(pb::Duration {
+            seconds: timeout.as_secs() as i64,
+            nanos: timeout.subsec_nanos() as i32,
+        }),
         ..ProcessingResponse::default()
     }
 }
 
-fn headers_response(headers: &HeaderMap) -> HeadersResponse {
-    HeadersResponse {
-        response: Some(CommonResponse {
-            header_mutation: header_mutation(headers.changes()),
-            ..CommonResponse::default()
-        }),
+fn dynamic_metadata(effects: &Effects) -> Option<pb::Struct> {
+    if effects.metadata.is_empty() {
+        return None;
     }
+    let mut namespaces: BTreeMap<&str, pb::Struct> = BTreeMap::new();
+    for (namespace, key, value) in &effects.metadata {
+        namespaces.entry(namespace).or_default().fields.insert(
+            key.clone(),
+            pb::Value {
+                kind: Some(Kind::StringValue(value.clone())),
+            },
+        );
+    }
+    Some(pb::Struct {
+        fields: namespaces
+            .into_iter()
+            .map(|(namespace, fields)| {
+                (
+                    namespace.to_string(),
+                    pb::Value {
+                        kind: Some(Kind::StructValue(fields)),
+                    },
+                )
+            })
+            .collect(),
+    })
 }
 
-fn body_response(body: BodyChunk) -> BodyResponse {
+/// In `BUFFERED` mode Envoy holds the headers until the body is answered and applies header
+/// changes sent with it: a replaced body gets a matching `content-length`, or Envoy would
+/// forward a length that no longer fits (and answer 500).
+fn body_response(body: BodyChunk, answering: &Answering) -> BodyResponse {
+    let header_mutation = match (body.replaced, answering.body_mode, answering.content_length) {
+        (true, BodyMode::Buffered, Some(_)) => Some(HeaderMutation {
+            set_headers: vec![header_option(
+                "content-length".into(),
+                body.data.len().to_string().into_bytes(),
+                HeaderAppendAction::OverwriteIfExistsOrAdd,
+            )],
+            remove_headers: Vec::new(),
+        }),
+        _ => None,
+    };
     let body_mutation = body.replaced.then_some(BodyMutation {
         mutation: Some(body_mutation::Mutation::Body(body.data)),
     });
     BodyResponse {
         response: Some(CommonResponse {
+            header_mutation,
             body_mutation,
             ..CommonResponse::default()
         }),
     }
 }
 
-fn trailers_response(trailers: &HeaderMap) -> TrailersResponse {
-    TrailersResponse {
-        header_mutation: header_mutation(trailers.changes()),
-    }
+/// The body as `StreamedBodyResponse`s of at most 64 KiB; the last carries end-of-stream.
+fn streamed_body(phase: Phase, body: BodyChunk) -> Vec<processing_response::Response> {
+    use processing_response::Response;
+    let pieces: Vec<&[u8]> = if body.data.is_empty() {
+        if !body.end_of_stream {
+            return Vec::new();
+        }
+        vec![&[]]
+    } else {
+        body.data.chunks(MAX_STREAMED_CHUNK).collect()
+    };
+    let last = pieces.len() - 1;
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, piece)| {
+            let response = BodyResponse {
+                response: Some(CommonResponse {
+                    body_mutation: Some(BodyMutation {
+                        mutation: Some(body_mutation::Mutation::StreamedResponse(
+                            StreamedBodyResponse {
+                                body: piece.to_vec(),
+                                end_of_stream: body.end_of_stream && i == last,
+                                ..StreamedBodyResponse::default()
+                            },
+                        )),
+                    }),
+                    ..CommonResponse::default()
+                }),
+            };
+            match phase {
+                Phase::RequestBody => Response::RequestBody(response),
+                _ => Response::ResponseBody(response),
+            }
+        })
+        .collect()
 }
 
 /// A name's first value overwrites whatever Envoy has, the rest append, so the result is the
@@ -198,14 +408,22 @@ fn immediate_response(answer: ImmediateResponse) -> PbImmediateResponse {
         }),
         body: answer.body,
         grpc_status: answer.grpc_status.map(|status| GrpcStatus { status }),
-        details: answer.details,
+        // Envoy keeps this as %RESPONSE_CODE_DETAILS%, which may not contain whitespace.
+        details: answer
+            .details
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join("_"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders};
+    use envoy_types::pb::envoy::service::ext_proc::v3::{
+        HttpBody, HttpHeaders, ProtocolConfiguration,
+    };
+    use processing_response::Response;
 
     fn request_headers(pairs: &[(&str, &str)], raw: bool) -> ProcessingRequest {
         let headers = pairs
@@ -228,6 +446,20 @@ mod tests {
             })),
             ..ProcessingRequest::default()
         }
+    }
+
+    fn continuing(message: Message) -> Verdict {
+        Verdict {
+            decision: Decision::Continue(message),
+            effects: Effects::default(),
+        }
+    }
+
+    /// The single reply to a message.
+    fn reply(phase: Phase, verdict: Verdict, answering: &Answering) -> Response {
+        let mut replies = replies(phase, verdict, answering);
+        assert_eq!(replies.len(), 1, "{replies:?}");
+        replies.remove(0).response.unwrap()
     }
 
     #[test]
@@ -255,15 +487,61 @@ mod tests {
     }
 
     #[test]
+    fn attributes_metadata_and_body_modes_are_read() {
+        let mut request = request_headers(&[], true);
+        let value = |kind| pb::Value { kind: Some(kind) };
+        request.attributes.insert(
+            "envoy.filters.http.ext_proc".into(),
+            pb::Struct {
+                fields: [
+                    (
+                        "request.path".to_string(),
+                        value(Kind::StringValue("/a".into())),
+                    ),
+                    ("request.size".to_string(), value(Kind::NumberValue(12.0))),
+                ]
+                .into(),
+            },
+        );
+        request.metadata_context = Some(Metadata {
+            filter_metadata: [(
+                "ns".to_string(),
+                pb::Struct {
+                    fields: [("k".to_string(), value(Kind::BoolValue(true)))].into(),
+                },
+            )]
+            .into(),
+            ..Metadata::default()
+        });
+        request.protocol_config = Some(ProtocolConfiguration {
+            request_body_mode: BodySendMode::FullDuplexStreamed as i32,
+            response_body_mode: BodySendMode::BufferedPartial as i32,
+            ..ProtocolConfiguration::default()
+        });
+        let inbound = inbound(request).unwrap();
+        assert_eq!(inbound.attributes["request.path"], "/a");
+        assert_eq!(inbound.attributes["request.size"], "12.0");
+        assert_eq!(
+            inbound.metadata[&("ns".to_string(), "k".to_string())],
+            "true"
+        );
+        assert_eq!(
+            inbound.body_modes,
+            Some((BodyMode::FullDuplexStreamed, BodyMode::BufferedPartial))
+        );
+    }
+
+    #[test]
     fn unchanged_headers_answer_without_a_mutation() {
-        let response = outbound(
+        let answer = reply(
             Phase::RequestHeaders,
-            Verdict::Continue(Message::Headers {
+            continuing(Message::Headers {
                 headers: HeaderMap::default(),
                 end_of_stream: false,
             }),
+            &Answering::default(),
         );
-        let Some(processing_response::Response::RequestHeaders(h)) = response.response else {
+        let Response::RequestHeaders(h) = answer else {
             panic!("request_headers response expected");
         };
         assert_eq!(h.response.unwrap().header_mutation, None);
@@ -276,14 +554,15 @@ mod tests {
         headers.append("x-multi", b"1".to_vec());
         headers.append("x-multi", b"2".to_vec());
         headers.remove("server");
-        let response = outbound(
+        let answer = reply(
             Phase::ResponseHeaders,
-            Verdict::Continue(Message::Headers {
+            continuing(Message::Headers {
                 headers,
                 end_of_stream: false,
             }),
+            &Answering::default(),
         );
-        let Some(processing_response::Response::ResponseHeaders(h)) = response.response else {
+        let Response::ResponseHeaders(h) = answer else {
             panic!("response_headers response expected");
         };
         let mutation = h.response.unwrap().header_mutation.unwrap();
@@ -313,42 +592,157 @@ mod tests {
         assert_eq!(mutation.remove_headers, vec!["server".to_string()]);
     }
 
+    fn common(response: Response) -> CommonResponse {
+        match response {
+            Response::RequestBody(b) | Response::ResponseBody(b) => b.response.unwrap(),
+            Response::RequestHeaders(h) | Response::ResponseHeaders(h) => h.response.unwrap(),
+            other => panic!("no common response in {other:?}"),
+        }
+    }
+
     #[test]
     fn replaced_bodies_carry_a_body_mutation() {
         let mut body = BodyChunk::new(b"old".to_vec(), true);
-        let untouched = outbound(
-            Phase::RequestBody,
-            Verdict::Continue(Message::Body(body.clone())),
-        );
-        let Some(processing_response::Response::RequestBody(b)) = untouched.response else {
-            panic!("request_body response expected");
+        let streamed = Answering {
+            body_mode: BodyMode::Streamed,
+            ..Answering::default()
         };
-        assert_eq!(b.response.unwrap().body_mutation, None);
+        let untouched = common(reply(
+            Phase::RequestBody,
+            continuing(Message::Body(body.clone())),
+            &streamed,
+        ));
+        assert_eq!(untouched.body_mutation, None);
 
         body.replace(b"new".to_vec());
-        let replaced = outbound(Phase::ResponseBody, Verdict::Continue(Message::Body(body)));
-        let Some(processing_response::Response::ResponseBody(b)) = replaced.response else {
-            panic!("response_body response expected");
-        };
+        let replaced = common(reply(
+            Phase::ResponseBody,
+            continuing(Message::Body(body)),
+            &streamed,
+        ));
         assert_eq!(
-            b.response.unwrap().body_mutation.unwrap().mutation,
+            replaced.body_mutation.unwrap().mutation,
             Some(body_mutation::Mutation::Body(b"new".to_vec()))
+        );
+        // Headers have gone already in STREAMED mode: no content-length change.
+        assert_eq!(replaced.header_mutation, None);
+    }
+
+    #[test]
+    fn a_replaced_buffered_body_gets_a_matching_content_length() {
+        let mut body = BodyChunk::new(b"{\"secret\":\"x\"}".to_vec(), true);
+        body.replace(b"{}".to_vec());
+        let answering = Answering {
+            body_mode: BodyMode::Buffered,
+            content_length: Some(14),
+            ..Answering::default()
+        };
+        let common = common(reply(
+            Phase::RequestBody,
+            continuing(Message::Body(body)),
+            &answering,
+        ));
+        let header = common.header_mutation.unwrap().set_headers[0]
+            .header
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (header.key.as_str(), &header.raw_value[..]),
+            ("content-length", &b"2"[..])
         );
     }
 
     #[test]
-    fn immediate_responses_carry_status_headers_and_body() {
-        let response = outbound(
-            Phase::RequestHeaders,
-            Verdict::Respond(ImmediateResponse {
-                status: 401,
-                headers: vec![("WWW-Authenticate".into(), b"Bearer".to_vec())],
-                body: b"no".to_vec(),
-                grpc_status: Some(16),
-                details: "auth".into(),
-            }),
+    fn full_duplex_bodies_stream_back_in_64k_pieces() {
+        let answering = Answering {
+            body_mode: BodyMode::FullDuplexStreamed,
+            ..Answering::default()
+        };
+        let big = BodyChunk::new(vec![7; MAX_STREAMED_CHUNK * 2 + 1], true);
+        let replies = replies(
+            Phase::ResponseBody,
+            continuing(Message::Body(big)),
+            &answering,
         );
-        let Some(processing_response::Response::ImmediateResponse(r)) = response.response else {
+        let pieces: Vec<(usize, bool)> = replies
+            .into_iter()
+            .map(
+                |r| match common(r.response.unwrap()).body_mutation.unwrap().mutation {
+                    Some(body_mutation::Mutation::StreamedResponse(s)) => {
+                        (s.body.len(), s.end_of_stream)
+                    }
+                    other => panic!("streamed response expected: {other:?}"),
+                },
+            )
+            .collect();
+        assert_eq!(
+            pieces,
+            [
+                (MAX_STREAMED_CHUNK, false),
+                (MAX_STREAMED_CHUNK, false),
+                (1, true)
+            ]
+        );
+
+        let held = Verdict {
+            decision: Decision::Held,
+            effects: Effects::default(),
+        };
+        assert!(super::replies(Phase::RequestBody, held, &answering).is_empty());
+        let empty_end = BodyChunk::new(Vec::new(), true);
+        assert_eq!(
+            super::replies(
+                Phase::RequestBody,
+                continuing(Message::Body(empty_end)),
+                &answering
+            )
+            .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn effects_become_dynamic_metadata_and_route_cache_clearing() {
+        let verdict = Verdict {
+            decision: Decision::Continue(Message::Headers {
+                headers: HeaderMap::default(),
+                end_of_stream: false,
+            }),
+            effects: Effects {
+                metadata: vec![("acme".into(), "user".into(), "alice".into())],
+                clear_route_cache: true,
+            },
+        };
+        let mut replies = replies(Phase::RequestHeaders, verdict, &Answering::default());
+        let reply = replies.remove(0);
+        let metadata = reply.dynamic_metadata.unwrap();
+        let Some(Kind::StructValue(acme)) = &metadata.fields["acme"].kind else {
+            panic!("namespace struct expected");
+        };
+        assert_eq!(
+            acme.fields["user"].kind,
+            Some(Kind::StringValue("alice".into()))
+        );
+        assert!(common(reply.response.unwrap()).clear_route_cache);
+    }
+
+    #[test]
+    fn immediate_responses_carry_status_headers_and_body() {
+        let answer = reply(
+            Phase::RequestHeaders,
+            Verdict {
+                decision: Decision::Respond(ImmediateResponse {
+                    status: 401,
+                    headers: vec![("WWW-Authenticate".into(), b"Bearer".to_vec())],
+                    body: b"no".to_vec(),
+                    grpc_status: Some(16),
+                    details: "auth failed".into(),
+                }),
+                effects: Effects::default(),
+            },
+            &Answering::default(),
+        );
+        let Response::ImmediateResponse(r) = answer else {
             panic!("immediate response expected");
         };
         assert_eq!(r.status.unwrap().code, 401);
@@ -359,6 +753,7 @@ mod tests {
         );
         assert_eq!(r.body, b"no");
         assert_eq!(r.grpc_status.unwrap().status, 16);
+        assert_eq!(r.details, "auth_failed");
     }
 
     #[test]

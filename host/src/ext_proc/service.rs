@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
@@ -11,10 +12,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert;
+use super::convert::{self, Answering};
+use super::guard::Guard;
 use super::protocol::{ProtocolError, StreamProtocol};
-use crate::chain::StreamChain;
-use crate::http::Verdict;
+use crate::chain::{Situation, StreamChain};
+use crate::config::EnvoySettings;
+use crate::http::{Decision, ExchangeContext, Phase, Verdict};
+use crate::metrics::Metrics;
 use crate::registry::Chain;
 
 /// Answers waiting to be written to one stream. Envoy waits for each answer before it sends
@@ -24,12 +28,28 @@ const OUTBOUND_BUFFER: usize = 4;
 /// The ext_proc service over a loaded plugin chain.
 #[derive(Debug, Clone)]
 pub struct ExtProcService {
+    shared: Arc<Shared>,
+}
+
+/// What every stream of the service uses.
+#[derive(Debug)]
+struct Shared {
     chain: Arc<Chain>,
+    guard: Guard,
+    envoy: EnvoySettings,
+    metrics: Arc<Metrics>,
 }
 
 impl ExtProcService {
-    pub fn new(chain: Arc<Chain>) -> Self {
-        ExtProcService { chain }
+    pub fn new(chain: Arc<Chain>, envoy: EnvoySettings, metrics: Arc<Metrics>) -> Self {
+        ExtProcService {
+            shared: Arc::new(Shared {
+                chain,
+                guard: Guard::new(envoy.clone()),
+                envoy,
+                metrics,
+            }),
+        }
     }
 }
 
@@ -45,9 +65,9 @@ impl ExternalProcessor for ExtProcService {
     ) -> Result<Response<Self::ProcessStream>, Status> {
         let inbound = request.into_inner();
         let (outbound, receiver) = mpsc::channel(OUTBOUND_BUFFER);
-        let chain = self.chain.clone();
+        let shared = self.shared.clone();
         tokio::spawn(async move {
-            let task = AssertUnwindSafe(serve_stream(chain, inbound, outbound.clone()));
+            let task = AssertUnwindSafe(serve_stream(shared, inbound, outbound.clone()));
             if let Err(panic) = task.catch_unwind().await {
                 let message = panic
                     .downcast_ref::<&str>()
@@ -64,14 +84,16 @@ impl ExternalProcessor for ExtProcService {
     }
 }
 
-/// Serves one ext_proc stream until Envoy closes it, breaks the protocol or goes away.
+/// Serves one ext_proc stream until Envoy closes it, breaks the protocol or goes away, or
+/// until no phase any plugin handles can still arrive.
 async fn serve_stream(
-    chain: Arc<Chain>,
+    shared: Arc<Shared>,
     mut inbound: Streaming<ProcessingRequest>,
     outbound: Outbound,
 ) {
     let mut protocol = StreamProtocol::new();
-    let mut plugins = StreamChain::new(chain);
+    let mut plugins = StreamChain::new(shared.chain.clone(), shared.metrics.clone());
+    let mut exchange = Arc::new(ExchangeContext::default());
     loop {
         let received = tokio::select! {
             received = inbound.message() => received,
@@ -93,32 +115,104 @@ async fn serve_stream(
                 return;
             }
         };
-        let inbound = match convert::inbound(request)
-            .and_then(|inbound| protocol.accept(inbound.phase).map(|()| inbound))
-        {
-            Ok(inbound) => inbound,
-            Err(error) => {
-                tracing::warn!("ext_proc protocol error: {error}");
-                let _ = outbound.send(Err(protocol_status(&error))).await;
+        let mut message = match convert::inbound(request) {
+            Ok(message) => message,
+            Err(error) => return refuse(&outbound, &error).await,
+        };
+        if let Err(error) = protocol.observe(&message) {
+            return refuse(&outbound, &error).await;
+        }
+        let phase = message.phase;
+        shared.metrics.message_received(phase);
+        if !message.attributes.is_empty() || !message.metadata.is_empty() {
+            let context = Arc::make_mut(&mut exchange);
+            context.attributes.append(&mut message.attributes);
+            context.metadata.append(&mut message.metadata);
+        }
+        let direction = phase.direction();
+        let check = |m: &_, o: &_| shared.guard.check(phase, m, o);
+        let situation = Situation {
+            exchange: &exchange,
+            body_mode: protocol.body_mode(direction),
+            check: &check,
+        };
+        let answering =
+            |phase: Phase, protocol: &StreamProtocol, plugins: &StreamChain| Answering {
+                body_mode: protocol.body_mode(direction),
+                content_length: protocol.content_length(direction),
+                mode_override: protocol.mode_override(phase, plugins.live_phases()),
+            };
+
+        // Trailers end a streamed body: plugins holding it for a whole-body call get it now,
+        // and what they make of it goes out before the trailers' answer.
+        if phase == direction.trailers() && plugins.is_holding(direction) {
+            let body_phase = direction.body();
+            let flushed = plugins.flush(direction, &situation).await;
+            let answer = answering(body_phase, &protocol, &plugins);
+            let replies = respond(&mut protocol, body_phase, flushed, &answer);
+            if !send(&outbound, replies).await || protocol.is_answered() {
                 return;
             }
-        };
-        let verdict = plugins.run(inbound.phase, inbound.message).await;
-        if inbound.observability {
-            // Envoy neither waits for nor reads an answer in observability mode.
-            continue;
         }
-        if matches!(verdict, Verdict::Respond(_)) {
-            protocol.answered();
-        }
-        if outbound
-            .send(Ok(convert::outbound(inbound.phase, verdict)))
-            .await
-            .is_err()
+        if let Some(timeout) = extra_time(&shared, phase)
+            && !message.observability
+            && !send(&outbound, vec![convert::more_time(timeout)]).await
         {
             return;
         }
+
+        let verdict = plugins.run(phase, message.message, &situation).await;
+        if message.observability {
+            // Envoy neither waits for nor reads an answer in observability mode.
+            continue;
+        }
+        let answer = answering(phase, &protocol, &plugins);
+        let replies = respond(&mut protocol, phase, verdict, &answer);
+        if !send(&outbound, replies).await || protocol.is_answered() {
+            return;
+        }
+        if protocol.finished_for(plugins.live_phases()) {
+            // Nothing any plugin handles can still come: closing the stream tells Envoy to
+            // carry on without the host.
+            tracing::trace!("no phase left for the plugins; closing the stream");
+            return;
+        }
     }
+}
+
+fn respond(
+    protocol: &mut StreamProtocol,
+    phase: Phase,
+    verdict: Verdict,
+    answering: &Answering,
+) -> Vec<ProcessingResponse> {
+    if matches!(verdict.decision, Decision::Respond(_)) {
+        protocol.answered();
+    }
+    convert::replies(phase, verdict, answering)
+}
+
+async fn send(outbound: &Outbound, replies: Vec<ProcessingResponse>) -> bool {
+    for reply in replies {
+        if outbound.send(Ok(reply)).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+async fn refuse(outbound: &Outbound, error: &ProtocolError) {
+    tracing::warn!("ext_proc protocol error: {error}");
+    let _ = outbound.send(Err(protocol_status(error))).await;
+}
+
+/// How long to ask Envoy to wait for `phase`, when the plugins' budgets add up to more than
+/// its `message_timeout` (start-up checked that `max_message_timeout` covers them).
+fn extra_time(shared: &Shared, phase: Phase) -> Option<Duration> {
+    let budget = shared.chain.budget(phase);
+    let max = shared.envoy.max_message_timeout?;
+    (budget >= shared.envoy.message_timeout)
+        .then(|| (budget + shared.envoy.message_timeout).min(max))
 }
 
 /// The status for a message that breaks the protocol; the only place one is built.

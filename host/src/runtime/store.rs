@@ -1,15 +1,16 @@
 //! What one store holds, and the host side of the contract's imports: the `fields` and `body`
 //! resources lent to a handler, logging and configuration.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Result, format_err};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::wasm_extproc::processor::{host, types};
+use super::bindings::wasm_extproc::processor::{context, host, types};
 use crate::config::PluginSettings;
-use crate::http::{BodyChunk, HeaderMap, Message, Phase};
+use crate::http::{BodyChunk, Effects, ExchangeContext, HeaderMap, Message, Phase};
 
 /// The handle a handler receives for the message it is lent. Only one message is lent at a
 /// time, and borrows end when the call returns, so a constant is enough.
@@ -18,6 +19,12 @@ pub const LENT_REP: u32 = 0;
 /// Longest log line a plugin may write; longer ones are cut so a plugin cannot flood the log
 /// with one call.
 const MAX_LOG_LINE: usize = 4096;
+
+/// Dynamic metadata entries one call may set: far more than any real use, and a bound on the
+/// host memory a looping `set-metadata` can take.
+const MAX_METADATA_ENTRIES: usize = 256;
+/// Longest namespace, key or value in one metadata entry.
+const MAX_METADATA_BYTES: usize = 16 * 1024;
 
 /// Marker for the `fields` resource: the data lives in [`StoreState::lent`].
 pub struct Fields;
@@ -115,6 +122,10 @@ pub struct StoreState {
     pub call_started: Option<Instant>,
     pub phase: Option<Phase>,
     pub lent: Option<Lent>,
+    /// The exchange the current call belongs to.
+    pub context: Arc<ExchangeContext>,
+    /// What the current call asked for besides changing the message.
+    pub effects: Effects,
 }
 
 impl StoreState {
@@ -134,6 +145,8 @@ impl StoreState {
             call_started: None,
             phase: None,
             lent: None,
+            context: Arc::default(),
+            effects: Effects::default(),
         }
     }
 
@@ -269,5 +282,38 @@ impl host::Host for StoreState {
 
     fn config(&mut self) -> Result<String> {
         Ok(self.config.clone())
+    }
+}
+
+impl context::Host for StoreState {
+    fn attribute(&mut self, name: String) -> Result<Option<String>> {
+        Ok(self.context.attributes.get(&name).cloned())
+    }
+
+    fn metadata(&mut self, namespace: String, key: String) -> Result<Option<String>> {
+        Ok(self.context.metadata.get(&(namespace, key)).cloned())
+    }
+
+    fn set_metadata(&mut self, namespace: String, key: String, value: String) -> Result<()> {
+        if self.effects.metadata.len() >= MAX_METADATA_ENTRIES {
+            return Err(format_err!(
+                "set-metadata called more than {MAX_METADATA_ENTRIES} times in one handler call"
+            ));
+        }
+        if [&namespace, &key, &value]
+            .iter()
+            .any(|s| s.len() > MAX_METADATA_BYTES)
+        {
+            return Err(format_err!(
+                "set-metadata: namespace, key and value are limited to {MAX_METADATA_BYTES} bytes"
+            ));
+        }
+        self.effects.metadata.push((namespace, key, value));
+        Ok(())
+    }
+
+    fn clear_route_cache(&mut self) -> Result<()> {
+        self.effects.clear_route_cache = true;
+        Ok(())
     }
 }

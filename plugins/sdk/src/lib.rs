@@ -44,7 +44,7 @@ use bindings::exports::wasm_extproc::processor::handler;
 use bindings::wasm_extproc::processor::host;
 use bindings::wasm_extproc::processor::types;
 
-pub use types::{ImmediateResponse, Phases};
+pub use types::{BodyDelivery, ImmediateResponse, Phases};
 
 /// Headers or trailers of the message being handled, owned by the host.
 ///
@@ -167,6 +167,13 @@ pub trait Plugin: Default + 'static {
     /// The phases whose hooks this plugin overrides.
     const PHASES: Phases;
 
+    /// How [`on_request_body`](Self::on_request_body) receives the body: chunk by chunk as
+    /// Envoy sends it (the default), or whole.
+    const REQUEST_BODY: BodyDelivery = BodyDelivery::Chunks;
+
+    /// How [`on_response_body`](Self::on_response_body) receives the body.
+    const RESPONSE_BODY: BodyDelivery = BodyDelivery::Chunks;
+
     /// The request's headers. `end_of_stream` is true when the request has no body.
     fn on_request_headers(&mut self, headers: &Headers, end_of_stream: bool) -> Action {
         let _ = (headers, end_of_stream);
@@ -207,6 +214,32 @@ pub trait Plugin: Default + 'static {
 /// The configuration string the operator gave this plugin; empty if none.
 pub fn config() -> String {
     host::config()
+}
+
+/// The exchange being handled, beyond its headers and body.
+pub mod context {
+    use super::bindings::wasm_extproc::processor::context;
+
+    /// An attribute Envoy sent (`request.path`, `source.address`, `xds.route_name`, ...), if
+    /// the filter is configured to send it. Non-string values come as JSON.
+    pub fn attribute(name: &str) -> Option<String> {
+        context::attribute(name)
+    }
+
+    /// A value of forwarded metadata, as JSON.
+    pub fn metadata(namespace: &str, key: &str) -> Option<String> {
+        context::metadata(namespace, key)
+    }
+
+    /// Sets dynamic metadata for filters after ext_proc and for access logs.
+    pub fn set_metadata(namespace: &str, key: &str, value: &str) {
+        context::set_metadata(namespace, key, value);
+    }
+
+    /// Asks Envoy to pick the route again (request headers only).
+    pub fn clear_route_cache() {
+        context::clear_route_cache();
+    }
 }
 
 /// Writing to the host's log, tagged with the plugin's name and the current phase.
@@ -260,8 +293,12 @@ pub trait Exported {
 }
 
 impl<E: Exported> handler::Guest for E {
-    fn handled_phases() -> Phases {
-        E::Plugin::PHASES
+    fn register() -> types::Registration {
+        types::Registration {
+            phases: E::Plugin::PHASES,
+            request_body: E::Plugin::REQUEST_BODY,
+            response_body: E::Plugin::RESPONSE_BODY,
+        }
     }
 
     fn on_request_headers(headers: &types::Fields, end_of_stream: bool) -> types::Action {

@@ -171,7 +171,11 @@ async fn next_to_a_healthy_stream(host: &RunningHost, healthy_first: bool) -> Pr
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_looping_plugin_is_stopped_at_its_deadline() {
-    let host = chain_with(SPIN, "timeout_ms = 1500\nfailure_policy = \"fail-open\"").await;
+    let host = RunningHost::start(
+        &[("10-faulty", SPIN), ("20-asm", ASM_DEMO)],
+        "[envoy]\nmessage_timeout_ms = 5000\n[plugins.10-faulty]\ntimeout_ms = 1500\nfailure_policy = \"fail-open\"\n",
+    )
+    .await;
     let answer = next_to_a_healthy_stream(&host, true).await;
     assert_eq!(header_sets(&answer), asm("hello-to-asm"));
 

@@ -20,7 +20,7 @@ async fn a_component_built_against_another_contract_is_refused_by_name() {
         "{error}"
     );
     assert!(
-        error.contains("this host speaks wasm-extproc:processor@0.1.0"),
+        error.contains("this host speaks wasm-extproc:processor@0.2.0"),
         "{error}"
     );
 }

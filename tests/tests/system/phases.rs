@@ -89,7 +89,7 @@ async fn all_six_phases_get_their_own_answer_through_a_two_plugin_chain() {
         [("x-chain".to_string(), "one,two".to_string())]
     );
 
-    let answer = stream.exchange(grpc::response_body(b"", true)).await;
+    let answer = stream.exchange(grpc::response_body(b"", false)).await;
     assert!(matches!(answer.response, Some(Response::ResponseBody(_))));
     assert_eq!(body_of(&answer), b"onetwo");
 
