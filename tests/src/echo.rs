@@ -1,6 +1,12 @@
-//! An httpbin-like upstream: `GET /headers` answers `{"headers": {...}}` with the request's
-//! headers in httpbin's Title-Case; any other path echoes the request body back. It also
-//! records every request it saw, so tests can check what reached the upstream.
+//! An httpbin-like upstream, recording every request it saw so tests can check what reached it:
+//!
+//! - `GET /headers` answers `{"headers": {...}}` with the request's headers in httpbin's
+//!   Title-Case;
+//! - `GET /generate?bytes=N` answers N bytes of lower-case text, and with `&json` a JSON object
+//!   of about N bytes with a `password` field (see [`generated`]);
+//! - any other path echoes the request body back.
+//!
+//! Over HTTP/2, a request that ends with trailers gets `x-upstream-trailer: seen` trailers back.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -8,8 +14,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -22,6 +29,29 @@ pub struct Seen {
     pub path: String,
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
+    pub trailers: Vec<(String, Vec<u8>)>,
+}
+
+impl Seen {
+    /// The first value of header `name`, as text.
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+}
+
+/// What `GET /generate?bytes=N` answers: lower-case letters, or with `json` an object
+/// `{"pad":"aaa...","password":"hunter2"}` padded to about N bytes.
+pub fn generated(bytes: usize, json: bool) -> Vec<u8> {
+    if json {
+        let overhead = r#"{"pad":"","password":"hunter2"}"#.len();
+        let pad = "a".repeat(bytes.saturating_sub(overhead));
+        format!(r#"{{"pad":"{pad}","password":"hunter2"}}"#).into_bytes()
+    } else {
+        (0..bytes).map(|i| b'a' + (i % 26) as u8).collect()
+    }
 }
 
 /// A running echo server. Stops when dropped.
@@ -80,16 +110,24 @@ impl Drop for EchoServer {
     }
 }
 
+type Body = BoxBody<Bytes, Infallible>;
+
 async fn handle(
     request: Request<Incoming>,
     seen: Arc<Mutex<Vec<Seen>>>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<Body>, Infallible> {
     let (parts, body) = request.into_parts();
-    let body = body
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
+    let collected = body.collect().await.ok();
+    let trailers: Vec<(String, Vec<u8>)> = collected
+        .as_ref()
+        .and_then(|c| c.trailers())
+        .map(|t| {
+            t.iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect()
+        })
         .unwrap_or_default();
+    let body = collected.map(|c| c.to_bytes()).unwrap_or_default();
     let headers: Vec<(String, Vec<u8>)> = parts
         .headers
         .iter()
@@ -99,23 +137,59 @@ async fn handle(
         path: parts.uri.path().to_string(),
         headers: headers.clone(),
         body: body.to_vec(),
+        trailers: trailers.clone(),
     });
-    let response = if parts.uri.path() == "/headers" {
-        let mut echoed = BTreeMap::new();
-        for (name, value) in &headers {
-            echoed.insert(
-                title_case(name),
-                String::from_utf8_lossy(value).into_owned(),
-            );
+    let full = |bytes: Bytes| Full::new(bytes).boxed();
+    let response = match parts.uri.path() {
+        "/headers" => {
+            let mut echoed = BTreeMap::new();
+            for (name, value) in &headers {
+                echoed.insert(
+                    title_case(name),
+                    String::from_utf8_lossy(value).into_owned(),
+                );
+            }
+            let json = serde_json::json!({ "headers": echoed });
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(full(Bytes::from(format!("{json:#}\n"))))
         }
-        let json = serde_json::json!({ "headers": echoed });
-        Response::builder()
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(format!("{json:#}\n"))))
-    } else {
-        Response::builder()
+        "/generate" => {
+            let query = parts.uri.query().unwrap_or_default();
+            let bytes = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("bytes="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            let json = query.split('&').any(|p| p == "json");
+            Response::builder()
+                .header(
+                    "content-type",
+                    if json {
+                        "application/json"
+                    } else {
+                        "text/plain"
+                    },
+                )
+                .body(full(Bytes::from(generated(bytes, json))))
+        }
+        _ if !trailers.is_empty() => {
+            let mut response_trailers = hyper::HeaderMap::new();
+            response_trailers.insert(
+                "x-upstream-trailer",
+                hyper::header::HeaderValue::from_static("seen"),
+            );
+            let frames = vec![
+                Ok::<_, Infallible>(Frame::data(body)),
+                Ok(Frame::trailers(response_trailers)),
+            ];
+            Response::builder()
+                .header("content-type", "application/octet-stream")
+                .body(StreamBody::new(futures::stream::iter(frames)).boxed())
+        }
+        _ => Response::builder()
             .header("content-type", "application/octet-stream")
-            .body(Full::new(body))
+            .body(full(body)),
     };
     Ok(response.expect("valid response"))
 }

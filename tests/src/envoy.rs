@@ -8,7 +8,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use futures::StreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::process::{Child, Command};
@@ -55,6 +58,8 @@ pub struct EnvoyConfig {
     pub filter_settings: Vec<String>,
     /// Speak HTTP/2 to the upstream (needed to carry trailers).
     pub upstream_http2: bool,
+    /// Free-form `(text, replacement)` edits; `text` must occur exactly once.
+    pub edits: Vec<(String, String)>,
 }
 
 const FILTER_ANCHOR: &str = "                      failure_mode_allow: false\n";
@@ -70,6 +75,18 @@ impl EnvoyConfig {
     /// Sets one `processing_mode` field.
     pub fn mode(mut self, field: &'static str, value: &'static str) -> Self {
         self.processing_mode.push((field, value));
+        self
+    }
+
+    /// Replaces `text`, which must occur exactly once in the file.
+    pub fn edit(mut self, text: &str, replacement: &str) -> Self {
+        self.edits.push((text.into(), replacement.into()));
+        self
+    }
+
+    /// Speaks HTTP/2 to the upstream.
+    pub fn upstream_http2(mut self) -> Self {
+        self.upstream_http2 = true;
         self
     }
 
@@ -121,6 +138,7 @@ impl EnvoyConfig {
                 format!("{UPSTREAM_ANCHOR}{HTTP2_OPTIONS}"),
             ));
         }
+        edits.extend(self.edits.iter().cloned());
         let mut text = text;
         for (needle, replacement) in edits {
             if text.matches(needle.as_str()).count() != 1 {
@@ -251,6 +269,11 @@ impl Envoy {
             .unwrap_or(0))
     }
 
+    /// A request through Envoy's listener.
+    pub async fn send(&self, request: &HttpRequest) -> anyhow::Result<HttpResponse> {
+        request.send(self.listener).await
+    }
+
     /// An HTTP/1.1 request through Envoy's listener.
     pub async fn request(
         &self,
@@ -281,6 +304,7 @@ pub struct HttpResponse {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    pub trailers: Vec<(String, String)>,
 }
 
 impl HttpResponse {
@@ -307,31 +331,125 @@ pub async fn request(
     headers: &[(&str, &str)],
     body: Vec<u8>,
 ) -> anyhow::Result<HttpResponse> {
-    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let mut builder = hyper::Request::builder()
-        .method(method)
-        .uri(format!("http://{address}{path}"));
+    let mut request = HttpRequest::new(method, path).body(body);
     for (name, value) in headers {
-        builder = builder.header(*name, *value);
+        request = request.header(name, value);
     }
-    let response = client
-        .request(builder.body(Full::new(Bytes::from(body)))?)
-        .await?;
-    let status = response.status().as_u16();
-    let headers = response
-        .headers()
-        .iter()
-        .map(|(n, v)| {
-            (
-                n.as_str().to_string(),
-                String::from_utf8_lossy(v.as_bytes()).into_owned(),
-            )
+    request.send(address).await
+}
+
+/// A request with the shapes tests need: a body sent in separate chunks (chunked upload),
+/// trailers, HTTP/2 without TLS.
+#[derive(Debug, Clone, Default)]
+pub struct HttpRequest {
+    pub method: String,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    /// The body, as the chunks to send; each goes out after a short pause.
+    pub chunks: Vec<Vec<u8>>,
+    pub trailers: Vec<(String, String)>,
+    pub http2: bool,
+}
+
+/// The pause between chunks of a chunked upload: long enough for Envoy to see each chunk on
+/// its own.
+const CHUNK_PAUSE: Duration = Duration::from_millis(20);
+
+impl HttpRequest {
+    pub fn new(method: &str, path: &str) -> Self {
+        HttpRequest {
+            method: method.into(),
+            path: path.into(),
+            ..HttpRequest::default()
+        }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// The whole body in one piece.
+    pub fn body(mut self, body: Vec<u8>) -> Self {
+        self.chunks = vec![body];
+        self
+    }
+
+    /// The body in separate chunks (`transfer-encoding: chunked` over HTTP/1.1).
+    pub fn chunked(mut self, chunks: Vec<Vec<u8>>) -> Self {
+        self.chunks = chunks;
+        self
+    }
+
+    pub fn trailer(mut self, name: &str, value: &str) -> Self {
+        self.trailers.push((name.into(), value.into()));
+        self
+    }
+
+    /// HTTP/2 with prior knowledge (h2c).
+    pub fn http2(mut self) -> Self {
+        self.http2 = true;
+        self
+    }
+
+    pub async fn send(&self, address: SocketAddr) -> anyhow::Result<HttpResponse> {
+        type Body = BoxBody<Bytes, std::convert::Infallible>;
+        let client: Client<_, Body> = Client::builder(TokioExecutor::new())
+            .http2_only(self.http2)
+            .build_http();
+        let mut builder = hyper::Request::builder()
+            .method(self.method.as_str())
+            .uri(format!("http://{address}{}", self.path));
+        for (name, value) in &self.headers {
+            builder = builder.header(name, value);
+        }
+        let body: Body = if self.chunks.len() <= 1 && self.trailers.is_empty() {
+            Full::new(Bytes::from(self.chunks.concat())).boxed()
+        } else {
+            let mut frames: Vec<Frame<Bytes>> = self
+                .chunks
+                .iter()
+                .map(|c| Frame::data(Bytes::from(c.clone())))
+                .collect();
+            if !self.trailers.is_empty() {
+                let mut trailers = hyper::HeaderMap::new();
+                for (name, value) in &self.trailers {
+                    trailers.append(
+                        hyper::header::HeaderName::from_bytes(name.as_bytes())?,
+                        hyper::header::HeaderValue::from_str(value)?,
+                    );
+                }
+                frames.push(Frame::trailers(trailers));
+            }
+            let paced = futures::stream::iter(frames).then(|frame| async move {
+                tokio::time::sleep(CHUNK_PAUSE).await;
+                Ok::<_, std::convert::Infallible>(frame)
+            });
+            BodyExt::boxed(StreamBody::new(paced))
+        };
+        let response = client.request(builder.body(body)?).await?;
+        let status = response.status().as_u16();
+        let text =
+            |v: &hyper::header::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), text(v)))
+            .collect();
+        let collected = response.into_body().collect().await?;
+        let trailers = collected
+            .trailers()
+            .map(|t| {
+                t.iter()
+                    .map(|(n, v)| (n.as_str().to_string(), text(v)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(HttpResponse {
+            status,
+            headers,
+            body: collected.to_bytes().to_vec(),
+            trailers,
         })
-        .collect();
-    let body = response.into_body().collect().await?.to_bytes().to_vec();
-    Ok(HttpResponse {
-        status,
-        headers,
-        body,
-    })
+    }
 }

@@ -9,6 +9,20 @@ pub struct Component(&'static str);
 
 /// The bundled ASM demo plugin (`plugins/asm-demo`).
 pub const ASM_DEMO: Component = Component("asm_demo");
+/// The bundled JSON redaction example (`plugins/json-redact`): whole bodies, both directions.
+pub const JSON_REDACT: Component = Component("json_redact");
+/// The bundled bearer-token example (`plugins/bearer-auth`): 401 on request headers.
+pub const BEARER_AUTH: Component = Component("bearer_auth");
+/// Upper-cases body chunks in both directions.
+pub const SHOUT: Component = Component("shout");
+/// Answers 403 at the phase its configuration names.
+pub const GATE: Component = Component("gate");
+/// Reports attributes and metadata as headers, sets dynamic metadata, reroutes on request.
+pub const CONTEXT_PROBE: Component = Component("context_probe");
+/// Produces the invalid output its configuration names.
+pub const MISBEHAVE: Component = Component("misbehave");
+/// Busy-waits as many milliseconds as configured.
+pub const SLOW: Component = Component("slow");
 /// Handles all six phases, marking each with its configuration string.
 pub const TAGGER: Component = Component("tagger");
 /// Remembers the request id for the response and counts hook calls in a global.

@@ -8,13 +8,17 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use std::sync::Arc;
+
 use crate::fixtures::Component;
+use wasm_extproc::metrics::Metrics;
 use wasm_extproc::{Config, Host};
 
 /// A running host. Stops when dropped.
 #[derive(Debug)]
 pub struct RunningHost {
     pub address: SocketAddr,
+    metrics: Arc<Metrics>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
     _dir: tempfile::TempDir,
@@ -40,11 +44,19 @@ pub fn config(dir: &Path, toml: &str) -> Config {
 }
 
 impl RunningHost {
-    /// Loads `plugins` with the settings in `toml` and serves on 127.0.0.1.
+    /// Loads `plugins` with the settings in `toml` and serves on 127.0.0.1. The host's log goes
+    /// to the test's output (shown for failing tests), filtered by `RUST_LOG` (default `warn`).
     pub async fn start(plugins: &[(&str, Component)], toml: &str) -> RunningHost {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
         let dir = plugin_dir(plugins);
         let config = config(dir.path(), toml);
         let host = Host::load(&config).await.expect("host loads");
+        let metrics = host.metrics();
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let (stop, stopped) = oneshot::channel();
@@ -53,10 +65,16 @@ impl RunningHost {
         }));
         RunningHost {
             address,
+            metrics,
             stop: Some(stop),
             task: Some(task),
             _dir: dir,
         }
+    }
+
+    /// The host's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Asks the host to stop and waits for it.

@@ -124,6 +124,13 @@ async fn serve_stream(
         }
         let phase = message.phase;
         shared.metrics.message_received(phase);
+        tracing::trace!(
+            %phase,
+            attributes = ?message.attributes,
+            metadata = ?message.metadata,
+            body_modes = ?message.body_modes,
+            "ext_proc message"
+        );
         if !message.attributes.is_empty() || !message.metadata.is_empty() {
             let context = Arc::make_mut(&mut exchange);
             context.attributes.append(&mut message.attributes);

@@ -1,6 +1,9 @@
 //! The system seen from Envoy's side: one test binary, one file per concern.
 
+mod bodies;
 mod envoy_demo;
+mod exchange;
+mod guard;
 mod isolation;
 mod loading;
 mod phases;

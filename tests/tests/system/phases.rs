@@ -1,11 +1,15 @@
 //! Playing Envoy over gRPC: every phase gets the matching answer, plugins run in file-name
 //! order and each sees the changes of those before it.
 
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
+    BodySendMode, HeaderSendMode,
+};
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    CommonResponse, HeaderMutation, ProcessingResponse, body_mutation,
+    CommonResponse, HeaderMutation, ProcessingRequest, ProcessingResponse, ProtocolConfiguration,
+    body_mutation,
 };
-use extproc_testkit::fixtures::{ASM_DEMO, TAGGER};
+use extproc_testkit::fixtures::{ASM_DEMO, JSON_REDACT, SLOW, TAGGER};
 use extproc_testkit::grpc::{self, ExtProcStream};
 use extproc_testkit::host::RunningHost;
 
@@ -174,7 +178,12 @@ async fn out_of_order_and_empty_messages_end_the_stream_with_a_clear_status() {
     );
 
     // The host is unaffected: a new stream is served normally.
-    let mut stream = ExtProcStream::open(&mut client).await;
+    assert_asm_still_served(&host).await;
+}
+
+/// A fresh stream through the ASM plugin is served normally.
+async fn assert_asm_still_served(host: &RunningHost) {
+    let mut stream = ExtProcStream::connect(host.address).await;
     let answer = stream
         .exchange(grpc::request_headers(&[(":path", "/")], true))
         .await;
@@ -182,4 +191,176 @@ async fn out_of_order_and_empty_messages_end_the_stream_with_a_clear_status() {
         sets(&common(&answer).header_mutation),
         [("x-ext-proc-header".to_string(), "hello-to-asm".to_string())]
     );
+}
+
+#[tokio::test]
+async fn response_headers_may_come_while_the_request_body_still_streams() {
+    let host = RunningHost::start(&[("tag", TAGGER)], "[plugins.tag]\nconfig = \"t\"\n").await;
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .exchange(grpc::request_headers(&[(":path", "/")], false))
+        .await;
+    stream.exchange(grpc::request_body(b"a", false)).await;
+    // The upstream answered early (e.g. 413 or a stream): the response starts, the request
+    // body goes on.
+    let answer = stream
+        .exchange(grpc::response_headers(&[(":status", "200")], false))
+        .await;
+    assert!(matches!(
+        answer.response,
+        Some(Response::ResponseHeaders(_))
+    ));
+    let answer = stream.exchange(grpc::request_body(b"b", true)).await;
+    assert_eq!(body_of(&answer), b"bt");
+    let answer = stream.exchange(grpc::response_body(b"c", true)).await;
+    assert_eq!(body_of(&answer), b"ct");
+}
+
+#[tokio::test]
+async fn envoy_going_away_mid_stream_leaves_the_host_serving() {
+    let host = RunningHost::start(&[("asm-demo", ASM_DEMO)], "").await;
+    for _ in 0..20 {
+        let mut stream = ExtProcStream::connect(host.address).await;
+        stream
+            .exchange(grpc::request_headers(&[(":path", "/")], false))
+            .await;
+        // Envoy resets the stream (client went away) before the response.
+        drop(stream);
+    }
+    assert_asm_still_served(&host).await;
+}
+
+#[tokio::test]
+async fn the_host_closes_the_stream_once_no_plugin_needs_anything_more() {
+    let host = RunningHost::start(&[("asm-demo", ASM_DEMO)], "").await;
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .exchange(grpc::request_headers(&[(":path", "/")], false))
+        .await;
+    stream
+        .exchange(grpc::response_headers(&[(":status", "200")], false))
+        .await;
+    // Nothing the ASM plugin handles can follow: the host ends the stream with OK.
+    assert!(stream.next().await.unwrap().is_none());
+}
+
+fn with_modes(
+    mut request: ProcessingRequest,
+    request_body: BodySendMode,
+    response_body: BodySendMode,
+) -> ProcessingRequest {
+    request.protocol_config = Some(ProtocolConfiguration {
+        request_body_mode: request_body as i32,
+        response_body_mode: response_body as i32,
+        ..ProtocolConfiguration::default()
+    });
+    request
+}
+
+#[tokio::test]
+async fn headers_answers_switch_off_what_no_plugin_needs() {
+    let host = RunningHost::start(&[("asm-demo", ASM_DEMO)], "").await;
+    let mut stream = ExtProcStream::connect(host.address).await;
+    let answer = stream
+        .exchange(with_modes(
+            grpc::request_headers(&[(":path", "/")], false),
+            BodySendMode::Buffered,
+            BodySendMode::Streamed,
+        ))
+        .await;
+    let mode = answer.mode_override.expect("a mode override");
+    assert_eq!(mode.request_body_mode, BodySendMode::None as i32);
+    assert_eq!(mode.response_body_mode, BodySendMode::None as i32);
+    assert_eq!(mode.response_header_mode, HeaderSendMode::Send as i32);
+    assert_eq!(mode.request_trailer_mode, HeaderSendMode::Skip as i32);
+    assert_eq!(mode.response_trailer_mode, HeaderSendMode::Skip as i32);
+}
+
+fn streamed_pieces(answer: &ProcessingResponse) -> (Vec<u8>, bool) {
+    match &common(answer).body_mutation.as_ref().unwrap().mutation {
+        Some(body_mutation::Mutation::StreamedResponse(s)) => (s.body.clone(), s.end_of_stream),
+        other => panic!("streamed response expected: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn whole_bodies_are_held_in_full_duplex_mode_and_let_go_at_the_end_or_at_trailers() {
+    let host = RunningHost::start(
+        &[("redact", JSON_REDACT)],
+        "[plugins.redact]\nconfig = \"password\"\n",
+    )
+    .await;
+
+    // Ends with end-of-stream: nothing is answered until then, then the redacted whole.
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .exchange(with_modes(
+            grpc::request_headers(&[(":path", "/")], false),
+            BodySendMode::FullDuplexStreamed,
+            BodySendMode::None,
+        ))
+        .await;
+    stream
+        .send(grpc::request_body(br#"{"user":"al","pass"#, false))
+        .await;
+    stream
+        .send(grpc::request_body(br#"word":"hunter2"}"#, true))
+        .await;
+    let answer = stream
+        .next()
+        .await
+        .unwrap()
+        .expect("an answer at the end of the body");
+    assert_eq!(
+        streamed_pieces(&answer),
+        (br#"{"password":"[REDACTED]","user":"al"}"#.to_vec(), true)
+    );
+
+    // Ends with trailers: the held body goes out, then the trailers' answer.
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .exchange(with_modes(
+            grpc::request_headers(&[(":path", "/")], false),
+            BodySendMode::FullDuplexStreamed,
+            BodySendMode::None,
+        ))
+        .await;
+    stream
+        .send(grpc::request_body(br#"{"password":"#, false))
+        .await;
+    stream.send(grpc::request_body(br#""x"}"#, false)).await;
+    stream
+        .send(grpc::request_trailers(&[("x-checksum", "1")]))
+        .await;
+    let body = stream.next().await.unwrap().unwrap();
+    // Trailers follow, so the body is not complete in the plugin's eyes: it passes unchanged.
+    assert_eq!(
+        streamed_pieces(&body),
+        (br#"{"password":"x"}"#.to_vec(), false)
+    );
+    let trailers = stream.next().await.unwrap().unwrap();
+    assert!(
+        matches!(trailers.response, Some(Response::RequestTrailers(_))),
+        "{trailers:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_phase_whose_budget_exceeds_envoys_timeout_asks_for_more_time_first() {
+    let host = RunningHost::start(
+        &[("slow", SLOW)],
+        "[envoy]\nmessage_timeout_ms = 100\nmax_message_timeout_ms = 1000\n\
+         [plugins.slow]\nconfig = \"1\"\ntimeout_ms = 150\n",
+    )
+    .await;
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .send(grpc::request_headers(&[(":path", "/")], true))
+        .await;
+    let first = stream.next().await.unwrap().unwrap();
+    let timeout = first.override_message_timeout.expect("a timeout override");
+    assert_eq!((timeout.seconds, timeout.nanos), (0, 250_000_000));
+    assert!(first.response.is_none());
+    let second = stream.next().await.unwrap().unwrap();
+    assert!(matches!(second.response, Some(Response::RequestHeaders(_))));
 }

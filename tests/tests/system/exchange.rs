@@ -1,0 +1,341 @@
+//! The rest of an exchange through a real Envoy: immediate responses from any phase, only the
+//! phases plugins need, trailers over HTTP/2, Envoy's attributes and metadata, route cache
+//! clearing, and more time for slow phases.
+
+use extproc_testkit::echo::EchoServer;
+use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest};
+use extproc_testkit::fixtures::{
+    ASM_DEMO, BEARER_AUTH, CONTEXT_PROBE, Component, GATE, SLOW, TAGGER,
+};
+use extproc_testkit::host::RunningHost;
+use wasm_extproc::http::Phase;
+
+struct Setup {
+    host: RunningHost,
+    upstream: EchoServer,
+    envoy: Envoy,
+}
+
+async fn setup(plugins: &[(&str, Component)], toml: &str, config: EnvoyConfig) -> Setup {
+    let host = RunningHost::start(plugins, toml).await;
+    let upstream = EchoServer::start().await.unwrap();
+    let envoy = Envoy::start_with(&config, host.address, upstream.address)
+        .await
+        .unwrap();
+    Setup {
+        host,
+        upstream,
+        envoy,
+    }
+}
+
+fn buffered_everything() -> EnvoyConfig {
+    EnvoyConfig::default()
+        .mode("request_body_mode", "BUFFERED")
+        .mode("response_body_mode", "BUFFERED")
+        .mode("request_trailer_mode", "SEND")
+        .mode("response_trailer_mode", "SEND")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_answer_immediately_from_any_phase() {
+    for phase in ["request_headers", "request_body", "response_headers"] {
+        let setup = setup(
+            &[("gate", GATE)],
+            &format!("[plugins.gate]\nconfig = \"{phase}\"\n"),
+            EnvoyConfig::default().mode("request_body_mode", "BUFFERED"),
+        )
+        .await;
+        let response = setup
+            .envoy
+            .send(&HttpRequest::new("POST", "/anything").body(b"payload".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 403, "{phase}");
+        assert_eq!(response.header_values("x-gate"), [phase]);
+        assert_eq!(response.body, format!("blocked at {phase}").as_bytes());
+        let reached_upstream = !setup.upstream.seen().is_empty();
+        assert_eq!(reached_upstream, phase == "response_headers", "{phase}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_auth_example_answers_401_before_the_upstream() {
+    let setup = setup(
+        &[("10-auth", BEARER_AUTH), ("20-asm", ASM_DEMO)],
+        "[plugins.10-auth]\nconfig = \"realm=api;tokens=s3cret,other\"\n",
+        EnvoyConfig::default(),
+    )
+    .await;
+
+    let denied = setup.envoy.get("/headers").await.unwrap();
+    assert_eq!(denied.status, 401);
+    assert_eq!(
+        denied.header_values("www-authenticate"),
+        ["Bearer realm=\"api\""]
+    );
+    assert_eq!(denied.body, br#"{"error":"unauthorized"}"#);
+    let wrong = setup
+        .envoy
+        .request(
+            "GET",
+            "/headers",
+            &[("authorization", "Bearer guess")],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(wrong.status, 401);
+    assert!(
+        setup.upstream.seen().is_empty(),
+        "the upstream was never touched"
+    );
+
+    let allowed = setup
+        .envoy
+        .request(
+            "GET",
+            "/headers",
+            &[("authorization", "Bearer s3cret")],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(allowed.status, 200);
+    assert_eq!(
+        allowed.header_values("x-ext-proc-header"),
+        ["hello-from-asm"]
+    );
+    assert_eq!(setup.upstream.seen().len(), 1);
+}
+
+fn body_and_trailer_messages(host: &RunningHost) -> u64 {
+    [
+        Phase::RequestBody,
+        Phase::RequestTrailers,
+        Phase::ResponseBody,
+        Phase::ResponseTrailers,
+    ]
+    .into_iter()
+    .map(|p| host.metrics().messages_received(p))
+    .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_sends_no_body_when_no_plugin_needs_one() {
+    // Envoy is told to buffer and send both bodies and trailers; the ASM plugin handles
+    // headers only, so the host switches the rest off with mode_override.
+    let setup = setup(&[("asm", ASM_DEMO)], "", buffered_everything()).await;
+    for size in [10, 300_000] {
+        let body = vec![b'x'; size];
+        let response = setup
+            .envoy
+            .request("POST", "/anything", &[], body.clone())
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200);
+        assert_eq!(response.body, body);
+        assert_eq!(
+            response.header_values("x-ext-proc-header"),
+            ["hello-from-asm"]
+        );
+    }
+    let metrics = setup.host.metrics();
+    assert_eq!(metrics.messages_received(Phase::RequestHeaders), 2);
+    assert_eq!(metrics.messages_received(Phase::ResponseHeaders), 2);
+    assert_eq!(body_and_trailer_messages(&setup.host), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_mode_override_the_host_closes_the_stream_once_nothing_is_left() {
+    // Envoy may not take mode_override here; the auth plugin needs request headers only, so
+    // the host closes the stream after answering them and Envoy carries on without it.
+    let config =
+        buffered_everything().edit("allow_mode_override: true", "allow_mode_override: false");
+    let setup = setup(
+        &[("auth", BEARER_AUTH)],
+        "[plugins.auth]\nconfig = \"tokens=t\"\n",
+        config,
+    )
+    .await;
+    let body = vec![b'y'; 200_000];
+    let response = setup
+        .envoy
+        .request(
+            "POST",
+            "/anything",
+            &[("authorization", "Bearer t")],
+            body.clone(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, body);
+    assert_eq!(setup.upstream.seen()[0].body, body);
+    assert_eq!(body_and_trailer_messages(&setup.host), 0);
+    assert_eq!(
+        setup
+            .envoy
+            .counter("http.ingress_http.ext_proc.streams_failed")
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_cross_an_http2_exchange_in_both_directions() {
+    let config = EnvoyConfig::default()
+        .mode("request_trailer_mode", "SEND")
+        .mode("response_trailer_mode", "SEND")
+        .upstream_http2();
+    let setup = setup(
+        &[("tag", TAGGER)],
+        "[plugins.tag]\nconfig = \"T\"\n",
+        config,
+    )
+    .await;
+    let request = HttpRequest::new("POST", "/anything")
+        .http2()
+        .header("content-type", "application/grpc")
+        .chunked(vec![b"pay".to_vec(), b"load".to_vec()])
+        .trailer("x-client-trailer", "yes");
+    let response = setup.envoy.send(&request).await.unwrap();
+
+    assert_eq!(response.status, 200);
+    assert_eq!(response.body, b"payload");
+    let seen = &setup.upstream.seen()[0];
+    let trailer = |name: &str| {
+        seen.trailers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    };
+    assert_eq!(trailer("x-client-trailer").as_deref(), Some("yes"));
+    assert_eq!(
+        trailer("x-chain").as_deref(),
+        Some("T"),
+        "request trailers changed by the plugin"
+    );
+    let mut trailers = response.trailers.clone();
+    trailers.sort();
+    assert_eq!(
+        trailers,
+        [
+            ("x-chain".to_string(), "T".to_string()),
+            ("x-upstream-trailer".to_string(), "seen".to_string()),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_read_attributes_and_metadata_set_metadata_and_reroute() {
+    let config = EnvoyConfig::default()
+        .filter("request_attributes: [request.path, source.address, xds.route_name]")
+        // Envoy forwards only the namespaces named here, and keeps metadata the processor sets
+        // only in the receiving ones.
+        .filter(
+            "metadata_options: { forwarding_namespaces: { untyped: [probe] }, \
+             receiving_namespaces: { untyped: [wasm] } }",
+        )
+        // Metadata for the plugin to read, set by a filter before ext_proc.
+        .edit(
+            "                http_filters:\n",
+            "                http_filters:
+                  - name: envoy.filters.http.lua
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+                      default_source_code:
+                        inline_string: |
+                          function envoy_on_request(request_handle)
+                            request_handle:streamInfo():dynamicMetadata():set(\"probe\", \"in\", \"from-envoy\")
+                          end
+",
+        )
+        // Shows the metadata the plugin set.
+        .edit(
+            "                      domains: [\"*\"]\n",
+            "                      domains: [\"*\"]
+                      response_headers_to_add:
+                        - header: { key: x-seen-path, value: \"%DYNAMIC_METADATA(wasm:seen-path)%\" }
+",
+        )
+        // Where a rerouted request lands.
+        .edit(
+            "                        - name: default\n",
+            "                        - name: rerouted
+                          match: { prefix: \"/rerouted\" }
+                          direct_response: { status: 200, body: { inline_string: \"rerouted\" } }
+                        - name: default\n",
+        );
+    let setup = setup(&[("probe", CONTEXT_PROBE)], "", config).await;
+
+    let response = setup.envoy.get("/anything/here?q=1").await.unwrap();
+    assert_eq!(response.status, 200);
+    let seen = &setup.upstream.seen()[0];
+    assert_eq!(
+        seen.header("x-attr-path").as_deref(),
+        Some("/anything/here?q=1")
+    );
+    assert!(
+        seen.header("x-attr-source")
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{:?}",
+        seen.header("x-attr-source")
+    );
+    assert_eq!(seen.header("x-attr-route").as_deref(), Some("default"));
+    assert_eq!(
+        seen.header("x-metadata-in").as_deref(),
+        Some("\"from-envoy\"")
+    );
+    assert_eq!(
+        response.header_values("x-seen-path"),
+        ["/anything/here?q=1"]
+    );
+
+    let rerouted = setup
+        .envoy
+        .request(
+            "GET",
+            "/anything",
+            &[("x-reroute", "/rerouted")],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rerouted.body, b"rerouted");
+    assert_eq!(
+        setup.upstream.seen().len(),
+        1,
+        "the rerouted request never reached httpbin"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_phase_asks_envoy_for_more_time() {
+    // 300 ms of work against Envoy's 200 ms message_timeout: the host asks for more, within
+    // the filter's max_message_timeout.
+    let config = EnvoyConfig::default().filter("max_message_timeout: 2s");
+    let setup = setup(
+        &[("slow", SLOW)],
+        "[envoy]\nmessage_timeout_ms = 200\nmax_message_timeout_ms = 2000\n\
+         [plugins.slow]\nconfig = \"300\"\ntimeout_ms = 600\n",
+        config,
+    )
+    .await;
+    let response = setup.envoy.get("/headers").await.unwrap();
+    assert_eq!(response.status, 200, "{}", setup.envoy.log());
+    assert_eq!(
+        setup.upstream.seen()[0].header("x-slow").as_deref(),
+        Some("done")
+    );
+    assert_eq!(
+        setup
+            .envoy
+            .counter("http.ingress_http.ext_proc.message_timeouts")
+            .await
+            .unwrap(),
+        0
+    );
+}
