@@ -15,7 +15,7 @@ use crate::http::{
     ImmediateResponse, Message, Phase, PhaseSet, Verdict,
 };
 use crate::metrics::Metrics;
-use crate::registry::Chain;
+use crate::registry::Generation;
 use crate::runtime::{Action, Instance, OutputCheck, Plugin, PluginError};
 
 /// Largest body the host holds back for a plugin that wants it whole. Past this the plugin
@@ -44,7 +44,7 @@ impl std::fmt::Debug for Situation<'_> {
 /// body chunks held for plugins that want whole bodies.
 #[derive(Debug)]
 pub struct StreamChain {
-    chain: Arc<Chain>,
+    generation: Arc<Generation>,
     plugins: Vec<PluginState>,
     metrics: Arc<Metrics>,
 }
@@ -76,14 +76,15 @@ fn held_index(direction: Direction) -> usize {
 }
 
 impl StreamChain {
-    pub fn new(chain: Arc<Chain>, metrics: Arc<Metrics>) -> Self {
-        let plugins = chain
+    pub fn new(generation: Arc<Generation>, metrics: Arc<Metrics>) -> Self {
+        let plugins = generation
+            .chain
             .plugins()
             .iter()
             .map(|_| PluginState::default())
             .collect();
         StreamChain {
-            chain,
+            generation,
             plugins,
             metrics,
         }
@@ -91,7 +92,8 @@ impl StreamChain {
 
     /// The phases some plugin still handles in this stream (plugins that failed are out).
     pub fn live_phases(&self) -> PhaseSet {
-        self.chain
+        self.generation
+            .chain
             .plugins()
             .iter()
             .zip(&self.plugins)
@@ -142,6 +144,7 @@ impl StreamChain {
     ) -> Verdict {
         let mut effects = Effects::default();
         let plugins = self
+            .generation
             .chain
             .plugins()
             .iter()
@@ -185,7 +188,10 @@ impl StreamChain {
             let started = Instant::now();
             if let Slot::Idle = state.slot {
                 match plugin.instantiate().await {
-                    Ok(instance) => state.slot = Slot::Live(Box::new(instance)),
+                    Ok(instance) => {
+                        self.metrics.instantiated(plugin.name(), started.elapsed());
+                        state.slot = Slot::Live(Box::new(instance));
+                    }
                     Err(error) => {
                         state.slot = Slot::Skipped;
                         self.metrics.plugin_call(

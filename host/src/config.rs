@@ -2,8 +2,16 @@
 //! cannot hold a wrong value. Everything downstream takes a [`Config`] and never re-checks it.
 //!
 //! ```toml
-//! listen = "0.0.0.0:9002"
+//! listen = "0.0.0.0:9002"      # or "unix:/run/wasm-extproc/ext_proc.sock"
+//! admin_listen = "0.0.0.0:9003" # health, metrics, plugins, reload; "off" to disable
 //! plugins_dir = "/plugins"
+//! watch = true                  # reload when plugins or this file change
+//! shutdown_grace_ms = 15000     # in-flight streams may finish this long after SIGTERM
+//!
+//! [tls]                         # TLS on the gRPC listener; client_ca makes it mutual
+//! cert = "/etc/wasm-extproc/tls.crt"
+//! key = "/etc/wasm-extproc/tls.key"
+//! client_ca = "/etc/wasm-extproc/ca.crt"
 //!
 //! [defaults]                   # every plugin, unless its own table says otherwise
 //! failure_policy = "fail-closed"
@@ -20,8 +28,10 @@
 //! ```
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::str::FromStr;
 use std::time::Duration;
 
 use clap::Parser;
@@ -29,6 +39,9 @@ use serde::Deserialize;
 
 /// Where the guide's Go server listens, and so where Envoy configs for it already point.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:9002";
+/// Health, readiness, metrics and the plugin list. Beside ext_proc's 9002, clear of Envoy's
+/// own admin port (9901) and of the 15000-range Istio's sidecar uses.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9003";
 /// The mount point of the plugin volume in the container image and Kubernetes manifests.
 pub const DEFAULT_PLUGINS_DIR: &str = "/plugins";
 
@@ -45,6 +58,9 @@ pub const DEFAULT_FAILURE_STATUS: u16 = 500;
 /// Instances alive at once across all streams (one per plugin per stream in flight). Each
 /// reserves address space, not memory, until it is used.
 pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// How long shutdown waits for in-flight streams: inside Kubernetes' default 30-second
+/// termination grace period, with room for a preStop hook.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 /// Envoy's default `message_timeout`.
 pub const DEFAULT_ENVOY_MESSAGE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Envoy's default `max_request_headers_kb`.
@@ -58,18 +74,90 @@ pub const DEFAULT_ENVOY_MAX_HEADERS_KIB: u64 = 60;
     about = "Envoy ext_proc server running WebAssembly component plugins"
 )]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// TOML configuration file.
-    #[arg(long, short = 'c', env = "WASM_EXTPROC_CONFIG")]
+    #[arg(long, short = 'c', env = "WASM_EXTPROC_CONFIG", global = true)]
     pub config: Option<PathBuf>,
-    /// Address of the gRPC listener [default: 0.0.0.0:9002].
-    #[arg(long, env = "WASM_EXTPROC_LISTEN")]
-    pub listen: Option<SocketAddr>,
+    /// Address of the gRPC listener: host:port or unix:/path [default: 0.0.0.0:9002].
+    #[arg(long, env = "WASM_EXTPROC_LISTEN", global = true)]
+    pub listen: Option<ListenAddr>,
+    /// Address of the admin HTTP listener, or "off" [default: 0.0.0.0:9003].
+    #[arg(long, env = "WASM_EXTPROC_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<AdminListen>,
     /// Directory of `.wasm` component plugins, run in file-name order [default: /plugins].
-    #[arg(long, env = "WASM_EXTPROC_PLUGINS_DIR")]
+    #[arg(long, env = "WASM_EXTPROC_PLUGINS_DIR", global = true)]
     pub plugins_dir: Option<PathBuf>,
     /// Log format.
-    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "WASM_EXTPROC_LOG_FORMAT")]
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "WASM_EXTPROC_LOG_FORMAT", global = true)]
     pub log_format: LogFormat,
+}
+
+/// What to do. Without a command, the host serves.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Check the configuration and every plugin (compile, link, contract version, register)
+    /// without serving; exits 0 when all is well. For plugin repositories' CI.
+    Check,
+}
+
+/// Where the gRPC listener listens: TCP, or a Unix domain socket for Envoy in the same pod
+/// (Envoy's `pipe` address).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        match text.strip_prefix("unix:") {
+            Some("") => Err("unix: needs a socket path".into()),
+            Some(path) => Ok(ListenAddr::Unix(PathBuf::from(path))),
+            None => text
+                .parse()
+                .map(ListenAddr::Tcp)
+                .map_err(|_| format!("{text:?} is neither host:port nor unix:/path")),
+        }
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(address) => write!(f, "{address}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// The admin listener's address, or off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AdminListen(pub Option<SocketAddr>);
+
+impl FromStr for AdminListen {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "off" {
+            return Ok(AdminListen(None));
+        }
+        text.parse()
+            .map(|a| AdminListen(Some(a)))
+            .map_err(|_| format!("{text:?} is neither host:port nor \"off\""))
+    }
+}
+
+fn from_str<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: FromStr<Err = String>,
+{
+    let text: Option<String> = Option::deserialize(deserializer)?;
+    text.map(|t| t.parse().map_err(serde::de::Error::custom))
+        .transpose()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -82,8 +170,14 @@ pub enum LogFormat {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    listen: Option<SocketAddr>,
+    #[serde(default, deserialize_with = "from_str")]
+    listen: Option<ListenAddr>,
+    #[serde(default, deserialize_with = "from_str")]
+    admin_listen: Option<AdminListen>,
     plugins_dir: Option<PathBuf>,
+    watch: Option<bool>,
+    shutdown_grace_ms: Option<u64>,
+    tls: Option<FileTls>,
     #[serde(default)]
     runtime: FileRuntime,
     #[serde(default)]
@@ -92,6 +186,14 @@ struct FileConfig {
     plugins: BTreeMap<String, FilePluginSettings>,
     #[serde(default)]
     envoy: FileEnvoy,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
 }
 
 /// Settings of the Envoy filter in front of the host that the host must respect.
@@ -131,13 +233,39 @@ enum FailureMode {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: SocketAddr,
+    pub listen: ListenAddr,
+    /// The admin HTTP listener; `None` when off.
+    pub admin_listen: Option<SocketAddr>,
     pub plugins_dir: PathBuf,
+    /// The configuration file, if any: watched and re-read on reload.
+    pub file: Option<PathBuf>,
+    /// Reload when the plugins directory or the configuration file changes.
+    pub watch: bool,
+    /// How long in-flight streams may run on after SIGTERM.
+    pub shutdown_grace: Duration,
+    pub tls: Option<TlsSettings>,
     pub max_instances: u32,
     pub defaults: PluginSettings,
     /// Settings by plugin name (the file name without `.wasm`).
     pub plugins: BTreeMap<String, PluginSettings>,
     pub envoy: EnvoySettings,
+}
+
+/// TLS for the gRPC listener, read when the configuration is loaded.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TlsSettings {
+    pub cert_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+    /// Clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca_pem: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("mutual", &self.client_ca_pem.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What the Envoy ext_proc filter in front of the host is configured with. The host keeps its
@@ -215,7 +343,9 @@ impl Config {
             }
             None => FileConfig::default(),
         };
-        Self::from_parts(file, cli)
+        let mut config = Self::from_parts(file, cli)?;
+        config.file = cli.config.clone();
+        Ok(config)
     }
 
     /// Parses a configuration file's text; `origin` names it in errors.
@@ -268,11 +398,25 @@ impl Config {
             ));
         }
         let envoy = file.envoy.resolve()?;
+        let tls = file.tls.as_ref().map(FileTls::read).transpose()?;
         Ok(Config {
             listen: cli
                 .listen
+                .clone()
                 .or(file.listen)
                 .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default address")),
+            admin_listen: cli
+                .admin_listen
+                .or(file.admin_listen)
+                .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.parse().expect("valid default address"))
+                .0,
+            file: None,
+            watch: file.watch.unwrap_or(true),
+            shutdown_grace: file
+                .shutdown_grace_ms
+                .map(Duration::from_millis)
+                .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            tls,
             plugins_dir: cli
                 .plugins_dir
                 .clone()
@@ -299,6 +443,20 @@ impl Config {
             .map(|s| s.budget.memory_limit_bytes)
             .max()
             .unwrap_or(DEFAULT_MEMORY_LIMIT_MIB << 20)
+    }
+}
+
+impl FileTls {
+    fn read(&self) -> Result<TlsSettings, ConfigError> {
+        let read = |path: &Path| {
+            std::fs::read(path)
+                .map_err(|e| ConfigError(format!("[tls]: cannot read {}: {e}", path.display())))
+        };
+        Ok(TlsSettings {
+            cert_pem: read(&self.cert)?,
+            key_pem: read(&self.key)?,
+            client_ca_pem: self.client_ca.as_deref().map(read).transpose()?,
+        })
     }
 }
 
@@ -408,6 +566,9 @@ mod tests {
     fn empty_file_gives_documented_defaults() {
         let config = parse("").unwrap();
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(config.admin_listen, Some(DEFAULT_ADMIN_LISTEN.parse().unwrap()));
+        assert!(config.watch);
+        assert_eq!(config.tls, None);
         assert_eq!(config.plugins_dir, Path::new(DEFAULT_PLUGINS_DIR));
         assert_eq!(
             config.settings_for("anything").failure_policy,
@@ -417,6 +578,17 @@ mod tests {
             config.settings_for("anything").budget.timeout,
             DEFAULT_TIMEOUT
         );
+    }
+
+    #[test]
+    fn listeners_take_tcp_unix_and_off() {
+        let config = parse("listen = \"unix:/run/x.sock\"\nadmin_listen = \"off\"\n").unwrap();
+        assert_eq!(config.listen, ListenAddr::Unix("/run/x.sock".into()));
+        assert_eq!(config.admin_listen, None);
+        let err = parse("listen = \"nowhere\"\n").unwrap_err();
+        assert!(err.to_string().contains("neither host:port nor unix:/path"), "{err}");
+        let err = parse("[tls]\ncert = \"/no/cert\"\nkey = \"/no/key\"\n").unwrap_err();
+        assert!(err.to_string().starts_with("[tls]: cannot read /no/cert: "), "{err}");
     }
 
     #[test]

@@ -3,13 +3,14 @@
 //! # Layout
 //!
 //! - [`config`]: flags and TOML, parsed once into types that cannot be wrong.
-//! - [`registry`]: which `.wasm` files form the chain, in which order.
+//! - [`registry`]: which `.wasm` files form the chain, in which order; reloads.
 //! - [`runtime`]: the only module that speaks wasmtime -- engine, pooling allocator, linker,
 //!   budgets, and the host side of `wit/processor.wit`.
 //! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy.
 //! - [`ext_proc`]: the gRPC service -- a pure protocol state machine, conversions to and from
 //!   Envoy's protobufs, and the per-stream task around them.
 //! - [`http`]: the host's own types for headers, bodies and verdicts, shared by all of the above.
+//! - [`admin`]: the HTTP admin listener -- health, readiness, metrics, plugins, reload.
 //! - [`metrics`], [`telemetry`], [`shutdown`]: counters, logs and signals.
 //!
 //! # Request flow
@@ -27,6 +28,7 @@
 //! Components are compiled and linked once, at load ([`runtime::Plugin`]); every stream gets
 //! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another.
 
+pub mod admin;
 pub mod chain;
 pub mod config;
 pub mod ext_proc;
@@ -38,53 +40,163 @@ pub mod shutdown;
 pub mod telemetry;
 
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
+use anyhow::Context;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
-use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic_health::server::HealthReporter;
 
 pub use config::Config;
-use config::EnvoySettings;
+use config::ListenAddr;
+use ext_proc::ExtProcService;
 use metrics::Metrics;
-use registry::Chain;
+use registry::{ConfigSource, Generation, Registry, ReloadSummary};
 use runtime::{PoolLimits, Runtime};
 
 /// Largest ext_proc message accepted or sent. Envoy buffers bodies up to its connection buffer
-/// limit (1 MiB by default) before sending them whole in BUFFERED mode; this leaves room for
-/// raised limits without letting one message hold unbounded memory.
+/// limit before sending them whole in BUFFERED mode; 8 MiB leaves room for raised limits
+/// without letting one message hold unbounded memory.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
 
-/// A loaded host: the runtime and the plugin chain, ready to serve.
-#[derive(Debug)]
+type ExtProcServer = ExternalProcessorServer<ExtProcService>;
+
+/// How often shutdown checks whether the last stream has finished.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+/// How long closing listeners may take once draining is over.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The host: the runtime, the plugin registry, metrics and health.
 pub struct Host {
-    // Field order matters: the chain's instances must go before the runtime's engine ticker.
-    chain: Arc<Chain>,
-    envoy: EnvoySettings,
+    config: Config,
+    registry: Arc<Registry>,
     metrics: Arc<Metrics>,
-    _runtime: Runtime,
+    health: HealthReporter,
+    shutting_down: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Host {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Host")
+            .field("registry", &self.registry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the host listens.
+#[derive(Debug)]
+pub struct Listeners {
+    pub ext_proc: Listener,
+    /// The admin HTTP listener, if enabled.
+    pub admin: Option<TcpListener>,
+}
+
+/// The gRPC listener: TCP, or a Unix domain socket.
+#[derive(Debug)]
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub async fn bind(address: &ListenAddr) -> anyhow::Result<Listener> {
+        match address {
+            ListenAddr::Tcp(address) => TcpListener::bind(address)
+                .await
+                .map(Listener::Tcp)
+                .with_context(|| format!("cannot listen on {address}")),
+            ListenAddr::Unix(path) => {
+                // A socket left by a previous run would make bind fail.
+                if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                    std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
+                }) {
+                    std::fs::remove_file(path)
+                        .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+                }
+                UnixListener::bind(path)
+                    .map(|l| Listener::Unix(l, path.clone()))
+                    .with_context(|| format!("cannot listen on unix:{}", path.display()))
+            }
+        }
+    }
+
+    /// What to tell people: the bound address.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(listener) => listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_default(),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+impl Listeners {
+    /// Binds the listeners the configuration names.
+    pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+        let ext_proc = Listener::bind(&config.listen).await?;
+        let admin = match config.admin_listen {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .with_context(|| format!("cannot listen on {address} (admin)"))?,
+            ),
+            None => None,
+        };
+        Ok(Listeners { ext_proc, admin })
+    }
 }
 
 impl Host {
-    /// Builds the runtime and loads every plugin. Fails, naming the file and the reason, if
-    /// any plugin cannot be loaded.
-    pub async fn load(config: &Config) -> anyhow::Result<Host> {
+    /// A host whose reloads re-use `config` as it is (plugins are re-read, settings are not).
+    pub fn new(config: Config) -> anyhow::Result<Host> {
+        let fixed = config.clone();
+        Self::with_source(config, Box::new(move || Ok(fixed.clone())))
+    }
+
+    /// A host whose reloads read their configuration from `source` (the file and flags again).
+    pub fn with_source(config: Config, source: ConfigSource) -> anyhow::Result<Host> {
         let runtime = Runtime::new(PoolLimits {
             max_instances: config.max_instances,
             max_memory_bytes: config.max_memory_limit_bytes(),
         })?;
-        let chain = registry::load_chain(&runtime, config).await?;
+        let metrics = Metrics::new();
+        let registry = Arc::new(Registry::new(runtime, source, metrics.clone()));
         Ok(Host {
-            chain: Arc::new(chain),
-            envoy: config.envoy.clone(),
-            metrics: Metrics::new(),
-            _runtime: runtime,
+            config,
+            registry,
+            metrics,
+            health: HealthReporter::new(),
+            shutting_down: Arc::new(AtomicBool::new(false)),
         })
     }
 
-    /// The loaded chain.
-    pub fn chain(&self) -> &Chain {
-        &self.chain
+    /// A host with its plugins loaded: fails, naming the file and the reason, if any plugin
+    /// cannot be loaded.
+    pub async fn load(config: &Config) -> anyhow::Result<Host> {
+        let host = Host::new(config.clone())?;
+        host.reload().await?;
+        Ok(host)
+    }
+
+    /// Loads the plugins (again). On failure the current chain, if any, keeps serving.
+    pub async fn reload(&self) -> anyhow::Result<ReloadSummary> {
+        let summary = self.registry.reload().await?;
+        if !self.shutting_down.load(Ordering::SeqCst) {
+            self.set_health(tonic_health::ServingStatus::Serving).await;
+        }
+        Ok(summary)
+    }
+
+    /// The generation new streams get; `None` before the first load.
+    pub fn current(&self) -> Option<Arc<Generation>> {
+        self.registry.current()
     }
 
     /// The host's metrics.
@@ -92,35 +204,145 @@ impl Host {
         self.metrics.clone()
     }
 
-    /// Serves ext_proc and gRPC health on `listener` until `shutdown` completes, then lets
-    /// in-flight streams finish.
+    /// Whether new streams would be served: plugins loaded, not shutting down.
+    pub fn is_ready(&self) -> bool {
+        self.registry.current().is_some() && !self.shutting_down.load(Ordering::SeqCst)
+    }
+
+    async fn set_health(&self, status: tonic_health::ServingStatus) {
+        self.health.set_service_status("", status).await;
+        self.health
+            .set_service_status(<ExtProcServer as tonic::server::NamedService>::NAME, status)
+            .await;
+    }
+
+    /// Serves ext_proc and gRPC health (and the admin listener) until `shutdown` completes.
+    /// Health says NOT_SERVING until the plugins are loaded ([`reload`](Self::reload)), and
+    /// again as soon as `shutdown` completes; then new streams are refused and in-flight ones
+    /// get the configured grace period to finish.
     pub async fn serve(
-        self,
-        listener: TcpListener,
+        &self,
+        listeners: Listeners,
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
-        let (health, health_service) = tonic_health::server::health_reporter();
-        let service = ext_proc::ExtProcService::new(
-            self.chain.clone(),
-            self.envoy.clone(),
-            self.metrics.clone(),
+        if !self.is_ready() {
+            self.set_health(tonic_health::ServingStatus::NotServing).await;
+        }
+        let health_service = tonic_health::pb::health_server::HealthServer::new(
+            tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
         );
-        let ext_proc = ExternalProcessorServer::new(service)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
-        health
-            .set_serving::<ExternalProcessorServer<ext_proc::ExtProcService>>()
-            .await;
+        let ext_proc = ExternalProcessorServer::new(ExtProcService::new(
+            self.registry.clone(),
+            self.metrics.clone(),
+            self.shutting_down.clone(),
+        ))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+
+        let _watch = match (self.config.watch, self.config.plugins_dir.is_dir()) {
+            (true, true) => Some(registry::watch(
+                self.registry.clone(),
+                &self.config.plugins_dir,
+                self.config.file.as_deref(),
+            )?),
+            _ => None,
+        };
+
+        // Shutdown: health goes NOT_SERVING and readiness fails at once, new streams are
+        // refused (UNAVAILABLE), and in-flight ones get the grace period to finish. The
+        // listeners stay open meanwhile, so health checks and probes see the change; then
+        // they close.
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let grace = self.config.shutdown_grace;
+        let draining = async {
+            shutdown.await;
+            self.shutting_down.store(true, Ordering::SeqCst);
+            self.set_health(tonic_health::ServingStatus::NotServing).await;
+            tracing::info!(
+                grace_ms = grace.as_millis() as u64,
+                active_streams = self.metrics.active_streams(),
+                "shutting down: refusing new streams, letting in-flight ones finish"
+            );
+            let deadline = tokio::time::Instant::now() + grace;
+            while self.metrics.active_streams() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(DRAIN_POLL).await;
+            }
+            if self.metrics.active_streams() > 0 {
+                tracing::warn!(
+                    active_streams = self.metrics.active_streams(),
+                    "grace period over; closing the remaining streams"
+                );
+            }
+            let _ = stop.send(true);
+        };
+        let wait_stop = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+
+        let admin = listeners.admin.map(|listener| {
+            tracing::info!(address = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving admin");
+            admin::serve(
+                listener,
+                admin::State {
+                    registry: self.registry.clone(),
+                    metrics: self.metrics.clone(),
+                    shutting_down: self.shutting_down.clone(),
+                },
+                wait_stop(stopped.clone()),
+            )
+        });
+
+        let mut builder = tonic::transport::Server::builder();
+        if let Some(tls) = &self.config.tls {
+            let mut settings =
+                ServerTlsConfig::new().identity(Identity::from_pem(&tls.cert_pem, &tls.key_pem));
+            if let Some(ca) = &tls.client_ca_pem {
+                settings = settings.client_ca_root(Certificate::from_pem(ca));
+            }
+            builder = builder.tls_config(settings).context("invalid TLS certificate or key")?;
+        }
+        let router = builder.add_service(health_service).add_service(ext_proc);
         tracing::info!(
-            address = %listener.local_addr()?,
-            plugins = self.chain.plugins().len(),
+            address = %listeners.ext_proc.describe(),
+            tls = self.config.tls.is_some(),
             "serving ext_proc"
         );
-        tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(ext_proc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-            .await?;
-        Ok(())
+        let grpc = async {
+            let signal = wait_stop(stopped.clone());
+            match listeners.ext_proc {
+                Listener::Tcp(listener) => {
+                    router
+                        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+                        .await
+                }
+                Listener::Unix(listener, _) => {
+                    router
+                        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal)
+                        .await
+                }
+            }
+        };
+        let serving = async {
+            let admin = async {
+                match admin {
+                    Some(admin) => admin.await,
+                    None => Ok(()),
+                }
+            };
+            let (grpc, admin) = tokio::join!(grpc, admin);
+            grpc?;
+            admin
+        };
+        tokio::pin!(serving);
+        tokio::select! {
+            result = &mut serving => return result,
+            () = draining => {}
+        }
+        // The listeners are closing; connections still open (streams past the grace period)
+        // get a moment to see it, then are dropped.
+        match tokio::time::timeout(CLOSE_TIMEOUT, serving).await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
     }
 }

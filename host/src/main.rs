@@ -1,8 +1,9 @@
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::Parser;
-use wasm_extproc::config::{Cli, Config};
-use wasm_extproc::{Host, shutdown, telemetry};
+use wasm_extproc::config::{Cli, Command, Config};
+use wasm_extproc::{Host, Listeners, shutdown, telemetry};
 
 /// `EX_USAGE`: the configuration is wrong, retrying will not help.
 const EXIT_CONFIG: u8 = 64;
@@ -18,7 +19,11 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    match run(config).await {
+    let result = match cli.command {
+        Some(Command::Check) => check(config).await,
+        None => serve(config, cli).await,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("wasm-extproc: {error:#}");
@@ -27,10 +32,40 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// Loads everything a server would, reports, and exits.
+async fn check(config: Config) -> anyhow::Result<()> {
     let host = Host::load(&config).await?;
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
-    host.serve(listener, shutdown::signal()).await
+    let generation = host.current().context("nothing loaded")?;
+    for plugin in generation.chain.plugins() {
+        eprintln!(
+            "ok  {}  {}  sha256:{}  phases:{:?}",
+            plugin.name(),
+            plugin.path().display(),
+            plugin.digest(),
+            plugin.phases()
+        );
+    }
+    eprintln!(
+        "{} plugin(s) in {} load, link and register against this host",
+        generation.chain.plugins().len(),
+        config.plugins_dir.display()
+    );
+    Ok(())
+}
+
+/// Listens first (health answers NOT_SERVING while plugins compile), then loads the plugins;
+/// a plugin that fails to load stops start-up.
+async fn serve(config: Config, cli: Cli) -> anyhow::Result<()> {
+    let host = Host::with_source(config.clone(), Box::new(move || Config::load(&cli)))?;
+    let listeners = Listeners::bind(&config).await?;
+    let serving = host.serve(listeners, shutdown::signal());
+    tokio::pin!(serving);
+    tokio::select! {
+        result = &mut serving => return result,
+        loaded = host.reload() => { loaded?; }
+    }
+    tokio::select! {
+        result = &mut serving => result,
+        () = shutdown::reload_requests(&host) => Ok(()),
+    }
 }

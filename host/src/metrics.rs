@@ -6,6 +6,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
@@ -28,13 +29,28 @@ struct PluginLabel {
     plugin: String,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PluginPhaseLabels {
+    plugin: String,
+    phase: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
 /// The host's metrics. Cheap to share.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     messages: Family<PhaseLabel, Counter>,
     calls: Family<CallLabels, Counter>,
-    call_seconds: Family<PluginLabel, Histogram>,
+    call_seconds: Family<PluginPhaseLabels, Histogram>,
+    instantiate_seconds: Family<PluginLabel, Histogram>,
+    active_streams: Gauge,
+    streams: Counter,
+    reloads: Family<ResultLabel, Counter>,
 }
 
 /// Plugin calls take microseconds to milliseconds; buckets from 1 µs to ~16 s.
@@ -57,19 +73,45 @@ impl Metrics {
             "Plugin handler calls by plugin, phase and outcome (ok, or the failure kind)",
             calls.clone(),
         );
-        let call_seconds = Family::<PluginLabel, Histogram>::new_with_constructor(
+        let call_seconds = Family::<PluginPhaseLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
         );
         registry.register(
             "plugin_call_duration_seconds",
-            "Time spent in plugin handler calls, by plugin",
+            "Time spent in plugin handler calls, by plugin and phase",
             call_seconds.clone(),
+        );
+        let instantiate_seconds = Family::<PluginLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "plugin_instantiate_duration_seconds",
+            "Time to create a plugin instance for a stream, by plugin",
+            instantiate_seconds.clone(),
+        );
+        let active_streams = Gauge::default();
+        registry.register(
+            "active_streams",
+            "ext_proc streams being served",
+            active_streams.clone(),
+        );
+        let streams = Counter::default();
+        registry.register("streams", "ext_proc streams opened", streams.clone());
+        let reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "reloads",
+            "Plugin chain loads (start-up included), by result (ok, error)",
+            reloads.clone(),
         );
         Arc::new(Metrics {
             registry,
             messages,
             calls,
             call_seconds,
+            instantiate_seconds,
+            active_streams,
+            streams,
+            reloads,
         })
     }
 
@@ -84,10 +126,10 @@ impl Metrics {
     /// How many messages of `phase` arrived.
     pub fn messages_received(&self, phase: Phase) -> u64 {
         self.messages
-            .get_or_create(&PhaseLabel {
+            .get(&PhaseLabel {
                 phase: phase.as_str(),
             })
-            .get()
+            .map_or(0, |c| c.get())
     }
 
     pub fn plugin_call(&self, plugin: &str, phase: Phase, outcome: &'static str, took: Duration) {
@@ -99,21 +141,60 @@ impl Metrics {
             })
             .inc();
         self.call_seconds
+            .get_or_create(&PluginPhaseLabels {
+                plugin: plugin.to_string(),
+                phase: phase.as_str(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn instantiated(&self, plugin: &str, took: Duration) {
+        self.instantiate_seconds
             .get_or_create(&PluginLabel {
                 plugin: plugin.to_string(),
             })
             .observe(took.as_secs_f64());
     }
 
+    /// Counts a stream as open until the returned guard drops.
+    pub fn stream_opened(self: &Arc<Self>) -> StreamGuard {
+        self.streams.inc();
+        self.active_streams.inc();
+        StreamGuard(self.clone())
+    }
+
+    pub fn active_streams(&self) -> i64 {
+        self.active_streams.get()
+    }
+
+    pub fn reload(&self, result: &'static str) {
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+    }
+
+    /// How many loads ended with `result`.
+    pub fn reloads(&self, result: &'static str) -> u64 {
+        self.reloads
+            .get(&ResultLabel { result })
+            .map_or(0, |c| c.get())
+    }
+
     /// How many calls of `plugin` in `phase` ended with `outcome`.
     pub fn plugin_calls(&self, plugin: &str, phase: Phase, outcome: &'static str) -> u64 {
         self.calls
-            .get_or_create(&CallLabels {
+            .get(&CallLabels {
                 plugin: plugin.to_string(),
                 phase: phase.as_str(),
                 outcome,
             })
-            .get()
+            .map_or(0, |c| c.get())
+    }
+
+    /// How many calls of `plugin`, in any phase, ended with `outcome`.
+    pub fn plugin_outcomes(&self, plugin: &str, outcome: &'static str) -> u64 {
+        Phase::ALL
+            .into_iter()
+            .map(|phase| self.plugin_calls(plugin, phase, outcome))
+            .sum()
     }
 
     /// The Prometheus text exposition.
@@ -122,5 +203,15 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// Marks one stream as active while it lives.
+#[derive(Debug)]
+pub struct StreamGuard(Arc<Metrics>);
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.active_streams.dec();
     }
 }

@@ -1,18 +1,34 @@
-//! Which plugins run, in which order: every `.wasm` file in the plugins directory, by file name.
+//! Which plugins run, in which order, and reloads.
 //!
-//! File-name order is what an operator controls on a volume (`10-auth.wasm` before
-//! `20-tag.wasm`) and is the same on every replica. Entries whose names start with `.` are
-//! skipped: Kubernetes keeps the real files of ConfigMap volumes under `..data` and
-//! timestamped `..2026_...` directories, and exposes each file as a symlink beside them.
+//! The chain is every `.wasm` file in the plugins directory, by file name: the order an
+//! operator controls on a volume (`10-auth.wasm` before `20-tag.wasm`), the same on every
+//! replica. Entries whose names start with `.` are skipped: Kubernetes keeps the real files of
+//! ConfigMap volumes under `..data` and timestamped `..2026_...` directories, and exposes each
+//! file as a symlink beside them.
+//!
+//! A [`Registry`] holds the current [`Generation`] -- the chain and the settings that go with
+//! it -- and swaps in a new one atomically on reload. Streams take the generation current when
+//! they start and finish on it, whatever happens meanwhile. A reload is all or nothing: if any
+//! file fails to load, the previous generation keeps serving and the error names the file.
+//! Files whose bytes did not change are not compiled again.
 
+mod watch;
+
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use arc_swap::ArcSwapOption;
 
-use crate::config::{Config, EnvoySettings};
+use crate::config::{Config, ConfigError, EnvoySettings};
+use crate::ext_proc::guard::Guard;
 use crate::http::{Phase, PhaseSet};
+use crate::metrics::Metrics;
 use crate::runtime::{Plugin, Runtime};
+
+pub use watch::watch;
 
 /// The loaded chain, in order. Shared by every stream that starts while it is current.
 #[derive(Debug, Clone)]
@@ -113,9 +129,126 @@ pub fn discover(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     Ok(found)
 }
 
-/// Loads every plugin in the configured directory. Any failure stops the whole load: a chain
-/// with a plugin silently missing would run requests through the wrong policy.
-pub async fn load_chain(runtime: &Runtime, config: &Config) -> anyhow::Result<Chain> {
+/// Everything a stream uses that a reload can change, swapped as one.
+#[derive(Debug)]
+pub struct Generation {
+    /// Counts reloads: 1 is the chain loaded at start-up.
+    pub number: u64,
+    pub chain: Chain,
+    pub envoy: EnvoySettings,
+    pub guard: Guard,
+    /// The plugins directory it was loaded from.
+    pub plugins_dir: PathBuf,
+}
+
+/// Where a reload reads its configuration from: the file and flags again, or a fixed value.
+pub type ConfigSource = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+
+/// The current generation and how to make the next one.
+pub struct Registry {
+    runtime: Runtime,
+    source: ConfigSource,
+    current: ArcSwapOption<Generation>,
+    /// One reload at a time; a trigger that arrives during one waits for it and runs after.
+    reloading: tokio::sync::Mutex<()>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("current", &self.current.load().as_ref().map(|g| g.number))
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a successful reload did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadSummary {
+    pub generation: u64,
+    pub plugins: usize,
+    /// Plugins compiled anew (new or changed bytes).
+    pub compiled: usize,
+}
+
+impl Registry {
+    pub fn new(runtime: Runtime, source: ConfigSource, metrics: Arc<Metrics>) -> Self {
+        Registry {
+            runtime,
+            source,
+            current: ArcSwapOption::empty(),
+            reloading: tokio::sync::Mutex::new(()),
+            metrics,
+        }
+    }
+
+    /// The generation new streams get; `None` until the first load succeeds.
+    pub fn current(&self) -> Option<Arc<Generation>> {
+        self.current.load_full()
+    }
+
+    /// Reads the configuration and the plugins directory again and swaps in the result. On
+    /// failure the current generation stays, and the error names what is wrong.
+    pub async fn reload(&self) -> anyhow::Result<ReloadSummary> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let started = Instant::now();
+        let result = self.build_next().await;
+        match &result {
+            Ok(summary) => {
+                self.metrics.reload("ok");
+                tracing::info!(
+                    generation = summary.generation,
+                    plugins = summary.plugins,
+                    compiled = summary.compiled,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "plugin chain loaded"
+                );
+            }
+            Err(error) => {
+                self.metrics.reload("error");
+                if self.current.load().is_some() {
+                    tracing::error!("reload rejected, the previous plugin chain keeps serving: {error:#}");
+                }
+            }
+        }
+        result
+    }
+
+    async fn build_next(&self) -> anyhow::Result<ReloadSummary> {
+        let config = (self.source)()?;
+        let previous = self.current();
+        let (chain, compiled) = load_chain(
+            &self.runtime,
+            &config,
+            previous.as_ref().map(|g| &g.chain),
+        )
+        .await?;
+        let generation = Generation {
+            number: previous.as_ref().map_or(1, |g| g.number + 1),
+            chain,
+            guard: Guard::new(config.envoy.clone()),
+            envoy: config.envoy,
+            plugins_dir: config.plugins_dir,
+        };
+        let summary = ReloadSummary {
+            generation: generation.number,
+            plugins: generation.chain.plugins().len(),
+            compiled,
+        };
+        self.current.store(Some(Arc::new(generation)));
+        Ok(summary)
+    }
+}
+
+/// Loads every plugin in the configured directory, reusing the compiled form of any file
+/// whose bytes match a plugin of `previous`. Returns the chain and how many plugins were
+/// compiled anew. Any failure stops the whole load: a chain with a plugin silently missing
+/// would run requests through the wrong policy.
+pub async fn load_chain(
+    runtime: &Runtime,
+    config: &Config,
+    previous: Option<&Chain>,
+) -> anyhow::Result<(Chain, usize)> {
     let files = discover(&config.plugins_dir)?;
     if files.is_empty() {
         bail!(
@@ -136,21 +269,36 @@ pub async fn load_chain(runtime: &Runtime, config: &Config) -> anyhow::Result<Ch
             );
         }
     }
+    let compiled_before: HashMap<&str, &Plugin> = previous
+        .into_iter()
+        .flat_map(|chain| chain.plugins())
+        .map(|p| (p.digest(), p))
+        .collect();
     let mut plugins = Vec::with_capacity(files.len());
+    let mut compiled = 0;
     for (name, path) in files {
         let settings = config.settings_for(&name).clone();
-        let plugin = runtime.load(&name, &path, settings).await?;
-        tracing::info!(
-            plugin = plugin.name(),
-            path = %path.display(),
-            phases = ?plugin.phases(),
-            "loaded plugin"
-        );
+        let (bytes, digest) = Runtime::read(&path)?;
+        let plugin = match compiled_before.get(digest.as_str()) {
+            Some(same) => same.with(&name, settings),
+            None => {
+                compiled += 1;
+                let plugin = runtime.load(&name, &path, (bytes, digest), settings).await?;
+                tracing::info!(
+                    plugin = plugin.name(),
+                    path = %path.display(),
+                    sha256 = plugin.digest(),
+                    phases = ?plugin.phases(),
+                    "compiled plugin"
+                );
+                plugin
+            }
+        };
         plugins.push(plugin);
     }
     let chain = Chain::new(plugins);
     chain.check_budgets(&config.envoy)?;
-    Ok(chain)
+    Ok((chain, compiled))
 }
 
 #[cfg(test)]

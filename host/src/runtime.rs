@@ -13,11 +13,13 @@
 mod bindings;
 mod store;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, Resource, types::ComponentItem};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
 
@@ -62,6 +64,16 @@ pub enum PluginError {
 }
 
 impl PluginError {
+    /// Every [`kind`](Self::kind).
+    pub const KINDS: [&'static str; 6] = [
+        "trap",
+        "deadline",
+        "memory_limit",
+        "invalid_output",
+        "instantiate",
+        "body_too_large",
+    ];
+
     /// A short, stable name for logs and metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -168,19 +180,27 @@ impl Runtime {
         })
     }
 
-    /// Compiles, checks and links the component at `path`, then asks it which phases it
-    /// handles. Every error names the file.
+    /// Reads the component at `path`. Returns its bytes and their SHA-256, which identifies a
+    /// plugin version in logs, the admin listing and reloads.
+    pub fn read(path: &Path) -> Result<(Vec<u8>, String), LoadError> {
+        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let digest = hex::encode(Sha256::digest(&bytes));
+        Ok((bytes, digest))
+    }
+
+    /// Compiles, checks and links the component `bytes` read from `path` (see
+    /// [`read`](Self::read)), then asks it what it handles. Every error names the file.
     pub async fn load(
         &self,
         name: &str,
         path: &Path,
+        (bytes, digest): (Vec<u8>, String),
         settings: PluginSettings,
     ) -> Result<Plugin, LoadError> {
         let shown = path.display().to_string();
-        let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
-            path: shown.clone(),
-            source,
-        })?;
         let engine = self.engine.clone();
         let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
             .await
@@ -209,19 +229,22 @@ impl Runtime {
             ),
         })?;
         let mut plugin = Plugin {
-            inner: Arc::new(PluginInner {
-                name: name.to_string(),
-                settings,
+            compiled: Arc::new(Compiled {
                 registration: Registration::default(),
                 engine: self.engine.clone(),
                 pre,
+                path: path.to_path_buf(),
+                digest,
+                loaded_at: SystemTime::now(),
             }),
+            name: name.into(),
+            settings: Arc::new(settings),
         };
         let registration = plugin.probe().await.map_err(|e| LoadError::Probe {
             path: shown.clone(),
             reason: e.to_string(),
         })?;
-        Arc::get_mut(&mut plugin.inner)
+        Arc::get_mut(&mut plugin.compiled)
             .expect("plugin not yet shared")
             .registration = registration;
         Ok(plugin)
@@ -270,53 +293,83 @@ impl Runtime {
     }
 }
 
-/// A compiled, linked plugin with its settings. Cheap to clone.
+/// A compiled, linked plugin with its name and settings. Cheap to clone.
 #[derive(Clone)]
 pub struct Plugin {
-    inner: Arc<PluginInner>,
+    compiled: Arc<Compiled>,
+    name: Arc<str>,
+    settings: Arc<PluginSettings>,
 }
 
-struct PluginInner {
-    name: String,
-    settings: PluginSettings,
+/// What compiling and linking one version of a component produced: shared by every chain
+/// that holds this version, whatever its name and settings there.
+struct Compiled {
     registration: Registration,
     engine: Engine,
     pre: bindings::PluginPre<StoreState>,
+    path: PathBuf,
+    digest: String,
+    loaded_at: SystemTime,
 }
 
 impl std::fmt::Debug for Plugin {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Plugin")
-            .field("name", &self.inner.name)
-            .field("registration", &self.inner.registration)
+            .field("name", &self.name)
+            .field("registration", &self.compiled.registration)
             .finish_non_exhaustive()
     }
 }
 
 impl Plugin {
     pub fn name(&self) -> &str {
-        &self.inner.name
+        &self.name
     }
 
     pub fn settings(&self) -> &PluginSettings {
-        &self.inner.settings
+        &self.settings
     }
 
     /// The phases the plugin said it handles.
     pub fn phases(&self) -> PhaseSet {
-        self.inner.registration.phases
+        self.compiled.registration.phases
     }
 
     /// What the plugin registered at load.
     pub fn registration(&self) -> &Registration {
-        &self.inner.registration
+        &self.compiled.registration
+    }
+
+    /// The file it was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.compiled.path
+    }
+
+    /// SHA-256 of the component, hex.
+    pub fn digest(&self) -> &str {
+        &self.compiled.digest
+    }
+
+    /// When this version was compiled.
+    pub fn loaded_at(&self) -> SystemTime {
+        self.compiled.loaded_at
+    }
+
+    /// The same compiled component under another name and settings: what a reload does with
+    /// a file whose bytes did not change.
+    pub fn with(&self, name: &str, settings: PluginSettings) -> Plugin {
+        Plugin {
+            compiled: self.compiled.clone(),
+            name: name.into(),
+            settings: Arc::new(settings),
+        }
     }
 
     /// A fresh instance with its own store, for one ext_proc stream.
     pub async fn instantiate(&self) -> Result<Instance, PluginError> {
-        let inner = &self.inner;
-        let state = StoreState::new(&inner.name, &inner.settings);
-        let mut store = Store::new(&inner.engine, state);
+        let compiled = &self.compiled;
+        let state = StoreState::new(&self.name, &self.settings);
+        let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);
         store.epoch_deadline_callback(|ctx| {
             let state = ctx.data();
@@ -330,7 +383,7 @@ impl Plugin {
         // Instantiation runs the guest's start code: it gets the same budget as a call.
         store.data_mut().call_started = Some(Instant::now());
         store.set_epoch_deadline(1);
-        let result = inner.pre.instantiate_async(&mut store).await;
+        let result = compiled.pre.instantiate_async(&mut store).await;
         store.data_mut().call_started = None;
         match result {
             Ok(bindings) => Ok(Instance {

@@ -1,4 +1,6 @@
-//! The signals that stop the server: SIGTERM (Kubernetes, systemd) and Ctrl-C.
+//! Signals: SIGTERM (Kubernetes, systemd) and Ctrl-C stop the server; SIGHUP reloads it.
+
+use crate::Host;
 
 /// Completes when the process is asked to stop.
 pub async fn signal() {
@@ -20,4 +22,17 @@ pub async fn signal() {
         () = ctrl_c => tracing::info!("interrupted; shutting down"),
         () = term => tracing::info!("SIGTERM; shutting down"),
     }
+}
+
+/// Reloads `host` on every SIGHUP; never completes.
+pub async fn reload_requests(host: &Host) {
+    #[cfg(unix)]
+    if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP; reloading");
+            // The registry logs a failed reload; the previous chain keeps serving.
+            let _ = host.reload().await;
+        }
+    }
+    std::future::pending::<()>().await
 }

@@ -7,6 +7,7 @@ use std::process::{Command, Output};
 fn host(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
         .args(args)
+        .args(["--admin-listen", "off"])
         .env("RUST_LOG", "off")
         .env_remove("WASM_EXTPROC_CONFIG")
         .output()

@@ -23,6 +23,8 @@ pub const CONTEXT_PROBE: Component = Component("context_probe");
 pub const MISBEHAVE: Component = Component("misbehave");
 /// Busy-waits as many milliseconds as configured.
 pub const SLOW: Component = Component("slow");
+/// The ASM plugin's next version: `-v2` header values.
+pub const ASM_V2: Component = Component("asm_v2");
 /// Handles all six phases, marking each with its configuration string.
 pub const TAGGER: Component = Component("tagger");
 /// Remembers the request id for the response and counts hook calls in a global.

@@ -1,27 +1,44 @@
-//! A wasm-extproc host in this process, on an ephemeral port, with its plugins copied into a
+//! A wasm-extproc host in this process, on ephemeral ports, with its plugins copied into a
 //! temporary directory under the names the test chooses (which fixes their order).
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use std::sync::Arc;
-
 use crate::fixtures::Component;
 use wasm_extproc::metrics::Metrics;
-use wasm_extproc::{Config, Host};
+use wasm_extproc::{Config, Host, Listener, Listeners};
 
 /// A running host. Stops when dropped.
 #[derive(Debug)]
 pub struct RunningHost {
+    /// The gRPC (ext_proc and health) listener.
     pub address: SocketAddr,
-    metrics: Arc<Metrics>,
+    /// The admin HTTP listener.
+    pub admin: SocketAddr,
+    host: Arc<Host>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
+    dir: PluginDir,
+}
+
+/// Where the host's plugins live: a temporary directory, or one the test manages.
+#[derive(Debug)]
+enum PluginDir {
+    Temporary(tempfile::TempDir),
+    Given(PathBuf),
+}
+
+impl PluginDir {
+    fn path(&self) -> &Path {
+        match self {
+            PluginDir::Temporary(dir) => dir.path(),
+            PluginDir::Given(path) => path,
+        }
+    }
 }
 
 /// A plugin directory: `(file name without .wasm, component)` in any order.
@@ -34,54 +51,113 @@ pub fn plugin_dir(plugins: &[(&str, Component)]) -> tempfile::TempDir {
     dir
 }
 
-/// The configuration a test gives: the TOML text, with the plugins directory filled in.
+/// The configuration a test gives: the TOML text, with the plugins directory and loopback
+/// listeners on ephemeral ports filled in.
 pub fn config(dir: &Path, toml: &str) -> Config {
     let text = format!(
-        "plugins_dir = {:?}\nlisten = \"127.0.0.1:0\"\n{toml}",
+        "plugins_dir = {:?}\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{toml}",
         dir.display().to_string()
     );
     Config::from_toml(&text, Path::new("test.toml")).expect("valid test config")
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 impl RunningHost {
     /// Loads `plugins` with the settings in `toml` and serves on 127.0.0.1. The host's log goes
     /// to the test's output (shown for failing tests), filtered by `RUST_LOG` (default `warn`).
     pub async fn start(plugins: &[(&str, Component)], toml: &str) -> RunningHost {
-        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_test_writer()
-            .try_init();
         let dir = plugin_dir(plugins);
         let config = config(dir.path(), toml);
-        let host = Host::load(&config).await.expect("host loads");
-        let metrics = host.metrics();
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("address");
+        Self::start_with(config, PluginDir::Temporary(dir), true).await
+    }
+
+    /// Serves the plugins in `dir`, which the test may change while the host runs.
+    pub async fn start_in(dir: &Path, toml: &str) -> RunningHost {
+        let config = config(dir, toml);
+        Self::start_with(config, PluginDir::Given(dir.to_path_buf()), true).await
+    }
+
+    /// Serves without loading the plugins: health says NOT_SERVING until [`load`](Self::load).
+    pub async fn start_unloaded(plugins: &[(&str, Component)], toml: &str) -> RunningHost {
+        let dir = plugin_dir(plugins);
+        let config = config(dir.path(), toml);
+        Self::start_with(config, PluginDir::Temporary(dir), false).await
+    }
+
+    async fn start_with(config: Config, dir: PluginDir, load: bool) -> RunningHost {
+        init_logging();
+        let host = Arc::new(Host::new(config.clone()).expect("host builds"));
+        if load {
+            host.reload().await.expect("host loads");
+        }
+        let listeners = Listeners::bind(&config).await.expect("bind");
+        let Listener::Tcp(grpc) = &listeners.ext_proc else {
+            panic!("tests listen on TCP");
+        };
+        let address = grpc.local_addr().expect("address");
+        let admin = listeners
+            .admin
+            .as_ref()
+            .expect("admin listener")
+            .local_addr()
+            .expect("address");
         let (stop, stopped) = oneshot::channel();
-        let task = tokio::spawn(host.serve(listener, async {
-            let _ = stopped.await;
-        }));
+        let serving = host.clone();
+        let task = tokio::spawn(async move {
+            serving
+                .serve(listeners, async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
         RunningHost {
             address,
-            metrics,
+            admin,
+            host,
             stop: Some(stop),
             task: Some(task),
-            _dir: dir,
+            dir,
         }
     }
 
+    /// The host itself.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// Loads (or reloads) the plugins now.
+    pub async fn load(&self) -> anyhow::Result<()> {
+        self.host.reload().await.map(|_| ())
+    }
+
+    /// The plugins directory.
+    pub fn plugins_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// The host's metrics.
-    pub fn metrics(&self) -> &Metrics {
-        &self.metrics
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.host.metrics()
+    }
+
+    /// Starts the shutdown (as SIGTERM does) without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
     }
 
     /// Asks the host to stop and waits for it.
     pub async fn stop(mut self) -> anyhow::Result<()> {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.begin_shutdown();
         match self.task.take() {
             Some(task) => task.await?,
             None => Ok(()),
@@ -91,8 +167,6 @@ impl RunningHost {
 
 impl Drop for RunningHost {
     fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
+        self.begin_shutdown();
     }
 }

@@ -3,6 +3,7 @@
 
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
@@ -13,42 +14,34 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::convert::{self, Answering};
-use super::guard::Guard;
 use super::protocol::{ProtocolError, StreamProtocol};
 use crate::chain::{Situation, StreamChain};
-use crate::config::EnvoySettings;
 use crate::http::{Decision, ExchangeContext, Phase, Verdict};
 use crate::metrics::Metrics;
-use crate::registry::Chain;
+use crate::registry::{Generation, Registry};
 
 /// Answers waiting to be written to one stream. Envoy waits for each answer before it sends
 /// the next message of a direction, so a couple of slots is plenty.
 const OUTBOUND_BUFFER: usize = 4;
 
-/// The ext_proc service over a loaded plugin chain.
+/// The ext_proc service over the registry's current plugin chain.
 #[derive(Debug, Clone)]
 pub struct ExtProcService {
-    shared: Arc<Shared>,
-}
-
-/// What every stream of the service uses.
-#[derive(Debug)]
-struct Shared {
-    chain: Arc<Chain>,
-    guard: Guard,
-    envoy: EnvoySettings,
+    registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    shutting_down: Arc<AtomicBool>,
 }
 
 impl ExtProcService {
-    pub fn new(chain: Arc<Chain>, envoy: EnvoySettings, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        metrics: Arc<Metrics>,
+        shutting_down: Arc<AtomicBool>,
+    ) -> Self {
         ExtProcService {
-            shared: Arc::new(Shared {
-                chain,
-                guard: Guard::new(envoy.clone()),
-                envoy,
-                metrics,
-            }),
+            registry,
+            metrics,
+            shutting_down,
         }
     }
 }
@@ -63,11 +56,21 @@ impl ExternalProcessor for ExtProcService {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Self::ProcessStream>, Status> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(Status::unavailable("shutting down"));
+        }
+        // The generation current now serves the whole stream, whatever reloads happen.
+        let generation = self
+            .registry
+            .current()
+            .ok_or_else(|| Status::unavailable("plugins are still loading"))?;
         let inbound = request.into_inner();
         let (outbound, receiver) = mpsc::channel(OUTBOUND_BUFFER);
-        let shared = self.shared.clone();
+        let metrics = self.metrics.clone();
         tokio::spawn(async move {
-            let task = AssertUnwindSafe(serve_stream(shared, inbound, outbound.clone()));
+            let _active = metrics.stream_opened();
+            let stream = serve_stream(generation, metrics.clone(), inbound, outbound.clone());
+            let task = AssertUnwindSafe(stream);
             if let Err(panic) = task.catch_unwind().await {
                 let message = panic
                     .downcast_ref::<&str>()
@@ -87,12 +90,13 @@ impl ExternalProcessor for ExtProcService {
 /// Serves one ext_proc stream until Envoy closes it, breaks the protocol or goes away, or
 /// until no phase any plugin handles can still arrive.
 async fn serve_stream(
-    shared: Arc<Shared>,
+    generation: Arc<Generation>,
+    metrics: Arc<Metrics>,
     mut inbound: Streaming<ProcessingRequest>,
     outbound: Outbound,
 ) {
     let mut protocol = StreamProtocol::new();
-    let mut plugins = StreamChain::new(shared.chain.clone(), shared.metrics.clone());
+    let mut plugins = StreamChain::new(generation.clone(), metrics.clone());
     let mut exchange = Arc::new(ExchangeContext::default());
     loop {
         let received = tokio::select! {
@@ -123,7 +127,7 @@ async fn serve_stream(
             return refuse(&outbound, &error).await;
         }
         let phase = message.phase;
-        shared.metrics.message_received(phase);
+        metrics.message_received(phase);
         tracing::trace!(
             %phase,
             attributes = ?message.attributes,
@@ -137,7 +141,7 @@ async fn serve_stream(
             context.metadata.append(&mut message.metadata);
         }
         let direction = phase.direction();
-        let check = |m: &_, o: &_| shared.guard.check(phase, m, o);
+        let check = |m: &_, o: &_| generation.guard.check(phase, m, o);
         let situation = Situation {
             exchange: &exchange,
             body_mode: protocol.body_mode(direction),
@@ -161,7 +165,7 @@ async fn serve_stream(
                 return;
             }
         }
-        if let Some(timeout) = extra_time(&shared, phase)
+        if let Some(timeout) = extra_time(&generation, phase)
             && !message.observability
             && !send(&outbound, vec![convert::more_time(timeout)]).await
         {
@@ -215,11 +219,11 @@ async fn refuse(outbound: &Outbound, error: &ProtocolError) {
 
 /// How long to ask Envoy to wait for `phase`, when the plugins' budgets add up to more than
 /// its `message_timeout` (start-up checked that `max_message_timeout` covers them).
-fn extra_time(shared: &Shared, phase: Phase) -> Option<Duration> {
-    let budget = shared.chain.budget(phase);
-    let max = shared.envoy.max_message_timeout?;
-    (budget >= shared.envoy.message_timeout)
-        .then(|| (budget + shared.envoy.message_timeout).min(max))
+fn extra_time(generation: &Generation, phase: Phase) -> Option<Duration> {
+    let envoy = &generation.envoy;
+    let budget = generation.chain.budget(phase);
+    let max = envoy.max_message_timeout?;
+    (budget >= envoy.message_timeout).then(|| (budget + envoy.message_timeout).min(max))
 }
 
 /// The status for a message that breaks the protocol; the only place one is built.

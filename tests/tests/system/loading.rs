@@ -59,6 +59,7 @@ async fn an_empty_plugin_directory_is_refused() {
 async fn the_loaded_chain_knows_which_phases_its_plugins_handle() {
     let dir = plugin_dir(&[("asm-demo", ASM_DEMO)]);
     let host = Host::load(&config(dir.path(), "")).await.unwrap();
-    let phases: Vec<_> = host.chain().phases().iter().map(|p| p.as_str()).collect();
+    let generation = host.current().unwrap();
+    let phases: Vec<_> = generation.chain.phases().iter().map(|p| p.as_str()).collect();
     assert_eq!(phases, ["request_headers", "response_headers"]);
 }

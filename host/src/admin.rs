@@ -1,0 +1,185 @@
+//! The admin HTTP listener: what operators and Kubernetes ask of a running host.
+//!
+//! | path | answers |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process runs (liveness) |
+//! | `GET /readyz` | 200 once plugins are loaded and until shutdown begins, else 503 (readiness) |
+//! | `GET /metrics` | Prometheus metrics (OpenMetrics text) |
+//! | `GET /plugins` | the loaded chain as JSON: name, file, SHA-256, load time, phases, settings, call counts |
+//! | `POST /reload` | reloads plugins and configuration now; 200 with what loaded, or 500 with why not |
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::UNIX_EPOCH;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::config::FailurePolicy;
+use crate::http::Delivery;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use crate::runtime::PluginError;
+
+/// What the admin endpoints read.
+#[derive(Debug, Clone)]
+pub struct State {
+    pub registry: Arc<Registry>,
+    pub metrics: Arc<Metrics>,
+    pub shutting_down: Arc<AtomicBool>,
+}
+
+/// Serves the admin endpoints on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    state: State,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    tracing::debug!("admin accept failed: {error}");
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let state = state.clone();
+        let service = service_fn(move |request| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(route(&state, request).await) }
+        });
+        let connection = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+    }
+    graceful.shutdown().await;
+    Ok(())
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain; charset=utf-8")
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(format!("{value:#}\n"))))
+        .expect("valid response")
+}
+
+async fn route(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (request.method(), request.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if state.shutting_down.load(Ordering::SeqCst) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down\n")
+            } else if state.registry.current().is_none() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "plugins not loaded\n")
+            } else {
+                text(StatusCode::OK, "ready\n")
+            }
+        }
+        (&Method::GET, "/metrics") => Response::builder()
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(state.metrics.render())))
+            .expect("valid response"),
+        (&Method::GET, "/plugins") => json(StatusCode::OK, &plugins(state)),
+        (&Method::POST, "/reload") => match state.registry.reload().await {
+            Ok(summary) => json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "generation": summary.generation,
+                    "plugins": summary.plugins,
+                    "compiled": summary.compiled,
+                }),
+            ),
+            Err(error) => json(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &serde_json::json!({ "error": format!("{error:#}") }),
+            ),
+        },
+        (_, "/healthz" | "/readyz" | "/metrics" | "/plugins" | "/reload") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn plugins(state: &State) -> serde_json::Value {
+    let Some(generation) = state.registry.current() else {
+        return serde_json::json!({ "generation": null, "plugins": [] });
+    };
+    let plugins: Vec<serde_json::Value> = generation
+        .chain
+        .plugins()
+        .iter()
+        .map(|plugin| {
+            let registration = plugin.registration();
+            let settings = plugin.settings();
+            let delivery = |d: Delivery| match d {
+                Delivery::Chunks => "chunks",
+                Delivery::Whole => "whole",
+            };
+            let calls: serde_json::Map<String, serde_json::Value> = ["ok"]
+                .into_iter()
+                .chain(PluginError::KINDS)
+                .map(|outcome| {
+                    (
+                        outcome.to_string(),
+                        state.metrics.plugin_outcomes(plugin.name(), outcome).into(),
+                    )
+                })
+                .collect();
+            serde_json::json!({
+                "name": plugin.name(),
+                "path": plugin.path().display().to_string(),
+                "sha256": plugin.digest(),
+                "loaded_at_unix": plugin
+                    .loaded_at()
+                    .duration_since(UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or_default(),
+                "phases": registration.phases.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
+                "request_body": delivery(registration.request_body),
+                "response_body": delivery(registration.response_body),
+                "failure_policy": match settings.failure_policy {
+                    FailurePolicy::Open => "fail-open".to_string(),
+                    FailurePolicy::Closed { status } => format!("fail-closed ({status})"),
+                },
+                "timeout_ms": settings.budget.timeout.as_millis() as u64,
+                "memory_limit_bytes": settings.budget.memory_limit_bytes,
+                "calls": calls,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "generation": generation.number,
+        "plugins_dir": generation.plugins_dir.display().to_string(),
+        "plugins": plugins,
+    })
+}
