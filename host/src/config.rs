@@ -566,7 +566,10 @@ mod tests {
     fn empty_file_gives_documented_defaults() {
         let config = parse("").unwrap();
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
-        assert_eq!(config.admin_listen, Some(DEFAULT_ADMIN_LISTEN.parse().unwrap()));
+        assert_eq!(
+            config.admin_listen,
+            Some(DEFAULT_ADMIN_LISTEN.parse().unwrap())
+        );
         assert!(config.watch);
         assert_eq!(config.tls, None);
         assert_eq!(config.plugins_dir, Path::new(DEFAULT_PLUGINS_DIR));
@@ -586,9 +589,15 @@ mod tests {
         assert_eq!(config.listen, ListenAddr::Unix("/run/x.sock".into()));
         assert_eq!(config.admin_listen, None);
         let err = parse("listen = \"nowhere\"\n").unwrap_err();
-        assert!(err.to_string().contains("neither host:port nor unix:/path"), "{err}");
+        assert!(
+            err.to_string().contains("neither host:port nor unix:/path"),
+            "{err}"
+        );
         let err = parse("[tls]\ncert = \"/no/cert\"\nkey = \"/no/key\"\n").unwrap_err();
-        assert!(err.to_string().starts_with("[tls]: cannot read /no/cert: "), "{err}");
+        assert!(
+            err.to_string().starts_with("[tls]: cannot read /no/cert: "),
+            "{err}"
+        );
     }
 
     #[test]

@@ -112,11 +112,12 @@ impl Listener {
                 .with_context(|| format!("cannot listen on {address}")),
             ListenAddr::Unix(path) => {
                 // A socket left by a previous run would make bind fail.
-                if std::fs::symlink_metadata(path).is_ok_and(|m| {
-                    std::os::unix::fs::FileTypeExt::is_socket(&m.file_type())
-                }) {
-                    std::fs::remove_file(path)
-                        .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+                if std::fs::symlink_metadata(path)
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()))
+                {
+                    std::fs::remove_file(path).with_context(|| {
+                        format!("cannot remove stale socket {}", path.display())
+                    })?;
                 }
                 UnixListener::bind(path)
                     .map(|l| Listener::Unix(l, path.clone()))
@@ -226,7 +227,8 @@ impl Host {
         shutdown: impl Future<Output = ()>,
     ) -> anyhow::Result<()> {
         if !self.is_ready() {
-            self.set_health(tonic_health::ServingStatus::NotServing).await;
+            self.set_health(tonic_health::ServingStatus::NotServing)
+                .await;
         }
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
@@ -257,7 +259,8 @@ impl Host {
         let draining = async {
             shutdown.await;
             self.shutting_down.store(true, Ordering::SeqCst);
-            self.set_health(tonic_health::ServingStatus::NotServing).await;
+            self.set_health(tonic_health::ServingStatus::NotServing)
+                .await;
             tracing::info!(
                 grace_ms = grace.as_millis() as u64,
                 active_streams = self.metrics.active_streams(),
@@ -299,7 +302,9 @@ impl Host {
             if let Some(ca) = &tls.client_ca_pem {
                 settings = settings.client_ca_root(Certificate::from_pem(ca));
             }
-            builder = builder.tls_config(settings).context("invalid TLS certificate or key")?;
+            builder = builder
+                .tls_config(settings)
+                .context("invalid TLS certificate or key")?;
         }
         let router = builder.add_service(health_service).add_service(ext_proc);
         tracing::info!(

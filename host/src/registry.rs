@@ -207,7 +207,9 @@ impl Registry {
             Err(error) => {
                 self.metrics.reload("error");
                 if self.current.load().is_some() {
-                    tracing::error!("reload rejected, the previous plugin chain keeps serving: {error:#}");
+                    tracing::error!(
+                        "reload rejected, the previous plugin chain keeps serving: {error:#}"
+                    );
                 }
             }
         }
@@ -217,12 +219,8 @@ impl Registry {
     async fn build_next(&self) -> anyhow::Result<ReloadSummary> {
         let config = (self.source)()?;
         let previous = self.current();
-        let (chain, compiled) = load_chain(
-            &self.runtime,
-            &config,
-            previous.as_ref().map(|g| &g.chain),
-        )
-        .await?;
+        let (chain, compiled) =
+            load_chain(&self.runtime, &config, previous.as_ref().map(|g| &g.chain)).await?;
         let generation = Generation {
             number: previous.as_ref().map_or(1, |g| g.number + 1),
             chain,
@@ -283,7 +281,9 @@ pub async fn load_chain(
             Some(same) => same.with(&name, settings),
             None => {
                 compiled += 1;
-                let plugin = runtime.load(&name, &path, (bytes, digest), settings).await?;
+                let plugin = runtime
+                    .load(&name, &path, (bytes, digest), settings)
+                    .await?;
                 tracing::info!(
                     plugin = plugin.name(),
                     path = %path.display(),

@@ -15,8 +15,8 @@ mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::SystemTime;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};

@@ -84,3 +84,65 @@ fn an_unknown_flag_is_a_usage_error() {
     let output = host(&["--plugin-dir", "/x"]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+/// A component the build made (`cargo xtask build-plugins`).
+fn built(name: &str) -> std::path::PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let path = target.join(format!("wasm32-wasip2/release/{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} missing: run `cargo xtask build-plugins`",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn check_validates_every_plugin_without_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(built("asm_demo"), dir.path().join("10-asm.wasm")).unwrap();
+    std::fs::copy(built("bearer_auth"), dir.path().join("20-auth.wasm")).unwrap();
+    let plugins = dir.path().display().to_string();
+    let output = host(&["check", "--plugins-dir", &plugins]);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("ok  10-asm  "), "{stderr}");
+    assert!(stderr.contains("ok  20-auth  "), "{stderr}");
+    assert!(stderr.contains("2 plugin(s)"), "{stderr}");
+
+    std::fs::copy(built("wrong_contract"), dir.path().join("30-old.wasm")).unwrap();
+    let output = host(&["check", "--plugins-dir", &plugins]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        one_line(&output).contains("30-old.wasm: built against wasm-extproc:processor@0.0.9"),
+        "{}",
+        one_line(&output)
+    );
+}
+
+#[test]
+fn logs_can_be_json_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(built("asm_demo"), dir.path().join("asm.wasm")).unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
+        .args(["check", "--log-format", "json", "--plugins-dir"])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    let logged: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("each log line is a JSON object"))
+        .collect();
+    let compiled = logged
+        .iter()
+        .find(|l| l["message"] == "compiled plugin")
+        .expect("a compiled-plugin event");
+    assert_eq!(compiled["plugin"], "asm");
+    assert_eq!(compiled["level"], "INFO");
+}

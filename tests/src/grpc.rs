@@ -33,13 +33,24 @@ pub struct ExtProcStream {
 
 impl ExtProcStream {
     pub async fn open(client: &mut ExternalProcessorClient<Channel>) -> ExtProcStream {
+        Self::try_open(client).await.expect("stream opens")
+    }
+
+    /// Opens a stream, or returns the status the host refused it with.
+    pub async fn try_open(
+        client: &mut ExternalProcessorClient<Channel>,
+    ) -> Result<ExtProcStream, tonic::Status> {
         let (sender, receiver) = mpsc::channel(16);
         let answers = client
             .process(ReceiverStream::new(receiver))
-            .await
-            .expect("stream opens")
+            .await?
             .into_inner();
-        ExtProcStream { sender, answers }
+        Ok(ExtProcStream { sender, answers })
+    }
+
+    /// Connects and opens a stream, or returns the status the host refused it with.
+    pub async fn try_connect(address: SocketAddr) -> Result<ExtProcStream, tonic::Status> {
+        Self::try_open(&mut connect(address).await).await
     }
 
     /// Connects to the host at `address` and opens one stream.

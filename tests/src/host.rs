@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use clap::Parser;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -54,10 +55,16 @@ pub fn plugin_dir(plugins: &[(&str, Component)]) -> tempfile::TempDir {
 /// The configuration a test gives: the TOML text, with the plugins directory and loopback
 /// listeners on ephemeral ports filled in.
 pub fn config(dir: &Path, toml: &str) -> Config {
-    let text = format!(
-        "plugins_dir = {:?}\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n{toml}",
-        dir.display().to_string()
-    );
+    let mut text = format!("plugins_dir = {:?}\n", dir.display().to_string());
+    for (key, value) in [("listen", "127.0.0.1:0"), ("admin_listen", "127.0.0.1:0")] {
+        if !toml
+            .lines()
+            .any(|line| line.starts_with(&format!("{key} ")))
+        {
+            text.push_str(&format!("{key} = \"{value}\"\n"));
+        }
+    }
+    text.push_str(toml);
     Config::from_toml(&text, Path::new("test.toml")).expect("valid test config")
 }
 
@@ -85,6 +92,22 @@ impl RunningHost {
         Self::start_with(config, PluginDir::Given(dir.to_path_buf()), true).await
     }
 
+    /// Serves with the configuration file at `path` (which must name loopback listeners with
+    /// port 0), re-read on every reload as the binary does.
+    pub async fn start_from_file(path: &Path) -> RunningHost {
+        init_logging();
+        let cli = wasm_extproc::config::Cli::parse_from([
+            "wasm-extproc",
+            "--config",
+            &path.display().to_string(),
+        ]);
+        let config = Config::load(&cli).expect("valid config file");
+        let dir = PluginDir::Given(config.plugins_dir.clone());
+        let host = Host::with_source(config.clone(), Box::new(move || Config::load(&cli)))
+            .expect("host builds");
+        Self::serve(Arc::new(host), config, dir, true).await
+    }
+
     /// Serves without loading the plugins: health says NOT_SERVING until [`load`](Self::load).
     pub async fn start_unloaded(plugins: &[(&str, Component)], toml: &str) -> RunningHost {
         let dir = plugin_dir(plugins);
@@ -95,14 +118,19 @@ impl RunningHost {
     async fn start_with(config: Config, dir: PluginDir, load: bool) -> RunningHost {
         init_logging();
         let host = Arc::new(Host::new(config.clone()).expect("host builds"));
+        Self::serve(host, config, dir, load).await
+    }
+
+    async fn serve(host: Arc<Host>, config: Config, dir: PluginDir, load: bool) -> RunningHost {
         if load {
             host.reload().await.expect("host loads");
         }
         let listeners = Listeners::bind(&config).await.expect("bind");
-        let Listener::Tcp(grpc) = &listeners.ext_proc else {
-            panic!("tests listen on TCP");
+        let address = match &listeners.ext_proc {
+            Listener::Tcp(grpc) => grpc.local_addr().expect("address"),
+            // Reached through the socket path; there is no TCP address.
+            Listener::Unix(..) => "0.0.0.0:0".parse().expect("address"),
         };
-        let address = grpc.local_addr().expect("address");
         let admin = listeners
             .admin
             .as_ref()

@@ -35,12 +35,13 @@ impl Drop for WatchGuard {
 /// Whether an event can change what a reload would load. Reads are not changes -- and the
 /// reload itself reads every file.
 fn is_change(event: &Event) -> bool {
-    match event.kind {
-        EventKind::Create(_) | EventKind::Remove(_) => true,
-        EventKind::Modify(_) => true,
-        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
-        _ => false,
-    }
+    matches!(
+        event.kind,
+        EventKind::Create(_)
+            | EventKind::Remove(_)
+            | EventKind::Modify(_)
+            | EventKind::Access(AccessKind::Close(AccessMode::Write))
+    )
 }
 
 /// Watches `plugins_dir` (and the directory of `config_file`) and reloads `registry` after
@@ -65,7 +66,10 @@ pub fn watch(
     if let Some(file) = config_file {
         // The directory, not the file: editors and ConfigMaps replace files rather than write
         // them in place, and a watch on the old file would go quiet.
-        let dir = file.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let dir = file
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         watcher
             .watch(dir, RecursiveMode::NonRecursive)
             .with_context(|| format!("cannot watch {}", dir.display()))?;

@@ -60,6 +60,11 @@ async fn the_loaded_chain_knows_which_phases_its_plugins_handle() {
     let dir = plugin_dir(&[("asm-demo", ASM_DEMO)]);
     let host = Host::load(&config(dir.path(), "")).await.unwrap();
     let generation = host.current().unwrap();
-    let phases: Vec<_> = generation.chain.phases().iter().map(|p| p.as_str()).collect();
+    let phases: Vec<_> = generation
+        .chain
+        .phases()
+        .iter()
+        .map(|p| p.as_str())
+        .collect();
     assert_eq!(phases, ["request_headers", "response_headers"]);
 }

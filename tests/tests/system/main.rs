@@ -6,4 +6,5 @@ mod exchange;
 mod guard;
 mod isolation;
 mod loading;
+mod operations;
 mod phases;

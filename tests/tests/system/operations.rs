@@ -1,0 +1,623 @@
+//! Running it like infrastructure: hot reload of the plugin volume and the configuration,
+//! gRPC health and the admin endpoints, exact metrics, TLS and mutual TLS, Unix sockets.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+use extproc_testkit::echo::EchoServer;
+use extproc_testkit::envoy::{Envoy, EnvoyConfig, request};
+use extproc_testkit::fixtures::{ASM_DEMO, ASM_V2, TAGGER};
+use extproc_testkit::grpc::{self, ExtProcStream};
+use extproc_testkit::host::RunningHost;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::phases::sets;
+
+/// How long a test waits for the host to notice a file change and reload.
+const RELOAD_WAIT: Duration = Duration::from_secs(15);
+
+/// Waits until the host has completed `count` successful loads (start-up included).
+async fn wait_for_loads(host: &RunningHost, count: u64) {
+    let metrics = host.metrics();
+    tokio::time::timeout(RELOAD_WAIT, async {
+        while metrics.reloads("ok") < count {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no reload #{count} within {RELOAD_WAIT:?}"));
+}
+
+/// Replaces `path` atomically with `bytes`, as deployment tools do: write beside, rename over.
+fn replace_file(path: &Path, bytes: &[u8]) {
+    let temporary = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&temporary, bytes).unwrap();
+    std::fs::rename(&temporary, path).unwrap();
+}
+
+/// The value the ASM-like plugin in the chain sets on request headers, over gRPC.
+async fn request_tag(host: &RunningHost) -> String {
+    let mut stream = ExtProcStream::connect(host.address).await;
+    let answer = stream
+        .exchange(grpc::request_headers(&[(":path", "/")], true))
+        .await;
+    let Some(Response::RequestHeaders(headers)) = answer.response else {
+        panic!("headers answer expected");
+    };
+    sets(&headers.response.unwrap().header_mutation)[0]
+        .1
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swapping_a_plugin_under_load_loses_no_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = dir.path().join("asm.wasm");
+    std::fs::write(&plugin, ASM_DEMO.bytes()).unwrap();
+    let host = RunningHost::start_in(dir.path(), "").await;
+    let upstream = EchoServer::start().await.unwrap();
+    let envoy = Envoy::start(host.address, upstream.address).await.unwrap();
+
+    let swapped = Arc::new(AtomicBool::new(false));
+    let clients = (0..8).map(|_| {
+        let (envoy, swapped) = (&envoy, swapped.clone());
+        async move {
+            let mut seen = Vec::new();
+            // Keep going until well after the swap, so both versions serve.
+            let mut after_swap = 0;
+            while after_swap < 40 {
+                let response = envoy.get("/headers").await.unwrap();
+                assert_eq!(
+                    response.status,
+                    200,
+                    "{}",
+                    String::from_utf8_lossy(&response.body)
+                );
+                let tag = response.header_values("x-ext-proc-header").join(",");
+                let echoed = response.json().unwrap()["headers"]["X-Ext-Proc-Header"].clone();
+                seen.push((tag, echoed.as_str().unwrap_or_default().to_string()));
+                if swapped.load(Ordering::SeqCst) {
+                    after_swap += 1;
+                }
+            }
+            seen
+        }
+    });
+    let swap = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        replace_file(&plugin, &ASM_V2.bytes());
+        wait_for_loads(&host, 2).await;
+        swapped.store(true, Ordering::SeqCst);
+    };
+    let (results, ()) = tokio::join!(futures::future::join_all(clients), swap);
+
+    let all: Vec<(String, String)> = results.into_iter().flatten().collect();
+    let (mut old, mut new) = (0, 0);
+    for (response_tag, request_tag) in &all {
+        match (response_tag.as_str(), request_tag.as_str()) {
+            ("hello-from-asm", "hello-to-asm") => old += 1,
+            ("hello-from-asm-v2", "hello-to-asm-v2") => new += 1,
+            // A stream that started before the swap finishes on the old version; a request
+            // whose stream started after it is tagged by the new one both ways.
+            other => panic!("a request carried {other:?}"),
+        }
+    }
+    assert!(old > 0 && new > 0, "old {old}, new {new}");
+    assert_eq!(old + new, all.len());
+    assert_eq!(host.metrics().reloads("error"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configmap_style_data_swap_reloads_the_plugins() {
+    // What the kubelet does: real files in a timestamped directory, `..data` pointing at it,
+    // and each visible file a symlink through `..data`. An update writes a new directory and
+    // swaps `..data` in one rename.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("..2026_11_26_10_00_00.1")).unwrap();
+    std::fs::write(
+        root.join("..2026_11_26_10_00_00.1/asm.wasm"),
+        ASM_DEMO.bytes(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_11_26_10_00_00.1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/asm.wasm", root.join("asm.wasm")).unwrap();
+    let host = RunningHost::start_in(root, "").await;
+    assert_eq!(request_tag(&host).await, "hello-to-asm");
+
+    std::fs::create_dir(root.join("..2026_11_26_10_05_00.2")).unwrap();
+    std::fs::write(
+        root.join("..2026_11_26_10_05_00.2/asm.wasm"),
+        ASM_V2.bytes(),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("..2026_11_26_10_05_00.2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..2026_11_26_10_00_00.1")).unwrap();
+
+    wait_for_loads(&host, 2).await;
+    assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
+}
+
+#[tokio::test]
+async fn a_broken_file_is_rejected_and_the_previous_chain_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("10-asm.wasm"), ASM_DEMO.bytes()).unwrap();
+    let host = RunningHost::start_in(dir.path(), "watch = false\n").await;
+
+    // Half-written, or simply wrong: the whole reload is refused, by file name.
+    std::fs::write(dir.path().join("20-new.wasm"), &ASM_V2.bytes()[..1000]).unwrap();
+    let response = request(host.admin, "POST", "/reload", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(response.status, 500);
+    let error = response.json().unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        error.contains("20-new.wasm: not a valid WebAssembly component"),
+        "{error}"
+    );
+    assert_eq!(host.metrics().reloads("error"), 1);
+    assert_eq!(request_tag(&host).await, "hello-to-asm");
+
+    // Completed: the next reload takes it, and compiles only what is new.
+    std::fs::write(dir.path().join("20-new.wasm"), ASM_V2.bytes()).unwrap();
+    let response = request(host.admin, "POST", "/reload", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    let summary = response.json().unwrap();
+    assert_eq!(
+        (summary["generation"].as_u64(), summary["compiled"].as_u64()),
+        (Some(2), Some(1))
+    );
+
+    // Removed: gone from the chain.
+    std::fs::remove_file(dir.path().join("10-asm.wasm")).unwrap();
+    host.load().await.unwrap();
+    assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
+}
+
+#[tokio::test]
+async fn streams_in_flight_finish_on_the_version_they_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("asm.wasm"), ASM_DEMO.bytes()).unwrap();
+    let host = RunningHost::start_in(dir.path(), "watch = false\n").await;
+    let mut before = ExtProcStream::connect(host.address).await;
+    before
+        .exchange(grpc::request_headers(&[(":path", "/")], true))
+        .await;
+
+    std::fs::write(dir.path().join("asm.wasm"), ASM_V2.bytes()).unwrap();
+    host.load().await.unwrap();
+
+    let answer = before
+        .exchange(grpc::response_headers(&[(":status", "200")], true))
+        .await;
+    let Some(Response::ResponseHeaders(headers)) = answer.response else {
+        panic!("headers answer expected");
+    };
+    assert_eq!(
+        sets(&headers.response.unwrap().header_mutation)[0].1,
+        "hello-from-asm"
+    );
+    assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_changes_are_picked_up_from_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("tag.wasm"), TAGGER.bytes()).unwrap();
+    let config = dir.path().join("host.toml");
+    let write_config = |tag: &str| {
+        replace_file(
+            &config,
+            format!(
+                "plugins_dir = {:?}\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [plugins.tag]\nconfig = \"{tag}\"\n",
+                plugins.display().to_string()
+            )
+            .as_bytes(),
+        )
+    };
+    write_config("first");
+    let host = RunningHost::start_from_file(&config).await;
+    assert_eq!(request_tag(&host).await, "first");
+
+    write_config("second");
+    wait_for_loads(&host, 2).await;
+    assert_eq!(request_tag(&host).await, "second");
+    let listing = request(host.admin, "GET", "/plugins", &[], Vec::new())
+        .await
+        .unwrap();
+    let listing = listing.json().unwrap();
+    assert_eq!(listing["generation"], 2);
+}
+
+async fn health(address: std::net::SocketAddr, service: &str) -> ServingStatus {
+    let mut client = HealthClient::new(channel(address).await);
+    let response = client
+        .check(HealthCheckRequest {
+            service: service.into(),
+        })
+        .await
+        .unwrap();
+    response.into_inner().status()
+}
+
+async fn channel(address: std::net::SocketAddr) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{address}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+const EXT_PROC: &str = "envoy.service.ext_proc.v3.ExternalProcessor";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_follows_loading_and_shutdown() {
+    let mut host =
+        RunningHost::start_unloaded(&[("asm", ASM_DEMO)], "shutdown_grace_ms = 10000\n").await;
+
+    // Before the plugins are loaded.
+    for service in ["", EXT_PROC] {
+        assert_eq!(
+            health(host.address, service).await,
+            ServingStatus::NotServing
+        );
+    }
+    let readyz = request(host.admin, "GET", "/readyz", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(readyz.status, 503);
+    let early = ExtProcStream::try_connect(host.address).await.unwrap_err();
+    assert_eq!(
+        (early.code(), early.message()),
+        (tonic::Code::Unavailable, "plugins are still loading")
+    );
+
+    // Loaded.
+    host.load().await.unwrap();
+    for service in ["", EXT_PROC] {
+        assert_eq!(health(host.address, service).await, ServingStatus::Serving);
+    }
+    assert_eq!(
+        request(host.admin, "GET", "/readyz", &[], Vec::new())
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        request(host.admin, "GET", "/healthz", &[], Vec::new())
+            .await
+            .unwrap()
+            .status,
+        200
+    );
+
+    // Shutting down, with a stream in flight and a health watch open.
+    let mut in_flight = ExtProcStream::connect(host.address).await;
+    in_flight
+        .exchange(grpc::request_headers(&[(":path", "/")], false))
+        .await;
+    let mut watcher = HealthClient::new(channel(host.address).await);
+    let mut watch = watcher
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+    host.begin_shutdown();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::NotServing
+    );
+    assert_eq!(health(host.address, "").await, ServingStatus::NotServing);
+    assert_eq!(
+        request(host.admin, "GET", "/readyz", &[], Vec::new())
+            .await
+            .unwrap()
+            .status,
+        503
+    );
+    let status = ExtProcStream::try_connect(host.address).await.unwrap_err();
+    assert_eq!(
+        (status.code(), status.message()),
+        (tonic::Code::Unavailable, "shutting down")
+    );
+
+    // The stream in flight finishes normally; then the host stops.
+    let answer = in_flight
+        .exchange(grpc::response_headers(&[(":status", "200")], true))
+        .await;
+    assert!(matches!(
+        answer.response,
+        Some(Response::ResponseHeaders(_))
+    ));
+    drop(in_flight);
+    tokio::time::timeout(Duration::from_secs(10), host.stop())
+        .await
+        .expect("the host stops once the last stream is done")
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_that_never_finishes_is_cut_off_after_the_grace_period() {
+    let mut host = RunningHost::start(&[("asm", ASM_DEMO)], "shutdown_grace_ms = 300\n").await;
+    let mut stuck = ExtProcStream::connect(host.address).await;
+    stuck
+        .exchange(grpc::request_headers(&[(":path", "/")], false))
+        .await;
+    host.begin_shutdown();
+    tokio::time::timeout(Duration::from_secs(5), host.stop())
+        .await
+        .expect("the grace period ends the wait")
+        .unwrap();
+}
+
+/// The value of the series `name{labels}` in a Prometheus text exposition.
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_exactly_what_happened() {
+    let host = RunningHost::start(&[("asm", ASM_DEMO)], "").await;
+    let upstream = EchoServer::start().await.unwrap();
+    let envoy = Envoy::start(host.address, upstream.address).await.unwrap();
+    for _ in 0..7 {
+        assert_eq!(envoy.get("/headers").await.unwrap().status, 200);
+    }
+    let scrape = request(host.admin, "GET", "/metrics", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(scrape.status, 200);
+    assert!(scrape.header_values("content-type")[0].starts_with("application/openmetrics-text"));
+    let text = String::from_utf8(scrape.body).unwrap();
+    for (series, value) in [
+        (
+            "wasm_extproc_messages_received_total{phase=\"request_headers\"}",
+            7.0,
+        ),
+        (
+            "wasm_extproc_messages_received_total{phase=\"response_headers\"}",
+            7.0,
+        ),
+        (
+            "wasm_extproc_plugin_calls_total{plugin=\"asm\",phase=\"request_headers\",outcome=\"ok\"}",
+            7.0,
+        ),
+        (
+            "wasm_extproc_plugin_calls_total{plugin=\"asm\",phase=\"response_headers\",outcome=\"ok\"}",
+            7.0,
+        ),
+        (
+            "wasm_extproc_plugin_call_duration_seconds_count{plugin=\"asm\",phase=\"request_headers\"}",
+            7.0,
+        ),
+        (
+            "wasm_extproc_plugin_instantiate_duration_seconds_count{plugin=\"asm\"}",
+            7.0,
+        ),
+        ("wasm_extproc_streams_total", 7.0),
+        ("wasm_extproc_active_streams", 0.0),
+        ("wasm_extproc_reloads_total{result=\"ok\"}", 1.0),
+    ] {
+        assert_eq!(metric(&text, series), value, "{series}");
+    }
+
+    let listing = request(host.admin, "GET", "/plugins", &[], Vec::new())
+        .await
+        .unwrap();
+    let listing = listing.json().unwrap();
+    let plugin = &listing["plugins"][0];
+    assert_eq!(plugin["name"], "asm");
+    assert_eq!(
+        plugin["phases"],
+        serde_json::json!(["request_headers", "response_headers"])
+    );
+    assert_eq!(plugin["calls"]["ok"], 14);
+    assert_eq!(plugin["calls"]["trap"], 0);
+    let expected = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(ASM_DEMO.bytes()))
+    };
+    assert_eq!(plugin["sha256"], expected);
+}
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, written as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        // Distinct names: a leaf whose issuer name equals its own looks self-signed.
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "wasm-extproc test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let write = |name: &str, pem: String| std::fs::write(dir.path().join(name), pem).unwrap();
+        write("ca.crt", ca.pem());
+        for (name, names) in [
+            (
+                "server",
+                vec!["127.0.0.1".to_string(), "localhost".to_string()],
+            ),
+            ("client", vec!["envoy".to_string()]),
+        ] {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(names).unwrap();
+            params.distinguished_name.push(DnType::CommonName, name);
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            write(&format!("{name}.crt"), cert.pem());
+            write(&format!("{name}.key"), key.serialize_pem());
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn host_settings(&self, mutual: bool) -> String {
+        let mut text = format!(
+            "[tls]\ncert = {:?}\nkey = {:?}\n",
+            self.path("server.crt"),
+            self.path("server.key")
+        );
+        if mutual {
+            text.push_str(&format!("client_ca = {:?}\n", self.path("ca.crt")));
+        }
+        text
+    }
+
+    /// Envoy's ext_proc cluster over TLS, presenting the client certificate.
+    fn envoy(&self) -> EnvoyConfig {
+        EnvoyConfig::default().edit(
+            "    - name: ext_proc\n      type: STATIC\n",
+            &format!(
+                "    - name: ext_proc
+      type: STATIC
+      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: localhost
+          common_tls_context:
+            alpn_protocols: [h2]
+            tls_certificates:
+              - certificate_chain: {{ filename: {} }}
+                private_key: {{ filename: {} }}
+            validation_context:
+              trusted_ca: {{ filename: {} }}
+",
+                self.path("client.crt"),
+                self.path("client.key"),
+                self.path("ca.crt")
+            ),
+        )
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_and_mutual_tls_end_to_end_with_envoy() {
+    let pki = Pki::new();
+    for mutual in [false, true] {
+        let host = RunningHost::start(&[("asm", ASM_DEMO)], &pki.host_settings(mutual)).await;
+        let upstream = EchoServer::start().await.unwrap();
+        let envoy = Envoy::start_with(&pki.envoy(), host.address, upstream.address)
+            .await
+            .unwrap();
+        let response = envoy.get("/headers").await.unwrap();
+        assert_eq!(response.status, 200, "mutual={mutual}: {}", envoy.log());
+        assert_eq!(
+            response.header_values("x-ext-proc-header"),
+            ["hello-from-asm"]
+        );
+
+        // A plaintext client gets nowhere.
+        let plaintext = envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient::connect(format!("http://{}", host.address));
+        let refused = match plaintext.await {
+            Err(_) => true,
+            Ok(mut client) => {
+                let (_sender, receiver) = tokio::sync::mpsc::channel(1);
+                client
+                    .process(tokio_stream::wrappers::ReceiverStream::new(receiver))
+                    .await
+                    .is_err()
+            }
+        };
+        assert!(refused, "mutual={mutual}: plaintext accepted");
+
+        // A TLS client without a certificate is refused when TLS is mutual.
+        let ca =
+            tonic::transport::Certificate::from_pem(std::fs::read(pki.path("ca.crt")).unwrap());
+        let channel = tonic::transport::Channel::from_shared(format!(
+            "https://localhost:{}",
+            host.address.port()
+        ))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(ca)
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await;
+        let served = match channel {
+            Err(_) => false,
+            Ok(channel) => {
+                let mut client = HealthClient::new(channel);
+                client
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    .is_ok()
+            }
+        };
+        assert_eq!(
+            served, !mutual,
+            "mutual={mutual}: a client without a certificate"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_reaches_the_host_over_a_unix_socket() {
+    let sockets = tempfile::tempdir().unwrap();
+    let socket = sockets.path().join("ext_proc.sock");
+    let host = RunningHost::start(
+        &[("asm", ASM_DEMO)],
+        &format!("listen = \"unix:{}\"\n", socket.display()),
+    )
+    .await;
+    let upstream = EchoServer::start().await.unwrap();
+    let placeholder = "127.0.0.1:1".parse().unwrap();
+    let config = EnvoyConfig::default().edit(
+        "socket_address: { address: 127.0.0.1, port_value: 1 }",
+        &format!("pipe: {{ path: {} }}", socket.display()),
+    );
+    let envoy = Envoy::start_with(&config, placeholder, upstream.address)
+        .await
+        .unwrap();
+    let response = envoy.get("/headers").await.unwrap();
+    assert_eq!(response.status, 200, "{}", envoy.log());
+    assert_eq!(
+        response.header_values("x-ext-proc-header"),
+        ["hello-from-asm"]
+    );
+    drop(host);
+}
