@@ -7,8 +7,9 @@
 //! arrive), then passes the whole body on from there.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use crate::breaker::{Admission, Transition};
 use crate::config::FailurePolicy;
 use crate::http::{
     BodyChunk, BodyMode, Decision, Delivery, Direction, Effects, ExchangeContext,
@@ -143,6 +144,7 @@ impl StreamChain {
         flushing: bool,
     ) -> Verdict {
         let mut effects = Effects::default();
+        let metrics = &*self.metrics;
         let plugins = self
             .generation
             .chain
@@ -154,11 +156,20 @@ impl StreamChain {
             if !plugin.phases().contains(phase) || matches!(state.slot, Slot::Skipped) {
                 continue;
             }
+            let fail = |state: &mut PluginState, error: PluginError, took: Duration| {
+                state.slot = Slot::Skipped;
+                metrics.plugin_call(plugin.name(), phase, error.kind(), took);
+                if error.is_plugins_fault() {
+                    note(plugin, plugin.breaker().record(Instant::now(), true));
+                }
+                on_failure(plugin, phase, &error)
+            };
             if let Message::Body(chunk) = &mut message {
+                let direction = phase.direction();
                 match hold(
                     plugin,
                     state,
-                    phase.direction(),
+                    direction,
                     chunk,
                     situation.body_mode,
                     flushing,
@@ -170,41 +181,29 @@ impl StreamChain {
                             effects,
                         };
                     }
-                    Err(error) => {
-                        state.slot = Slot::Skipped;
-                        self.metrics.plugin_call(
-                            plugin.name(),
-                            phase,
-                            error.kind(),
-                            Default::default(),
-                        );
-                        match on_failure(plugin, phase, &error) {
-                            Some(response) => return respond(response, effects),
-                            None => continue,
-                        }
-                    }
+                    Err(error) => match fail(state, error, Duration::ZERO) {
+                        Some(response) => return respond(response, effects),
+                        None => continue,
+                    },
+                }
+            }
+            if let Admission::Quarantined(left) = plugin.breaker().admit(Instant::now()) {
+                match fail(state, PluginError::Quarantined(left), Duration::ZERO) {
+                    Some(response) => return respond(response, effects),
+                    None => continue,
                 }
             }
             let started = Instant::now();
             if let Slot::Idle = state.slot {
                 match plugin.instantiate().await {
                     Ok(instance) => {
-                        self.metrics.instantiated(plugin.name(), started.elapsed());
+                        metrics.instantiated(plugin.name(), started.elapsed());
                         state.slot = Slot::Live(Box::new(instance));
                     }
-                    Err(error) => {
-                        state.slot = Slot::Skipped;
-                        self.metrics.plugin_call(
-                            plugin.name(),
-                            phase,
-                            error.kind(),
-                            started.elapsed(),
-                        );
-                        match on_failure(plugin, phase, &error) {
-                            Some(response) => return respond(response, effects),
-                            None => continue,
-                        }
-                    }
+                    Err(error) => match fail(state, error, started.elapsed()) {
+                        Some(response) => return respond(response, effects),
+                        None => continue,
+                    },
                 }
             }
             let Slot::Live(instance) = &mut state.slot else {
@@ -214,19 +213,17 @@ impl StreamChain {
                 .call(phase, message, situation.exchange, situation.check)
                 .await;
             message = back;
-            let outcome_kind = result.as_ref().map_or_else(PluginError::kind, |_| "ok");
-            self.metrics
-                .plugin_call(plugin.name(), phase, outcome_kind, started.elapsed());
             match result {
                 Ok(outcome) => {
+                    metrics.plugin_call(plugin.name(), phase, "ok", started.elapsed());
+                    note(plugin, plugin.breaker().record(Instant::now(), false));
                     effects.absorb(outcome.effects);
                     if let Action::Respond(response) = outcome.action {
                         return respond(response, effects);
                     }
                 }
                 Err(error) => {
-                    state.slot = Slot::Skipped;
-                    if let Some(response) = on_failure(plugin, phase, &error) {
+                    if let Some(response) = fail(state, error, started.elapsed()) {
                         return respond(response, effects);
                     }
                 }
@@ -236,6 +233,22 @@ impl StreamChain {
             decision: Decision::Continue(message),
             effects,
         }
+    }
+}
+
+/// Logs a breaker transition: once per quarantine, not once per request.
+fn note(plugin: &Plugin, transition: Option<Transition>) {
+    match transition {
+        Some(Transition::Opened(backoff)) => tracing::warn!(
+            plugin = plugin.name(),
+            backoff_ms = backoff.as_millis() as u64,
+            "plugin keeps failing; quarantined: it is not called (its failure policy applies) \
+             until the back-off ends and a probe call succeeds"
+        ),
+        Some(Transition::Recovered) => {
+            tracing::info!(plugin = plugin.name(), "quarantined plugin recovered")
+        }
+        None => {}
     }
 }
 
@@ -299,16 +312,20 @@ fn hold(
 /// Logs a plugin failure and returns the answer its policy calls for, if any.
 fn on_failure(plugin: &Plugin, phase: Phase, error: &PluginError) -> Option<ImmediateResponse> {
     let policy = plugin.settings().failure_policy;
-    tracing::warn!(
-        plugin = plugin.name(),
-        phase = phase.as_str(),
-        kind = error.kind(),
-        policy = match policy {
-            FailurePolicy::Open => "fail-open",
-            FailurePolicy::Closed { .. } => "fail-closed",
-        },
-        "plugin failed: {error}"
-    );
+    // A quarantined plugin was logged once, when the quarantine began; the metrics count
+    // every skipped call.
+    if !matches!(error, PluginError::Quarantined(_)) {
+        tracing::warn!(
+            plugin = plugin.name(),
+            phase = phase.as_str(),
+            kind = error.kind(),
+            policy = match policy {
+                FailurePolicy::Open => "fail-open",
+                FailurePolicy::Closed { .. } => "fail-closed",
+            },
+            "plugin failed: {error}"
+        );
+    }
     match policy {
         FailurePolicy::Open => None,
         FailurePolicy::Closed { status } => Some(ImmediateResponse {

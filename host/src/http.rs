@@ -62,6 +62,14 @@ pub enum Direction {
 }
 
 impl Direction {
+    /// "request" or "response".
+    pub fn noun(self) -> &'static str {
+        match self {
+            Direction::Request => "request",
+            Direction::Response => "response",
+        }
+    }
+
     pub fn headers(self) -> Phase {
         match self {
             Direction::Request => Phase::RequestHeaders,
@@ -216,6 +224,8 @@ impl fmt::Debug for PhaseSet {
 pub struct HeaderMap {
     entries: Vec<(String, Vec<u8>)>,
     changed: BTreeSet<String>,
+    /// The bytes of all names and values, kept up to date so bounds checks cost nothing.
+    bytes: usize,
 }
 
 /// The net effect of the changes made to a [`HeaderMap`]: for each changed name, its values
@@ -235,12 +245,15 @@ impl HeaderChanges {
 impl HeaderMap {
     /// A section as it arrived from Envoy: nothing is marked changed.
     pub fn from_entries(entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
+        let entries: Vec<(String, Vec<u8>)> = entries
+            .into_iter()
+            .map(|(name, value)| (name.to_ascii_lowercase(), value))
+            .collect();
+        let bytes = entries.iter().map(|(n, v)| n.len() + v.len()).sum();
         HeaderMap {
-            entries: entries
-                .into_iter()
-                .map(|(name, value)| (name.to_ascii_lowercase(), value))
-                .collect(),
+            entries,
             changed: BTreeSet::new(),
+            bytes,
         }
     }
 
@@ -280,43 +293,79 @@ impl HeaderMap {
         let name = name.to_ascii_lowercase();
         match self.entries.iter().position(|(n, _)| *n == name) {
             Some(first) => {
+                self.bytes = self.bytes - self.entries[first].1.len() + value.len();
                 self.entries[first].1 = value;
                 let mut index = 0;
-                self.entries.retain(|(n, _)| {
+                let mut dropped = 0;
+                self.entries.retain(|(n, v)| {
                     let keep = index <= first || *n != name;
+                    if !keep {
+                        dropped += n.len() + v.len();
+                    }
                     index += 1;
                     keep
                 });
+                self.bytes -= dropped;
             }
-            None => self.entries.push((name.clone(), value)),
+            None => {
+                self.bytes += name.len() + value.len();
+                self.entries.push((name.clone(), value));
+            }
         }
         self.changed.insert(name);
     }
 
     pub fn append(&mut self, name: &str, value: Vec<u8>) {
         let name = name.to_ascii_lowercase();
+        self.bytes += name.len() + value.len();
         self.entries.push((name.clone(), value));
         self.changed.insert(name);
     }
 
     pub fn remove(&mut self, name: &str) {
         let name = name.to_ascii_lowercase();
-        self.entries.retain(|(n, _)| *n != name);
+        let before = self.entries.len();
+        let mut dropped = 0;
+        self.entries.retain(|(n, v)| {
+            let keep = *n != name;
+            if !keep {
+                dropped += n.len() + v.len();
+            }
+            keep
+        });
+        debug_assert!(self.entries.len() <= before);
+        self.bytes -= dropped;
         self.changed.insert(name);
     }
 
-    /// What changed since the section arrived.
+    /// What changed since the section arrived. One pass over the entries, whatever the number
+    /// of changed names: a plugin that touched thousands of them costs the host no more than
+    /// it cost the plugin.
     pub fn changes(&self) -> HeaderChanges {
+        let mut values: BTreeMap<&str, Vec<Vec<u8>>> = self
+            .changed
+            .iter()
+            .map(|name| (name.as_str(), Vec::new()))
+            .collect();
+        for (name, value) in &self.entries {
+            if let Some(list) = values.get_mut(name.as_str()) {
+                list.push(value.clone());
+            }
+        }
         let mut changes = HeaderChanges::default();
-        for name in &self.changed {
-            let values = self.get_all(name);
+        for (name, values) in values {
             if values.is_empty() {
-                changes.removed.push(name.clone());
+                changes.removed.push(name.to_string());
             } else {
-                changes.set.push((name.clone(), values));
+                changes.set.push((name.to_string(), values));
             }
         }
         changes
+    }
+
+    /// The bytes of all names and values.
+    pub fn byte_size(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -411,6 +460,24 @@ mod tests {
             expected.changed.insert("a".into());
             expected
         });
+    }
+
+    #[test]
+    fn byte_size_follows_every_change() {
+        let mut headers = map(&[("a", "1"), ("b", "22"), ("a", "333")]);
+        let recount = |h: &HeaderMap| {
+            h.entries()
+                .iter()
+                .map(|(n, v)| n.len() + v.len())
+                .sum::<usize>()
+        };
+        assert_eq!(headers.byte_size(), recount(&headers));
+        headers.set("a", b"x".to_vec());
+        assert_eq!(headers.byte_size(), recount(&headers));
+        headers.append("c", b"yy".to_vec());
+        headers.remove("b");
+        assert_eq!(headers.byte_size(), recount(&headers));
+        assert_eq!(headers.byte_size(), 5);
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - [`registry`]: which `.wasm` files form the chain, in which order; reloads.
 //! - [`runtime`]: the only module that speaks wasmtime -- engine, pooling allocator, linker,
 //!   budgets, and the host side of `wit/processor.wit`.
-//! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy.
+//! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy;
+//!   [`breaker`] quarantines plugins that keep failing.
 //! - [`ext_proc`]: the gRPC service -- a pure protocol state machine, conversions to and from
 //!   Envoy's protobufs, and the per-stream task around them.
 //! - [`http`]: the host's own types for headers, bodies and verdicts, shared by all of the above.
@@ -29,6 +30,7 @@
 //! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another.
 
 pub mod admin;
+pub mod breaker;
 pub mod chain;
 pub mod config;
 pub mod ext_proc;
@@ -166,6 +168,7 @@ impl Host {
         let runtime = Runtime::new(PoolLimits {
             max_instances: config.max_instances,
             max_memory_bytes: config.max_memory_limit_bytes(),
+            cache_dir: config.cache_dir.clone(),
         })?;
         let metrics = Metrics::new();
         let registry = Arc::new(Registry::new(runtime, source, metrics.clone()));
@@ -198,6 +201,11 @@ impl Host {
     /// The generation new streams get; `None` before the first load.
     pub fn current(&self) -> Option<Arc<Generation>> {
         self.registry.current()
+    }
+
+    /// Compilation cache hits and misses so far; `None` without `cache_dir`.
+    pub fn compile_cache_stats(&self) -> Option<(usize, usize)> {
+        self.registry.runtime().cache_stats()
     }
 
     /// The host's metrics.

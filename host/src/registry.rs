@@ -182,6 +182,11 @@ impl Registry {
         }
     }
 
+    /// The runtime every generation is compiled with.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
     /// The generation new streams get; `None` until the first load succeeds.
     pub fn current(&self) -> Option<Arc<Generation>> {
         self.current.load_full()

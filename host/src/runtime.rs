@@ -19,10 +19,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
+use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker, Resource, types::ComponentItem};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Cache, CacheConfig, Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
+    Trap,
+};
 
+use crate::breaker::Breaker;
 use crate::config::PluginSettings;
 use crate::http::{
     Delivery, Effects, ExchangeContext, ImmediateResponse, Message, Phase, PhaseSet, Registration,
@@ -61,17 +66,21 @@ pub enum PluginError {
     /// The plugin asked for whole bodies and this one outgrew what the host will hold.
     #[error("needs the whole body, which grew past the {0}-byte limit")]
     BodyTooLarge(usize),
+    /// The plugin kept failing and is quarantined: not called until the back-off ends.
+    #[error("is quarantined for another {0:?} after failing repeatedly")]
+    Quarantined(Duration),
 }
 
 impl PluginError {
     /// Every [`kind`](Self::kind).
-    pub const KINDS: [&'static str; 6] = [
+    pub const KINDS: [&'static str; 7] = [
         "trap",
         "deadline",
         "memory_limit",
         "invalid_output",
         "instantiate",
         "body_too_large",
+        "quarantined",
     ];
 
     /// A short, stable name for logs and metrics.
@@ -83,7 +92,17 @@ impl PluginError {
             PluginError::InvalidOutput(_) => "invalid_output",
             PluginError::Instantiate(_) => "instantiate",
             PluginError::BodyTooLarge(_) => "body_too_large",
+            PluginError::Quarantined(_) => "quarantined",
         }
+    }
+
+    /// Whether the failure is the plugin's own doing and counts towards quarantine. A full
+    /// instance pool is the host's load, and a quarantine is not a new failure.
+    pub fn is_plugins_fault(&self) -> bool {
+        !matches!(
+            self,
+            PluginError::Instantiate(_) | PluginError::Quarantined(_)
+        )
     }
 }
 
@@ -110,6 +129,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
     ticker_stop: Arc<AtomicBool>,
+    cache: Option<Cache>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -124,13 +144,17 @@ impl Drop for Runtime {
     }
 }
 
-/// Sizes of the instance pool.
-#[derive(Debug, Clone, Copy)]
+/// Sizes of the instance pool, and where compiled code is cached.
+#[derive(Debug, Clone)]
 pub struct PoolLimits {
     /// Component instances alive at once (one per plugin per stream in flight).
     pub max_instances: u32,
     /// The largest linear memory any instance may have.
     pub max_memory_bytes: u64,
+    /// Compiled components are kept here, keyed by their bytes and the engine's settings:
+    /// a restart or a reload with a known component skips compilation (seconds for JavaScript
+    /// and Python plugins).
+    pub cache_dir: Option<PathBuf>,
 }
 
 impl Runtime {
@@ -152,6 +176,17 @@ impl Runtime {
             .epoch_interruption(true)
             .wasm_component_model(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let cache = match &limits.cache_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cache directory {}", dir.display()))?;
+                let mut settings = CacheConfig::new();
+                settings.with_directory(dir);
+                Some(Cache::new(settings).map_err(to_anyhow)?)
+            }
+            None => None,
+        };
+        config.cache(cache.clone());
         let engine = Engine::new(&config).map_err(to_anyhow)?;
 
         let mut linker = Linker::new(&engine);
@@ -177,7 +212,15 @@ impl Runtime {
             engine,
             linker,
             ticker_stop,
+            cache,
         })
+    }
+
+    /// Compilation cache hits and misses so far; `None` without a cache directory.
+    pub fn cache_stats(&self) -> Option<(usize, usize)> {
+        self.cache
+            .as_ref()
+            .map(|cache| (cache.cache_hits(), cache.cache_misses()))
     }
 
     /// Reads the component at `path`. Returns its bytes and their SHA-256, which identifies a
@@ -238,6 +281,7 @@ impl Runtime {
                 loaded_at: SystemTime::now(),
             }),
             name: name.into(),
+            breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
         };
         let registration = plugin.probe().await.map_err(|e| LoadError::Probe {
@@ -299,6 +343,7 @@ pub struct Plugin {
     compiled: Arc<Compiled>,
     name: Arc<str>,
     settings: Arc<PluginSettings>,
+    breaker: Arc<Breaker>,
 }
 
 /// What compiling and linking one version of a component produced: shared by every chain
@@ -361,8 +406,14 @@ impl Plugin {
         Plugin {
             compiled: self.compiled.clone(),
             name: name.into(),
+            breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
         }
+    }
+
+    /// The plugin's crash-loop breaker, shared by every stream.
+    pub fn breaker(&self) -> &Breaker {
+        &self.breaker
     }
 
     /// A fresh instance with its own store, for one ext_proc stream.

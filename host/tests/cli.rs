@@ -39,7 +39,7 @@ fn invalid_configuration_exits_64_naming_the_file_and_line() {
     assert_eq!(
         one_line(&output),
         format!(
-            "wasm-extproc: config file {config} (line 3): unknown field `timeout`, expected one of `config`, `failure_policy`, `failure_status`, `timeout_ms`, `memory_limit_mib`"
+            "wasm-extproc: config file {config} (line 3): unknown field `timeout`, expected one of `config`, `failure_policy`, `failure_status`, `timeout_ms`, `memory_limit_mib`, `breaker_threshold`, `breaker_window_ms`, `breaker_backoff_ms`"
         )
     );
 }
@@ -145,4 +145,45 @@ fn logs_can_be_json_lines() {
         .expect("a compiled-plugin event");
     assert_eq!(compiled["plugin"], "asm");
     assert_eq!(compiled["level"], "INFO");
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(built("asm_demo"), dir.path().join("asm.wasm")).unwrap();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let listen = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
+        .args([
+            "--admin-listen",
+            "off",
+            "--listen",
+            &listen,
+            "--plugins-dir",
+        ])
+        .arg(dir.path())
+        .env("RUST_LOG", "info")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while std::net::TcpStream::connect(&listen).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host never listened"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("SIGTERM; shutting down"), "{stderr}");
 }

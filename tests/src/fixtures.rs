@@ -9,6 +9,16 @@ pub struct Component(&'static str);
 
 /// The bundled ASM demo plugin (`plugins/asm-demo`).
 pub const ASM_DEMO: Component = Component("asm_demo");
+/// The ASM demo plugin in JavaScript (`plugins/examples/javascript`, jco + QuickJS).
+pub const ASM_DEMO_JS: Component = Component("asm_demo_js");
+/// Rejects requests without a configured API key (JavaScript).
+pub const API_KEY_JS: Component = Component("api_key_js");
+/// The ASM demo plugin in Python (`plugins/examples/python`, componentize-py).
+pub const ASM_DEMO_PY: Component = Component("asm_demo_py");
+/// Adds configured fields to JSON request bodies (Python).
+pub const JSON_REWRITE_PY: Component = Component("json_rewrite_py");
+/// The ASM demo plugin in C (`plugins/examples/c`, clang + wasi-libc + wit-bindgen).
+pub const ASM_DEMO_C: Component = Component("asm_demo_c");
 /// The bundled JSON redaction example (`plugins/json-redact`): whole bodies, both directions.
 pub const JSON_REDACT: Component = Component("json_redact");
 /// The bundled bearer-token example (`plugins/bearer-auth`): 401 on request headers.
@@ -37,6 +47,14 @@ pub const SPIN: Component = Component("spin");
 pub const MEMORY_HOG: Component = Component("memory_hog");
 /// Reports what it can see of the host: environment, arguments, filesystem.
 pub const SANDBOX_PROBE: Component = Component("sandbox_probe");
+/// Recurses until the stack overflows.
+pub const RECURSE: Component = Component("recurse");
+/// A 10 MiB header value, or (configured `count`) 5,000 headers.
+pub const FLOOD: Component = Component("flood");
+/// Traps on request ids divisible by its configuration (or one in N at random).
+pub const FLAKY: Component = Component("flaky");
+/// Imports `acme:vault/secrets`, which the host does not provide.
+pub const BAD_IMPORT: Component = Component("bad_import");
 /// Built against contract version 0.0.9.
 pub const WRONG_CONTRACT: Component = Component("wrong_contract");
 

@@ -149,3 +149,86 @@ pub fn response_trailers(trailers: &[(&str, &str)]) -> ProcessingRequest {
         trailers: header_map(trailers),
     }))
 }
+
+/// Passes bytes through untouched, so tests can send what no protobuf encoder would.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+#[derive(Debug)]
+pub struct RawEncoder;
+
+#[derive(Debug)]
+pub struct RawDecoder;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawEncoder;
+    type Decoder = RawDecoder;
+
+    fn encoder(&mut self) -> RawEncoder {
+        RawEncoder
+    }
+
+    fn decoder(&mut self) -> RawDecoder {
+        RawDecoder
+    }
+}
+
+impl tonic::codec::Encoder for RawEncoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use bytes::BufMut;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDecoder {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        use bytes::Buf;
+        let mut bytes = vec![0; src.remaining()];
+        src.copy_to_slice(&mut bytes);
+        Ok(Some(bytes))
+    }
+}
+
+/// Opens a Process stream, sends `messages` as raw gRPC message bodies, and returns the status
+/// the host ended the stream with (or the raw answers, if it answered them).
+pub async fn send_raw(
+    address: SocketAddr,
+    messages: Vec<Vec<u8>>,
+) -> Result<Vec<Vec<u8>>, tonic::Status> {
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .expect("valid uri")
+        .connect()
+        .await
+        .expect("host reachable");
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.expect("ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+    );
+    let request = tonic::Request::new(futures::stream::iter(messages));
+    let mut answers = grpc.streaming(request, path, RawCodec).await?.into_inner();
+    let mut received = Vec::new();
+    while let Some(answer) = tokio::time::timeout(ANSWER_TIMEOUT, answers.message())
+        .await
+        .expect("host answers in time")?
+    {
+        received.push(answer);
+    }
+    Ok(received)
+}

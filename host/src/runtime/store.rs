@@ -20,6 +20,14 @@ pub const LENT_REP: u32 = 0;
 /// with one call.
 const MAX_LOG_LINE: usize = 4096;
 
+/// The most entries a header section may reach while a plugin works on it, and the most bytes.
+/// Far beyond anything Envoy accepts (the guard refuses more than `max_request_headers_kb`),
+/// but they bound the host memory a plugin can fill within one deadline.
+const MAX_SECTION_ENTRIES: usize = 10_000;
+const MAX_SECTION_BYTES: usize = 16 << 20;
+/// The largest body a plugin may set: Envoy could not take more in one message anyway.
+const MAX_BODY_BYTES: usize = 16 << 20;
+
 /// Dynamic metadata entries one call may set: far more than any real use, and a bound on the
 /// host memory a looping `set-metadata` can take.
 const MAX_METADATA_ENTRIES: usize = 256;
@@ -206,12 +214,16 @@ impl types::HostFields for StoreState {
     }
 
     fn set(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
-        self.headers_mut(this.rep())?.set(&name, value);
+        let headers = self.headers_mut(this.rep())?;
+        check_growth(headers, &name, &value)?;
+        headers.set(&name, value);
         Ok(())
     }
 
     fn append(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
-        self.headers_mut(this.rep())?.append(&name, value);
+        let headers = self.headers_mut(this.rep())?;
+        check_growth(headers, &name, &value)?;
+        headers.append(&name, value);
         Ok(())
     }
 
@@ -230,6 +242,21 @@ impl types::HostFields for StoreState {
     }
 }
 
+/// Refuses (trapping the guest) a change that would take a section past the host's bounds.
+fn check_growth(headers: &HeaderMap, name: &str, value: &[u8]) -> Result<()> {
+    if headers.len() >= MAX_SECTION_ENTRIES {
+        return Err(format_err!(
+            "header section would exceed {MAX_SECTION_ENTRIES} entries"
+        ));
+    }
+    if headers.byte_size() + name.len() + value.len() > MAX_SECTION_BYTES {
+        return Err(format_err!(
+            "header section would exceed {MAX_SECTION_BYTES} bytes"
+        ));
+    }
+    Ok(())
+}
+
 impl types::HostBody for StoreState {
     fn bytes(&mut self, this: Resource<Body>) -> Result<Vec<u8>> {
         Ok(self.body(this.rep())?.data.clone())
@@ -244,6 +271,12 @@ impl types::HostBody for StoreState {
     }
 
     fn replace(&mut self, this: Resource<Body>, data: Vec<u8>) -> Result<()> {
+        if data.len() > MAX_BODY_BYTES {
+            return Err(format_err!(
+                "replacement body of {} bytes exceeds {MAX_BODY_BYTES}",
+                data.len()
+            ));
+        }
         match self.lent(this.rep())?.changing() {
             Message::Body(body) => {
                 body.replace(data);

@@ -68,3 +68,17 @@ async fn the_loaded_chain_knows_which_phases_its_plugins_handle() {
         .collect();
     assert_eq!(phases, ["request_headers", "response_headers"]);
 }
+
+#[tokio::test]
+async fn a_component_importing_what_the_host_does_not_provide_is_refused_by_name() {
+    let dir = plugin_dir(&[("vault", extproc_testkit::fixtures::BAD_IMPORT)]);
+    let error = load_error(dir.path(), "").await;
+    assert!(
+        error.contains("vault.wasm: imports `acme:vault/secrets`"),
+        "{error}"
+    );
+    assert!(
+        error.contains("which this host does not provide"),
+        "{error}"
+    );
+}

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Builds what the container image ships: the release host binary and the bundled plugins.
+# The Dockerfile runs exactly this, and so does `cargo xtask test` (which then checks the
+# result), so the image's build steps are tested even where no Docker engine runs.
+#
+#   deploy/build.sh OUT_DIR    ->  OUT_DIR/bin/wasm-extproc, OUT_DIR/plugins/*.wasm
+set -euo pipefail
+out=${1:?usage: deploy/build.sh OUT_DIR}
+root=$(cd "$(dirname "$0")/.." && pwd)
+target=${CARGO_TARGET_DIR:-$root/target}
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    rustup target add wasm32-wasip2
+fi
+cargo build --locked --release --package wasm-extproc --manifest-path "$root/Cargo.toml" \
+    --target-dir "$target"
+cargo build --locked --release --target wasm32-wasip2 --manifest-path "$root/plugins/Cargo.toml" \
+    --target-dir "$target"
+
+mkdir -p "$out/bin" "$out/plugins"
+install -m 0755 "$target/release/wasm-extproc" "$out/bin/wasm-extproc"
+# The default chain: the ASM demo plugin. The other bundled plugins ship beside it, unused
+# until copied into a plugins directory.
+install -m 0644 "$target/wasm32-wasip2/release/asm_demo.wasm" "$out/plugins/10-asm-demo.wasm"
+mkdir -p "$out/examples"
+for plugin in bearer_auth json_redact; do
+    install -m 0644 "$target/wasm32-wasip2/release/$plugin.wasm" "$out/examples/$plugin.wasm"
+done

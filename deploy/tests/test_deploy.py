@@ -1,0 +1,285 @@
+"""Every deploy/ artifact, validated by a real tool.
+
+Run by `cargo xtask test` (which installs the tools into target/tools and builds the image's
+contents with deploy/build.sh into target/dist first):
+
+- Envoy configurations: `envoy --mode validate` (Envoy 1.40), the standalone config and the
+  EnvoyFilter patches embedded into a bootstrap;
+- Kubernetes manifests: kubernetes-validate (the Kubernetes OpenAPI schemas, offline) and
+  `kubectl kustomize` rendering the base and the image-volume variant;
+- the Istio EnvoyFilters and the Envoy Gateway EnvoyExtensionPolicy: the CRD schemas Istio and
+  Envoy Gateway publish (npm @kubernetes-models), plus the guide's fields one by one;
+- the ConfigMap script: its output round-trips the plugin bytes exactly;
+- the Dockerfile: runs deploy/build.sh, non-root, and what deploy/build.sh made is complete
+  and passes `wasm-extproc check`.
+"""
+
+import base64
+import copy
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+TOOLS = TARGET / "tools"
+DIST = TARGET / "dist"
+ENVOY = os.environ.get("ENVOY_BIN", str(TOOLS / "envoy" / "bin" / "envoy"))
+KUBERNETES_VERSION = "1.31.0"
+EXT_PROC_CLUSTER = "outbound|9002||ext-proc.default.svc.cluster.local"
+
+
+def load_all(path):
+    with open(path) as f:
+        return [d for d in yaml.safe_load_all(f) if d]
+
+
+def envoy_validate(config_text, tmp_path, name="envoy.yaml"):
+    path = tmp_path / name
+    path.write_text(config_text)
+    result = subprocess.run(
+        [ENVOY, "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "OK" in result.stdout + result.stderr
+
+
+def test_the_standalone_envoy_config_validates(tmp_path):
+    envoy_validate((DEPLOY / "envoy" / "envoy.yaml").read_text(), tmp_path)
+
+
+def bootstrap_with(patch_value, cluster_name):
+    """deploy/envoy/envoy.yaml with its ext_proc filter replaced by `patch_value`, and the
+    cluster the patch names added, as Istio would have it."""
+    bootstrap = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
+    manager = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    filters = manager["typed_config"]["http_filters"]
+    assert [f["name"] for f in filters] == [
+        "envoy.filters.http.ext_proc",
+        "envoy.filters.http.router",
+    ]
+    filters[0] = patch_value
+    cluster = copy.deepcopy(
+        next(c for c in bootstrap["static_resources"]["clusters"] if c["name"] == "ext_proc")
+    )
+    cluster["name"] = cluster_name
+    cluster["load_assignment"]["cluster_name"] = cluster_name
+    bootstrap["static_resources"]["clusters"].append(cluster)
+    return yaml.safe_dump(bootstrap)
+
+
+@pytest.mark.parametrize("file", ["envoyfilter.yaml", "envoyfilter-gateway.yaml"])
+def test_envoyfilter_patches_validate_inside_a_bootstrap(file, tmp_path):
+    (envoy_filter,) = load_all(DEPLOY / "istio" / file)
+    (patch,) = envoy_filter["spec"]["configPatches"]
+    value = patch["patch"]["value"]
+    cluster = value["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    envoy_validate(bootstrap_with(value, cluster), tmp_path)
+
+
+def test_the_envoyfilter_is_the_guides():
+    (f,) = load_all(DEPLOY / "istio" / "envoyfilter.yaml")
+    assert f["apiVersion"] == "networking.istio.io/v1alpha3"
+    assert f["kind"] == "EnvoyFilter"
+    assert f["metadata"]["name"] == "httpbin-ext-proc"
+    (patch,) = f["spec"]["configPatches"]
+    assert patch["applyTo"] == "HTTP_FILTER"
+    assert patch["match"]["context"] == "SIDECAR_INBOUND"
+    assert patch["match"]["listener"]["portNumber"] == 80
+    chain = patch["match"]["listener"]["filterChain"]["filter"]
+    assert chain["name"] == "envoy.filters.network.http_connection_manager"
+    assert chain["subFilter"]["name"] == "envoy.filters.http.router"
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    value = patch["patch"]["value"]
+    assert value["name"] == "envoy.filters.http.ext_proc"
+    config = value["typed_config"]
+    assert config["@type"].endswith("envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor")
+    assert config["grpc_service"]["envoy_grpc"]["cluster_name"] == EXT_PROC_CLUSTER
+    assert config["processing_mode"]["request_header_mode"] == "SEND"
+    assert config["processing_mode"]["response_header_mode"] == "SEND"
+    # The pairing with the host the README explains.
+    assert config["failure_mode_allow"] is False
+    assert config["message_timeout"] == "0.2s"
+    assert config["allow_mode_override"] is True
+
+
+def crd_validation(resources):
+    # ES modules find packages beside the importing file: run a copy that sits next to the
+    # installed node_modules.
+    script = TOOLS / "node" / "validate-crds.mjs"
+    shutil.copyfile(DEPLOY / "tests" / "validate-crds.mjs", script)
+    return subprocess.run(
+        ["node", str(script)],
+        input=json.dumps(resources),
+        capture_output=True,
+        text=True,
+    )
+
+
+CUSTOM_RESOURCES = [
+    DEPLOY / "istio" / "envoyfilter.yaml",
+    DEPLOY / "istio" / "envoyfilter-gateway.yaml",
+    DEPLOY / "envoy-gateway" / "extension-policy.yaml",
+]
+
+
+def test_custom_resources_validate_against_their_crd_schemas():
+    resources = [doc for path in CUSTOM_RESOURCES for doc in load_all(path)]
+    result = crd_validation(resources)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("ok ") == len(resources), result.stdout
+
+
+def test_the_crd_validation_catches_a_broken_resource():
+    (broken,) = load_all(DEPLOY / "istio" / "envoyfilter.yaml")
+    broken["spec"]["configPatches"][0]["patch"]["operation"] = "INSERT_SOMEWHERE"
+    result = crd_validation([broken])
+    assert result.returncode == 1
+    assert "operation must be equal to one of the allowed values" in result.stdout
+
+
+def kustomize(path):
+    result = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def validate_kubernetes(resource):
+    kubernetes_validate.validate(resource, KUBERNETES_VERSION, strict=True)
+
+
+@pytest.fixture(scope="module")
+def plugins_configmap():
+    """The ConfigMap the base expects, made from what deploy/build.sh built."""
+    path = DEPLOY / "k8s" / "base" / "plugins-configmap.yaml"
+    result = subprocess.run(
+        [str(DEPLOY / "k8s" / "plugins-configmap.sh"), str(DIST / "plugins")],
+        capture_output=True,
+        check=True,
+    )
+    path.write_bytes(result.stdout)
+    return path
+
+
+def test_every_manifest_validates_against_the_kubernetes_schemas(plugins_configmap):
+    # The base's manifests; the image-volume patch is validated rendered, below.
+    files = sorted((DEPLOY / "k8s" / "base").glob("*.yaml"))
+    files = [f for f in files if f.name != "kustomization.yaml"]
+    kinds = set()
+    for path in files:
+        for resource in load_all(path):
+            validate_kubernetes(resource)
+            kinds.add(resource["kind"])
+    assert kinds == {
+        "Deployment",
+        "Service",
+        "PodDisruptionBudget",
+        "HorizontalPodAutoscaler",
+        "ConfigMap",
+    }
+
+
+@pytest.mark.parametrize("variant", ["k8s/base", "k8s/image-volume"])
+def test_kustomize_renders_valid_resources(variant, plugins_configmap):
+    rendered = kustomize(DEPLOY / variant)
+    for resource in rendered:
+        validate_kubernetes(resource)
+    deployment = next(r for r in rendered if r["kind"] == "Deployment")
+    spec = deployment["spec"]["template"]["spec"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "plugins"]
+    if variant == "k8s/base":
+        assert volume["configMap"]["name"] == "wasm-extproc-plugins"
+    else:
+        assert "configMap" not in volume and "emptyDir" in volume
+        assert spec["initContainers"][0]["volumeMounts"][0]["name"] == "plugins"
+
+
+def test_the_deployment_is_locked_down_and_probed():
+    (deployment,) = load_all(DEPLOY / "k8s" / "base" / "deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    security = container["securityContext"]
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert container["readinessProbe"]["grpc"]["port"] == 9002
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["resources"]["limits"]["memory"]
+    assert {m["mountPath"] for m in container["volumeMounts"]} == {
+        "/plugins",
+        "/var/cache/wasm-extproc",
+    }
+    (service,) = load_all(DEPLOY / "k8s" / "base" / "service.yaml")
+    assert service["metadata"]["name"] == "ext-proc"
+    grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
+    assert (grpc["port"], grpc["appProtocol"]) == (9002, "grpc")
+
+
+def test_the_configmap_script_round_trips_plugin_bytes(tmp_path):
+    sources = {
+        "10-asm-demo.wasm": DIST / "plugins" / "10-asm-demo.wasm",
+        "20-auth.wasm": DIST / "examples" / "bearer_auth.wasm",
+    }
+    for name, source in sources.items():
+        (tmp_path / name).write_bytes(source.read_bytes())
+    result = subprocess.run(
+        [str(DEPLOY / "k8s" / "plugins-configmap.sh"), str(tmp_path), "my-plugins"],
+        capture_output=True,
+        check=True,
+    )
+    (configmap,) = [d for d in yaml.safe_load_all(result.stdout) if d]
+    validate_kubernetes(configmap)
+    assert configmap["metadata"]["name"] == "my-plugins"
+    assert set(configmap["binaryData"]) == set(sources)
+    for name, source in sources.items():
+        assert base64.b64decode(configmap["binaryData"][name]) == source.read_bytes()
+
+
+def test_the_configmap_script_refuses_an_empty_directory(tmp_path):
+    result = subprocess.run(
+        [str(DEPLOY / "k8s" / "plugins-configmap.sh"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "no .wasm files" in result.stderr
+
+
+def test_the_dockerfile_builds_with_the_tested_script_and_runs_unprivileged():
+    lines = [
+        line.strip()
+        for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    stages = [line for line in lines if line.startswith("FROM ")]
+    assert len(stages) == 2, "multi-stage: build, then a small runtime"
+    assert "RUN deploy/build.sh /out" in lines
+    assert "USER 65532:65532" in lines
+    assert any(line.startswith("COPY --from=build /out/plugins/ /plugins/") for line in lines)
+    assert 'EXPOSE 9002 9003' in lines
+    assert lines[-1].startswith("CMD [") and "0.0.0.0:9002" in lines[-1]
+
+
+def test_what_the_image_ships_is_complete_and_passes_check():
+    binary = DIST / "bin" / "wasm-extproc"
+    assert os.access(binary, os.X_OK)
+    result = subprocess.run(
+        [str(binary), "check", "--plugins-dir", str(DIST / "plugins"), "--admin-listen", "off"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUST_LOG": "off"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "ok  10-asm-demo" in result.stderr
+    for example in ["bearer_auth.wasm", "json_redact.wasm"]:
+        assert (DIST / "examples" / example).is_file()

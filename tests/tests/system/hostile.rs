@@ -1,0 +1,441 @@
+//! Hostile plugins and hostile input: every failure stays inside its own phase and stream,
+//! handled by policy, logged with plugin, phase and kind, and the host's memory stays bounded.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::ProcessingResponse;
+use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
+use extproc_testkit::fixtures::{
+    ASM_DEMO, Component, FLAKY, FLOOD, MEMORY_HOG, RECURSE, SLOW, SPIN, STATEFUL, TRAP,
+};
+use extproc_testkit::grpc::{self, ExtProcStream};
+use extproc_testkit::host::RunningHost;
+use prost::Message;
+use wasm_extproc::http::Phase;
+
+use super::phases::sets;
+
+fn header_sets(answer: &ProcessingResponse) -> Vec<(String, String)> {
+    match answer.response.as_ref().unwrap() {
+        Response::RequestHeaders(h) | Response::ResponseHeaders(h) => {
+            sets(&h.response.as_ref().unwrap().header_mutation)
+        }
+        other => panic!("headers answer expected, got {other:?}"),
+    }
+}
+
+fn immediate(answer: &ProcessingResponse) -> (i32, String) {
+    match answer.response.as_ref().unwrap() {
+        Response::ImmediateResponse(r) => (r.status.unwrap().code, r.details.clone()),
+        other => panic!("immediate response expected, got {other:?}"),
+    }
+}
+
+fn asm() -> Vec<(String, String)> {
+    vec![("x-ext-proc-header".to_string(), "hello-to-asm".to_string())]
+}
+
+/// `faulty` (as `10-faulty`, fail-open, with `settings`) in front of the ASM plugin. Envoy is
+/// said to wait 5 s, so budgets can be generous where an unoptimised test build needs it.
+async fn chain(faulty: Component, settings: &str) -> RunningHost {
+    RunningHost::start(
+        &[("10-faulty", faulty), ("20-asm", ASM_DEMO)],
+        &format!(
+            "[envoy]\nmessage_timeout_ms = 5000\n\
+             [plugins.10-faulty]\nfailure_policy = \"fail-open\"\n{settings}\n"
+        ),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fixture_in_the_zoo_costs_only_its_own_phase() {
+    // (fixture, settings, the outcome the host records, what survives of the plugin's output)
+    let zoo: [(Component, &str, &str); 8] = [
+        (TRAP, "config = \"panic\"", "trap"),
+        (TRAP, "config = \"unreachable\"", "trap"),
+        (SPIN, "timeout_ms = 50", "deadline"),
+        (MEMORY_HOG, "memory_limit_mib = 16", "memory_limit"),
+        (RECURSE, "", "trap"),
+        // Copying 10 MiB out of the guest takes a while in an unoptimised test build.
+        (
+            FLOOD,
+            "config = \"value\"\ntimeout_ms = 2000",
+            "invalid_output",
+        ),
+        (
+            FLOOD,
+            "config = \"count\"\ntimeout_ms = 2000",
+            "invalid_output",
+        ),
+        // Close to its deadline, but inside it: no failure at all.
+        (SLOW, "config = \"10\"\ntimeout_ms = 50", "ok"),
+    ];
+    for (fixture, settings, outcome) in zoo {
+        let host = chain(fixture, settings).await;
+        let mut stream = ExtProcStream::connect(host.address).await;
+        let answer = stream
+            .exchange(grpc::request_headers(&[(":path", "/")], false))
+            .await;
+        let mut expected = asm();
+        if outcome == "ok" {
+            expected.push(("x-slow".to_string(), "done".to_string()));
+            expected.sort();
+        }
+        let mut got = header_sets(&answer);
+        got.sort();
+        assert_eq!(got, expected, "{} ({settings})", fixture.name());
+        assert_eq!(
+            host.metrics()
+                .plugin_calls("10-faulty", Phase::RequestHeaders, outcome),
+            1,
+            "{} ({settings})",
+            fixture.name()
+        );
+        // The same stream goes on: the response is processed normally.
+        let answer = stream
+            .exchange(grpc::response_headers(&[(":status", "200")], true))
+            .await;
+        assert_eq!(
+            header_sets(&answer),
+            [(
+                "x-ext-proc-header".to_string(),
+                "hello-from-asm".to_string()
+            )]
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_streams_through_a_flaky_plugin_fail_exactly_where_it_fails() {
+    // One in five fails: with the breaker on, five failures could line up in a row and
+    // quarantine it, which is not what this test is about.
+    let host = chain(FLAKY, "config = \"5\"\nbreaker_threshold = 0").await;
+    let answers = futures::future::join_all((1..=60).map(|id| {
+        let address = host.address;
+        async move {
+            let mut stream = ExtProcStream::connect(address).await;
+            let id = id.to_string();
+            let answer = stream
+                .exchange(grpc::request_headers(&[("x-request-id", &id)], true))
+                .await;
+            (id, header_sets(&answer))
+        }
+    }))
+    .await;
+    for (id, mut got) in answers {
+        got.sort();
+        let mut expected = asm();
+        if id.parse::<u32>().unwrap() % 5 != 0 {
+            expected.push(("x-flaky".to_string(), "passed".to_string()));
+        }
+        expected.sort();
+        assert_eq!(got, expected, "request {id}");
+    }
+    let metrics = host.metrics();
+    assert_eq!(
+        metrics.plugin_calls("10-faulty", Phase::RequestHeaders, "trap"),
+        12
+    );
+    assert_eq!(
+        metrics.plugin_calls("10-faulty", Phase::RequestHeaders, "ok"),
+        48
+    );
+    assert_eq!(
+        metrics.plugin_calls("20-asm", Phase::RequestHeaders, "ok"),
+        60
+    );
+}
+
+/// Opens a stream and sends request headers with `x-request-id: id` (the request not yet ended,
+/// so the stream and its instances stay open); returns the stream and the answer.
+async fn open_with_id(host: &RunningHost, id: u32) -> (ExtProcStream, ProcessingResponse) {
+    let mut stream = ExtProcStream::connect(host.address).await;
+    let answer = stream
+        .exchange(grpc::request_headers(
+            &[("x-request-id", &id.to_string())],
+            false,
+        ))
+        .await;
+    (stream, answer)
+}
+
+async fn flaky_answer(host: &RunningHost, id: u32) -> ProcessingResponse {
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .exchange(grpc::request_headers(
+            &[("x-request-id", &id.to_string())],
+            true,
+        ))
+        .await
+}
+
+#[tokio::test]
+async fn a_plugin_that_keeps_failing_is_quarantined_then_probed() {
+    // Fails on even ids. Three failures in a row quarantine it for 300 ms.
+    let host = RunningHost::start(
+        &[("flaky", FLAKY)],
+        "[plugins.flaky]\nconfig = \"2\"\nfailure_status = 503\n\
+         breaker_threshold = 3\nbreaker_backoff_ms = 300\n",
+    )
+    .await;
+    for id in [2, 4, 6] {
+        assert_eq!(
+            immediate(&flaky_answer(&host, id).await),
+            (503, "wasm_extproc_plugin_failed:flaky:trap".to_string())
+        );
+    }
+    // Quarantined: not called at all -- even a request it would pass gets the policy.
+    for id in [1, 3] {
+        assert_eq!(
+            immediate(&flaky_answer(&host, id).await),
+            (
+                503,
+                "wasm_extproc_plugin_failed:flaky:quarantined".to_string()
+            )
+        );
+    }
+    let metrics = host.metrics();
+    assert_eq!(
+        metrics.plugin_calls("flaky", Phase::RequestHeaders, "quarantined"),
+        2
+    );
+    assert_eq!(
+        metrics.plugin_calls("flaky", Phase::RequestHeaders, "trap"),
+        3
+    );
+
+    // After the back-off, a probe: it passes, and the plugin serves again.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let probe = flaky_answer(&host, 5).await;
+    assert_eq!(
+        header_sets(&probe),
+        [("x-flaky".to_string(), "passed".to_string())]
+    );
+    assert_eq!(
+        header_sets(&flaky_answer(&host, 7).await),
+        [("x-flaky".to_string(), "passed".to_string())]
+    );
+    // Failing again fails as usual, not as quarantined.
+    assert_eq!(
+        immediate(&flaky_answer(&host, 8).await).1,
+        "wasm_extproc_plugin_failed:flaky:trap"
+    );
+}
+
+/// Collects what the host logs on this thread.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn failures_are_logged_with_plugin_phase_and_kind_and_quarantine_once() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::WARN)
+        .finish();
+    // The runtime is single-threaded: the host's tasks log on this thread.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let host = RunningHost::start(
+        &[("trap", TRAP)],
+        "[plugins.trap]\nbreaker_threshold = 2\nbreaker_backoff_ms = 60000\n",
+    )
+    .await;
+    for _ in 0..10 {
+        let mut stream = ExtProcStream::connect(host.address).await;
+        stream
+            .exchange(grpc::request_headers(&[(":path", "/")], true))
+            .await;
+    }
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("plugin failed"))
+        .collect();
+    assert_eq!(failures.len(), 2, "{log}");
+    for line in failures {
+        for field in [
+            "plugin=\"trap\"",
+            "phase=\"request_headers\"",
+            "kind=\"trap\"",
+            "policy=\"fail-closed\"",
+        ] {
+            assert!(line.contains(field), "{field} missing from {line}");
+        }
+    }
+    let quarantined: Vec<&str> = log.lines().filter(|l| l.contains("quarantined")).collect();
+    assert_eq!(
+        quarantined.len(),
+        1,
+        "logged once per quarantine, not per request: {log}"
+    );
+    assert_eq!(
+        host.metrics()
+            .plugin_calls("trap", Phase::RequestHeaders, "quarantined"),
+        8
+    );
+}
+
+#[tokio::test]
+async fn a_full_instance_pool_is_a_policy_decision_not_a_crash() {
+    // Two instances at most; each open stream holds one until it ends.
+    let host = RunningHost::start(
+        &[("stateful", STATEFUL)],
+        "[runtime]\nmax_instances = 2\n[plugins.stateful]\nfailure_status = 503\n",
+    )
+    .await;
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let (stream, answer) = open_with_id(&host, i).await;
+        assert!(matches!(answer.response, Some(Response::RequestHeaders(_))));
+        held.push(stream);
+    }
+    let (_third, answer) = open_with_id(&host, 2).await;
+    assert_eq!(
+        immediate(&answer),
+        (
+            503,
+            "wasm_extproc_plugin_failed:stateful:instantiate".to_string()
+        )
+    );
+    // Streams end, instances return to the pool, and a full pool is not the plugin's fault:
+    // no quarantine.
+    drop(held);
+    let metrics = host.metrics();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while metrics.active_streams() > 1 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let (_fourth, answer) = open_with_id(&host, 3).await;
+    assert!(
+        matches!(answer.response, Some(Response::RequestHeaders(_))),
+        "{answer:?}"
+    );
+}
+
+#[tokio::test]
+async fn malformed_unknown_and_oversized_messages_get_a_clear_status() {
+    let host = RunningHost::start(&[("asm", ASM_DEMO)], "").await;
+
+    // Not protobuf at all.
+    let status = grpc::send_raw(host.address, vec![vec![0xff, 0xff, 0xff, 0x0f, 0x01]])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Internal);
+    assert!(
+        status
+            .message()
+            .starts_with("cannot read ProcessingRequest: "),
+        "{}",
+        status.message()
+    );
+
+    // Valid protobuf, but only a field this version does not know (field 99): no phase set.
+    let status = grpc::send_raw(host.address, vec![vec![0x98, 0x06, 0x01]])
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("no request set"),
+        "{}",
+        status.message()
+    );
+
+    // Over the 8 MiB message limit.
+    let huge = grpc::request_body(&vec![b'x'; 9 << 20], true).encode_to_vec();
+    let status = grpc::send_raw(host.address, vec![huge]).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+
+    // Each of those ended only its own stream.
+    let mut stream = ExtProcStream::connect(host.address).await;
+    let answer = stream
+        .exchange(grpc::request_headers(&[(":path", "/")], true))
+        .await;
+    assert_eq!(header_sets(&answer), asm());
+    assert_eq!(host.metrics().active_streams(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousands_of_idle_streams_cost_no_instances_and_leave_nothing_behind() {
+    let host = RunningHost::start(&[("asm", ASM_DEMO)], "").await;
+    let mut client = grpc::connect(host.address).await;
+    let mut idle = Vec::new();
+    for _ in 0..2000 {
+        idle.push(ExtProcStream::open(&mut client).await);
+    }
+    let metrics = host.metrics();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while metrics.active_streams() < 2000 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("every stream is served");
+    // No message, no instance: the plugin was never instantiated.
+    let instantiated = metrics.render();
+    assert!(
+        !instantiated
+            .contains("wasm_extproc_plugin_instantiate_duration_seconds_count{plugin=\"asm\"}"),
+        "an idle stream instantiated a plugin"
+    );
+    // The client vanishes: every stream's task ends.
+    drop(idle);
+    drop(client);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while metrics.active_streams() > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("streams of a vanished client are cleaned up");
+    let mut stream = ExtProcStream::connect(host.address).await;
+    assert_eq!(
+        header_sets(
+            &stream
+                .exchange(grpc::request_headers(&[(":path", "/")], true))
+                .await
+        ),
+        asm()
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_vanishes_mid_exchange_leaves_no_instance_behind() {
+    let host =
+        RunningHost::start(&[("stateful", STATEFUL)], "[runtime]\nmax_instances = 1\n").await;
+    for i in 0..5 {
+        let (stream, answer) = open_with_id(&host, i).await;
+        // With one instance in the pool, this only works if the previous stream's was freed.
+        assert!(
+            matches!(answer.response, Some(Response::RequestHeaders(_))),
+            "{i}: {answer:?}"
+        );
+        drop(stream);
+        let metrics = host.metrics();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while metrics.active_streams() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .unwrap();
+    }
+}

@@ -1,0 +1,140 @@
+//! The same plugin in four languages, through a real Envoy: the claim that plugin authors can
+//! use the language they know holds only where it is tested. Built from source by
+//! `cargo xtask build-plugins` (see `plugins/examples/`).
+
+use extproc_testkit::echo::EchoServer;
+use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest};
+use extproc_testkit::fixtures::{
+    API_KEY_JS, ASM_DEMO, ASM_DEMO_C, ASM_DEMO_JS, ASM_DEMO_PY, Component, JSON_REWRITE_PY,
+};
+use extproc_testkit::host::RunningHost;
+
+/// JavaScript and Python components are megabytes of interpreter: compiling them takes seconds
+/// in an unoptimised test build, and a call takes longer than a Rust plugin's.
+const GENEROUS: &str =
+    "[envoy]\nmessage_timeout_ms = 5000\n[defaults]\ntimeout_ms = 1000\nmemory_limit_mib = 128\n";
+
+async fn through_envoy(
+    plugins: &[(&str, Component)],
+    toml: &str,
+    config: EnvoyConfig,
+) -> (RunningHost, EchoServer, Envoy) {
+    let host = RunningHost::start(plugins, &format!("{GENEROUS}{toml}")).await;
+    let upstream = EchoServer::start().await.unwrap();
+    let envoy = Envoy::start_with(&config, host.address, upstream.address)
+        .await
+        .unwrap();
+    (host, upstream, envoy)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_asm_demo_gives_the_same_result_in_every_language() {
+    for plugin in [ASM_DEMO, ASM_DEMO_JS, ASM_DEMO_PY, ASM_DEMO_C] {
+        let (_host, upstream, envoy) =
+            through_envoy(&[("asm", plugin)], "", EnvoyConfig::default()).await;
+        for _ in 0..3 {
+            let response = envoy.get("/headers").await.unwrap();
+            assert_eq!(response.status, 200, "{}", plugin.name());
+            assert_eq!(
+                response.header_values("x-ext-proc-header"),
+                ["hello-from-asm"],
+                "{}",
+                plugin.name()
+            );
+            let echoed = response.json().unwrap();
+            assert_eq!(
+                echoed["headers"]["X-Ext-Proc-Header"],
+                "hello-to-asm",
+                "{}",
+                plugin.name()
+            );
+        }
+        assert_eq!(upstream.seen().len(), 3);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_javascript_api_key_check_answers_401_without_a_valid_key() {
+    let (_host, upstream, envoy) = through_envoy(
+        &[("10-keys", API_KEY_JS), ("20-asm", ASM_DEMO)],
+        "[plugins.10-keys]\nconfig = '{\"header\": \"X-Api-Key\", \"keys\": [\"k-123\"]}'\n",
+        EnvoyConfig::default(),
+    )
+    .await;
+    let missing = envoy.get("/headers").await.unwrap();
+    assert_eq!(missing.status, 401);
+    assert_eq!(
+        missing.json().unwrap()["error"],
+        "missing or invalid x-api-key"
+    );
+    let wrong = envoy
+        .request("GET", "/headers", &[("x-api-key", "k-999")], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(wrong.status, 401);
+    assert!(upstream.seen().is_empty());
+
+    let allowed = envoy
+        .request("GET", "/headers", &[("x-api-key", "k-123")], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(allowed.status, 200);
+    let seen = &upstream.seen()[0];
+    assert_eq!(seen.header("x-api-key"), None, "the key is not passed on");
+    assert_eq!(
+        seen.header("x-ext-proc-header").as_deref(),
+        Some("hello-to-asm")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_json_rewrite_edits_whole_request_bodies() {
+    let (_host, upstream, envoy) = through_envoy(
+        &[("rewrite", JSON_REWRITE_PY)],
+        "[plugins.rewrite]\nconfig = '{\"source\": \"mesh\"}'\n",
+        EnvoyConfig::default().mode("request_body_mode", "BUFFERED"),
+    )
+    .await;
+    let response = envoy
+        .send(
+            &HttpRequest::new("POST", "/anything")
+                .header("content-type", "application/json")
+                .body(br#"{"order":42}"#.to_vec()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(upstream.seen()[0].body, br#"{"order":42,"source":"mesh"}"#);
+    // Not JSON: untouched.
+    let response = envoy
+        .request("POST", "/anything", &[], b"plain text".to_vec())
+        .await
+        .unwrap();
+    assert_eq!(response.body, b"plain text");
+}
+
+#[tokio::test]
+async fn compiled_plugins_are_cached_across_restarts() {
+    let cache = tempfile::tempdir().unwrap();
+    let dir = extproc_testkit::host::plugin_dir(&[("10-js", ASM_DEMO_JS), ("20-rust", ASM_DEMO)]);
+    let toml = format!(
+        "[runtime]\ncache_dir = {:?}\n",
+        cache.path().display().to_string()
+    );
+    let config = extproc_testkit::host::config(dir.path(), &toml);
+
+    let first = wasm_extproc::Host::load(&config).await.unwrap();
+    assert_eq!(
+        first.compile_cache_stats(),
+        Some((0, 2)),
+        "a cold start compiles both"
+    );
+    drop(first);
+    let second = wasm_extproc::Host::load(&config).await.unwrap();
+    assert_eq!(
+        second.compile_cache_stats(),
+        Some((2, 0)),
+        "a restart compiles nothing"
+    );
+    assert_eq!(second.current().unwrap().chain.plugins().len(), 2);
+}

@@ -1,0 +1,206 @@
+//! The example plugins in other languages (`plugins/examples/`): their toolchains, installed
+//! into target/tools from the registries, and their builds, into the same directory as the
+//! Rust components (`target/wasm32-wasip2/release/<name>.wasm`).
+//!
+//! | language | toolchain (pinned) |
+//! |---|---|
+//! | JavaScript | npm `@bytecodealliance/componentize-js` 0.23.0 (StarlingMonkey), with `@bytecodealliance/preview2-shim` 0.17.9 |
+//! | Python | PyPI `componentize-py` 0.25.1 |
+//! | C | Debian `clang-19`, `lld-19`, `wasi-libc`, `libclang-rt-19-dev-wasm32`; crates.io `wit-bindgen-cli` 0.61.1 for the bindings; jco's WASI adapter to make the component |
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Context;
+use extproc_testkit::repo_root;
+
+use crate::{run, target_dir};
+
+/// npm packages, pinned: componentize-js builds JavaScript plugins (it needs the 0.17 line of
+/// preview2-shim to run), jco supplies the WASI adapter for the C example.
+const NPM_PACKAGES: [&str; 3] = [
+    "@bytecodealliance/componentize-js@0.23.0",
+    "@bytecodealliance/preview2-shim@0.17.9",
+    "@bytecodealliance/jco@1.35.0",
+];
+pub const COMPONENTIZE_PY: &str = "componentize-py==0.25.1";
+pub const WIT_BINDGEN_VERSION: &str = "0.61.1";
+const APT_PACKAGES: [&str; 4] = [
+    "clang-19",
+    "lld-19",
+    "wasi-libc",
+    "libclang-rt-19-dev-wasm32",
+];
+
+/// Each example: (language directory, source, output component name).
+pub const EXAMPLES: [(&str, &str, &str); 5] = [
+    ("javascript", "asm-demo.js", "asm_demo_js"),
+    ("javascript", "api-key.js", "api_key_js"),
+    ("python", "asm_demo", "asm_demo_py"),
+    ("python", "json_rewrite", "json_rewrite_py"),
+    ("c", "asm_demo.c", "asm_demo_c"),
+];
+
+fn tools() -> PathBuf {
+    target_dir().join("tools")
+}
+
+fn jco() -> PathBuf {
+    tools().join("jco/node_modules/.bin/jco")
+}
+
+fn wit_bindgen() -> PathBuf {
+    tools().join("cargo/bin/wit-bindgen")
+}
+
+/// Installs every example toolchain that is not there yet.
+pub fn install() -> anyhow::Result<()> {
+    let marker = tools().join("jco/.installed");
+    let wanted = NPM_PACKAGES.join(" ");
+    if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.as_str()) {
+        std::fs::create_dir_all(tools().join("jco"))?;
+        run(Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(tools().join("jco"))
+            .args(NPM_PACKAGES))?;
+        std::fs::write(&marker, &wanted)?;
+    }
+    // componentize-py goes into the tools venv with the test tools (see `install_validators`).
+    let clang = Command::new("clang-19").arg("--version").output();
+    let sysroot = Path::new("/usr/lib/wasm32-wasi/libc.a").is_file();
+    let runtime = Path::new("/usr/lib/llvm-19/lib/clang/19/lib/wasi").is_dir();
+    if clang.is_err() || !sysroot || !runtime {
+        let install = |update: bool| {
+            if update {
+                run(Command::new("apt-get").args(["update", "-qq"]))?;
+            }
+            run(Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(APT_PACKAGES)
+                .env("DEBIAN_FRONTEND", "noninteractive"))
+        };
+        // A fresh machine's package lists may be stale or missing.
+        install(false).or_else(|_| install(true))?;
+    }
+    let installed = Command::new(wit_bindgen()).arg("--version").output();
+    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(WIT_BINDGEN_VERSION)) {
+        run(crate::cargo()
+            .args([
+                "install",
+                "--locked",
+                "--quiet",
+                "wit-bindgen-cli",
+                "--version",
+                WIT_BINDGEN_VERSION,
+                "--root",
+            ])
+            .arg(tools().join("cargo")))?;
+    }
+    Ok(())
+}
+
+fn out_path(name: &str) -> PathBuf {
+    target_dir()
+        .join("wasm32-wasip2/release")
+        .join(format!("{name}.wasm"))
+}
+
+/// Whether `output` is newer than every file in `inputs` (directories: their files).
+fn fresh(output: &Path, inputs: &[PathBuf]) -> bool {
+    let Ok(built) = output.metadata().and_then(|m| m.modified()) else {
+        return false;
+    };
+    let mut files = Vec::new();
+    for input in inputs {
+        match std::fs::read_dir(input) {
+            Ok(entries) => files.extend(entries.flatten().map(|e| e.path())),
+            Err(_) => files.push(input.clone()),
+        }
+    }
+    files.iter().all(|f| {
+        f.metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t <= built)
+    })
+}
+
+/// Builds every example (skipping those already up to date).
+pub fn build() -> anyhow::Result<()> {
+    let root = repo_root();
+    let wit = root.join("wit");
+    let examples = root.join("plugins/examples");
+    std::fs::create_dir_all(out_path("x").parent().expect("has a parent"))?;
+    for (language, source, name) in EXAMPLES {
+        let dir = examples.join(language);
+        let output = out_path(name);
+        if fresh(&output, &[dir.clone(), wit.join("processor.wit")]) {
+            continue;
+        }
+        match language {
+            // componentize-js reads its inputs through a WASI sandbox rooted at the working
+            // directory: paths must be relative to it.
+            "javascript" => run(Command::new(
+                tools().join("jco/node_modules/.bin/componentize-js"),
+            )
+            .current_dir(&root)
+            .arg(Path::new("plugins/examples/javascript").join(source))
+            .args([
+                "--wit",
+                "wit",
+                "-n",
+                "plugin",
+                "-d",
+                "http",
+                "-d",
+                "fetch-event",
+                "-o",
+            ])
+            .arg(&output))?,
+            "python" => run(Command::new(tools().join("py/bin/componentize-py"))
+                .current_dir(&dir)
+                .arg("-d")
+                .arg(&wit)
+                .args(["-w", "plugin", "componentize", source, "-o"])
+                .arg(&output))?,
+            "c" => build_c(&dir, source, &wit, &output)?,
+            other => anyhow::bail!("no build for {other}"),
+        }
+    }
+    Ok(())
+}
+
+/// C: bindings from wit-bindgen, a WASI preview 1 reactor module from clang and wasi-libc,
+/// then a component through the WASI preview 1 adapter.
+fn build_c(dir: &Path, source: &str, wit: &Path, output: &Path) -> anyhow::Result<()> {
+    let work = target_dir().join("examples-c");
+    let bindings = work.join("bindings");
+    std::fs::create_dir_all(&bindings)?;
+    run(Command::new(wit_bindgen())
+        .args(["c", "--world", "plugin", "--out-dir"])
+        .arg(&bindings)
+        .arg(wit))?;
+    let core = work.join(format!("{source}.core.wasm"));
+    run(Command::new("clang-19")
+        .args([
+            // Debian's wasi-libc is installed for the `wasm32-wasi` (preview 1) triple.
+            "--target=wasm32-wasi",
+            "--sysroot=/usr",
+            "-mexec-model=reactor",
+            "-O2",
+            "-Wall",
+            "-Werror",
+        ])
+        .arg("-I")
+        .arg(&bindings)
+        .arg(dir.join(source))
+        .arg(bindings.join("plugin.c"))
+        .arg(bindings.join("plugin_component_type.o"))
+        .arg("-o")
+        .arg(&core))
+    .context("building the C example")?;
+    run(Command::new(jco())
+        .arg("new")
+        .arg(&core)
+        .args(["--wasi-reactor", "-o"])
+        .arg(output))
+}
