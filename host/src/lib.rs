@@ -17,16 +17,18 @@
 //! # Request flow
 //!
 //! ```text
-//! Envoy ext_proc filter ──gRPC stream──▶ ext_proc::service (one task per stream)
-//!    ProcessingRequest ─▶ convert::inbound ─▶ protocol::accept ─▶ chain::StreamChain::run
+//! Envoy ext_proc filter ──gRPC stream──▶ ext_proc::service (one task per stream, on the
+//!                                         registry's current generation)
+//!    ProcessingRequest ─▶ convert::inbound ─▶ protocol::observe ─▶ chain::StreamChain::run
 //!                                                                  │ for each plugin that handles the phase:
-//!                                                                  │   instantiate on first use (pooling allocator)
-//!                                                                  │   runtime::Instance::call (deadline, memory limit)
+//!                                                                  │   breaker admits? instantiate on first use (pooling allocator)
+//!                                                                  │   runtime::Instance::call (deadline, memory limit), guard::check
 //!                                                                  │   failure ─▶ policy: skip plugin, or answer with an error
-//!    ProcessingResponse ◀─ convert::outbound ◀─ Verdict (continue with changes | immediate response)
+//!    ProcessingResponse(s) ◀─ convert::replies ◀─ Verdict (continue | held | immediate response)
+//!                             (+ mode_override; the stream closes once nothing needed can come)
 //! ```
 //!
-//! Components are compiled and linked once, at load ([`runtime::Plugin`]); every stream gets
+//! Components are compiled and linked once per version ([`runtime::Plugin`]); every stream gets
 //! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another.
 
 pub mod admin;
