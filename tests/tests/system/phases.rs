@@ -283,6 +283,19 @@ fn streamed_pieces(answer: &ProcessingResponse) -> (Vec<u8>, bool) {
     }
 }
 
+/// A stream whose request headers said: request bodies come FULL_DUPLEX_STREAMED.
+async fn full_duplex_request(host: &RunningHost) -> ExtProcStream {
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .exchange(with_modes(
+            grpc::request_headers(&[(":path", "/")], false),
+            BodySendMode::FullDuplexStreamed,
+            BodySendMode::None,
+        ))
+        .await;
+    stream
+}
+
 #[tokio::test]
 async fn whole_bodies_are_held_in_full_duplex_mode_and_let_go_at_the_end_or_at_trailers() {
     let host = RunningHost::start(
@@ -292,14 +305,7 @@ async fn whole_bodies_are_held_in_full_duplex_mode_and_let_go_at_the_end_or_at_t
     .await;
 
     // Ends with end-of-stream: nothing is answered until then, then the redacted whole.
-    let mut stream = ExtProcStream::connect(host.address).await;
-    stream
-        .exchange(with_modes(
-            grpc::request_headers(&[(":path", "/")], false),
-            BodySendMode::FullDuplexStreamed,
-            BodySendMode::None,
-        ))
-        .await;
+    let mut stream = full_duplex_request(&host).await;
     stream
         .send(grpc::request_body(br#"{"user":"al","pass"#, false))
         .await;
@@ -317,14 +323,7 @@ async fn whole_bodies_are_held_in_full_duplex_mode_and_let_go_at_the_end_or_at_t
     );
 
     // Ends with trailers: the held body goes out, then the trailers' answer.
-    let mut stream = ExtProcStream::connect(host.address).await;
-    stream
-        .exchange(with_modes(
-            grpc::request_headers(&[(":path", "/")], false),
-            BodySendMode::FullDuplexStreamed,
-            BodySendMode::None,
-        ))
-        .await;
+    let mut stream = full_duplex_request(&host).await;
     stream
         .send(grpc::request_body(br#"{"password":"#, false))
         .await;
