@@ -58,6 +58,16 @@ impl ExtProcStream {
         Self::open(&mut connect(address).await).await
     }
 
+    /// Connects, opens a stream and exchanges request headers for `/` with more to come: a
+    /// stream with an exchange in flight.
+    pub async fn begin(address: SocketAddr) -> ExtProcStream {
+        let mut stream = Self::connect(address).await;
+        stream
+            .exchange(request_headers(&[(":path", "/")], false))
+            .await;
+        stream
+    }
+
     /// Sends a message without waiting for an answer.
     pub async fn send(&self, request: ProcessingRequest) {
         self.sender.send(request).await.expect("stream open");

@@ -196,10 +196,7 @@ async fn assert_asm_still_served(host: &RunningHost) {
 #[tokio::test]
 async fn response_headers_may_come_while_the_request_body_still_streams() {
     let host = RunningHost::start(&[("tag", TAGGER)], "[plugins.tag]\nconfig = \"t\"\n").await;
-    let mut stream = ExtProcStream::connect(host.address).await;
-    stream
-        .exchange(grpc::request_headers(&[(":path", "/")], false))
-        .await;
+    let mut stream = ExtProcStream::begin(host.address).await;
     stream.exchange(grpc::request_body(b"a", false)).await;
     // The upstream answered early (e.g. 413 or a stream): the response starts, the request
     // body goes on.
@@ -220,10 +217,7 @@ async fn response_headers_may_come_while_the_request_body_still_streams() {
 async fn envoy_going_away_mid_stream_leaves_the_host_serving() {
     let host = RunningHost::start(&[("asm-demo", ASM_DEMO)], "").await;
     for _ in 0..20 {
-        let mut stream = ExtProcStream::connect(host.address).await;
-        stream
-            .exchange(grpc::request_headers(&[(":path", "/")], false))
-            .await;
+        let stream = ExtProcStream::begin(host.address).await;
         // Envoy resets the stream (client went away) before the response.
         drop(stream);
     }
@@ -233,10 +227,7 @@ async fn envoy_going_away_mid_stream_leaves_the_host_serving() {
 #[tokio::test]
 async fn the_host_closes_the_stream_once_no_plugin_needs_anything_more() {
     let host = RunningHost::start(&[("asm-demo", ASM_DEMO)], "").await;
-    let mut stream = ExtProcStream::connect(host.address).await;
-    stream
-        .exchange(grpc::request_headers(&[(":path", "/")], false))
-        .await;
+    let mut stream = ExtProcStream::begin(host.address).await;
     stream
         .exchange(grpc::response_headers(&[(":status", "200")], false))
         .await;
