@@ -57,8 +57,10 @@ async fn check(config: Config) -> anyhow::Result<()> {
 /// a plugin that fails to load stops start-up.
 async fn serve(config: Config, cli: Cli) -> anyhow::Result<()> {
     let host = Host::with_source(config.clone(), Box::new(move || Config::load(&cli)))?;
+    // Before listening: a SIGTERM from the moment the port is open must drain, not kill.
+    let stop = shutdown::signal();
     let listeners = Listeners::bind(&config).await?;
-    let serving = host.serve(listeners, shutdown::signal());
+    let serving = host.serve(listeners, stop);
     tokio::pin!(serving);
     tokio::select! {
         result = &mut serving => return result,

@@ -1,26 +1,31 @@
 //! Signals: SIGTERM (Kubernetes, systemd) and Ctrl-C stop the server; SIGHUP reloads it.
 
+use std::future::Future;
+
 use crate::Host;
 
-/// Completes when the process is asked to stop.
-pub async fn signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut term) => {
-                term.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+/// A future that completes when the process is asked to stop. The handlers are installed
+/// when this is called, not when the future is first polled: call it before listening, so a
+/// SIGTERM that arrives during start-up drains instead of killing the process.
+pub fn signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate()).ok();
+    let interrupt = signal(SignalKind::interrupt()).ok();
+    async move {
+        tokio::select! {
+            () = received(interrupt) => tracing::info!("interrupted; shutting down"),
+            () = received(term) => tracing::info!("SIGTERM; shutting down"),
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("interrupted; shutting down"),
-        () = term => tracing::info!("SIGTERM; shutting down"),
+    }
+}
+
+/// Completes when `signal` arrives; never, if its handler could not be installed.
+async fn received(signal: Option<tokio::signal::unix::Signal>) {
+    match signal {
+        Some(mut signal) => {
+            signal.recv().await;
+        }
+        None => std::future::pending().await,
     }
 }
 
