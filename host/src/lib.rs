@@ -52,7 +52,8 @@ use std::time::Duration;
 use anyhow::Context;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_stream::wrappers::UnixListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 
@@ -74,6 +75,15 @@ type ExtProcServer = ExternalProcessorServer<ExtProcService>;
 const DRAIN_POLL: Duration = Duration::from_millis(20);
 /// How long closing listeners may take once draining is over.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Connections accepted on `listener`, ready for gRPC. Every ext_proc exchange is a small
+/// write answered by a small write: with Nagle's algorithm on, each answer waits for Envoy's
+/// delayed ACK of the one before, some 40 ms per exchange. tonic sets `TCP_NODELAY` only on
+/// listeners it binds itself, so a listener bound here (before plugins load, for the health
+/// probes) must ask for it.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
 
 /// The host: the runtime, the plugin registry, metrics and health.
 pub struct Host {
@@ -327,7 +337,7 @@ impl Host {
             match listeners.ext_proc {
                 Listener::Tcp(listener) => {
                     router
-                        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+                        .serve_with_incoming_shutdown(incoming(listener), signal)
                         .await
                 }
                 Listener::Unix(listener, _) => {
@@ -359,5 +369,23 @@ impl Host {
             Ok(result) => result,
             Err(_) => Ok(()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+
+    use super::*;
+
+    /// Without `TCP_NODELAY` every ext_proc answer after the first waits out a delayed ACK.
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut incoming = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
     }
 }
