@@ -120,9 +120,11 @@ impl ResourceLimiter for MemoryLimiter {
 
 /// Everything one store holds: one plugin instance serving one stream.
 pub struct StoreState {
-    plugin: String,
-    config: String,
-    wasi: WasiCtx,
+    plugin: Arc<str>,
+    settings: Arc<PluginSettings>,
+    /// Made on the first WASI call: most plugins never make one, and building a context
+    /// (clocks, random sources) is a measurable part of a stream's cost.
+    wasi: Option<WasiCtx>,
     table: ResourceTable,
     pub limits: MemoryLimiter,
     pub timeout: Duration,
@@ -137,19 +139,17 @@ pub struct StoreState {
 }
 
 impl StoreState {
-    pub fn new(plugin: &str, settings: &PluginSettings) -> Self {
+    pub fn new(plugin: Arc<str>, settings: Arc<PluginSettings>) -> Self {
         StoreState {
-            plugin: plugin.to_string(),
-            config: settings.config.clone(),
-            // No preopened directories, no environment, no arguments, no sockets: a plugin
-            // sees nothing of the host unless the operator grants it.
-            wasi: WasiCtx::builder().build(),
+            plugin,
+            wasi: None,
             table: ResourceTable::new(),
             limits: MemoryLimiter {
                 limit: settings.budget.memory_limit_bytes,
                 exceeded: false,
             },
             timeout: settings.budget.timeout,
+            settings,
             call_started: None,
             phase: None,
             lent: None,
@@ -192,7 +192,9 @@ impl StoreState {
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            // No preopened directories, no environment, no arguments, no sockets: a plugin
+            // sees nothing of the host unless the operator grants it.
+            ctx: self.wasi.get_or_insert_with(|| WasiCtx::builder().build()),
             table: &mut self.table,
         }
     }
@@ -301,7 +303,7 @@ impl host::Host for StoreState {
             message.truncate(cut);
             message.push_str("...");
         }
-        let plugin = self.plugin.as_str();
+        let plugin = &*self.plugin;
         let phase = self.phase.map(Phase::as_str).unwrap_or("load");
         match level {
             host::LogLevel::Trace => tracing::trace!(target: "plugin", plugin, phase, "{message}"),
@@ -314,7 +316,7 @@ impl host::Host for StoreState {
     }
 
     fn config(&mut self) -> Result<String> {
-        Ok(self.config.clone())
+        Ok(self.settings.config.clone())
     }
 }
 
