@@ -9,20 +9,21 @@ out=${1:?usage: deploy/build.sh OUT_DIR}
 root=$(cd "$(dirname "$0")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$root/target}
 
-if ! rustup target list --installed | grep -qx wasm32-wasip2; then
-    rustup target add wasm32-wasip2
+# The bundled plugins need no WASI: plugins/.cargo/config.toml builds them for this target.
+wasm=wasm32-unknown-unknown
+if ! rustup target list --installed | grep -qx $wasm; then
+    rustup target add $wasm
 fi
 cargo build --locked --release --package wasm-extproc --manifest-path "$root/Cargo.toml" \
     --target-dir "$target"
-cargo build --locked --release --target wasm32-wasip2 --manifest-path "$root/plugins/Cargo.toml" \
-    --target-dir "$target"
+(cd "$root/plugins" && cargo build --locked --release --target $wasm --target-dir "$target")
 
 mkdir -p "$out/bin" "$out/plugins"
 install -m 0755 "$target/release/wasm-extproc" "$out/bin/wasm-extproc"
 # The default chain: the ASM demo plugin. The other bundled plugins ship beside it, unused
 # until copied into a plugins directory.
-install -m 0644 "$target/wasm32-wasip2/release/asm_demo.wasm" "$out/plugins/10-asm-demo.wasm"
+install -m 0644 "$target/$wasm/release/asm_demo.wasm" "$out/plugins/10-asm-demo.wasm"
 mkdir -p "$out/examples"
 for plugin in bearer_auth json_redact; do
-    install -m 0644 "$target/wasm32-wasip2/release/$plugin.wasm" "$out/examples/$plugin.wasm"
+    install -m 0644 "$target/$wasm/release/$plugin.wasm" "$out/examples/$plugin.wasm"
 done

@@ -90,7 +90,12 @@ fn built(name: &str) -> std::path::PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join(format!("wasm32-wasip2/release/{name}.wasm"));
+    // The bundled plugins need no WASI (plugins/.cargo/config.toml); fixtures use it.
+    let path = ["wasm32-unknown-unknown", "wasm32-wasip2"]
+        .map(|t| target.join(format!("{t}/release/{name}.wasm")))
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| target.join(format!("wasm32-wasip2/release/{name}.wasm")));
     assert!(
         path.is_file(),
         "{} missing: run `cargo xtask build-plugins`",

@@ -3,60 +3,65 @@
 
 use std::path::PathBuf;
 
-/// A component the build produces, by crate name.
+/// A component the build produces, by crate name, and the target it is built for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Component(&'static str);
+pub struct Component(&'static str, &'static str);
+
+/// The bundled plugins (`plugins/`) need no WASI and build for this target.
+pub const BUNDLED_TARGET: &str = "wasm32-unknown-unknown";
+/// Fixtures and the other languages' examples build for WASI 0.2.
+pub const WASI_TARGET: &str = "wasm32-wasip2";
 
 /// The bundled ASM demo plugin (`plugins/asm-demo`).
-pub const ASM_DEMO: Component = Component("asm_demo");
+pub const ASM_DEMO: Component = Component("asm_demo", BUNDLED_TARGET);
 /// The ASM demo plugin in JavaScript (`plugins/examples/javascript`, jco + QuickJS).
-pub const ASM_DEMO_JS: Component = Component("asm_demo_js");
+pub const ASM_DEMO_JS: Component = Component("asm_demo_js", WASI_TARGET);
 /// Rejects requests without a configured API key (JavaScript).
-pub const API_KEY_JS: Component = Component("api_key_js");
+pub const API_KEY_JS: Component = Component("api_key_js", WASI_TARGET);
 /// The ASM demo plugin in Python (`plugins/examples/python`, componentize-py).
-pub const ASM_DEMO_PY: Component = Component("asm_demo_py");
+pub const ASM_DEMO_PY: Component = Component("asm_demo_py", WASI_TARGET);
 /// Adds configured fields to JSON request bodies (Python).
-pub const JSON_REWRITE_PY: Component = Component("json_rewrite_py");
+pub const JSON_REWRITE_PY: Component = Component("json_rewrite_py", WASI_TARGET);
 /// The ASM demo plugin in C (`plugins/examples/c`, clang + wasi-libc + wit-bindgen).
-pub const ASM_DEMO_C: Component = Component("asm_demo_c");
+pub const ASM_DEMO_C: Component = Component("asm_demo_c", WASI_TARGET);
 /// The bundled JSON redaction example (`plugins/json-redact`): whole bodies, both directions.
-pub const JSON_REDACT: Component = Component("json_redact");
+pub const JSON_REDACT: Component = Component("json_redact", BUNDLED_TARGET);
 /// The bundled bearer-token example (`plugins/bearer-auth`): 401 on request headers.
-pub const BEARER_AUTH: Component = Component("bearer_auth");
+pub const BEARER_AUTH: Component = Component("bearer_auth", BUNDLED_TARGET);
 /// Upper-cases body chunks in both directions.
-pub const SHOUT: Component = Component("shout");
+pub const SHOUT: Component = Component("shout", WASI_TARGET);
 /// Answers 403 at the phase its configuration names.
-pub const GATE: Component = Component("gate");
+pub const GATE: Component = Component("gate", WASI_TARGET);
 /// Reports attributes and metadata as headers, sets dynamic metadata, reroutes on request.
-pub const CONTEXT_PROBE: Component = Component("context_probe");
+pub const CONTEXT_PROBE: Component = Component("context_probe", WASI_TARGET);
 /// Produces the invalid output its configuration names.
-pub const MISBEHAVE: Component = Component("misbehave");
+pub const MISBEHAVE: Component = Component("misbehave", WASI_TARGET);
 /// Busy-waits as many milliseconds as configured.
-pub const SLOW: Component = Component("slow");
+pub const SLOW: Component = Component("slow", WASI_TARGET);
 /// The ASM plugin's next version: `-v2` header values.
-pub const ASM_V2: Component = Component("asm_v2");
+pub const ASM_V2: Component = Component("asm_v2", WASI_TARGET);
 /// Handles all six phases, marking each with its configuration string.
-pub const TAGGER: Component = Component("tagger");
+pub const TAGGER: Component = Component("tagger", WASI_TARGET);
 /// Remembers the request id for the response and counts hook calls in a global.
-pub const STATEFUL: Component = Component("stateful");
+pub const STATEFUL: Component = Component("stateful", WASI_TARGET);
 /// Panics (or hits `unreachable` when configured so) on request headers.
-pub const TRAP: Component = Component("trap");
+pub const TRAP: Component = Component("trap", WASI_TARGET);
 /// Loops forever on request headers.
-pub const SPIN: Component = Component("spin");
+pub const SPIN: Component = Component("spin", WASI_TARGET);
 /// Allocates without bound on request headers.
-pub const MEMORY_HOG: Component = Component("memory_hog");
+pub const MEMORY_HOG: Component = Component("memory_hog", WASI_TARGET);
 /// Reports what it can see of the host: environment, arguments, filesystem.
-pub const SANDBOX_PROBE: Component = Component("sandbox_probe");
+pub const SANDBOX_PROBE: Component = Component("sandbox_probe", WASI_TARGET);
 /// Recurses until the stack overflows.
-pub const RECURSE: Component = Component("recurse");
+pub const RECURSE: Component = Component("recurse", WASI_TARGET);
 /// A 10 MiB header value, or (configured `count`) 5,000 headers.
-pub const FLOOD: Component = Component("flood");
+pub const FLOOD: Component = Component("flood", WASI_TARGET);
 /// Traps on request ids divisible by its configuration (or one in N at random).
-pub const FLAKY: Component = Component("flaky");
+pub const FLAKY: Component = Component("flaky", WASI_TARGET);
 /// Imports `acme:vault/secrets`, which the host does not provide.
-pub const BAD_IMPORT: Component = Component("bad_import");
+pub const BAD_IMPORT: Component = Component("bad_import", WASI_TARGET);
 /// Built against contract version 0.0.9.
-pub const WRONG_CONTRACT: Component = Component("wrong_contract");
+pub const WRONG_CONTRACT: Component = Component("wrong_contract", WASI_TARGET);
 
 impl Component {
     pub fn name(self) -> &'static str {
@@ -69,7 +74,7 @@ impl Component {
             .map(PathBuf::from)
             .unwrap_or_else(|| crate::repo_root().join("target"));
         let path = target
-            .join("wasm32-wasip2")
+            .join(self.1)
             .join("release")
             .join(format!("{}.wasm", self.0));
         assert!(

@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{self, Envoy};
+use extproc_testkit::fixtures::{BUNDLED_TARGET, WASI_TARGET};
 use extproc_testkit::repo_root;
 
 mod languages;
@@ -38,9 +39,12 @@ const NODE_PACKAGES: [&str; 2] = [
     "@kubernetes-models/istio@3.0.1",
     "@kubernetes-models/envoy-gateway@2.0.0",
 ];
-const WASM_TARGET: &str = "wasm32-wasip2";
-/// Guest workspaces: each builds for the wasm target into the shared target directory.
-const GUEST_WORKSPACES: [&str; 2] = ["plugins", "tests/fixtures"];
+/// The wasm targets guests build for: plugins needing no WASI, and the rest.
+const WASM_TARGETS: [&str; 2] = [BUNDLED_TARGET, WASI_TARGET];
+/// Guest workspaces and their targets (`plugins/.cargo/config.toml` explains the bundled
+/// plugins' one). Each builds into the shared target directory.
+const GUEST_WORKSPACES: [(&str, &str); 2] =
+    [("plugins", BUNDLED_TARGET), ("tests/fixtures", WASI_TARGET)];
 
 #[derive(Debug, Parser)]
 #[command(name = "cargo xtask")]
@@ -51,7 +55,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Verb {
-    /// Install the wasm32-wasip2 target and Envoy (into target/tools).
+    /// Install the wasm targets, Envoy (into target/tools) and the other languages' toolchains.
     Setup,
     /// Build the bundled plugins and the test fixtures into components.
     BuildPlugins,
@@ -160,12 +164,12 @@ fn setup_base() -> anyhow::Result<()> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
-        .context("rustup is needed to add the wasm32-wasip2 target")?;
-    if !String::from_utf8_lossy(&installed.stdout)
-        .lines()
-        .any(|t| t == WASM_TARGET)
-    {
-        run(Command::new("rustup").args(["target", "add", WASM_TARGET]))?;
+        .context("rustup is needed to add the wasm targets")?;
+    let installed = String::from_utf8_lossy(&installed.stdout);
+    for target in WASM_TARGETS {
+        if !installed.lines().any(|t| t == target) {
+            run(Command::new("rustup").args(["target", "add", target]))?;
+        }
     }
 
     let venv = envoy_venv();
@@ -242,16 +246,10 @@ fn build_plugins() -> anyhow::Result<()> {
 
 /// The Rust plugins and fixtures (no other toolchain needed).
 fn build_rust_plugins() -> anyhow::Result<()> {
-    for workspace in GUEST_WORKSPACES {
+    for (workspace, target) in GUEST_WORKSPACES {
         run(cargo()
             .current_dir(repo_root().join(workspace))
-            .args([
-                "build",
-                "--release",
-                "--target",
-                WASM_TARGET,
-                "--target-dir",
-            ])
+            .args(["build", "--release", "--target", target, "--target-dir"])
             .arg(target_dir()))?;
     }
     Ok(())
@@ -261,22 +259,16 @@ fn test() -> anyhow::Result<()> {
     let started = Instant::now();
     setup()?;
     run(cargo().args(["fmt", "--all", "--check"]))?;
-    for workspace in GUEST_WORKSPACES {
+    for (workspace, _) in GUEST_WORKSPACES {
         run(cargo()
             .current_dir(repo_root().join(workspace))
             .args(["fmt", "--all", "--check"]))?;
     }
     build_plugins()?;
-    for workspace in GUEST_WORKSPACES {
+    for (workspace, target) in GUEST_WORKSPACES {
         run(cargo()
             .current_dir(repo_root().join(workspace))
-            .args([
-                "clippy",
-                "--release",
-                "--target",
-                WASM_TARGET,
-                "--target-dir",
-            ])
+            .args(["clippy", "--release", "--target", target, "--target-dir"])
             .arg(target_dir())
             .args(["--", "-D", "warnings"]))?;
     }

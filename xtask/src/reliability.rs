@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{self, Envoy};
+use extproc_testkit::fixtures::{ASM_DEMO, FLAKY};
 
 use crate::{KillOnDrop, cargo, run as run_command, target_dir, wait_until_ready};
 
@@ -155,9 +156,8 @@ async fn one_run(
     let dir = tempfile::tempdir()?;
     let plugins = dir.path().join("plugins");
     std::fs::create_dir(&plugins)?;
-    let release = target_dir().join("wasm32-wasip2/release");
-    std::fs::copy(release.join("flaky.wasm"), plugins.join("10-flaky.wasm"))?;
-    std::fs::copy(release.join("asm_demo.wasm"), plugins.join("20-asm.wasm"))?;
+    std::fs::copy(FLAKY.path(), plugins.join("10-flaky.wasm"))?;
+    std::fs::copy(ASM_DEMO.path(), plugins.join("20-asm.wasm"))?;
     let config = dir.path().join("host.toml");
     std::fs::write(
         &config,
