@@ -9,12 +9,15 @@
 
 #![expect(clippy::print_stdout, reason = "a benchmark reports on stdout")]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{WASI, components, request_headers, response_headers};
 use wasm_extproc::config::Config;
-use wasm_extproc::http::{ExchangeContext, HeaderMap, Message, Phase};
+use wasm_extproc::http::{ExchangeContext, Message, Phase};
 use wasm_extproc::runtime::{PoolLimits, Runtime};
 
 const LANGUAGES: [(&str, &str); 4] = [
@@ -23,13 +26,6 @@ const LANGUAGES: [(&str, &str); 4] = [
     ("JavaScript", "asm_demo_js"),
     ("Python", "asm_demo_py"),
 ];
-
-fn components() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    target.join("wasm32-wasip2/release")
-}
 
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
@@ -43,47 +39,6 @@ fn runtime(cache: Option<&Path>) -> Runtime {
         cache_dir: cache.map(Path::to_path_buf),
     })
     .expect("runtime")
-}
-
-/// Request headers as Envoy sends them for a typical API call.
-fn request_headers() -> Message {
-    let entries = [
-        (":authority", "httpbin.default.svc.cluster.local:8000"),
-        (":path", "/headers"),
-        (":method", "GET"),
-        (":scheme", "http"),
-        ("user-agent", "curl/8.5.0"),
-        ("accept", "*/*"),
-        ("x-forwarded-proto", "http"),
-        ("x-request-id", "6b8e9f3a-2c1d-4e5f-8a9b-0c1d2e3f4a5b"),
-        ("x-b3-traceid", "80f198ee56343ba864fe8b2a57d3eff7"),
-        ("x-b3-spanid", "e457b5a2e4d86bd1"),
-        ("x-b3-sampled", "1"),
-        ("x-envoy-attempt-count", "1"),
-    ];
-    Message::Headers {
-        headers: HeaderMap::from_entries(
-            entries.map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
-        ),
-        end_of_stream: true,
-    }
-}
-
-fn response_headers() -> Message {
-    let entries = [
-        (":status", "200"),
-        ("content-type", "application/json"),
-        ("content-length", "512"),
-        ("date", "Thu, 26 Nov 2026 10:00:00 GMT"),
-        ("server", "envoy"),
-        ("x-envoy-upstream-service-time", "2"),
-    ];
-    Message::Headers {
-        headers: HeaderMap::from_entries(
-            entries.map(|(n, v)| (n.to_string(), v.as_bytes().to_vec())),
-        ),
-        end_of_stream: false,
-    }
 }
 
 fn main() {
@@ -104,7 +59,7 @@ fn main() {
     );
     let mut rust_stream = None;
     for (language, name) in LANGUAGES {
-        let path = components().join(format!("{name}.wasm"));
+        let path = components(WASI).join(format!("{name}.wasm"));
         let Ok(bytes) = std::fs::read(&path) else {
             eprintln!(
                 "{} missing: run `cargo xtask build-plugins`",
@@ -174,7 +129,7 @@ fn main() {
         ));
     }
     print!("{table}");
-    let out = components().join("../../bench");
+    let out = components(WASI).join("../../bench");
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("languages.md"), &table).unwrap();
 }

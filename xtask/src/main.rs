@@ -5,6 +5,7 @@
 //! - `cargo xtask build-plugins`  build the bundled plugins and test fixtures into components
 //! - `cargo xtask demo`           the ASM guide's result on this machine, through a real Envoy
 //! - `cargo xtask test`           every check and test; what CI runs
+//! - `cargo xtask bench`          the benchmark suite, into BENCHMARKS.md
 
 #![expect(clippy::print_stdout, reason = "the demo prints what `curl -i` would")]
 
@@ -21,6 +22,7 @@ use extproc_testkit::envoy::{self, Envoy};
 use extproc_testkit::fixtures::{BUNDLED_TARGET, WASI_TARGET};
 use extproc_testkit::repo_root;
 
+mod bench;
 mod languages;
 mod reliability;
 
@@ -87,6 +89,10 @@ enum Verb {
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
     },
+    /// The benchmark suite: in-process criterion benchmarks, memory against open streams, and
+    /// four setups through a real Envoy (none, Lua, wasm-extproc, a native ext_proc server).
+    /// Writes BENCHMARKS.md, bench/plots/ and bench/results.json. Not part of `test`.
+    Bench(bench::Options),
 }
 
 fn main() -> std::process::ExitCode {
@@ -121,6 +127,7 @@ fn dispatch(verb: Verb) -> anyhow::Result<()> {
             build_rust_plugins()?;
             reliability::run(requests, concurrency)
         }
+        Verb::Bench(options) => bench::run_suite(&options),
     }
 }
 
@@ -286,6 +293,8 @@ fn test() -> anyhow::Result<()> {
             .env("ENVOY_BIN", envoy_venv().join("bin/envoy")),
     )?;
     build_dist()?;
+    // Benchmarks are not run here, but they must keep building (`cargo xtask bench` runs them).
+    run(cargo().args(["bench", "--workspace", "--no-run"]))?;
     let (deploy_passed, deploy_failed) = run_tests(
         Command::new(target_dir().join("tools/py/bin/pytest"))
             .args(["-q", "-p", "no:cacheprovider"])

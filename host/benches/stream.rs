@@ -1,0 +1,260 @@
+//! In-process costs of the Wasm work, with criterion:
+//!
+//! - `stream/asm_demo`: what one ext_proc stream costs the bundled plugin -- instantiate from
+//!   the pre-linked component, run both header phases, drop the instance -- and
+//!   `stream/asm_demo_wasip2`, the same plugin built for wasm32-wasip2 (with WASI imports);
+//!   `stream/instantiate` is instantiate + drop alone;
+//! - `chain/N`: the same exchange through the host's chain with N plugins (1 to 16);
+//! - `body/MODE/SIZE`: a body plugin reading and replacing bodies of 1 KiB to 1 MiB, sent whole
+//!   (`BUFFERED`) or in 16 KiB chunks (`STREAMED`).
+//!
+//! `cargo xtask bench` builds the components, runs this with the rest of the suite and writes
+//! BENCHMARKS.md; once the components are built, this alone is:
+//!
+//! ```text
+//! cargo bench -p wasm-extproc --bench stream
+//! ```
+//!
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod common;
+
+use common::{BUNDLED, WASI, components, request_headers, response_headers};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use wasm_extproc::chain::{Situation, StreamChain};
+use wasm_extproc::config::Config;
+use wasm_extproc::ext_proc::guard::Guard;
+use wasm_extproc::http::{BodyChunk, BodyMode, Decision, ExchangeContext, Message, Phase};
+use wasm_extproc::metrics::Metrics;
+use wasm_extproc::registry::{Chain, Generation};
+use wasm_extproc::runtime::{Outcome, Plugin, PoolLimits, Runtime};
+
+/// Chain lengths measured.
+const CHAIN_LENGTHS: [usize; 5] = [1, 2, 4, 8, 16];
+/// Body sizes measured.
+const BODY_SIZES: [usize; 5] = [1 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20];
+/// How Envoy cuts a streamed body (its default read size).
+const CHUNK: usize = 16 << 10;
+
+/// The host's configuration for these benchmarks: generous budgets, so a slow machine does not
+/// turn a measurement into a deadline failure.
+fn config() -> Config {
+    Config::from_toml(
+        "[defaults]\ntimeout_ms = 1000\nmemory_limit_mib = 64\n",
+        Path::new("bench.toml"),
+    )
+    .expect("benchmark config")
+}
+
+struct Bench {
+    tokio: tokio::runtime::Runtime,
+    runtime: Runtime,
+    config: Config,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        let tokio = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio");
+        let runtime = Runtime::new(PoolLimits {
+            max_instances: 1000,
+            max_memory_bytes: 64 << 20,
+            cache_dir: None,
+        })
+        .expect("runtime");
+        Bench {
+            tokio,
+            runtime,
+            config: config(),
+        }
+    }
+
+    fn load(&self, target: &str, name: &str) -> Plugin {
+        let path = components(target).join(format!("{name}.wasm"));
+        let bytes = Runtime::read(&path).unwrap_or_else(|e| {
+            panic!("{e}: run `cargo xtask bench` (it builds every component it needs)");
+        });
+        self.tokio
+            .block_on(
+                self.runtime
+                    .load(name, &path, bytes, self.config.defaults.clone()),
+            )
+            .expect("load plugin")
+    }
+
+    /// A generation whose chain is `plugin` `n` times, under different names.
+    fn generation(&self, plugin: &Plugin, n: usize) -> Arc<Generation> {
+        let plugins = (0..n)
+            .map(|i| plugin.with(&format!("{}-{i}", plugin.name()), plugin.settings().clone()))
+            .collect();
+        Arc::new(Generation {
+            number: 1,
+            chain: Chain::new(plugins),
+            guard: Guard::new(self.config.envoy.clone()),
+            envoy: self.config.envoy.clone(),
+            plugins_dir: components(BUNDLED),
+        })
+    }
+}
+
+fn accept(_: &Message, _: &Outcome) -> Result<(), String> {
+    Ok(())
+}
+
+/// The messages of one exchange, made outside the measured time: turning Envoy's protobufs
+/// into them is the gRPC layer's work, which the end-to-end benchmark counts.
+fn exchange() -> (Message, Message) {
+    (request_headers(), response_headers())
+}
+
+fn per_stream(c: &mut Criterion) {
+    let bench = Bench::new();
+    let bundled = bench.load(BUNDLED, "asm_demo");
+    let context = Arc::new(ExchangeContext::default());
+    let mut group = c.benchmark_group("stream");
+    group.bench_function("instantiate", |b| {
+        b.to_async(&bench.tokio).iter(|| async {
+            drop(bundled.instantiate().await.expect("instantiate"));
+        });
+    });
+    let wasip2 = bench.load(WASI, "asm_demo");
+    for (label, plugin) in [("asm_demo", &bundled), ("asm_demo_wasip2", &wasip2)] {
+        group.bench_function(label, |b| {
+            b.to_async(&bench.tokio).iter_batched(
+                exchange,
+                |(request, response)| async {
+                    let mut instance = plugin.instantiate().await.expect("instantiate");
+                    let (request, result) = instance
+                        .call(Phase::RequestHeaders, request, &context, &accept)
+                        .await;
+                    result.expect("request headers");
+                    let (response, result) = instance
+                        .call(Phase::ResponseHeaders, response, &context, &accept)
+                        .await;
+                    result.expect("response headers");
+                    drop(instance);
+                    (request, response)
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+
+    // What the plugin did, checked once outside the measurement.
+    bench.tokio.block_on(async {
+        let mut instance = bundled.instantiate().await.expect("instantiate");
+        let (message, result) = instance
+            .call(Phase::RequestHeaders, request_headers(), &context, &accept)
+            .await;
+        result.expect("request headers");
+        assert!(matches!(&message, Message::Headers { headers, .. }
+            if headers.get("x-ext-proc-header") == Some(b"hello-to-asm".as_slice())));
+    });
+}
+
+fn chain_length(c: &mut Criterion) {
+    let bench = Bench::new();
+    let plugin = bench.load(BUNDLED, "asm_demo");
+    let metrics = Metrics::new();
+    let context = Arc::new(ExchangeContext::default());
+    let situation = Situation {
+        exchange: &context,
+        body_mode: BodyMode::None,
+        check: &accept,
+    };
+    let mut group = c.benchmark_group("chain");
+    for n in CHAIN_LENGTHS {
+        let generation = bench.generation(&plugin, n);
+        group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
+            b.to_async(&bench.tokio).iter_batched(
+                exchange,
+                |(request, response)| async {
+                    let mut chain = StreamChain::new(generation.clone(), metrics.clone());
+                    let request = chain.run(Phase::RequestHeaders, request, &situation).await;
+                    assert!(matches!(request.decision, Decision::Continue(_)));
+                    let response = chain
+                        .run(Phase::ResponseHeaders, response, &situation)
+                        .await;
+                    assert!(matches!(response.decision, Decision::Continue(_)));
+                    drop(chain);
+                    (request, response)
+                },
+                BatchSize::SmallInput,
+            );
+        });
+    }
+    group.finish();
+}
+
+fn body_throughput(c: &mut Criterion) {
+    let bench = Bench::new();
+    let plugin = bench.load(WASI, "shout");
+    let generation = bench.generation(&plugin, 1);
+    let metrics = Metrics::new();
+    let context = Arc::new(ExchangeContext::default());
+    for mode in [BodyMode::Buffered, BodyMode::Streamed] {
+        let label = match mode {
+            BodyMode::Buffered => "buffered",
+            _ => "streamed",
+        };
+        let situation = Situation {
+            exchange: &context,
+            body_mode: mode,
+            check: &accept,
+        };
+        let mut group = c.benchmark_group(format!("body/{label}"));
+        group.measurement_time(Duration::from_secs(4));
+        for size in BODY_SIZES {
+            let body = vec![b'a'; size];
+            let chunk = match mode {
+                BodyMode::Buffered => size,
+                _ => CHUNK,
+            };
+            group.throughput(Throughput::Bytes(size as u64));
+            // The messages as the gRPC layer hands them over, made outside the measured time.
+            let messages = || -> Vec<Message> {
+                let pieces = body.chunks(chunk).count();
+                body.chunks(chunk)
+                    .enumerate()
+                    .map(|(i, piece)| {
+                        Message::Body(BodyChunk::new(piece.to_vec(), i + 1 == pieces))
+                    })
+                    .collect()
+            };
+            group.bench_with_input(BenchmarkId::from_parameter(size), &size, |b, _| {
+                b.to_async(&bench.tokio).iter_batched(
+                    messages,
+                    |messages| async {
+                        let mut chain = StreamChain::new(generation.clone(), metrics.clone());
+                        let mut out = Vec::with_capacity(messages.len());
+                        for message in messages {
+                            let verdict = chain.run(Phase::RequestBody, message, &situation).await;
+                            match verdict.decision {
+                                Decision::Continue(Message::Body(body)) => out.push(body),
+                                other => panic!("body not passed on: {other:?}"),
+                            }
+                        }
+                        assert_eq!(out[0].data.first(), Some(&b'A'));
+                        drop(chain);
+                        out
+                    },
+                    BatchSize::LargeInput,
+                );
+            });
+        }
+        group.finish();
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = per_stream, chain_length, body_throughput
+}
+criterion_main!(benches);

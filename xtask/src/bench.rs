@@ -1,0 +1,168 @@
+//! `cargo xtask bench`: the benchmark suite, in one command. It builds what it measures, then
+//! runs, in order:
+//!
+//! - [`micro`]: criterion, in process -- per-stream cost, chain length, body throughput;
+//! - the languages benchmark (the ASM plugin in Rust, C, JavaScript and Python);
+//! - [`rss`]: the host's memory against open streams;
+//! - [`e2e`]: the four setups through a real Envoy, pinned to cores, under wrk and hey;
+//!
+//! and writes BENCHMARKS.md with its plots (bench/plots/) and the raw figures
+//! (bench/results.json). `--report-only` renders the report again from the raw figures.
+
+pub mod e2e;
+mod micro;
+mod report;
+mod rss;
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Context;
+use extproc_testkit::fixtures::WASI_TARGET;
+use extproc_testkit::repo_root;
+
+use crate::{cargo, run, target_dir};
+
+/// Debian packages holding the load generators.
+const LOAD_GENERATORS: [(&str, &str); 2] = [("wrk", "wrk"), ("hey", "hey")];
+/// Open-stream counts for the memory benchmark.
+const STREAM_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
+
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Length of each end-to-end load run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// End-to-end rounds (each measures every setup); figures are medians over rounds.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// wrk connections and hey workers.
+    #[arg(long, default_value_t = 16)]
+    connections: usize,
+    /// Requests per second for the fixed-rate runs (default: half the slowest setup's
+    /// closed-loop rate).
+    #[arg(long)]
+    fixed_rate: Option<u64>,
+    /// Render BENCHMARKS.md again from bench/results.json without measuring.
+    #[arg(long)]
+    report_only: bool,
+}
+
+pub fn run_suite(options: &Options) -> anyhow::Result<()> {
+    let results_path = repo_root().join("bench/results.json");
+    let results = if options.report_only {
+        serde_json::from_slice(
+            &std::fs::read(&results_path).context("bench/results.json: run `cargo xtask bench`")?,
+        )?
+    } else {
+        let results = measure(options)?;
+        std::fs::write(&results_path, serde_json::to_vec_pretty(&results)?)?;
+        results
+    };
+    let report = repo_root().join("BENCHMARKS.md");
+    report::write(&results, &report, &repo_root().join("bench/plots"))?;
+    eprintln!("bench: wrote {}", report.display());
+    Ok(())
+}
+
+fn measure(options: &Options) -> anyhow::Result<report::Results> {
+    crate::setup()?;
+    install_load_generators()?;
+    crate::build_plugins()?;
+    // The bundled plugin as a WASI plugin would be built, for comparison.
+    run(cargo()
+        .current_dir(repo_root().join("plugins"))
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "asm-demo",
+            "--target",
+            WASI_TARGET,
+        ])
+        .arg("--target-dir")
+        .arg(target_dir()))?;
+    run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "wasm-extproc",
+        "--package",
+        "extproc-bench",
+    ]))?;
+
+    let micro = micro::run_stream_benchmarks()?;
+    run(cargo().args(["bench", "-p", "wasm-extproc", "--bench", "languages"]))?;
+    let languages = std::fs::read_to_string(target_dir().join("bench/languages.md")).ok();
+    let rss = rss::run(&STREAM_COUNTS)?;
+    let (e2e, fixed_rate) = e2e::run(&e2e::Options {
+        duration: Duration::from_secs(options.duration),
+        rounds: options.rounds,
+        connections: options.connections,
+        fixed_rate: options.fixed_rate,
+    })?;
+    Ok(report::Results {
+        date: output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?,
+        machine: machine()?,
+        command: command_line(options),
+        e2e,
+        fixed_rate,
+        e2e_duration_s: options.duration,
+        e2e_rounds: options.rounds,
+        e2e_connections: options.connections,
+        micro,
+        rss,
+        languages,
+    })
+}
+
+/// The command that reproduces this run.
+fn command_line(options: &Options) -> String {
+    let mut line = format!(
+        "cargo xtask bench --duration {} --rounds {} --connections {}",
+        options.duration, options.rounds, options.connections
+    );
+    if let Some(rate) = options.fixed_rate {
+        line.push_str(&format!(" --fixed-rate {rate}"));
+    }
+    line
+}
+
+/// wrk and hey from Debian, unless already installed.
+fn install_load_generators() -> anyhow::Result<()> {
+    let missing: Vec<&str> = LOAD_GENERATORS
+        .iter()
+        .filter(|(program, _)| {
+            Command::new("which")
+                .arg(program)
+                .output()
+                .is_ok_and(|o| !o.status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing))
+}
+
+/// CPU model, cores and kernel, for the report's header.
+fn machine() -> anyhow::Result<String> {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let kernel = output(Command::new("uname").arg("-r"))?;
+    Ok(format!("{cores} × {model}, Linux {kernel}"))
+}
+
+fn output(command: &mut Command) -> anyhow::Result<String> {
+    let out = command.output().with_context(|| format!("{command:?}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}

@@ -1,0 +1,696 @@
+//! The end-to-end half of the benchmark: the ASM demo's job -- `x-ext-proc-header:
+//! hello-to-asm` on every request, `hello-from-asm` on every response -- done four ways behind
+//! a real Envoy, and loaded with Debian's load generators.
+//!
+//! - (a) `envoy`: Envoy alone, no header work: the floor every other setup stands on.
+//! - (b) `lua`: Envoy's in-process Lua filter: the cheapest way to do the job at all.
+//! - (c) `wasm`: Envoy's ext_proc filter -> wasm-extproc with only the bundled ASM plugin.
+//! - (d) `native`: the same filter -> `native-extproc`, the job in plain Rust, so (c) minus (d)
+//!   is what the Wasm host costs over writing the server by hand.
+//!
+//! Every Envoy configuration is `deploy/envoy/envoy.yaml`, as operators run it, with the
+//! ext_proc filter taken out (a) or swapped for Lua (b). The servers -- Envoy with one worker,
+//! the upstream, the ext_proc server -- share core 0 and the load generator has core 1, so it
+//! never competes with what it measures. Only the setup being measured runs: the host's epoch
+//! ticker, idle, would otherwise steal from the others. Each round measures the four setups in
+//! turn, closed loop first (wrk: as fast as they go), then all at one fixed rate (hey), so a
+//! drift on the machine spreads over every setup instead of landing on one; reported figures
+//! are medians over rounds. CPU per request is each server's utime+stime over the fixed-rate
+//! run divided by the requests completed: at equal load, unlike the closed loop, where the
+//! shared core is always full and the sum is just the inverse of the throughput.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use extproc_testkit::envoy::{self, EnvoyConfig};
+use extproc_testkit::fixtures::{ASM_DEMO, BUNDLED_TARGET};
+use extproc_testkit::repo_root;
+use serde::{Deserialize, Serialize};
+
+use crate::{KillOnDrop, target_dir, wait_until_ready};
+
+mod load;
+
+use load::{hey, output_of, warm_up, wrk};
+
+/// The core Envoy, the upstream and the ext_proc server share.
+const SERVER_CORE: &str = "0";
+/// How long a server may take to listen; Envoy is the slowest, at about a second.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+const TAG_HEADER: &str = "x-ext-proc-header";
+const REQUEST_TAG: &str = "hello-to-asm";
+const RESPONSE_TAG: &str = "hello-from-asm";
+/// Where `bench-upstream` shows the `x-ext-proc-header` it received.
+const UPSTREAM_SAW: &str = "x-upstream-saw";
+
+/// The ext_proc filter's entry in `deploy/envoy/envoy.yaml` runs from this line to the
+/// router's.
+const EXT_PROC_FILTER: &str = "                  - name: envoy.filters.http.ext_proc\n";
+const ROUTER_FILTER: &str = "                  - name: envoy.filters.http.router\n";
+/// Setup (b): the job in Envoy's own Lua filter, in the ext_proc filter's place.
+const LUA_FILTER: &str = r#"                  - name: envoy.filters.http.lua
+                    typed_config:
+                      "@type": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+                      default_source_code:
+                        inline_string: |
+                          function envoy_on_request(request_handle)
+                            request_handle:headers():replace("x-ext-proc-header", "hello-to-asm")
+                          end
+                          function envoy_on_response(response_handle)
+                            response_handle:headers():replace("x-ext-proc-header", "hello-from-asm")
+                          end
+"#;
+
+/// What a load generator measured in one run.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Load {
+    /// Responses received, whatever their status.
+    pub requests: u64,
+    /// Responses other than 2xx (wrk: other than 2xx or 3xx) and requests that got none.
+    pub errors: u64,
+    pub rps: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// One setup's figures: medians over rounds, and every round as measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ScenarioResult {
+    /// `envoy`, `lua`, `wasm` or `native`.
+    pub key: String,
+    pub label: String,
+    /// Closed loop (wrk).
+    pub closed: Load,
+    /// At the fixed rate, the same for every setup (hey).
+    pub fixed: Load,
+    /// Per server process (`envoy`, `upstream`, `ext_proc` where there is one): CPU time in
+    /// µs per request completed, over the fixed-rate run.
+    pub cpu_us_per_request: Vec<(String, f64)>,
+    pub rounds: Vec<RoundResult>,
+}
+
+/// One round of one setup, as measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RoundResult {
+    pub closed: Load,
+    pub fixed: Load,
+    pub cpu_us_per_request: Vec<(String, f64)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Length of each measured run.
+    pub duration: Duration,
+    pub rounds: usize,
+    /// wrk's connections, and hey's workers (each with a connection of its own).
+    pub connections: usize,
+    /// Requests per second for the fixed-rate runs; `None`: half the slowest setup's
+    /// closed-loop throughput in the first round.
+    pub fixed_rate: Option<u64>,
+}
+
+/// Measures the four setups; returns their figures in the order (a) to (d), and the fixed
+/// rate used, in requests per second.
+pub fn run(options: &Options) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
+    if options.rounds == 0 || options.connections == 0 || options.duration.as_secs() == 0 {
+        bail!("the benchmark needs at least one round, one connection and a duration of 1 s");
+    }
+    let binaries = Binaries::find()?;
+    let tick_us = 1e6 / clock_ticks_per_second()?;
+    let mut fixed_rate = options.fixed_rate;
+    let mut rounds: Vec<Vec<RoundResult>> = SETUPS.iter().map(|_| Vec::new()).collect();
+    for round in 1..=options.rounds {
+        let mut closed = Vec::new();
+        for setup in &SETUPS {
+            let running = Running::start(setup, &binaries)?;
+            let (load, cpu) =
+                running.measure(options, tick_us, || wrk(running.listener, options))?;
+            progress(round, options.rounds, setup, "closed loop", &load, &cpu);
+            closed.push(load);
+        }
+        let rate = *fixed_rate.get_or_insert_with(|| {
+            let rate = default_fixed_rate(closed.iter().map(|load| load.rps));
+            eprintln!("bench: fixed rate for every setup: {rate} req/s");
+            rate
+        });
+        for ((setup, closed), rounds) in SETUPS.iter().zip(closed).zip(&mut rounds) {
+            let running = Running::start(setup, &binaries)?;
+            let (fixed, cpu_us_per_request) =
+                running.measure(options, tick_us, || hey(running.listener, rate, options))?;
+            progress(
+                round,
+                options.rounds,
+                setup,
+                "fixed rate",
+                &fixed,
+                &cpu_us_per_request,
+            );
+            rounds.push(RoundResult {
+                closed,
+                fixed,
+                cpu_us_per_request,
+            });
+        }
+    }
+    let results = SETUPS
+        .iter()
+        .zip(rounds)
+        .map(|(setup, rounds)| ScenarioResult {
+            key: setup.key.into(),
+            label: setup.label.into(),
+            closed: Load::median(rounds.iter().map(|r| &r.closed)),
+            fixed: Load::median(rounds.iter().map(|r| &r.fixed)),
+            cpu_us_per_request: median_per_process(&rounds),
+            rounds,
+        })
+        .collect();
+    Ok((results, fixed_rate.expect("set in the first round")))
+}
+
+/// One way of doing the job.
+#[derive(Debug)]
+struct Setup {
+    key: &'static str,
+    label: &'static str,
+    filter: Filter,
+}
+
+/// What stands in Envoy's filter chain before the router.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Filter {
+    Nothing,
+    Lua,
+    ExtProc(Processor),
+}
+
+/// The ext_proc server behind the filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Processor {
+    Wasm,
+    Native,
+}
+
+static SETUPS: [Setup; 4] = [
+    Setup {
+        key: "envoy",
+        label: "(a) Envoy alone, no header work",
+        filter: Filter::Nothing,
+    },
+    Setup {
+        key: "lua",
+        label: "(b) Envoy's in-process Lua filter",
+        filter: Filter::Lua,
+    },
+    Setup {
+        key: "wasm",
+        label: "(c) ext_proc -> wasm-extproc + ASM plugin",
+        filter: Filter::ExtProc(Processor::Wasm),
+    },
+    Setup {
+        key: "native",
+        label: "(d) ext_proc -> native Rust server",
+        filter: Filter::ExtProc(Processor::Native),
+    },
+];
+
+impl Setup {
+    /// Whether requests and responses come back tagged.
+    fn tags(&self) -> bool {
+        self.filter != Filter::Nothing
+    }
+
+    /// `deploy/envoy/envoy.yaml`, with the ext_proc filter kept, removed or replaced.
+    fn envoy_config(&self) -> anyhow::Result<EnvoyConfig> {
+        let config = EnvoyConfig::default();
+        if let Filter::ExtProc(_) = self.filter {
+            return Ok(config);
+        }
+        let path = repo_root().join("deploy/envoy/envoy.yaml");
+        let yaml = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
+        let filter = ext_proc_filter(&yaml)
+            .with_context(|| format!("{} has no ext_proc filter", path.display()))?;
+        let replacement = if self.filter == Filter::Lua {
+            LUA_FILTER
+        } else {
+            ""
+        };
+        Ok(config.edit(filter, replacement))
+    }
+}
+
+/// The ext_proc filter's entry in an Envoy configuration: its `- name:` line up to the router's.
+fn ext_proc_filter(yaml: &str) -> Option<&str> {
+    let start = yaml.find(EXT_PROC_FILTER)?;
+    let length = yaml[start..].find(ROUTER_FILTER)?;
+    Some(&yaml[start..start + length])
+}
+
+/// The programs the benchmark runs, found before anything starts.
+#[derive(Debug)]
+struct Binaries {
+    envoy: PathBuf,
+    wasm_extproc: PathBuf,
+    asm_plugin: PathBuf,
+    native_extproc: PathBuf,
+    upstream: PathBuf,
+}
+
+impl Binaries {
+    fn find() -> anyhow::Result<Binaries> {
+        let release = target_dir().join("release");
+        let built = |path: PathBuf, how: &str| {
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(anyhow::anyhow!(
+                    "{} is missing: build it with `{how}`",
+                    path.display()
+                ))
+            }
+        };
+        Ok(Binaries {
+            envoy: envoy::binary(),
+            wasm_extproc: built(
+                release.join("wasm-extproc"),
+                "cargo build --release -p wasm-extproc",
+            )?,
+            // As the container image ships it (deploy/build.sh).
+            asm_plugin: built(
+                target_dir()
+                    .join(BUNDLED_TARGET)
+                    .join("release")
+                    .join(format!("{}.wasm", ASM_DEMO.name())),
+                "cargo xtask build-plugins",
+            )?,
+            native_extproc: built(
+                release.join("native-extproc"),
+                "cargo build --release -p extproc-bench",
+            )?,
+            upstream: built(
+                release.join("bench-upstream"),
+                "cargo build --release -p extproc-bench",
+            )?,
+        })
+    }
+}
+
+/// A server process on the servers' core, its stderr in a file; killed when dropped.
+struct Server {
+    name: &'static str,
+    process: KillOnDrop,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `program` under `taskset` (which execs it, so the pid is the server's own).
+    fn spawn(
+        name: &'static str,
+        program: &Path,
+        args: &[&str],
+        dir: &Path,
+    ) -> anyhow::Result<Server> {
+        let log = dir.join(format!("{name}.log"));
+        let child = Command::new("taskset")
+            .args(["-c", SERVER_CORE])
+            .arg(program)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("cannot start {} under taskset", program.display()))?;
+        Ok(Server {
+            name,
+            process: KillOnDrop(child),
+            log,
+        })
+    }
+
+    fn wait_listening(&mut self, address: SocketAddr) -> anyhow::Result<()> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        while TcpStream::connect(address).is_err() {
+            if let Some(status) = self.process.0.try_wait()? {
+                bail!("{} exited with {status}: {}", self.name, self.log());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} did not listen on {address} within {STARTUP_TIMEOUT:?}: {}",
+                    self.name,
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// utime + stime so far, in clock ticks.
+    fn cpu_ticks(&self) -> anyhow::Result<u64> {
+        let path = format!("/proc/{}/stat", self.process.0.id());
+        let stat =
+            std::fs::read_to_string(&path).with_context(|| format!("{} is gone", self.name))?;
+        parse_cpu_ticks(&stat)
+            .with_context(|| format!("cannot read utime and stime from {path}: {stat}"))
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// A setup's servers, running; stopped when dropped.
+struct Running {
+    setup: &'static Setup,
+    /// Envoy's listener.
+    listener: SocketAddr,
+    /// Envoy, the upstream, and the ext_proc server if the setup has one.
+    servers: Vec<Server>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// Starts the upstream, the ext_proc server and Envoy, and checks that a request through
+    /// them is tagged as the setup promises.
+    fn start(setup: &'static Setup, binaries: &Binaries) -> anyhow::Result<Running> {
+        let dir = tempfile::tempdir()?;
+        let upstream_address = loopback(free_port()?);
+        let mut upstream = Server::spawn(
+            "upstream",
+            &binaries.upstream,
+            &["--listen", &upstream_address.to_string()],
+            dir.path(),
+        )?;
+        upstream.wait_listening(upstream_address)?;
+
+        // Setups without ext_proc still render the file's ext_proc cluster; nothing listens there.
+        let ext_proc_address = loopback(free_port()?);
+        let listen = ext_proc_address.to_string();
+        let ext_proc = match setup.filter {
+            Filter::ExtProc(Processor::Wasm) => {
+                let plugins = dir.path().join("plugins");
+                std::fs::create_dir(&plugins)?;
+                std::fs::copy(&binaries.asm_plugin, plugins.join("10-asm-demo.wasm"))?;
+                let admin = loopback(free_port()?);
+                let mut host = Server::spawn(
+                    "ext_proc",
+                    &binaries.wasm_extproc,
+                    &[
+                        "--listen",
+                        &listen,
+                        "--admin-listen",
+                        &admin.to_string(),
+                        "--plugins-dir",
+                        &plugins.to_string_lossy(),
+                    ],
+                    dir.path(),
+                )?;
+                wait_until_ready(admin, &mut host.process.0).with_context(|| host.log())?;
+                Some(host)
+            }
+            Filter::ExtProc(Processor::Native) => {
+                let mut native = Server::spawn(
+                    "ext_proc",
+                    &binaries.native_extproc,
+                    &["--listen", &listen],
+                    dir.path(),
+                )?;
+                native.wait_listening(ext_proc_address)?;
+                Some(native)
+            }
+            Filter::Nothing | Filter::Lua => None,
+        };
+
+        let listener = loopback(free_port()?);
+        let config = setup.envoy_config()?.render(
+            listener.port(),
+            ext_proc_address,
+            upstream_address,
+            free_port()?,
+        )?;
+        let config_path = dir.path().join("envoy.yaml");
+        std::fs::write(&config_path, config)?;
+        let mut envoy = Server::spawn(
+            "envoy",
+            &binaries.envoy,
+            &[
+                "-c",
+                &config_path.to_string_lossy(),
+                "--concurrency",
+                "1",
+                "--disable-hot-restart",
+                "--log-level",
+                "warn",
+            ],
+            dir.path(),
+        )?;
+        envoy
+            .wait_listening(listener)
+            .context("Envoy is installed by `cargo xtask setup`")?;
+
+        let running = Running {
+            setup,
+            listener,
+            servers: [envoy, upstream].into_iter().chain(ext_proc).collect(),
+            _dir: dir,
+        };
+        running.check()?;
+        Ok(running)
+    }
+
+    /// One request through Envoy: 200, and tagged both ways unless the setup does no header
+    /// work, in which case not at all.
+    fn check(&self) -> anyhow::Result<()> {
+        let response = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(envoy::request(self.listener, "GET", "/", &[], Vec::new()))
+            .with_context(|| format!("{}: no answer through Envoy", self.setup.key))?;
+        let expected = |tag: &'static str| if self.setup.tags() { vec![tag] } else { vec![] };
+        let saw = response.header_values(UPSTREAM_SAW);
+        let tagged = response.header_values(TAG_HEADER);
+        if response.status != 200
+            || saw != expected(REQUEST_TAG)
+            || tagged != expected(RESPONSE_TAG)
+        {
+            bail!(
+                "{}: GET / through Envoy answered {} with {UPSTREAM_SAW} {saw:?} and \
+                 {TAG_HEADER} {tagged:?}; expected 200 with {:?} and {:?}",
+                self.setup.label,
+                response.status,
+                expected(REQUEST_TAG),
+                expected(RESPONSE_TAG),
+            );
+        }
+        Ok(())
+    }
+
+    /// Warms the setup up, then runs `load` and counts each server's CPU time over it.
+    fn measure(
+        &self,
+        options: &Options,
+        tick_us: f64,
+        load: impl FnOnce() -> anyhow::Result<Load>,
+    ) -> anyhow::Result<(Load, Vec<(String, f64)>)> {
+        warm_up(self.listener, options)?;
+        let before = self.cpu_ticks()?;
+        let load = load()?;
+        let after = self.cpu_ticks()?;
+        let cpu = self
+            .servers
+            .iter()
+            .zip(before.into_iter().zip(after))
+            .map(|(server, (before, after))| {
+                let us = (after - before) as f64 * tick_us;
+                (server.name.to_string(), us / load.requests.max(1) as f64)
+            })
+            .collect();
+        Ok((load, cpu))
+    }
+
+    fn cpu_ticks(&self) -> anyhow::Result<Vec<u64>> {
+        self.servers.iter().map(Server::cpu_ticks).collect()
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A port nothing listens on now: the kernel's pick for a socket at once released.
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// `getconf CLK_TCK`: the unit of /proc's CPU times.
+fn clock_ticks_per_second() -> anyhow::Result<f64> {
+    let ticks = output_of(Command::new("getconf").arg("CLK_TCK"))?;
+    ticks
+        .trim()
+        .parse()
+        .with_context(|| format!("getconf CLK_TCK said {ticks:?}"))
+}
+
+/// utime + stime (fields 14 and 15) from a `/proc/PID/stat` line. The command name in
+/// field 2 may hold spaces and parentheses, so fields count from its closing one.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, fields) = stat.rsplit_once(')')?;
+    let mut fields = fields.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Half the slowest setup's closed-loop throughput, rounded down to a multiple of 100: a load
+/// every setup carries with room to spare, so latency is not queueing.
+fn default_fixed_rate(closed_loop_rps: impl Iterator<Item = f64>) -> u64 {
+    let slowest = closed_loop_rps.fold(f64::INFINITY, f64::min);
+    let half = (slowest / 2.0) as u64;
+    (half / 100 * 100).max(100)
+}
+
+impl Load {
+    /// Each figure's median, on its own.
+    fn median<'a>(loads: impl Iterator<Item = &'a Load> + Clone) -> Load {
+        let of = |figure: fn(&Load) -> f64| median(loads.clone().map(figure).collect());
+        Load {
+            requests: of(|l| l.requests as f64).round() as u64,
+            errors: of(|l| l.errors as f64).round() as u64,
+            rps: of(|l| l.rps),
+            p50_ms: of(|l| l.p50_ms),
+            p99_ms: of(|l| l.p99_ms),
+        }
+    }
+}
+
+/// Each process's median CPU per request over the rounds.
+fn median_per_process(rounds: &[RoundResult]) -> Vec<(String, f64)> {
+    let Some(first) = rounds.first() else {
+        return Vec::new();
+    };
+    first
+        .cpu_us_per_request
+        .iter()
+        .map(|(name, _)| {
+            let values = rounds
+                .iter()
+                .flat_map(|round| &round.cpu_us_per_request)
+                .filter(|(n, _)| n == name)
+                .map(|(_, us)| *us)
+                .collect();
+            (name.clone(), median(values))
+        })
+        .collect()
+}
+
+/// The middle value; the mean of the middle two for an even count.
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
+}
+
+fn progress(
+    round: usize,
+    rounds: usize,
+    setup: &Setup,
+    run: &str,
+    load: &Load,
+    cpu: &[(String, f64)],
+) {
+    let cpu: Vec<String> = cpu
+        .iter()
+        .map(|(name, us)| format!("{name} {us:.1}"))
+        .collect();
+    eprintln!(
+        "bench: round {round}/{rounds} {:<7} {run}: {:.0} req/s, p50 {:.3} ms, p99 {:.3} ms, \
+         {} requests, {} errors; CPU µs/request: {}",
+        setup.key,
+        load.rps,
+        load.p50_ms,
+        load.p99_ms,
+        load.requests,
+        load.errors,
+        cpu.join(", ")
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_time_is_read_after_the_command_name() {
+        // /proc/PID/stat of a process named `a) b`, utime 250, stime 31.
+        let stat = "4242 (a) b) S 1 4242 4242 0 -1 4194560 3046 0 0 0 250 31 0 0 20 0 9 0 \
+                    1274719 1171456000 10500 18446744073709551615 1 1 0 0 0 0 0 4096 17663 \
+                    0 0 0 17 0 0 0 0 0 0";
+        assert_eq!(parse_cpu_ticks(stat), Some(281));
+        assert_eq!(parse_cpu_ticks("4242 (truncated) S 1"), None);
+    }
+
+    #[test]
+    fn the_fixed_rate_is_half_the_slowest_setup_in_hundreds() {
+        assert_eq!(
+            default_fixed_rate([9876.5, 4321.0, 7000.0].into_iter()),
+            2100
+        );
+        assert_eq!(default_fixed_rate([150.0].into_iter()), 100);
+    }
+
+    #[test]
+    fn medians_take_each_figure_on_its_own() {
+        let load = |rps, p99_ms| Load {
+            requests: 10,
+            errors: 0,
+            rps,
+            p50_ms: 1.0,
+            p99_ms,
+        };
+        let loads = [
+            load(3.0, 9.0),
+            load(1.0, 7.0),
+            load(2.0, 8.0),
+            load(4.0, 1.0),
+        ];
+        let median = Load::median(loads.iter());
+        assert_eq!((median.rps, median.p99_ms, median.requests), (2.5, 7.5, 10));
+    }
+
+    #[test]
+    fn each_setup_gets_its_filter_in_the_ext_proc_filters_place() {
+        let render = |setup: &Setup| {
+            let address = loopback(9);
+            setup
+                .envoy_config()
+                .unwrap()
+                .render(1, address, address, 2)
+                .unwrap()
+        };
+        let [envoy, lua, wasm, native] = &SETUPS;
+        for (setup, ext_proc, lua) in [(envoy, false, false), (lua, false, true)]
+            .into_iter()
+            .chain([(wasm, true, false), (native, true, false)])
+        {
+            let config = render(setup);
+            assert_eq!(
+                config.contains("envoy.filters.http.ext_proc"),
+                ext_proc,
+                "{config}"
+            );
+            assert_eq!(config.contains("envoy.filters.http.lua"), lua, "{config}");
+            assert!(config.contains(ROUTER_FILTER), "{config}");
+        }
+    }
+}

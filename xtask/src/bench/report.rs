@@ -1,0 +1,689 @@
+//! BENCHMARKS.md and its plots, from one run's results.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::e2e::ScenarioResult;
+use super::micro::Estimates;
+use super::rss::{Point, StreamState};
+
+/// Targets the figures are held to.
+const TARGET_STREAM_US: f64 = 10.0;
+const TARGET_PER_PLUGIN_US: f64 = 3.0;
+const TARGET_STREAM_KIB: f64 = 64.0;
+const TARGET_WASM_VS_NATIVE: f64 = 0.15;
+
+/// Everything one `cargo xtask bench` measured, kept beside the report (bench/results.json) so
+/// the report can be rendered again without measuring again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    pub date: String,
+    pub machine: String,
+    pub command: String,
+    pub e2e: Vec<ScenarioResult>,
+    pub fixed_rate: u64,
+    pub e2e_duration_s: u64,
+    pub e2e_rounds: usize,
+    pub e2e_connections: usize,
+    pub micro: Estimates,
+    pub rss: Vec<Point>,
+    /// The languages benchmark's table (host/benches/languages.rs), as it printed it.
+    pub languages: Option<String>,
+}
+
+const COLORS: [RGBColor; 4] = [
+    RGBColor(0x4c, 0x72, 0xb0),
+    RGBColor(0xdd, 0x84, 0x52),
+    RGBColor(0x55, 0xa8, 0x68),
+    RGBColor(0xc4, 0x4e, 0x52),
+];
+
+/// Writes `report` (Markdown) and its plots into `plots` (linked relative to the report).
+pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(plots)?;
+    let base = report.parent().unwrap_or(Path::new("."));
+    let link = |name: &str| -> String {
+        let path = plots.join(name);
+        path.strip_prefix(base)
+            .unwrap_or(&path)
+            .display()
+            .to_string()
+    };
+    let mut md = String::new();
+    writeln!(
+        md,
+        "# Benchmarks\n\nWhat the Wasm sandbox costs, side by side with a native ext_proc server and \
+         Envoy's own filters, on one machine in one run. Regenerate everything (figures, plots, \
+         this file) with:\n\n    {}\n\nMeasured {} on {}. The machine is shared and noisy: \
+         every figure is a median, and the ratios between setups measured in the same run are \
+         what to compare. Raw figures, every round included: [bench/results.json](bench/results.json).\n",
+        results.command, results.date, results.machine
+    )?;
+
+    md.push_str(&summary(results));
+    if !results.e2e.is_empty() {
+        e2e_section(results, &mut md, &link, plots)?;
+    }
+    micro_section(results, &mut md, &link, plots)?;
+    rss_section(results, &mut md, &link, plots)?;
+    if let Some(table) = &results.languages {
+        writeln!(
+            md,
+            "## Plugin languages\n\nThe ASM demo plugin built in each language \
+             (`host/benches/languages.rs`): component size, compile time cold and from the \
+             compilation cache, and the per-stream work (instantiate + both header phases; \
+             these components import WASI).\n\n{table}"
+        )?;
+    }
+    md.push_str(WHERE_THE_TIME_GOES);
+    std::fs::write(report, md)?;
+    Ok(())
+}
+
+/// The targets, each met or not.
+fn summary(results: &Results) -> String {
+    let mut rows = Vec::new();
+    let mut row = |what: String, measured: String, target: String, met: bool| {
+        rows.push(format!(
+            "| {what} | {measured} | {target} | {} |",
+            if met { "met" } else { "**missed**" }
+        ));
+    };
+    let wasm = results.e2e.iter().find(|s| s.key == "wasm");
+    let native = results.e2e.iter().find(|s| s.key == "native");
+    if let (Some(wasm), Some(native)) = (wasm, native) {
+        let rps = wasm.closed.rps / native.closed.rps;
+        row(
+            "(c) wasm-extproc vs (d) native server: req/s, closed loop".into(),
+            format!(
+                "{:.0} vs {:.0} ({:+.1}%)",
+                wasm.closed.rps,
+                native.closed.rps,
+                (rps - 1.0) * 100.0
+            ),
+            "within 15%".into(),
+            rps >= 1.0 - TARGET_WASM_VS_NATIVE,
+        );
+        let (w, n) = (cpu(wasm, "ext_proc"), cpu(native, "ext_proc"));
+        row(
+            "(c) vs (d): ext_proc server CPU per request".into(),
+            format!("{w:.1} vs {n:.1} µs ({:+.1}%)", (w / n - 1.0) * 100.0),
+            "within 15%".into(),
+            w <= n * (1.0 + TARGET_WASM_VS_NATIVE),
+        );
+    }
+    if let Some(stream) = results.micro.get("stream/asm_demo") {
+        row(
+            "Wasm work per stream, bundled plugin (instantiate + both header phases)".into(),
+            format!("{:.1} µs", stream.micros()),
+            format!("≤ {TARGET_STREAM_US:.0} µs"),
+            stream.micros() <= TARGET_STREAM_US,
+        );
+    }
+    if let Some((slope, _)) = chain_fit(&results.micro) {
+        row(
+            "Each additional plugin in the chain".into(),
+            format!("{slope:.1} µs"),
+            format!("≤ {TARGET_PER_PLUGIN_US:.0} µs, linear"),
+            slope <= TARGET_PER_PLUGIN_US,
+        );
+    }
+    if let Some(point) = largest(&results.rss, StreamState::InFlight) {
+        row(
+            format!(
+                "RSS per open stream ({} streams, exchange in flight)",
+                point.streams
+            ),
+            format!("{:.1} KiB", point.per_stream_kib()),
+            format!("≤ {TARGET_STREAM_KIB:.0} KiB"),
+            point.per_stream_kib() <= TARGET_STREAM_KIB,
+        );
+    }
+    format!(
+        "## Targets\n\n| what | measured | target | |\n|---|---|---|---|\n{}\n\n",
+        rows.join("\n")
+    )
+}
+
+fn cpu(scenario: &ScenarioResult, process: &str) -> f64 {
+    scenario
+        .cpu_us_per_request
+        .iter()
+        .find(|(p, _)| p == process)
+        .map_or(0.0, |(_, us)| *us)
+}
+
+fn e2e_section(
+    results: &Results,
+    md: &mut String,
+    link: &dyn Fn(&str) -> String,
+    plots: &Path,
+) -> anyhow::Result<()> {
+    let processes = ["envoy", "upstream", "ext_proc"];
+    writeln!(
+        md,
+        "## End to end, through Envoy 1.40\n\n\
+         The ASM demo's job (`x-ext-proc-header: hello-to-asm` on every request, \
+         `hello-from-asm` on every response) done four ways. Envoy (`--concurrency 1`), the \
+         upstream (`bench-upstream`) and the ext_proc server share core 0 (`taskset`); the load \
+         generator has core 1. Every Envoy configuration is `deploy/envoy/envoy.yaml`, with the \
+         ext_proc filter removed (a), swapped for Lua (b), or pointed at the server measured \
+         (c, d). Each check request must come back tagged before a setup is measured. \
+         {} rounds of {} s per setup and load, setups interleaved within each round; medians.\n\n\
+         Closed loop: `wrk` with {} connections, as fast as the setup goes. Fixed rate: `hey` at \
+         {} req/s for every setup. CPU: each process's user + system time over the fixed-rate \
+         run, per request.\n",
+        results.e2e_rounds, results.e2e_duration_s, results.e2e_connections, results.fixed_rate
+    )?;
+    writeln!(
+        md,
+        "| setup | req/s (closed) | p50 / p99 ms (closed) | p50 / p99 ms ({} req/s) | errors | CPU µs/req: envoy | upstream | ext_proc | total |\n|---|---|---|---|---|---|---|---|---|",
+        results.fixed_rate
+    )?;
+    for s in &results.e2e {
+        let cpus: Vec<f64> = processes.iter().map(|p| cpu(s, p)).collect();
+        writeln!(
+            md,
+            "| {} | {:.0} | {:.2} / {:.2} | {:.2} / {:.2} | {} | {:.1} | {:.1} | {} | {:.1} |",
+            s.label,
+            s.closed.rps,
+            s.closed.p50_ms,
+            s.closed.p99_ms,
+            s.fixed.p50_ms,
+            s.fixed.p99_ms,
+            s.closed.errors + s.fixed.errors,
+            cpus[0],
+            cpus[1],
+            if s.cpu_us_per_request.iter().any(|(p, _)| p == "ext_proc") {
+                format!("{:.1}", cpus[2])
+            } else {
+                "-".into()
+            },
+            cpus.iter().sum::<f64>(),
+        )?;
+    }
+    let by_key = |key: &str| results.e2e.iter().find(|s| s.key == key);
+    if let (Some(wasm), Some(native), Some(envoy), Some(lua)) = (
+        by_key("wasm"),
+        by_key("native"),
+        by_key("envoy"),
+        by_key("lua"),
+    ) {
+        writeln!(
+            md,
+            "\nRatios: (c)/(d) req/s {:.2}, ext_proc CPU {:.2}, Envoy CPU {:.2}; \
+             (c)/(b) req/s {:.2}; (b)/(a) req/s {:.2}.\n",
+            wasm.closed.rps / native.closed.rps,
+            cpu(wasm, "ext_proc") / cpu(native, "ext_proc"),
+            cpu(wasm, "envoy") / cpu(native, "envoy"),
+            wasm.closed.rps / lua.closed.rps,
+            lua.closed.rps / envoy.closed.rps,
+        )?;
+    }
+    let names: Vec<String> = results.e2e.iter().map(|s| short(&s.key)).collect();
+    bar_chart(
+        &plots.join("e2e-throughput.svg"),
+        "Requests per second, closed loop (higher is better)",
+        "req/s",
+        &names,
+        &[("req/s", results.e2e.iter().map(|s| s.closed.rps).collect())],
+        false,
+    )?;
+    bar_chart(
+        &plots.join("e2e-cpu.svg"),
+        &format!(
+            "CPU per request at {} req/s (lower is better)",
+            results.fixed_rate
+        ),
+        "µs per request",
+        &names,
+        &processes
+            .iter()
+            .map(|p| (*p, results.e2e.iter().map(|s| cpu(s, p)).collect()))
+            .collect::<Vec<_>>(),
+        true,
+    )?;
+    bar_chart(
+        &plots.join("e2e-latency.svg"),
+        &format!("Latency at {} req/s (lower is better)", results.fixed_rate),
+        "ms",
+        &names,
+        &[
+            ("p50", results.e2e.iter().map(|s| s.fixed.p50_ms).collect()),
+            ("p99", results.e2e.iter().map(|s| s.fixed.p99_ms).collect()),
+        ],
+        false,
+    )?;
+    writeln!(
+        md,
+        "![throughput]({})\n![CPU per request]({})\n![latency]({})\n",
+        link("e2e-throughput.svg"),
+        link("e2e-cpu.svg"),
+        link("e2e-latency.svg")
+    )?;
+    Ok(())
+}
+
+fn short(key: &str) -> String {
+    match key {
+        "envoy" => "(a) Envoy alone",
+        "lua" => "(b) Lua filter",
+        "wasm" => "(c) wasm-extproc",
+        "native" => "(d) native ext_proc",
+        other => other,
+    }
+    .to_string()
+}
+
+fn micro_section(
+    results: &Results,
+    md: &mut String,
+    link: &dyn Fn(&str) -> String,
+    plots: &Path,
+) -> anyhow::Result<()> {
+    let us = |id: &str| results.micro.get(id).map(|e| e.micros());
+    writeln!(
+        md,
+        "## In process (criterion, `host/benches/stream.rs`)\n\n\
+         One stream's Wasm work for the bundled plugin: instantiate from the pre-linked \
+         component (pooling allocator), run both header phases on 12 request and 6 response \
+         headers, drop the instance. The bundled plugins build for `wasm32-unknown-unknown` and \
+         import nothing from WASI; `asm_demo_wasip2` is the same source built for \
+         `wasm32-wasip2`, as a plugin needing WASI would be.\n\n\
+         | per stream | median |\n|---|---|"
+    )?;
+    for (id, what) in [
+        ("stream/instantiate", "instantiate + drop, no call"),
+        (
+            "stream/asm_demo",
+            "bundled ASM plugin: instantiate + 2 header phases + drop",
+        ),
+        (
+            "stream/asm_demo_wasip2",
+            "the same, built for wasm32-wasip2",
+        ),
+    ] {
+        if let Some(v) = us(id) {
+            writeln!(md, "| {what} | {v:.1} µs |")?;
+        }
+    }
+    let chain: Vec<(f64, f64)> = (0..=16)
+        .filter_map(|n| us(&format!("chain/{n}")).map(|v| (n as f64, v)))
+        .collect();
+    if let Some((slope, intercept)) = chain_fit(&results.micro) {
+        writeln!(
+            md,
+            "\nThe same exchange through the host's chain (`chain::StreamChain`, policy and \
+             breaker checks included) with N copies of the plugin:\n\n\
+             | plugins | per stream | per plugin |\n|---|---|---|"
+        )?;
+        for (n, v) in &chain {
+            writeln!(md, "| {n} | {v:.1} µs | {:.1} µs |", v / n)?;
+        }
+        writeln!(
+            md,
+            "\nLeast-squares fit: {intercept:.1} µs + {slope:.1} µs per plugin.\n"
+        )?;
+        line_chart(
+            &plots.join("chain.svg"),
+            "Cost per stream against chain length",
+            "plugins in the chain",
+            "µs per stream",
+            false,
+            &[
+                ("measured", chain.clone()),
+                (
+                    "target: 10 µs + 3 µs per extra plugin",
+                    chain
+                        .iter()
+                        .map(|(n, _)| (*n, TARGET_STREAM_US + TARGET_PER_PLUGIN_US * (n - 1.0)))
+                        .collect(),
+                ),
+            ],
+        )?;
+        writeln!(md, "![chain]({})\n", link("chain.svg"))?;
+    }
+    let body = |mode: &str| -> Vec<(f64, f64, f64)> {
+        let prefix = format!("body/{mode}/");
+        let mut points: Vec<(f64, f64, f64)> = results
+            .micro
+            .iter()
+            .filter_map(|(id, e)| {
+                let size: f64 = id.strip_prefix(&prefix)?.parse().ok()?;
+                Some((size, e.micros(), e.mib_per_second()?))
+            })
+            .collect();
+        points.sort_by(|a, b| a.0.total_cmp(&b.0));
+        points
+    };
+    let (buffered, streamed) = (body("buffered"), body("streamed"));
+    if !buffered.is_empty() {
+        writeln!(
+            md,
+            "Bodies through a plugin that reads each body message and replaces it (the `shout` \
+             fixture, upper-casing), sent whole (`BUFFERED`: one message) or in 16 KiB chunks \
+             (`STREAMED`), one instance per stream:\n\n\
+             | body | BUFFERED | MiB/s | STREAMED | MiB/s |\n|---|---|---|---|---|"
+        )?;
+        for ((size, b_us, b_rate), (_, s_us, s_rate)) in buffered.iter().zip(&streamed) {
+            writeln!(
+                md,
+                "| {} | {b_us:.1} µs | {b_rate:.0} | {s_us:.1} µs | {s_rate:.0} |",
+                human_bytes(*size)
+            )?;
+        }
+        line_chart(
+            &plots.join("body.svg"),
+            "Body throughput through a plugin",
+            "body size (bytes, log scale)",
+            "MiB/s",
+            true,
+            &[
+                ("BUFFERED", buffered.iter().map(|p| (p.0, p.2)).collect()),
+                ("STREAMED", streamed.iter().map(|p| (p.0, p.2)).collect()),
+            ],
+        )?;
+        writeln!(md, "\n![body throughput]({})\n", link("body.svg"))?;
+    }
+    Ok(())
+}
+
+fn rss_section(
+    results: &Results,
+    md: &mut String,
+    link: &dyn Fn(&str) -> String,
+    plots: &Path,
+) -> anyhow::Result<()> {
+    if results.rss.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "## Memory against open streams\n\n\
+         The host's RSS (release build, bundled plugin) with N ext_proc streams open at once, \
+         over HTTP/2 connections of 100 streams each: with the request headers answered and the \
+         response still to come (the plugin's instance is live, as while the upstream works), \
+         and opened with no message yet. A fresh host per figure; per stream is the growth \
+         over the same host with no stream open.\n\n\
+         | streams | in flight: RSS | per stream | opened: RSS | per stream |\n|---|---|---|---|---|"
+    )?;
+    let series =
+        |state| -> Vec<&Point> { results.rss.iter().filter(|p| p.state == state).collect() };
+    let (in_flight, opened) = (series(StreamState::InFlight), series(StreamState::Opened));
+    for point in &in_flight {
+        let other = opened.iter().find(|o| o.streams == point.streams);
+        writeln!(
+            md,
+            "| {} | {:.1} MiB | {:.1} KiB | {} | {} |",
+            point.streams,
+            point.rss_kib as f64 / 1024.0,
+            point.per_stream_kib(),
+            other.map_or("-".into(), |o| format!(
+                "{:.1} MiB",
+                o.rss_kib as f64 / 1024.0
+            )),
+            other.map_or("-".into(), |o| format!("{:.1} KiB", o.per_stream_kib())),
+        )?;
+    }
+    let to_line = |points: &[&Point]| -> Vec<(f64, f64)> {
+        points
+            .iter()
+            .map(|p| (p.streams as f64, p.rss_kib as f64 / 1024.0))
+            .collect()
+    };
+    line_chart(
+        &plots.join("rss.svg"),
+        "Host RSS against open streams",
+        "open streams (log scale)",
+        "RSS, MiB",
+        true,
+        &[
+            (
+                "request headers answered, response pending",
+                to_line(&in_flight),
+            ),
+            ("opened, no message yet", to_line(&opened)),
+        ],
+    )?;
+    writeln!(md, "\n![RSS]({})\n", link("rss.svg"))?;
+    Ok(())
+}
+
+/// Least-squares line through `chain/N`: (µs per plugin, µs fixed).
+fn chain_fit(micro: &Estimates) -> Option<(f64, f64)> {
+    let points: Vec<(f64, f64)> = (1..=64)
+        .filter_map(|n| {
+            micro
+                .get(&format!("chain/{n}"))
+                .map(|e| (n as f64, e.micros()))
+        })
+        .collect();
+    if points.len() < 2 {
+        return None;
+    }
+    let count = points.len() as f64;
+    let mean_x = points.iter().map(|p| p.0).sum::<f64>() / count;
+    let mean_y = points.iter().map(|p| p.1).sum::<f64>() / count;
+    let covariance: f64 = points.iter().map(|p| (p.0 - mean_x) * (p.1 - mean_y)).sum();
+    let variance: f64 = points.iter().map(|p| (p.0 - mean_x).powi(2)).sum();
+    let slope = covariance / variance;
+    Some((slope, mean_y - slope * mean_x))
+}
+
+fn largest(points: &[Point], state: StreamState) -> Option<&Point> {
+    points
+        .iter()
+        .filter(|p| p.state == state)
+        .max_by_key(|p| p.streams)
+}
+
+fn human_bytes(bytes: f64) -> String {
+    if bytes >= (1 << 20) as f64 {
+        format!("{:.0} MiB", bytes / (1 << 20) as f64)
+    } else {
+        format!("{:.0} KiB", bytes / 1024.0)
+    }
+}
+
+type Area<'a> = DrawingArea<SVGBackend<'a>, Shift>;
+
+fn canvas(path: &Path) -> anyhow::Result<Area<'_>> {
+    let root = SVGBackend::new(path, (760, 420)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_error)?;
+    Ok(root)
+}
+
+fn plot_error(error: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::anyhow!("plotting: {error}")
+}
+
+/// The series' names, top left.
+fn legend<'a, X: Ranged, Y: Ranged>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<X, Y>>,
+) -> anyhow::Result<()> {
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.8))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_error)
+}
+
+/// Bars per category: side by side, or stacked.
+fn bar_chart(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    categories: &[String],
+    series: &[(&str, Vec<f64>)],
+    stacked: bool,
+) -> anyhow::Result<()> {
+    let root = canvas(path)?;
+    let top = (0..categories.len())
+        .map(|i| {
+            let values = series.iter().map(|(_, v)| v.get(i).copied().unwrap_or(0.0));
+            if stacked {
+                values.sum::<f64>()
+            } else {
+                values.fold(0.0, f64::max)
+            }
+        })
+        .fold(0.0, f64::max)
+        * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d((0..categories.len()).into_segmented(), 0.0..top.max(1e-9))
+        .map_err(plot_error)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .y_desc(y_label)
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => categories.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .draw()
+        .map_err(plot_error)?;
+    let width = chart.plotting_area().dim_in_pixel().0 as f64 / categories.len() as f64;
+    let slot = (width * 0.7) / if stacked { 1.0 } else { series.len() as f64 };
+    let pad = width * 0.15;
+    for (k, (name, values)) in series.iter().enumerate() {
+        let color = COLORS[k % COLORS.len()];
+        let bars = values.iter().enumerate().map(|(i, &v)| {
+            let base = if stacked {
+                series[..k]
+                    .iter()
+                    .map(|(_, v)| v.get(i).copied().unwrap_or(0.0))
+                    .sum()
+            } else {
+                0.0
+            };
+            let mut bar = Rectangle::new(
+                [
+                    (SegmentValue::Exact(i), base),
+                    (SegmentValue::Exact(i + 1), base + v),
+                ],
+                color.filled(),
+            );
+            let left = if stacked { pad } else { pad + slot * k as f64 };
+            let right = width - left - slot;
+            bar.set_margin(0, 0, left.max(0.0) as u32, right.max(0.0) as u32);
+            bar
+        });
+        chart
+            .draw_series(bars)
+            .map_err(plot_error)?
+            .label(*name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], color.filled()));
+    }
+    if series.len() > 1 {
+        legend(&mut chart)?;
+    }
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
+/// Lines with points; `log_x` for sizes and counts that span decades.
+fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    log_x: bool,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> anyhow::Result<()> {
+    let root = canvas(path)?;
+    let xs = series.iter().flat_map(|(_, p)| p.iter().map(|p| p.0));
+    let (low, high) = xs.fold((f64::MAX, f64::MIN), |(l, h), x| (l.min(x), h.max(x)));
+    let top = series
+        .iter()
+        .flat_map(|(_, p)| p.iter().map(|p| p.1))
+        .fold(0.0, f64::max)
+        * 1.15;
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(title, ("sans-serif", 18))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(64);
+    macro_rules! draw {
+        ($chart:expr) => {{
+            let mut chart = $chart;
+            chart
+                .configure_mesh()
+                .x_desc(x_label)
+                .y_desc(y_label)
+                .draw()
+                .map_err(plot_error)?;
+            for (k, (name, points)) in series.iter().enumerate() {
+                let color = COLORS[k % COLORS.len()];
+                chart
+                    .draw_series(LineSeries::new(
+                        points.iter().copied(),
+                        color.stroke_width(2),
+                    ))
+                    .map_err(plot_error)?
+                    .label(*name)
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                    });
+                chart
+                    .draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                    .map_err(plot_error)?;
+            }
+            legend(&mut chart)?;
+        }};
+    }
+    if log_x {
+        draw!(
+            builder
+                .build_cartesian_2d((low..high * 1.5).log_scale(), 0.0..top)
+                .map_err(plot_error)?
+        );
+    } else {
+        draw!(
+            builder
+                .build_cartesian_2d(low - 0.5..high + 0.5, 0.0..top)
+                .map_err(plot_error)?
+        );
+    }
+    root.present().map_err(plot_error)?;
+    Ok(())
+}
+
+/// What the profiles say about the figures above; see the section's commands to repeat them.
+const WHERE_THE_TIME_GOES: &str = "## Where the time goes
+
+Profiled with `perf record -e cpu-clock --call-graph dwarf` on the criterion binary
+(`target/release/deps/stream-*  --bench stream/asm_demo --profile-time 5`; this machine has no
+hardware counters, so `cpu-clock` sampling):
+
+- **Resetting memory between streams** was the largest single cost: wasmtime's pooling allocator
+  `madvise`d every instance's memory when its stream ended (a syscall plus a TLB shootdown), and
+  the next stream page-faulted on each page it touched again. The host now enables wasmtime's
+  PAGEMAP_SCAN support (Linux 6.7+) with up to 1 MiB kept resident per memory: only the pages a
+  guest dirtied are restored, in place, and stay mapped. Per stream: ~40 µs -> ~17 µs here.
+- **WASI imports**: a Rust plugin built for `wasm32-wasip2` imports about 30 WASI functions for
+  std's I/O and panic printing, each a host function to wire up at instantiation. The bundled
+  plugins need none, so they build for `wasm32-unknown-unknown` with `wasm-component-ld`
+  (plugins/.cargo/config.toml), and the host only builds a WASI context when a plugin makes its
+  first WASI call.
+- **What bounds the rest** is per-instance work in wasmtime that the host cannot skip while
+  each stream gets fresh instances: allocating the instance's memory, table and vmctx from the
+  pool and initialising them, looking up and type-checking the handler exports
+  (`PluginIndices::load`), registering the instance's modules with the store, entering the
+  async fiber for each call (instantiation and every handler run on a fiber so a busy plugin
+  yields at its epoch deadline), scanning the memory's page map when the stream ends, and
+  `malloc`/`free` for the store's bookkeeping. Each plugin in a chain pays this once per
+  stream, which is why a chain grows by about one instantiation per plugin. Sharing instances
+  between streams would remove it, at the price of the per-stream isolation the host promises
+  (plugin state never outlives its HTTP exchange).
+";

@@ -1,0 +1,204 @@
+//! What open streams cost the host in memory: its resident set with 1 to 10,000 ext_proc
+//! streams open at once, each as Envoy leaves one while the upstream works on the request --
+//! request headers answered (so the plugin's instance is live and holds the stream's state),
+//! response headers not yet sent. A second series opens the streams without sending anything
+//! (no instance yet: what a stream costs before its first message).
+//!
+//! Each count gets a fresh host (release build, bundled ASM plugin only) so the allocator's
+//! caches from a larger count never flatter a smaller one. The host's RSS is read from
+//! /proc/PID/status after the streams settle, and the per-stream figure is the growth over the
+//! same host's RSS with no stream open, divided by the count.
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use extproc_testkit::fixtures::ASM_DEMO;
+use extproc_testkit::grpc::{self, ExtProcStream};
+use serde::{Deserialize, Serialize};
+
+use crate::{KillOnDrop, target_dir, wait_until_ready};
+
+const HOST_PORT: u16 = 19602;
+const ADMIN_PORT: u16 = 19603;
+/// Streams per HTTP/2 connection, as Envoy multiplexes them.
+const STREAMS_PER_CONNECTION: usize = 100;
+/// Streams opened at once while building up a count.
+const OPEN_CONCURRENCY: usize = 200;
+/// Time for the host to finish what the last streams started before RSS is read.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// How far the streams got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum StreamState {
+    /// Opened, no message sent: no plugin instance yet.
+    Opened,
+    /// Request headers answered, response headers still to come: the plugin's instance is live.
+    InFlight,
+}
+
+impl StreamState {
+    pub fn label(self) -> &'static str {
+        match self {
+            StreamState::Opened => "opened, no message yet",
+            StreamState::InFlight => "request headers answered, response pending",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Point {
+    pub state: StreamState,
+    pub streams: usize,
+    /// The host's RSS with no stream open, then with `streams` open.
+    pub idle_kib: u64,
+    pub rss_kib: u64,
+}
+
+impl Point {
+    pub fn per_stream_kib(&self) -> f64 {
+        self.rss_kib.saturating_sub(self.idle_kib) as f64 / self.streams as f64
+    }
+}
+
+pub fn run(counts: &[usize]) -> anyhow::Result<Vec<Point>> {
+    let binary = target_dir().join("release/wasm-extproc");
+    if !binary.is_file() {
+        bail!(
+            "{} is missing: `cargo build --release -p wasm-extproc` builds it",
+            binary.display()
+        );
+    }
+    let most = counts.iter().copied().max().unwrap_or(1);
+    let runtime = tokio::runtime::Runtime::new()?;
+    let mut points = Vec::new();
+    for state in [StreamState::InFlight, StreamState::Opened] {
+        for &streams in counts {
+            let point = runtime.block_on(measure(&binary, most, state, streams))?;
+            eprintln!(
+                "rss: {streams:>6} streams {:<44} host RSS {:>7} KiB (idle {:>6} KiB): {:.1} KiB per stream",
+                state.label(),
+                point.rss_kib,
+                point.idle_kib,
+                point.per_stream_kib()
+            );
+            points.push(point);
+        }
+    }
+    Ok(points)
+}
+
+async fn measure(
+    binary: &std::path::Path,
+    most: usize,
+    state: StreamState,
+    streams: usize,
+) -> anyhow::Result<Point> {
+    let dir = tempfile::tempdir()?;
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins)?;
+    std::fs::copy(ASM_DEMO.path(), plugins.join("10-asm-demo.wasm"))?;
+    let config = dir.path().join("host.toml");
+    // Room for every stream's instance; the default pool (1,000) would refuse the largest count.
+    std::fs::write(
+        &config,
+        format!(
+            "plugins_dir = {:?}\nlisten = \"127.0.0.1:{HOST_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
+             [runtime]\nmax_instances = {}\n",
+            plugins,
+            most + most / 10 + 100
+        ),
+    )?;
+    let mut host = KillOnDrop(
+        Command::new(binary)
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .context("cannot start wasm-extproc")?,
+    );
+    wait_until_ready(([127, 0, 0, 1], ADMIN_PORT).into(), &mut host.0)?;
+    let pid = host.0.id();
+    let address: SocketAddr = ([127, 0, 0, 1], HOST_PORT).into();
+
+    // One whole exchange first, so the idle figure includes what the first stream initialises.
+    let mut warm = ExtProcStream::connect(address).await;
+    warm.exchange(grpc::request_headers(&[(":path", "/")], false))
+        .await;
+    warm.exchange(grpc::response_headers(&[(":status", "200")], false))
+        .await;
+    drop(warm.close());
+    tokio::time::sleep(SETTLE).await;
+    let idle_kib = rss_kib(pid)?;
+
+    let mut clients = Vec::new();
+    for _ in 0..streams.div_ceil(STREAMS_PER_CONNECTION) {
+        clients.push(grpc::connect(address).await);
+    }
+    let mut open = Vec::with_capacity(streams);
+    for batch in (0..streams).collect::<Vec<_>>().chunks(OPEN_CONCURRENCY) {
+        let opening = batch.iter().map(|&i| {
+            let mut client = clients[i / STREAMS_PER_CONNECTION].clone();
+            async move {
+                let mut stream = ExtProcStream::open(&mut client).await;
+                if state == StreamState::InFlight {
+                    stream
+                        .exchange(grpc::request_headers(&[(":path", "/")], false))
+                        .await;
+                }
+                stream
+            }
+        });
+        open.extend(futures::future::join_all(opening).await);
+    }
+    tokio::time::sleep(SETTLE).await;
+    let rss_kib = rss_kib(pid)?;
+    if let Some(status) = host.0.try_wait()? {
+        bail!("wasm-extproc exited with {status} while {streams} streams were open");
+    }
+    drop(open);
+    Ok(Point {
+        state,
+        streams,
+        idle_kib,
+        rss_kib,
+    })
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    parse_rss_kib(&status).context("no VmRSS in /proc/PID/status")
+}
+
+fn parse_rss_kib(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_vm_rss() {
+        let status = "Name:\twasm-extproc\nVmPeak:\t 1234 kB\nVmRSS:\t   27956 kB\nThreads:\t3\n";
+        assert_eq!(parse_rss_kib(status), Some(27956));
+        assert_eq!(parse_rss_kib("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn per_stream_is_growth_over_idle() {
+        let point = Point {
+            state: StreamState::InFlight,
+            streams: 100,
+            idle_kib: 20_000,
+            rss_kib: 26_400,
+        };
+        assert_eq!(point.per_stream_kib(), 64.0);
+    }
+}
