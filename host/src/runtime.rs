@@ -182,6 +182,9 @@ impl Runtime {
         let mut pool = PoolingAllocationConfig::new();
         let instances = limits.max_instances;
         pool.total_component_instances(instances);
+        // Each store keeps the fiber stack its async calls ran on until it is dropped, so
+        // every live instance holds one (the default pool of 1,000 would cap the instances).
+        pool.total_stacks(instances);
         // A Rust or C component holds one core module plus a few small shim modules (with a
         // table each) that wit-component adds; JS and Python components hold more.
         pool.total_core_instances(instances.saturating_mul(8));
@@ -222,7 +225,13 @@ impl Runtime {
             None => None,
         };
         config.cache(cache.clone());
-        let engine = Engine::new(&config).map_err(to_anyhow)?;
+        let engine = Engine::new(&config).map_err(to_anyhow).with_context(|| {
+            format!(
+                "cannot set up the instance pool for [runtime] max_instances = {instances}: \
+                 each instance reserves 8 GiB of address space for its memories, and x86-64 \
+                 has room for about 12,000"
+            )
+        })?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(to_anyhow)?;

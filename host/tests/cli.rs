@@ -80,6 +80,25 @@ fn a_missing_plugins_directory_stops_start_up_naming_it() {
 }
 
 #[test]
+fn an_instance_pool_too_large_for_the_address_space_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write(
+        dir.path(),
+        "host.toml",
+        b"listen = \"127.0.0.1:0\"\n[runtime]\nmax_instances = 1000000\n",
+    );
+    let output = host(&["--config", &config, "--plugins-dir", "/no/such/plugins"]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_line(&output);
+    assert!(
+        line.starts_with(
+            "wasm-extproc: cannot set up the instance pool for [runtime] max_instances = 1000000: "
+        ),
+        "{line}"
+    );
+}
+
+#[test]
 fn an_unknown_flag_is_a_usage_error() {
     let output = host(&["--plugin-dir", "/x"]);
     assert_eq!(output.status.code(), Some(2));
