@@ -686,4 +686,13 @@ hardware counters, so `cpu-clock` sampling):
   stream, which is why a chain grows by about one instantiation per plugin. Sharing instances
   between streams would remove it, at the price of the per-stream isolation the host promises
   (plugin state never outlives its HTTP exchange).
+- **End to end**, the Wasm work is about a quarter of the host's CPU per request (profile of
+  the release host under `wrk` through Envoy). Most of the rest is the gRPC path the native
+  server shares (HTTP/2 framing, protobuf, `writev`), and what the host does besides: a task and
+  a channel per stream, the protocol state machine, the guard, metrics, a `mode_override` with
+  every headers answer when plugins do not handle trailers (Envoy does not tell the host its
+  trailer modes, so the host restates them), and closing the stream itself after the last phase
+  it needs (one more HEADERS frame; Envoy resets the stream anyway). Envoy, too, spends more CPU
+  per request behind the host than behind the native server; the last two are the first
+  suspects.
 ";
