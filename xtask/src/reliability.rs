@@ -10,18 +10,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{self, Envoy};
 use extproc_testkit::fixtures::{ASM_DEMO, FLAKY};
 
-use crate::{KillOnDrop, cargo, run as run_command, target_dir, wait_until_ready};
+use crate::release_host::{self, ReleaseHost};
+use crate::{cargo, run as run_command, target_dir};
 
 const FAIL_EVERY: u64 = 100;
 const HOST_PORT: u16 = 19002;
@@ -46,7 +45,6 @@ struct Outcome {
 
 pub fn run(requests: u64, concurrency: usize) -> anyhow::Result<()> {
     run_command(cargo().args(["build", "--release", "--package", "wasm-extproc"]))?;
-    let binary = target_dir().join("release/wasm-extproc");
     let runtime = tokio::runtime::Runtime::new()?;
     let mut report = String::new();
     writeln!(
@@ -55,7 +53,7 @@ pub fn run(requests: u64, concurrency: usize) -> anyhow::Result<()> {
          (release) [10-flaky: traps when x-request-id % {FAIL_EVERY} == 0, 20-asm] -> echo upstream.\n"
     )?;
     for policy in ["fail-open", "fail-closed"] {
-        let outcome = runtime.block_on(one_run(&binary, policy, requests, concurrency))?;
+        let outcome = runtime.block_on(one_run(policy, requests, concurrency))?;
         let expected_failures = requests / FAIL_EVERY;
         let expected_ok = if policy == "fail-open" {
             requests
@@ -135,50 +133,18 @@ pub fn run(requests: u64, concurrency: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-async fn one_run(
-    binary: &std::path::Path,
-    policy: &str,
-    requests: u64,
-    concurrency: usize,
-) -> anyhow::Result<Outcome> {
-    let dir = tempfile::tempdir()?;
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir(&plugins)?;
-    std::fs::copy(FLAKY.path(), plugins.join("10-flaky.wasm"))?;
-    std::fs::copy(ASM_DEMO.path(), plugins.join("20-asm.wasm"))?;
-    let config = dir.path().join("host.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "plugins_dir = {:?}\nlisten = \"127.0.0.1:{HOST_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
-             [plugins.10-flaky]\nconfig = \"{FAIL_EVERY}\"\nfailure_policy = \"{policy}\"\n",
-            plugins.display().to_string()
-        ),
+async fn one_run(policy: &str, requests: u64, concurrency: usize) -> anyhow::Result<Outcome> {
+    let host = ReleaseHost::start(
+        &[
+            ("10-flaky.wasm", &FLAKY.path()),
+            ("20-asm.wasm", &ASM_DEMO.path()),
+        ],
+        &format!("[plugins.10-flaky]\nconfig = \"{FAIL_EVERY}\"\nfailure_policy = \"{policy}\"\n"),
+        (HOST_PORT, ADMIN_PORT),
+        "error",
     )?;
-    let mut host = KillOnDrop(
-        Command::new(binary)
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "error")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("cannot start wasm-extproc")?,
-    );
-    let address: SocketAddr = ([127, 0, 0, 1], HOST_PORT).into();
-    wait_until_ready(([127, 0, 0, 1], ADMIN_PORT).into(), &mut host.0)?;
-    let pid = host.0.id();
+    let (address, pid) = (host.address, host.pid());
+    let rss_kib = |pid| release_host::rss_kib(pid).unwrap_or(0);
 
     let upstream = EchoServer::start().await?;
     let config = envoy::render_config(0, address, upstream.address, 0)?;

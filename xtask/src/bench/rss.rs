@@ -9,17 +9,15 @@
 //! /proc/PID/status after the streams settle, and the per-stream figure is the growth over the
 //! same host's RSS with no stream open, divided by the count.
 
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use envoy_types::pb::envoy::service::ext_proc::v3::processing_response::Response;
 use extproc_testkit::fixtures::ASM_DEMO;
 use extproc_testkit::grpc::{self, ExtProcStream};
 use serde::{Deserialize, Serialize};
 
-use crate::{KillOnDrop, target_dir, wait_until_ready};
+use crate::release_host::{ReleaseHost, rss_kib};
 
 const HOST_PORT: u16 = 19602;
 const ADMIN_PORT: u16 = 19603;
@@ -64,19 +62,12 @@ impl Point {
 }
 
 pub fn run(counts: &[usize]) -> anyhow::Result<Vec<Point>> {
-    let binary = target_dir().join("release/wasm-extproc");
-    if !binary.is_file() {
-        bail!(
-            "{} is missing: `cargo build --release -p wasm-extproc` builds it",
-            binary.display()
-        );
-    }
     let most = counts.iter().copied().max().unwrap_or(1);
     let runtime = tokio::runtime::Runtime::new()?;
     let mut points = Vec::new();
     for state in [StreamState::InFlight, StreamState::Opened] {
         for &streams in counts {
-            let point = runtime.block_on(measure(&binary, most, state, streams))?;
+            let point = runtime.block_on(measure(most, state, streams))?;
             eprintln!(
                 "rss: {streams:>6} streams {:<44} host RSS {:>7} KiB (idle {:>6} KiB): {:.1} KiB per stream",
                 state.label(),
@@ -90,41 +81,17 @@ pub fn run(counts: &[usize]) -> anyhow::Result<Vec<Point>> {
     Ok(points)
 }
 
-async fn measure(
-    binary: &std::path::Path,
-    most: usize,
-    state: StreamState,
-    streams: usize,
-) -> anyhow::Result<Point> {
-    let dir = tempfile::tempdir()?;
-    let plugins = dir.path().join("plugins");
-    std::fs::create_dir(&plugins)?;
-    std::fs::copy(ASM_DEMO.path(), plugins.join("10-asm-demo.wasm"))?;
-    let config = dir.path().join("host.toml");
+async fn measure(most: usize, state: StreamState, streams: usize) -> anyhow::Result<Point> {
     // Room for every stream's instance; the default pool (1,000) would refuse the largest count.
     // Not much more: the pool reserves 8 GiB of address space per instance (two 4 GiB memory
     // slots, so bounds checks compile away), and 47 bits hold about 12,000 of them.
-    std::fs::write(
-        &config,
-        format!(
-            "plugins_dir = {:?}\nlisten = \"127.0.0.1:{HOST_PORT}\"\nadmin_listen = \"127.0.0.1:{ADMIN_PORT}\"\n\
-             [runtime]\nmax_instances = {}\n",
-            plugins,
-            most + 200
-        ),
+    let mut host = ReleaseHost::start(
+        &[("10-asm-demo.wasm", &ASM_DEMO.path())],
+        &format!("[runtime]\nmax_instances = {}\n", most + 200),
+        (HOST_PORT, ADMIN_PORT),
+        "warn",
     )?;
-    let mut host = KillOnDrop(
-        Command::new(binary)
-            .arg("--config")
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("cannot start wasm-extproc")?,
-    );
-    wait_until_ready(([127, 0, 0, 1], ADMIN_PORT).into(), &mut host.0)?;
-    let pid = host.0.id();
-    let address: SocketAddr = ([127, 0, 0, 1], HOST_PORT).into();
+    let (pid, address) = (host.pid(), host.address);
 
     // One whole exchange first, so the idle figure includes what the first stream initialises.
     let mut warm = ExtProcStream::connect(address).await;
@@ -165,7 +132,7 @@ async fn measure(
     }
     tokio::time::sleep(SETTLE).await;
     let rss_kib = rss_kib(pid)?;
-    if let Some(status) = host.0.try_wait()? {
+    if let Some(status) = host.process.0.try_wait()? {
         bail!("wasm-extproc exited with {status} while {streams} streams were open");
     }
     drop(open);
@@ -177,29 +144,9 @@ async fn measure(
     })
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    parse_rss_kib(&status).context("no VmRSS in /proc/PID/status")
-}
-
-fn parse_rss_kib(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|kib| kib.parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn reads_vm_rss() {
-        let status = "Name:\twasm-extproc\nVmPeak:\t 1234 kB\nVmRSS:\t   27956 kB\nThreads:\t3\n";
-        assert_eq!(parse_rss_kib(status), Some(27956));
-        assert_eq!(parse_rss_kib("Name:\tx\n"), None);
-    }
 
     #[test]
     fn per_stream_is_growth_over_idle() {
