@@ -71,6 +71,6 @@ fuzz_target!(|data: &[u8]| {
             )
             .is_ok());
         }
-        let _ = protocol.finished_for(live);
+        let _ = protocol.may_close(live);
     }
 });

@@ -4,7 +4,8 @@
 //!   Title-Case;
 //! - `GET /generate?bytes=N` answers N bytes of lower-case text, and with `&json` a JSON object
 //!   of about N bytes with a `password` field (see [`generated`]);
-//! - any other path echoes the request body back.
+//! - any other path echoes the request body back; with `?chunked` in pieces, without a
+//!   `content-length` (chunked transfer over HTTP/1.1).
 //!
 //! Over HTTP/2, a request that ends with trailers gets `x-upstream-trailer: seen` trailers back.
 
@@ -26,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 /// One request as the upstream received it.
 #[derive(Debug, Clone)]
 pub struct Seen {
+    /// The path, with the query if there was one.
     pub path: String,
     pub headers: Vec<(String, Vec<u8>)>,
     pub body: Vec<u8>,
@@ -102,6 +104,14 @@ impl EchoServer {
     pub fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("not poisoned").clone()
     }
+
+    /// Removes and returns the request received for `path` (query included), if one was: for
+    /// tests that send many requests concurrently and must not keep every body.
+    pub fn take(&self, path_and_query: &str) -> Option<Seen> {
+        let mut seen = self.seen.lock().expect("not poisoned");
+        let index = seen.iter().position(|s| s.path == path_and_query)?;
+        Some(seen.swap_remove(index))
+    }
 }
 
 impl Drop for EchoServer {
@@ -111,6 +121,9 @@ impl Drop for EchoServer {
 }
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// How many pieces a `?chunked` echo is sent in.
+const ECHO_PIECES: usize = 5;
 
 async fn handle(
     request: Request<Incoming>,
@@ -134,7 +147,11 @@ async fn handle(
         .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
         .collect();
     seen.lock().expect("not poisoned").push(Seen {
-        path: parts.uri.path().to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default(),
         headers: headers.clone(),
         body: body.to_vec(),
         trailers: trailers.clone(),
@@ -183,6 +200,20 @@ async fn handle(
                 Ok::<_, Infallible>(Frame::data(body)),
                 Ok(Frame::trailers(response_trailers)),
             ];
+            Response::builder()
+                .header("content-type", "application/octet-stream")
+                .body(StreamBody::new(futures::stream::iter(frames)).boxed())
+        }
+        _ if parts
+            .uri
+            .query()
+            .is_some_and(|q| q.split('&').any(|p| p == "chunked")) =>
+        {
+            let pieces = body.len().div_ceil(ECHO_PIECES).max(1);
+            let frames: Vec<_> = body
+                .chunks(pieces)
+                .map(|piece| Ok::<_, Infallible>(Frame::data(body.slice_ref(piece))))
+                .collect();
             Response::builder()
                 .header("content-type", "application/octet-stream")
                 .body(StreamBody::new(futures::stream::iter(frames)).boxed())

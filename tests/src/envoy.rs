@@ -154,6 +154,59 @@ impl EnvoyConfig {
     }
 }
 
+/// Where each listener of the deploy file starts, and where the clusters start.
+const LISTENERS_START: &str = "  listeners:\n";
+const CLUSTERS_START: &str = "  clusters:\n";
+
+impl EnvoyConfig {
+    /// One Envoy configuration serving every variation in `configs`, each on a listener of its
+    /// own (`case_0`, `case_1`, ... on ports the kernel chooses), with the clusters of the
+    /// first: for sweeps that would otherwise start an Envoy per case. The variations may
+    /// differ only in their listeners (the filter and its processing mode), not in clusters.
+    pub fn render_each(
+        configs: &[EnvoyConfig],
+        ext_proc: SocketAddr,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<String> {
+        let mut head = String::new();
+        let mut tail = String::new();
+        let mut listeners = String::new();
+        for (i, config) in configs.iter().enumerate() {
+            let text = config.render(0, ext_proc, upstream, 0)?;
+            let (before, rest) = text
+                .split_once(LISTENERS_START)
+                .context("deploy/envoy/envoy.yaml has no listeners")?;
+            let (listener, after) = rest
+                .split_once(CLUSTERS_START)
+                .context("deploy/envoy/envoy.yaml has no clusters after its listeners")?;
+            if i == 0 {
+                head = format!("{before}{LISTENERS_START}");
+                tail = format!("{CLUSTERS_START}{after}");
+            } else if format!("{CLUSTERS_START}{after}") != tail {
+                bail!("case {i} changes the clusters; one Envoy cannot serve it beside case 0");
+            }
+            let mut listener = listener.to_string();
+            for (from, to) in [
+                ("- name: ingress\n", format!("- name: case_{i}\n")),
+                (
+                    "stat_prefix: ingress_http\n",
+                    format!("stat_prefix: case_{i}\n"),
+                ),
+            ] {
+                if listener.matches(from).count() != 1 {
+                    bail!(
+                        "the listener of deploy/envoy/envoy.yaml must contain `{}` once",
+                        from.trim_end()
+                    );
+                }
+                listener = listener.replace(from, &to);
+            }
+            listeners.push_str(&listener);
+        }
+        Ok(format!("{head}{listeners}{tail}"))
+    }
+}
+
 /// A running Envoy. Killed when dropped.
 #[derive(Debug)]
 pub struct Envoy {
@@ -179,6 +232,38 @@ impl Envoy {
     ) -> anyhow::Result<Envoy> {
         let config = config.render(0, ext_proc, upstream, 0)?;
         Self::start_with_config(&config).await
+    }
+
+    /// Starts one Envoy serving every variation in `configs` (see
+    /// [`EnvoyConfig::render_each`]); returns it and each variation's listener, in order.
+    pub async fn start_each(
+        configs: &[EnvoyConfig],
+        ext_proc: SocketAddr,
+        upstream: SocketAddr,
+    ) -> anyhow::Result<(Envoy, Vec<SocketAddr>)> {
+        let config = EnvoyConfig::render_each(configs, ext_proc, upstream)?;
+        let envoy = Self::start_with_config(&config).await?;
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let bound = bound_listeners(&envoy.admin_get("/listeners?format=json").await?);
+            let listeners: Vec<SocketAddr> = (0..configs.len())
+                .filter_map(|i| {
+                    let name = format!("case_{i}");
+                    bound.iter().find(|(n, _)| *n == name).map(|(_, a)| *a)
+                })
+                .collect();
+            if listeners.len() == configs.len() {
+                return Ok((envoy, listeners));
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "envoy bound {} of {} listeners in {STARTUP_TIMEOUT:?}",
+                    listeners.len(),
+                    configs.len()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Starts Envoy with a configuration whose listener and admin ports are 0.
@@ -292,10 +377,33 @@ impl Envoy {
 }
 
 fn bound_listener(json: &str) -> Option<SocketAddr> {
-    let value: serde_json::Value = serde_json::from_str(json).ok()?;
-    let socket = &value["listener_statuses"][0]["local_address"]["socket_address"];
-    let port = socket["port_value"].as_u64()?;
-    (port != 0).then(|| SocketAddr::from(([127, 0, 0, 1], port as u16)))
+    bound_listeners(json)
+        .into_iter()
+        .next()
+        .map(|(_, address)| address)
+}
+
+/// Every listener that has its port, by name, in the order Envoy lists them.
+fn bound_listeners(json: &str) -> Vec<(String, SocketAddr)> {
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(json) else {
+        return Vec::new();
+    };
+    let Some(statuses) = value["listener_statuses"].as_array() else {
+        return Vec::new();
+    };
+    statuses
+        .iter()
+        .filter_map(|status| {
+            let name = status["name"].as_str()?;
+            let port = status["local_address"]["socket_address"]["port_value"].as_u64()?;
+            (port != 0).then(|| {
+                (
+                    name.to_string(),
+                    SocketAddr::from(([127, 0, 0, 1], port as u16)),
+                )
+            })
+        })
+        .collect()
 }
 
 /// A response as a client saw it.
@@ -345,8 +453,13 @@ pub struct HttpRequest {
     pub method: String,
     pub path: String,
     pub headers: Vec<(String, String)>,
-    /// The body, as the chunks to send; each goes out after a short pause.
+    /// The body, as the chunks to send; each goes out after [`pause`](Self::pause).
     pub chunks: Vec<Vec<u8>>,
+    /// Whether the body is sent as a stream of `chunks` (`transfer-encoding: chunked` over
+    /// HTTP/1.1) rather than whole with a `content-length`.
+    pub streamed: bool,
+    /// The pause before each chunk of a streamed body.
+    pub pause: Duration,
     pub trailers: Vec<(String, String)>,
     pub http2: bool,
 }
@@ -360,6 +473,7 @@ impl HttpRequest {
         HttpRequest {
             method: method.into(),
             path: path.into(),
+            pause: CHUNK_PAUSE,
             ..HttpRequest::default()
         }
     }
@@ -375,9 +489,17 @@ impl HttpRequest {
         self
     }
 
-    /// The body in separate chunks (`transfer-encoding: chunked` over HTTP/1.1).
+    /// The body in separate chunks (`transfer-encoding: chunked` over HTTP/1.1), however
+    /// many there are.
     pub fn chunked(mut self, chunks: Vec<Vec<u8>>) -> Self {
         self.chunks = chunks;
+        self.streamed = true;
+        self
+    }
+
+    /// Pauses `pause` before each chunk of a chunked body (20 ms unless set).
+    pub fn paced(mut self, pause: Duration) -> Self {
+        self.pause = pause;
         self
     }
 
@@ -403,7 +525,7 @@ impl HttpRequest {
         for (name, value) in &self.headers {
             builder = builder.header(name, value);
         }
-        let body: Body = if self.chunks.len() <= 1 && self.trailers.is_empty() {
+        let body: Body = if !self.streamed && self.trailers.is_empty() {
             Full::new(Bytes::from(self.chunks.concat())).boxed()
         } else {
             let mut frames: Vec<Frame<Bytes>> = self
@@ -421,8 +543,9 @@ impl HttpRequest {
                 }
                 frames.push(Frame::trailers(trailers));
             }
-            let paced = futures::stream::iter(frames).then(|frame| async move {
-                tokio::time::sleep(CHUNK_PAUSE).await;
+            let pause = self.pause;
+            let paced = futures::stream::iter(frames).then(move |frame| async move {
+                tokio::time::sleep(pause).await;
                 Ok::<_, std::convert::Infallible>(frame)
             });
             BodyExt::boxed(StreamBody::new(paced))

@@ -18,7 +18,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{self as pb, value::Kind};
 
-use super::protocol::ProtocolError;
+use super::protocol::{EnvoyModes, ProtocolError};
 use crate::http::{
     BodyChunk, BodyMode, Decision, Effects, HeaderChanges, HeaderMap, ImmediateResponse, Message,
     Phase, Verdict,
@@ -38,19 +38,18 @@ pub struct Inbound {
     pub attributes: BTreeMap<String, String>,
     /// Forwarded metadata, keyed by (namespace, key), values as JSON.
     pub metadata: BTreeMap<(String, String), String>,
-    /// The body modes Envoy is configured with (request, response), when it says.
-    pub body_modes: Option<(BodyMode, BodyMode)>,
+    /// How Envoy is configured to send bodies, when it says (on a stream's first message).
+    pub envoy_modes: Option<EnvoyModes>,
 }
 
 /// Reads a `ProcessingRequest`.
 pub fn inbound(request: ProcessingRequest) -> Result<Inbound, ProtocolError> {
     use processing_request::Request;
     let observability = request.observability_mode;
-    let body_modes = request.protocol_config.map(|c| {
-        (
-            body_mode(c.request_body_mode),
-            body_mode(c.response_body_mode),
-        )
+    let envoy_modes = request.protocol_config.map(|c| EnvoyModes {
+        request_body: body_mode(c.request_body_mode),
+        response_body: body_mode(c.response_body_mode),
+        body_without_waiting: c.send_body_without_waiting_for_header_response,
     });
     let attributes = request
         .attributes
@@ -97,7 +96,7 @@ pub fn inbound(request: ProcessingRequest) -> Result<Inbound, ProtocolError> {
         observability,
         attributes,
         metadata,
-        body_modes,
+        envoy_modes,
     })
 }
 
@@ -516,7 +515,7 @@ mod tests {
         request.protocol_config = Some(ProtocolConfiguration {
             request_body_mode: BodySendMode::FullDuplexStreamed as i32,
             response_body_mode: BodySendMode::BufferedPartial as i32,
-            ..ProtocolConfiguration::default()
+            send_body_without_waiting_for_header_response: true,
         });
         let inbound = inbound(request).unwrap();
         assert_eq!(inbound.attributes["request.path"], "/a");
@@ -526,8 +525,12 @@ mod tests {
             "true"
         );
         assert_eq!(
-            inbound.body_modes,
-            Some((BodyMode::FullDuplexStreamed, BodyMode::BufferedPartial))
+            inbound.envoy_modes,
+            Some(EnvoyModes {
+                request_body: BodyMode::FullDuplexStreamed,
+                response_body: BodyMode::BufferedPartial,
+                body_without_waiting: true,
+            })
         );
     }
 

@@ -7,6 +7,17 @@
 //! response can start while the request body is still streaming. What is never valid is going
 //! backwards within a direction, repeating headers or trailers, or sending anything after the
 //! host answered the stream with an immediate response.
+//!
+//! When the host may close the stream early. A server that closes its side of the stream tells
+//! Envoy to carry on without it. In `STREAMED`, `BUFFERED` and `BUFFERED_PARTIAL` modes Envoy
+//! keeps a copy of every body chunk until its answer comes, and lets the copies go on when the
+//! stream closes: nothing is lost. In `FULL_DUPLEX_STREAMED` mode it does not: it sends each
+//! chunk as it arrives, without waiting for the headers' answer, drains it from its own
+//! buffers, and lets only what the server sends back go on. Closing while such a chunk is in
+//! flight loses it. So a direction Envoy streams that way keeps the stream open, with every
+//! chunk answered, until it ends -- whether or not any plugin handles it -- and `mode_override`
+//! never switches it off: Envoy ignores overrides when its filter is configured with that mode,
+//! and a per-route one would strand the chunks already sent.
 
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
@@ -28,6 +39,24 @@ pub enum ProtocolError {
     AfterImmediateResponse { phase: Phase },
     #[error("{phase} arrived after Envoy said the {} had ended", .phase.direction().noun())]
     AfterEndOfStream { phase: Phase },
+}
+
+/// What Envoy says of its processing mode on a stream's first message (`protocol_config`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EnvoyModes {
+    pub request_body: BodyMode,
+    pub response_body: BodyMode,
+    /// `send_body_without_waiting_for_header_response`: Envoy ignores `mode_override` then.
+    pub body_without_waiting: bool,
+}
+
+impl EnvoyModes {
+    fn body(&self, direction: Direction) -> BodyMode {
+        match direction {
+            Direction::Request => self.request_body,
+            Direction::Response => self.response_body,
+        }
+    }
 }
 
 /// How far one direction (request or response) has got.
@@ -73,8 +102,8 @@ pub struct StreamProtocol {
     ended: [bool; 2],
     /// Per direction: the `content-length` its headers carried.
     content_length: [Option<u64>; 2],
-    /// The body modes Envoy is configured with, from the first message that said.
-    body_modes: Option<(BodyMode, BodyMode)>,
+    /// Envoy's processing mode, from the first message that said.
+    envoy_modes: Option<EnvoyModes>,
     answered: bool,
 }
 
@@ -129,8 +158,8 @@ impl StreamProtocol {
     /// Checks an inbound message and records what it says about the stream.
     pub fn observe(&mut self, inbound: &Inbound) -> Result<(), ProtocolError> {
         self.accept(inbound.phase)?;
-        if self.body_modes.is_none() {
-            self.body_modes = inbound.body_modes;
+        if self.envoy_modes.is_none() {
+            self.envoy_modes = inbound.envoy_modes;
         }
         let direction = index(inbound.phase.direction());
         match &inbound.message {
@@ -161,11 +190,8 @@ impl StreamProtocol {
 
     /// How Envoy sends bodies in `direction`; `None` until Envoy says.
     pub fn body_mode(&self, direction: Direction) -> BodyMode {
-        match (self.body_modes, direction) {
-            (Some((request, _)), Direction::Request) => request,
-            (Some((_, response)), Direction::Response) => response,
-            (None, _) => BodyMode::None,
-        }
+        self.envoy_modes
+            .map_or(BodyMode::None, |modes| modes.body(direction))
     }
 
     /// The `content-length` of `direction`'s headers, if they had one.
@@ -196,21 +222,39 @@ impl StreamProtocol {
         set
     }
 
-    /// Whether no phase `live` plugins handle can still arrive: the host may close the stream
-    /// and Envoy carries on without it.
-    pub fn finished_for(&self, live: PhaseSet) -> bool {
-        !self.to_come().intersects(live)
+    /// The phases of the directions Envoy streams in `FULL_DUPLEX_STREAMED` mode: the host
+    /// answers each of their messages, plugins or not (see the module's documentation).
+    pub fn handed_over(&self) -> PhaseSet {
+        [Direction::Request, Direction::Response]
+            .into_iter()
+            .filter(|&d| self.body_mode(d) == BodyMode::FullDuplexStreamed)
+            .fold(PhaseSet::EMPTY, |set, d| {
+                set.with(d.headers()).with(d.body()).with(d.trailers())
+            })
+    }
+
+    /// Whether the host may close the stream and let Envoy carry on without it: no phase
+    /// `live` plugins handle can still arrive, and no direction Envoy hands over is still
+    /// going.
+    pub fn may_close(&self, live: PhaseSet) -> bool {
+        !self.to_come().intersects(live.union(self.handed_over()))
     }
 
     /// The processing mode to send with the answer to `phase` (a headers phase) so Envoy skips
-    /// what no `live` plugin needs. `None` when nothing would be skipped, or when Envoy has not
-    /// said which body modes it uses (the host cannot then restate them).
+    /// what no `live` plugin needs. `None` when nothing would be skipped, when Envoy has not
+    /// said which body modes it uses (the host cannot then restate them), or when it ignores
+    /// overrides anyway. A direction Envoy hands over keeps its mode.
     pub fn mode_override(&self, phase: Phase, live: PhaseSet) -> Option<ProcessingMode> {
         if !matches!(phase, Phase::RequestHeaders | Phase::ResponseHeaders) {
             return None;
         }
-        let (request_body, response_body) = self.body_modes?;
-        let wanted = |p: Phase| live.contains(p);
+        let modes = self.envoy_modes?;
+        if modes.body_without_waiting {
+            return None;
+        }
+        let (request_body, response_body) = (modes.request_body, modes.response_body);
+        let wanted_set = live.union(self.handed_over());
+        let wanted = |p: Phase| wanted_set.contains(p);
         let skips_something = (!wanted(Phase::RequestBody) && request_body != BodyMode::None)
             || (!wanted(Phase::ResponseBody) && response_body != BodyMode::None)
             || !wanted(Phase::RequestTrailers)
@@ -270,6 +314,7 @@ fn send_mode(mode: BodyMode) -> BodySendMode {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::BodyChunk;
     use Phase::*;
 
     fn run(phases: &[Phase]) -> Result<(), ProtocolError> {
@@ -359,7 +404,11 @@ mod tests {
             observability: false,
             attributes: Default::default(),
             metadata: Default::default(),
-            body_modes: modes,
+            envoy_modes: modes.map(|(request_body, response_body)| EnvoyModes {
+                request_body,
+                response_body,
+                body_without_waiting: false,
+            }),
         }
     }
 
@@ -380,7 +429,7 @@ mod tests {
     fn phases_to_come_shrink_as_the_exchange_moves_on() {
         let live: PhaseSet = ASM.into_iter().collect();
         let mut protocol = StreamProtocol::new();
-        assert!(!protocol.finished_for(live));
+        assert!(!protocol.may_close(live));
         protocol
             .observe(&inbound(
                 RequestHeaders,
@@ -390,13 +439,13 @@ mod tests {
             .unwrap();
         assert_eq!(protocol.content_length(Direction::Request), Some(12));
         assert!(protocol.to_come().contains(RequestBody));
-        assert!(!protocol.finished_for(live));
+        assert!(!protocol.may_close(live));
         protocol
             .observe(&inbound(ResponseHeaders, headers(&[], false), None))
             .unwrap();
         assert!(protocol.to_come().contains(ResponseBody));
         assert!(
-            protocol.finished_for(live),
+            protocol.may_close(live),
             "nothing the ASM plugin handles can come"
         );
     }
@@ -408,7 +457,7 @@ mod tests {
             .observe(&inbound(RequestHeaders, headers(&[], true), None))
             .unwrap();
         let live: PhaseSet = [RequestBody, RequestTrailers].into_iter().collect();
-        assert!(protocol.finished_for(live));
+        assert!(protocol.may_close(live));
     }
 
     #[test]
@@ -449,6 +498,107 @@ mod tests {
             BodySendMode::FullDuplexStreamed as i32
         );
         assert_eq!(mode.request_trailer_mode, HeaderSendMode::Send as i32);
+    }
+
+    #[test]
+    fn a_full_duplex_direction_keeps_the_stream_open_until_it_ends() {
+        // The ASM plugin handles no body, but Envoy hands the response body over: each chunk
+        // must come back, so the host may not close before the response ends.
+        let live: PhaseSet = ASM.into_iter().collect();
+        let modes = Some((BodyMode::None, BodyMode::FullDuplexStreamed));
+        let mut protocol = StreamProtocol::new();
+        protocol
+            .observe(&inbound(RequestHeaders, headers(&[], true), modes))
+            .unwrap();
+        protocol
+            .observe(&inbound(ResponseHeaders, headers(&[], false), None))
+            .unwrap();
+        assert!(!protocol.may_close(live));
+        let chunk = |end| {
+            inbound(
+                ResponseBody,
+                Message::Body(BodyChunk::new(vec![1], end)),
+                None,
+            )
+        };
+        protocol.observe(&chunk(false)).unwrap();
+        assert!(!protocol.may_close(live));
+        protocol.observe(&chunk(true)).unwrap();
+        assert!(protocol.may_close(live));
+
+        // The same exchange in STREAMED mode: Envoy keeps its copies, so the host may close
+        // once the response headers are answered.
+        let mut protocol = StreamProtocol::new();
+        let modes = Some((BodyMode::None, BodyMode::Streamed));
+        protocol
+            .observe(&inbound(RequestHeaders, headers(&[], true), modes))
+            .unwrap();
+        protocol
+            .observe(&inbound(ResponseHeaders, headers(&[], false), None))
+            .unwrap();
+        assert!(protocol.may_close(live));
+    }
+
+    #[test]
+    fn trailers_end_a_full_duplex_direction() {
+        let live: PhaseSet = ASM.into_iter().collect();
+        let modes = Some((BodyMode::FullDuplexStreamed, BodyMode::None));
+        let mut protocol = StreamProtocol::new();
+        protocol
+            .observe(&inbound(RequestHeaders, headers(&[], false), modes))
+            .unwrap();
+        protocol
+            .observe(&inbound(
+                RequestBody,
+                Message::Body(BodyChunk::new(vec![1], false)),
+                None,
+            ))
+            .unwrap();
+        protocol
+            .observe(&inbound(ResponseHeaders, headers(&[], false), None))
+            .unwrap();
+        assert!(!protocol.may_close(live), "the request body is still going");
+        protocol
+            .observe(&inbound(
+                RequestTrailers,
+                Message::Trailers(crate::http::HeaderMap::default()),
+                None,
+            ))
+            .unwrap();
+        assert!(protocol.may_close(live));
+    }
+
+    #[test]
+    fn mode_override_never_switches_off_a_full_duplex_direction() {
+        let modes = Some((BodyMode::FullDuplexStreamed, BodyMode::Buffered));
+        let mut protocol = StreamProtocol::new();
+        protocol
+            .observe(&inbound(RequestHeaders, headers(&[], false), modes))
+            .unwrap();
+        let asm: PhaseSet = ASM.into_iter().collect();
+        let mode = protocol.mode_override(RequestHeaders, asm).unwrap();
+        assert_eq!(
+            mode.request_body_mode,
+            BodySendMode::FullDuplexStreamed as i32
+        );
+        assert_eq!(mode.request_trailer_mode, HeaderSendMode::Send as i32);
+        assert_eq!(mode.response_body_mode, BodySendMode::None as i32);
+    }
+
+    #[test]
+    fn no_override_when_envoy_sends_bodies_without_waiting() {
+        let mut protocol = StreamProtocol::new();
+        let mut message = inbound(
+            RequestHeaders,
+            headers(&[], false),
+            Some((BodyMode::Streamed, BodyMode::Streamed)),
+        );
+        message.envoy_modes.as_mut().unwrap().body_without_waiting = true;
+        protocol.observe(&message).unwrap();
+        assert_eq!(
+            protocol.mode_override(RequestHeaders, ASM.into_iter().collect()),
+            None
+        );
     }
 
     #[test]

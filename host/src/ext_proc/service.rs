@@ -132,7 +132,7 @@ async fn serve_stream(
             %phase,
             attributes = ?message.attributes,
             metadata = ?message.metadata,
-            body_modes = ?message.body_modes,
+            envoy_modes = ?message.envoy_modes,
             "ext_proc message"
         );
         if !message.attributes.is_empty() || !message.metadata.is_empty() {
@@ -182,9 +182,9 @@ async fn serve_stream(
         if !send(&outbound, replies).await || protocol.is_answered() {
             return;
         }
-        if protocol.finished_for(plugins.live_phases()) {
-            // Nothing any plugin handles can still come: closing the stream tells Envoy to
-            // carry on without the host.
+        if protocol.may_close(plugins.live_phases()) {
+            // Nothing any plugin handles can still come, and Envoy holds a copy of whatever
+            // is in flight: closing the stream tells Envoy to carry on without the host.
             tracing::trace!("no phase left for the plugins; closing the stream");
             return;
         }

@@ -10,3 +10,4 @@ mod languages;
 mod loading;
 mod operations;
 mod phases;
+mod sweep;

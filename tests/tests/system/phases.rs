@@ -336,6 +336,37 @@ async fn whole_bodies_are_held_in_full_duplex_mode_and_let_go_at_the_end_or_at_t
 }
 
 #[tokio::test]
+async fn a_full_duplex_body_no_plugin_needs_is_answered_chunk_by_chunk_before_the_close() {
+    // Envoy hands FULL_DUPLEX_STREAMED chunks over without keeping them: the host may not
+    // close after the response headers, though the ASM plugin needs nothing more.
+    let host = RunningHost::start(&[("asm-demo", ASM_DEMO)], "").await;
+    let mut stream = ExtProcStream::connect(host.address).await;
+    let answer = stream
+        .exchange(with_modes(
+            grpc::request_headers(&[(":path", "/")], true),
+            BodySendMode::None,
+            BodySendMode::FullDuplexStreamed,
+        ))
+        .await;
+    let mode = answer.mode_override.expect("a mode override");
+    assert_eq!(
+        mode.response_body_mode,
+        BodySendMode::FullDuplexStreamed as i32,
+        "a full-duplex body is never switched off"
+    );
+    assert_eq!(mode.response_trailer_mode, HeaderSendMode::Send as i32);
+    stream
+        .exchange(grpc::response_headers(&[(":status", "200")], false))
+        .await;
+    let answer = stream.exchange(grpc::response_body(b"abc", false)).await;
+    assert_eq!(streamed_pieces(&answer), (b"abc".to_vec(), false));
+    let answer = stream.exchange(grpc::response_body(b"def", true)).await;
+    assert_eq!(streamed_pieces(&answer), (b"def".to_vec(), true));
+    // Now nothing can come: the host ends the stream with OK.
+    assert!(stream.next().await.unwrap().is_none());
+}
+
+#[tokio::test]
 async fn a_phase_whose_budget_exceeds_envoys_timeout_asks_for_more_time_first() {
     let host = RunningHost::start(
         &[("slow", SLOW)],
