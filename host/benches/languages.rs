@@ -17,7 +17,7 @@ mod common;
 
 use common::{WASI, components, request_headers, response_headers};
 use wasm_extproc::config::Config;
-use wasm_extproc::http::{ExchangeContext, Message, Phase};
+use wasm_extproc::http::{ExchangeContext, Phase};
 use wasm_extproc::runtime::{PoolLimits, Runtime};
 
 const LANGUAGES: [(&str, &str); 4] = [
@@ -97,20 +97,19 @@ fn main() {
             .block_on(runtime.load(name, &path, Runtime::read(&path).unwrap(), settings.clone()))
             .unwrap();
         let context = Arc::new(ExchangeContext::default());
-        let check = |_: &Message, _: &wasm_extproc::runtime::Outcome| Ok(());
         let iterations = if heavy { 300 } else { 3000 };
         let stream = median(tokio.block_on(async {
             let mut samples = Vec::with_capacity(iterations);
             for _ in 0..iterations {
                 let (request, response) = (request_headers(), response_headers());
                 let started = Instant::now();
-                let mut instance = plugin.instantiate().await.unwrap();
+                let mut instance = plugin.instantiate(Instant::now()).await.unwrap();
                 let (_, result) = instance
-                    .call(Phase::RequestHeaders, request, &context, &check)
+                    .call(Phase::RequestHeaders, request, &context, Instant::now())
                     .await;
                 result.unwrap();
                 let (_, result) = instance
-                    .call(Phase::ResponseHeaders, response, &context, &check)
+                    .call(Phase::ResponseHeaders, response, &context, Instant::now())
                     .await;
                 result.unwrap();
                 drop(instance);

@@ -18,19 +18,19 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 mod common;
 
 use common::{BUNDLED, WASI, components, request_headers, response_headers};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wasm_extproc::chain::{Situation, StreamChain};
+use wasm_extproc::chain::StreamChain;
 use wasm_extproc::config::Config;
 use wasm_extproc::ext_proc::guard::Guard;
-use wasm_extproc::http::{BodyChunk, BodyMode, Decision, ExchangeContext, Message, Phase};
+use wasm_extproc::http::{BodyChunk, BodyMode, Changes, Decision, ExchangeContext, Message, Phase};
 use wasm_extproc::metrics::Metrics;
 use wasm_extproc::registry::{Chain, Generation};
-use wasm_extproc::runtime::{Outcome, Plugin, PoolLimits, Runtime};
+use wasm_extproc::runtime::{Plugin, PoolLimits, Runtime};
 
 /// Chain lengths measured.
 const CHAIN_LENGTHS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -94,16 +94,12 @@ impl Bench {
             .collect();
         Arc::new(Generation {
             number: 1,
-            chain: Chain::new(plugins),
+            chain: Chain::new(plugins, &Metrics::new()),
             guard: Guard::new(self.config.envoy.clone()),
             envoy: self.config.envoy.clone(),
             plugins_dir: components(BUNDLED),
         })
     }
-}
-
-fn accept(_: &Message, _: &Outcome) -> Result<(), String> {
-    Ok(())
 }
 
 /// The messages of one exchange, made outside the measured time: turning Envoy's protobufs
@@ -119,7 +115,12 @@ fn per_stream(c: &mut Criterion) {
     let mut group = c.benchmark_group("stream");
     group.bench_function("instantiate", |b| {
         b.to_async(&bench.tokio).iter(|| async {
-            drop(bundled.instantiate().await.expect("instantiate"));
+            drop(
+                bundled
+                    .instantiate(Instant::now())
+                    .await
+                    .expect("instantiate"),
+            );
         });
     });
     let wasip2 = bench.load(WASI, "asm_demo");
@@ -128,13 +129,16 @@ fn per_stream(c: &mut Criterion) {
             b.to_async(&bench.tokio).iter_batched(
                 exchange,
                 |(request, response)| async {
-                    let mut instance = plugin.instantiate().await.expect("instantiate");
+                    let mut instance = plugin
+                        .instantiate(Instant::now())
+                        .await
+                        .expect("instantiate");
                     let (request, result) = instance
-                        .call(Phase::RequestHeaders, request, &context, &accept)
+                        .call(Phase::RequestHeaders, request, &context, Instant::now())
                         .await;
                     result.expect("request headers");
                     let (response, result) = instance
-                        .call(Phase::ResponseHeaders, response, &context, &accept)
+                        .call(Phase::ResponseHeaders, response, &context, Instant::now())
                         .await;
                     result.expect("response headers");
                     drop(instance);
@@ -148,9 +152,17 @@ fn per_stream(c: &mut Criterion) {
 
     // What the plugin did, checked once outside the measurement.
     bench.tokio.block_on(async {
-        let mut instance = bundled.instantiate().await.expect("instantiate");
+        let mut instance = bundled
+            .instantiate(Instant::now())
+            .await
+            .expect("instantiate");
         let (message, result) = instance
-            .call(Phase::RequestHeaders, request_headers(), &context, &accept)
+            .call(
+                Phase::RequestHeaders,
+                request_headers(),
+                &context,
+                Instant::now(),
+            )
             .await;
         result.expect("request headers");
         assert!(matches!(&message, Message::Headers { headers, .. }
@@ -161,13 +173,7 @@ fn per_stream(c: &mut Criterion) {
 fn chain_length(c: &mut Criterion) {
     let bench = Bench::new();
     let plugin = bench.load(BUNDLED, "asm_demo");
-    let metrics = Metrics::new();
     let context = Arc::new(ExchangeContext::default());
-    let situation = Situation {
-        exchange: &context,
-        body_mode: BodyMode::None,
-        check: &accept,
-    };
     let mut group = c.benchmark_group("chain");
     for n in CHAIN_LENGTHS {
         let generation = bench.generation(&plugin, n);
@@ -175,11 +181,13 @@ fn chain_length(c: &mut Criterion) {
             b.to_async(&bench.tokio).iter_batched(
                 exchange,
                 |(request, response)| async {
-                    let mut chain = StreamChain::new(generation.clone(), metrics.clone());
-                    let request = chain.run(Phase::RequestHeaders, request, &situation).await;
+                    let mut chain = StreamChain::new(generation.clone());
+                    let request = chain
+                        .run(Phase::RequestHeaders, request, BodyMode::None, &context)
+                        .await;
                     assert!(matches!(request.decision, Decision::Continue(_)));
                     let response = chain
-                        .run(Phase::ResponseHeaders, response, &situation)
+                        .run(Phase::ResponseHeaders, response, BodyMode::None, &context)
                         .await;
                     assert!(matches!(response.decision, Decision::Continue(_)));
                     drop(chain);
@@ -196,17 +204,11 @@ fn body_throughput(c: &mut Criterion) {
     let bench = Bench::new();
     let plugin = bench.load(WASI, "shout");
     let generation = bench.generation(&plugin, 1);
-    let metrics = Metrics::new();
     let context = Arc::new(ExchangeContext::default());
     for mode in [BodyMode::Buffered, BodyMode::Streamed] {
         let label = match mode {
             BodyMode::Buffered => "buffered",
             _ => "streamed",
-        };
-        let situation = Situation {
-            exchange: &context,
-            body_mode: mode,
-            check: &accept,
         };
         let mut group = c.benchmark_group(format!("body/{label}"));
         group.measurement_time(Duration::from_secs(4));
@@ -231,12 +233,13 @@ fn body_throughput(c: &mut Criterion) {
                 b.to_async(&bench.tokio).iter_batched(
                     messages,
                     |messages| async {
-                        let mut chain = StreamChain::new(generation.clone(), metrics.clone());
+                        let mut chain = StreamChain::new(generation.clone());
                         let mut out = Vec::with_capacity(messages.len());
                         for message in messages {
-                            let verdict = chain.run(Phase::RequestBody, message, &situation).await;
+                            let verdict =
+                                chain.run(Phase::RequestBody, message, mode, &context).await;
                             match verdict.decision {
-                                Decision::Continue(Message::Body(body)) => out.push(body),
+                                Decision::Continue(Changes::Body(body)) => out.push(body),
                                 other => panic!("body not passed on: {other:?}"),
                             }
                         }

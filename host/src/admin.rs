@@ -25,9 +25,8 @@ use tokio::net::TcpListener;
 
 use crate::config::FailurePolicy;
 use crate::http::Delivery;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, OUTCOMES};
 use crate::registry::Registry;
-use crate::runtime::PluginError;
 
 /// What the admin endpoints read.
 #[derive(Debug, Clone)]
@@ -145,9 +144,8 @@ fn plugins(state: &State) -> serde_json::Value {
                 Delivery::Chunks => "chunks",
                 Delivery::Whole => "whole",
             };
-            let calls: serde_json::Map<String, serde_json::Value> = ["ok"]
+            let calls: serde_json::Map<String, serde_json::Value> = OUTCOMES
                 .into_iter()
-                .chain(PluginError::KINDS)
                 .map(|outcome| {
                     (
                         outcome.to_string(),

@@ -2,6 +2,11 @@
 //! policy. Instances are created lazily: a plugin that handles none of the phases Envoy sends
 //! costs a stream nothing.
 //!
+//! After each call the chain checks the plugin's changes against Envoy's rules (the
+//! generation's [`Guard`](crate::ext_proc::guard::Guard)) and keeps them, or rolls them back
+//! when the call failed or the guard refused them. The header changes it kept are what the
+//! answer to Envoy carries.
+//!
 //! Plugins that want whole bodies while Envoy streams (`FULL_DUPLEX_STREAMED`) get them here:
 //! the chain holds each chunk back at that plugin until the end of the body (or until trailers
 //! arrive), then passes the whole body on from there.
@@ -12,34 +17,16 @@ use std::time::{Duration, Instant};
 use crate::breaker::{Admission, Transition};
 use crate::config::FailurePolicy;
 use crate::http::{
-    BodyChunk, BodyMode, Decision, Delivery, Direction, Effects, ExchangeContext,
-    ImmediateResponse, Message, Phase, PhaseSet, Verdict,
+    BodyChunk, BodyMode, Changes, Decision, Delivery, Direction, Effects, ExchangeContext,
+    HeaderChanges, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
 };
-use crate::metrics::Metrics;
 use crate::registry::Generation;
-use crate::runtime::{Action, Instance, OutputCheck, Plugin, PluginError};
+use crate::runtime::{Action, Instance, Plugin, PluginError};
 
 /// Largest body the host holds back for a plugin that wants it whole. Past this the plugin
 /// fails (kind `body_too_large`) and its policy applies; under fail-open what was held flows on
 /// unchanged.
 pub const MAX_HELD_BODY_BYTES: usize = 8 << 20;
-
-/// What the chain needs to know about the stream besides the message.
-pub struct Situation<'a> {
-    pub exchange: &'a Arc<ExchangeContext>,
-    /// How Envoy sends bodies in the direction of the message.
-    pub body_mode: BodyMode,
-    /// Checks each plugin's output against Envoy's rules.
-    pub check: OutputCheck<'a>,
-}
-
-impl std::fmt::Debug for Situation<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Situation")
-            .field("body_mode", &self.body_mode)
-            .finish_non_exhaustive()
-    }
-}
 
 /// The chain as one stream sees it: the plugins it started with, their instances, and the
 /// body chunks held for plugins that want whole bodies.
@@ -47,7 +34,6 @@ impl std::fmt::Debug for Situation<'_> {
 pub struct StreamChain {
     generation: Arc<Generation>,
     plugins: Vec<PluginState>,
-    metrics: Arc<Metrics>,
 }
 
 #[derive(Debug, Default)]
@@ -69,6 +55,23 @@ enum Slot {
     Skipped,
 }
 
+/// How a body message reaches the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Arrival {
+    /// As Envoy sent it.
+    FromEnvoy,
+    /// Trailers came: whatever a plugin holds is all of the body there will be.
+    Flushed,
+}
+
+/// What a plugin that wants whole bodies does with a chunk.
+enum Holding {
+    /// It sees the message now: it is the whole body, or the plugin takes chunks.
+    PassOn,
+    /// It keeps the chunk until the body is complete: nothing goes on yet.
+    Held,
+}
+
 fn held_index(direction: Direction) -> usize {
     match direction {
         Direction::Request => 0,
@@ -77,7 +80,7 @@ fn held_index(direction: Direction) -> usize {
 }
 
 impl StreamChain {
-    pub fn new(generation: Arc<Generation>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(generation: Arc<Generation>) -> Self {
         let plugins = generation
             .chain
             .plugins()
@@ -87,8 +90,12 @@ impl StreamChain {
         StreamChain {
             generation,
             plugins,
-            metrics,
         }
+    }
+
+    /// The generation this stream runs on, start to end.
+    pub fn generation(&self) -> &Arc<Generation> {
+        &self.generation
     }
 
     /// The phases some plugin still handles in this stream (plugins that failed are out).
@@ -111,19 +118,27 @@ impl StreamChain {
             .any(|state| state.held[held_index(direction)].is_some())
     }
 
-    /// Passes `message` through every plugin that handles `phase`, in order.
+    /// Passes `message` through every plugin that handles `phase`, in order. `body_mode` is how
+    /// Envoy sends bodies in the message's direction.
     pub async fn run(
         &mut self,
         phase: Phase,
         message: Message,
-        situation: &Situation<'_>,
+        body_mode: BodyMode,
+        context: &Arc<ExchangeContext>,
     ) -> Verdict {
-        self.run_from(0, phase, message, situation, false).await
+        self.run_from(0, phase, message, body_mode, context, Arrival::FromEnvoy)
+            .await
     }
 
     /// Trailers arrived while plugins hold body chunks: each holding plugin gets what it holds
     /// as its whole body (end-of-stream false), and the result flows on through the chain.
-    pub async fn flush(&mut self, direction: Direction, situation: &Situation<'_>) -> Verdict {
+    pub async fn flush(
+        &mut self,
+        direction: Direction,
+        body_mode: BodyMode,
+        context: &Arc<ExchangeContext>,
+    ) -> Verdict {
         let index = held_index(direction);
         let first = self
             .plugins
@@ -131,8 +146,15 @@ impl StreamChain {
             .position(|state| state.held[index].is_some())
             .unwrap_or(self.plugins.len());
         let empty = Message::Body(BodyChunk::new(Vec::new(), false));
-        self.run_from(first, direction.body(), empty, situation, true)
-            .await
+        self.run_from(
+            first,
+            direction.body(),
+            empty,
+            body_mode,
+            context,
+            Arrival::Flushed,
+        )
+        .await
     }
 
     async fn run_from(
@@ -140,67 +162,64 @@ impl StreamChain {
         first: usize,
         phase: Phase,
         mut message: Message,
-        situation: &Situation<'_>,
-        flushing: bool,
+        body_mode: BodyMode,
+        context: &Arc<ExchangeContext>,
+        arrival: Arrival,
     ) -> Verdict {
         let mut effects = Effects::default();
-        let metrics = &*self.metrics;
-        let plugins = self
-            .generation
+        let mut changes = HeaderChanges::default();
+        let generation = &*self.generation;
+        let plugins = generation
             .chain
             .plugins()
             .iter()
+            .zip(generation.chain.plugin_metrics())
             .zip(self.plugins.iter_mut())
             .skip(first);
-        for (plugin, state) in plugins {
+        for ((plugin, metrics), state) in plugins {
             if !plugin.phases().contains(phase) || matches!(state.slot, Slot::Skipped) {
                 continue;
             }
-            let fail = |state: &mut PluginState, error: PluginError, took: Duration| {
+            let failed = |state: &mut PluginState, error: PluginError, took: Duration| {
                 state.slot = Slot::Skipped;
-                metrics.plugin_call(plugin.name(), phase, error.kind(), took);
+                metrics.call(phase, error.kind(), took);
                 if error.is_plugins_fault() {
-                    note(plugin, plugin.breaker().record(Instant::now(), true));
+                    log_transition(plugin, plugin.breaker().record(Instant::now(), true));
                 }
                 on_failure(plugin, phase, &error)
             };
             if let Message::Body(chunk) = &mut message {
-                let direction = phase.direction();
-                match hold(
-                    plugin,
-                    state,
-                    direction,
-                    chunk,
-                    situation.body_mode,
-                    flushing,
-                ) {
-                    Ok(true) => {}
-                    Ok(false) => {
+                match take_whole_body(plugin, state, phase.direction(), chunk, body_mode, arrival) {
+                    Ok(Holding::PassOn) => {}
+                    Ok(Holding::Held) => {
                         return Verdict {
                             decision: Decision::Held,
                             effects,
                         };
                     }
-                    Err(error) => match fail(state, error, Duration::ZERO) {
+                    Err(error) => match failed(state, error, Duration::ZERO) {
                         Some(response) => return respond(response, effects),
                         None => continue,
                     },
                 }
             }
-            if let Admission::Quarantined(left) = plugin.breaker().admit(Instant::now()) {
-                match fail(state, PluginError::Quarantined(left), Duration::ZERO) {
+            let started = Instant::now();
+            if let Admission::Quarantined(left) = plugin.breaker().admit(started) {
+                match failed(state, PluginError::Quarantined(left), Duration::ZERO) {
                     Some(response) => return respond(response, effects),
                     None => continue,
                 }
             }
-            let started = Instant::now();
+            let mut call_started = started;
             if let Slot::Idle = state.slot {
-                match plugin.instantiate().await {
+                let instantiated = plugin.instantiate(started).await;
+                call_started = Instant::now();
+                match instantiated {
                     Ok(instance) => {
-                        metrics.instantiated(plugin.name(), started.elapsed());
+                        metrics.instantiated(call_started - started);
                         state.slot = Slot::Live(Box::new(instance));
                     }
-                    Err(error) => match fail(state, error, started.elapsed()) {
+                    Err(error) => match failed(state, error, call_started - started) {
                         Some(response) => return respond(response, effects),
                         None => continue,
                     },
@@ -209,35 +228,50 @@ impl StreamChain {
             let Slot::Live(instance) = &mut state.slot else {
                 continue;
             };
-            let (back, result) = instance
-                .call(phase, message, situation.exchange, situation.check)
-                .await;
+            let (back, result) = instance.call(phase, message, context, call_started).await;
             message = back;
-            match result {
-                Ok(outcome) => {
-                    metrics.plugin_call(plugin.name(), phase, "ok", started.elapsed());
-                    note(plugin, plugin.breaker().record(Instant::now(), false));
+            let checked = result.and_then(|outcome| {
+                match generation.guard.check(phase, &message, &outcome) {
+                    Ok(checked) => Ok((outcome, checked)),
+                    Err(reason) => Err(PluginError::InvalidOutput(reason)),
+                }
+            });
+            let ended = Instant::now();
+            match checked {
+                Ok((outcome, checked)) => {
+                    message.checkpoint();
+                    if let Some(checked) = checked {
+                        changes.absorb(checked);
+                    }
+                    metrics.call(phase, "ok", ended - started);
+                    log_transition(plugin, plugin.breaker().record(ended, false));
                     effects.absorb(outcome.effects);
                     if let Action::Respond(response) = outcome.action {
                         return respond(response, effects);
                     }
                 }
                 Err(error) => {
-                    if let Some(response) = fail(state, error, started.elapsed()) {
+                    // Its changes are dropped: the message goes on as the plugin got it.
+                    message.rollback();
+                    if let Some(response) = failed(state, error, ended - started) {
                         return respond(response, effects);
                     }
                 }
             }
         }
+        let changes = match message {
+            Message::Headers { .. } | Message::Trailers(_) => Changes::Headers(changes),
+            Message::Body(body) => Changes::Body(body),
+        };
         Verdict {
-            decision: Decision::Continue(message),
+            decision: Decision::Continue(changes),
             effects,
         }
     }
 }
 
 /// Logs a breaker transition: once per quarantine, not once per request.
-fn note(plugin: &Plugin, transition: Option<Transition>) {
+fn log_transition(plugin: &Plugin, transition: Option<Transition>) {
     match transition {
         Some(Transition::Opened(backoff)) => tracing::warn!(
             plugin = plugin.name(),
@@ -259,24 +293,24 @@ fn respond(response: ImmediateResponse, effects: Effects) -> Verdict {
     }
 }
 
-/// Decides whether `plugin` sees `chunk` now. Returns `Ok(false)` when the chunk was taken into
-/// the plugin's held body and nothing goes on yet; when the body is complete (or being
-/// flushed) the chunk becomes everything held plus itself.
-fn hold(
+/// Whether `plugin` sees `chunk` now. A plugin that wants whole bodies, where Envoy streams
+/// them in `FULL_DUPLEX_STREAMED` mode, has chunks held for it until the body is complete (or
+/// flushed by trailers); then `chunk` becomes everything held plus itself.
+fn take_whole_body(
     plugin: &Plugin,
     state: &mut PluginState,
     direction: Direction,
     chunk: &mut BodyChunk,
     body_mode: BodyMode,
-    flushing: bool,
-) -> Result<bool, PluginError> {
+    arrival: Arrival,
+) -> Result<Holding, PluginError> {
     if plugin.registration().delivery(direction) != Delivery::Whole {
-        return Ok(true);
+        return Ok(Holding::PassOn);
     }
     match body_mode {
         BodyMode::FullDuplexStreamed => {}
         // Envoy already sends everything it will send in one message.
-        BodyMode::Buffered | BodyMode::BufferedPartial => return Ok(true),
+        BodyMode::Buffered | BodyMode::BufferedPartial => return Ok(Holding::PassOn),
         BodyMode::Streamed | BodyMode::None => {
             if !state.warned_streamed && !chunk.end_of_stream {
                 state.warned_streamed = true;
@@ -287,7 +321,7 @@ fn hold(
                      gets chunks; use BUFFERED or FULL_DUPLEX_STREAMED for this plugin"
                 );
             }
-            return Ok(true);
+            return Ok(Holding::PassOn);
         }
     }
     let slot = &mut state.held[held_index(direction)];
@@ -299,14 +333,14 @@ fn hold(
         chunk.data = whole;
         return Err(PluginError::BodyTooLarge(MAX_HELD_BODY_BYTES));
     }
-    if !chunk.end_of_stream && !flushing {
+    if !chunk.end_of_stream && arrival == Arrival::FromEnvoy {
         held.append(&mut chunk.data);
-        return Ok(false);
+        return Ok(Holding::Held);
     }
     let mut whole = slot.take().unwrap_or_default();
     whole.append(&mut chunk.data);
     chunk.data = whole;
-    Ok(true)
+    Ok(Holding::PassOn)
 }
 
 /// Logs a plugin failure and returns the answer its policy calls for, if any.

@@ -2,7 +2,7 @@
 //! plugin chain decides. Neither Envoy's protobufs nor wasmtime appear here, so the protocol
 //! state machine and the plugin runtime meet on neutral ground.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// One of the six points at which Envoy consults the processor.
@@ -131,13 +131,6 @@ pub enum BodyMode {
     FullDuplexStreamed,
 }
 
-impl BodyMode {
-    /// Whether Envoy sends everything it will send of the body in one message.
-    pub fn is_buffered(self) -> bool {
-        matches!(self, BodyMode::Buffered | BodyMode::BufferedPartial)
-    }
-}
-
 /// What Envoy told the host about the exchange beyond headers and body: attributes and
 /// forwarded metadata, already rendered as text (strings as they are, other values as JSON).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -156,10 +149,6 @@ pub struct Effects {
 }
 
 impl Effects {
-    pub fn is_empty(&self) -> bool {
-        self.metadata.is_empty() && !self.clear_route_cache
-    }
-
     pub fn absorb(&mut self, other: Effects) {
         self.metadata.extend(other.metadata);
         self.clear_route_cache |= other.clear_route_cache;
@@ -218,18 +207,33 @@ impl fmt::Debug for PhaseSet {
 
 /// A header or trailer section, in arrival order, with every name lower-case.
 ///
-/// It remembers which names were changed so the reply to Envoy carries only the difference,
-/// not the whole section.
+/// It keeps a journal of the changes made since the last [`checkpoint`](Self::checkpoint), so a
+/// plugin's changes can be checked on their own ([`changes`](Self::changes)) and undone
+/// ([`rollback`](Self::rollback)) without copying the section before every call.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderMap {
     entries: Vec<(String, Vec<u8>)>,
-    changed: BTreeSet<String>,
     /// The bytes of all names and values, kept up to date so bounds checks cost nothing.
     bytes: usize,
+    /// How to undo each change since the checkpoint, in the order they were made.
+    journal: Vec<Undo>,
+    /// The names changed since the checkpoint, in the order first changed.
+    touched: Vec<String>,
 }
 
-/// The net effect of the changes made to a [`HeaderMap`]: for each changed name, its values
-/// now (empty when the name was removed).
+/// How to undo one change to a [`HeaderMap`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Undo {
+    /// An entry was added at the end.
+    Pushed,
+    /// The value at this position was replaced; this was the old one.
+    Replaced(usize, Vec<u8>),
+    /// This entry was removed from this position.
+    Removed(usize, (String, Vec<u8>)),
+}
+
+/// The net effect of changes to a [`HeaderMap`]: for each changed name, its values now (none
+/// when the name was removed), in the order the names were first changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HeaderChanges {
     pub set: Vec<(String, Vec<Vec<u8>>)>,
@@ -240,20 +244,40 @@ impl HeaderChanges {
     pub fn is_empty(&self) -> bool {
         self.set.is_empty() && self.removed.is_empty()
     }
+
+    /// Adds `later` changes on top of these: a name `later` changed has the values it gave.
+    pub fn absorb(&mut self, later: HeaderChanges) {
+        if self.is_empty() {
+            *self = later;
+            return;
+        }
+        let changed = |name: &String| {
+            later.set.iter().any(|(n, _)| n == name) || later.removed.contains(name)
+        };
+        self.set.retain(|(name, _)| !changed(name));
+        self.removed.retain(|name| !changed(name));
+        self.set.extend(later.set);
+        self.removed.extend(later.removed);
+    }
 }
 
 impl HeaderMap {
-    /// A section as it arrived from Envoy: nothing is marked changed.
+    /// A section as it arrived from Envoy: nothing is marked changed. Names are lower-cased in
+    /// place (Envoy sends them lower-case already).
     pub fn from_entries(entries: impl IntoIterator<Item = (String, Vec<u8>)>) -> Self {
         let entries: Vec<(String, Vec<u8>)> = entries
             .into_iter()
-            .map(|(name, value)| (name.to_ascii_lowercase(), value))
+            .map(|(mut name, value)| {
+                name.make_ascii_lowercase();
+                (name, value)
+            })
             .collect();
         let bytes = entries.iter().map(|(n, v)| n.len() + v.len()).sum();
         HeaderMap {
             entries,
-            changed: BTreeSet::new(),
             bytes,
+            journal: Vec::new(),
+            touched: Vec::new(),
         }
     }
 
@@ -289,78 +313,102 @@ impl HeaderMap {
     }
 
     /// Replaces every value of `name`, keeping the position of the first one.
-    pub fn set(&mut self, name: &str, value: Vec<u8>) {
-        let name = name.to_ascii_lowercase();
+    pub fn set(&mut self, mut name: String, value: Vec<u8>) {
+        name.make_ascii_lowercase();
         match self.entries.iter().position(|(n, _)| *n == name) {
             Some(first) => {
                 self.bytes = self.bytes - self.entries[first].1.len() + value.len();
-                self.entries[first].1 = value;
-                let mut index = 0;
-                let mut dropped = 0;
-                self.entries.retain(|(n, v)| {
-                    let keep = index <= first || *n != name;
-                    if !keep {
-                        dropped += n.len() + v.len();
-                    }
-                    index += 1;
-                    keep
-                });
-                self.bytes -= dropped;
+                let old = std::mem::replace(&mut self.entries[first].1, value);
+                self.journal.push(Undo::Replaced(first, old));
+                self.remove_after(first, &name);
             }
             None => {
                 self.bytes += name.len() + value.len();
-                self.entries.push((name.clone(), value));
+                self.touch(&name);
+                self.entries.push((name, value));
+                self.journal.push(Undo::Pushed);
+                return;
             }
         }
-        self.changed.insert(name);
+        self.touch(&name);
     }
 
-    pub fn append(&mut self, name: &str, value: Vec<u8>) {
-        let name = name.to_ascii_lowercase();
+    pub fn append(&mut self, mut name: String, value: Vec<u8>) {
+        name.make_ascii_lowercase();
         self.bytes += name.len() + value.len();
-        self.entries.push((name.clone(), value));
-        self.changed.insert(name);
+        self.touch(&name);
+        self.entries.push((name, value));
+        self.journal.push(Undo::Pushed);
     }
 
-    pub fn remove(&mut self, name: &str) {
-        let name = name.to_ascii_lowercase();
-        let before = self.entries.len();
-        let mut dropped = 0;
-        self.entries.retain(|(n, v)| {
-            let keep = *n != name;
-            if !keep {
-                dropped += n.len() + v.len();
+    pub fn remove(&mut self, mut name: String) {
+        name.make_ascii_lowercase();
+        self.remove_after(0, &name);
+        if self.entries.first().is_some_and(|(n, _)| *n == name) {
+            let entry = self.entries.remove(0);
+            self.bytes -= entry.0.len() + entry.1.len();
+            self.journal.push(Undo::Removed(0, entry));
+        }
+        self.touch(&name);
+    }
+
+    /// Removes the entries named `name` after position `first`, last first, so each journal
+    /// entry's position holds when it is undone.
+    fn remove_after(&mut self, first: usize, name: &str) {
+        for index in (first + 1..self.entries.len()).rev() {
+            if self.entries[index].0 == name {
+                let entry = self.entries.remove(index);
+                self.bytes -= entry.0.len() + entry.1.len();
+                self.journal.push(Undo::Removed(index, entry));
             }
-            keep
-        });
-        debug_assert!(self.entries.len() <= before);
-        self.bytes -= dropped;
-        self.changed.insert(name);
+        }
     }
 
-    /// What changed since the section arrived. One pass over the entries, whatever the number
-    /// of changed names: a plugin that touched thousands of them costs the host no more than
-    /// it cost the plugin.
+    fn touch(&mut self, name: &str) {
+        if !self.touched.iter().any(|n| n == name) {
+            self.touched.push(name.to_string());
+        }
+    }
+
+    /// The changes made since the last checkpoint (or since the section arrived): one pass
+    /// over the entries, whatever the number of changed names.
     pub fn changes(&self) -> HeaderChanges {
-        let mut values: BTreeMap<&str, Vec<Vec<u8>>> = self
-            .changed
-            .iter()
-            .map(|name| (name.as_str(), Vec::new()))
-            .collect();
+        let mut values: Vec<Vec<Vec<u8>>> = vec![Vec::new(); self.touched.len()];
         for (name, value) in &self.entries {
-            if let Some(list) = values.get_mut(name.as_str()) {
-                list.push(value.clone());
+            if let Some(at) = self.touched.iter().position(|n| n == name) {
+                values[at].push(value.clone());
             }
         }
         let mut changes = HeaderChanges::default();
-        for (name, values) in values {
+        for (name, values) in self.touched.iter().zip(values) {
             if values.is_empty() {
-                changes.removed.push(name.to_string());
+                changes.removed.push(name.clone());
             } else {
-                changes.set.push((name.to_string(), values));
+                changes.set.push((name.clone(), values));
             }
         }
         changes
+    }
+
+    /// Keeps the changes made so far: later rollbacks return here.
+    pub fn checkpoint(&mut self) {
+        self.journal.clear();
+        self.touched.clear();
+    }
+
+    /// Undoes every change since the last checkpoint.
+    pub fn rollback(&mut self) {
+        while let Some(undo) = self.journal.pop() {
+            match undo {
+                Undo::Pushed => {
+                    self.entries.pop();
+                }
+                Undo::Replaced(index, value) => self.entries[index].1 = value,
+                Undo::Removed(index, entry) => self.entries.insert(index, entry),
+            }
+        }
+        self.touched.clear();
+        self.bytes = self.entries.iter().map(|(n, v)| n.len() + v.len()).sum();
     }
 
     /// The bytes of all names and values.
@@ -374,7 +422,11 @@ impl HeaderMap {
 pub struct BodyChunk {
     pub data: Vec<u8>,
     pub end_of_stream: bool,
+    /// Whether a plugin replaced the data: only then does the answer carry it back.
     pub replaced: bool,
+    /// The data and `replaced` as they were at the last checkpoint, kept by the first
+    /// replacement after it, so a failed plugin's replacement can be undone without a copy.
+    before: Option<(Vec<u8>, bool)>,
 }
 
 impl BodyChunk {
@@ -382,13 +434,27 @@ impl BodyChunk {
         BodyChunk {
             data,
             end_of_stream,
-            replaced: false,
+            ..BodyChunk::default()
         }
     }
 
     pub fn replace(&mut self, data: Vec<u8>) {
-        self.data = data;
+        let old = std::mem::replace(&mut self.data, data);
+        if self.before.is_none() {
+            self.before = Some((old, self.replaced));
+        }
         self.replaced = true;
+    }
+
+    fn checkpoint(&mut self) {
+        self.before = None;
+    }
+
+    fn rollback(&mut self) {
+        if let Some((data, replaced)) = self.before.take() {
+            self.data = data;
+            self.replaced = replaced;
+        }
     }
 }
 
@@ -401,6 +467,33 @@ pub enum Message {
     },
     Body(BodyChunk),
     Trailers(HeaderMap),
+}
+
+impl Message {
+    /// Keeps the changes made so far: a later [`rollback`](Self::rollback) returns here.
+    pub fn checkpoint(&mut self) {
+        match self {
+            Message::Headers { headers, .. } | Message::Trailers(headers) => headers.checkpoint(),
+            Message::Body(body) => body.checkpoint(),
+        }
+    }
+
+    /// Undoes the changes made since the last checkpoint.
+    pub fn rollback(&mut self) {
+        match self {
+            Message::Headers { headers, .. } | Message::Trailers(headers) => headers.rollback(),
+            Message::Body(body) => body.rollback(),
+        }
+    }
+}
+
+/// What goes back to Envoy for a message the chain passed on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// The net changes to a header or trailer section.
+    Headers(HeaderChanges),
+    /// The body message as it now is.
+    Body(BodyChunk),
 }
 
 /// An answer to the client instead of the upstream's.
@@ -416,8 +509,8 @@ pub struct ImmediateResponse {
 /// What the chain decided for one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// Pass the message on, changed as it now is.
-    Continue(Message),
+    /// Pass the message on, with these changes.
+    Continue(Changes),
     /// A plugin that wants the whole body is holding this chunk back: nothing goes on yet.
     Held,
     /// Answer the client now.
@@ -443,23 +536,27 @@ mod tests {
         )
     }
 
+    fn pairs(headers: &HeaderMap) -> Vec<(&str, &[u8])> {
+        headers
+            .entries()
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect()
+    }
+
     #[test]
     fn names_are_case_insensitive_and_stored_lower_case() {
         let mut headers = map(&[("Content-Type", "text/plain")]);
         assert_eq!(headers.get("content-type"), Some(&b"text/plain"[..]));
-        headers.set("X-Tag", b"a".to_vec());
+        headers.set("X-Tag".into(), b"a".to_vec());
         assert_eq!(headers.entries()[1].0, "x-tag");
     }
 
     #[test]
     fn set_replaces_every_value_in_place_of_the_first() {
         let mut headers = map(&[("a", "1"), ("b", "2"), ("a", "3")]);
-        headers.set("a", b"9".to_vec());
-        assert_eq!(headers, {
-            let mut expected = map(&[("a", "9"), ("b", "2")]);
-            expected.changed.insert("a".into());
-            expected
-        });
+        headers.set("a".into(), b"9".to_vec());
+        assert_eq!(pairs(&headers), [("a", &b"9"[..]), ("b", b"2")]);
     }
 
     #[test]
@@ -472,22 +569,22 @@ mod tests {
                 .sum::<usize>()
         };
         assert_eq!(headers.byte_size(), recount(&headers));
-        headers.set("a", b"x".to_vec());
+        headers.set("a".into(), b"x".to_vec());
         assert_eq!(headers.byte_size(), recount(&headers));
-        headers.append("c", b"yy".to_vec());
-        headers.remove("b");
+        headers.append("c".into(), b"yy".to_vec());
+        headers.remove("b".into());
         assert_eq!(headers.byte_size(), recount(&headers));
         assert_eq!(headers.byte_size(), 5);
     }
 
     #[test]
-    fn changes_name_only_what_changed() {
+    fn changes_name_only_what_changed_in_the_order_changed() {
         let mut headers = map(&[("a", "1"), ("b", "2"), ("c", "3")]);
         assert!(headers.changes().is_empty());
-        headers.append("a", b"4".to_vec());
-        headers.remove("b");
-        headers.set("d", b"5".to_vec());
-        headers.remove("never-there");
+        headers.append("a".into(), b"4".to_vec());
+        headers.remove("b".into());
+        headers.set("d".into(), b"5".to_vec());
+        headers.remove("never-there".into());
         let changes = headers.changes();
         assert_eq!(
             changes.set,
@@ -505,11 +602,75 @@ mod tests {
     #[test]
     fn a_name_removed_then_set_again_is_a_set() {
         let mut headers = map(&[("a", "1")]);
-        headers.remove("a");
-        headers.set("a", b"2".to_vec());
+        headers.remove("a".into());
+        headers.set("a".into(), b"2".to_vec());
         let changes = headers.changes();
         assert_eq!(changes.set, vec![("a".to_string(), vec![b"2".to_vec()])]);
         assert!(changes.removed.is_empty());
+    }
+
+    #[test]
+    fn rollback_restores_the_section_exactly_as_it_was_at_the_checkpoint() {
+        let original = map(&[("a", "1"), ("b", "2"), ("a", "3"), ("c", "4"), ("b", "5")]);
+        let mut headers = original.clone();
+        headers.set("b".into(), b"9".to_vec());
+        headers.append("a".into(), b"6".to_vec());
+        headers.remove("a".into());
+        headers.set("new".into(), b"7".to_vec());
+        headers.remove("c".into());
+        headers.set("b".into(), b"8".to_vec());
+        assert_ne!(pairs(&headers), pairs(&original));
+        headers.rollback();
+        assert_eq!(pairs(&headers), pairs(&original));
+        assert_eq!(headers.byte_size(), original.byte_size());
+        assert!(headers.changes().is_empty());
+
+        // A checkpoint keeps what came before it.
+        headers.set("kept".into(), b"1".to_vec());
+        headers.checkpoint();
+        headers.remove("kept".into());
+        headers.rollback();
+        assert_eq!(headers.get("kept"), Some(&b"1"[..]));
+    }
+
+    #[test]
+    fn later_changes_to_a_name_replace_earlier_ones() {
+        let mut first = map(&[("a", "1"), ("b", "2")]);
+        first.set("a".into(), b"x".to_vec());
+        first.remove("b".into());
+        let mut changes = first.changes();
+        first.checkpoint();
+        first.set("b".into(), b"y".to_vec());
+        first.append("a".into(), b"z".to_vec());
+        changes.absorb(first.changes());
+        assert_eq!(
+            changes.set,
+            vec![
+                ("b".to_string(), vec![b"y".to_vec()]),
+                ("a".to_string(), vec![b"x".to_vec(), b"z".to_vec()]),
+            ]
+        );
+        assert!(changes.removed.is_empty());
+    }
+
+    #[test]
+    fn a_replaced_body_rolls_back_to_its_checkpoint() {
+        let mut message = Message::Body(BodyChunk::new(b"one".to_vec(), true));
+        let Message::Body(body) = &mut message else {
+            unreachable!()
+        };
+        body.replace(b"two".to_vec());
+        message.checkpoint();
+        let Message::Body(body) = &mut message else {
+            unreachable!()
+        };
+        body.replace(b"three".to_vec());
+        body.replace(b"four".to_vec());
+        message.rollback();
+        let Message::Body(body) = &message else {
+            unreachable!()
+        };
+        assert_eq!((body.data.as_slice(), body.replaced), (&b"two"[..], true));
     }
 
     #[test]

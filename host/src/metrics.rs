@@ -1,6 +1,6 @@
 //! Counters and histograms in Prometheus form: what the host received, what plugins did.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -40,11 +40,25 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// Every outcome a plugin call can have: `ok`, or a failure kind.
+pub const OUTCOMES: [&str; 8] = [
+    "ok",
+    "trap",
+    "deadline",
+    "memory_limit",
+    "invalid_output",
+    "instantiate",
+    "body_too_large",
+    "quarantined",
+];
+
 /// The host's metrics. Cheap to share.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     messages: Family<PhaseLabel, Counter>,
+    /// `messages` per phase, resolved once: counting a message is one atomic add.
+    messages_by_phase: [Counter; 6],
     calls: Family<CallLabels, Counter>,
     call_seconds: Family<PluginPhaseLabels, Histogram>,
     instantiate_seconds: Family<PluginLabel, Histogram>,
@@ -103,8 +117,16 @@ impl Metrics {
             "Plugin chain loads (start-up included), by result (ok, error)",
             reloads.clone(),
         );
+        let messages_by_phase = Phase::ALL.map(|phase| {
+            messages
+                .get_or_create(&PhaseLabel {
+                    phase: phase.as_str(),
+                })
+                .clone()
+        });
         Arc::new(Metrics {
             registry,
+            messages_by_phase,
             messages,
             calls,
             call_seconds,
@@ -116,11 +138,7 @@ impl Metrics {
     }
 
     pub fn message_received(&self, phase: Phase) {
-        self.messages
-            .get_or_create(&PhaseLabel {
-                phase: phase.as_str(),
-            })
-            .inc();
+        self.messages_by_phase[phase as usize].inc();
     }
 
     /// How many messages of `phase` arrived.
@@ -132,28 +150,16 @@ impl Metrics {
             .map_or(0, |c| c.get())
     }
 
-    pub fn plugin_call(&self, plugin: &str, phase: Phase, outcome: &'static str, took: Duration) {
-        self.calls
-            .get_or_create(&CallLabels {
-                plugin: plugin.to_string(),
-                phase: phase.as_str(),
-                outcome,
-            })
-            .inc();
-        self.call_seconds
-            .get_or_create(&PluginPhaseLabels {
-                plugin: plugin.to_string(),
-                phase: phase.as_str(),
-            })
-            .observe(took.as_secs_f64());
-    }
-
-    pub fn instantiated(&self, plugin: &str, took: Duration) {
-        self.instantiate_seconds
-            .get_or_create(&PluginLabel {
-                plugin: plugin.to_string(),
-            })
-            .observe(took.as_secs_f64());
+    /// The series of one plugin, looked up on first use and kept: what a stream records for
+    /// each call, without building labels.
+    pub fn for_plugin(self: &Arc<Self>, plugin: &str) -> PluginMetrics {
+        PluginMetrics {
+            metrics: self.clone(),
+            plugin: plugin.to_string(),
+            calls: Default::default(),
+            call_seconds: Default::default(),
+            instantiate_seconds: OnceLock::new(),
+        }
     }
 
     /// Counts a stream as open until the returned guard drops.
@@ -203,6 +209,63 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut text, &self.registry)
             .expect("writing to a String cannot fail");
         text
+    }
+}
+
+/// One plugin's series. Each is created the first time it is recorded, so the exposition
+/// lists only what happened, as with labels looked up on every call.
+#[derive(Debug)]
+pub struct PluginMetrics {
+    metrics: Arc<Metrics>,
+    plugin: String,
+    calls: [[OnceLock<Counter>; OUTCOMES.len()]; 6],
+    call_seconds: [OnceLock<Histogram>; 6],
+    instantiate_seconds: OnceLock<Histogram>,
+}
+
+impl PluginMetrics {
+    /// Counts a call of `phase` that ended with `outcome` (see [`OUTCOMES`]) after `took`.
+    pub fn call(&self, phase: Phase, outcome: &'static str, took: Duration) {
+        let index = OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .expect("outcome listed in OUTCOMES");
+        self.calls[phase as usize][index]
+            .get_or_init(|| {
+                self.metrics
+                    .calls
+                    .get_or_create(&CallLabels {
+                        plugin: self.plugin.clone(),
+                        phase: phase.as_str(),
+                        outcome,
+                    })
+                    .clone()
+            })
+            .inc();
+        self.call_seconds[phase as usize]
+            .get_or_init(|| {
+                self.metrics
+                    .call_seconds
+                    .get_or_create(&PluginPhaseLabels {
+                        plugin: self.plugin.clone(),
+                        phase: phase.as_str(),
+                    })
+                    .clone()
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn instantiated(&self, took: Duration) {
+        self.instantiate_seconds
+            .get_or_init(|| {
+                self.metrics
+                    .instantiate_seconds
+                    .get_or_create(&PluginLabel {
+                        plugin: self.plugin.clone(),
+                    })
+                    .clone()
+            })
+            .observe(took.as_secs_f64());
     }
 }
 

@@ -25,28 +25,43 @@ use arc_swap::ArcSwapOption;
 use crate::config::{Config, ConfigError, EnvoySettings};
 use crate::ext_proc::guard::Guard;
 use crate::http::{Phase, PhaseSet};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, PluginMetrics};
 use crate::runtime::{Plugin, Runtime};
 
 pub use watch::watch;
 
 /// The loaded chain, in order. Shared by every stream that starts while it is current.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Chain {
     plugins: Vec<Plugin>,
+    /// Each plugin's metric series, in the same order.
+    metrics: Vec<PluginMetrics>,
     phases: PhaseSet,
 }
 
 impl Chain {
-    pub fn new(plugins: Vec<Plugin>) -> Self {
+    pub fn new(plugins: Vec<Plugin>, metrics: &Arc<Metrics>) -> Self {
         let phases = plugins
             .iter()
             .fold(PhaseSet::EMPTY, |set, p| set.union(p.phases()));
-        Chain { plugins, phases }
+        let metrics = plugins
+            .iter()
+            .map(|p| metrics.for_plugin(p.name()))
+            .collect();
+        Chain {
+            plugins,
+            metrics,
+            phases,
+        }
     }
 
     pub fn plugins(&self) -> &[Plugin] {
         &self.plugins
+    }
+
+    /// Each plugin's metric series, in chain order.
+    pub fn plugin_metrics(&self) -> &[PluginMetrics] {
+        &self.metrics
     }
 
     /// Every phase some plugin handles.
@@ -224,8 +239,13 @@ impl Registry {
     async fn build_next(&self) -> anyhow::Result<ReloadSummary> {
         let config = (self.source)()?;
         let previous = self.current();
-        let (chain, compiled) =
-            load_chain(&self.runtime, &config, previous.as_ref().map(|g| &g.chain)).await?;
+        let (chain, compiled) = load_chain(
+            &self.runtime,
+            &config,
+            previous.as_ref().map(|g| &g.chain),
+            &self.metrics,
+        )
+        .await?;
         let generation = Generation {
             number: previous.as_ref().map_or(1, |g| g.number + 1),
             chain,
@@ -251,6 +271,7 @@ pub async fn load_chain(
     runtime: &Runtime,
     config: &Config,
     previous: Option<&Chain>,
+    metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Chain, usize)> {
     let files = discover(&config.plugins_dir)?;
     if files.is_empty() {
@@ -301,7 +322,7 @@ pub async fn load_chain(
         };
         plugins.push(plugin);
     }
-    let chain = Chain::new(plugins);
+    let chain = Chain::new(plugins, metrics);
     chain.check_budgets(&config.envoy)?;
     Ok((chain, compiled))
 }

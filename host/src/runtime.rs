@@ -11,17 +11,19 @@
 //! tell a trap from a deadline from a memory ceiling.
 
 mod bindings;
+mod epoch;
 mod store;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
-use wasmtime::component::{Component, Linker, Resource, types::ComponentItem};
+use wasmtime::component::{
+    Component, ComponentNamedList, Lift, Linker, Lower, Resource, TypedFunc, types::ComponentItem,
+};
 use wasmtime::{
     Cache, CacheConfig, Config, Enabled, Engine, InstanceAllocationStrategy,
     PoolingAllocationConfig, Store, Trap,
@@ -32,18 +34,16 @@ use crate::config::PluginSettings;
 use crate::http::{
     Delivery, Effects, ExchangeContext, ImmediateResponse, Message, Phase, PhaseSet, Registration,
 };
-use bindings::exports::wasm_extproc::processor::handler;
 use bindings::wasm_extproc::processor::types as wit;
-use store::{Lent, StoreState};
+use epoch::EpochTicker;
+use store::StoreState;
 
 /// The contract this host speaks, as it appears in export names.
 pub const CONTRACT_PACKAGE: &str = "wasm-extproc:processor";
 pub const CONTRACT_VERSION: &str = "0.2.0";
 const HANDLER_EXPORT: &str = "wasm-extproc:processor/handler@0.2.0";
 
-/// How often the engine's epoch advances: the granularity of deadlines, and how long a guest
-/// runs at most before it yields the tokio worker to other streams.
-const EPOCH_TICK: Duration = Duration::from_millis(1);
+pub use epoch::{CHECK as EPOCH_CHECK, TICK as EPOCH_TICK};
 
 /// Dirtied memory per linear memory that is reset in place and kept resident between streams
 /// (the rest is returned to the kernel). A Rust plugin dirties a few dozen KiB per stream;
@@ -80,18 +80,7 @@ pub enum PluginError {
 }
 
 impl PluginError {
-    /// Every [`kind`](Self::kind).
-    pub const KINDS: [&'static str; 7] = [
-        "trap",
-        "deadline",
-        "memory_limit",
-        "invalid_output",
-        "instantiate",
-        "body_too_large",
-        "quarantined",
-    ];
-
-    /// A short, stable name for logs and metrics.
+    /// A short, stable name for logs and metrics (one of [`crate::metrics::OUTCOMES`]).
     pub fn kind(&self) -> &'static str {
         match self {
             PluginError::Trap(_) => "trap",
@@ -136,19 +125,13 @@ pub enum LoadError {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<EpochTicker>,
     cache: Option<Cache>,
 }
 
 impl std::fmt::Debug for Runtime {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Runtime").finish_non_exhaustive()
-    }
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -199,6 +182,9 @@ impl Runtime {
 
         let mut config = Config::new();
         config
+            // Component-model async would slow every call down (wasmtime issues 11209 and
+            // 12836); no plugin needs it, and a feature flag must not turn it on unnoticed.
+            .concurrency_support(false)
             .epoch_interruption(true)
             .wasm_component_model(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -226,24 +212,11 @@ impl Runtime {
         bindings::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
             .map_err(to_anyhow)?;
 
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        let weak = engine.weak();
-        let stop = ticker_stop.clone();
-        std::thread::Builder::new()
-            .name("wasm-epoch".into())
-            .spawn(move || {
-                while !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(EPOCH_TICK);
-                    match weak.upgrade() {
-                        Some(engine) => engine.increment_epoch(),
-                        None => break,
-                    }
-                }
-            })?;
+        let ticker = Arc::new(EpochTicker::start(engine.weak())?);
         Ok(Runtime {
             engine,
             linker,
-            ticker_stop,
+            ticker,
             cache,
         })
     }
@@ -307,6 +280,8 @@ impl Runtime {
             compiled: Arc::new(Compiled {
                 registration: Registration::default(),
                 engine: self.engine.clone(),
+                ticker: self.ticker.clone(),
+                entry: self.entry(&component),
                 pre,
                 path: path.to_path_buf(),
                 digest,
@@ -324,6 +299,22 @@ impl Runtime {
             .expect("plugin not yet shared")
             .registration = registration;
         Ok(plugin)
+    }
+
+    /// How the host calls into `component`: directly when it imports nothing but the
+    /// contract's own interfaces (the host implements them without ever blocking), else on a
+    /// fiber, so WASI calls can wait and long calls yield to other streams.
+    fn entry(&self, component: &Component) -> Entry {
+        let contract = format!("{CONTRACT_PACKAGE}/");
+        let only_contract = component
+            .component_type()
+            .imports(&self.engine)
+            .all(|(name, _)| name.starts_with(&contract));
+        if only_contract {
+            Entry::Direct
+        } else {
+            Entry::Fiber
+        }
     }
 
     /// Explains, in the operator's terms, a component that does not export this host's
@@ -383,6 +374,8 @@ pub struct Plugin {
 struct Compiled {
     registration: Registration,
     engine: Engine,
+    ticker: Arc<EpochTicker>,
+    entry: Entry,
     pre: bindings::PluginPre<StoreState>,
     path: PathBuf,
     digest: String,
@@ -448,25 +441,31 @@ impl Plugin {
         &self.breaker
     }
 
-    /// A fresh instance with its own store, for one ext_proc stream.
-    pub async fn instantiate(&self) -> Result<Instance, PluginError> {
+    /// A fresh instance with its own store, for one ext_proc stream. Its start code runs on
+    /// the budget of a call that started at `started`.
+    pub async fn instantiate(&self, started: Instant) -> Result<Instance, PluginError> {
         let compiled = &self.compiled;
+        let _running = compiled.ticker.enter();
         let state = StoreState::new(self.name.clone(), self.settings.clone());
         let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);
-        store.epoch_deadline_callback(|ctx| {
+        let entry = compiled.entry;
+        store.epoch_deadline_callback(move |ctx| {
             let state = ctx.data();
             Ok(match state.call_started {
-                Some(started) if started.elapsed() < state.timeout => {
-                    wasmtime::UpdateDeadline::Yield(1)
-                }
+                Some(started) if started.elapsed() < state.timeout => match entry {
+                    Entry::Direct => wasmtime::UpdateDeadline::Continue(1),
+                    Entry::Fiber => wasmtime::UpdateDeadline::Yield(1),
+                },
                 _ => wasmtime::UpdateDeadline::Interrupt,
             })
         });
-        // Instantiation runs the guest's start code: it gets the same budget as a call.
-        store.data_mut().call_started = Some(Instant::now());
+        store.data_mut().call_started = Some(started);
         store.set_epoch_deadline(1);
-        let result = compiled.pre.instantiate_async(&mut store).await;
+        let result = match entry {
+            Entry::Direct => compiled.pre.instantiate(&mut store),
+            Entry::Fiber => compiled.pre.instantiate_async(&mut store).await,
+        };
         store.data_mut().call_started = None;
         match result {
             Ok(bindings) => Ok(Instance {
@@ -479,21 +478,36 @@ impl Plugin {
     }
 
     async fn probe(&self) -> Result<Registration, PluginError> {
-        let mut instance = self.instantiate().await?;
-        instance.begin(None);
-        let result = instance
-            .bindings
-            .wasm_extproc_processor_handler()
-            .call_register(&mut instance.store)
-            .await;
-        instance.store.data_mut().call_started = None;
-        let registration = result.map_err(|e| classify(&e, instance.store.data(), false))?;
+        let started = Instant::now();
+        let mut instance = self.instantiate(started).await?;
+        let Instance {
+            store,
+            bindings,
+            plugin,
+        } = &mut instance;
+        let _running = plugin.compiled.ticker.enter();
+        begin(store, None, started);
+        let register = bindings.wasm_extproc_processor_handler().func_register();
+        let result = invoke(store, plugin.compiled.entry, register, ()).await;
+        store.data_mut().call_started = None;
+        let (registration,) = result.map_err(|e| classify(&e, store.data(), false))?;
         Ok(Registration {
             phases: from_wit_phases(registration.phases),
             request_body: from_wit_delivery(registration.request_body),
             response_body: from_wit_delivery(registration.response_body),
         })
     }
+}
+
+/// How the host enters a plugin's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Entry {
+    /// A plain call on the caller's thread. Its epoch deadline can only stop it, not pause it:
+    /// it holds its tokio worker for at most its budget.
+    Direct,
+    /// On a fiber (`call_async`): the guest can wait on WASI and yields to other streams at
+    /// every epoch tick.
+    Fiber,
 }
 
 /// What a handler decided.
@@ -525,83 +539,100 @@ impl std::fmt::Debug for Instance {
     }
 }
 
-/// Checks a handler's output before it is accepted; an error becomes
-/// [`PluginError::InvalidOutput`] and the message is rolled back.
-pub type OutputCheck<'a> = &'a (dyn Fn(&Message, &Outcome) -> Result<(), String> + Sync);
-
 impl Instance {
-    /// Runs the handler for `phase` on `message`, with `context` describing the exchange.
-    /// The message comes back changed on success and exactly as it went in on failure,
-    /// including when `check` rejects the output.
+    /// Runs the handler for `phase` on `message`, with `context` describing the exchange, on a
+    /// budget that started at `started`. The message comes back as the handler left it,
+    /// whether or not it failed: the caller keeps or rolls back its changes (see
+    /// [`Message::rollback`]).
     pub async fn call(
         &mut self,
         phase: Phase,
         message: Message,
         context: &Arc<ExchangeContext>,
-        check: OutputCheck<'_>,
+        started: Instant,
     ) -> (Message, Result<Outcome, PluginError>) {
-        self.begin(Some(phase));
-        let state = self.store.data_mut();
-        state.lent = Some(Lent::new(message));
-        state.context = context.clone();
-        let result = self.dispatch(phase).await;
-        let state = self.store.data_mut();
-        state.call_started = None;
-        let lent = state.lent.take().expect("message lent for the call");
-        let effects = std::mem::take(&mut state.effects);
-        let outcome = match result {
-            Ok(action) => convert_action(action).map(|action| Outcome { action, effects }),
-            Err(e) => Err(classify(&e, self.store.data(), false)),
-        };
-        match outcome {
-            Ok(outcome) => match check(&lent.current, &outcome) {
-                Ok(()) => (lent.into_current(), Ok(outcome)),
-                Err(reason) => (
-                    lent.into_original(),
-                    Err(PluginError::InvalidOutput(reason)),
-                ),
-            },
-            Err(error) => (lent.into_original(), Err(error)),
+        let Instance {
+            store,
+            bindings,
+            plugin,
+        } = self;
+        let _running = plugin.compiled.ticker.enter();
+        begin(store, Some(phase), started);
+        let end_of_stream = matches!(
+            message,
+            Message::Headers {
+                end_of_stream: true,
+                ..
+            }
+        );
+        let state = store.data_mut();
+        state.lent = Some(message);
+        if !Arc::ptr_eq(&state.context, context) {
+            state.context = context.clone();
         }
-    }
-
-    fn begin(&mut self, phase: Option<Phase>) {
-        let state = self.store.data_mut();
-        state.phase = phase;
-        state.limits.reset();
-        state.effects = Effects::default();
-        state.call_started = Some(Instant::now());
-        self.store.set_epoch_deadline(1);
-    }
-
-    async fn dispatch(&mut self, phase: Phase) -> wasmtime::Result<wit::Action> {
-        let handler: &handler::Guest = self.bindings.wasm_extproc_processor_handler();
-        let store = &mut self.store;
+        let handler = bindings.wasm_extproc_processor_handler();
+        let entry = plugin.compiled.entry;
         let fields = || Resource::<store::Fields>::new_borrow(store::LENT_REP);
         let body = || Resource::<store::Body>::new_borrow(store::LENT_REP);
-        let end_of_stream = match &store.data().lent {
-            Some(Lent {
-                current: Message::Headers { end_of_stream, .. },
-                ..
-            }) => *end_of_stream,
-            _ => false,
-        };
-        match phase {
+        let result = match phase {
             Phase::RequestHeaders => {
-                handler
-                    .call_on_request_headers(store, fields(), end_of_stream)
-                    .await
+                let func = handler.func_on_request_headers();
+                invoke(store, entry, func, (fields(), end_of_stream)).await
             }
-            Phase::RequestBody => handler.call_on_request_body(store, body()).await,
-            Phase::RequestTrailers => handler.call_on_request_trailers(store, fields()).await,
+            Phase::RequestBody => {
+                invoke(store, entry, handler.func_on_request_body(), (body(),)).await
+            }
+            Phase::RequestTrailers => {
+                let func = handler.func_on_request_trailers();
+                invoke(store, entry, func, (fields(),)).await
+            }
             Phase::ResponseHeaders => {
-                handler
-                    .call_on_response_headers(store, fields(), end_of_stream)
-                    .await
+                let func = handler.func_on_response_headers();
+                invoke(store, entry, func, (fields(), end_of_stream)).await
             }
-            Phase::ResponseBody => handler.call_on_response_body(store, body()).await,
-            Phase::ResponseTrailers => handler.call_on_response_trailers(store, fields()).await,
-        }
+            Phase::ResponseBody => {
+                invoke(store, entry, handler.func_on_response_body(), (body(),)).await
+            }
+            Phase::ResponseTrailers => {
+                let func = handler.func_on_response_trailers();
+                invoke(store, entry, func, (fields(),)).await
+            }
+        };
+        let state = store.data_mut();
+        state.call_started = None;
+        let message = state.lent.take().expect("message lent for the call");
+        let effects = std::mem::take(&mut state.effects);
+        let outcome = match result {
+            Ok((action,)) => convert_action(action).map(|action| Outcome { action, effects }),
+            Err(e) => Err(classify(&e, store.data(), false)),
+        };
+        (message, outcome)
+    }
+}
+
+/// Readies `store` for a call of `phase` (`None`: `register`) that started at `started`.
+fn begin(store: &mut Store<StoreState>, phase: Option<Phase>, started: Instant) {
+    let state = store.data_mut();
+    state.phase = phase;
+    state.limits.reset();
+    state.call_started = Some(started);
+    store.set_epoch_deadline(1);
+}
+
+/// Calls a guest export directly or on a fiber, as the plugin's [`Entry`] says.
+async fn invoke<P, R>(
+    store: &mut Store<StoreState>,
+    entry: Entry,
+    func: TypedFunc<P, R>,
+    params: P,
+) -> wasmtime::Result<R>
+where
+    P: ComponentNamedList + Lower + Send + Sync,
+    R: ComponentNamedList + Lift + Send + Sync + 'static,
+{
+    match entry {
+        Entry::Direct => func.call(store, params),
+        Entry::Fiber => func.call_async(store, params).await,
     }
 }
 

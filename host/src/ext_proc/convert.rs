@@ -18,29 +18,14 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{self as pb, value::Kind};
 
-use super::protocol::{EnvoyModes, ProtocolError};
+use super::protocol::{EnvoyModes, Inbound, ProtocolError};
 use crate::http::{
-    BodyChunk, BodyMode, Decision, Effects, HeaderChanges, HeaderMap, ImmediateResponse, Message,
-    Phase, Verdict,
+    BodyChunk, BodyMode, Changes, Decision, Effects, HeaderChanges, HeaderMap, ImmediateResponse,
+    Message, Phase, Verdict,
 };
 
 /// Envoy recommends streamed body chunks of at most 64 KiB in `FULL_DUPLEX_STREAMED` mode.
 pub const MAX_STREAMED_CHUNK: usize = 64 * 1024;
-
-/// One inbound message in the host's terms.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Inbound {
-    pub phase: Phase,
-    pub message: Message,
-    /// Envoy does not wait for (or read) an answer to this message.
-    pub observability: bool,
-    /// Attributes sent with this message, rendered as text.
-    pub attributes: BTreeMap<String, String>,
-    /// Forwarded metadata, keyed by (namespace, key), values as JSON.
-    pub metadata: BTreeMap<(String, String), String>,
-    /// How Envoy is configured to send bodies, when it says (on a stream's first message).
-    pub envoy_modes: Option<EnvoyModes>,
-}
 
 /// Reads a `ProcessingRequest`.
 pub fn inbound(request: ProcessingRequest) -> Result<Inbound, ProtocolError> {
@@ -159,9 +144,10 @@ fn header_map(map: Option<PbHeaderMap>) -> HeaderMap {
     }))
 }
 
-/// What the answer to one message depends on besides the chain's verdict.
+/// What the answer to one message depends on besides the chain's verdict: the protocol state
+/// of its stream.
 #[derive(Debug, Clone, Default)]
-pub struct Answering {
+pub struct Envelope {
     /// How Envoy sends bodies in the message's direction.
     pub body_mode: BodyMode,
     /// The direction's `content-length` as its headers arrived, if they had one.
@@ -173,7 +159,7 @@ pub struct Answering {
 /// The answers to a message of `phase` after the chain decided `verdict`: exactly one, except
 /// in `FULL_DUPLEX_STREAMED` body mode, where a body message gets none while plugins hold it
 /// and as many 64 KiB chunks as it takes when they let it go.
-pub fn replies(phase: Phase, verdict: Verdict, answering: &Answering) -> Vec<ProcessingResponse> {
+pub fn replies(phase: Phase, verdict: Verdict, envelope: &Envelope) -> Vec<ProcessingResponse> {
     use processing_response::Response;
     let Verdict { decision, effects } = verdict;
     let dynamic_metadata = dynamic_metadata(&effects);
@@ -182,19 +168,19 @@ pub fn replies(phase: Phase, verdict: Verdict, answering: &Answering) -> Vec<Pro
         dynamic_metadata: dynamic_metadata.clone(),
         ..ProcessingResponse::default()
     };
-    let message = match decision {
+    let changes = match decision {
         Decision::Respond(answer) => {
             return vec![wrap(Response::ImmediateResponse(immediate_response(
                 answer,
             )))];
         }
         Decision::Held => return Vec::new(),
-        Decision::Continue(message) => message,
+        Decision::Continue(changes) => changes,
     };
-    match message {
-        Message::Headers { headers, .. } => {
+    match (phase, changes) {
+        (Phase::RequestHeaders | Phase::ResponseHeaders, Changes::Headers(changes)) => {
             let common = CommonResponse {
-                header_mutation: header_mutation(headers.changes()),
+                header_mutation: header_mutation(changes),
                 // Envoy honours this only for request headers.
                 clear_route_cache: effects.clear_route_cache && phase == Phase::RequestHeaders,
                 ..CommonResponse::default()
@@ -206,10 +192,19 @@ pub fn replies(phase: Phase, verdict: Verdict, answering: &Answering) -> Vec<Pro
                 Phase::RequestHeaders => Response::RequestHeaders(response),
                 _ => Response::ResponseHeaders(response),
             });
-            reply.mode_override = answering.mode_override;
+            reply.mode_override = envelope.mode_override;
             vec![reply]
         }
-        Message::Body(body) if answering.body_mode == BodyMode::FullDuplexStreamed => {
+        (_, Changes::Headers(changes)) => {
+            let response = TrailersResponse {
+                header_mutation: header_mutation(changes),
+            };
+            vec![wrap(match phase {
+                Phase::RequestTrailers => Response::RequestTrailers(response),
+                _ => Response::ResponseTrailers(response),
+            })]
+        }
+        (_, Changes::Body(body)) if envelope.body_mode == BodyMode::FullDuplexStreamed => {
             streamed_body(phase, body)
                 .into_iter()
                 .enumerate()
@@ -225,20 +220,11 @@ pub fn replies(phase: Phase, verdict: Verdict, answering: &Answering) -> Vec<Pro
                 })
                 .collect()
         }
-        Message::Body(body) => {
-            let response = body_response(body, answering);
+        (_, Changes::Body(body)) => {
+            let response = body_response(body, envelope);
             vec![wrap(match phase {
                 Phase::RequestBody => Response::RequestBody(response),
                 _ => Response::ResponseBody(response),
-            })]
-        }
-        Message::Trailers(trailers) => {
-            let response = TrailersResponse {
-                header_mutation: header_mutation(trailers.changes()),
-            };
-            vec![wrap(match phase {
-                Phase::RequestTrailers => Response::RequestTrailers(response),
-                _ => Response::ResponseTrailers(response),
             })]
         }
     }
@@ -286,8 +272,8 @@ fn dynamic_metadata(effects: &Effects) -> Option<pb::Struct> {
 /// In `BUFFERED` mode Envoy holds the headers until the body is answered and applies header
 /// changes sent with it: a replaced body gets a matching `content-length`, or Envoy would
 /// forward a length that no longer fits (and answer 500).
-fn body_response(body: BodyChunk, answering: &Answering) -> BodyResponse {
-    let header_mutation = match (body.replaced, answering.body_mode, answering.content_length) {
+fn body_response(body: BodyChunk, envelope: &Envelope) -> BodyResponse {
+    let header_mutation = match (body.replaced, envelope.body_mode, envelope.content_length) {
         (true, BodyMode::Buffered, Some(_)) => Some(HeaderMutation {
             set_headers: vec![header_option(
                 "content-length".into(),
@@ -447,16 +433,16 @@ mod tests {
         }
     }
 
-    fn continuing(message: Message) -> Verdict {
+    fn continuing(changes: Changes) -> Verdict {
         Verdict {
-            decision: Decision::Continue(message),
+            decision: Decision::Continue(changes),
             effects: Effects::default(),
         }
     }
 
     /// The single reply to a message.
-    fn reply(phase: Phase, verdict: Verdict, answering: &Answering) -> Response {
-        let mut replies = replies(phase, verdict, answering);
+    fn reply(phase: Phase, verdict: Verdict, envelope: &Envelope) -> Response {
+        let mut replies = replies(phase, verdict, envelope);
         assert_eq!(replies.len(), 1, "{replies:?}");
         replies.remove(0).response.unwrap()
     }
@@ -538,11 +524,8 @@ mod tests {
     fn unchanged_headers_answer_without_a_mutation() {
         let answer = reply(
             Phase::RequestHeaders,
-            continuing(Message::Headers {
-                headers: HeaderMap::default(),
-                end_of_stream: false,
-            }),
-            &Answering::default(),
+            continuing(Changes::Headers(HeaderChanges::default())),
+            &Envelope::default(),
         );
         let Response::RequestHeaders(h) = answer else {
             panic!("request_headers response expected");
@@ -553,17 +536,14 @@ mod tests {
     #[test]
     fn changed_headers_are_sent_as_raw_values() {
         let mut headers = HeaderMap::default();
-        headers.set("x-ext-proc-header", b"hello-from-asm".to_vec());
-        headers.append("x-multi", b"1".to_vec());
-        headers.append("x-multi", b"2".to_vec());
-        headers.remove("server");
+        headers.set("x-ext-proc-header".into(), b"hello-from-asm".to_vec());
+        headers.append("x-multi".into(), b"1".to_vec());
+        headers.append("x-multi".into(), b"2".to_vec());
+        headers.remove("server".into());
         let answer = reply(
             Phase::ResponseHeaders,
-            continuing(Message::Headers {
-                headers,
-                end_of_stream: false,
-            }),
-            &Answering::default(),
+            continuing(Changes::Headers(headers.changes())),
+            &Envelope::default(),
         );
         let Response::ResponseHeaders(h) = answer else {
             panic!("response_headers response expected");
@@ -606,13 +586,13 @@ mod tests {
     #[test]
     fn replaced_bodies_carry_a_body_mutation() {
         let mut body = BodyChunk::new(b"old".to_vec(), true);
-        let streamed = Answering {
+        let streamed = Envelope {
             body_mode: BodyMode::Streamed,
-            ..Answering::default()
+            ..Envelope::default()
         };
         let untouched = common(reply(
             Phase::RequestBody,
-            continuing(Message::Body(body.clone())),
+            continuing(Changes::Body(body.clone())),
             &streamed,
         ));
         assert_eq!(untouched.body_mutation, None);
@@ -620,7 +600,7 @@ mod tests {
         body.replace(b"new".to_vec());
         let replaced = common(reply(
             Phase::ResponseBody,
-            continuing(Message::Body(body)),
+            continuing(Changes::Body(body)),
             &streamed,
         ));
         assert_eq!(
@@ -635,15 +615,15 @@ mod tests {
     fn a_replaced_buffered_body_gets_a_matching_content_length() {
         let mut body = BodyChunk::new(b"{\"secret\":\"x\"}".to_vec(), true);
         body.replace(b"{}".to_vec());
-        let answering = Answering {
+        let envelope = Envelope {
             body_mode: BodyMode::Buffered,
             content_length: Some(14),
-            ..Answering::default()
+            ..Envelope::default()
         };
         let common = common(reply(
             Phase::RequestBody,
-            continuing(Message::Body(body)),
-            &answering,
+            continuing(Changes::Body(body)),
+            &envelope,
         ));
         let header = common.header_mutation.unwrap().set_headers[0]
             .header
@@ -657,15 +637,15 @@ mod tests {
 
     #[test]
     fn full_duplex_bodies_stream_back_in_64k_pieces() {
-        let answering = Answering {
+        let envelope = Envelope {
             body_mode: BodyMode::FullDuplexStreamed,
-            ..Answering::default()
+            ..Envelope::default()
         };
         let big = BodyChunk::new(vec![7; MAX_STREAMED_CHUNK * 2 + 1], true);
         let replies = replies(
             Phase::ResponseBody,
-            continuing(Message::Body(big)),
-            &answering,
+            continuing(Changes::Body(big)),
+            &envelope,
         );
         let pieces: Vec<(usize, bool)> = replies
             .into_iter()
@@ -691,13 +671,13 @@ mod tests {
             decision: Decision::Held,
             effects: Effects::default(),
         };
-        assert!(super::replies(Phase::RequestBody, held, &answering).is_empty());
+        assert!(super::replies(Phase::RequestBody, held, &envelope).is_empty());
         let empty_end = BodyChunk::new(Vec::new(), true);
         assert_eq!(
             super::replies(
                 Phase::RequestBody,
-                continuing(Message::Body(empty_end)),
-                &answering
+                continuing(Changes::Body(empty_end)),
+                &envelope
             )
             .len(),
             1
@@ -707,16 +687,13 @@ mod tests {
     #[test]
     fn effects_become_dynamic_metadata_and_route_cache_clearing() {
         let verdict = Verdict {
-            decision: Decision::Continue(Message::Headers {
-                headers: HeaderMap::default(),
-                end_of_stream: false,
-            }),
+            decision: Decision::Continue(Changes::Headers(HeaderChanges::default())),
             effects: Effects {
                 metadata: vec![("acme".into(), "user".into(), "alice".into())],
                 clear_route_cache: true,
             },
         };
-        let mut replies = replies(Phase::RequestHeaders, verdict, &Answering::default());
+        let mut replies = replies(Phase::RequestHeaders, verdict, &Envelope::default());
         let reply = replies.remove(0);
         let metadata = reply.dynamic_metadata.unwrap();
         let Some(Kind::StructValue(acme)) = &metadata.fields["acme"].kind else {
@@ -743,7 +720,7 @@ mod tests {
                 }),
                 effects: Effects::default(),
             },
-            &Answering::default(),
+            &Envelope::default(),
         );
         let Response::ImmediateResponse(r) = answer else {
             panic!("immediate response expected");

@@ -5,12 +5,12 @@
 //! a message saying what was wrong.
 
 use crate::config::EnvoySettings;
-use crate::http::{HeaderMap, ImmediateResponse, Message, Phase};
+use crate::http::{HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase};
 use crate::runtime::{Action, Outcome};
 
 /// Largest body a plugin may produce in one message: it travels in one gRPC message, which
 /// also carries headers and framing.
-pub const MAX_BODY_BYTES: usize = crate::MAX_MESSAGE_BYTES - 64 * 1024;
+pub const MAX_ANSWER_BODY_BYTES: usize = crate::MAX_MESSAGE_BYTES - 64 * 1024;
 
 /// The rules in force, from what the operator says Envoy is configured with.
 #[derive(Debug, Clone)]
@@ -23,20 +23,28 @@ impl Guard {
         Guard { envoy }
     }
 
-    /// Checks the message as a plugin left it, and its outcome.
-    pub fn check(&self, phase: Phase, message: &Message, outcome: &Outcome) -> Result<(), String> {
-        match message {
-            Message::Headers { headers, .. } => self.check_section(phase, headers, false)?,
-            Message::Trailers(trailers) => self.check_section(phase, trailers, true)?,
+    /// Checks what one plugin's call made of the message (its changes since the message's
+    /// last checkpoint) and its outcome. Returns the header changes it checked, for the
+    /// answer to carry.
+    pub fn check(
+        &self,
+        phase: Phase,
+        message: &Message,
+        outcome: &Outcome,
+    ) -> Result<Option<HeaderChanges>, String> {
+        let changes = match message {
+            Message::Headers { headers, .. } => Some(self.check_section(phase, headers, false)?),
+            Message::Trailers(trailers) => Some(self.check_section(phase, trailers, true)?),
             Message::Body(chunk) => {
-                if chunk.data.len() > MAX_BODY_BYTES {
+                if chunk.data.len() > MAX_ANSWER_BODY_BYTES {
                     return Err(format!(
-                        "body of {} bytes is over the {MAX_BODY_BYTES}-byte limit of one ext_proc message",
+                        "body of {} bytes is over the {MAX_ANSWER_BODY_BYTES}-byte limit of one ext_proc message",
                         chunk.data.len()
                     ));
                 }
+                None
             }
-        }
+        };
         if let Action::Respond(response) = &outcome.action {
             self.check_immediate(response)?;
         }
@@ -45,7 +53,7 @@ impl Guard {
                 return Err("set-metadata needs a non-empty namespace and key".into());
             }
         }
-        Ok(())
+        Ok(changes)
     }
 
     fn check_section(
@@ -53,7 +61,7 @@ impl Guard {
         phase: Phase,
         section: &HeaderMap,
         trailers: bool,
-    ) -> Result<(), String> {
+    ) -> Result<HeaderChanges, String> {
         let changes = section.changes();
         for name in &changes.removed {
             check_name(name)?;
@@ -108,7 +116,7 @@ impl Guard {
                 ));
             }
         }
-        Ok(())
+        Ok(changes)
     }
 
     /// Envoy's default mutation rules: routing headers and Envoy's own headers are off limits
@@ -155,9 +163,9 @@ impl Guard {
                 "immediate response grpc-status {status} is not a gRPC status code (0-16)"
             ));
         }
-        if response.body.len() > MAX_BODY_BYTES {
+        if response.body.len() > MAX_ANSWER_BODY_BYTES {
             return Err(format!(
-                "immediate response body of {} bytes is over the {MAX_BODY_BYTES}-byte limit",
+                "immediate response body of {} bytes is over the {MAX_ANSWER_BODY_BYTES}-byte limit",
                 response.body.len()
             ));
         }
@@ -220,7 +228,10 @@ mod tests {
         }
     }
 
-    fn headers_after(phase: Phase, change: impl FnOnce(&mut HeaderMap)) -> Result<(), String> {
+    fn headers_after(
+        phase: Phase,
+        change: impl FnOnce(&mut HeaderMap),
+    ) -> Result<Option<HeaderChanges>, String> {
         let mut headers = HeaderMap::from_entries([
             (":path".to_string(), b"/".to_vec()),
             ("host".to_string(), b"example".to_vec()),
@@ -239,27 +250,29 @@ mod tests {
     #[test]
     fn ordinary_changes_pass() {
         headers_after(Phase::RequestHeaders, |h| {
-            h.set("x-tag", b"v".to_vec());
-            h.set(":path", b"/rewritten".to_vec());
-            h.remove("x-absent");
+            h.set("x-tag".into(), b"v".to_vec());
+            h.set(":path".into(), b"/rewritten".to_vec());
+            h.remove("x-absent".into());
         })
         .unwrap();
         headers_after(Phase::ResponseHeaders, |h| {
-            h.set(":status", b"404".to_vec())
+            h.set(":status".into(), b"404".to_vec())
         })
         .unwrap();
     }
 
     #[test]
     fn invalid_names_and_values_are_refused() {
-        let err =
-            headers_after(Phase::RequestHeaders, |h| h.set("bad name", b"v".to_vec())).unwrap_err();
+        let err = headers_after(Phase::RequestHeaders, |h| {
+            h.set("bad name".into(), b"v".to_vec())
+        })
+        .unwrap_err();
         assert_eq!(
             err,
             "header name \"bad name\" is not a valid lower-case HTTP token"
         );
         let err = headers_after(Phase::RequestHeaders, |h| {
-            h.set("x-split", b"a\r\nb: c".to_vec())
+            h.set("x-split".into(), b"a\r\nb: c".to_vec())
         })
         .unwrap_err();
         assert_eq!(
@@ -270,24 +283,28 @@ mod tests {
 
     #[test]
     fn routing_envoy_and_pseudo_headers_follow_envoys_rules() {
-        let err =
-            headers_after(Phase::RequestHeaders, |h| h.set("host", b"evil".to_vec())).unwrap_err();
+        let err = headers_after(Phase::RequestHeaders, |h| {
+            h.set("host".into(), b"evil".to_vec())
+        })
+        .unwrap_err();
         assert!(
             err.starts_with("changed `host` in request_headers"),
             "{err}"
         );
-        let err = headers_after(Phase::RequestHeaders, |h| h.remove(":path")).unwrap_err();
+        let err = headers_after(Phase::RequestHeaders, |h| h.remove(":path".into())).unwrap_err();
         assert!(err.contains("does not let ext_proc remove it"), "{err}");
         let err = headers_after(Phase::RequestHeaders, |h| {
-            h.set("x-envoy-retry-on", b"5xx".to_vec())
+            h.set("x-envoy-retry-on".into(), b"5xx".to_vec())
         })
         .unwrap_err();
         assert!(err.contains("mutation_rules.allow_envoy"), "{err}");
-        let err = headers_after(Phase::RequestHeaders, |h| h.set(":status", b"200".to_vec()))
-            .unwrap_err();
+        let err = headers_after(Phase::RequestHeaders, |h| {
+            h.set(":status".into(), b"200".to_vec())
+        })
+        .unwrap_err();
         assert_eq!(err, "set `:status`: not a pseudo-header of request_headers");
         let err = headers_after(Phase::ResponseHeaders, |h| {
-            h.set(":status", b"20x".to_vec())
+            h.set(":status".into(), b"20x".to_vec())
         })
         .unwrap_err();
         assert!(err.contains("not a status code"), "{err}");
@@ -298,8 +315,8 @@ mod tests {
             ..EnvoySettings::default()
         });
         let mut headers = HeaderMap::default();
-        headers.set("host", b"other".to_vec());
-        headers.set("x-envoy-retry-on", b"5xx".to_vec());
+        headers.set("host".into(), b"other".to_vec());
+        headers.set("x-envoy-retry-on".into(), b"5xx".to_vec());
         relaxed
             .check(
                 Phase::RequestHeaders,
@@ -315,7 +332,7 @@ mod tests {
     #[test]
     fn header_sections_stay_under_envoys_limit() {
         let err = headers_after(Phase::RequestHeaders, |h| {
-            h.set("x-big", vec![b'a'; 61 * 1024])
+            h.set("x-big".into(), vec![b'a'; 61 * 1024])
         })
         .unwrap_err();
         assert!(
@@ -371,7 +388,7 @@ mod tests {
         let err = guard()
             .check(
                 Phase::ResponseBody,
-                &Message::Body(BodyChunk::new(vec![0; MAX_BODY_BYTES + 1], true)),
+                &Message::Body(BodyChunk::new(vec![0; MAX_ANSWER_BODY_BYTES + 1], true)),
                 &continuing(),
             )
             .unwrap_err();

@@ -24,8 +24,24 @@ use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_
     BodySendMode, HeaderSendMode,
 };
 
-use super::convert::Inbound;
+use std::collections::BTreeMap;
+
 use crate::http::{BodyMode, Direction, Message, Phase, PhaseSet};
+
+/// One message from Envoy in the host's terms (`convert::inbound` reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inbound {
+    pub phase: Phase,
+    pub message: Message,
+    /// Envoy does not wait for (or read) an answer to this message.
+    pub observability: bool,
+    /// Attributes sent with this message, rendered as text.
+    pub attributes: BTreeMap<String, String>,
+    /// Forwarded metadata, keyed by (namespace, key), values as JSON.
+    pub metadata: BTreeMap<(String, String), String>,
+    /// How Envoy is configured to send bodies, when it says (on a stream's first message).
+    pub envoy_modes: Option<EnvoyModes>,
+}
 
 /// A message that breaks the ext_proc protocol. The stream ends with `INVALID_ARGUMENT` or
 /// `FAILED_PRECONDITION` naming it.
@@ -104,6 +120,10 @@ pub struct StreamProtocol {
     content_length: [Option<u64>; 2],
     /// Envoy's processing mode, from the first message that said.
     envoy_modes: Option<EnvoyModes>,
+    /// The phase of the last message accepted.
+    last: Option<Phase>,
+    /// The processing mode last sent to Envoy (`mode_override`), if any.
+    overridden: Option<ProcessingMode>,
     answered: bool,
 }
 
@@ -152,7 +172,13 @@ impl StreamProtocol {
             return Err(ProtocolError::OutOfOrder { phase, after });
         }
         *progress = next;
+        self.last = Some(phase);
         Ok(())
+    }
+
+    /// The phase of the last message accepted.
+    pub fn last_phase(&self) -> Option<Phase> {
+        self.last
     }
 
     /// Checks an inbound message and records what it says about the stream.
@@ -238,6 +264,22 @@ impl StreamProtocol {
     /// going.
     pub fn may_close(&self, live: PhaseSet) -> bool {
         !self.to_come().intersects(live.union(self.handed_over()))
+    }
+
+    /// The `mode_override` for the answer to `phase`, once: `None` as well when the same
+    /// override already went out with an earlier answer (Envoy applies one to both
+    /// directions, and keeps it).
+    pub fn mode_override_to_send(
+        &mut self,
+        phase: Phase,
+        live: PhaseSet,
+    ) -> Option<ProcessingMode> {
+        let mode = self.mode_override(phase, live)?;
+        if self.overridden == Some(mode) {
+            return None;
+        }
+        self.overridden = Some(mode);
+        Some(mode)
     }
 
     /// The processing mode to send with the answer to `phase` (a headers phase) so Envoy skips
@@ -482,6 +524,31 @@ mod tests {
         assert_eq!(mode.response_header_mode, HeaderSendMode::Skip as i32);
 
         assert_eq!(protocol.mode_override(RequestBody, asm), None);
+    }
+
+    #[test]
+    fn an_override_goes_out_once_unless_what_is_needed_changes() {
+        let modes = Some((BodyMode::Buffered, BodyMode::Buffered));
+        let mut protocol = StreamProtocol::new();
+        protocol
+            .observe(&inbound(RequestHeaders, headers(&[], false), modes))
+            .unwrap();
+        let asm: PhaseSet = ASM.into_iter().collect();
+        assert!(
+            protocol
+                .mode_override_to_send(RequestHeaders, asm)
+                .is_some()
+        );
+        protocol
+            .observe(&inbound(ResponseHeaders, headers(&[], false), None))
+            .unwrap();
+        assert_eq!(protocol.mode_override_to_send(ResponseHeaders, asm), None);
+        // A plugin handling response bodies failed earlier: what is needed changed.
+        let fewer: PhaseSet = [RequestHeaders].into_iter().collect();
+        let mode = protocol
+            .mode_override_to_send(ResponseHeaders, fewer)
+            .unwrap();
+        assert_eq!(mode.response_header_mode, HeaderSendMode::Skip as i32);
     }
 
     #[test]

@@ -1,28 +1,27 @@
-//! The tonic service. Each ext_proc stream gets a task that owns its plugin instances, reads
-//! Envoy's messages, checks them against the protocol, runs the chain and answers.
+//! The tonic service: a thin loop that reads Envoy's messages, hands each to the stream's
+//! [`Exchange`] and sends what it answers.
+//!
+//! A stream's answers are the stream of its [`Serving`] state, polled by the task hyper
+//! already runs for each HTTP/2 stream: no task or channel of its own, and the stream's
+//! instances are dropped the moment Envoy resets it (hyper drops the response stream).
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
-use futures::FutureExt;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use futures::{FutureExt, Stream};
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::convert::{self, Answering};
-use super::protocol::{ProtocolError, StreamProtocol};
-use crate::chain::{Situation, StreamChain};
-use crate::http::{Decision, ExchangeContext, Phase, Verdict};
-use crate::metrics::Metrics;
-use crate::registry::{Generation, Registry};
-
-/// Answers waiting to be written to one stream. Envoy waits for each answer before it sends
-/// the next message of a direction, so a couple of slots is plenty.
-const OUTBOUND_BUFFER: usize = 4;
+use super::exchange::{Accepted, Exchange, Then};
+use super::protocol::ProtocolError;
+use crate::metrics::{Metrics, StreamGuard};
+use crate::registry::Registry;
 
 /// The ext_proc service over the registry's current plugin chain.
 #[derive(Debug, Clone)]
@@ -30,6 +29,8 @@ pub struct ExtProcService {
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     shutting_down: Arc<AtomicBool>,
+    /// Every stream being served: shutdown waits for them.
+    streams: TaskTracker,
 }
 
 impl ExtProcService {
@@ -37,25 +38,28 @@ impl ExtProcService {
         registry: Arc<Registry>,
         metrics: Arc<Metrics>,
         shutting_down: Arc<AtomicBool>,
+        streams: TaskTracker,
     ) -> Self {
         ExtProcService {
             registry,
             metrics,
             shutting_down,
+            streams,
         }
     }
 }
 
-type Outbound = mpsc::Sender<Result<ProcessingResponse, Status>>;
+/// The answers of one stream.
+pub type Answers = Pin<Box<dyn Stream<Item = Result<ProcessingResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl ExternalProcessor for ExtProcService {
-    type ProcessStream = ReceiverStream<Result<ProcessingResponse, Status>>;
+    type ProcessStream = Answers;
 
     async fn process(
         &self,
         request: Request<Streaming<ProcessingRequest>>,
-    ) -> Result<Response<Self::ProcessStream>, Status> {
+    ) -> Result<Response<Answers>, Status> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(Status::unavailable("shutting down"));
         }
@@ -64,166 +68,125 @@ impl ExternalProcessor for ExtProcService {
             .registry
             .current()
             .ok_or_else(|| Status::unavailable("plugins are still loading"))?;
-        let inbound = request.into_inner();
-        let (outbound, receiver) = mpsc::channel(OUTBOUND_BUFFER);
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            let _active = metrics.stream_opened();
-            let stream = serve_stream(generation, metrics.clone(), inbound, outbound.clone());
-            let task = AssertUnwindSafe(stream);
-            if let Err(panic) = task.catch_unwind().await {
-                let message = panic
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| panic.downcast_ref::<String>().cloned())
-                    .unwrap_or_default();
-                tracing::error!(%message, "stream task panicked; ending the stream");
-                let _ = outbound
-                    .send(Err(Status::internal("ext_proc host error")))
-                    .await;
-            }
+        // Boxed: the stream's state moves in and out of each poll of `unfold` as a pointer.
+        let serving = Box::new(Serving {
+            inbound: request.into_inner(),
+            exchange: Exchange::new(generation, self.metrics.clone()),
+            pending: Vec::new().into_iter(),
+            next: Next::Read,
+            _active: self.metrics.stream_opened(),
+            _tracked: self.streams.token(),
         });
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        let answers = futures::stream::unfold(serving, |mut serving| async move {
+            let answer = serving.next_answer().await?;
+            Some((answer, serving))
+        });
+        Ok(Response::new(Box::pin(answers)))
     }
 }
 
-/// Serves one ext_proc stream until Envoy closes it, breaks the protocol or goes away, or
-/// until no phase any plugin handles can still arrive.
-async fn serve_stream(
-    generation: Arc<Generation>,
-    metrics: Arc<Metrics>,
-    mut inbound: Streaming<ProcessingRequest>,
-    outbound: Outbound,
-) {
-    let mut protocol = StreamProtocol::new();
-    let mut plugins = StreamChain::new(generation.clone(), metrics.clone());
-    let mut exchange = Arc::new(ExchangeContext::default());
-    loop {
-        let received = tokio::select! {
-            received = inbound.message() => received,
-            // Envoy reset the stream: stop now and drop the instances.
-            () = outbound.closed() => return,
-        };
-        let request = match received {
-            Ok(Some(request)) => request,
-            Ok(None) => return,
+/// One stream being served.
+struct Serving {
+    inbound: Streaming<ProcessingRequest>,
+    exchange: Exchange,
+    /// Answers of the last message not sent yet.
+    pending: std::vec::IntoIter<ProcessingResponse>,
+    next: Next,
+    _active: StreamGuard,
+    _tracked: TaskTrackerToken,
+}
+
+/// What the stream does once its pending answers are sent.
+enum Next {
+    /// Read Envoy's next message.
+    Read,
+    /// Run the plugins on a message already accepted (its early answer has gone out).
+    Process(Box<Accepted>),
+    /// End with OK.
+    Close,
+    /// End with this status.
+    Fail(Status),
+}
+
+impl Serving {
+    /// The next answer to send; `None` ends the stream with OK.
+    async fn next_answer(&mut self) -> Option<Result<ProcessingResponse, Status>> {
+        loop {
+            if let Some(answer) = self.pending.next() {
+                return Some(Ok(answer));
+            }
+            let accepted = match std::mem::replace(&mut self.next, Next::Close) {
+                Next::Read => {
+                    let request = match self.read().await {
+                        Ok(Some(request)) => request,
+                        Ok(None) => return None,
+                        Err(status) => return Some(Err(status)),
+                    };
+                    let exchange = &mut self.exchange;
+                    match contained(async { exchange.accept(request) }).await {
+                        Ok(Ok(mut accepted)) => match accepted.ahead.take() {
+                            Some(ahead) => {
+                                self.next = Next::Process(Box::new(accepted));
+                                return Some(Ok(ahead));
+                            }
+                            None => accepted,
+                        },
+                        Ok(Err(error)) => {
+                            tracing::warn!("ext_proc protocol error: {error}");
+                            return Some(Err(protocol_status(&error)));
+                        }
+                        Err(status) => return Some(Err(status)),
+                    }
+                }
+                Next::Process(accepted) => *accepted,
+                Next::Close => return None,
+                Next::Fail(status) => return Some(Err(status)),
+            };
+            self.next = match contained(self.exchange.process(accepted)).await {
+                Ok(step) => {
+                    self.pending = step.answers.into_iter();
+                    match step.then {
+                        Then::Continue => Next::Read,
+                        Then::Close => Next::Close,
+                    }
+                }
+                Err(status) => Next::Fail(status),
+            };
+        }
+    }
+
+    /// Envoy's next message; `None` when it ended the stream or the connection is gone.
+    async fn read(&mut self) -> Result<Option<ProcessingRequest>, Status> {
+        match self.inbound.message().await {
+            Ok(request) => Ok(request),
             Err(status) if is_transport_loss(&status) => {
                 // The connection broke (Envoy restarted, the network dropped): nobody is left
                 // to answer.
                 tracing::debug!("ext_proc stream lost: {}", status.message());
-                return;
+                Ok(None)
             }
             Err(status) => {
                 tracing::warn!("unreadable ext_proc message: {}", status.message());
-                let _ = outbound.send(Err(unreadable(&status))).await;
-                return;
-            }
-        };
-        let mut message = match convert::inbound(request) {
-            Ok(message) => message,
-            Err(error) => return refuse(&outbound, &error).await,
-        };
-        if let Err(error) = protocol.observe(&message) {
-            return refuse(&outbound, &error).await;
-        }
-        let phase = message.phase;
-        metrics.message_received(phase);
-        tracing::trace!(
-            %phase,
-            attributes = ?message.attributes,
-            metadata = ?message.metadata,
-            envoy_modes = ?message.envoy_modes,
-            "ext_proc message"
-        );
-        if !message.attributes.is_empty() || !message.metadata.is_empty() {
-            let context = Arc::make_mut(&mut exchange);
-            context.attributes.append(&mut message.attributes);
-            context.metadata.append(&mut message.metadata);
-        }
-        let direction = phase.direction();
-        let check = |m: &_, o: &_| generation.guard.check(phase, m, o);
-        let situation = Situation {
-            exchange: &exchange,
-            body_mode: protocol.body_mode(direction),
-            check: &check,
-        };
-        let answering =
-            |phase: Phase, protocol: &StreamProtocol, plugins: &StreamChain| Answering {
-                body_mode: protocol.body_mode(direction),
-                content_length: protocol.content_length(direction),
-                mode_override: protocol.mode_override(phase, plugins.live_phases()),
-            };
-
-        // Trailers end a streamed body: plugins holding it for a whole-body call get it now,
-        // and what they make of it goes out before the trailers' answer.
-        if phase == direction.trailers() && plugins.is_holding(direction) {
-            let body_phase = direction.body();
-            let flushed = plugins.flush(direction, &situation).await;
-            let answer = answering(body_phase, &protocol, &plugins);
-            let replies = respond(&mut protocol, body_phase, flushed, &answer);
-            if !send(&outbound, replies).await || protocol.is_answered() {
-                return;
+                Err(unreadable(&status))
             }
         }
-        if let Some(timeout) = extra_time(&generation, phase)
-            && !message.observability
-            && !send(&outbound, vec![convert::more_time(timeout)]).await
-        {
-            return;
-        }
-
-        let verdict = plugins.run(phase, message.message, &situation).await;
-        if message.observability {
-            // Envoy neither waits for nor reads an answer in observability mode.
-            continue;
-        }
-        let answer = answering(phase, &protocol, &plugins);
-        let replies = respond(&mut protocol, phase, verdict, &answer);
-        if !send(&outbound, replies).await || protocol.is_answered() {
-            return;
-        }
-        if protocol.may_close(plugins.live_phases()) {
-            // Nothing any plugin handles can still come, and Envoy holds a copy of whatever
-            // is in flight: closing the stream tells Envoy to carry on without the host.
-            tracing::trace!("no phase left for the plugins; closing the stream");
-            return;
-        }
     }
 }
 
-fn respond(
-    protocol: &mut StreamProtocol,
-    phase: Phase,
-    verdict: Verdict,
-    answering: &Answering,
-) -> Vec<ProcessingResponse> {
-    if matches!(verdict.decision, Decision::Respond(_)) {
-        protocol.answered();
-    }
-    convert::replies(phase, verdict, answering)
-}
-
-async fn send(outbound: &Outbound, replies: Vec<ProcessingResponse>) -> bool {
-    for reply in replies {
-        if outbound.send(Ok(reply)).await.is_err() {
-            return false;
-        }
-    }
-    true
-}
-
-async fn refuse(outbound: &Outbound, error: &ProtocolError) {
-    tracing::warn!("ext_proc protocol error: {error}");
-    let _ = outbound.send(Err(protocol_status(error))).await;
-}
-
-/// How long to ask Envoy to wait for `phase`, when the plugins' budgets add up to more than
-/// its `message_timeout` (start-up checked that `max_message_timeout` covers them).
-fn extra_time(generation: &Generation, phase: Phase) -> Option<Duration> {
-    let envoy = &generation.envoy;
-    let budget = generation.chain.budget(phase);
-    let max = envoy.max_message_timeout?;
-    (budget >= envoy.message_timeout).then(|| (budget + envoy.message_timeout).min(max))
+/// Runs `work`, turning a panic in the host's own code into the end of this stream only.
+async fn contained<T>(work: impl Future<Output = T>) -> Result<T, Status> {
+    AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .map_err(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            tracing::error!(%message, "serving a stream panicked; ending the stream");
+            Status::internal("ext_proc host error")
+        })
 }
 
 /// The status for a message that breaks the protocol; the only place one is built.

@@ -25,8 +25,9 @@ const MAX_LOG_LINE: usize = 4096;
 /// but they bound the host memory a plugin can fill within one deadline.
 const MAX_SECTION_ENTRIES: usize = 10_000;
 const MAX_SECTION_BYTES: usize = 16 << 20;
-/// The largest body a plugin may set: Envoy could not take more in one message anyway.
-const MAX_BODY_BYTES: usize = 16 << 20;
+/// The largest body a plugin may hand the host in one `replace` (the guard then holds each
+/// answer to what fits in one ext_proc message): a bound on the host memory one call can fill.
+const MAX_REPLACEMENT_BYTES: usize = 16 << 20;
 
 /// Dynamic metadata entries one call may set: far more than any real use, and a bound on the
 /// host memory a looping `set-metadata` can take.
@@ -38,38 +39,6 @@ const MAX_METADATA_BYTES: usize = 16 * 1024;
 pub struct Fields;
 /// Marker for the `body` resource.
 pub struct Body;
-
-/// The message a handler is working on, and how it was before the first change, so a failing
-/// handler's changes can be dropped.
-pub struct Lent {
-    pub current: Message,
-    original: Option<Message>,
-}
-
-impl Lent {
-    pub fn new(message: Message) -> Self {
-        Lent {
-            current: message,
-            original: None,
-        }
-    }
-
-    /// Called before every change: copies the message once, on the first.
-    fn changing(&mut self) -> &mut Message {
-        if self.original.is_none() {
-            self.original = Some(self.current.clone());
-        }
-        &mut self.current
-    }
-
-    pub fn into_current(self) -> Message {
-        self.current
-    }
-
-    pub fn into_original(self) -> Message {
-        self.original.unwrap_or(self.current)
-    }
-}
 
 /// Enforces the plugin's memory ceiling and remembers whether it was hit, so a guest that
 /// aborts after a failed `memory.grow` is reported as out of memory, not as a plain trap.
@@ -131,7 +100,8 @@ pub struct StoreState {
     /// When the current guest call started; `None` between calls.
     pub call_started: Option<Instant>,
     pub phase: Option<Phase>,
-    pub lent: Option<Lent>,
+    /// The message the current call is working on.
+    pub lent: Option<Message>,
     /// The exchange the current call belongs to.
     pub context: Arc<ExchangeContext>,
     /// What the current call asked for besides changing the message.
@@ -158,7 +128,7 @@ impl StoreState {
         }
     }
 
-    fn lent(&mut self, rep: u32) -> Result<&mut Lent> {
+    fn lent(&mut self, rep: u32) -> Result<&mut Message> {
         match (&mut self.lent, rep) {
             (Some(lent), LENT_REP) => Ok(lent),
             _ => Err(format_err!(
@@ -167,22 +137,15 @@ impl StoreState {
         }
     }
 
-    fn headers(&mut self, rep: u32) -> Result<&HeaderMap> {
-        match &self.lent(rep)?.current {
+    fn headers(&mut self, rep: u32) -> Result<&mut HeaderMap> {
+        match self.lent(rep)? {
             Message::Headers { headers, .. } | Message::Trailers(headers) => Ok(headers),
             Message::Body(_) => Err(format_err!("fields handle lent for a body")),
         }
     }
 
-    fn headers_mut(&mut self, rep: u32) -> Result<&mut HeaderMap> {
-        match self.lent(rep)?.changing() {
-            Message::Headers { headers, .. } | Message::Trailers(headers) => Ok(headers),
-            Message::Body(_) => Err(format_err!("fields handle lent for a body")),
-        }
-    }
-
-    fn body(&mut self, rep: u32) -> Result<&BodyChunk> {
-        match &self.lent(rep)?.current {
+    fn body(&mut self, rep: u32) -> Result<&mut BodyChunk> {
+        match self.lent(rep)? {
             Message::Body(body) => Ok(body),
             _ => Err(format_err!("body handle lent for headers")),
         }
@@ -216,21 +179,21 @@ impl types::HostFields for StoreState {
     }
 
     fn set(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
-        let headers = self.headers_mut(this.rep())?;
+        let headers = self.headers(this.rep())?;
         check_growth(headers, &name, &value)?;
-        headers.set(&name, value);
+        headers.set(name, value);
         Ok(())
     }
 
     fn append(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
-        let headers = self.headers_mut(this.rep())?;
+        let headers = self.headers(this.rep())?;
         check_growth(headers, &name, &value)?;
-        headers.append(&name, value);
+        headers.append(name, value);
         Ok(())
     }
 
     fn remove(&mut self, this: Resource<Fields>, name: String) -> Result<()> {
-        self.headers_mut(this.rep())?.remove(&name);
+        self.headers(this.rep())?.remove(name);
         Ok(())
     }
 
@@ -273,19 +236,14 @@ impl types::HostBody for StoreState {
     }
 
     fn replace(&mut self, this: Resource<Body>, data: Vec<u8>) -> Result<()> {
-        if data.len() > MAX_BODY_BYTES {
+        if data.len() > MAX_REPLACEMENT_BYTES {
             return Err(format_err!(
-                "replacement body of {} bytes exceeds {MAX_BODY_BYTES}",
+                "replacement body of {} bytes exceeds {MAX_REPLACEMENT_BYTES}",
                 data.len()
             ));
         }
-        match self.lent(this.rep())?.changing() {
-            Message::Body(body) => {
-                body.replace(data);
-                Ok(())
-            }
-            _ => Err(format_err!("body handle lent for headers")),
-        }
+        self.body(this.rep())?.replace(data);
+        Ok(())
     }
 
     fn drop(&mut self, _this: Resource<Body>) -> Result<()> {

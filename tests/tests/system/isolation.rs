@@ -12,10 +12,14 @@ use extproc_testkit::host::RunningHost;
 
 use super::phases::sets;
 
+/// The headers an answer sets, by name (the order of changes to different names does not
+/// matter to Envoy).
 fn header_sets(answer: &ProcessingResponse) -> Vec<(String, String)> {
     match answer.response.as_ref().unwrap() {
         Response::RequestHeaders(h) | Response::ResponseHeaders(h) => {
-            sets(&h.response.as_ref().unwrap().header_mutation)
+            let mut sets = sets(&h.response.as_ref().unwrap().header_mutation);
+            sets.sort();
+            sets
         }
         other => panic!("headers answer expected, got {other:?}"),
     }

@@ -1,0 +1,166 @@
+//! One ext_proc stream -- one HTTP exchange -- as a step per message a newcomer can follow:
+//! [`Exchange::accept`] checks a message from Envoy against the protocol (and says what must
+//! go out before the plugins run), [`Exchange::process`] runs the plugins and returns the
+//! answers to send and whether the stream goes on. It owns everything the stream needs (the
+//! protocol state, the plugin instances, what Envoy said about the exchange) and does no I/O,
+//! so the gRPC service and the fuzz target drive it the same way.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+
+use super::convert::{self, Envelope};
+use super::protocol::{Inbound, ProtocolError, StreamProtocol};
+use crate::chain::StreamChain;
+use crate::http::{Decision, ExchangeContext, Phase, Verdict};
+use crate::metrics::Metrics;
+use crate::registry::Generation;
+
+/// One stream's state, from its first message to its last.
+#[derive(Debug)]
+pub struct Exchange {
+    protocol: StreamProtocol,
+    chain: StreamChain,
+    /// Attributes and forwarded metadata Envoy sent so far: plugins read them.
+    context: Arc<ExchangeContext>,
+    metrics: Arc<Metrics>,
+}
+
+/// A message the protocol accepted, for [`Exchange::process`].
+#[derive(Debug)]
+pub struct Accepted {
+    inbound: Inbound,
+    /// An answer that must reach Envoy before the plugins run: more time, when their budgets
+    /// for the phase add up to more than Envoy's `message_timeout`.
+    pub ahead: Option<ProcessingResponse>,
+}
+
+/// What one message leads to.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// The answers to send, in order (none in observability mode, or while a body is held).
+    pub answers: Vec<ProcessingResponse>,
+    /// Whether the stream ends once they are sent.
+    pub then: Then,
+}
+
+/// What the stream does after a step's answers.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum Then {
+    /// Wait for Envoy's next message.
+    #[default]
+    Continue,
+    /// End the stream (with OK): Envoy carries on without the host.
+    Close,
+}
+
+impl Exchange {
+    /// A new stream on `generation`, which serves it to the end whatever reloads happen.
+    pub fn new(generation: Arc<Generation>, metrics: Arc<Metrics>) -> Exchange {
+        Exchange {
+            protocol: StreamProtocol::new(),
+            chain: StreamChain::new(generation),
+            context: Arc::default(),
+            metrics,
+        }
+    }
+
+    /// The stream's protocol state.
+    pub fn protocol(&self) -> &StreamProtocol {
+        &self.protocol
+    }
+
+    /// Checks one message from Envoy against the protocol and records what it says. An error
+    /// breaks the protocol: the stream ends with it.
+    pub fn accept(&mut self, request: ProcessingRequest) -> Result<Accepted, ProtocolError> {
+        let mut inbound = convert::inbound(request)?;
+        self.protocol.observe(&inbound)?;
+        let phase = inbound.phase;
+        self.metrics.message_received(phase);
+        tracing::trace!(
+            %phase,
+            attributes = ?inbound.attributes,
+            metadata = ?inbound.metadata,
+            envoy_modes = ?inbound.envoy_modes,
+            "ext_proc message"
+        );
+        if !inbound.attributes.is_empty() || !inbound.metadata.is_empty() {
+            let context = Arc::make_mut(&mut self.context);
+            context.attributes.append(&mut inbound.attributes);
+            context.metadata.append(&mut inbound.metadata);
+        }
+        let ahead = if inbound.observability {
+            None
+        } else {
+            extra_time(self.chain.generation(), phase).map(convert::more_time)
+        };
+        Ok(Accepted { inbound, ahead })
+    }
+
+    /// Runs an accepted message through the plugins: the answers to send, and whether the
+    /// stream goes on.
+    pub async fn process(&mut self, accepted: Accepted) -> Step {
+        let Inbound {
+            phase,
+            message,
+            observability,
+            ..
+        } = accepted.inbound;
+        let direction = phase.direction();
+        let body_mode = self.protocol.body_mode(direction);
+        let mut step = Step::default();
+
+        // Trailers end a streamed body: plugins holding it for a whole-body call get it now,
+        // and what they make of it goes out before the trailers' answer.
+        if phase == direction.trailers() && self.chain.is_holding(direction) {
+            let flushed = self.chain.flush(direction, body_mode, &self.context).await;
+            self.answer(direction.body(), flushed, &mut step);
+            if step.then == Then::Close {
+                return step;
+            }
+        }
+        let verdict = self
+            .chain
+            .run(phase, message, body_mode, &self.context)
+            .await;
+        if observability {
+            // Envoy neither waits for nor reads an answer in observability mode.
+            return step;
+        }
+        self.answer(phase, verdict, &mut step);
+        if step.then == Then::Continue && self.protocol.may_close(self.chain.live_phases()) {
+            tracing::trace!("nothing left for the plugins; closing the stream");
+            step.then = Then::Close;
+        }
+        step
+    }
+
+    /// Adds the answers to a message of `phase` to `step`; an immediate response ends the
+    /// exchange.
+    fn answer(&mut self, phase: Phase, verdict: Verdict, step: &mut Step) {
+        if matches!(verdict.decision, Decision::Respond(_)) {
+            self.protocol.answered();
+            step.then = Then::Close;
+        }
+        let direction = phase.direction();
+        let envelope = Envelope {
+            body_mode: self.protocol.body_mode(direction),
+            content_length: self.protocol.content_length(direction),
+            mode_override: self
+                .protocol
+                .mode_override_to_send(phase, self.chain.live_phases()),
+        };
+        step.answers
+            .extend(convert::replies(phase, verdict, &envelope));
+    }
+}
+
+/// How long to ask Envoy to wait for `phase`, when the plugins' budgets add up to more than
+/// its `message_timeout` (start-up checked that `max_message_timeout` covers them).
+fn extra_time(generation: &Generation, phase: Phase) -> Option<Duration> {
+    let envoy = &generation.envoy;
+    let budget = generation.chain.budget(phase);
+    let max = envoy.max_message_timeout?;
+    (budget >= envoy.message_timeout).then(|| (budget + envoy.message_timeout).min(max))
+}
