@@ -4,7 +4,8 @@
 //!   the pre-linked component, run both header phases, drop the instance -- and
 //!   `stream/asm_demo_wasip2`, the same plugin built for wasm32-wasip2 (with WASI imports);
 //!   `stream/instantiate` is instantiate + drop alone;
-//! - `chain/N`: the same exchange through the host's chain with N plugins (1 to 16);
+//! - `chain/N`: the same exchange through the host's chain with N plugins (1 to 16), and
+//!   `chain_reused/N` with `isolation = "reuse"` (instances kept across streams);
 //! - `body/MODE/SIZE`: a body plugin reading and replacing bodies of 1 KiB to 1 MiB, sent whole
 //!   (`BUFFERED`) or in 16 KiB chunks (`STREAMED`).
 //!
@@ -25,7 +26,7 @@ mod common;
 use common::{BUNDLED, WASI, components, request_headers, response_headers};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wasm_extproc::chain::StreamChain;
-use wasm_extproc::config::Config;
+use wasm_extproc::config::{Config, Isolation};
 use wasm_extproc::ext_proc::guard::Guard;
 use wasm_extproc::http::{BodyChunk, BodyMode, Changes, Decision, ExchangeContext, Message, Phase};
 use wasm_extproc::metrics::Metrics;
@@ -88,9 +89,11 @@ impl Bench {
     }
 
     /// A generation whose chain is `plugin` `n` times, under different names.
-    fn generation(&self, plugin: &Plugin, n: usize) -> Arc<Generation> {
+    fn generation(&self, plugin: &Plugin, n: usize, isolation: Isolation) -> Arc<Generation> {
+        let mut settings = plugin.settings().clone();
+        settings.isolation = isolation;
         let plugins = (0..n)
-            .map(|i| plugin.with(&format!("{}-{i}", plugin.name()), plugin.settings().clone()))
+            .map(|i| plugin.with(&format!("{}-{i}", plugin.name()), settings.clone()))
             .collect();
         Arc::new(Generation {
             number: 1,
@@ -174,20 +177,37 @@ fn chain_length(c: &mut Criterion) {
     let bench = Bench::new();
     let plugin = bench.load(BUNDLED, "asm_demo");
     let context = Arc::new(ExchangeContext::default());
-    let mut group = c.benchmark_group("chain");
+    for (group, isolation) in [
+        ("chain", Isolation::Exchange),
+        ("chain_reused", Isolation::Reuse),
+    ] {
+        chain_group(c, &bench, &plugin, &context, group, isolation);
+    }
+}
+
+/// A stream's exchange through chains of 1 to 16 copies of `plugin`.
+fn chain_group(
+    c: &mut Criterion,
+    bench: &Bench,
+    plugin: &Plugin,
+    context: &Arc<ExchangeContext>,
+    group: &str,
+    isolation: Isolation,
+) {
+    let mut group = c.benchmark_group(group);
     for n in CHAIN_LENGTHS {
-        let generation = bench.generation(&plugin, n);
+        let generation = bench.generation(plugin, n, isolation);
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.to_async(&bench.tokio).iter_batched(
                 exchange,
                 |(request, response)| async {
                     let mut chain = StreamChain::new(generation.clone());
                     let request = chain
-                        .run(Phase::RequestHeaders, request, BodyMode::None, &context)
+                        .run(Phase::RequestHeaders, request, BodyMode::None, context)
                         .await;
                     assert!(matches!(request.decision, Decision::Continue(_)));
                     let response = chain
-                        .run(Phase::ResponseHeaders, response, BodyMode::None, &context)
+                        .run(Phase::ResponseHeaders, response, BodyMode::None, context)
                         .await;
                     assert!(matches!(response.decision, Decision::Continue(_)));
                     drop(chain);
@@ -203,7 +223,7 @@ fn chain_length(c: &mut Criterion) {
 fn body_throughput(c: &mut Criterion) {
     let bench = Bench::new();
     let plugin = bench.load(WASI, "shout");
-    let generation = bench.generation(&plugin, 1);
+    let generation = bench.generation(&plugin, 1, Isolation::Exchange);
     let context = Arc::new(ExchangeContext::default());
     for mode in [BodyMode::Buffered, BodyMode::Streamed] {
         let label = match mode {

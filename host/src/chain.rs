@@ -211,6 +211,11 @@ impl StreamChain {
                 }
             }
             let mut call_started = started;
+            if let Slot::Idle = state.slot
+                && let Some(instance) = plugin.take_idle()
+            {
+                state.slot = Slot::Live(Box::new(instance));
+            }
             if let Slot::Idle = state.slot {
                 let instantiated = plugin.instantiate(started).await;
                 call_started = Instant::now();
@@ -266,6 +271,24 @@ impl StreamChain {
         Verdict {
             decision: Decision::Continue(changes),
             effects,
+        }
+    }
+}
+
+impl Drop for StreamChain {
+    /// Instances still healthy at the end of the stream go back to their plugin, which keeps
+    /// them if it is reused (`isolation = "reuse"`) and drops them otherwise.
+    fn drop(&mut self) {
+        for (plugin, state) in self
+            .generation
+            .chain
+            .plugins()
+            .iter()
+            .zip(&mut self.plugins)
+        {
+            if let Slot::Live(instance) = std::mem::take(&mut state.slot) {
+                plugin.release(*instance);
+            }
         }
     }
 }

@@ -21,6 +21,7 @@
 //! breaker_threshold = 5        # failures in a row that quarantine a plugin; 0 = never
 //! breaker_window_ms = 10000
 //! breaker_backoff_ms = 5000
+//! isolation = "exchange"       # or "reuse": keep instances across exchanges (see README)
 //!
 //! [plugins.10-auth]            # keyed by file name without `.wasm`
 //! config = '{"realm": "api"}'
@@ -241,6 +242,7 @@ struct FilePluginSettings {
     breaker_threshold: Option<u32>,
     breaker_window_ms: Option<u64>,
     breaker_backoff_ms: Option<u64>,
+    isolation: Option<Isolation>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -248,6 +250,19 @@ struct FilePluginSettings {
 enum FailureMode {
     FailOpen,
     FailClosed,
+}
+
+/// What a plugin's instance may carry from one exchange to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// A fresh instance for every exchange: nothing carries over. The default.
+    #[default]
+    Exchange,
+    /// An instance that served an exchange without failing serves later ones: its memory and
+    /// globals carry over. Saves instantiating per exchange; only for plugins that keep no
+    /// per-exchange state of their own (see README).
+    Reuse,
 }
 
 /// The validated configuration.
@@ -330,6 +345,7 @@ pub struct PluginSettings {
     pub budget: Budget,
     /// When repeated failures quarantine the plugin.
     pub breaker: BreakerSettings,
+    pub isolation: Isolation,
 }
 
 /// What a plugin failure (trap, deadline, memory limit) does to the request.
@@ -401,6 +417,7 @@ impl Config {
                 memory_limit_bytes: DEFAULT_MEMORY_LIMIT_MIB << 20,
             },
             breaker: DEFAULT_BREAKER,
+            isolation: Isolation::Exchange,
         };
         let defaults = file
             .defaults
@@ -595,6 +612,7 @@ impl FilePluginSettings {
                 memory_limit_bytes,
             },
             breaker,
+            isolation: self.isolation.unwrap_or(base.isolation),
         })
     }
 }

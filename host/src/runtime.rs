@@ -12,17 +12,19 @@
 
 mod bindings;
 mod epoch;
+mod handlers;
 mod store;
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use wasmtime::component::{
-    Component, ComponentNamedList, Lift, Linker, Lower, Resource, TypedFunc, types::ComponentItem,
+    Component, ComponentNamedList, Instance as ComponentInstance, InstancePre, Lift, Linker, Lower,
+    Resource, TypedFunc, types::ComponentItem,
 };
 use wasmtime::{
     Cache, CacheConfig, Config, Enabled, Engine, InstanceAllocationStrategy,
@@ -30,12 +32,13 @@ use wasmtime::{
 };
 
 use crate::breaker::Breaker;
-use crate::config::PluginSettings;
+use crate::config::{Isolation, PluginSettings};
 use crate::http::{
     Delivery, Effects, ExchangeContext, ImmediateResponse, Message, Phase, PhaseSet, Registration,
 };
 use bindings::wasm_extproc::processor::types as wit;
 use epoch::EpochTicker;
+use handlers::{Exports, Handlers};
 use store::StoreState;
 
 /// The contract this host speaks, as it appears in export names.
@@ -269,20 +272,21 @@ impl Runtime {
                     path: shown.clone(),
                     reason: describe_link_error(&e),
                 })?;
-        let pre = bindings::PluginPre::new(instance_pre).map_err(|e| LoadError::Contract {
+        let contract = |reason: String| LoadError::Contract {
             path: shown.clone(),
             reason: format!(
-                "exports {HANDLER_EXPORT} with a different shape than this host expects: {}",
-                first_line(&e)
+                "exports {HANDLER_EXPORT} with a different shape than this host expects: {reason}"
             ),
-        })?;
+        };
+        let exports = Exports::locate(&component, HANDLER_EXPORT).map_err(contract)?;
         let mut plugin = Plugin {
             compiled: Arc::new(Compiled {
                 registration: Registration::default(),
                 engine: self.engine.clone(),
                 ticker: self.ticker.clone(),
                 entry: self.entry(&component),
-                pre,
+                pre: instance_pre,
+                exports,
                 path: path.to_path_buf(),
                 digest,
                 loaded_at: SystemTime::now(),
@@ -290,11 +294,18 @@ impl Runtime {
             name: name.into(),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
+            idle: Arc::default(),
         };
-        let registration = plugin.probe().await.map_err(|e| LoadError::Probe {
-            path: shown.clone(),
-            reason: e.to_string(),
-        })?;
+        let registration = match plugin.probe().await {
+            Ok(registration) => registration,
+            Err(Probe::Shape(e)) => return Err(contract(first_line(&e))),
+            Err(Probe::Failed(e)) => {
+                return Err(LoadError::Probe {
+                    path: shown,
+                    reason: e.to_string(),
+                });
+            }
+        };
         Arc::get_mut(&mut plugin.compiled)
             .expect("plugin not yet shared")
             .registration = registration;
@@ -367,7 +378,13 @@ pub struct Plugin {
     name: Arc<str>,
     settings: Arc<PluginSettings>,
     breaker: Arc<Breaker>,
+    /// Instances that served an exchange and wait for the next (`isolation = "reuse"` only).
+    idle: Arc<Mutex<Vec<Instance>>>,
 }
+
+/// Idle instances a reused plugin keeps: enough for the streams a busy host finishes between
+/// two of its starts, and a bound on the memory (and pool slots) idle instances hold.
+const MAX_IDLE_INSTANCES: usize = 64;
 
 /// What compiling and linking one version of a component produced: shared by every chain
 /// that holds this version, whatever its name and settings there.
@@ -376,7 +393,8 @@ struct Compiled {
     engine: Engine,
     ticker: Arc<EpochTicker>,
     entry: Entry,
-    pre: bindings::PluginPre<StoreState>,
+    pre: InstancePre<StoreState>,
+    exports: Exports,
     path: PathBuf,
     digest: String,
     loaded_at: SystemTime,
@@ -433,12 +451,36 @@ impl Plugin {
             name: name.into(),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
+            idle: Arc::default(),
         }
     }
 
     /// The plugin's crash-loop breaker, shared by every stream.
     pub fn breaker(&self) -> &Breaker {
         &self.breaker
+    }
+
+    /// An instance that served an earlier stream, if the plugin is reused and one is idle.
+    pub fn take_idle(&self) -> Option<Instance> {
+        if self.settings.isolation != Isolation::Reuse {
+            return None;
+        }
+        self.idle.lock().expect("idle instances").pop()
+    }
+
+    /// Takes back an instance whose stream ended with it in good health: a reused plugin keeps
+    /// it for a later stream; otherwise it is dropped, and its memory returns to the pool.
+    pub fn release(&self, instance: Instance) {
+        // A stream dropped in the middle of an async call leaves the guest half way through
+        // it: that instance is not trusted again.
+        let abandoned = instance.store.data().call_started.is_some();
+        if self.settings.isolation != Isolation::Reuse || abandoned {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("idle instances");
+        if idle.len() < MAX_IDLE_INSTANCES {
+            idle.push(instance);
+        }
     }
 
     /// A fresh instance with its own store, for one ext_proc stream. Its start code runs on
@@ -468,35 +510,51 @@ impl Plugin {
         };
         store.data_mut().call_started = None;
         match result {
-            Ok(bindings) => Ok(Instance {
+            Ok(instance) => Ok(Instance {
                 store,
-                bindings,
-                plugin: self.clone(),
+                instance,
+                handlers: Handlers::default(),
+                compiled: compiled.clone(),
             }),
             Err(e) => Err(classify(&e, store.data(), true)),
         }
     }
 
-    async fn probe(&self) -> Result<Registration, PluginError> {
+    /// Checks a fresh instance's handlers and asks it what it handles.
+    async fn probe(&self) -> Result<Registration, Probe> {
         let started = Instant::now();
-        let mut instance = self.instantiate(started).await?;
+        let mut instance = self.instantiate(started).await.map_err(Probe::Failed)?;
         let Instance {
             store,
-            bindings,
-            plugin,
+            instance,
+            compiled,
+            ..
         } = &mut instance;
-        let _running = plugin.compiled.ticker.enter();
+        let exports = &compiled.exports;
+        exports.check(&mut *store, instance).map_err(Probe::Shape)?;
+        let register = exports
+            .register(&mut *store, instance)
+            .map_err(Probe::Shape)?;
+        let _running = compiled.ticker.enter();
         begin(store, None, started);
-        let register = bindings.wasm_extproc_processor_handler().func_register();
-        let result = invoke(store, plugin.compiled.entry, register, ()).await;
+        let result = invoke(store, compiled.entry, register, ()).await;
         store.data_mut().call_started = None;
-        let (registration,) = result.map_err(|e| classify(&e, store.data(), false))?;
+        let (registration,) =
+            result.map_err(|e| Probe::Failed(classify(&e, store.data(), false)))?;
         Ok(Registration {
             phases: from_wit_phases(registration.phases),
             request_body: from_wit_delivery(registration.request_body),
             response_body: from_wit_delivery(registration.response_body),
         })
     }
+}
+
+/// Why asking a new plugin what it handles failed.
+enum Probe {
+    /// Its handlers do not have the contract's types.
+    Shape(wasmtime::Error),
+    /// It failed like a plugin fails on a request.
+    Failed(PluginError),
 }
 
 /// How the host enters a plugin's code.
@@ -527,14 +585,15 @@ pub struct Outcome {
 /// One plugin's instance for one stream. Owned by the task serving the stream.
 pub struct Instance {
     store: Store<StoreState>,
-    bindings: bindings::Plugin,
-    plugin: Plugin,
+    instance: ComponentInstance,
+    handlers: Handlers,
+    compiled: Arc<Compiled>,
 }
 
 impl std::fmt::Debug for Instance {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Instance")
-            .field("plugin", &self.plugin.name())
+            .field("path", &self.compiled.path)
             .finish_non_exhaustive()
     }
 }
@@ -553,10 +612,11 @@ impl Instance {
     ) -> (Message, Result<Outcome, PluginError>) {
         let Instance {
             store,
-            bindings,
-            plugin,
+            instance,
+            handlers,
+            compiled,
         } = self;
-        let _running = plugin.compiled.ticker.enter();
+        let _running = compiled.ticker.enter();
         begin(store, Some(phase), started);
         let end_of_stream = matches!(
             message,
@@ -570,32 +630,27 @@ impl Instance {
         if !Arc::ptr_eq(&state.context, context) {
             state.context = context.clone();
         }
-        let handler = bindings.wasm_extproc_processor_handler();
-        let entry = plugin.compiled.entry;
+        let (entry, exports) = (compiled.entry, &compiled.exports);
         let fields = || Resource::<store::Fields>::new_borrow(store::LENT_REP);
         let body = || Resource::<store::Body>::new_borrow(store::LENT_REP);
         let result = match phase {
-            Phase::RequestHeaders => {
-                let func = handler.func_on_request_headers();
-                invoke(store, entry, func, (fields(), end_of_stream)).await
+            Phase::RequestHeaders | Phase::ResponseHeaders => {
+                match handlers.headers(exports, &mut *store, instance, phase) {
+                    Ok(func) => invoke(store, entry, func, (fields(), end_of_stream)).await,
+                    Err(e) => Err(e),
+                }
             }
-            Phase::RequestBody => {
-                invoke(store, entry, handler.func_on_request_body(), (body(),)).await
+            Phase::RequestBody | Phase::ResponseBody => {
+                match handlers.body(exports, &mut *store, instance, phase) {
+                    Ok(func) => invoke(store, entry, func, (body(),)).await,
+                    Err(e) => Err(e),
+                }
             }
-            Phase::RequestTrailers => {
-                let func = handler.func_on_request_trailers();
-                invoke(store, entry, func, (fields(),)).await
-            }
-            Phase::ResponseHeaders => {
-                let func = handler.func_on_response_headers();
-                invoke(store, entry, func, (fields(), end_of_stream)).await
-            }
-            Phase::ResponseBody => {
-                invoke(store, entry, handler.func_on_response_body(), (body(),)).await
-            }
-            Phase::ResponseTrailers => {
-                let func = handler.func_on_response_trailers();
-                invoke(store, entry, func, (fields(),)).await
+            Phase::RequestTrailers | Phase::ResponseTrailers => {
+                match handlers.trailers(exports, &mut *store, instance, phase) {
+                    Ok(func) => invoke(store, entry, func, (fields(),)).await,
+                    Err(e) => Err(e),
+                }
             }
         };
         let state = store.data_mut();

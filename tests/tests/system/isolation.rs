@@ -64,6 +64,51 @@ async fn state_carries_from_request_to_response_and_never_across_streams() {
     }
 }
 
+/// The hook-call counter the `stateful` fixture reports after `streams` exchanges one after
+/// the other through a host with `settings` for it.
+async fn hook_calls_after(streams: usize, settings: &str) -> Vec<String> {
+    let host = RunningHost::start(&[("stateful", STATEFUL)], settings).await;
+    let mut client = grpc::connect(host.address).await;
+    let mut counts = Vec::new();
+    for i in 0..streams {
+        let mut stream = ExtProcStream::open(&mut client).await;
+        stream
+            .exchange(grpc::request_headers(
+                &[("x-request-id", &format!("req-{i}"))],
+                true,
+            ))
+            .await;
+        let answer = stream
+            .exchange(grpc::response_headers(&[(":status", "200")], true))
+            .await;
+        let sets = header_sets(&answer);
+        assert!(
+            sets.contains(&("x-seen-request-id".to_string(), format!("req-{i}"))),
+            "{sets:?}"
+        );
+        counts.extend(
+            sets.into_iter()
+                .filter(|(name, _)| name == "x-hook-calls")
+                .map(|(_, value)| value),
+        );
+        // Envoy ends each stream; the next one starts after.
+        drop(stream.close());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    counts
+}
+
+#[tokio::test]
+async fn by_default_no_instance_serves_two_exchanges_and_reuse_is_opt_in() {
+    // Default: every exchange gets a fresh instance, so the fixture's global counter starts
+    // over each time.
+    assert_eq!(hook_calls_after(4, "").await, ["2", "2", "2", "2"]);
+    // `isolation = "reuse"`: the instance that served one exchange serves the next, and its
+    // globals carry over -- what the setting gives up, seen from the plugin.
+    let reused = hook_calls_after(4, "[plugins.stateful]\nisolation = \"reuse\"\n").await;
+    assert_eq!(reused, ["2", "4", "6", "8"]);
+}
+
 /// Starts `faulty` (as `10-faulty`) in front of the ASM plugin with `settings` for it.
 async fn chain_with(faulty: Component, settings: &str) -> RunningHost {
     RunningHost::start(
