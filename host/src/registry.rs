@@ -26,7 +26,7 @@ use crate::config::{Config, ConfigError, EnvoySettings};
 use crate::ext_proc::guard::Guard;
 use crate::http::{Phase, PhaseSet};
 use crate::metrics::{Metrics, PluginMetrics};
-use crate::runtime::{Plugin, Runtime};
+use crate::runtime::{EPOCH_CHECK, EPOCH_TICK, Plugin, Runtime};
 
 pub use watch::watch;
 
@@ -37,6 +37,8 @@ pub struct Chain {
     /// Each plugin's metric series, in the same order.
     metrics: Vec<PluginMetrics>,
     phases: PhaseSet,
+    /// Per phase, the budgets of the plugins that handle it, added up.
+    budgets: [Duration; 6],
 }
 
 impl Chain {
@@ -48,10 +50,18 @@ impl Chain {
             .iter()
             .map(|p| metrics.for_plugin(p.name()))
             .collect();
+        let budgets = Phase::ALL.map(|phase| {
+            plugins
+                .iter()
+                .filter(|p| p.phases().contains(phase))
+                .map(|p| deadline(p.settings().budget.timeout))
+                .sum()
+        });
         Chain {
             plugins,
             metrics,
             phases,
+            budgets,
         }
     }
 
@@ -70,13 +80,9 @@ impl Chain {
     }
 
     /// The most time the chain can take on one message of `phase`: the budgets of the
-    /// plugins that handle it, added up.
+    /// plugins that handle it, each with the precision of its deadline, added up.
     pub fn budget(&self, phase: Phase) -> Duration {
-        self.plugins
-            .iter()
-            .filter(|p| p.phases().contains(phase))
-            .map(|p| p.settings().budget.timeout)
-            .sum()
+        self.budgets[phase as usize]
     }
 
     /// Checks that Envoy waits long enough for every phase: the plugins' budgets must fit in
@@ -99,9 +105,10 @@ impl Chain {
                     })
                     .collect();
                 bail!(
-                    "the budgets of the plugins handling {phase} add up to {} ms ({}), but Envoy \
-                     waits {} ms for an answer; lower their timeout_ms, or raise the filter's \
-                     max_message_timeout and set [envoy] max_message_timeout_ms to match",
+                    "the budgets of the plugins handling {phase} add up to {} ms ({}; each \
+                     counted with the 1 ms precision of its deadline, and at least 10 ms), but \
+                     Envoy waits {} ms for an answer; lower their timeout_ms, or raise the \
+                     filter's max_message_timeout and set [envoy] max_message_timeout_ms to match",
                     budget.as_millis(),
                     plugins.join(", "),
                     limit.as_millis()
@@ -110,6 +117,13 @@ impl Chain {
         }
         Ok(())
     }
+}
+
+/// The longest a call with budget `timeout` can run before it is stopped: the epoch ticker
+/// notices a running call within `EPOCH_CHECK` and stops it within `EPOCH_TICK` of its budget
+/// (see `runtime::epoch`).
+fn deadline(timeout: Duration) -> Duration {
+    timeout.max(EPOCH_CHECK) + EPOCH_TICK
 }
 
 /// The `.wasm` files in `dir`, in chain order, with their plugin names.

@@ -5,6 +5,10 @@
 //! - (a) `envoy`: Envoy alone, no header work: the floor every other setup stands on.
 //! - (b) `lua`: Envoy's in-process Lua filter: the cheapest way to do the job at all.
 //! - (c) `wasm`: Envoy's ext_proc filter -> wasm-extproc with only the bundled ASM plugin.
+//! - (c4) `wasm4`: the same with four copies of the plugin in the chain, each a fresh instance
+//!   per stream; (c4r) `wasm4-reuse`, the four with `isolation = "reuse"`.
+//! - (cf) `wasm-fd`: (c) with Envoy streaming response bodies `FULL_DUPLEX_STREAMED`: the host
+//!   answers the body chunk the plugin never sees, where it used to close the stream.
 //! - (d) `native`: the same filter -> `native-extproc`, the job in plain Rust, so (c) minus (d)
 //!   is what the Wasm host costs over writing the server by hand.
 //!
@@ -80,7 +84,7 @@ pub struct Load {
 /// One setup's figures: medians over rounds, and every round as measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
-    /// `envoy`, `lua`, `wasm` or `native`.
+    /// `envoy`, `lua`, `wasm`, `wasm4`, `wasm4-reuse`, `wasm-fd` or `native`.
     pub key: String,
     pub label: String,
     /// Closed loop (wrk).
@@ -90,6 +94,9 @@ pub struct ScenarioResult {
     /// Per server process (`envoy`, `upstream`, `ext_proc` where there is one): CPU time in
     /// µs per request completed, over the fixed-rate run.
     pub cpu_us_per_request: Vec<(String, f64)>,
+    /// The same over the closed-loop run.
+    #[serde(default)]
+    pub closed_cpu_us_per_request: Vec<(String, f64)>,
     pub rounds: Vec<RoundResult>,
 }
 
@@ -99,6 +106,8 @@ pub struct RoundResult {
     pub closed: Load,
     pub fixed: Load,
     pub cpu_us_per_request: Vec<(String, f64)>,
+    #[serde(default)]
+    pub closed_cpu_us_per_request: Vec<(String, f64)>,
 }
 
 #[derive(Debug, Clone)]
@@ -130,14 +139,14 @@ pub fn run(options: &Options) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
             let (load, cpu) =
                 running.measure(options, tick_us, || wrk(running.listener, options))?;
             progress(round, options.rounds, setup, "closed loop", &load, &cpu);
-            closed.push(load);
+            closed.push((load, cpu));
         }
         let rate = *fixed_rate.get_or_insert_with(|| {
-            let rate = default_fixed_rate(closed.iter().map(|load| load.rps));
+            let rate = default_fixed_rate(closed.iter().map(|(load, _)| load.rps));
             eprintln!("bench: fixed rate for every setup: {rate} req/s");
             rate
         });
-        for ((setup, closed), rounds) in SETUPS.iter().zip(closed).zip(&mut rounds) {
+        for ((setup, (closed, closed_cpu)), rounds) in SETUPS.iter().zip(closed).zip(&mut rounds) {
             let running = Running::start(setup, &binaries)?;
             let (fixed, cpu_us_per_request) =
                 running.measure(options, tick_us, || hey(running.listener, rate, options))?;
@@ -153,6 +162,7 @@ pub fn run(options: &Options) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
                 closed,
                 fixed,
                 cpu_us_per_request,
+                closed_cpu_us_per_request: closed_cpu,
             });
         }
     }
@@ -164,7 +174,10 @@ pub fn run(options: &Options) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
             label: setup.label.into(),
             closed: Load::median(rounds.iter().map(|r| &r.closed)),
             fixed: Load::median(rounds.iter().map(|r| &r.fixed)),
-            cpu_us_per_request: median_per_process(&rounds),
+            cpu_us_per_request: median_per_process(&rounds, |r| &r.cpu_us_per_request),
+            closed_cpu_us_per_request: median_per_process(&rounds, |r| {
+                &r.closed_cpu_us_per_request
+            }),
             rounds,
         })
         .collect();
@@ -177,6 +190,8 @@ struct Setup {
     key: &'static str,
     label: &'static str,
     filter: Filter,
+    /// Envoy streams response bodies to the processor `FULL_DUPLEX_STREAMED`.
+    full_duplex_response: bool,
 }
 
 /// What stands in Envoy's filter chain before the router.
@@ -190,30 +205,68 @@ enum Filter {
 /// The ext_proc server behind the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Processor {
-    Wasm,
+    /// wasm-extproc with this many copies of the ASM plugin.
+    Wasm {
+        plugins: usize,
+        reuse: bool,
+    },
     Native,
 }
 
-static SETUPS: [Setup; 4] = [
+static SETUPS: [Setup; 7] = [
     Setup {
         key: "envoy",
         label: "(a) Envoy alone, no header work",
         filter: Filter::Nothing,
+        full_duplex_response: false,
     },
     Setup {
         key: "lua",
         label: "(b) Envoy's in-process Lua filter",
         filter: Filter::Lua,
+        full_duplex_response: false,
     },
     Setup {
         key: "wasm",
         label: "(c) ext_proc -> wasm-extproc + ASM plugin",
-        filter: Filter::ExtProc(Processor::Wasm),
+        filter: Filter::ExtProc(Processor::Wasm {
+            plugins: 1,
+            reuse: false,
+        }),
+        full_duplex_response: false,
+    },
+    Setup {
+        key: "wasm4",
+        label: "(c4) wasm-extproc, 4 plugins in the chain",
+        filter: Filter::ExtProc(Processor::Wasm {
+            plugins: 4,
+            reuse: false,
+        }),
+        full_duplex_response: false,
+    },
+    Setup {
+        key: "wasm4-reuse",
+        label: "(c4r) wasm-extproc, 4 plugins, isolation = reuse",
+        filter: Filter::ExtProc(Processor::Wasm {
+            plugins: 4,
+            reuse: true,
+        }),
+        full_duplex_response: false,
+    },
+    Setup {
+        key: "wasm-fd",
+        label: "(cf) wasm-extproc + ASM, FULL_DUPLEX_STREAMED response bodies",
+        filter: Filter::ExtProc(Processor::Wasm {
+            plugins: 1,
+            reuse: false,
+        }),
+        full_duplex_response: true,
     },
     Setup {
         key: "native",
         label: "(d) ext_proc -> native Rust server",
         filter: Filter::ExtProc(Processor::Native),
+        full_duplex_response: false,
     },
 ];
 
@@ -227,6 +280,11 @@ impl Setup {
     fn envoy_config(&self) -> anyhow::Result<EnvoyConfig> {
         let config = EnvoyConfig::default();
         if let Filter::ExtProc(_) = self.filter {
+            if self.full_duplex_response {
+                return Ok(config
+                    .mode("response_body_mode", "FULL_DUPLEX_STREAMED")
+                    .mode("response_trailer_mode", "SEND"));
+            }
             return Ok(config);
         }
         let path = repo_root().join("deploy/envoy/envoy.yaml");
@@ -391,15 +449,29 @@ impl Running {
         let ext_proc_address = loopback(free_port()?);
         let listen = ext_proc_address.to_string();
         let ext_proc = match setup.filter {
-            Filter::ExtProc(Processor::Wasm) => {
+            Filter::ExtProc(Processor::Wasm {
+                plugins: count,
+                reuse,
+            }) => {
                 let plugins = dir.path().join("plugins");
                 std::fs::create_dir(&plugins)?;
-                std::fs::copy(&binaries.asm_plugin, plugins.join("10-asm-demo.wasm"))?;
+                for i in 0..count {
+                    let file = plugins.join(format!("{}-asm-demo.wasm", 10 + i));
+                    std::fs::copy(&binaries.asm_plugin, file)?;
+                }
+                let config = dir.path().join("host.toml");
+                let isolation = if reuse { "reuse" } else { "exchange" };
+                std::fs::write(
+                    &config,
+                    format!("[defaults]\nisolation = \"{isolation}\"\n"),
+                )?;
                 let admin = loopback(free_port()?);
                 let mut host = Server::spawn(
                     "ext_proc",
                     &binaries.wasm_extproc,
                     &[
+                        "--config",
+                        &config.to_string_lossy(),
                         "--listen",
                         &listen,
                         "--admin-listen",
@@ -567,18 +639,20 @@ impl Load {
     }
 }
 
-/// Each process's median CPU per request over the rounds.
-fn median_per_process(rounds: &[RoundResult]) -> Vec<(String, f64)> {
+/// Each process's median CPU per request over the rounds, of the run `of` picks.
+fn median_per_process(
+    rounds: &[RoundResult],
+    of: impl Fn(&RoundResult) -> &Vec<(String, f64)>,
+) -> Vec<(String, f64)> {
     let Some(first) = rounds.first() else {
         return Vec::new();
     };
-    first
-        .cpu_us_per_request
+    of(first)
         .iter()
         .map(|(name, _)| {
             let values = rounds
                 .iter()
-                .flat_map(|round| &round.cpu_us_per_request)
+                .flat_map(&of)
                 .filter(|(n, _)| n == name)
                 .map(|(_, us)| *us)
                 .collect();
@@ -678,11 +752,9 @@ mod tests {
                 .render(1, address, address, 2)
                 .unwrap()
         };
-        let [envoy, lua, wasm, native] = &SETUPS;
-        for (setup, ext_proc, lua) in [(envoy, false, false), (lua, false, true)]
-            .into_iter()
-            .chain([(wasm, true, false), (native, true, false)])
-        {
+        for setup in &SETUPS {
+            let ext_proc = matches!(setup.filter, Filter::ExtProc(_));
+            let lua = setup.filter == Filter::Lua;
             let config = render(setup);
             assert_eq!(
                 config.contains("envoy.filters.http.ext_proc"),
@@ -691,6 +763,11 @@ mod tests {
             );
             assert_eq!(config.contains("envoy.filters.http.lua"), lua, "{config}");
             assert!(config.contains(ROUTER_FILTER), "{config}");
+            assert_eq!(
+                config.contains("response_body_mode: FULL_DUPLEX_STREAMED"),
+                setup.full_duplex_response,
+                "{config}"
+            );
         }
     }
 }
