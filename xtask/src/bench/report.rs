@@ -290,6 +290,17 @@ fn e2e_section(
             wasm.closed.rps / lua.closed.rps,
             lua.closed.rps / envoy.closed.rps,
         )?;
+        if let Some(full_duplex) = by_key("wasm-fd") {
+            writeln!(
+                md,
+                "Answering the response body chunk the plugin never sees, where Envoy streams \
+                 bodies `FULL_DUPLEX_STREAMED` (and the host may not close the stream early, \
+                 see the README), costs (cf) - (c): ext_proc {:+.1} µs, Envoy {:+.1} µs per \
+                 request at the fixed rate.\n",
+                cpu(full_duplex, "ext_proc") - cpu(wasm, "ext_proc"),
+                cpu(full_duplex, "envoy") - cpu(wasm, "envoy"),
+            )?;
+        }
     }
     let names: Vec<String> = results.e2e.iter().map(|s| short(&s.key)).collect();
     bar_chart(
@@ -750,37 +761,69 @@ fn line_chart(
 /// What the profiles say about the figures above; see the section's commands to repeat them.
 const WHERE_THE_TIME_GOES: &str = "## Where the time goes
 
-Profiled with `perf record -e cpu-clock --call-graph dwarf` on the criterion binary
-(`target/release/deps/stream-*  --bench stream/asm_demo --profile-time 5`; this machine has no
-hardware counters, so `cpu-clock` sampling):
+### The host's CPU per request, item by item
 
-- **Resetting memory between streams** was the largest single cost: wasmtime's pooling allocator
-  `madvise`d every instance's memory when its stream ended (a syscall plus a TLB shootdown), and
-  the next stream page-faulted on each page it touched again. The host now enables wasmtime's
-  PAGEMAP_SCAN support (Linux 6.7+) with up to 1 MiB kept resident per memory: only the pages a
-  guest dirtied are restored, in place, and stay mapped. Per stream: ~40 µs -> ~17 µs here.
-- **WASI imports**: a Rust plugin built for `wasm32-wasip2` imports about 30 WASI functions for
-  std's I/O and panic printing, each a host function to wire up at instantiation. The bundled
-  plugins need none, so they build for `wasm32-unknown-unknown` with `wasm-component-ld`
-  (plugins/.cargo/config.toml), and the host only builds a WASI context when a plugin makes its
-  first WASI call.
-- **What bounds the rest** is per-instance work in wasmtime that the host cannot skip while
-  each stream gets fresh instances: allocating the instance's memory, table and vmctx from the
-  pool and initialising them, looking up and type-checking the handler exports
-  (`PluginIndices::load`), registering the instance's modules with the store, entering the
-  async fiber for each call (instantiation and every handler run on a fiber so a busy plugin
-  yields at its epoch deadline), scanning the memory's page map when the stream ends, and
-  `malloc`/`free` for the store's bookkeeping. Each plugin in a chain pays this once per
-  stream, which is why a chain grows by about one instantiation per plugin. Sharing instances
-  between streams would remove it, at the price of the per-stream isolation the host promises
-  (plugin state never outlives its HTTP exchange).
-- **End to end**, the Wasm work is about a quarter of the host's CPU per request (profile of
-  the release host under `wrk` through Envoy). Most of the rest is the gRPC path the native
-  server shares (HTTP/2 framing, protobuf, `writev`), and what the host does besides: a task and
-  a channel per stream, the protocol state machine, the guard, metrics, a `mode_override` with
-  every headers answer when plugins do not handle trailers (Envoy does not tell the host its
-  trailer modes, so the host restates them), and closing the stream itself after the last phase
-  it needs (one more HEADERS frame; Envoy resets the stream anyway). Envoy, too, spends more CPU
-  per request behind the host than behind the native server; the last two are the first
-  suspects.
+The release host with the bundled plugin under `wrk -c16` through Envoy (closed loop, pinned as
+in the end-to-end runs), before and after the stream path was rebuilt, and the native server
+for comparison. Each run's CPU per request is measured from /proc; the split comes from a
+`perf record -e cpu-clock --call-graph dwarf` profile of the same setup, each sample attributed
+to the first item (in this order) found in its call stack. The profile of the old host
+attributes calls made on a fiber less well (unwinding stops at the fiber's stack), so its Wasm
+rows are approximate; their sum is not.
+
+| item, µs per request | before | after | native server |
+|---|---|---|---|
+| epoch ticker thread | 1.3 | 0.2 | - |
+| instance drop (memory reset: a `PAGEMAP_SCAN` ioctl per instance) | 3.9 | 3.4 | - |
+| instantiation | 1.2 | 3.0 | - |
+| guest calls, host functions included | 2.0 | 1.0 | - |
+| chain: breaker, guard, metrics, rollback | 5.3 | 2.3 | - |
+| protobuf decode / encode | 2.4 | 2.3 | 2.2 |
+| protocol, conversions, the stream's step | 4.6 | 2.3 | - |
+| a task and a channel per stream | 0.4 | 0.4 (hyper's own) | - |
+| send: `writev` and TCP (3 writes per request before, 2 after) | 11.7 | 8.6 | 7.7 |
+| receive: `recv` and TCP | 0.9 | 0.8 | 0.8 |
+| HTTP/2 and gRPC framing | 10.1 | 9.5 | 7.0 |
+| wake-ups: epoll, scheduler | 4.1 | 4.1 | 4.1 |
+| other (allocator, std) | 0.9 | 0.4 | - |
+| **total** | **48.7** | **38.2** | **21.8** |
+
+What changed, and why:
+
+- **Wake-ups.** The epoch ticker woke every millisecond whatever happened. On these virtual
+  machines a wake-up costs about 20 µs of CPU: 2% of a core with no traffic at all, and ~16 µs
+  per request at 1,200 req/s (with 0.83 of the host's 1.08 context switches per request). It
+  now ticks only while a guest call runs, looks every 10 ms otherwise and parks after 100 ms of
+  quiet (`runtime/epoch.rs`): 0.04 wake-ups per request under load, none when idle.
+- **Frames and syscalls.** Each stream's answers used to travel through a spawned task and a
+  channel, so the stream's last answer and its closing trailers went out in separate
+  `writev`s; polled by hyper's own task (`futures::stream::unfold` over the stream's state),
+  they now leave in one: 2 writes per request, as for the native server (counted with
+  `strace -c -f`; before: writev 3.0, ioctl 1.0, clock_nanosleep 0.51 per request; after:
+  writev 2.0, ioctl 1.0, clock_nanosleep 0.04). `mode_override` goes out once per stream.
+  Closing the stream early then costs nothing measurable: letting Envoy end it instead gave
+  37.1 and 38.2 µs against 38.5 and 36.6 µs with the close (two alternating runs each, host
+  CPU per request; Envoy 68.8 / 69.9 against 69.6 / 66.2 µs), so the host keeps closing where
+  it is safe.
+- **Guest entry.** Plugins importing nothing from WASI are instantiated and called directly
+  instead of on a fiber per call, and a stream type-checks only the handlers it calls.
+- **Allocations.** Header sections keep a journal of changes instead of a copy for rollback;
+  the guard checks a call's own changes and hands them to the answer; metric series are
+  resolved once per plugin per generation.
+
+### What bounds the rest
+
+- **A fresh instance per plugin per stream** costs about 4.1 µs in process
+  (`stream/instantiate`): taking memory, tables and vmctx from the pool and initialising them,
+  registering the component's modules with a new store, and at the end restoring the memory
+  the guest dirtied (one `PAGEMAP_SCAN` ioctl per memory, ~1.3 µs whatever the memory's size:
+  a 64 KiB stack instead of 1 MiB changed nothing) and freeing the store's bookkeeping. This is
+  the price of the per-exchange isolation the host promises, and why each extra plugin adds
+  about 6 µs in process and 7-9 µs end to end; `isolation = \"reuse\"` removes it
+  (1.4 µs per extra plugin) for plugins that keep no state.
+- **The gRPC path** (HTTP/2 framing, protobuf, two `writev`s and the wake-ups) is the same
+  work the native server does, and is most of what remains on both sides.
+- **Envoy** spends about the same per request behind the host as behind the native server
+  now; at low rates it spends more per request behind either, as do both servers (less
+  batching per wake-up).
 ";
