@@ -128,8 +128,33 @@ def crd_validation(resources):
 CUSTOM_RESOURCES = [
     DEPLOY / "istio" / "envoyfilter.yaml",
     DEPLOY / "istio" / "envoyfilter-gateway.yaml",
+    DEPLOY / "istio" / "destinationrule.yaml",
     DEPLOY / "envoy-gateway" / "extension-policy.yaml",
 ]
+
+# What one replica holds by default ([runtime] max_instances): Envoy's side must allow at least
+# as many requests in flight to the ext_proc cluster.
+HOST_INSTANCES = 14_000
+
+
+def test_every_envoy_side_lets_as_many_requests_through_as_the_host_holds():
+    (config,) = load_all(DEPLOY / "envoy" / "envoy.yaml")
+    (cluster,) = [c for c in config["static_resources"]["clusters"] if c["name"] == "ext_proc"]
+    (thresholds,) = cluster["circuit_breakers"]["thresholds"]
+    assert thresholds["max_requests"] >= HOST_INSTANCES
+    assert thresholds["max_pending_requests"] >= HOST_INSTANCES
+
+    (rule,) = load_all(DEPLOY / "istio" / "destinationrule.yaml")
+    assert rule["spec"]["host"] == "ext-proc.default.svc.cluster.local"
+    assert EXT_PROC_CLUSTER.endswith("||" + rule["spec"]["host"])
+    http = rule["spec"]["trafficPolicy"]["connectionPool"]["http"]
+    assert http["http2MaxRequests"] >= HOST_INSTANCES
+
+    (policy,) = load_all(DEPLOY / "envoy-gateway" / "extension-policy.yaml")
+    (ext_proc,) = policy["spec"]["extProc"]
+    breaker = ext_proc["backendSettings"]["circuitBreaker"]
+    assert breaker["maxParallelRequests"] >= HOST_INSTANCES
+    assert breaker["maxPendingRequests"] >= HOST_INSTANCES
 
 
 def test_custom_resources_validate_against_their_crd_schemas():

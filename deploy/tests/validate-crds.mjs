@@ -3,10 +3,12 @@
 // resources on stdin; prints one line per resource, "ok <kind> <name>" or
 // "invalid <kind> <name>: <why>", and exits 1 if any is invalid.
 import { EnvoyFilter } from "@kubernetes-models/istio/networking.istio.io/v1alpha3/EnvoyFilter";
+import { DestinationRule } from "@kubernetes-models/istio/networking.istio.io/v1/DestinationRule";
 import { EnvoyExtensionPolicy } from "@kubernetes-models/envoy-gateway/gateway.envoyproxy.io/v1alpha1/EnvoyExtensionPolicy";
 
 const models = {
   "networking.istio.io/v1alpha3/EnvoyFilter": EnvoyFilter,
+  "networking.istio.io/v1/DestinationRule": DestinationRule,
   "gateway.envoyproxy.io/v1alpha1/EnvoyExtensionPolicy": EnvoyExtensionPolicy,
 };
 

@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
     let metrics = Metrics::new();
     let generation = Arc::new(Generation {
         number: 1,
-        chain: Chain::new(Vec::new(), &metrics),
+        chain: Chain::new(Vec::new(), &metrics, config.instance_wait),
         guard: Guard::new(config.envoy.clone()),
         envoy: config.envoy,
         plugins_dir: config.plugins_dir,

@@ -18,6 +18,7 @@ mod common;
 use common::{WASI, components, request_headers, response_headers};
 use wasm_extproc::config::Config;
 use wasm_extproc::http::{ExchangeContext, Phase};
+use wasm_extproc::metrics::Metrics;
 use wasm_extproc::runtime::{PoolLimits, Runtime};
 
 const LANGUAGES: [(&str, &str); 4] = [
@@ -33,11 +34,16 @@ fn median(mut samples: Vec<Duration>) -> Duration {
 }
 
 fn runtime(cache: Option<&Path>) -> Runtime {
-    Runtime::new(PoolLimits {
-        max_instances: 100,
-        max_memory_bytes: 128 << 20,
-        cache_dir: cache.map(Path::to_path_buf),
-    })
+    Runtime::new(
+        PoolLimits {
+            max_instances: 100,
+            max_wasi_instances: 100,
+            instance_wait: Duration::ZERO,
+            max_memory_bytes: 128 << 20,
+            cache_dir: cache.map(Path::to_path_buf),
+        },
+        Metrics::new().pool(),
+    )
     .expect("runtime")
 }
 
@@ -103,7 +109,10 @@ fn main() {
             for _ in 0..iterations {
                 let (request, response) = (request_headers(), response_headers());
                 let started = Instant::now();
-                let mut instance = plugin.instantiate(Instant::now()).await.unwrap();
+                let mut instance = plugin
+                    .instantiate(Instant::now(), Instant::now())
+                    .await
+                    .unwrap();
                 let (_, result) = instance
                     .call(Phase::RequestHeaders, request, &context, Instant::now())
                     .await;

@@ -62,11 +62,16 @@ impl Bench {
             .enable_all()
             .build()
             .expect("tokio");
-        let runtime = Runtime::new(PoolLimits {
-            max_instances: 1000,
-            max_memory_bytes: 64 << 20,
-            cache_dir: None,
-        })
+        let runtime = Runtime::new(
+            PoolLimits {
+                max_instances: 1000,
+                max_wasi_instances: 1000,
+                instance_wait: Duration::ZERO,
+                max_memory_bytes: 64 << 20,
+                cache_dir: None,
+            },
+            Metrics::new().pool(),
+        )
         .expect("runtime");
         Bench {
             tokio,
@@ -97,7 +102,7 @@ impl Bench {
             .collect();
         Arc::new(Generation {
             number: 1,
-            chain: Chain::new(plugins, &Metrics::new()),
+            chain: Chain::new(plugins, &Metrics::new(), Duration::ZERO),
             guard: Guard::new(self.config.envoy.clone()),
             envoy: self.config.envoy.clone(),
             plugins_dir: components(BUNDLED),
@@ -120,7 +125,7 @@ fn per_stream(c: &mut Criterion) {
         b.to_async(&bench.tokio).iter(|| async {
             drop(
                 bundled
-                    .instantiate(Instant::now())
+                    .instantiate(Instant::now(), Instant::now())
                     .await
                     .expect("instantiate"),
             );
@@ -133,7 +138,7 @@ fn per_stream(c: &mut Criterion) {
                 exchange,
                 |(request, response)| async {
                     let mut instance = plugin
-                        .instantiate(Instant::now())
+                        .instantiate(Instant::now(), Instant::now())
                         .await
                         .expect("instantiate");
                     let (request, result) = instance
@@ -156,7 +161,7 @@ fn per_stream(c: &mut Criterion) {
     // What the plugin did, checked once outside the measurement.
     bench.tokio.block_on(async {
         let mut instance = bundled
-            .instantiate(Instant::now())
+            .instantiate(Instant::now(), Instant::now())
             .await
             .expect("instantiate");
         let (message, result) = instance

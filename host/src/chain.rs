@@ -51,6 +51,8 @@ enum Slot {
     #[default]
     Idle,
     Live(Box<Instance>),
+    /// No phase it handles can still come: its instance went back to the pool early.
+    Done,
     /// Failed earlier in this stream: skipped from now on.
     Skipped,
 }
@@ -111,6 +113,25 @@ impl StreamChain {
             })
     }
 
+    /// Gives back the instances of plugins that handle none of the phases still `to_come`:
+    /// a stream that waits long on its upstream then holds only what it still needs.
+    pub fn release_finished(&mut self, to_come: PhaseSet) {
+        for (plugin, state) in self
+            .generation
+            .chain
+            .plugins()
+            .iter()
+            .zip(&mut self.plugins)
+        {
+            if matches!(state.slot, Slot::Live(_))
+                && !plugin.phases().intersects(to_come)
+                && let Slot::Live(instance) = std::mem::replace(&mut state.slot, Slot::Done)
+            {
+                plugin.release(*instance);
+            }
+        }
+    }
+
     /// Whether some plugin is holding body chunks of `direction`.
     pub fn is_holding(&self, direction: Direction) -> bool {
         self.plugins
@@ -168,6 +189,8 @@ impl StreamChain {
     ) -> Verdict {
         let mut effects = Effects::default();
         let mut changes = HeaderChanges::default();
+        // A plugin instantiated for this message waits for a full pool from now on.
+        let arrived = Instant::now();
         let generation = &*self.generation;
         let plugins = generation
             .chain
@@ -217,7 +240,7 @@ impl StreamChain {
                 state.slot = Slot::Live(Box::new(instance));
             }
             if let Slot::Idle = state.slot {
-                let instantiated = plugin.instantiate(started).await;
+                let instantiated = plugin.instantiate(started, arrived).await;
                 call_started = Instant::now();
                 match instantiated {
                     Ok(instance) => {

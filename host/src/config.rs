@@ -56,14 +56,25 @@ pub const DEFAULT_PLUGINS_DIR: &str = "/plugins";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(20);
 const MAX_TIMEOUT: Duration = Duration::from_secs(10);
 /// Enough for a plugin that buffers a 1 MiB body a few times over; small enough that a
-/// thousand concurrent instances stay within a pod's memory.
+/// thousand instances at their ceiling fit a 32 GiB node (most use a few dozen KiB).
 pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 32;
 const MAX_MEMORY_LIMIT_MIB: u64 = 4096;
 /// Envoy's own answer when ext_proc fails with `failure_mode_allow: false`.
 pub const DEFAULT_FAILURE_STATUS: u16 = 500;
-/// Instances alive at once across all streams (one per plugin per stream in flight). Each
-/// reserves address space, not memory, until it is used.
-pub const DEFAULT_MAX_INSTANCES: u32 = 1000;
+/// Instances alive at once across all streams (one per plugin per stream in flight): room for
+/// 10,000 exchanges in flight with a plugin each, and more. Each reserves address space, not
+/// memory, until it is used; what bounds the number is the kernel's memory mappings (about 4
+/// per live instance against the default `vm.max_map_count` of 65,530) and the address space
+/// (about 4 GiB per memory, so that guest code needs no bounds checks).
+pub const DEFAULT_MAX_INSTANCES: u32 = 14_000;
+/// Of those, instances of plugins that import WASI: each keeps a fiber stack (2 MiB of address
+/// space, two memory mappings) while its stream lives. Interpreted plugins (JavaScript,
+/// Python) import WASI and take megabytes each, so memory bounds them long before this.
+pub const DEFAULT_MAX_WASI_INSTANCES: u32 = 2_000;
+/// How long a stream waits for a free instance when the pool is full before the plugin's
+/// failure policy applies: a burst drains in that time, and it stays well inside Envoy's
+/// default 200 ms `message_timeout` (the start-up budget check counts it once per phase).
+pub const DEFAULT_INSTANCE_WAIT: Duration = Duration::from_millis(20);
 /// How long shutdown waits for in-flight streams: inside Kubernetes' default 30-second
 /// termination grace period, with room for a preStop hook.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
@@ -228,6 +239,8 @@ struct FileEnvoy {
 #[serde(deny_unknown_fields)]
 struct FileRuntime {
     max_instances: Option<u32>,
+    max_wasi_instances: Option<u32>,
+    instance_wait_ms: Option<u64>,
     cache_dir: Option<PathBuf>,
 }
 
@@ -280,6 +293,10 @@ pub struct Config {
     pub shutdown_grace: Duration,
     pub tls: Option<TlsSettings>,
     pub max_instances: u32,
+    /// Of those, instances of plugins that import WASI (each keeps a fiber stack).
+    pub max_wasi_instances: u32,
+    /// How long a stream waits for a free instance before the failure policy applies.
+    pub instance_wait: Duration,
     /// Where compiled plugins are kept between restarts and reloads; `None`: compile every time.
     pub cache_dir: Option<PathBuf>,
     pub defaults: PluginSettings,
@@ -439,6 +456,20 @@ impl Config {
                 "[runtime] max_instances must be at least 1".into(),
             ));
         }
+        let max_wasi_instances = file
+            .runtime
+            .max_wasi_instances
+            .unwrap_or(DEFAULT_MAX_WASI_INSTANCES.min(max_instances));
+        if max_wasi_instances > max_instances {
+            return Err(ConfigError(format!(
+                "[runtime] max_wasi_instances {max_wasi_instances} is above max_instances \
+                 {max_instances}: WASI plugins' instances count among all instances"
+            )));
+        }
+        let instance_wait = file
+            .runtime
+            .instance_wait_ms
+            .map_or(DEFAULT_INSTANCE_WAIT, Duration::from_millis);
         let envoy = file.envoy.resolve()?;
         let tls = file.tls.as_ref().map(FileTls::read).transpose()?;
         Ok(Config {
@@ -465,6 +496,8 @@ impl Config {
                 .or(file.plugins_dir)
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_PLUGINS_DIR)),
             max_instances,
+            max_wasi_instances,
+            instance_wait,
             cache_dir: cli.cache_dir.clone().or(file.runtime.cache_dir),
             defaults,
             plugins,

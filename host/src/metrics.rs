@@ -65,6 +65,18 @@ pub struct Metrics {
     active_streams: Gauge,
     streams: Counter,
     reloads: Family<ResultLabel, Counter>,
+    pool: PoolMetrics,
+}
+
+/// The instance pool's series, updated by the runtime.
+#[derive(Debug, Clone, Default)]
+pub struct PoolMetrics {
+    /// Plugin instances alive now.
+    pub in_use: Gauge,
+    /// Instantiations that found the pool full and waited.
+    pub waits: Counter,
+    /// Instantiations that gave up waiting: the plugin's failure policy applied.
+    pub exhausted: Counter,
 }
 
 /// Plugin calls take microseconds to milliseconds; buckets from 1 µs to ~16 s.
@@ -117,6 +129,22 @@ impl Metrics {
             "Plugin chain loads (start-up included), by result (ok, error)",
             reloads.clone(),
         );
+        let pool = PoolMetrics::default();
+        registry.register(
+            "instances_in_use",
+            "Plugin instances alive now, across all streams ([runtime] max_instances at most)",
+            pool.in_use.clone(),
+        );
+        registry.register(
+            "instance_waits",
+            "Instantiations that found the instance pool full and waited for a free instance",
+            pool.waits.clone(),
+        );
+        registry.register(
+            "instance_pool_exhausted",
+            "Instantiations that waited [runtime] instance_wait_ms in vain (the failure policy applied)",
+            pool.exhausted.clone(),
+        );
         let messages_by_phase = Phase::ALL.map(|phase| {
             messages
                 .get_or_create(&PhaseLabel {
@@ -134,7 +162,13 @@ impl Metrics {
             active_streams,
             streams,
             reloads,
+            pool,
         })
+    }
+
+    /// The instance pool's series, for the runtime to update.
+    pub fn pool(&self) -> PoolMetrics {
+        self.pool.clone()
     }
 
     pub fn message_received(&self, phase: Phase) {

@@ -42,7 +42,8 @@ pub struct Chain {
 }
 
 impl Chain {
-    pub fn new(plugins: Vec<Plugin>, metrics: &Arc<Metrics>) -> Self {
+    /// The chain of `plugins`, whose instantiations may wait `instance_wait` for a full pool.
+    pub fn new(plugins: Vec<Plugin>, metrics: &Arc<Metrics>, instance_wait: Duration) -> Self {
         let phases = plugins
             .iter()
             .fold(PhaseSet::EMPTY, |set, p| set.union(p.phases()));
@@ -51,11 +52,17 @@ impl Chain {
             .map(|p| metrics.for_plugin(p.name()))
             .collect();
         let budgets = Phase::ALL.map(|phase| {
-            plugins
-                .iter()
-                .filter(|p| p.phases().contains(phase))
-                .map(|p| deadline(p.settings().budget.timeout))
-                .sum()
+            let mut handling = plugins.iter().filter(|p| p.phases().contains(phase));
+            match handling.next() {
+                Some(first) => {
+                    handling
+                        .chain([first])
+                        .map(|p| deadline(p.settings().budget.timeout))
+                        .sum::<Duration>()
+                        + instance_wait
+                }
+                None => Duration::ZERO,
+            }
         });
         Chain {
             plugins,
@@ -80,7 +87,8 @@ impl Chain {
     }
 
     /// The most time the chain can take on one message of `phase`: the budgets of the
-    /// plugins that handle it, each with the precision of its deadline, added up.
+    /// plugins that handle it, each with the precision of its deadline, added up, and one wait
+    /// for a full instance pool.
     pub fn budget(&self, phase: Phase) -> Duration {
         self.budgets[phase as usize]
     }
@@ -106,9 +114,10 @@ impl Chain {
                     .collect();
                 bail!(
                     "the budgets of the plugins handling {phase} add up to {} ms ({}; each \
-                     counted with the 1 ms precision of its deadline, and at least 10 ms), but \
-                     Envoy waits {} ms for an answer; lower their timeout_ms, or raise the \
-                     filter's max_message_timeout and set [envoy] max_message_timeout_ms to match",
+                     counted with the 1 ms precision of its deadline, and at least 10 ms, plus \
+                     [runtime] instance_wait_ms), but Envoy waits {} ms for an answer; lower \
+                     their timeout_ms, or raise the filter's max_message_timeout and set \
+                     [envoy] max_message_timeout_ms to match",
                     budget.as_millis(),
                     plugins.join(", "),
                     limit.as_millis()
@@ -336,7 +345,7 @@ pub async fn load_chain(
         };
         plugins.push(plugin);
     }
-    let chain = Chain::new(plugins, metrics);
+    let chain = Chain::new(plugins, metrics, config.instance_wait);
     chain.check_budgets(&config.envoy)?;
     Ok((chain, compiled))
 }

@@ -13,6 +13,7 @@
 mod bindings;
 mod epoch;
 mod handlers;
+mod slots;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -36,9 +37,11 @@ use crate::config::{Isolation, PluginSettings};
 use crate::http::{
     Delivery, Effects, ExchangeContext, ImmediateResponse, Message, Phase, PhaseSet, Registration,
 };
+use crate::metrics::PoolMetrics;
 use bindings::wasm_extproc::processor::types as wit;
 use epoch::EpochTicker;
 use handlers::{Exports, Handlers};
+use slots::{Slot, Slots};
 use store::StoreState;
 
 /// The contract this host speaks, as it appears in export names.
@@ -129,6 +132,7 @@ pub struct Runtime {
     engine: Engine,
     linker: Linker<StoreState>,
     ticker: Arc<EpochTicker>,
+    slots: Arc<Slots>,
     cache: Option<Cache>,
 }
 
@@ -143,6 +147,10 @@ impl std::fmt::Debug for Runtime {
 pub struct PoolLimits {
     /// Component instances alive at once (one per plugin per stream in flight).
     pub max_instances: u32,
+    /// Of those, instances that run on fibers (plugins importing WASI).
+    pub max_wasi_instances: u32,
+    /// How long an instantiation waits for a free place when the pool is full.
+    pub instance_wait: Duration,
     /// The largest linear memory any instance may have.
     pub max_memory_bytes: u64,
     /// Compiled components are kept here, keyed by their bytes and the engine's settings:
@@ -152,18 +160,23 @@ pub struct PoolLimits {
 }
 
 impl Runtime {
-    pub fn new(limits: PoolLimits) -> anyhow::Result<Runtime> {
+    pub fn new(limits: PoolLimits, metrics: PoolMetrics) -> anyhow::Result<Runtime> {
         let mut pool = PoolingAllocationConfig::new();
-        let instances = limits.max_instances;
+        let (instances, wasi) = (limits.max_instances, limits.max_wasi_instances);
+        check_memory_mappings(instances, wasi)?;
         pool.total_component_instances(instances);
-        // Each store keeps the fiber stack its async calls ran on until it is dropped, so
-        // every live instance holds one (the default pool of 1,000 would cap the instances).
-        pool.total_stacks(instances);
+        // Each store keeps the fiber stack its async calls ran on until it is dropped: every
+        // live instance of a WASI plugin holds one. Plugins called directly need none.
+        pool.total_stacks(wasi);
         // A Rust or C component holds one core module plus a few small shim modules (with a
         // table each) that wit-component adds; JS and Python components hold more.
         pool.total_core_instances(instances.saturating_mul(8));
         pool.total_tables(instances.saturating_mul(8));
-        pool.total_memories(instances.saturating_mul(2));
+        // A memory per instance, and a second one for WASI plugins, whose adapters may bring
+        // their own. Each memory reserves 4 GiB (plus guard) of address space, so that guest
+        // loads and stores need no bounds checks (they would cost a body-rewriting plugin a
+        // third of its speed here); about 80 TiB fit in x86-64's address space.
+        pool.total_memories(instances.saturating_add(wasi));
         pool.max_memories_per_component(4);
         pool.max_tables_per_component(16);
         pool.max_memory_size(usize::try_from(limits.max_memory_bytes)?);
@@ -204,9 +217,9 @@ impl Runtime {
         config.cache(cache.clone());
         let engine = Engine::new(&config).map_err(to_anyhow).with_context(|| {
             format!(
-                "cannot set up the instance pool for [runtime] max_instances = {instances}: \
-                 each instance reserves 8 GiB of address space for its memories, and x86-64 \
-                 has room for about 12,000"
+                "cannot set up the instance pool for [runtime] max_instances = {instances} and \
+                 max_wasi_instances = {wasi}: each instance reserves 4 GiB of address space for \
+                 its memory (WASI ones 8 GiB), and x86-64 has room for about 80 TiB"
             )
         })?;
 
@@ -216,10 +229,12 @@ impl Runtime {
             .map_err(to_anyhow)?;
 
         let ticker = Arc::new(EpochTicker::start(engine.weak())?);
+        let slots = Arc::new(Slots::new(instances, wasi, limits.instance_wait, metrics));
         Ok(Runtime {
             engine,
             linker,
             ticker,
+            slots,
             cache,
         })
     }
@@ -284,6 +299,7 @@ impl Runtime {
                 registration: Registration::default(),
                 engine: self.engine.clone(),
                 ticker: self.ticker.clone(),
+                slots: self.slots.clone(),
                 entry: self.entry(&component),
                 pre: instance_pre,
                 exports,
@@ -392,6 +408,7 @@ struct Compiled {
     registration: Registration,
     engine: Engine,
     ticker: Arc<EpochTicker>,
+    slots: Arc<Slots>,
     entry: Entry,
     pre: InstancePre<StoreState>,
     exports: Exports,
@@ -483,10 +500,20 @@ impl Plugin {
         }
     }
 
-    /// A fresh instance with its own store, for one ext_proc stream. Its start code runs on
-    /// the budget of a call that started at `started`.
-    pub async fn instantiate(&self, started: Instant) -> Result<Instance, PluginError> {
+    /// A fresh instance with its own store, for one ext_proc stream that received its current
+    /// message at `arrived` (a full pool is waited on from then, for `[runtime]
+    /// instance_wait_ms`). Its start code runs on the budget of a call that started at
+    /// `started`.
+    pub async fn instantiate(
+        &self,
+        started: Instant,
+        arrived: Instant,
+    ) -> Result<Instance, PluginError> {
         let compiled = &self.compiled;
+        let slot = compiled
+            .slots
+            .take(compiled.entry == Entry::Fiber, arrived)
+            .await?;
         let _running = compiled.ticker.enter();
         let state = StoreState::new(self.name.clone(), self.settings.clone());
         let mut store = Store::new(&compiled.engine, state);
@@ -515,6 +542,7 @@ impl Plugin {
                 instance,
                 handlers: Handlers::default(),
                 compiled: compiled.clone(),
+                _slot: slot,
             }),
             Err(e) => Err(classify(&e, store.data(), true)),
         }
@@ -523,7 +551,10 @@ impl Plugin {
     /// Checks a fresh instance's handlers and asks it what it handles.
     async fn probe(&self) -> Result<Registration, Probe> {
         let started = Instant::now();
-        let mut instance = self.instantiate(started).await.map_err(Probe::Failed)?;
+        let mut instance = self
+            .instantiate(started, started)
+            .await
+            .map_err(Probe::Failed)?;
         let Instance {
             store,
             instance,
@@ -584,10 +615,13 @@ pub struct Outcome {
 
 /// One plugin's instance for one stream. Owned by the task serving the stream.
 pub struct Instance {
+    // Dropped before the slot below: the pool has the instance back before another stream
+    // may take its place.
     store: Store<StoreState>,
     instance: ComponentInstance,
     handlers: Handlers,
     compiled: Arc<Compiled>,
+    _slot: Slot,
 }
 
 impl std::fmt::Debug for Instance {
@@ -615,6 +649,7 @@ impl Instance {
             instance,
             handlers,
             compiled,
+            ..
         } = self;
         let _running = compiled.ticker.enter();
         begin(store, Some(phase), started);
@@ -766,6 +801,32 @@ fn describe_link_error(error: &wasmtime::Error) -> String {
          {CONTRACT_PACKAGE}/{{host,context}}@{CONTRACT_VERSION}): {}",
         text.replace('\n', " ")
     )
+}
+
+/// Memory mappings the kernel lets one process hold on Linux unless told otherwise
+/// (`vm.max_map_count`).
+const DEFAULT_MAX_MAP_COUNT: u64 = 65_530;
+/// What the process maps besides the pool: code, heaps, thread stacks, sockets.
+const OTHER_MAPPINGS: u64 = 3_000;
+
+/// Refuses a pool the kernel would not let the host fill: each fiber stack takes two memory
+/// mappings from the start (stack and guard page), and each live instance about four (its
+/// memory's image, its writable pages, its guard). Past `vm.max_map_count` instantiations
+/// would fail at random under load; better to say so at start-up.
+fn check_memory_mappings(instances: u32, wasi: u32) -> anyhow::Result<()> {
+    let limit = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_MAP_COUNT);
+    let needed = OTHER_MAPPINGS + 2 * u64::from(wasi) + 4 * u64::from(instances);
+    if needed > limit {
+        anyhow::bail!(
+            "[runtime] max_instances = {instances} and max_wasi_instances = {wasi} need about \
+             {needed} memory mappings when the pool is full, but the kernel allows {limit} \
+             (vm.max_map_count): lower them, or raise vm.max_map_count on the node"
+        );
+    }
+    Ok(())
 }
 
 fn to_anyhow(error: wasmtime::Error) -> anyhow::Error {

@@ -133,12 +133,17 @@ impl Host {
 
     /// A host whose reloads read their configuration from `source` (the file and flags again).
     pub fn with_source(config: Config, source: ConfigSource) -> anyhow::Result<Host> {
-        let runtime = Runtime::new(PoolLimits {
-            max_instances: config.max_instances,
-            max_memory_bytes: config.max_memory_limit_bytes(),
-            cache_dir: config.cache_dir.clone(),
-        })?;
         let metrics = Metrics::new();
+        let runtime = Runtime::new(
+            PoolLimits {
+                max_instances: config.max_instances,
+                max_wasi_instances: config.max_wasi_instances,
+                instance_wait: config.instance_wait,
+                max_memory_bytes: config.max_memory_limit_bytes(),
+                cache_dir: config.cache_dir.clone(),
+            },
+            metrics.pool(),
+        )?;
         let registry = Arc::new(Registry::new(runtime, source, metrics.clone()));
         Ok(Host {
             config,

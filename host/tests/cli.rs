@@ -80,7 +80,7 @@ fn a_missing_plugins_directory_stops_start_up_naming_it() {
 }
 
 #[test]
-fn an_instance_pool_too_large_for_the_address_space_is_named() {
+fn an_instance_pool_the_kernel_could_not_hold_is_named_at_start_up() {
     let dir = tempfile::tempdir().unwrap();
     let config = write(
         dir.path(),
@@ -92,8 +92,10 @@ fn an_instance_pool_too_large_for_the_address_space_is_named() {
     let line = one_line(&output);
     assert!(
         line.starts_with(
-            "wasm-extproc: cannot set up the instance pool for [runtime] max_instances = 1000000: "
-        ),
+            "wasm-extproc: [runtime] max_instances = 1000000 and max_wasi_instances = 2000 need \
+             about 4007000 memory mappings when the pool is full, but the kernel allows "
+        ) && line
+            .ends_with("(vm.max_map_count): lower them, or raise vm.max_map_count on the node"),
         "{line}"
     );
 }

@@ -73,6 +73,11 @@ pub fn config(dir: &Path, toml: &str) -> Config {
     if !toml.contains("[envoy]") {
         text.push_str("\n[envoy]\nmessage_timeout_ms = 10000\n");
     }
+    // Tests run many hosts in one process at once, and the shipped pool reserves some 60 TiB
+    // of address space: a smaller one each, unless the test sets [runtime] itself.
+    if !toml.contains("[runtime]") {
+        text.push_str("\n[runtime]\nmax_instances = 1000\nmax_wasi_instances = 1000\n");
+    }
     Config::from_toml(&text, Path::new("test.toml")).expect("valid test config")
 }
 

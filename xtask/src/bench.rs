@@ -4,11 +4,13 @@
 //! - [`micro`]: criterion, in process -- per-stream cost, chain length, body throughput;
 //! - the languages benchmark (the ASM plugin in Rust, C, JavaScript and Python);
 //! - [`rss`]: the host's memory against open streams;
-//! - [`e2e`]: the four setups through a real Envoy, pinned to cores, under wrk and hey;
+//! - [`e2e`]: the setups through a real Envoy, pinned to cores, under wrk and hey;
+//! - [`concurrency`]: thousands of exchanges in flight behind a slow upstream, host and native;
 //!
 //! and writes BENCHMARKS.md with its plots (bench/plots/) and the raw figures
 //! (bench/results.json). `--report-only` renders the report again from the raw figures.
 
+pub mod concurrency;
 pub mod e2e;
 mod micro;
 mod report;
@@ -24,7 +26,7 @@ use extproc_testkit::repo_root;
 use crate::{cargo, run, target_dir};
 
 /// Debian packages holding the load generators.
-const LOAD_GENERATORS: [(&str, &str); 2] = [("wrk", "wrk"), ("hey", "hey")];
+pub const LOAD_GENERATORS: [(&str, &str); 2] = [("wrk", "wrk"), ("hey", "hey")];
 /// Open-stream counts for the memory benchmark.
 const STREAM_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 
@@ -46,6 +48,19 @@ pub struct Options {
     /// Render BENCHMARKS.md again from bench/results.json without measuring.
     #[arg(long)]
     report_only: bool,
+    /// Measure only this part, keeping the other parts' figures from bench/results.json.
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+}
+
+/// The parts of the suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Part {
+    Micro,
+    Languages,
+    Rss,
+    E2e,
+    Concurrency,
 }
 
 pub fn run_suite(options: &Options) -> anyhow::Result<()> {
@@ -55,7 +70,16 @@ pub fn run_suite(options: &Options) -> anyhow::Result<()> {
             &std::fs::read(&results_path).context("bench/results.json: run `cargo xtask bench`")?,
         )?
     } else {
-        let results = measure(options)?;
+        let previous = match options.only {
+            Some(_) => Some(
+                serde_json::from_slice(&std::fs::read(&results_path).context(
+                    "bench/results.json: run the whole `cargo xtask bench` once before --only",
+                )?)
+                .context("bench/results.json")?,
+            ),
+            None => None,
+        };
+        let results = measure(options, previous)?;
         std::fs::write(&results_path, serde_json::to_vec_pretty(&results)?)?;
         results
     };
@@ -65,9 +89,11 @@ pub fn run_suite(options: &Options) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn measure(options: &Options) -> anyhow::Result<report::Results> {
+fn measure(
+    options: &Options,
+    previous: Option<report::Results>,
+) -> anyhow::Result<report::Results> {
     crate::setup()?;
-    install_load_generators()?;
     crate::build_plugins()?;
     // The bundled plugin as a WASI plugin would be built, for comparison.
     run(cargo()
@@ -91,29 +117,38 @@ fn measure(options: &Options) -> anyhow::Result<report::Results> {
         "extproc-bench",
     ]))?;
 
-    let micro = micro::run_stream_benchmarks()?;
-    run(cargo().args(["bench", "-p", "wasm-extproc", "--bench", "languages"]))?;
-    let languages = std::fs::read_to_string(target_dir().join("bench/languages.md")).ok();
-    let rss = rss::run(&STREAM_COUNTS)?;
-    let (e2e, fixed_rate) = e2e::run(&e2e::Options {
-        duration: Duration::from_secs(options.duration),
-        rounds: options.rounds,
-        connections: options.connections,
-        fixed_rate: options.fixed_rate,
-    })?;
-    Ok(report::Results {
-        date: output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?,
-        machine: machine()?,
-        command: command_line(options),
-        e2e,
-        fixed_rate,
-        e2e_duration_s: options.duration,
-        e2e_rounds: options.rounds,
-        e2e_connections: options.connections,
-        micro,
-        rss,
-        languages,
-    })
+    let wanted = |part: Part| options.only.is_none_or(|only| only == part);
+    let mut results = previous.unwrap_or_else(|| report::Results::empty(options.duration));
+    if wanted(Part::Micro) {
+        results.micro = micro::run_stream_benchmarks()?;
+    }
+    if wanted(Part::Languages) {
+        run(cargo().args(["bench", "-p", "wasm-extproc", "--bench", "languages"]))?;
+        results.languages = std::fs::read_to_string(target_dir().join("bench/languages.md")).ok();
+    }
+    if wanted(Part::Rss) {
+        results.rss = rss::run(&STREAM_COUNTS)?;
+    }
+    if wanted(Part::E2e) {
+        let (e2e, fixed_rate) = e2e::run(&e2e::Options {
+            duration: Duration::from_secs(options.duration),
+            rounds: options.rounds,
+            connections: options.connections,
+            fixed_rate: options.fixed_rate,
+        })?;
+        results.e2e = e2e;
+        results.fixed_rate = fixed_rate;
+        results.e2e_duration_s = options.duration;
+        results.e2e_rounds = options.rounds;
+        results.e2e_connections = options.connections;
+    }
+    if wanted(Part::Concurrency) {
+        results.concurrency = concurrency::run(Duration::from_secs(options.duration))?;
+    }
+    results.date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    results.machine = machine()?;
+    results.command = command_line(options);
+    Ok(results)
 }
 
 /// The command that reproduces this run.
@@ -125,11 +160,17 @@ fn command_line(options: &Options) -> String {
     if let Some(rate) = options.fixed_rate {
         line.push_str(&format!(" --fixed-rate {rate}"));
     }
+    if let Some(part) = options.only {
+        line.push_str(&format!(
+            " (then --only {})",
+            format!("{part:?}").to_lowercase()
+        ));
+    }
     line
 }
 
 /// wrk and hey from Debian, unless already installed.
-fn install_load_generators() -> anyhow::Result<()> {
+pub fn install_load_generators() -> anyhow::Result<()> {
     let missing: Vec<&str> = LOAD_GENERATORS
         .iter()
         .filter(|(program, _)| {

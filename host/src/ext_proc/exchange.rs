@@ -124,6 +124,7 @@ impl Exchange {
             .chain
             .run(phase, message, body_mode, &self.context)
             .await;
+        self.chain.release_finished(self.protocol.to_come());
         if observability {
             // Envoy neither waits for nor reads an answer in observability mode.
             return step;

@@ -331,23 +331,6 @@ async fn a_full_instance_pool_is_a_policy_decision_not_a_crash() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_pool_holds_as_many_live_instances_as_configured() {
-    // Past wasmtime's default of 1,000 fiber stacks, which a store keeps while it lives.
-    let host = RunningHost::start(&[("asm", ASM_DEMO)], "[runtime]\nmax_instances = 1100\n").await;
-    let mut client = grpc::connect(host.address).await;
-    let mut live = Vec::new();
-    for i in 0..1100 {
-        let mut stream = ExtProcStream::open(&mut client).await;
-        let answer = stream
-            .exchange(grpc::request_headers(&[(":path", "/")], false))
-            .await;
-        assert_eq!(header_sets(&answer), asm(), "stream {i}: {answer:?}");
-        live.push(stream);
-    }
-    assert_eq!(host.metrics().plugin_outcomes("asm", "instantiate"), 0);
-}
-
 #[tokio::test]
 async fn malformed_unknown_and_oversized_messages_get_a_clear_status() {
     let host = RunningHost::start(&[("asm", ASM_DEMO)], "").await;

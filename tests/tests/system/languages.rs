@@ -118,7 +118,7 @@ async fn compiled_plugins_are_cached_across_restarts() {
     let cache = tempfile::tempdir().unwrap();
     let dir = extproc_testkit::host::plugin_dir(&[("10-js", ASM_DEMO_JS), ("20-rust", ASM_DEMO)]);
     let toml = format!(
-        "[runtime]\ncache_dir = {:?}\n",
+        "[runtime]\nmax_instances = 1000\ncache_dir = {:?}\n",
         cache.path().display().to_string()
     );
     let config = extproc_testkit::host::config(dir.path(), &toml);

@@ -7,6 +7,7 @@ mod guard;
 mod hostile;
 mod isolation;
 mod languages;
+mod load;
 mod loading;
 mod operations;
 mod phases;

@@ -226,7 +226,7 @@ async fn configuration_changes_are_picked_up_from_the_file() {
             &config,
             format!(
                 "plugins_dir = {:?}\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-                 [plugins.tag]\nconfig = \"{tag}\"\n",
+                 [runtime]\nmax_instances = 1000\n[plugins.tag]\nconfig = \"{tag}\"\n",
                 plugins.display().to_string()
             )
             .as_bytes(),

@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{KillOnDrop, target_dir, wait_until_ready};
 
-mod load;
+pub(super) mod load;
 
 use load::{hey, output_of, warm_up, wrk};
 
@@ -186,8 +186,8 @@ pub fn run(options: &Options) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
 
 /// One way of doing the job.
 #[derive(Debug)]
-struct Setup {
-    key: &'static str,
+pub(super) struct Setup {
+    pub(super) key: &'static str,
     label: &'static str,
     filter: Filter,
     /// Envoy streams response bodies to the processor `FULL_DUPLEX_STREAMED`.
@@ -213,7 +213,7 @@ enum Processor {
     Native,
 }
 
-static SETUPS: [Setup; 7] = [
+pub(super) static SETUPS: [Setup; 7] = [
     Setup {
         key: "envoy",
         label: "(a) Envoy alone, no header work",
@@ -309,16 +309,18 @@ fn ext_proc_filter(yaml: &str) -> Option<&str> {
 
 /// The programs the benchmark runs, found before anything starts.
 #[derive(Debug)]
-struct Binaries {
+pub(super) struct Binaries {
     envoy: PathBuf,
     wasm_extproc: PathBuf,
     asm_plugin: PathBuf,
     native_extproc: PathBuf,
     upstream: PathBuf,
+    /// The load that holds many exchanges in flight (concurrency runs).
+    pub(super) hold_load: PathBuf,
 }
 
 impl Binaries {
-    fn find() -> anyhow::Result<Binaries> {
+    pub(super) fn find() -> anyhow::Result<Binaries> {
         let release = target_dir().join("release");
         let built = |path: PathBuf, how: &str| {
             if path.is_file() {
@@ -350,6 +352,10 @@ impl Binaries {
             )?,
             upstream: built(
                 release.join("bench-upstream"),
+                "cargo build --release -p extproc-bench",
+            )?,
+            hold_load: built(
+                release.join("hold-load"),
                 "cargo build --release -p extproc-bench",
             )?,
         })
@@ -422,25 +428,65 @@ impl Server {
 }
 
 /// A setup's servers, running; stopped when dropped.
-struct Running {
+pub(super) struct Running {
     setup: &'static Setup,
     /// Envoy's listener.
-    listener: SocketAddr,
+    pub(super) listener: SocketAddr,
     /// Envoy, the upstream, and the ext_proc server if the setup has one.
     servers: Vec<Server>,
     _dir: tempfile::TempDir,
 }
 
+/// How a run departs from the plain end-to-end setup.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Variation {
+    /// How long the upstream takes to answer: exchanges stay in flight meanwhile.
+    pub upstream_delay: Duration,
+    /// Envoy reaches the upstream over HTTP/2 with its circuit breakers raised, so that
+    /// thousands of requests in flight need neither thousands of connections nor trip
+    /// Envoy's default limit of 1,024.
+    pub many_in_flight: bool,
+}
+
+/// The line of the deploy file's listener before its filters.
+const FILTER_CHAINS: &str = "      filter_chains:\n";
+/// A line of the deploy file's upstream cluster, where its circuit breakers go.
+const UPSTREAM_BUFFER_LIMIT: &str =
+    "      # The same limit for response bodies held in BUFFERED mode.\n";
+/// Circuit breakers for the upstream cluster in the concurrency runs (the ext_proc cluster has
+/// its own in the deploy file).
+const UPSTREAM_FOR_MANY: &str = "      circuit_breakers:
+        thresholds:
+          - priority: DEFAULT
+            max_requests: 100000
+            max_pending_requests: 100000
+";
+
 impl Running {
     /// Starts the upstream, the ext_proc server and Envoy, and checks that a request through
     /// them is tagged as the setup promises.
     fn start(setup: &'static Setup, binaries: &Binaries) -> anyhow::Result<Running> {
+        Self::start_with(setup, binaries, Variation::default())
+    }
+
+    /// [`start`](Self::start), varied.
+    pub(super) fn start_with(
+        setup: &'static Setup,
+        binaries: &Binaries,
+        variation: Variation,
+    ) -> anyhow::Result<Running> {
         let dir = tempfile::tempdir()?;
         let upstream_address = loopback(free_port()?);
+        let delay = variation.upstream_delay.as_millis().to_string();
         let mut upstream = Server::spawn(
             "upstream",
             &binaries.upstream,
-            &["--listen", &upstream_address.to_string()],
+            &[
+                "--listen",
+                &upstream_address.to_string(),
+                "--delay-ms",
+                &delay,
+            ],
             dir.path(),
         )?;
         upstream.wait_listening(upstream_address)?;
@@ -498,7 +544,21 @@ impl Running {
         };
 
         let listener = loopback(free_port()?);
-        let config = setup.envoy_config()?.render(
+        let mut envoy_config = setup.envoy_config()?;
+        if variation.many_in_flight {
+            envoy_config = envoy_config
+                .upstream_http2()
+                .edit(
+                    UPSTREAM_BUFFER_LIMIT,
+                    &format!("{UPSTREAM_FOR_MANY}{UPSTREAM_BUFFER_LIMIT}"),
+                )
+                // Thousands of clients connect at once: a longer accept queue than 128.
+                .edit(
+                    FILTER_CHAINS,
+                    &format!("      tcp_backlog_size: 16384\n{FILTER_CHAINS}"),
+                );
+        }
+        let config = envoy_config.render(
             listener.port(),
             ext_proc_address,
             upstream_address,
@@ -586,6 +646,22 @@ impl Running {
 
     fn cpu_ticks(&self) -> anyhow::Result<Vec<u64>> {
         self.servers.iter().map(Server::cpu_ticks).collect()
+    }
+
+    /// The peak resident set of the server called `name` so far.
+    pub(super) fn peak_rss_kib(&self, name: &str) -> anyhow::Result<u64> {
+        let server = self
+            .servers
+            .iter()
+            .find(|s| s.name == name)
+            .with_context(|| format!("no {name} in this setup"))?;
+        let path = format!("/proc/{}/status", server.process.0.id());
+        let status = std::fs::read_to_string(&path).with_context(|| format!("{name} is gone"))?;
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .with_context(|| format!("no VmHWM in {path}"))
     }
 }
 

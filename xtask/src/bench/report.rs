@@ -7,6 +7,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use super::concurrency::Level;
 use super::e2e::ScenarioResult;
 use super::micro::Estimates;
 use super::rss::{Point, StreamState};
@@ -36,8 +37,31 @@ pub struct Results {
     pub e2e_connections: usize,
     pub micro: Estimates,
     pub rss: Vec<Point>,
+    /// Exchanges in flight: connections through Envoy behind a slow upstream.
+    #[serde(default)]
+    pub concurrency: Vec<Level>,
     /// The languages benchmark's table (host/benches/languages.rs), as it printed it.
     pub languages: Option<String>,
+}
+
+impl Results {
+    /// Nothing measured yet, for a run of `duration`-second loads.
+    pub fn empty(duration: u64) -> Results {
+        Results {
+            date: String::new(),
+            machine: String::new(),
+            command: String::new(),
+            e2e: Vec::new(),
+            fixed_rate: 0,
+            e2e_duration_s: duration,
+            e2e_rounds: 0,
+            e2e_connections: 0,
+            micro: Estimates::new(),
+            rss: Vec::new(),
+            concurrency: Vec::new(),
+            languages: None,
+        }
+    }
 }
 
 const COLORS: [RGBColor; 4] = [
@@ -75,6 +99,7 @@ pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<(
     }
     micro_section(results, &mut md, &link, plots)?;
     rss_section(results, &mut md, &link, plots)?;
+    concurrency_section(results, &mut md, &link, plots)?;
     if let Some(table) = &results.languages {
         writeln!(
             md,
@@ -178,6 +203,44 @@ fn summary(results: &Results) -> String {
                 slope <= TARGET_PER_PLUGIN_US,
             );
         }
+    }
+    if !results.concurrency.is_empty() {
+        let errors = |key: &str, connections: usize| {
+            results
+                .concurrency
+                .iter()
+                .find(|l| l.key == key && l.connections == connections)
+                .map(|l| l.load.errors)
+        };
+        let mut levels: Vec<usize> = results.concurrency.iter().map(|l| l.connections).collect();
+        levels.dedup();
+        let clean: Vec<usize> = levels
+            .iter()
+            .copied()
+            .filter(|&c| errors("native", c) == Some(0))
+            .collect();
+        let host_failed: Vec<String> = clean
+            .iter()
+            .filter(|&&c| errors("wasm", c) != Some(0))
+            .map(|c| c.to_string())
+            .collect();
+        row(
+            "Exchanges in flight through Envoy: errors where the native server has none".into(),
+            if host_failed.is_empty() {
+                format!(
+                    "0 at {} connections",
+                    clean
+                        .iter()
+                        .map(|c| c.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            } else {
+                format!("errors at {} connections", host_failed.join(", "))
+            },
+            "0".into(),
+            host_failed.is_empty(),
+        );
     }
     if let Some(point) = largest(&results.rss, StreamState::InFlight) {
         row(
@@ -549,6 +612,82 @@ fn rss_section(
         ],
     )?;
     writeln!(md, "\n![RSS]({})\n", link("rss.svg"))?;
+    Ok(())
+}
+
+fn concurrency_section(
+    results: &Results,
+    md: &mut String,
+    link: &dyn Fn(&str) -> String,
+    plots: &Path,
+) -> anyhow::Result<()> {
+    if results.concurrency.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "## Exchanges in flight\n\n\
+         N connections through Envoy (pinned as above), opened over 2 s, each sending its next \
+         request when the last is answered (`bench/src/bin/hold-load.rs`), to an upstream that \
+         answers after 2 s, for {} s each: every connection's exchange holds its ext_proc \
+         stream, and the host a plugin instance, while the upstream works. The host runs with its \
+         shipped settings (`[runtime] max_instances = 14000`); Envoy's circuit breakers are \
+         raised on both clusters and it reaches the upstream over HTTP/2, so that neither \
+         Envoy's limits nor its file descriptors (20,000 per process here) are what is \
+         measured. Errors are answers other than 200 and requests that got none.\n\n\
+         | connections | host: errors | p50 / p99 ms | req/s | peak RSS | native: errors | p50 / p99 ms | req/s | peak RSS |\n\
+         |---|---|---|---|---|---|---|---|---|",
+        results.e2e_duration_s
+    )?;
+    let mut levels: Vec<usize> = results.concurrency.iter().map(|l| l.connections).collect();
+    levels.dedup();
+    let find = |key: &str, c: usize| {
+        results
+            .concurrency
+            .iter()
+            .find(|l| l.key == key && l.connections == c)
+    };
+    let cells = |level: Option<&Level>| match level {
+        Some(l) => format!(
+            "{} | {:.0} / {:.0} | {:.0} | {:.0} MiB",
+            l.load.errors,
+            l.load.p50_ms,
+            l.load.p99_ms,
+            l.load.rps,
+            l.peak_rss_kib as f64 / 1024.0
+        ),
+        None => "- | - | - | -".into(),
+    };
+    for &c in &levels {
+        writeln!(
+            md,
+            "| {c} | {} | {} |",
+            cells(find("wasm", c)),
+            cells(find("native", c))
+        )?;
+    }
+    let series = |key: &str, figure: fn(&Level) -> f64| -> Vec<(f64, f64)> {
+        levels
+            .iter()
+            .filter_map(|&c| find(key, c).map(|l| (c as f64, figure(l))))
+            .collect()
+    };
+    line_chart(
+        &plots.join("concurrency.svg"),
+        "p99 latency against exchanges in flight (upstream: 2 s)",
+        "connections (log scale)",
+        "p99, ms",
+        true,
+        &[
+            ("wasm-extproc", series("wasm", |l| l.load.p99_ms)),
+            ("native server", series("native", |l| l.load.p99_ms)),
+        ],
+    )?;
+    writeln!(
+        md,
+        "\n![exchanges in flight]({})\n",
+        link("concurrency.svg")
+    )?;
     Ok(())
 }
 
