@@ -302,17 +302,7 @@ impl Drop for StreamChain {
     /// Instances still healthy at the end of the stream go back to their plugin, which keeps
     /// them if it is reused (`isolation = "reuse"`) and drops them otherwise.
     fn drop(&mut self) {
-        for (plugin, state) in self
-            .generation
-            .chain
-            .plugins()
-            .iter()
-            .zip(&mut self.plugins)
-        {
-            if let Slot::Live(instance) = std::mem::take(&mut state.slot) {
-                plugin.release(*instance);
-            }
-        }
+        self.release_finished(PhaseSet::EMPTY);
     }
 }
 
