@@ -3,8 +3,9 @@
 Run by `cargo xtask test` (which installs the tools into target/tools and builds the image's
 contents with deploy/build.sh into target/dist first):
 
-- Envoy configurations: `envoy --mode validate` (Envoy 1.40), the standalone config and the
-  EnvoyFilter patches embedded into a bootstrap;
+- Envoy configurations: `envoy --mode validate` (Envoy 1.40), the standalone configs and the
+  EnvoyFilter patches embedded into a bootstrap; the in-process ones load the module (built by
+  `cargo build -p wasm-extproc-module`) and the image's plugins;
 - Kubernetes manifests: kubernetes-validate (the Kubernetes OpenAPI schemas, offline) and
   `kubectl kustomize` rendering the base and the image-volume variant;
 - the Istio EnvoyFilters and the Envoy Gateway EnvoyExtensionPolicy: the CRD schemas Istio and
@@ -41,16 +42,66 @@ def load_all(path):
         return [d for d in yaml.safe_load_all(f) if d]
 
 
-def envoy_validate(config_text, tmp_path, name="envoy.yaml"):
+def envoy_validate(config_text, tmp_path, name="envoy.yaml", env=None):
     path = tmp_path / name
     path.write_text(config_text)
     result = subprocess.run(
         [ENVOY, "--mode", "validate", "-c", str(path), "--log-level", "error"],
         capture_output=True,
         text=True,
+        env={**os.environ, **(env or {})},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK" in result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+# The in-process module as `cargo xtask test` builds it, and the plugins deploy/build.sh made.
+MODULE = TARGET / "debug" / "libwasm_extproc_module.so"
+
+
+def with_test_plugins(config_text, plugins_dir, tmp_path):
+    """`config_text` with its module settings' plugins_dir pointed at a copy of the image's
+    plugins (validation loads them, as Envoy would at start)."""
+    plugins = tmp_path / "plugins"
+    shutil.copytree(DIST / "plugins", plugins)
+    line = f'plugins_dir = "{plugins_dir}"'
+    assert config_text.count(line) == 1, line
+    return config_text.replace(line, f'plugins_dir = "{plugins}"')
+
+
+def test_the_in_process_envoy_config_validates_and_loads_the_plugins(tmp_path):
+    text = with_test_plugins(
+        (DEPLOY / "envoy" / "envoy-in-process.yaml").read_text(), "/plugins", tmp_path
+    )
+    envoy_validate(text, tmp_path, env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(MODULE.parent)})
+    # Validation runs the module: a plugins directory it cannot load fails it.
+    broken = text.replace(str(tmp_path / "plugins"), str(tmp_path / "nowhere"))
+    with pytest.raises(AssertionError, match="plugins directory"):
+        envoy_validate(
+            broken, tmp_path, env={"ENVOY_DYNAMIC_MODULES_SEARCH_PATH": str(MODULE.parent)}
+        )
+
+
+def test_the_in_process_envoyfilter_patch_validates_inside_a_bootstrap(tmp_path):
+    (envoy_filter,) = load_all(DEPLOY / "istio" / "envoyfilter-in-process.yaml")
+    (patch,) = envoy_filter["spec"]["configPatches"]
+    assert patch["match"]["context"] == "SIDECAR_INBOUND"
+    assert patch["match"]["listener"]["portNumber"] == 80
+    assert patch["patch"]["operation"] == "INSERT_BEFORE"
+    value = copy.deepcopy(patch["patch"]["value"])
+    config = value["typed_config"]
+    module = config["dynamic_module_config"]
+    assert module["do_not_close"] is True
+    assert module["module"]["local"]["filename"].endswith("/libwasm_extproc_module.so")
+    module["module"]["local"]["filename"] = str(MODULE)
+    config["filter_config"]["value"] = with_test_plugins(
+        config["filter_config"]["value"], "/etc/wasm-extproc/plugins", tmp_path
+    )
+    bootstrap = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
+    manager = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    manager["typed_config"]["http_filters"][0] = value
+    envoy_validate(yaml.safe_dump(bootstrap), tmp_path)
 
 
 def test_the_standalone_envoy_config_validates(tmp_path):
@@ -127,6 +178,7 @@ def crd_validation(resources):
 
 CUSTOM_RESOURCES = [
     DEPLOY / "istio" / "envoyfilter.yaml",
+    DEPLOY / "istio" / "envoyfilter-in-process.yaml",
     DEPLOY / "istio" / "envoyfilter-gateway.yaml",
     DEPLOY / "istio" / "destinationrule.yaml",
     DEPLOY / "envoy-gateway" / "extension-policy.yaml",

@@ -13,15 +13,15 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use wasm_extproc::config::Config;
+use wasm_extproc::config::Settings;
 use wasm_extproc::ext_proc::exchange::Exchange;
-use wasm_extproc::ext_proc::guard::Guard;
+use wasm_extproc::guard::Guard;
 use wasm_extproc::http::BodyMode;
 use wasm_extproc::metrics::Metrics;
 use wasm_extproc::registry::{Chain, Generation};
 
 fuzz_target!(|data: &[u8]| {
-    let config = Config::from_toml("", std::path::Path::new("fuzz.toml")).expect("defaults");
+    let config = Settings::from_toml("", std::path::Path::new("fuzz.toml")).expect("defaults");
     let metrics = Metrics::new();
     let generation = Arc::new(Generation {
         number: 1,

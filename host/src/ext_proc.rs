@@ -4,15 +4,13 @@
 //!   switched off, when the stream may close -- with no I/O.
 //! - [`convert`]: Envoy's protobufs to the host's types and back; the one place that builds a
 //!   `ProcessingResponse`.
-//! - [`guard`]: Envoy's rules for what may be sent, checked against every plugin's output.
-//! - [`exchange`]: one stream as one step -- a message in, its answers out -- over the three
+//! - [`exchange`]: one stream as one step -- a message in, its answers out -- over the two
 //!   above and the plugin chain.
 //! - [`service`]: the tonic service, a thin loop that feeds each stream's messages to its
 //!   exchange.
 
 pub mod convert;
 pub mod exchange;
-pub mod guard;
 pub mod protocol;
 pub mod service;
 

@@ -1,26 +1,28 @@
 //! An Envoy `ext_proc` server that runs WebAssembly component plugins.
 //!
+//! The plugins, their runtime and the chain live in `wasm-extproc-core`, which the in-process
+//! module shares; this crate is the ext_proc front end over it. The core's modules are
+//! re-exported here under their own names.
+//!
 //! # Layout
 //!
-//! - [`config`]: flags and TOML, parsed once into types that cannot be wrong.
-//! - [`registry`]: which `.wasm` files form the chain, in which order; reloads.
-//! - [`runtime`]: the only module that speaks wasmtime -- engine, pooling allocator, linker,
-//!   budgets, and the host side of `wit/processor.wit`.
-//! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy;
-//!   [`breaker`] quarantines plugins that keep failing.
+//! - [`config`]: flags and TOML, parsed once into types that cannot be wrong (the server's
+//!   listeners over the core's shared settings).
 //! - [`ext_proc`]: the gRPC service -- a pure protocol state machine, conversions to and from
 //!   Envoy's protobufs, and the per-stream task around them.
-//! - [`http`]: the host's own types for headers, bodies and verdicts, shared by all of the above.
 //! - [`admin`]: the HTTP admin listener -- health, readiness, metrics, plugins, reload.
 //! - [`server`]: the [`Host`] -- listeners, serving, health, draining at shutdown.
-//! - [`metrics`], [`telemetry`], [`shutdown`]: counters, logs and signals.
+//! - [`telemetry`], [`shutdown`]: logs and signals.
+//! - From the core: [`registry`] (the chain on disk, reloads), [`runtime`] (wasmtime),
+//!   [`chain`] (one message through the plugins), [`guard`], [`breaker`], [`http`],
+//!   [`metrics`].
 //!
 //! # Request flow
 //!
 //! ```text
 //! Envoy ext_proc filter ──gRPC stream──▶ ext_proc::service (the stream's answers, polled by
 //!                                         hyper's own task; the registry's current generation)
-//!    ProcessingRequest ─▶ ext_proc::exchange::Exchange::handle (one step per message)
+//!    ProcessingRequest ─▶ ext_proc::exchange::Exchange::{accept, process} (one step per message)
 //!                           convert::inbound ─▶ protocol::observe ─▶ chain::StreamChain::run
 //!                                                                  │ for each plugin that handles the phase:
 //!                                                                  │   breaker admits? instantiate on first use (pooling allocator)
@@ -35,22 +37,20 @@
 //! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another.
 
 pub mod admin;
-pub mod breaker;
-pub mod chain;
 pub mod config;
 pub mod ext_proc;
-pub mod http;
-pub mod metrics;
-pub mod registry;
-pub mod runtime;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 
 pub use config::Config;
 pub use server::{Host, Listener, Listeners};
+pub use wasm_extproc_core::{breaker, chain, guard, http, metrics, registry, runtime};
 
 /// Largest ext_proc message accepted or sent. Envoy buffers bodies up to its connection buffer
 /// limit before sending them whole in BUFFERED mode; 8 MiB leaves room for raised limits
 /// without letting one message hold unbounded memory.
 pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+// A plugin's largest body travels in one message with its headers and framing.
+const _: () = assert!(guard::MAX_ANSWER_BODY_BYTES + 64 * 1024 <= MAX_MESSAGE_BYTES);

@@ -48,7 +48,7 @@ async fn check(config: Config) -> anyhow::Result<()> {
     eprintln!(
         "{} plugin(s) in {} load, link and register against this host",
         generation.chain.plugins().len(),
-        config.plugins_dir.display()
+        config.settings.plugins_dir.display()
     );
     Ok(())
 }
@@ -56,7 +56,10 @@ async fn check(config: Config) -> anyhow::Result<()> {
 /// Listens first (health answers NOT_SERVING while plugins compile), then loads the plugins;
 /// a plugin that fails to load stops start-up.
 async fn serve(config: Config, cli: Cli) -> anyhow::Result<()> {
-    let host = Host::with_source(config.clone(), Box::new(move || Config::load(&cli)))?;
+    let host = Host::with_source(
+        config.clone(),
+        Box::new(move || Config::load(&cli).map(|c| c.settings)),
+    )?;
     // Before listening: a SIGTERM from the moment the port is open must drain, not kill.
     let stop = shutdown::signal();
     let listeners = Listeners::bind(&config).await?;

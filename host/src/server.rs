@@ -22,7 +22,7 @@ use crate::admin;
 use crate::config::{Config, ListenAddr};
 use crate::ext_proc::ExtProcService;
 use crate::metrics::Metrics;
-use crate::registry::{self, ConfigSource, Generation, Registry, ReloadSummary};
+use crate::registry::{self, ConfigSource, Generation, Mode, Registry, ReloadSummary};
 use crate::runtime::{PoolLimits, Runtime};
 
 type ExtProcServer = ExternalProcessorServer<ExtProcService>;
@@ -127,24 +127,20 @@ impl Listeners {
 impl Host {
     /// A host whose reloads re-use `config` as it is (plugins are re-read, settings are not).
     pub fn new(config: Config) -> anyhow::Result<Host> {
-        let fixed = config.clone();
+        let fixed = config.settings.clone();
         Self::with_source(config, Box::new(move || Ok(fixed.clone())))
     }
 
     /// A host whose reloads read their configuration from `source` (the file and flags again).
     pub fn with_source(config: Config, source: ConfigSource) -> anyhow::Result<Host> {
         let metrics = Metrics::new();
-        let runtime = Runtime::new(
-            PoolLimits {
-                max_instances: config.max_instances,
-                max_wasi_instances: config.max_wasi_instances,
-                instance_wait: config.instance_wait,
-                max_memory_bytes: config.max_memory_limit_bytes(),
-                cache_dir: config.cache_dir.clone(),
-            },
-            metrics.pool(),
-        )?;
-        let registry = Arc::new(Registry::new(runtime, source, metrics.clone()));
+        let runtime = Runtime::new(PoolLimits::of(&config.settings), metrics.pool())?;
+        let registry = Arc::new(Registry::new(
+            Arc::new(runtime),
+            source,
+            metrics.clone(),
+            Mode::ExtProc,
+        ));
         Ok(Host {
             config,
             registry,
@@ -224,10 +220,11 @@ impl Host {
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
-        let _watch = match (self.config.watch, self.config.plugins_dir.is_dir()) {
+        let settings = &self.config.settings;
+        let _watch = match (settings.watch, settings.plugins_dir.is_dir()) {
             (true, true) => Some(registry::watch(
                 self.registry.clone(),
-                &self.config.plugins_dir,
+                &settings.plugins_dir,
                 self.config.file.as_deref(),
             )?),
             _ => None,

@@ -1,5 +1,6 @@
 //! A real Envoy, configured from `deploy/envoy/envoy.yaml` -- the same file operators use --
-//! with its ports pointed at this test's host and upstream.
+//! with its ports pointed at this test's host and upstream; or, for the in-process mode, from
+//! `deploy/envoy/envoy-in-process.yaml` with the test's plugins and settings.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -47,11 +48,44 @@ pub fn render_config(
     EnvoyConfig::default().render(listener, ext_proc, upstream, admin)
 }
 
+/// The directory holding `libwasm_extproc_module.so`, the in-process module:
+/// `$WASM_EXTPROC_MODULE_DIR`, else the test profile's target directory.
+pub fn module_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("WASM_EXTPROC_MODULE_DIR") {
+        return PathBuf::from(dir);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::repo_root().join("target"));
+    let dir = target.join("debug");
+    assert!(
+        dir.join("libwasm_extproc_module.so").is_file(),
+        "{}/libwasm_extproc_module.so is missing: run `cargo build -p wasm-extproc-module` \
+         (or `cargo xtask test`) first",
+        dir.display()
+    );
+    dir
+}
+
+/// The plugins and settings of an Envoy that runs them in-process.
+#[derive(Debug, Clone)]
+pub struct InProcess {
+    pub plugins_dir: PathBuf,
+    /// The module's TOML, after `plugins_dir`.
+    pub toml: String,
+}
+
+/// The line of `deploy/envoy/envoy-in-process.yaml`'s filter config the test's settings
+/// replace.
+const MODULE_CONFIG_ANCHOR: &str = "                          plugins_dir = \"/plugins\"\n";
+
 /// Variations on `deploy/envoy/envoy.yaml` for tests: the processing mode and extra filter
 /// settings. Each change replaces a line the file must contain exactly once, so the file and
 /// the tests cannot drift apart silently.
 #[derive(Debug, Clone, Default)]
 pub struct EnvoyConfig {
+    /// Run the plugins in Envoy (`deploy/envoy/envoy-in-process.yaml`) instead of over ext_proc.
+    pub in_process: Option<InProcess>,
     /// `(field, value)` pairs of `processing_mode`, e.g. `("request_body_mode", "BUFFERED")`.
     pub processing_mode: Vec<(&'static str, &'static str)>,
     /// Extra lines for the ext_proc filter's `typed_config`, e.g. `"request_attributes: [request.path]"`.
@@ -84,6 +118,15 @@ impl EnvoyConfig {
         self
     }
 
+    /// Runs the plugins in `plugins_dir` in Envoy's process, with the module settings `toml`.
+    pub fn in_process(mut self, plugins_dir: &std::path::Path, toml: &str) -> Self {
+        self.in_process = Some(InProcess {
+            plugins_dir: plugins_dir.to_path_buf(),
+            toml: toml.into(),
+        });
+        self
+    }
+
     /// Speaks HTTP/2 to the upstream.
     pub fn upstream_http2(mut self) -> Self {
         self.upstream_http2 = true;
@@ -103,20 +146,45 @@ impl EnvoyConfig {
         upstream: SocketAddr,
         admin: u16,
     ) -> anyhow::Result<String> {
-        let path = crate::repo_root().join("deploy/envoy/envoy.yaml");
+        let file = match self.in_process {
+            Some(_) => "deploy/envoy/envoy-in-process.yaml",
+            None => "deploy/envoy/envoy.yaml",
+        };
+        let path = crate::repo_root().join(file);
         let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
         let mut edits: Vec<(String, String)> = vec![
             (LISTENER_PORT.into(), format!("port_value: {listener}")),
-            (
-                EXT_PROC_PORT.into(),
-                format!("port_value: {}", ext_proc.port()),
-            ),
             (
                 UPSTREAM_PORT.into(),
                 format!("port_value: {}", upstream.port()),
             ),
             (ADMIN_PORT.into(), format!("port_value: {admin}")),
         ];
+        match &self.in_process {
+            None => edits.push((
+                EXT_PROC_PORT.into(),
+                format!("port_value: {}", ext_proc.port()),
+            )),
+            Some(module) => {
+                if !self.processing_mode.is_empty() || !self.filter_settings.is_empty() {
+                    bail!("processing modes and ext_proc filter settings mean nothing in-process");
+                }
+                let mut block = format!(
+                    "plugins_dir = {:?}\n{}",
+                    module.plugins_dir.display().to_string(),
+                    module.toml
+                );
+                if !block.ends_with('\n') {
+                    block.push('\n');
+                }
+                let indent = " ".repeat(26);
+                let block: String = block
+                    .lines()
+                    .map(|line| format!("{indent}{line}\n"))
+                    .collect();
+                edits.push((MODULE_CONFIG_ANCHOR.into(), block));
+            }
+        }
         for (field, value) in &self.processing_mode {
             let current = ["NONE", "SEND", "SKIP"]
                 .iter()
@@ -273,7 +341,11 @@ impl Envoy {
         let admin_path = dir.path().join("admin-address");
         std::fs::write(&config_path, config)?;
         let log = std::fs::File::create(dir.path().join("envoy.log"))?;
-        let child = Command::new(binary())
+        let mut command = Command::new(binary());
+        if config.contains("wasm_extproc_module") {
+            command.env("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", module_dir());
+        }
+        let child = command
             .arg("-c")
             .arg(&config_path)
             .arg("--admin-address-path")

@@ -115,9 +115,12 @@ impl RunningHost {
             &path.display().to_string(),
         ]);
         let config = Config::load(&cli).expect("valid config file");
-        let dir = PluginDir::Given(config.plugins_dir.clone());
-        let host = Host::with_source(config.clone(), Box::new(move || Config::load(&cli)))
-            .expect("host builds");
+        let dir = PluginDir::Given(config.settings.plugins_dir.clone());
+        let host = Host::with_source(
+            config.clone(),
+            Box::new(move || Config::load(&cli).map(|c| c.settings)),
+        )
+        .expect("host builds");
         Self::serve(Arc::new(host), config, dir, true).await
     }
 

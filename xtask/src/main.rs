@@ -289,6 +289,8 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The in-process module, which the conformance tests load into Envoy.
+    run(cargo().args(["build", "--package", "wasm-extproc-module"]))?;
     let (mut passed, mut failed) = run_tests(
         cargo()
             .args(["test", "--workspace", "--no-fail-fast"])
@@ -302,7 +304,7 @@ fn test() -> anyhow::Result<()> {
     passed += 1;
     // Benchmarks are not run here, but they must keep building (`cargo xtask bench` runs
     // them; its own code and the baselines in bench/ are built and linted above).
-    run(cargo().args(["bench", "--package", "wasm-extproc", "--no-run"]))?;
+    run(cargo().args(["bench", "--package", "wasm-extproc-core", "--no-run"]))?;
     let (deploy_passed, deploy_failed) = run_tests(
         Command::new(target_dir().join("tools/py/bin/pytest"))
             .args(["-q", "-p", "no:cacheprovider"])

@@ -90,13 +90,13 @@ async fn download(setup: &Setup, bytes: usize, json: bool, label: &str) -> HttpR
 }
 
 /// The body split into five uneven chunks, sent with pauses: a chunked upload.
-fn in_chunks(body: &[u8]) -> Vec<Vec<u8>> {
+pub(super) fn in_chunks(body: &[u8]) -> Vec<Vec<u8>> {
     let cut = body.len() / 5 + 7;
     body.chunks(cut).map(<[u8]>::to_vec).collect()
 }
 
 /// A content-length, where the client got one, must match the body.
-fn assert_length_fits(response: &HttpResponse, label: &str) {
+pub(super) fn assert_length_fits(response: &HttpResponse, label: &str) {
     for value in response.header_values("content-length") {
         assert_eq!(
             value,
@@ -106,7 +106,7 @@ fn assert_length_fits(response: &HttpResponse, label: &str) {
     }
 }
 
-fn assert_same(got: &[u8], want: &[u8], label: &str) {
+pub(super) fn assert_same(got: &[u8], want: &[u8], label: &str) {
     assert!(
         got == want,
         "{label}: {} bytes, expected {} (first difference at {:?})",
@@ -164,7 +164,7 @@ async fn chunks_are_replaced_in_every_mode_and_direction() {
     }
 }
 
-fn redacted(bytes: usize) -> Vec<u8> {
+pub(super) fn redacted(bytes: usize) -> Vec<u8> {
     let text = String::from_utf8(generated(bytes, true)).unwrap();
     text.replace("\"hunter2\"", "\"[REDACTED]\"").into_bytes()
 }

@@ -1,12 +1,10 @@
 //! The rest of an exchange through a real Envoy: immediate responses from any phase, only the
-//! phases plugins need, trailers over HTTP/2, Envoy's attributes and metadata, route cache
-//! clearing, and more time for slow phases.
+//! phases plugins need, trailers over HTTP/2, and more time for slow phases. (Attributes,
+//! metadata and route cache clearing are in `conformance.rs`, in both modes.)
 
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest};
-use extproc_testkit::fixtures::{
-    ASM_DEMO, BEARER_AUTH, CONTEXT_PROBE, Component, GATE, SLOW, TAGGER,
-};
+use extproc_testkit::fixtures::{ASM_DEMO, BEARER_AUTH, Component, GATE, SLOW, TAGGER};
 use extproc_testkit::host::RunningHost;
 use wasm_extproc::http::Phase;
 
@@ -225,90 +223,6 @@ async fn trailers_cross_an_http2_exchange_in_both_directions() {
             ("x-chain".to_string(), "T".to_string()),
             ("x-upstream-trailer".to_string(), "seen".to_string()),
         ]
-    );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plugins_read_attributes_and_metadata_set_metadata_and_reroute() {
-    let config = EnvoyConfig::default()
-        .filter("request_attributes: [request.path, source.address, xds.route_name]")
-        // Envoy forwards only the namespaces named here, and keeps metadata the processor sets
-        // only in the receiving ones.
-        .filter(
-            "metadata_options: { forwarding_namespaces: { untyped: [probe] }, \
-             receiving_namespaces: { untyped: [wasm] } }",
-        )
-        // Metadata for the plugin to read, set by a filter before ext_proc.
-        .edit(
-            "                http_filters:\n",
-            "                http_filters:
-                  - name: envoy.filters.http.lua
-                    typed_config:
-                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-                      default_source_code:
-                        inline_string: |
-                          function envoy_on_request(request_handle)
-                            request_handle:streamInfo():dynamicMetadata():set(\"probe\", \"in\", \"from-envoy\")
-                          end
-",
-        )
-        // Shows the metadata the plugin set.
-        .edit(
-            "                      domains: [\"*\"]\n",
-            "                      domains: [\"*\"]
-                      response_headers_to_add:
-                        - header: { key: x-seen-path, value: \"%DYNAMIC_METADATA(wasm:seen-path)%\" }
-",
-        )
-        // Where a rerouted request lands.
-        .edit(
-            "                        - name: default\n",
-            "                        - name: rerouted
-                          match: { prefix: \"/rerouted\" }
-                          direct_response: { status: 200, body: { inline_string: \"rerouted\" } }
-                        - name: default\n",
-        );
-    let setup = setup(&[("probe", CONTEXT_PROBE)], "", config).await;
-
-    let response = setup.envoy.get("/anything/here?q=1").await.unwrap();
-    assert_eq!(response.status, 200);
-    let seen = &setup.upstream.seen()[0];
-    assert_eq!(
-        seen.header("x-attr-path").as_deref(),
-        Some("/anything/here?q=1")
-    );
-    assert!(
-        seen.header("x-attr-source")
-            .unwrap()
-            .starts_with("127.0.0.1:"),
-        "{:?}",
-        seen.header("x-attr-source")
-    );
-    assert_eq!(seen.header("x-attr-route").as_deref(), Some("default"));
-    assert_eq!(
-        seen.header("x-metadata-in").as_deref(),
-        Some("\"from-envoy\"")
-    );
-    assert_eq!(
-        response.header_values("x-seen-path"),
-        ["/anything/here?q=1"]
-    );
-
-    let rerouted = setup
-        .envoy
-        .request(
-            "GET",
-            "/anything",
-            &[("x-reroute", "/rerouted")],
-            Vec::new(),
-        )
-        .await
-        .unwrap();
-    assert_eq!(rerouted.body, b"rerouted");
-    assert_eq!(
-        setup.upstream.seen().len(),
-        1,
-        "the rerouted request never reached httpbin"
     );
 }
 

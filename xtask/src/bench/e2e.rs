@@ -11,9 +11,13 @@
 //!   answers the body chunk the plugin never sees, where it used to close the stream.
 //! - (d) `native`: the same filter -> `native-extproc`, the job in plain Rust, so (c) minus (d)
 //!   is what the Wasm host costs over writing the server by hand.
+//! - (e) `in-process`: the bundled plugin in Envoy's process, through the dynamic module
+//!   (`deploy/envoy/envoy-in-process.yaml`): no ext_proc hop, so against (b) it is what the
+//!   sandbox costs over Lua.
 //!
 //! Every Envoy configuration is `deploy/envoy/envoy.yaml`, as operators run it, with the
-//! ext_proc filter taken out (a) or swapped for Lua (b). The servers -- Envoy with one worker,
+//! ext_proc filter taken out (a) or swapped for Lua (b), or `deploy/envoy/envoy-in-process.yaml`
+//! (e). The servers -- Envoy with one worker,
 //! the upstream, the ext_proc server -- share core 0 and the load generator has core 1, so it
 //! never competes with what it measures. Only the setup being measured runs: the host's epoch
 //! ticker, idle, would otherwise steal from the others. Each round measures the four setups in
@@ -84,7 +88,7 @@ pub struct Load {
 /// One setup's figures: medians over rounds, and every round as measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
-    /// `envoy`, `lua`, `wasm`, `wasm4`, `wasm4-reuse`, `wasm-fd` or `native`.
+    /// `envoy`, `lua`, `wasm`, `wasm4`, `wasm4-reuse`, `wasm-fd`, `native` or `in-process`.
     pub key: String,
     pub label: String,
     /// Closed loop (wrk).
@@ -200,6 +204,8 @@ enum Filter {
     Nothing,
     Lua,
     ExtProc(Processor),
+    /// The bundled plugin in Envoy, through the dynamic module.
+    InProcess,
 }
 
 /// The ext_proc server behind the filter.
@@ -213,7 +219,7 @@ enum Processor {
     Native,
 }
 
-pub(super) static SETUPS: [Setup; 7] = [
+pub(super) static SETUPS: [Setup; 8] = [
     Setup {
         key: "envoy",
         label: "(a) Envoy alone, no header work",
@@ -268,6 +274,12 @@ pub(super) static SETUPS: [Setup; 7] = [
         filter: Filter::ExtProc(Processor::Native),
         full_duplex_response: false,
     },
+    Setup {
+        key: "in-process",
+        label: "(e) wasm-extproc in Envoy's process + ASM plugin",
+        filter: Filter::InProcess,
+        full_duplex_response: false,
+    },
 ];
 
 impl Setup {
@@ -276,9 +288,13 @@ impl Setup {
         self.filter != Filter::Nothing
     }
 
-    /// `deploy/envoy/envoy.yaml`, with the ext_proc filter kept, removed or replaced.
-    fn envoy_config(&self) -> anyhow::Result<EnvoyConfig> {
+    /// `deploy/envoy/envoy.yaml`, with the ext_proc filter kept, removed or replaced; or
+    /// `deploy/envoy/envoy-in-process.yaml` with the plugins in `plugins`.
+    fn envoy_config(&self, plugins: &Path) -> anyhow::Result<EnvoyConfig> {
         let config = EnvoyConfig::default();
+        if self.filter == Filter::InProcess {
+            return Ok(config.in_process(plugins, ""));
+        }
         if let Filter::ExtProc(_) = self.filter {
             if self.full_duplex_response {
                 return Ok(config
@@ -315,6 +331,8 @@ pub(super) struct Binaries {
     asm_plugin: PathBuf,
     native_extproc: PathBuf,
     upstream: PathBuf,
+    /// Where `libwasm_extproc_module.so` is, for Envoy's `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
+    module_dir: PathBuf,
     /// The load that holds many exchanges in flight (concurrency runs).
     pub(super) hold_load: PathBuf,
 }
@@ -358,6 +376,13 @@ impl Binaries {
                 release.join("hold-load"),
                 "cargo build --release -p extproc-bench",
             )?,
+            module_dir: built(
+                release.join("libwasm_extproc_module.so"),
+                "cargo build --release -p wasm-extproc-module",
+            )?
+            .parent()
+            .expect("a file has a directory")
+            .to_path_buf(),
         })
     }
 }
@@ -377,11 +402,23 @@ impl Server {
         args: &[&str],
         dir: &Path,
     ) -> anyhow::Result<Server> {
+        Self::spawn_with(name, program, args, dir, &[])
+    }
+
+    /// [`spawn`](Self::spawn), with `env` set.
+    fn spawn_with(
+        name: &'static str,
+        program: &Path,
+        args: &[&str],
+        dir: &Path,
+        env: &[(&str, &Path)],
+    ) -> anyhow::Result<Server> {
         let log = dir.join(format!("{name}.log"));
         let child = Command::new("taskset")
             .args(["-c", SERVER_CORE])
             .arg(program)
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -494,13 +531,16 @@ impl Running {
         // Setups without ext_proc still render the file's ext_proc cluster; nothing listens there.
         let ext_proc_address = loopback(free_port()?);
         let listen = ext_proc_address.to_string();
+        let plugins = dir.path().join("plugins");
+        std::fs::create_dir(&plugins)?;
+        if setup.filter == Filter::InProcess {
+            std::fs::copy(&binaries.asm_plugin, plugins.join("10-asm-demo.wasm"))?;
+        }
         let ext_proc = match setup.filter {
             Filter::ExtProc(Processor::Wasm {
                 plugins: count,
                 reuse,
             }) => {
-                let plugins = dir.path().join("plugins");
-                std::fs::create_dir(&plugins)?;
                 for i in 0..count {
                     let file = plugins.join(format!("{}-asm-demo.wasm", 10 + i));
                     std::fs::copy(&binaries.asm_plugin, file)?;
@@ -540,11 +580,11 @@ impl Running {
                 native.wait_listening(ext_proc_address)?;
                 Some(native)
             }
-            Filter::Nothing | Filter::Lua => None,
+            Filter::Nothing | Filter::Lua | Filter::InProcess => None,
         };
 
         let listener = loopback(free_port()?);
-        let mut envoy_config = setup.envoy_config()?;
+        let mut envoy_config = setup.envoy_config(&plugins)?;
         if variation.many_in_flight {
             envoy_config = envoy_config
                 .upstream_http2()
@@ -566,7 +606,7 @@ impl Running {
         )?;
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config)?;
-        let mut envoy = Server::spawn(
+        let mut envoy = Server::spawn_with(
             "envoy",
             &binaries.envoy,
             &[
@@ -579,6 +619,7 @@ impl Running {
                 "warn",
             ],
             dir.path(),
+            &[("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", &binaries.module_dir)],
         )?;
         envoy
             .wait_listening(listener)
@@ -823,7 +864,7 @@ mod tests {
         let render = |setup: &Setup| {
             let address = loopback(9);
             setup
-                .envoy_config()
+                .envoy_config(Path::new("/plugins"))
                 .unwrap()
                 .render(1, address, address, 2)
                 .unwrap()
@@ -838,6 +879,11 @@ mod tests {
                 "{config}"
             );
             assert_eq!(config.contains("envoy.filters.http.lua"), lua, "{config}");
+            assert_eq!(
+                config.contains("envoy.filters.http.dynamic_modules"),
+                setup.filter == Filter::InProcess,
+                "{config}"
+            );
             assert!(config.contains(ROUTER_FILTER), "{config}");
             assert_eq!(
                 config.contains("response_body_mode: FULL_DUPLEX_STREAMED"),

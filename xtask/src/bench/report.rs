@@ -22,6 +22,10 @@ const TARGET_STREAM_US: f64 = 10.0;
 const TARGET_PER_PLUGIN_US: f64 = 3.0;
 const TARGET_FOUR_PLUGINS: f64 = 1.5;
 const TARGET_STREAM_KIB: f64 = 32.0;
+/// The in-process module against Envoy's Lua filter (the in-process issue): Envoy's CPU per
+/// request, and requests per second.
+const TARGET_IN_PROCESS_CPU: f64 = 1.3;
+const TARGET_IN_PROCESS_RPS: f64 = 0.8;
 
 /// Everything one `cargo xtask bench` measured, kept beside the report (bench/results.json) so
 /// the report can be rendered again without measuring again.
@@ -40,7 +44,7 @@ pub struct Results {
     /// Exchanges in flight: connections through Envoy behind a slow upstream.
     #[serde(default)]
     pub concurrency: Vec<Level>,
-    /// The languages benchmark's table (host/benches/languages.rs), as it printed it.
+    /// The languages benchmark's table (core/benches/languages.rs), as it printed it.
     pub languages: Option<String>,
 }
 
@@ -104,7 +108,7 @@ pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<(
         writeln!(
             md,
             "## Plugin languages\n\nThe ASM demo plugin built in each language \
-             (`host/benches/languages.rs`): component size, compile time cold and from the \
+             (`core/benches/languages.rs`): component size, compile time cold and from the \
              compilation cache, and the per-stream work (instantiate + both header phases; \
              these components import WASI).\n\n{table}"
         )?;
@@ -182,6 +186,37 @@ fn summary(results: &Results) -> String {
                 );
             }
         }
+    }
+    if let (Some(module), Some(lua)) = (by_key("in-process"), by_key("lua")) {
+        let (m, l) = (cpu(module, "envoy"), cpu(lua, "envoy"));
+        row(
+            format!(
+                "(e) in-process vs (b) Lua: Envoy's CPU per request at {} req/s",
+                results.fixed_rate
+            ),
+            format!("{m:.1} vs {l:.1} µs: {:.2}×", m / l),
+            format!("≤ {TARGET_IN_PROCESS_CPU:.1}×"),
+            m <= l * TARGET_IN_PROCESS_CPU,
+        );
+        let (mc, lc) = (closed_cpu(module, "envoy"), closed_cpu(lua, "envoy"));
+        if mc > 0.0 && lc > 0.0 {
+            row(
+                "(e) vs (b): Envoy's CPU per request, closed loop".into(),
+                format!("{mc:.1} vs {lc:.1} µs: {:.2}×", mc / lc),
+                format!("≤ {TARGET_IN_PROCESS_CPU:.1}×"),
+                mc <= lc * TARGET_IN_PROCESS_CPU,
+            );
+        }
+        let rps = module.closed.rps / lua.closed.rps;
+        row(
+            "(e) vs (b): req/s, closed loop".into(),
+            format!(
+                "{:.0} vs {:.0}: {rps:.2}×",
+                module.closed.rps, lua.closed.rps
+            ),
+            format!("≥ {TARGET_IN_PROCESS_RPS:.1}×"),
+            rps >= TARGET_IN_PROCESS_RPS,
+        );
     }
     if let Some(stream) = results.micro.get("stream/asm_demo") {
         row(
@@ -353,6 +388,19 @@ fn e2e_section(
             wasm.closed.rps / lua.closed.rps,
             lua.closed.rps / envoy.closed.rps,
         )?;
+        if let Some(module) = by_key("in-process") {
+            writeln!(
+                md,
+                "In Envoy's process the same plugin costs (e) - (a): Envoy {:+.1} µs per request \
+                 at the fixed rate, against (b) - (a) = {:+.1} µs for Lua and (c) - (a) = \
+                 {:+.1} µs (Envoy) {:+.1} µs (host) over ext_proc. (e)/(b) req/s {:.2}.\n",
+                cpu(module, "envoy") - cpu(envoy, "envoy"),
+                cpu(lua, "envoy") - cpu(envoy, "envoy"),
+                cpu(wasm, "envoy") - cpu(envoy, "envoy"),
+                cpu(wasm, "ext_proc"),
+                module.closed.rps / lua.closed.rps,
+            )?;
+        }
         if let Some(full_duplex) = by_key("wasm-fd") {
             writeln!(
                 md,
@@ -418,6 +466,7 @@ fn short(key: &str) -> String {
         "wasm4-reuse" => "(c4r) 4, reused",
         "wasm-fd" => "(cf) full duplex",
         "native" => "(d) native ext_proc",
+        "in-process" => "(e) in-process",
         other => other,
     }
     .to_string()
@@ -432,7 +481,7 @@ fn micro_section(
     let us = |id: &str| results.micro.get(id).map(|e| e.micros());
     writeln!(
         md,
-        "## In process (criterion, `host/benches/stream.rs`)\n\n\
+        "## In process (criterion, `core/benches/stream.rs`)\n\n\
          One stream's Wasm work for the bundled plugin: instantiate from the pre-linked \
          component (pooling allocator), run both header phases on 12 request and 6 response \
          headers, drop the instance. The bundled plugins build for `wasm32-unknown-unknown` and \

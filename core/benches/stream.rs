@@ -13,7 +13,7 @@
 //! BENCHMARKS.md; once the components are built, this alone is:
 //!
 //! ```text
-//! cargo bench -p wasm-extproc --bench stream
+//! cargo bench -p wasm-extproc-core --bench stream
 //! ```
 //!
 
@@ -25,13 +25,15 @@ mod common;
 
 use common::{BUNDLED, WASI, components, request_headers, response_headers};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use wasm_extproc::chain::StreamChain;
-use wasm_extproc::config::{Config, Isolation};
-use wasm_extproc::ext_proc::guard::Guard;
-use wasm_extproc::http::{BodyChunk, BodyMode, Changes, Decision, ExchangeContext, Message, Phase};
-use wasm_extproc::metrics::Metrics;
-use wasm_extproc::registry::{Chain, Generation};
-use wasm_extproc::runtime::{Plugin, PoolLimits, Runtime};
+use wasm_extproc_core::chain::StreamChain;
+use wasm_extproc_core::config::{Isolation, Settings};
+use wasm_extproc_core::guard::Guard;
+use wasm_extproc_core::http::{
+    BodyChunk, BodyMode, Changes, Decision, ExchangeContext, Message, Phase,
+};
+use wasm_extproc_core::metrics::Metrics;
+use wasm_extproc_core::registry::{Chain, Generation};
+use wasm_extproc_core::runtime::{Plugin, PoolLimits, Runtime};
 
 /// Chain lengths measured.
 const CHAIN_LENGTHS: [usize; 5] = [1, 2, 4, 8, 16];
@@ -42,8 +44,8 @@ const CHUNK: usize = 16 << 10;
 
 /// The host's configuration for these benchmarks: generous budgets, so a slow machine does not
 /// turn a measurement into a deadline failure.
-fn config() -> Config {
-    Config::from_toml(
+fn config() -> Settings {
+    Settings::from_toml(
         "[defaults]\ntimeout_ms = 1000\nmemory_limit_mib = 64\n",
         Path::new("bench.toml"),
     )
@@ -53,7 +55,7 @@ fn config() -> Config {
 struct Bench {
     tokio: tokio::runtime::Runtime,
     runtime: Runtime,
-    config: Config,
+    config: Settings,
 }
 
 impl Bench {

@@ -3,14 +3,16 @@
 //! (counting it in `rejected_header_mutations`) or fail the whole request with a 500 the
 //! operator cannot explain; here the plugin that produced it fails, under its own policy, with
 //! a message saying what was wrong.
+//!
+//! In Envoy's process the same rules hold, so that a plugin behaves the same in both modes.
 
 use crate::config::EnvoySettings;
 use crate::http::{HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase};
 use crate::runtime::{Action, Outcome};
 
-/// Largest body a plugin may produce in one message: it travels in one gRPC message, which
-/// also carries headers and framing.
-pub const MAX_ANSWER_BODY_BYTES: usize = crate::MAX_MESSAGE_BYTES - 64 * 1024;
+/// Largest body a plugin may produce in one message: over ext_proc it travels in one gRPC
+/// message of at most 8 MiB, which also carries headers and framing.
+pub const MAX_ANSWER_BODY_BYTES: usize = (8 << 20) - 64 * 1024;
 
 /// The rules in force, from what the operator says Envoy is configured with.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 //! (from the compilation cache), and the per-stream work -- instantiate, both header phases,
 //! drop -- for the ASM demo plugin built in Rust, C, JavaScript and Python.
 //!
-//!     cargo xtask build-plugins && cargo bench -p wasm-extproc --bench languages
+//!     cargo xtask build-plugins && cargo bench -p wasm-extproc-core --bench languages
 //!
 //! Prints a Markdown table (medians; the machine is shared, so compare ratios) and writes it to
 //! target/bench/languages.md.
@@ -16,10 +16,10 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{WASI, components, request_headers, response_headers};
-use wasm_extproc::config::Config;
-use wasm_extproc::http::{ExchangeContext, Phase};
-use wasm_extproc::metrics::Metrics;
-use wasm_extproc::runtime::{PoolLimits, Runtime};
+use wasm_extproc_core::config::Settings;
+use wasm_extproc_core::http::{ExchangeContext, Phase};
+use wasm_extproc_core::metrics::Metrics;
+use wasm_extproc_core::runtime::{PoolLimits, Runtime};
 
 const LANGUAGES: [(&str, &str); 4] = [
     ("Rust", "asm_demo"),
@@ -53,7 +53,7 @@ fn main() {
         .build()
         .unwrap();
     let settings = {
-        let config = Config::from_toml(
+        let config = Settings::from_toml(
             "[defaults]\ntimeout_ms = 1000\nmemory_limit_mib = 128\n",
             Path::new("bench.toml"),
         )

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use wasm_extproc::http::{HeaderMap, Message};
+use wasm_extproc_core::http::{HeaderMap, Message};
 
 /// The bundled plugins need no WASI (plugins/.cargo/config.toml); fixtures and the other
 /// languages' examples use it.

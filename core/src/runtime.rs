@@ -33,7 +33,7 @@ use wasmtime::{
 };
 
 use crate::breaker::Breaker;
-use crate::config::{Isolation, PluginSettings};
+use crate::config::{Isolation, PluginSettings, Settings};
 use crate::http::{
     Delivery, Effects, ExchangeContext, ImmediateResponse, Message, Phase, PhaseSet, Registration,
 };
@@ -143,7 +143,7 @@ impl std::fmt::Debug for Runtime {
 }
 
 /// Sizes of the instance pool, and where compiled code is cached.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolLimits {
     /// Component instances alive at once (one per plugin per stream in flight).
     pub max_instances: u32,
@@ -157,6 +157,19 @@ pub struct PoolLimits {
     /// a restart or a reload with a known component skips compilation (seconds for JavaScript
     /// and Python plugins).
     pub cache_dir: Option<PathBuf>,
+}
+
+impl PoolLimits {
+    /// The limits the configuration sets.
+    pub fn of(settings: &Settings) -> PoolLimits {
+        PoolLimits {
+            max_instances: settings.max_instances,
+            max_wasi_instances: settings.max_wasi_instances,
+            instance_wait: settings.instance_wait,
+            max_memory_bytes: settings.max_memory_limit_bytes(),
+            cache_dir: settings.cache_dir.clone(),
+        }
+    }
 }
 
 impl Runtime {
@@ -219,7 +232,9 @@ impl Runtime {
             format!(
                 "cannot set up the instance pool for [runtime] max_instances = {instances} and \
                  max_wasi_instances = {wasi}: each instance reserves 4 GiB of address space for \
-                 its memory (WASI ones 8 GiB), and x86-64 has room for about 80 TiB"
+                 its memory (WASI ones 8 GiB), in one block the process's free address space \
+                 must hold (about 80 TiB on x86-64 for the server, less inside Envoy); lower \
+                 them"
             )
         })?;
 

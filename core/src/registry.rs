@@ -22,13 +22,13 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use arc_swap::ArcSwapOption;
 
-use crate::config::{Config, ConfigError, EnvoySettings};
-use crate::ext_proc::guard::Guard;
+use crate::config::{ConfigError, EnvoySettings, Settings};
+use crate::guard::Guard;
 use crate::http::{Phase, PhaseSet};
 use crate::metrics::{Metrics, PluginMetrics};
 use crate::runtime::{EPOCH_CHECK, EPOCH_TICK, Plugin, Runtime};
 
-pub use watch::watch;
+pub use watch::{WatchGuard, watch};
 
 /// The loaded chain, in order. Shared by every stream that starts while it is current.
 #[derive(Debug)]
@@ -179,13 +179,25 @@ pub struct Generation {
     pub plugins_dir: PathBuf,
 }
 
-/// Where a reload reads its configuration from: the file and flags again, or a fixed value.
-pub type ConfigSource = Box<dyn Fn() -> Result<Config, ConfigError> + Send + Sync>;
+/// Where a reload reads its settings from: the file and flags again, or a fixed value.
+pub type ConfigSource = Box<dyn Fn() -> Result<Settings, ConfigError> + Send + Sync>;
+
+/// How Envoy waits for the chain, which decides what a loaded chain must fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Over ext_proc: Envoy gives each message `message_timeout` (or up to
+    /// `max_message_timeout` when asked), so each phase's budgets must fit in it.
+    ExtProc,
+    /// In Envoy's process: the chain runs on Envoy's worker thread and Envoy waits for it;
+    /// only the plugins' own budgets bound a phase.
+    InProcess,
+}
 
 /// The current generation and how to make the next one.
 pub struct Registry {
-    runtime: Runtime,
+    runtime: Arc<Runtime>,
     source: ConfigSource,
+    mode: Mode,
     current: ArcSwapOption<Generation>,
     /// One reload at a time; a trigger that arrives during one waits for it and runs after.
     reloading: tokio::sync::Mutex<()>,
@@ -210,10 +222,18 @@ pub struct ReloadSummary {
 }
 
 impl Registry {
-    pub fn new(runtime: Runtime, source: ConfigSource, metrics: Arc<Metrics>) -> Self {
+    /// A registry that loads with `runtime` (which other registries may share) and reads its
+    /// settings from `source` on every reload.
+    pub fn new(
+        runtime: Arc<Runtime>,
+        source: ConfigSource,
+        metrics: Arc<Metrics>,
+        mode: Mode,
+    ) -> Self {
         Registry {
             runtime,
             source,
+            mode,
             current: ArcSwapOption::empty(),
             reloading: tokio::sync::Mutex::new(()),
             metrics,
@@ -269,6 +289,9 @@ impl Registry {
             &self.metrics,
         )
         .await?;
+        if self.mode == Mode::ExtProc {
+            chain.check_budgets(&config.envoy)?;
+        }
         let generation = Generation {
             number: previous.as_ref().map_or(1, |g| g.number + 1),
             chain,
@@ -292,7 +315,7 @@ impl Registry {
 /// would run requests through the wrong policy.
 pub async fn load_chain(
     runtime: &Runtime,
-    config: &Config,
+    config: &Settings,
     previous: Option<&Chain>,
     metrics: &Arc<Metrics>,
 ) -> anyhow::Result<(Chain, usize)> {
@@ -345,9 +368,7 @@ pub async fn load_chain(
         };
         plugins.push(plugin);
     }
-    let chain = Chain::new(plugins, metrics, config.instance_wait);
-    chain.check_budgets(&config.envoy)?;
-    Ok((chain, compiled))
+    Ok((Chain::new(plugins, metrics, config.instance_wait), compiled))
 }
 
 #[cfg(test)]

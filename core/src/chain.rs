@@ -3,7 +3,7 @@
 //! costs a stream nothing.
 //!
 //! After each call the chain checks the plugin's changes against Envoy's rules (the
-//! generation's [`Guard`](crate::ext_proc::guard::Guard)) and keeps them, or rolls them back
+//! generation's [`Guard`](crate::guard::Guard)) and keeps them, or rolls them back
 //! when the call failed or the guard refused them. The header changes it kept are what the
 //! answer to Envoy carries.
 //!
@@ -130,6 +130,20 @@ impl StreamChain {
                 plugin.release(*instance);
             }
         }
+    }
+
+    /// Whether a plugin still live in this stream wants `direction`'s body whole.
+    pub fn wants_whole_body(&self, direction: Direction) -> bool {
+        self.generation
+            .chain
+            .plugins()
+            .iter()
+            .zip(&self.plugins)
+            .any(|(plugin, state)| {
+                !matches!(state.slot, Slot::Skipped)
+                    && plugin.phases().contains(direction.body())
+                    && plugin.registration().delivery(direction) == Delivery::Whole
+            })
     }
 
     /// Whether some plugin is holding body chunks of `direction`.

@@ -1,6 +1,7 @@
 //! Counters and histograms in Prometheus form: what the host received, what plugins did.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -66,6 +67,25 @@ pub struct Metrics {
     streams: Counter,
     reloads: Family<ResultLabel, Counter>,
     pool: PoolMetrics,
+    /// Every plugin that has had series, for [`samples`](Metrics::samples).
+    plugins: Mutex<BTreeSet<String>>,
+}
+
+/// One counter or gauge series and its value now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sample {
+    /// The series' name, without the `wasm_extproc_` prefix.
+    pub name: &'static str,
+    /// Label names and values, in the order the series defines them.
+    pub labels: Vec<(&'static str, String)>,
+    pub value: u64,
+    pub kind: SampleKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SampleKind {
+    Counter,
+    Gauge,
 }
 
 /// The instance pool's series, updated by the runtime.
@@ -163,6 +183,7 @@ impl Metrics {
             streams,
             reloads,
             pool,
+            plugins: Mutex::default(),
         })
     }
 
@@ -187,6 +208,10 @@ impl Metrics {
     /// The series of one plugin, looked up on first use and kept: what a stream records for
     /// each call, without building labels.
     pub fn for_plugin(self: &Arc<Self>, plugin: &str) -> PluginMetrics {
+        self.plugins
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(plugin.to_string());
         PluginMetrics {
             metrics: self.clone(),
             plugin: plugin.to_string(),
@@ -235,6 +260,72 @@ impl Metrics {
             .into_iter()
             .map(|phase| self.plugin_calls(plugin, phase, outcome))
             .sum()
+    }
+
+    /// Every counter and gauge series that has a value, for a front end that publishes them
+    /// elsewhere than the Prometheus endpoint (histograms are only there).
+    pub fn samples(&self) -> Vec<Sample> {
+        let counter = |name, labels, value| Sample {
+            name,
+            labels,
+            value,
+            kind: SampleKind::Counter,
+        };
+        let gauge = |name, value: i64| Sample {
+            name,
+            labels: Vec::new(),
+            value: value.max(0) as u64,
+            kind: SampleKind::Gauge,
+        };
+        let mut samples = vec![
+            counter("streams", Vec::new(), self.streams.get()),
+            gauge("active_streams", self.active_streams.get()),
+            gauge("instances_in_use", self.pool.in_use.get()),
+            counter("instance_waits", Vec::new(), self.pool.waits.get()),
+            counter(
+                "instance_pool_exhausted",
+                Vec::new(),
+                self.pool.exhausted.get(),
+            ),
+        ];
+        for result in ["ok", "error"] {
+            samples.push(counter(
+                "reloads",
+                vec![("result", result.to_string())],
+                self.reloads(result),
+            ));
+        }
+        for phase in Phase::ALL {
+            samples.push(counter(
+                "messages_received",
+                vec![("phase", phase.as_str().to_string())],
+                self.messages_received(phase),
+            ));
+        }
+        let plugins = self
+            .plugins
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        for plugin in plugins {
+            for phase in Phase::ALL {
+                for outcome in OUTCOMES {
+                    let value = self.plugin_calls(&plugin, phase, outcome);
+                    if value > 0 {
+                        samples.push(counter(
+                            "plugin_calls",
+                            vec![
+                                ("plugin", plugin.clone()),
+                                ("phase", phase.as_str().to_string()),
+                                ("outcome", outcome.to_string()),
+                            ],
+                            value,
+                        ));
+                    }
+                }
+            }
+        }
+        samples
     }
 
     /// The Prometheus text exposition.

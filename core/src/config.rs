@@ -1,0 +1,665 @@
+//! The configuration both front ends read: one TOML file format for the ext_proc server and
+//! the in-process module alike, parsed once into types that cannot hold a wrong value.
+//!
+//! ```toml
+//! plugins_dir = "/plugins"
+//! watch = true                  # reload when plugins (or the server's config file) change
+//!
+//! [runtime]
+//! max_instances = 14000         # plugin instances alive at once, across all streams
+//!
+//! [defaults]                    # every plugin, unless its own table says otherwise
+//! failure_policy = "fail-closed"
+//! failure_status = 500
+//! timeout_ms = 20
+//! memory_limit_mib = 32
+//! breaker_threshold = 5         # failures in a row that quarantine a plugin; 0 = never
+//! breaker_window_ms = 10000
+//! breaker_backoff_ms = 5000
+//! isolation = "exchange"        # or "reuse": keep instances across exchanges (see README)
+//!
+//! [plugins.10-auth]             # keyed by file name without `.wasm`
+//! config = '{"realm": "api"}'
+//! failure_policy = "fail-open"
+//!
+//! [envoy]                       # the Envoy in front: what it lets plugins change, how long it waits
+//! message_timeout_ms = 200
+//! ```
+//!
+//! The file also carries each front end's own keys: the server's listeners, TLS and shutdown
+//! grace (top level and `[tls]`), and the module's `[module]` table. They are read here as they
+//! are written and interpreted by the front end that uses them; the other one says it ignores
+//! them. Everything downstream takes a [`Settings`] and never re-checks it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+pub use crate::breaker::BreakerSettings;
+
+/// The mount point of the plugin volume in the container image and Kubernetes manifests.
+pub const DEFAULT_PLUGINS_DIR: &str = "/plugins";
+
+/// A header plugin runs in microseconds; 20 ms is a thousand times that, and a chain of eight
+/// plugins on one phase still answers inside Envoy's default 200 ms `message_timeout`.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(20);
+const MAX_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enough for a plugin that buffers a 1 MiB body a few times over; small enough that a
+/// thousand instances at their ceiling fit a 32 GiB node (most use a few dozen KiB).
+pub const DEFAULT_MEMORY_LIMIT_MIB: u64 = 32;
+const MAX_MEMORY_LIMIT_MIB: u64 = 4096;
+/// Envoy's own answer when ext_proc fails with `failure_mode_allow: false`.
+pub const DEFAULT_FAILURE_STATUS: u16 = 500;
+/// Instances alive at once across all streams (one per plugin per stream in flight): room for
+/// 10,000 exchanges in flight with a plugin each, and more. Each reserves address space, not
+/// memory, until it is used; what bounds the number is the kernel's memory mappings (about 4
+/// per live instance against the default `vm.max_map_count` of 65,530) and the address space
+/// (about 4 GiB per memory, so that guest code needs no bounds checks).
+pub const DEFAULT_MAX_INSTANCES: u32 = 14_000;
+/// Of those, instances of plugins that import WASI: each keeps a fiber stack (2 MiB of address
+/// space, two memory mappings) while its stream lives. Interpreted plugins (JavaScript,
+/// Python) import WASI and take megabytes each, so memory bounds them long before this.
+pub const DEFAULT_MAX_WASI_INSTANCES: u32 = 2_000;
+/// How long a stream waits for a free instance when the pool is full before the plugin's
+/// failure policy applies: a burst drains in that time, and it stays well inside Envoy's
+/// default 200 ms `message_timeout` (the start-up budget check counts it once per phase).
+pub const DEFAULT_INSTANCE_WAIT: Duration = Duration::from_millis(20);
+/// Five crashes in a row is a crash loop, not bad luck: a plugin that fails 1% of calls gets
+/// five in a row about once in ten billion calls.
+pub const DEFAULT_BREAKER: BreakerSettings = BreakerSettings {
+    threshold: 5,
+    window: Duration::from_secs(10),
+    backoff: Duration::from_secs(5),
+};
+/// Envoy's default `message_timeout`.
+pub const DEFAULT_ENVOY_MESSAGE_TIMEOUT: Duration = Duration::from_millis(200);
+/// Envoy's default `max_request_headers_kb`.
+pub const DEFAULT_ENVOY_MAX_HEADERS_KIB: u64 = 60;
+
+/// The file as written. Unknown keys are errors: a misspelt setting must not be ignored.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The ext_proc server's gRPC listener (server only).
+    pub listen: Option<String>,
+    /// The ext_proc server's admin listener (server only).
+    pub admin_listen: Option<String>,
+    /// How long the ext_proc server drains at shutdown (server only).
+    pub shutdown_grace_ms: Option<u64>,
+    /// TLS on the ext_proc server's listener (server only).
+    pub tls: Option<FileTls>,
+    /// What the in-process module reads from Envoy for plugins (module only).
+    #[serde(default)]
+    pub module: FileModule,
+    plugins_dir: Option<PathBuf>,
+    watch: Option<bool>,
+    #[serde(default)]
+    runtime: FileRuntime,
+    #[serde(default)]
+    defaults: FilePluginSettings,
+    #[serde(default)]
+    plugins: BTreeMap<String, FilePluginSettings>,
+    #[serde(default)]
+    envoy: FileEnvoy,
+}
+
+/// `[tls]`: the server's certificate, key and optional client CA, as paths.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// `[module]`: what the in-process module reads from Envoy for each exchange. Over ext_proc,
+/// Envoy's filter config says the same (`request_attributes`, `response_attributes`,
+/// `metadata_options`).
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileModule {
+    /// Attributes read with the request headers (`request.path`, `source.address`, ...).
+    #[serde(default)]
+    pub request_attributes: Vec<String>,
+    /// Attributes read with the response headers (`response.code`, ...).
+    #[serde(default)]
+    pub response_attributes: Vec<String>,
+    /// Dynamic metadata namespaces plugins may read (`context.metadata`).
+    #[serde(default)]
+    pub metadata_namespaces: Vec<String>,
+}
+
+impl FileModule {
+    pub fn is_empty(&self) -> bool {
+        self.request_attributes.is_empty()
+            && self.response_attributes.is_empty()
+            && self.metadata_namespaces.is_empty()
+    }
+}
+
+/// Settings of the Envoy filter in front of the host that the host must respect.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileEnvoy {
+    message_timeout_ms: Option<u64>,
+    max_message_timeout_ms: Option<u64>,
+    allow_all_routing: Option<bool>,
+    allow_envoy_headers: Option<bool>,
+    max_headers_kib: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRuntime {
+    max_instances: Option<u32>,
+    max_wasi_instances: Option<u32>,
+    instance_wait_ms: Option<u64>,
+    cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePluginSettings {
+    config: Option<String>,
+    failure_policy: Option<FailureMode>,
+    failure_status: Option<u16>,
+    timeout_ms: Option<u64>,
+    memory_limit_mib: Option<u64>,
+    breaker_threshold: Option<u32>,
+    breaker_window_ms: Option<u64>,
+    breaker_backoff_ms: Option<u64>,
+    isolation: Option<Isolation>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum FailureMode {
+    FailOpen,
+    FailClosed,
+}
+
+/// What a plugin's instance may carry from one exchange to the next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Isolation {
+    /// A fresh instance for every exchange: nothing carries over. The default.
+    #[default]
+    Exchange,
+    /// An instance that served an exchange without failing serves later ones: its memory and
+    /// globals carry over. Saves instantiating per exchange; only for plugins that keep no
+    /// per-exchange state of their own (see README).
+    Reuse,
+}
+
+/// Settings given outside the file (the server's flags), which win over it, and a front end's
+/// own defaults where the file is silent.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub plugins_dir: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    /// `[runtime] max_instances` when the file does not set it, instead of
+    /// [`DEFAULT_MAX_INSTANCES`].
+    pub default_max_instances: Option<u32>,
+    /// `[runtime] max_wasi_instances` when the file does not set it, instead of
+    /// [`DEFAULT_MAX_WASI_INSTANCES`].
+    pub default_max_wasi_instances: Option<u32>,
+}
+
+/// What the plugins, their runtime and the chain run with: validated, shared by both modes.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub plugins_dir: PathBuf,
+    /// Reload when the plugins directory (or the server's configuration file) changes.
+    pub watch: bool,
+    pub max_instances: u32,
+    /// Of those, instances of plugins that import WASI (each keeps a fiber stack).
+    pub max_wasi_instances: u32,
+    /// How long a stream waits for a free instance before the failure policy applies.
+    pub instance_wait: Duration,
+    /// Where compiled plugins are kept between restarts and reloads; `None`: compile every time.
+    pub cache_dir: Option<PathBuf>,
+    pub defaults: PluginSettings,
+    /// Settings by plugin name (the file name without `.wasm`).
+    pub plugins: BTreeMap<String, PluginSettings>,
+    pub envoy: EnvoySettings,
+}
+
+/// What the Envoy in front of the host is configured with. The host keeps its answers inside
+/// these limits, so Envoy never rejects one the operator cannot explain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnvoySettings {
+    /// The ext_proc filter's `message_timeout`: how long Envoy waits for each answer.
+    pub message_timeout: Duration,
+    /// The ext_proc filter's `max_message_timeout`, if set: the host may ask for up to this
+    /// much time (`override_message_timeout`) for a phase whose plugins' budgets add up to
+    /// more than `message_timeout`.
+    pub max_message_timeout: Option<Duration>,
+    /// `mutation_rules.allow_all_routing`: may plugins change `host`, `:authority`,
+    /// `:scheme` and `:method`?
+    pub allow_all_routing: bool,
+    /// `mutation_rules.allow_envoy`: may plugins change `x-envoy-*` headers?
+    pub allow_envoy_headers: bool,
+    /// `max_request_headers_kb` of the connection manager, in bytes.
+    pub max_header_bytes: usize,
+}
+
+impl Default for EnvoySettings {
+    fn default() -> Self {
+        EnvoySettings {
+            message_timeout: DEFAULT_ENVOY_MESSAGE_TIMEOUT,
+            max_message_timeout: None,
+            allow_all_routing: false,
+            allow_envoy_headers: false,
+            max_header_bytes: (DEFAULT_ENVOY_MAX_HEADERS_KIB << 10) as usize,
+        }
+    }
+}
+
+/// How one plugin runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginSettings {
+    /// Handed to the plugin verbatim through `host.config`.
+    pub config: String,
+    pub failure_policy: FailurePolicy,
+    pub budget: Budget,
+    /// When repeated failures quarantine the plugin.
+    pub breaker: BreakerSettings,
+    pub isolation: Isolation,
+}
+
+/// What a plugin failure (trap, deadline, memory limit) does to the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Continue as if the plugin had not run, and skip it for the rest of the stream.
+    Open,
+    /// Answer the client with this status; the chain stops.
+    Closed { status: u16 },
+}
+
+/// The resources one handler call may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Wall-clock time for one handler call.
+    pub timeout: Duration,
+    /// Ceiling on the instance's linear memory.
+    pub memory_limit_bytes: u64,
+}
+
+/// A configuration error, in one line a person can act on.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+impl FileConfig {
+    /// Parses a configuration file's text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| {
+            let message = e.message().trim_end();
+            let line = e
+                .span()
+                .map(|span| text[..span.start].matches('\n').count() + 1)
+                .map(|line| format!(" (line {line})"))
+                .unwrap_or_default();
+            ConfigError(format!("config file {}{line}: {message}", origin.display()))
+        })
+    }
+
+    /// The server-only keys this file sets, for a front end that has no use for them.
+    pub fn server_keys(&self) -> Vec<&'static str> {
+        [
+            ("listen", self.listen.is_some()),
+            ("admin_listen", self.admin_listen.is_some()),
+            ("shutdown_grace_ms", self.shutdown_grace_ms.is_some()),
+            ("[tls]", self.tls.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(key, set)| set.then_some(key))
+        .collect()
+    }
+
+    /// Validates the shared settings, with `overrides` over the file's.
+    pub fn settings(&self, overrides: &Overrides) -> Result<Settings, ConfigError> {
+        let base = PluginSettings {
+            config: String::new(),
+            failure_policy: FailurePolicy::Closed {
+                status: DEFAULT_FAILURE_STATUS,
+            },
+            budget: Budget {
+                timeout: DEFAULT_TIMEOUT,
+                memory_limit_bytes: DEFAULT_MEMORY_LIMIT_MIB << 20,
+            },
+            breaker: DEFAULT_BREAKER,
+            isolation: Isolation::Exchange,
+        };
+        let defaults = self
+            .defaults
+            .apply_to(&base)
+            .map_err(|e| ConfigError(format!("[defaults]: {e}")))?;
+        let plugins = self
+            .plugins
+            .iter()
+            .map(|(name, settings)| {
+                let resolved = settings
+                    .apply_to(&defaults)
+                    .map_err(|e| ConfigError(format!("[plugins.{name}]: {e}")))?;
+                Ok((name.clone(), resolved))
+            })
+            .collect::<Result<_, ConfigError>>()?;
+        let max_instances = self
+            .runtime
+            .max_instances
+            .or(overrides.default_max_instances)
+            .unwrap_or(DEFAULT_MAX_INSTANCES);
+        if max_instances == 0 {
+            return Err(ConfigError(
+                "[runtime] max_instances must be at least 1".into(),
+            ));
+        }
+        let max_wasi_instances = self.runtime.max_wasi_instances.unwrap_or_else(|| {
+            overrides
+                .default_max_wasi_instances
+                .unwrap_or(DEFAULT_MAX_WASI_INSTANCES)
+                .min(max_instances)
+        });
+        if max_wasi_instances > max_instances {
+            return Err(ConfigError(format!(
+                "[runtime] max_wasi_instances {max_wasi_instances} is above max_instances \
+                 {max_instances}: WASI plugins' instances count among all instances"
+            )));
+        }
+        Ok(Settings {
+            plugins_dir: overrides
+                .plugins_dir
+                .clone()
+                .or_else(|| self.plugins_dir.clone())
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_PLUGINS_DIR)),
+            watch: self.watch.unwrap_or(true),
+            max_instances,
+            max_wasi_instances,
+            instance_wait: self
+                .runtime
+                .instance_wait_ms
+                .map_or(DEFAULT_INSTANCE_WAIT, Duration::from_millis),
+            cache_dir: overrides
+                .cache_dir
+                .clone()
+                .or_else(|| self.runtime.cache_dir.clone()),
+            defaults,
+            plugins,
+            envoy: self.envoy.resolve()?,
+        })
+    }
+}
+
+impl Settings {
+    /// The settings of a file's text with nothing overridden; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Settings, ConfigError> {
+        FileConfig::parse(text, origin)?.settings(&Overrides::default())
+    }
+
+    /// The settings for the plugin called `name`.
+    pub fn settings_for(&self, name: &str) -> &PluginSettings {
+        self.plugins.get(name).unwrap_or(&self.defaults)
+    }
+
+    /// The largest memory limit any plugin may have: the pooling allocator reserves this much
+    /// address space per instance.
+    pub fn max_memory_limit_bytes(&self) -> u64 {
+        self.plugins
+            .values()
+            .chain([&self.defaults])
+            .map(|s| s.budget.memory_limit_bytes)
+            .max()
+            .unwrap_or(DEFAULT_MEMORY_LIMIT_MIB << 20)
+    }
+}
+
+impl FileEnvoy {
+    fn resolve(&self) -> Result<EnvoySettings, ConfigError> {
+        let defaults = EnvoySettings::default();
+        let message_timeout = match self.message_timeout_ms {
+            Some(0) => {
+                return Err(ConfigError(
+                    "[envoy] message_timeout_ms must be at least 1".into(),
+                ));
+            }
+            Some(ms) => Duration::from_millis(ms),
+            None => defaults.message_timeout,
+        };
+        let max_message_timeout = match self.max_message_timeout_ms {
+            Some(ms) if Duration::from_millis(ms) < message_timeout => {
+                return Err(ConfigError(format!(
+                    "[envoy] max_message_timeout_ms {ms} is below message_timeout_ms {}",
+                    message_timeout.as_millis()
+                )));
+            }
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => None,
+        };
+        let max_header_bytes = match self.max_headers_kib {
+            Some(kib) if !(1..=8192).contains(&kib) => {
+                return Err(ConfigError(format!(
+                    "[envoy] max_headers_kib {kib} is outside 1-8192"
+                )));
+            }
+            Some(kib) => (kib << 10) as usize,
+            None => defaults.max_header_bytes,
+        };
+        Ok(EnvoySettings {
+            message_timeout,
+            max_message_timeout,
+            allow_all_routing: self.allow_all_routing.unwrap_or(false),
+            allow_envoy_headers: self.allow_envoy_headers.unwrap_or(false),
+            max_header_bytes,
+        })
+    }
+}
+
+impl FilePluginSettings {
+    fn apply_to(&self, base: &PluginSettings) -> Result<PluginSettings, String> {
+        let status = match self.failure_status {
+            Some(status) if !(200..=599).contains(&status) => {
+                return Err(format!(
+                    "failure_status {status} is not an HTTP status (200-599)"
+                ));
+            }
+            Some(status) => status,
+            None => match base.failure_policy {
+                FailurePolicy::Closed { status } => status,
+                FailurePolicy::Open => DEFAULT_FAILURE_STATUS,
+            },
+        };
+        let failure_policy = match self.failure_policy {
+            Some(FailureMode::FailOpen) => FailurePolicy::Open,
+            Some(FailureMode::FailClosed) => FailurePolicy::Closed { status },
+            None => match base.failure_policy {
+                FailurePolicy::Open => FailurePolicy::Open,
+                FailurePolicy::Closed { .. } => FailurePolicy::Closed { status },
+            },
+        };
+        let timeout = match self.timeout_ms {
+            Some(0) => return Err("timeout_ms must be at least 1".into()),
+            Some(ms) if Duration::from_millis(ms) > MAX_TIMEOUT => {
+                return Err(format!(
+                    "timeout_ms {ms} is above the {} ms ceiling",
+                    MAX_TIMEOUT.as_millis()
+                ));
+            }
+            Some(ms) => Duration::from_millis(ms),
+            None => base.budget.timeout,
+        };
+        let memory_limit_bytes = match self.memory_limit_mib {
+            Some(mib) if !(1..=MAX_MEMORY_LIMIT_MIB).contains(&mib) => {
+                return Err(format!(
+                    "memory_limit_mib {mib} is outside 1-{MAX_MEMORY_LIMIT_MIB}"
+                ));
+            }
+            Some(mib) => mib << 20,
+            None => base.budget.memory_limit_bytes,
+        };
+        let millis = |value: Option<u64>, key: &str, base: Duration| match value {
+            Some(0) => Err(format!("{key} must be at least 1")),
+            Some(ms) => Ok(Duration::from_millis(ms)),
+            None => Ok(base),
+        };
+        let breaker = BreakerSettings {
+            threshold: self.breaker_threshold.unwrap_or(base.breaker.threshold),
+            window: millis(
+                self.breaker_window_ms,
+                "breaker_window_ms",
+                base.breaker.window,
+            )?,
+            backoff: millis(
+                self.breaker_backoff_ms,
+                "breaker_backoff_ms",
+                base.breaker.backoff,
+            )?,
+        };
+        Ok(PluginSettings {
+            config: self.config.clone().unwrap_or_else(|| base.config.clone()),
+            failure_policy,
+            budget: Budget {
+                timeout,
+                memory_limit_bytes,
+            },
+            breaker,
+            isolation: self.isolation.unwrap_or(base.isolation),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Settings, ConfigError> {
+        Settings::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_documented_defaults() {
+        let settings = parse("").unwrap();
+        assert!(settings.watch);
+        assert_eq!(settings.plugins_dir, Path::new(DEFAULT_PLUGINS_DIR));
+        assert_eq!(settings.max_instances, DEFAULT_MAX_INSTANCES);
+        assert_eq!(
+            settings.settings_for("anything").failure_policy,
+            FailurePolicy::Closed { status: 500 }
+        );
+        assert_eq!(
+            settings.settings_for("anything").budget.timeout,
+            DEFAULT_TIMEOUT
+        );
+    }
+
+    #[test]
+    fn plugin_tables_inherit_from_defaults() {
+        let settings = parse(
+            r#"
+            [defaults]
+            failure_status = 503
+            timeout_ms = 5
+            [plugins.a]
+            config = "x"
+            [plugins.b]
+            failure_policy = "fail-open"
+            memory_limit_mib = 8
+            "#,
+        )
+        .unwrap();
+        let a = settings.settings_for("a");
+        assert_eq!(a.config, "x");
+        assert_eq!(a.failure_policy, FailurePolicy::Closed { status: 503 });
+        assert_eq!(a.budget.timeout, Duration::from_millis(5));
+        let b = settings.settings_for("b");
+        assert_eq!(b.failure_policy, FailurePolicy::Open);
+        assert_eq!(b.budget.memory_limit_bytes, 8 << 20);
+        assert_eq!(
+            settings.max_memory_limit_bytes(),
+            DEFAULT_MEMORY_LIMIT_MIB << 20
+        );
+    }
+
+    #[test]
+    fn overrides_win_over_the_file() {
+        let file = FileConfig::parse(
+            "plugins_dir = \"/from/file\"\n[runtime]\ncache_dir = \"/cache/file\"\n",
+            Path::new("test.toml"),
+        )
+        .unwrap();
+        let settings = file
+            .settings(&Overrides {
+                plugins_dir: Some("/from/flag".into()),
+                default_max_instances: Some(100),
+                default_max_wasi_instances: Some(10),
+                ..Overrides::default()
+            })
+            .unwrap();
+        assert_eq!(settings.plugins_dir, Path::new("/from/flag"));
+        assert_eq!(
+            settings.cache_dir.as_deref(),
+            Some(Path::new("/cache/file"))
+        );
+        assert_eq!(
+            (settings.max_instances, settings.max_wasi_instances),
+            (100, 10)
+        );
+        let file =
+            FileConfig::parse("[runtime]\nmax_instances = 5\n", Path::new("test.toml")).unwrap();
+        let settings = file
+            .settings(&Overrides {
+                default_max_instances: Some(100),
+                default_max_wasi_instances: Some(10),
+                ..Overrides::default()
+            })
+            .unwrap();
+        assert_eq!(
+            (settings.max_instances, settings.max_wasi_instances),
+            (5, 5)
+        );
+    }
+
+    #[test]
+    fn each_front_end_sees_the_keys_only_the_other_uses() {
+        let file = FileConfig::parse(
+            "listen = \"0.0.0.0:9002\"\n[tls]\ncert = \"c\"\nkey = \"k\"\n\
+             [module]\nrequest_attributes = [\"request.path\"]\n",
+            Path::new("test.toml"),
+        )
+        .unwrap();
+        assert_eq!(file.server_keys(), ["listen", "[tls]"]);
+        assert_eq!(file.module.request_attributes, ["request.path"]);
+        assert!(!file.module.is_empty());
+        assert!(FileModule::default().is_empty());
+    }
+
+    #[test]
+    fn errors_name_the_file_line_and_setting() {
+        let err = parse("watch = true\nplugin_dir = \"/x\"\n").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.starts_with("config file test.toml (line 2): unknown field `plugin_dir`"),
+            "{text}"
+        );
+
+        let err = parse("[plugins.auth]\nfailure_status = 42\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "[plugins.auth]: failure_status 42 is not an HTTP status (200-599)"
+        );
+
+        let err = parse("[defaults]\ntimeout_ms = 0\n").unwrap_err();
+        assert_eq!(err.to_string(), "[defaults]: timeout_ms must be at least 1");
+
+        let err = parse("[defaults]\nfailure_policy = \"maybe\"\n").unwrap_err();
+        assert!(err.to_string().contains("unknown variant `maybe`"), "{err}");
+
+        let err = parse("[runtime]\nmax_instances = 0\n").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "[runtime] max_instances must be at least 1"
+        );
+    }
+}

@@ -1,0 +1,30 @@
+//! The plugin runtime both wasm-extproc front ends share: the ext_proc server
+//! (`wasm-extproc`) and the in-process Envoy module (`wasm-extproc-module`).
+//!
+//! Nothing here knows how messages reach it. A front end turns what Envoy gives it into
+//! [`http::Message`]s, runs them through a [`chain::StreamChain`], and turns the
+//! [`http::Verdict`] back into what Envoy understands.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML both front ends read, parsed once into types that cannot be wrong.
+//! - [`registry`]: which `.wasm` files form the chain, in which order; reloads.
+//! - [`runtime`]: the only module that speaks wasmtime -- engine, pooling allocator, linker,
+//!   budgets, and the host side of `wit/processor.wit`.
+//! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy;
+//!   [`breaker`] quarantines plugins that keep failing.
+//! - [`guard`]: keeps plugins' changes inside what Envoy accepts.
+//! - [`http`]: the types for headers, bodies and verdicts, shared by all of the above.
+//! - [`metrics`]: counters and histograms, in Prometheus form.
+//!
+//! Components are compiled and linked once per version ([`runtime::Plugin`]); every stream gets
+//! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another.
+
+pub mod breaker;
+pub mod chain;
+pub mod config;
+pub mod guard;
+pub mod http;
+pub mod metrics;
+pub mod registry;
+pub mod runtime;

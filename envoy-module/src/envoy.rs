@@ -1,0 +1,433 @@
+//! Safe wrappers over the callbacks of one Envoy stream, and over Envoy's log.
+//!
+//! Every `unsafe` call into Envoy is here or in [`hooks`](crate::hooks). What makes them sound
+//! is the same for all: Envoy hands the filter's pointer to each hook, on the stream's worker
+//! thread, and it stays valid until `on_http_filter_destroy`; an [`EnvoyStream`] is built from
+//! it inside a hook and does not outlive the hook. Buffers Envoy returns point into its own
+//! memory and are copied before the next call that could change them.
+
+#![allow(unsafe_code, reason = "calls into Envoy's C ABI")]
+
+use std::ptr;
+
+use wasm_extproc_core::http::{Direction, ImmediateResponse};
+
+use crate::abi::{
+    self, EnvoyBuffer, EnvoyHttpHeader, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader,
+};
+use crate::exchange::{BodyPlace, Envoy, Section};
+
+/// One stream's side in Envoy, for the length of one hook.
+///
+/// An immediate response is held until [`send_held_response`](Self::send_held_response):
+/// Envoy ends the stream from inside `send_response`, calling the filter's other hooks
+/// (`stream_complete`) there and then, so it must be sent only once nothing borrows the
+/// filter.
+#[derive(Debug)]
+pub struct EnvoyStream {
+    ptr: FilterEnvoyPtr,
+    response: Option<ImmediateResponse>,
+}
+
+impl EnvoyStream {
+    /// # Safety
+    ///
+    /// `ptr` is the filter pointer Envoy passed to the hook running now, and the value does
+    /// not outlive that hook.
+    pub unsafe fn new(ptr: FilterEnvoyPtr) -> Self {
+        EnvoyStream {
+            ptr,
+            response: None,
+        }
+    }
+
+    /// Sends the immediate response the exchange asked for, if any. Envoy may call the
+    /// filter's hooks before this returns.
+    pub fn send_held_response(&mut self) {
+        let Some(response) = self.response.take() else {
+            return;
+        };
+        let grpc_status = response.grpc_status.map(|status| status.to_string());
+        let mut headers: Vec<ModuleHttpHeader> = response
+            .headers
+            .iter()
+            .map(|(name, value)| (name.as_bytes(), value.as_slice()))
+            .chain(
+                grpc_status
+                    .as_deref()
+                    .map(|s| (&b"grpc-status"[..], s.as_bytes())),
+            )
+            .map(|(name, value)| ModuleHttpHeader {
+                key_ptr: name.as_ptr().cast(),
+                key_length: name.len(),
+                value_ptr: value.as_ptr().cast(),
+                value_length: value.len(),
+            })
+            .collect();
+        // SAFETY: the stream pointer is live; every buffer outlives the call, which copies.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_send_response(
+                self.ptr,
+                u32::from(response.status),
+                headers.as_mut_ptr(),
+                headers.len(),
+                ModuleBuffer::of(&response.body),
+                ModuleBuffer::of(response.details.as_bytes()),
+            );
+        }
+    }
+
+    /// Adds `value` to counter `id` (defined by this stream's filter configuration) with
+    /// `labels` in the order they were defined.
+    pub fn increment_counter(&mut self, id: usize, labels: &[&str], value: u64) {
+        let mut labels: Vec<ModuleBuffer> = labels
+            .iter()
+            .map(|l| ModuleBuffer::of(l.as_bytes()))
+            .collect();
+        // SAFETY: the stream pointer is live (see `new`); the label buffers outlive the call.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_increment_counter(
+                self.ptr,
+                id,
+                labels.as_mut_ptr(),
+                labels.len(),
+                value,
+            );
+        }
+    }
+
+    /// Sets gauge `id` to `value`.
+    pub fn set_gauge(&mut self, id: usize, value: u64) {
+        // SAFETY: the stream pointer is live (see `new`); no labels.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_set_gauge(
+                self.ptr,
+                id,
+                ptr::null_mut(),
+                0,
+                value,
+            );
+        }
+    }
+}
+
+fn header_type(section: Section) -> u32 {
+    match section {
+        Section::Headers(Direction::Request) => abi::header_type::REQUEST_HEADER,
+        Section::Trailers(Direction::Request) => abi::header_type::REQUEST_TRAILER,
+        Section::Headers(Direction::Response) => abi::header_type::RESPONSE_HEADER,
+        Section::Trailers(Direction::Response) => abi::header_type::RESPONSE_TRAILER,
+    }
+}
+
+fn body_type(direction: Direction, place: BodyPlace) -> u32 {
+    match (direction, place) {
+        (Direction::Request, BodyPlace::Received) => abi::body_type::RECEIVED_REQUEST,
+        (Direction::Request, BodyPlace::Buffered) => abi::body_type::BUFFERED_REQUEST,
+        (Direction::Response, BodyPlace::Received) => abi::body_type::RECEIVED_RESPONSE,
+        (Direction::Response, BodyPlace::Buffered) => abi::body_type::BUFFERED_RESPONSE,
+    }
+}
+
+/// Copies bytes Envoy lent.
+///
+/// # Safety
+///
+/// `ptr` points to `length` readable bytes, or `length` is 0.
+unsafe fn copy(ptr: *const std::ffi::c_char, length: usize) -> Vec<u8> {
+    if length == 0 || ptr.is_null() {
+        return Vec::new();
+    }
+    // SAFETY: the caller's promise.
+    unsafe { std::slice::from_raw_parts(ptr.cast::<u8>(), length) }.to_vec()
+}
+
+impl Envoy for EnvoyStream {
+    fn header_entries(&mut self, section: Section) -> Vec<(String, Vec<u8>)> {
+        let kind = header_type(section);
+        // SAFETY: the stream pointer is live (see `new`).
+        let count =
+            unsafe { abi::envoy_dynamic_module_callback_http_get_headers_size(self.ptr, kind) };
+        if count == 0 {
+            return Vec::new();
+        }
+        let empty = EnvoyHttpHeader {
+            key_ptr: ptr::null(),
+            key_length: 0,
+            value_ptr: ptr::null(),
+            value_length: 0,
+        };
+        let mut headers = vec![empty; count];
+        // SAFETY: `headers` has room for the `count` entries Envoy just reported.
+        let ok = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_headers(
+                self.ptr,
+                kind,
+                headers.as_mut_ptr(),
+            )
+        };
+        if !ok {
+            return Vec::new();
+        }
+        headers
+            .iter()
+            .map(|h| {
+                // SAFETY: Envoy filled each entry with buffers valid until the hook returns.
+                let (name, value) = unsafe {
+                    (
+                        copy(h.key_ptr, h.key_length),
+                        copy(h.value_ptr, h.value_length),
+                    )
+                };
+                (String::from_utf8_lossy(&name).into_owned(), value)
+            })
+            .collect()
+    }
+
+    fn set_header(&mut self, section: Section, name: &str, value: &[u8]) {
+        // SAFETY: the stream pointer is live; the buffers outlive the call.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_set_header(
+                self.ptr,
+                header_type(section),
+                ModuleBuffer::of(name.as_bytes()),
+                ModuleBuffer::of(value),
+            );
+        }
+    }
+
+    fn add_header(&mut self, section: Section, name: &str, value: &[u8]) {
+        // SAFETY: the stream pointer is live; the buffers outlive the call.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_add_header(
+                self.ptr,
+                header_type(section),
+                ModuleBuffer::of(name.as_bytes()),
+                ModuleBuffer::of(value),
+            );
+        }
+    }
+
+    fn remove_header(&mut self, section: Section, name: &str) {
+        // SAFETY: the stream pointer is live; a `{NULL, 0}` value removes the header.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_set_header(
+                self.ptr,
+                header_type(section),
+                ModuleBuffer::of(name.as_bytes()),
+                ModuleBuffer::NONE,
+            );
+        }
+    }
+
+    fn received_body(&mut self, direction: Direction) -> Vec<u8> {
+        let kind = body_type(direction, BodyPlace::Received);
+        // SAFETY: the stream pointer is live.
+        let count =
+            unsafe { abi::envoy_dynamic_module_callback_http_get_body_chunks_size(self.ptr, kind) };
+        if count == 0 {
+            return Vec::new();
+        }
+        let mut chunks = vec![EnvoyBuffer::EMPTY; count];
+        // SAFETY: `chunks` has room for the `count` slices Envoy just reported.
+        let ok = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_body_chunks(
+                self.ptr,
+                kind,
+                chunks.as_mut_ptr(),
+            )
+        };
+        if !ok {
+            return Vec::new();
+        }
+        let mut body = Vec::with_capacity(chunks.iter().map(|c| c.length).sum());
+        for chunk in &chunks {
+            if chunk.length > 0 && !chunk.ptr.is_null() {
+                // SAFETY: each slice is valid until the buffer changes; nothing changed it.
+                body.extend_from_slice(unsafe {
+                    std::slice::from_raw_parts(chunk.ptr.cast::<u8>(), chunk.length)
+                });
+            }
+        }
+        body
+    }
+
+    fn drain_received_body(&mut self, direction: Direction) {
+        // SAFETY: the stream pointer is live; draining more than there is empties the buffer.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_drain_body(
+                self.ptr,
+                body_type(direction, BodyPlace::Received),
+                usize::MAX,
+            );
+        }
+    }
+
+    fn append_body(&mut self, direction: Direction, place: BodyPlace, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        // SAFETY: the stream pointer is live; Envoy copies `data` before returning.
+        let appended = unsafe {
+            abi::envoy_dynamic_module_callback_http_append_body(
+                self.ptr,
+                body_type(direction, place),
+                ModuleBuffer::of(data),
+            )
+        };
+        if !appended {
+            tracing::error!(
+                direction = direction.noun(),
+                bytes = data.len(),
+                "Envoy refused the body the plugins passed on"
+            );
+        }
+    }
+
+    fn send_response(&mut self, response: &ImmediateResponse) {
+        self.response = Some(response.clone());
+    }
+
+    fn set_metadata(&mut self, namespace: &str, key: &str, value: &str) {
+        // SAFETY: the stream pointer is live; the buffers outlive the call.
+        unsafe {
+            abi::envoy_dynamic_module_callback_http_set_dynamic_metadata_string(
+                self.ptr,
+                ModuleBuffer::of(namespace.as_bytes()),
+                ModuleBuffer::of(key.as_bytes()),
+                ModuleBuffer::of(value.as_bytes()),
+            );
+        }
+    }
+
+    fn clear_route_cache(&mut self) {
+        // SAFETY: the stream pointer is live.
+        unsafe { abi::envoy_dynamic_module_callback_http_clear_route_cache(self.ptr) };
+    }
+
+    fn attribute(&mut self, name: &str) -> Option<String> {
+        let id = abi::attribute_id(name)?;
+        let mut text = EnvoyBuffer::EMPTY;
+        // SAFETY: the stream pointer is live; `text` is written before it is read.
+        if unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                self.ptr, id, &mut text,
+            )
+        } {
+            // SAFETY: Envoy's buffer is valid until the hook returns.
+            let bytes = unsafe { copy(text.ptr, text.length) };
+            return Some(String::from_utf8_lossy(&bytes).into_owned());
+        }
+        let mut number = 0u64;
+        // SAFETY: as above.
+        if unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_get_attribute_int(
+                self.ptr,
+                id,
+                &mut number,
+            )
+        } {
+            // Over ext_proc, numbers arrive as protobuf doubles: the same text either way.
+            return Some(json_number(number as f64));
+        }
+        let mut flag = false;
+        // SAFETY: as above.
+        if unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_get_attribute_bool(
+                self.ptr, id, &mut flag,
+            )
+        } {
+            return Some(flag.to_string());
+        }
+        None
+    }
+
+    fn metadata(&mut self, namespace: &str) -> Vec<(String, String)> {
+        let ns = ModuleBuffer::of(namespace.as_bytes());
+        let source = abi::METADATA_DYNAMIC;
+        // SAFETY: the stream pointer is live.
+        let count = unsafe {
+            abi::envoy_dynamic_module_callback_http_get_metadata_keys_count(self.ptr, source, ns)
+        };
+        if count == 0 {
+            return Vec::new();
+        }
+        let mut keys = vec![EnvoyBuffer::EMPTY; count];
+        // SAFETY: `keys` has room for the `count` keys Envoy just reported.
+        if !unsafe {
+            abi::envoy_dynamic_module_callback_http_get_metadata_keys(
+                self.ptr,
+                source,
+                ns,
+                keys.as_mut_ptr(),
+            )
+        } {
+            return Vec::new();
+        }
+        let keys: Vec<String> = keys
+            .iter()
+            // SAFETY: Envoy's buffers are valid until the metadata changes; nothing changed it.
+            .map(|k| String::from_utf8_lossy(&unsafe { copy(k.ptr, k.length) }).into_owned())
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| {
+                let k = ModuleBuffer::of(key.as_bytes());
+                let mut text = EnvoyBuffer::EMPTY;
+                // SAFETY: the stream pointer is live; out-parameters are written before read.
+                if unsafe {
+                    abi::envoy_dynamic_module_callback_http_get_metadata_string(
+                        self.ptr, source, ns, k, &mut text,
+                    )
+                } {
+                    // SAFETY: Envoy's buffer is valid until the hook returns.
+                    let bytes = unsafe { copy(text.ptr, text.length) };
+                    let value =
+                        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned());
+                    return Some((key, value.to_string()));
+                }
+                let mut number = 0f64;
+                // SAFETY: as above.
+                if unsafe {
+                    abi::envoy_dynamic_module_callback_http_get_metadata_number(
+                        self.ptr,
+                        source,
+                        ns,
+                        k,
+                        &mut number,
+                    )
+                } {
+                    return Some((key, json_number(number)));
+                }
+                let mut flag = false;
+                // SAFETY: as above.
+                if unsafe {
+                    abi::envoy_dynamic_module_callback_http_get_metadata_bool(
+                        self.ptr, source, ns, k, &mut flag,
+                    )
+                } {
+                    return Some((key, flag.to_string()));
+                }
+                // Lists and structs have no reader in this ABI; plugins see them only over
+                // ext_proc.
+                None
+            })
+            .collect()
+    }
+}
+
+/// A number as JSON writes a protobuf double: `12.0`, `0.5`.
+fn json_number(number: f64) -> String {
+    serde_json::Number::from_f64(number).map_or_else(|| "null".to_string(), |n| n.to_string())
+}
+
+/// Writes `message` to Envoy's log (the `dynamic_modules` logger) at `level`.
+pub fn log(level: u32, message: &str) {
+    // SAFETY: Envoy's logger may be called from any thread; the buffer outlives the call.
+    unsafe { abi::envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message.as_bytes())) }
+}
+
+/// Whether Envoy logs `level` for dynamic modules.
+pub fn log_enabled(level: u32) -> bool {
+    // SAFETY: a read of Envoy's logger level, from any thread.
+    unsafe { abi::envoy_dynamic_module_callback_log_enabled(level) }
+}

@@ -1,0 +1,399 @@
+//! One HTTP stream in Envoy's process: which hook runs which phase of the chain, and how the
+//! chain's verdicts become changes to Envoy's headers and buffers.
+//!
+//! Bodies flow as they do over ext_proc in `FULL_DUPLEX_STREAMED` mode, the mode that lets
+//! the chain hold chunks for plugins that want whole bodies: each chunk Envoy hands the filter
+//! is taken out of Envoy's buffer, run through the chain, and put back as the chain passes it
+//! on. A chunk held for a whole-body plugin stays with the chain (Envoy is told not to buffer
+//! it) until the body ends or trailers arrive.
+//!
+//! `content-length`: when some plugin wants the whole body, the headers wait for it, so the
+//! length can be set to what the body became. When plugins take chunks, the headers go on at
+//! once without a length, since a chunk may change size after they left.
+//!
+//! Everything Envoy-facing goes through the [`Envoy`] trait: this module is tested with a fake.
+
+use std::sync::Arc;
+
+use wasm_extproc_core::chain::StreamChain;
+use wasm_extproc_core::http::{
+    BodyChunk, BodyMode, Changes, Decision, Direction, Effects, ExchangeContext, HeaderChanges,
+    HeaderMap, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
+};
+use wasm_extproc_core::metrics::{Metrics, StreamGuard};
+use wasm_extproc_core::registry::Generation;
+
+/// A header section of the stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Section {
+    Headers(Direction),
+    Trailers(Direction),
+}
+
+/// Where appended body bytes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyPlace {
+    /// The chunk of the current body hook.
+    Received,
+    /// Envoy's buffer for the direction: at trailers, the body still to go before them.
+    Buffered,
+}
+
+/// What a headers hook tells Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadersStatus {
+    Continue,
+    /// The headers wait: for the whole body, or for good after an immediate response.
+    StopIteration,
+}
+
+/// What a body hook tells Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyStatus {
+    Continue,
+    /// Nothing goes on now, and Envoy buffers nothing: the chain has what it holds.
+    StopIterationNoBuffer,
+}
+
+/// What a trailers hook tells Envoy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrailersStatus {
+    Continue,
+    StopIteration,
+}
+
+/// The calls the exchange makes on Envoy for one stream.
+pub trait Envoy {
+    /// Every field of `section`, in order, names lower-case.
+    fn header_entries(&mut self, section: Section) -> Vec<(String, Vec<u8>)>;
+    /// Replaces every value of `name` with `value`.
+    fn set_header(&mut self, section: Section, name: &str, value: &[u8]);
+    /// Adds one more value of `name`.
+    fn add_header(&mut self, section: Section, name: &str, value: &[u8]);
+    fn remove_header(&mut self, section: Section, name: &str);
+    /// The body chunk of the current body hook.
+    fn received_body(&mut self, direction: Direction) -> Vec<u8>;
+    /// Empties the body chunk of the current body hook.
+    fn drain_received_body(&mut self, direction: Direction);
+    /// Adds `data` at the end of the body in `place`.
+    fn append_body(&mut self, direction: Direction, place: BodyPlace, data: &[u8]);
+    /// Answers the client with `response` instead of passing the stream on.
+    fn send_response(&mut self, response: &ImmediateResponse);
+    fn set_metadata(&mut self, namespace: &str, key: &str, value: &str);
+    fn clear_route_cache(&mut self);
+    /// The attribute `name` as plugins see it: a string as it is, anything else as JSON.
+    fn attribute(&mut self, name: &str) -> Option<String>;
+    /// The entries of dynamic metadata `namespace`, each value as JSON.
+    fn metadata(&mut self, namespace: &str) -> Vec<(String, String)>;
+}
+
+/// What the exchange reads from Envoy for plugins (`[module]` in the configuration).
+#[derive(Debug, Clone, Default)]
+pub struct Reads {
+    pub request_attributes: Vec<String>,
+    pub response_attributes: Vec<String>,
+    pub metadata_namespaces: Vec<String>,
+}
+
+/// One stream's state.
+#[derive(Debug)]
+pub struct Exchange {
+    chain: StreamChain,
+    reads: Arc<Reads>,
+    metrics: Arc<Metrics>,
+    context: Arc<ExchangeContext>,
+    /// An immediate response went out: the stream is over for the chain.
+    answered: bool,
+    flows: [Flow; 2],
+    _active: StreamGuard,
+}
+
+/// One direction of the stream.
+#[derive(Debug, Default)]
+struct Flow {
+    /// The headers wait for the whole body; whether they had a `content-length` to correct.
+    headers_held: Option<bool>,
+}
+
+fn index(direction: Direction) -> usize {
+    match direction {
+        Direction::Request => 0,
+        Direction::Response => 1,
+    }
+}
+
+impl Exchange {
+    pub fn new(generation: Arc<Generation>, reads: Arc<Reads>, metrics: Arc<Metrics>) -> Self {
+        Exchange {
+            chain: StreamChain::new(generation),
+            reads,
+            _active: metrics.stream_opened(),
+            metrics,
+            context: Arc::default(),
+            answered: false,
+            flows: Default::default(),
+        }
+    }
+
+    /// The request's or the response's headers arrived.
+    pub fn on_headers(
+        &mut self,
+        envoy: &mut impl Envoy,
+        direction: Direction,
+        end_of_stream: bool,
+    ) -> HeadersStatus {
+        if self.answered {
+            return HeadersStatus::StopIteration;
+        }
+        self.read_context(envoy, direction);
+        let phase = direction.headers();
+        if self.chain.live_phases().contains(phase) {
+            let headers =
+                HeaderMap::from_entries(envoy.header_entries(Section::Headers(direction)));
+            let message = Message::Headers {
+                headers,
+                end_of_stream,
+            };
+            let verdict = self.run(phase, message);
+            if !self.apply_headers_verdict(envoy, phase, Section::Headers(direction), verdict) {
+                return HeadersStatus::StopIteration;
+            }
+        }
+        if end_of_stream {
+            self.end(direction);
+            return HeadersStatus::Continue;
+        }
+        if !self.chain.live_phases().contains(direction.body()) {
+            return HeadersStatus::Continue;
+        }
+        let section = Section::Headers(direction);
+        if self.chain.wants_whole_body(direction) {
+            let has_length = envoy
+                .header_entries(section)
+                .iter()
+                .any(|(name, _)| name == "content-length");
+            self.flows[index(direction)].headers_held = Some(has_length);
+            return HeadersStatus::StopIteration;
+        }
+        envoy.remove_header(section, "content-length");
+        HeadersStatus::Continue
+    }
+
+    /// A chunk of the body arrived: it is Envoy's received buffer.
+    pub fn on_body(
+        &mut self,
+        envoy: &mut impl Envoy,
+        direction: Direction,
+        end_of_stream: bool,
+    ) -> BodyStatus {
+        if self.answered {
+            return BodyStatus::StopIterationNoBuffer;
+        }
+        let phase = direction.body();
+        let was_holding = self.chain.is_holding(direction);
+        if !self.chain.live_phases().contains(phase) && !was_holding {
+            self.release_headers(envoy, direction, None);
+            if end_of_stream {
+                self.end(direction);
+            }
+            return BodyStatus::Continue;
+        }
+        let data = envoy.received_body(direction);
+        let verdict = self.run(phase, Message::Body(BodyChunk::new(data, end_of_stream)));
+        self.apply_effects(envoy, phase, verdict.effects);
+        match verdict.decision {
+            Decision::Held => {
+                envoy.drain_received_body(direction);
+                BodyStatus::StopIterationNoBuffer
+            }
+            Decision::Respond(response) => {
+                self.respond(envoy, &response);
+                BodyStatus::StopIterationNoBuffer
+            }
+            Decision::Continue(changes) => {
+                if let Changes::Body(chunk) = changes
+                    && (was_holding || chunk.replaced)
+                {
+                    envoy.drain_received_body(direction);
+                    envoy.append_body(direction, BodyPlace::Received, &chunk.data);
+                    let whole = end_of_stream.then_some(chunk.data.len());
+                    self.release_headers(envoy, direction, whole);
+                } else {
+                    let whole = end_of_stream.then(|| envoy.received_body(direction).len());
+                    self.release_headers(envoy, direction, whole);
+                }
+                if end_of_stream {
+                    self.end(direction);
+                }
+                BodyStatus::Continue
+            }
+        }
+    }
+
+    /// The trailers arrived: the body, if the chain holds some, goes on before them.
+    pub fn on_trailers(&mut self, envoy: &mut impl Envoy, direction: Direction) -> TrailersStatus {
+        if self.answered {
+            return TrailersStatus::StopIteration;
+        }
+        if self.chain.is_holding(direction) {
+            let verdict = crate::filter_config::block_on(self.chain.flush(
+                direction,
+                BodyMode::FullDuplexStreamed,
+                &self.context,
+            ));
+            self.apply_effects(envoy, direction.body(), verdict.effects);
+            match verdict.decision {
+                Decision::Respond(response) => {
+                    self.respond(envoy, &response);
+                    return TrailersStatus::StopIteration;
+                }
+                Decision::Continue(Changes::Body(chunk)) => {
+                    envoy.append_body(direction, BodyPlace::Buffered, &chunk.data);
+                }
+                Decision::Continue(Changes::Headers(_)) | Decision::Held => {}
+            }
+        }
+        // Trailers need chunked framing over HTTP/1.1: a `content-length` would have Envoy
+        // drop them.
+        self.release_headers(envoy, direction, None);
+        let phase = direction.trailers();
+        if self.chain.live_phases().contains(phase) {
+            let section = Section::Trailers(direction);
+            let trailers = HeaderMap::from_entries(envoy.header_entries(section));
+            let verdict = self.run(phase, Message::Trailers(trailers));
+            if !self.apply_headers_verdict(envoy, phase, section, verdict) {
+                return TrailersStatus::StopIteration;
+            }
+        }
+        self.end(direction);
+        TrailersStatus::Continue
+    }
+
+    fn run(&mut self, phase: Phase, message: Message) -> Verdict {
+        self.metrics.message_received(phase);
+        crate::filter_config::block_on(self.chain.run(
+            phase,
+            message,
+            BodyMode::FullDuplexStreamed,
+            &self.context,
+        ))
+    }
+
+    /// Applies the verdict on a header or trailer section; false if the stream was answered.
+    fn apply_headers_verdict(
+        &mut self,
+        envoy: &mut impl Envoy,
+        phase: Phase,
+        section: Section,
+        verdict: Verdict,
+    ) -> bool {
+        self.apply_effects(envoy, phase, verdict.effects);
+        match verdict.decision {
+            Decision::Continue(Changes::Headers(changes)) => {
+                apply_header_changes(envoy, section, changes);
+                true
+            }
+            Decision::Respond(response) => {
+                self.respond(envoy, &response);
+                false
+            }
+            Decision::Continue(Changes::Body(_)) | Decision::Held => true,
+        }
+    }
+
+    fn apply_effects(&self, envoy: &mut impl Envoy, phase: Phase, effects: Effects) {
+        for (namespace, key, value) in &effects.metadata {
+            envoy.set_metadata(namespace, key, value);
+        }
+        // As over ext_proc: Envoy picks the route once, before the request goes upstream.
+        if effects.clear_route_cache && phase == Phase::RequestHeaders {
+            envoy.clear_route_cache();
+        }
+    }
+
+    fn respond(&mut self, envoy: &mut impl Envoy, response: &ImmediateResponse) {
+        self.answered = true;
+        envoy.send_response(response);
+        self.chain.release_finished(PhaseSet::EMPTY);
+    }
+
+    /// The first time anything of `direction` goes on after its headers were held: corrects
+    /// their `content-length` to `whole`, the length of the entire body when this is all of
+    /// it, or removes it when more may follow.
+    fn release_headers(
+        &mut self,
+        envoy: &mut impl Envoy,
+        direction: Direction,
+        whole: Option<usize>,
+    ) {
+        let Some(had_length) = self.flows[index(direction)].headers_held.take() else {
+            return;
+        };
+        if !had_length {
+            return;
+        }
+        let section = Section::Headers(direction);
+        match whole {
+            Some(length) => {
+                envoy.set_header(section, "content-length", length.to_string().as_bytes())
+            }
+            None => envoy.remove_header(section, "content-length"),
+        }
+    }
+
+    /// Nothing more of `direction` will come: instances only it needed go back to the pool.
+    fn end(&mut self, direction: Direction) {
+        let to_come = match direction {
+            Direction::Request => [
+                Phase::ResponseHeaders,
+                Phase::ResponseBody,
+                Phase::ResponseTrailers,
+            ]
+            .into_iter()
+            .collect(),
+            Direction::Response => PhaseSet::EMPTY,
+        };
+        self.chain.release_finished(to_come);
+    }
+
+    /// Reads the attributes and metadata `[module]` names, once per direction, before the
+    /// direction's first phase.
+    fn read_context(&mut self, envoy: &mut impl Envoy, direction: Direction) {
+        let reads = self.reads.clone();
+        let (attributes, namespaces): (&[String], &[String]) = match direction {
+            Direction::Request => (&reads.request_attributes, &reads.metadata_namespaces),
+            Direction::Response => (&reads.response_attributes, &[]),
+        };
+        if attributes.is_empty() && namespaces.is_empty() {
+            return;
+        }
+        let context = Arc::make_mut(&mut self.context);
+        for name in attributes {
+            if let Some(value) = envoy.attribute(name) {
+                context.attributes.insert(name.clone(), value);
+            }
+        }
+        for namespace in namespaces {
+            for (key, value) in envoy.metadata(namespace) {
+                context.metadata.insert((namespace.clone(), key), value);
+            }
+        }
+    }
+}
+
+/// Sets and removes what the chain changed, leaving the rest of the section alone.
+fn apply_header_changes(envoy: &mut impl Envoy, section: Section, changes: HeaderChanges) {
+    for name in &changes.removed {
+        envoy.remove_header(section, name);
+    }
+    for (name, values) in &changes.set {
+        let mut values = values.iter();
+        match values.next() {
+            Some(first) => envoy.set_header(section, name, first),
+            None => envoy.remove_header(section, name),
+        }
+        for value in values {
+            envoy.add_header(section, name, value);
+        }
+    }
+}

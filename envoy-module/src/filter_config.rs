@@ -1,0 +1,197 @@
+//! One filter configuration -- one `DynamicModuleFilter` in Envoy's config -- and what every
+//! configuration in the process shares.
+//!
+//! A configuration is the same TOML the ext_proc server reads, passed as the filter's
+//! `filter_config` (a `google.protobuf.StringValue`). Envoy creates it on its main thread and
+//! reads it from every worker; it loads its plugins before it returns, so Envoy never serves a
+//! listener whose plugins failed to load: a bad plugin or setting refuses the configuration,
+//! with the reason in Envoy's log.
+//!
+//! Shared by every configuration, because there is one of each per process:
+//! - the [`Runtime`]: the engine, its instance pool (which reserves address space for
+//!   `[runtime] max_instances` instances) and the epoch ticker. Two pools would not fit the
+//!   address space, and a listener update creates the new configuration before the old one
+//!   goes; the first configuration's `[runtime]` settings hold while any configuration lives;
+//! - the [`Metrics`], published as Envoy stats;
+//! - a small Tokio runtime for loading and watching plugins, off Envoy's threads.
+//!
+//! The chain itself runs on Envoy's worker threads ([`block_on`]).
+
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+
+use anyhow::{Context, bail};
+use wasm_extproc_core::config::{FileConfig, Overrides, Settings};
+use wasm_extproc_core::metrics::Metrics;
+use wasm_extproc_core::registry::{self, Generation, Mode, Registry};
+use wasm_extproc_core::runtime::{PoolLimits, Runtime};
+
+use crate::abi;
+use crate::exchange::{Exchange, Reads};
+use crate::stats::Stats;
+
+/// Instances alive at once in Envoy's process, where the ext_proc server allows 14,000: each
+/// reserves about 4 GiB of address space in one block, and Envoy's own mappings leave less
+/// room for it than the server's process has (36 TiB fits some Envoy processes and not
+/// others). 4,000 exchanges in flight with a plugin each, per Envoy: a sidecar's share; a
+/// busy edge proxy raises it, and learns at load if its address space cannot hold the pool.
+pub const DEFAULT_MAX_INSTANCES: u32 = 4_000;
+/// Of those, instances of plugins that import WASI.
+pub const DEFAULT_MAX_WASI_INSTANCES: u32 = 500;
+
+/// One configuration of the filter, read by every worker.
+#[derive(Debug)]
+pub struct FilterConfig {
+    /// The filter's `filter_name`, for logs.
+    pub name: String,
+    registry: Arc<Registry>,
+    reads: Arc<Reads>,
+    metrics: Arc<Metrics>,
+    pub stats: Stats,
+    /// Reloads on changes while the configuration lives.
+    _watch: Option<registry::WatchGuard>,
+}
+
+impl FilterConfig {
+    /// Parses `text`, loads the plugins it names and starts watching them. `stats` are the
+    /// Envoy stats defined for this configuration.
+    pub fn new(name: &str, text: &[u8], stats: Stats) -> anyhow::Result<FilterConfig> {
+        let origin = format!("filter_config of dynamic module filter {name:?}");
+        let text = std::str::from_utf8(text).with_context(|| {
+            format!("{origin}: not UTF-8 text; give the TOML as a google.protobuf.StringValue")
+        })?;
+        let file = FileConfig::parse(text, Path::new(&origin))?;
+        let ignored = file.server_keys();
+        if !ignored.is_empty() {
+            tracing::warn!(
+                filter = name,
+                keys = ignored.join(", "),
+                "settings of the ext_proc server have no meaning in-process; ignored"
+            );
+        }
+        let reads = reads(&file)?;
+        let settings = file.settings(&Overrides {
+            default_max_instances: Some(DEFAULT_MAX_INSTANCES),
+            default_max_wasi_instances: Some(DEFAULT_MAX_WASI_INSTANCES),
+            ..Overrides::default()
+        })?;
+        let runtime = shared_runtime(&settings)?;
+        let fixed = settings.clone();
+        let registry = Arc::new(Registry::new(
+            runtime,
+            Box::new(move || Ok(fixed.clone())),
+            metrics(),
+            Mode::InProcess,
+        ));
+        let loader = loader();
+        loader.block_on(registry.reload())?;
+        let watch = if settings.watch && settings.plugins_dir.is_dir() {
+            let _in_loader = loader.enter();
+            Some(registry::watch(
+                registry.clone(),
+                &settings.plugins_dir,
+                None,
+            )?)
+        } else {
+            None
+        };
+        Ok(FilterConfig {
+            name: name.to_string(),
+            registry,
+            reads: Arc::new(reads),
+            metrics: metrics(),
+            stats,
+            _watch: watch,
+        })
+    }
+
+    /// A new stream's exchange, on the generation current now.
+    pub fn exchange(&self) -> Option<Exchange> {
+        let generation: Arc<Generation> = self.registry.current()?;
+        Some(Exchange::new(
+            generation,
+            self.reads.clone(),
+            self.metrics.clone(),
+        ))
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+}
+
+/// What `[module]` asks to read, checked against what Envoy can give.
+fn reads(file: &FileConfig) -> anyhow::Result<Reads> {
+    let module = &file.module;
+    for name in module
+        .request_attributes
+        .iter()
+        .chain(&module.response_attributes)
+    {
+        if abi::attribute_id(name).is_none() {
+            bail!(
+                "[module]: {name:?} is not an attribute Envoy's dynamic modules can read; known: {}",
+                abi::ATTRIBUTES.join(", ")
+            );
+        }
+    }
+    Ok(Reads {
+        request_attributes: module.request_attributes.clone(),
+        response_attributes: module.response_attributes.clone(),
+        metadata_namespaces: module.metadata_namespaces.clone(),
+    })
+}
+
+/// The process's metrics, created on first use.
+pub fn metrics() -> Arc<Metrics> {
+    static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new).clone()
+}
+
+/// The runtime of the configurations alive now, or a new one if none is.
+fn shared_runtime(settings: &Settings) -> anyhow::Result<Arc<Runtime>> {
+    static SHARED: Mutex<(Weak<Runtime>, Option<PoolLimits>)> = Mutex::new((Weak::new(), None));
+    let limits = PoolLimits::of(settings);
+    let mut shared = SHARED
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(runtime) = shared.0.upgrade() {
+        if shared.1.as_ref() != Some(&limits) {
+            tracing::warn!(
+                "[runtime] settings differ from those of the filter configurations already \
+                 loaded; the first ones hold until every configuration using them is gone \
+                 (restart Envoy to apply them now)"
+            );
+        }
+        return Ok(runtime);
+    }
+    let runtime = Arc::new(Runtime::new(limits.clone(), metrics().pool())?);
+    *shared = (Arc::downgrade(&runtime), Some(limits));
+    Ok(runtime)
+}
+
+/// The Tokio runtime that loads and watches plugins: one thread, beside Envoy's.
+fn loader() -> &'static tokio::runtime::Runtime {
+    static LOADER: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    LOADER.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("wasm-extproc-loader")
+            .enable_all()
+            .build()
+            .expect("a Tokio runtime with one thread starts")
+    })
+}
+
+/// Runs `future` to completion on the calling thread: an Envoy worker running the chain for
+/// one of its streams. Each worker has its own current-thread runtime, for the timers an
+/// instantiation waits on when the pool is full.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    thread_local! {
+        static WORKER: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a current-thread Tokio runtime starts");
+    }
+    WORKER.with(|runtime| runtime.block_on(future))
+}

@@ -1,0 +1,36 @@
+//! The wasm-extproc plugins in Envoy's own process: an HTTP filter for Envoy's dynamic modules
+//! (`envoy.filters.http.dynamic_modules`), built as `libwasm_extproc_module.so`.
+//!
+//! The same `.wasm` files, the same TOML and the same chain as the ext_proc server
+//! (`wasm-extproc-core` is shared); what changes is how messages arrive. Envoy calls this
+//! filter for each HTTP stream's headers, body chunks and trailers on the worker thread that
+//! owns the stream, and the chain runs right there: no gRPC, no second process.
+//!
+//! # Layout
+//!
+//! - [`abi`]: Envoy's C ABI, declared by hand for the calls this module makes; the ABI
+//!   version it was written for.
+//! - [`envoy`]: safe wrappers over one stream's callbacks ([`envoy::EnvoyStream`]) -- with
+//!   [`abi`], the only code with `unsafe`.
+//! - [`exchange`]: one stream's logic -- which hook runs which phase, body holding, header
+//!   and body changes, immediate responses -- over an [`exchange::Envoy`] trait, so it is
+//!   tested without Envoy.
+//! - [`filter_config`]: one filter configuration: its settings, its registry of plugins,
+//!   reloads; the process-wide runtime the configurations share.
+//! - [`stats`]: the core's metrics as Envoy stats.
+//! - [`logging`]: `tracing` into Envoy's log.
+//! - [`hooks`]: the `extern "C"` functions Envoy calls, each a thin, panic-proof shim.
+
+/// Envoy links tcmalloc, whose allocation sampling walks the stack, and plugins that import
+/// WASI run on wasmtime fiber stacks, where that walk faults: the module's own allocations
+/// never reach Envoy's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+mod abi;
+mod envoy;
+mod exchange;
+mod filter_config;
+mod hooks;
+mod logging;
+mod stats;

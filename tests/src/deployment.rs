@@ -1,0 +1,230 @@
+//! The same plugins and settings deployed either way a user can: behind Envoy's ext_proc
+//! filter with the host as its server, or in Envoy's process through the dynamic module. The
+//! conformance tests run each case in both and expect the same from the outside.
+
+use std::path::Path;
+use std::time::Duration;
+
+use wasm_extproc::metrics::OUTCOMES;
+
+use crate::echo::EchoServer;
+use crate::envoy::{Envoy, EnvoyConfig};
+use crate::fixtures::Component;
+use crate::host::{RunningHost, plugin_dir};
+
+/// How the plugins run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// In the host, behind Envoy's ext_proc filter.
+    ExtProc,
+    /// In Envoy, through the dynamic module.
+    InProcess,
+}
+
+impl Mode {
+    pub const BOTH: [Mode; 2] = [Mode::ExtProc, Mode::InProcess];
+}
+
+/// What a case deploys: the plugins, their settings, and what Envoy must give them.
+#[derive(Debug, Clone, Default)]
+pub struct Case {
+    /// `(file name without .wasm, component)`; file names fix the order.
+    pub plugins: Vec<(&'static str, Component)>,
+    /// The TOML both modes read (without `plugins_dir`).
+    pub toml: String,
+    /// Attributes read with the request's and the response's headers.
+    pub request_attributes: Vec<&'static str>,
+    pub response_attributes: Vec<&'static str>,
+    /// Dynamic metadata namespaces plugins read.
+    pub metadata_namespaces: Vec<&'static str>,
+    /// Namespaces plugins set dynamic metadata in (ext_proc must be told to accept them).
+    pub metadata_set: Vec<&'static str>,
+    /// Bodies and trailers reach the plugins (over ext_proc: `FULL_DUPLEX_STREAMED` both ways,
+    /// trailers sent).
+    pub bodies: bool,
+    pub upstream_http2: bool,
+    /// Edits to both Envoy configurations: text each contains exactly once, and its
+    /// replacement (routes, filters before the plugins').
+    pub edits: Vec<(String, String)>,
+}
+
+impl Case {
+    pub fn new(plugins: &[(&'static str, Component)], toml: &str) -> Case {
+        Case {
+            plugins: plugins.to_vec(),
+            toml: toml.into(),
+            ..Case::default()
+        }
+    }
+
+    pub fn bodies(mut self) -> Case {
+        self.bodies = true;
+        self
+    }
+
+    pub fn upstream_http2(mut self) -> Case {
+        self.upstream_http2 = true;
+        self
+    }
+
+    pub fn edit(mut self, text: &str, replacement: &str) -> Case {
+        self.edits.push((text.into(), replacement.into()));
+        self
+    }
+
+    /// The ext_proc filter's configuration for this case.
+    fn ext_proc(&self) -> EnvoyConfig {
+        let mut config = EnvoyConfig::default();
+        if self.bodies {
+            config = config
+                .mode("request_body_mode", "FULL_DUPLEX_STREAMED")
+                .mode("response_body_mode", "FULL_DUPLEX_STREAMED")
+                .mode("request_trailer_mode", "SEND")
+                .mode("response_trailer_mode", "SEND");
+        }
+        let list = |names: &[&str]| names.join(", ");
+        if !self.request_attributes.is_empty() {
+            config = config.filter(format!(
+                "request_attributes: [{}]",
+                list(&self.request_attributes)
+            ));
+        }
+        if !self.response_attributes.is_empty() {
+            config = config.filter(format!(
+                "response_attributes: [{}]",
+                list(&self.response_attributes)
+            ));
+        }
+        if !self.metadata_namespaces.is_empty() || !self.metadata_set.is_empty() {
+            config = config.filter(format!(
+                "metadata_options: {{ forwarding_namespaces: {{ untyped: [{}] }}, \
+                 receiving_namespaces: {{ untyped: [{}] }} }}",
+                list(&self.metadata_namespaces),
+                list(&self.metadata_set)
+            ));
+        }
+        config
+    }
+
+    /// The module's settings for this case: the shared TOML and `[module]`.
+    fn module_toml(&self) -> String {
+        let quoted = |names: &[&str]| {
+            names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut toml = self.toml.clone();
+        // As for the test host: unoptimised test builds need generous budgets, and each Envoy
+        // gets a small pool.
+        if !toml.contains("[defaults]") {
+            toml.push_str("\n[defaults]\ntimeout_ms = 1000\n");
+        }
+        if !toml.contains("[runtime]") {
+            toml.push_str("\n[runtime]\nmax_instances = 1000\nmax_wasi_instances = 1000\n");
+        }
+        toml.push_str(&format!(
+            "\n[module]\nrequest_attributes = [{}]\nresponse_attributes = [{}]\n\
+             metadata_namespaces = [{}]\n",
+            quoted(&self.request_attributes),
+            quoted(&self.response_attributes),
+            quoted(&self.metadata_namespaces)
+        ));
+        toml
+    }
+}
+
+/// A case deployed: Envoy, the upstream, and the host when over ext_proc.
+#[derive(Debug)]
+pub struct Deployment {
+    pub mode: Mode,
+    /// The ext_proc host; `None` in-process.
+    pub host: Option<RunningHost>,
+    pub upstream: EchoServer,
+    pub envoy: Envoy,
+    _plugins: Option<tempfile::TempDir>,
+}
+
+impl Deployment {
+    pub async fn start(mode: Mode, case: &Case) -> Deployment {
+        let upstream = EchoServer::start().await.expect("upstream starts");
+        match mode {
+            Mode::ExtProc => {
+                let host = RunningHost::start(&case.plugins, &case.toml).await;
+                let mut config = case.ext_proc();
+                if case.upstream_http2 {
+                    config = config.upstream_http2();
+                }
+                for (text, replacement) in &case.edits {
+                    config = config.edit(text, replacement);
+                }
+                let envoy = Envoy::start_with(&config, host.address, upstream.address)
+                    .await
+                    .expect("envoy starts");
+                Deployment {
+                    mode,
+                    host: Some(host),
+                    upstream,
+                    envoy,
+                    _plugins: None,
+                }
+            }
+            Mode::InProcess => {
+                let dir = plugin_dir(&case.plugins);
+                let envoy = Self::start_in_process(dir.path(), case, &upstream)
+                    .await
+                    .expect("envoy starts with the module");
+                Deployment {
+                    mode,
+                    host: None,
+                    upstream,
+                    envoy,
+                    _plugins: Some(dir),
+                }
+            }
+        }
+    }
+
+    async fn start_in_process(
+        dir: &Path,
+        case: &Case,
+        upstream: &EchoServer,
+    ) -> anyhow::Result<Envoy> {
+        let mut config = EnvoyConfig::default().in_process(dir, &case.module_toml());
+        if case.upstream_http2 {
+            config = config.upstream_http2();
+        }
+        for (text, replacement) in &case.edits {
+            config = config.edit(text, replacement);
+        }
+        // No ext_proc server: the address is never used.
+        Envoy::start_with(&config, upstream.address, upstream.address).await
+    }
+
+    /// How many calls of `plugin`, in any phase, ended with `outcome` (one of
+    /// [`OUTCOMES`]): the host's metrics, or Envoy's stats in-process. Envoy's copy trails by
+    /// up to a second and is refreshed when a stream ends: this waits, then sends one request
+    /// to `/` (whose own calls count too).
+    pub async fn plugin_outcomes(&self, plugin: &str, outcome: &'static str) -> u64 {
+        assert!(OUTCOMES.contains(&outcome), "{outcome} is not an outcome");
+        if let Some(host) = &self.host {
+            return host.metrics().plugin_outcomes(plugin, outcome);
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let _ = self.envoy.get("/").await;
+        let prefix = format!("dynamicmodulescustom.plugin_calls.plugin.{plugin}.phase.");
+        let suffix = format!(".outcome.{outcome}");
+        self.envoy
+            .admin_get("/stats?filter=plugin_calls")
+            .await
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| {
+                let (name, value) = line.split_once(": ")?;
+                let phase = name.strip_prefix(&prefix)?.strip_suffix(&suffix)?;
+                (!phase.contains('.')).then(|| value.trim().parse::<u64>().ok())?
+            })
+            .sum()
+    }
+}

@@ -1,0 +1,423 @@
+//! The same plugin files, the same settings, the same requests, both modes: behind Envoy's
+//! ext_proc filter with the host as its server, and in Envoy's process through the dynamic
+//! module. Each case runs in both and expects exactly the same from the outside: what the
+//! client gets, what the upstream gets, what plugins' failures cost.
+//!
+//! Over ext_proc, bodies flow `FULL_DUPLEX_STREAMED` (the mode in-process bodies follow).
+
+use extproc_testkit::deployment::{Case, Deployment, Mode};
+use extproc_testkit::echo::generated;
+use extproc_testkit::envoy::HttpRequest;
+use extproc_testkit::fixtures::{
+    ASM_DEMO, BEARER_AUTH, CONTEXT_PROBE, Component, GATE, JSON_REDACT, MEMORY_HOG, MISBEHAVE,
+    RECURSE, SHOUT, SLOW, SPIN, TAGGER, TRAP,
+};
+
+use super::bodies::{assert_length_fits, assert_same, in_chunks, redacted};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guides_headers_both_ways() {
+    let case = Case::new(&[("asm", ASM_DEMO)], "");
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        let response = d.envoy.get("/headers").await.unwrap();
+        assert_eq!(response.status, 200, "{mode:?}");
+        assert_eq!(
+            response.header_values("x-ext-proc-header"),
+            ["hello-from-asm"],
+            "{mode:?}"
+        );
+        let json = response.json().unwrap();
+        assert_eq!(
+            json["headers"]["X-Ext-Proc-Header"], "hello-to-asm",
+            "{mode:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn immediate_responses_from_headers_and_bodies() {
+    let case = Case::new(
+        &[("10-auth", BEARER_AUTH), ("20-asm", ASM_DEMO)],
+        "[plugins.10-auth]\nconfig = \"realm=api;tokens=s3cret\"\n",
+    );
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        let denied = d.envoy.get("/headers").await.unwrap();
+        assert_eq!(denied.status, 401, "{mode:?}");
+        assert_eq!(
+            denied.header_values("www-authenticate"),
+            ["Bearer realm=\"api\""],
+            "{mode:?}"
+        );
+        assert_eq!(denied.body, br#"{"error":"unauthorized"}"#, "{mode:?}");
+        assert!(d.upstream.seen().is_empty(), "{mode:?}: upstream touched");
+        let allowed = d
+            .envoy
+            .request(
+                "GET",
+                "/headers",
+                &[("authorization", "Bearer s3cret")],
+                Vec::new(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: {e:#}"));
+        assert_eq!(allowed.status, 200, "{mode:?}");
+        assert_eq!(
+            allowed.header_values("x-ext-proc-header"),
+            ["hello-from-asm"],
+            "{mode:?}"
+        );
+    }
+    for phase in ["request_headers", "request_body", "response_headers"] {
+        let case = Case::new(
+            &[("gate", GATE)],
+            &format!("[plugins.gate]\nconfig = \"{phase}\"\n"),
+        )
+        .bodies();
+        for mode in Mode::BOTH {
+            let d = Deployment::start(mode, &case).await;
+            let response = d
+                .envoy
+                .send(&HttpRequest::new("POST", "/anything").body(b"payload".to_vec()))
+                .await
+                .unwrap_or_else(|e| panic!("{mode:?}: {e:#}"));
+            assert_eq!(response.status, 403, "{mode:?} {phase}");
+            assert_eq!(
+                response.header_values("x-gate"),
+                [phase],
+                "{mode:?} {phase}"
+            );
+            assert_eq!(
+                response.body,
+                format!("blocked at {phase}").as_bytes(),
+                "{mode:?} {phase}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunks_are_replaced_both_ways() {
+    let case = Case::new(&[("shout", SHOUT)], "").bodies();
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        for size in [0, 1, 64 * 1024, 1 << 20] {
+            let label = format!("{mode:?}, {size} bytes");
+            let body = generated(size, false);
+            let shouted = body.to_ascii_uppercase();
+            let response = d
+                .envoy
+                .send(&HttpRequest::new("POST", "/anything").body(body.clone()))
+                .await
+                .unwrap_or_else(|e| panic!("{mode:?}: {e:#}\n{}", d.envoy.log()));
+            assert_eq!(response.status, 200, "{label}");
+            let seen = d.upstream.seen().last().unwrap().body.clone();
+            assert_same(&seen, &shouted, &format!("{label}, at the upstream"));
+            // The echo sends the shouted body back; shouting it again changes nothing.
+            assert_same(&response.body, &shouted, &format!("{label}, at the client"));
+            assert_length_fits(&response, &label);
+        }
+        let body = generated(100_000, false);
+        let response = d
+            .envoy
+            .send(&HttpRequest::new("POST", "/anything").chunked(in_chunks(&body)))
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: {e:#}"));
+        assert_same(
+            &response.body,
+            &body.to_ascii_uppercase(),
+            &format!("{mode:?}, chunked upload"),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_bodies_are_replaced_both_ways() {
+    let case = Case::new(
+        &[("redact", JSON_REDACT)],
+        "[plugins.redact]\nconfig = \"password\"\ntimeout_ms = 1000\n",
+    )
+    .bodies();
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        for size in [100, 64 * 1024, 1 << 20] {
+            let label = format!("{mode:?}, {size} bytes");
+            let response = d
+                .envoy
+                .send(
+                    &HttpRequest::new("POST", "/anything")
+                        .header("content-type", "application/json")
+                        .body(generated(size, true)),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{mode:?}: {e:#}"));
+            assert_eq!(response.status, 200, "{label}");
+            let seen = d.upstream.seen().last().unwrap().clone();
+            assert_same(
+                &seen.body,
+                &redacted(size),
+                &format!("{label}, at the upstream"),
+            );
+            if let Some(length) = seen.header("content-length") {
+                assert_eq!(
+                    length,
+                    seen.body.len().to_string(),
+                    "{label}: upstream's content-length"
+                );
+            }
+            assert_same(
+                &response.body,
+                &redacted(size),
+                &format!("{label}, at the client"),
+            );
+            assert_length_fits(&response, &label);
+
+            let response = d
+                .envoy
+                .get(&format!("/generate?bytes={size}&json"))
+                .await
+                .unwrap_or_else(|e| panic!("{mode:?}: {e:#}"));
+            assert_same(
+                &response.body,
+                &redacted(size),
+                &format!("{label}, response"),
+            );
+            assert_length_fits(&response, &label);
+        }
+        let response = d
+            .envoy
+            .send(
+                &HttpRequest::new("POST", "/anything")
+                    .header("content-type", "application/json")
+                    .chunked(in_chunks(&generated(200_000, true))),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: {e:#}"));
+        assert_same(
+            &response.body,
+            &redacted(200_000),
+            &format!("{mode:?}, chunked upload"),
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trailers_and_bodies_over_http2_both_ways() {
+    let case = Case::new(&[("tag", TAGGER)], "[plugins.tag]\nconfig = \"T\"\n")
+        .bodies()
+        .upstream_http2();
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        let request = HttpRequest::new("POST", "/anything")
+            .http2()
+            .header("content-type", "application/grpc")
+            .chunked(vec![b"pay".to_vec(), b"load".to_vec()])
+            .trailer("x-client-trailer", "yes");
+        let response = d.envoy.send(&request).await.unwrap();
+        assert_eq!(response.status, 200, "{mode:?}");
+        let seen = d.upstream.seen()[0].clone();
+        // Every body message gets the tag appended: how many there are depends on how the
+        // body was cut, so only its start and end are fixed.
+        let upstream_body = String::from_utf8(seen.body.clone()).unwrap();
+        assert_eq!(
+            upstream_body.replace('T', ""),
+            "payload",
+            "{mode:?}: {upstream_body}"
+        );
+        assert!(
+            upstream_body.starts_with("pay"),
+            "{mode:?}: {upstream_body}"
+        );
+        let trailer = |name: &str| {
+            seen.trailers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(
+            trailer("x-client-trailer").as_deref(),
+            Some("yes"),
+            "{mode:?}"
+        );
+        assert_eq!(trailer("x-chain").as_deref(), Some("T"), "{mode:?}");
+        assert_eq!(seen.header("x-chain").as_deref(), Some("T"), "{mode:?}");
+        let mut trailers = response.trailers.clone();
+        trailers.sort();
+        assert_eq!(
+            trailers,
+            [
+                ("x-chain".to_string(), "T".to_string()),
+                ("x-upstream-trailer".to_string(), "seen".to_string()),
+            ],
+            "{mode:?}"
+        );
+        assert_eq!(response.header_values("x-chain"), ["T"], "{mode:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn attributes_metadata_and_rerouting() {
+    let mut case = Case::new(&[("probe", CONTEXT_PROBE)], "")
+        // Metadata for the plugin to read, set by a filter before the plugins'.
+        .edit(
+            "                http_filters:\n",
+            "                http_filters:
+                  - name: envoy.filters.http.lua
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+                      default_source_code:
+                        inline_string: |
+                          function envoy_on_request(request_handle)
+                            request_handle:streamInfo():dynamicMetadata():set(\"probe\", \"in\", \"from-envoy\")
+                          end
+",
+        )
+        // Shows the metadata the plugin set.
+        .edit(
+            "                      domains: [\"*\"]\n",
+            "                      domains: [\"*\"]
+                      response_headers_to_add:
+                        - header: { key: x-seen-path, value: \"%DYNAMIC_METADATA(wasm:seen-path)%\" }
+",
+        )
+        // Where a rerouted request lands.
+        .edit(
+            "                        - name: default\n",
+            "                        - name: rerouted
+                          match: { prefix: \"/rerouted\" }
+                          direct_response: { status: 200, body: { inline_string: \"rerouted\" } }
+                        - name: default\n",
+        );
+    case.request_attributes = vec!["request.path", "source.address", "xds.route_name"];
+    case.metadata_namespaces = vec!["probe"];
+    case.metadata_set = vec!["wasm"];
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        let response = d.envoy.get("/anything/here?q=1").await.unwrap();
+        assert_eq!(response.status, 200, "{mode:?}");
+        let seen = d.upstream.seen()[0].clone();
+        assert_eq!(
+            seen.header("x-attr-path").as_deref(),
+            Some("/anything/here?q=1"),
+            "{mode:?}"
+        );
+        let source = seen.header("x-attr-source").unwrap();
+        assert!(source.starts_with("127.0.0.1:"), "{mode:?}: {source}");
+        assert_eq!(
+            seen.header("x-attr-route").as_deref(),
+            Some("default"),
+            "{mode:?}"
+        );
+        assert_eq!(
+            seen.header("x-metadata-in").as_deref(),
+            Some("\"from-envoy\""),
+            "{mode:?}"
+        );
+        assert_eq!(
+            response.header_values("x-seen-path"),
+            ["/anything/here?q=1"],
+            "{mode:?}"
+        );
+        let rerouted = d
+            .envoy
+            .request(
+                "GET",
+                "/anything",
+                &[("x-reroute", "/rerouted")],
+                Vec::new(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{mode:?}: {e:#}"));
+        assert_eq!(rerouted.body, b"rerouted", "{mode:?}");
+        assert_eq!(
+            d.upstream.seen().len(),
+            1,
+            "{mode:?}: rerouted request reached httpbin"
+        );
+    }
+}
+
+/// `faulty` (as `10-faulty`, with `settings`) in front of the ASM plugin.
+fn faulty_chain(faulty: Component, settings: &str) -> Case {
+    Case::new(
+        &[("10-faulty", faulty), ("20-asm", ASM_DEMO)],
+        &format!("[plugins.10-faulty]\n{settings}\n"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fixture_zoo_costs_only_its_own_phase_and_envoy_keeps_serving() {
+    // (fixture, settings, the outcome recorded)
+    let zoo: [(Component, &str, &str); 6] = [
+        (TRAP, "config = \"panic\"", "trap"),
+        (TRAP, "config = \"unreachable\"", "trap"),
+        (SPIN, "timeout_ms = 50", "deadline"),
+        (MEMORY_HOG, "memory_limit_mib = 16", "memory_limit"),
+        (RECURSE, "", "trap"),
+        (MISBEHAVE, "config = \"bad-name\"", "invalid_output"),
+    ];
+    for (fixture, settings, outcome) in zoo {
+        let label = format!("{} ({settings})", fixture.name());
+        let open = faulty_chain(
+            fixture,
+            &format!("{settings}\nfailure_policy = \"fail-open\""),
+        );
+        let closed = faulty_chain(
+            fixture,
+            &format!("{settings}\nfailure_policy = \"fail-closed\"\nfailure_status = 503"),
+        );
+        for mode in Mode::BOTH {
+            let d = Deployment::start(mode, &open).await;
+            for _ in 0..2 {
+                let response = d.envoy.get("/headers").await.unwrap();
+                assert_eq!(response.status, 200, "{mode:?} {label}, fail-open");
+                assert_eq!(
+                    response.header_values("x-ext-proc-header"),
+                    ["hello-from-asm"],
+                    "{mode:?} {label}: the rest of the chain ran"
+                );
+                let json = response.json().unwrap();
+                assert_eq!(
+                    json["headers"]["X-Ext-Proc-Header"], "hello-to-asm",
+                    "{mode:?} {label}"
+                );
+                for dropped in ["X-Trap-Was-Here", "X-Misbehave-Tried"] {
+                    assert!(
+                        json["headers"].get(dropped).is_none(),
+                        "{mode:?} {label}: the failed plugin's changes were dropped"
+                    );
+                }
+            }
+            assert!(
+                d.plugin_outcomes("10-faulty", outcome).await >= 2,
+                "{mode:?} {label}: counted as {outcome}"
+            );
+
+            let d = Deployment::start(mode, &closed).await;
+            let response = d.envoy.get("/headers").await.unwrap();
+            assert_eq!(response.status, 503, "{mode:?} {label}, fail-closed");
+            assert!(
+                d.upstream.seen().is_empty(),
+                "{mode:?} {label}: upstream touched"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_plugin_inside_its_budget_is_not_a_failure() {
+    let case = faulty_chain(SLOW, "config = \"10\"\ntimeout_ms = 500");
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        let response = d.envoy.get("/headers").await.unwrap();
+        assert_eq!(response.status, 200, "{mode:?}");
+        let json = response.json().unwrap();
+        assert_eq!(json["headers"]["X-Slow"], "done", "{mode:?}");
+        assert_eq!(
+            d.plugin_outcomes("10-faulty", "deadline").await,
+            0,
+            "{mode:?}"
+        );
+    }
+}
