@@ -202,6 +202,15 @@ impl Deployment {
         Envoy::start_with(&config, upstream.address, upstream.address).await
     }
 
+    /// The directory the plugins are loaded from, which a test may change while they serve.
+    pub fn plugins_dir(&self) -> &Path {
+        match (&self.host, &self._plugins) {
+            (Some(host), _) => host.plugins_dir(),
+            (None, Some(dir)) => dir.path(),
+            (None, None) => unreachable!("an in-process deployment keeps its plugins directory"),
+        }
+    }
+
     /// How many calls of `plugin`, in any phase, ended with `outcome` (one of
     /// [`OUTCOMES`]): the host's metrics, or Envoy's stats in-process. Envoy's copy trails by
     /// up to a second and is refreshed when a stream ends: this waits, then sends one request

@@ -9,11 +9,12 @@ use extproc_testkit::deployment::{Case, Deployment, Mode};
 use extproc_testkit::echo::generated;
 use extproc_testkit::envoy::HttpRequest;
 use extproc_testkit::fixtures::{
-    ASM_DEMO, BEARER_AUTH, CONTEXT_PROBE, Component, GATE, JSON_REDACT, MEMORY_HOG, MISBEHAVE,
-    RECURSE, SHOUT, SLOW, SPIN, TAGGER, TRAP,
+    ASM_DEMO, ASM_V2, BEARER_AUTH, CONTEXT_PROBE, Component, GATE, JSON_REDACT, MEMORY_HOG,
+    MISBEHAVE, RECURSE, SHOUT, SLOW, SPIN, TAGGER, TRAP,
 };
 
 use super::bodies::{assert_length_fits, assert_same, in_chunks, redacted};
+use super::operations::replace_file;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guides_headers_both_ways() {
@@ -419,5 +420,37 @@ async fn a_slow_plugin_inside_its_budget_is_not_a_failure() {
             0,
             "{mode:?}"
         );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_plugin_file_is_served_without_a_restart() {
+    let case = Case::new(&[("asm", ASM_DEMO)], "");
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        let tag = |response: &extproc_testkit::envoy::HttpResponse| {
+            response.header_values("x-ext-proc-header").join(",")
+        };
+        let before = d.envoy.get("/headers").await.unwrap();
+        assert_eq!(tag(&before), "hello-from-asm", "{mode:?}");
+        replace_file(&d.plugins_dir().join("asm.wasm"), &ASM_V2.bytes());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            let response = d.envoy.get("/headers").await.unwrap();
+            assert_eq!(response.status, 200, "{mode:?}");
+            if tag(&response) == "hello-from-asm-v2" {
+                break;
+            }
+            assert_eq!(
+                tag(&response),
+                "hello-from-asm",
+                "{mode:?}: old or new, nothing else"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{mode:?}: the new version never served"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
     }
 }

@@ -10,6 +10,7 @@ mod isolation;
 mod languages;
 mod load;
 mod loading;
+mod module;
 mod operations;
 mod phases;
 mod sweep;

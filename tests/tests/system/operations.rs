@@ -34,7 +34,7 @@ async fn wait_for_loads(host: &RunningHost, count: u64) {
 }
 
 /// Replaces `path` atomically with `bytes`, as deployment tools do: write beside, rename over.
-fn replace_file(path: &Path, bytes: &[u8]) {
+pub(super) fn replace_file(path: &Path, bytes: &[u8]) {
     let temporary = path.with_file_name(format!(
         ".{}.tmp",
         path.file_name().unwrap().to_string_lossy()

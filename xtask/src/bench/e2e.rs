@@ -331,8 +331,8 @@ pub(super) struct Binaries {
     asm_plugin: PathBuf,
     native_extproc: PathBuf,
     upstream: PathBuf,
-    /// Where `libwasm_extproc_module.so` is, for Envoy's `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
-    module_dir: PathBuf,
+    /// The in-process module, `libwasm_extproc_module.so`.
+    module: PathBuf,
     /// The load that holds many exchanges in flight (concurrency runs).
     pub(super) hold_load: PathBuf,
 }
@@ -340,16 +340,6 @@ pub(super) struct Binaries {
 impl Binaries {
     pub(super) fn find() -> anyhow::Result<Binaries> {
         let release = target_dir().join("release");
-        let built = |path: PathBuf, how: &str| {
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(anyhow::anyhow!(
-                    "{} is missing: build it with `{how}`",
-                    path.display()
-                ))
-            }
-        };
         Ok(Binaries {
             envoy: envoy::binary(),
             wasm_extproc: built(
@@ -376,14 +366,31 @@ impl Binaries {
                 release.join("hold-load"),
                 "cargo build --release -p extproc-bench",
             )?,
-            module_dir: built(
-                release.join("libwasm_extproc_module.so"),
-                "cargo build --release -p wasm-extproc-module",
-            )?
-            .parent()
-            .expect("a file has a directory")
-            .to_path_buf(),
+            // Checked by the setups that load it (`Binaries::module_dir`): the concurrency
+            // check in `cargo xtask test` runs without it.
+            module: release.join("libwasm_extproc_module.so"),
         })
+    }
+
+    /// The directory holding the in-process module, for `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
+    fn module_dir(&self) -> anyhow::Result<&Path> {
+        built(
+            self.module.clone(),
+            "cargo build --release -p wasm-extproc-module",
+        )?;
+        Ok(self.module.parent().expect("a file has a directory"))
+    }
+}
+
+/// `path` if it exists, or an error saying which command builds it.
+fn built(path: PathBuf, how: &str) -> anyhow::Result<PathBuf> {
+    if path.is_file() {
+        Ok(path)
+    } else {
+        Err(anyhow::anyhow!(
+            "{} is missing: build it with `{how}`",
+            path.display()
+        ))
     }
 }
 
@@ -606,6 +613,12 @@ impl Running {
         )?;
         let config_path = dir.path().join("envoy.yaml");
         std::fs::write(&config_path, config)?;
+        let module_search_path = match setup.filter {
+            Filter::InProcess => {
+                vec![("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", binaries.module_dir()?)]
+            }
+            _ => vec![],
+        };
         let mut envoy = Server::spawn_with(
             "envoy",
             &binaries.envoy,
@@ -619,7 +632,7 @@ impl Running {
                 "warn",
             ],
             dir.path(),
-            &[("ENVOY_DYNAMIC_MODULES_SEARCH_PATH", &binaries.module_dir)],
+            &module_search_path,
         )?;
         envoy
             .wait_listening(listener)
