@@ -42,7 +42,7 @@ fn runtime(cache: Option<&Path>) -> Runtime {
             max_memory_bytes: 128 << 20,
             cache_dir: cache.map(Path::to_path_buf),
         },
-        Metrics::new().pool(),
+        &Metrics::new(),
     )
     .expect("runtime")
 }

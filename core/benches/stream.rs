@@ -72,7 +72,7 @@ impl Bench {
                 max_memory_bytes: 64 << 20,
                 cache_dir: None,
             },
-            Metrics::new().pool(),
+            &Metrics::new(),
         )
         .expect("runtime");
         Bench {

@@ -17,6 +17,7 @@
 //! breaker_window_ms = 10000
 //! breaker_backoff_ms = 5000
 //! isolation = "exchange"        # or "reuse": keep instances across exchanges (see README)
+//! log_lines_per_second = 100    # lines a plugin may log, in bursts of as many; 0 = none
 //!
 //! [plugins.10-auth]             # keyed by file name without `.wasm`
 //! config = '{"realm": "api"}'
@@ -73,6 +74,10 @@ pub const DEFAULT_BREAKER: BreakerSettings = BreakerSettings {
     window: Duration::from_secs(10),
     backoff: Duration::from_secs(5),
 };
+/// A plugin that logs a line per request at a hundred requests a second stays inside it; a
+/// plugin logging in a loop writes at most 100 lines of at most 4 KiB a second (400 KiB/s),
+/// not the megabytes per request it could within its deadline.
+pub const DEFAULT_LOG_LINES_PER_SECOND: u32 = 100;
 /// Envoy's default `message_timeout`.
 pub const DEFAULT_ENVOY_MESSAGE_TIMEOUT: Duration = Duration::from_millis(200);
 /// Envoy's default `max_request_headers_kb`.
@@ -171,6 +176,7 @@ struct FilePluginSettings {
     breaker_window_ms: Option<u64>,
     breaker_backoff_ms: Option<u64>,
     isolation: Option<Isolation>,
+    log_lines_per_second: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -267,6 +273,9 @@ pub struct PluginSettings {
     /// When repeated failures quarantine the plugin.
     pub breaker: BreakerSettings,
     pub isolation: Isolation,
+    /// Lines the plugin may write through `host.log` per second, in bursts of as many; the
+    /// rest are dropped and counted.
+    pub log_lines_per_second: u32,
 }
 
 /// What a plugin failure (trap, deadline, memory limit) does to the request.
@@ -332,6 +341,7 @@ impl FileConfig {
             },
             breaker: DEFAULT_BREAKER,
             isolation: Isolation::Exchange,
+            log_lines_per_second: DEFAULT_LOG_LINES_PER_SECOND,
         };
         let defaults = self
             .defaults
@@ -526,6 +536,9 @@ impl FilePluginSettings {
             },
             breaker,
             isolation: self.isolation.unwrap_or(base.isolation),
+            log_lines_per_second: self
+                .log_lines_per_second
+                .unwrap_or(base.log_lines_per_second),
         })
     }
 }

@@ -12,7 +12,7 @@
 //! - [`runtime`]: the only module that speaks wasmtime -- engine, pooling allocator, linker,
 //!   budgets, and the host side of `wit/processor.wit`.
 //! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy;
-//!   [`breaker`] quarantines plugins that keep failing.
+//!   [`breaker`] quarantines plugins that keep failing; [`log_budget`] bounds what they log.
 //! - [`guard`]: keeps plugins' changes inside what Envoy accepts.
 //! - [`http`]: the types for headers, bodies and verdicts, shared by all of the above.
 //! - [`metrics`]: counters and histograms, in Prometheus form.
@@ -25,6 +25,7 @@ pub mod chain;
 pub mod config;
 pub mod guard;
 pub mod http;
+pub mod log_budget;
 pub mod metrics;
 pub mod registry;
 pub mod runtime;

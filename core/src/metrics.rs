@@ -66,6 +66,7 @@ pub struct Metrics {
     active_streams: Gauge,
     streams: Counter,
     reloads: Family<ResultLabel, Counter>,
+    log_lines_suppressed: Family<PluginLabel, Counter>,
     pool: PoolMetrics,
     /// Every plugin that has had series, for [`samples`](Metrics::samples).
     plugins: Mutex<BTreeSet<String>>,
@@ -149,6 +150,12 @@ impl Metrics {
             "Plugin chain loads (start-up included), by result (ok, error)",
             reloads.clone(),
         );
+        let log_lines_suppressed = Family::<PluginLabel, Counter>::default();
+        registry.register(
+            "plugin_log_lines_suppressed",
+            "Plugin log lines dropped over the plugin's log_lines_per_second budget, by plugin",
+            log_lines_suppressed.clone(),
+        );
         let pool = PoolMetrics::default();
         registry.register(
             "instances_in_use",
@@ -182,6 +189,7 @@ impl Metrics {
             active_streams,
             streams,
             reloads,
+            log_lines_suppressed,
             pool,
             plugins: Mutex::default(),
         })
@@ -190,6 +198,20 @@ impl Metrics {
     /// The instance pool's series, for the runtime to update.
     pub fn pool(&self) -> PoolMetrics {
         self.pool.clone()
+    }
+
+    /// The counter of `plugin`'s log lines dropped over its budget, for its
+    /// [`LogBudget`](crate::log_budget::LogBudget).
+    pub fn log_lines_suppressed(&self, plugin: &str) -> Counter {
+        self.plugins
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(plugin.to_string());
+        self.log_lines_suppressed
+            .get_or_create(&PluginLabel {
+                plugin: plugin.to_string(),
+            })
+            .clone()
     }
 
     pub fn message_received(&self, phase: Phase) {
@@ -308,6 +330,19 @@ impl Metrics {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
         for plugin in plugins {
+            let suppressed = self
+                .log_lines_suppressed
+                .get(&PluginLabel {
+                    plugin: plugin.clone(),
+                })
+                .map_or(0, |c| c.get());
+            if suppressed > 0 {
+                samples.push(counter(
+                    "plugin_log_lines_suppressed",
+                    vec![("plugin", plugin.clone())],
+                    suppressed,
+                ));
+            }
             for phase in Phase::ALL {
                 for outcome in OUTCOMES {
                     let value = self.plugin_calls(&plugin, phase, outcome);

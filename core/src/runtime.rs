@@ -37,7 +37,8 @@ use crate::config::{Isolation, PluginSettings, Settings};
 use crate::http::{
     Delivery, Effects, ExchangeContext, ImmediateResponse, Message, Phase, PhaseSet, Registration,
 };
-use crate::metrics::PoolMetrics;
+use crate::log_budget::LogBudget;
+use crate::metrics::Metrics;
 use bindings::wasm_extproc::processor::types as wit;
 use epoch::EpochTicker;
 use handlers::{Exports, Handlers};
@@ -134,6 +135,7 @@ pub struct Runtime {
     ticker: Arc<EpochTicker>,
     slots: Arc<Slots>,
     cache: Option<Cache>,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -173,7 +175,7 @@ impl PoolLimits {
 }
 
 impl Runtime {
-    pub fn new(limits: PoolLimits, metrics: PoolMetrics) -> anyhow::Result<Runtime> {
+    pub fn new(limits: PoolLimits, metrics: &Arc<Metrics>) -> anyhow::Result<Runtime> {
         let mut pool = PoolingAllocationConfig::new();
         let (instances, wasi) = (limits.max_instances, limits.max_wasi_instances);
         check_memory_mappings(instances, wasi)?;
@@ -244,13 +246,19 @@ impl Runtime {
             .map_err(to_anyhow)?;
 
         let ticker = Arc::new(EpochTicker::start(engine.weak())?);
-        let slots = Arc::new(Slots::new(instances, wasi, limits.instance_wait, metrics));
+        let slots = Arc::new(Slots::new(
+            instances,
+            wasi,
+            limits.instance_wait,
+            metrics.pool(),
+        ));
         Ok(Runtime {
             engine,
             linker,
             ticker,
             slots,
             cache,
+            metrics: metrics.clone(),
         })
     }
 
@@ -321,8 +329,10 @@ impl Runtime {
                 path: path.to_path_buf(),
                 digest,
                 loaded_at: SystemTime::now(),
+                metrics: self.metrics.clone(),
             }),
             name: name.into(),
+            log_budget: log_budget(&self.metrics, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),
@@ -409,8 +419,19 @@ pub struct Plugin {
     name: Arc<str>,
     settings: Arc<PluginSettings>,
     breaker: Arc<Breaker>,
+    /// How many lines it may still log, shared by all its instances.
+    log_budget: Arc<LogBudget>,
     /// Instances that served an exchange and wait for the next (`isolation = "reuse"` only).
     idle: Arc<Mutex<Vec<Instance>>>,
+}
+
+/// A fresh log budget for the plugin `name`, counting into its series.
+fn log_budget(metrics: &Metrics, name: &str, settings: &PluginSettings) -> Arc<LogBudget> {
+    Arc::new(LogBudget::new(
+        name.into(),
+        settings.log_lines_per_second,
+        metrics.log_lines_suppressed(name),
+    ))
 }
 
 /// Idle instances a reused plugin keeps: enough for the streams a busy host finishes between
@@ -430,6 +451,8 @@ struct Compiled {
     path: PathBuf,
     digest: String,
     loaded_at: SystemTime,
+    /// Where plugins made of it count what they do.
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -481,6 +504,7 @@ impl Plugin {
         Plugin {
             compiled: self.compiled.clone(),
             name: name.into(),
+            log_budget: log_budget(&self.compiled.metrics, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),
@@ -530,7 +554,11 @@ impl Plugin {
             .take(compiled.entry == Entry::Fiber, arrived)
             .await?;
         let _running = compiled.ticker.enter();
-        let state = StoreState::new(self.name.clone(), self.settings.clone());
+        let state = StoreState::new(
+            self.name.clone(),
+            self.settings.clone(),
+            self.log_budget.clone(),
+        );
         let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);
         let entry = compiled.entry;

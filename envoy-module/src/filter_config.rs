@@ -165,7 +165,7 @@ fn shared_runtime(settings: &Settings) -> anyhow::Result<Arc<Runtime>> {
         }
         return Ok(runtime);
     }
-    let runtime = Arc::new(Runtime::new(limits.clone(), metrics().pool())?);
+    let runtime = Arc::new(Runtime::new(limits.clone(), &metrics())?);
     *shared = (Arc::downgrade(&runtime), Some(limits));
     Ok(runtime)
 }

@@ -134,7 +134,7 @@ impl Host {
     /// A host whose reloads read their configuration from `source` (the file and flags again).
     pub fn with_source(config: Config, source: ConfigSource) -> anyhow::Result<Host> {
         let metrics = Metrics::new();
-        let runtime = Runtime::new(PoolLimits::of(&config.settings), metrics.pool())?;
+        let runtime = Runtime::new(PoolLimits::of(&config.settings), &metrics)?;
         let registry = Arc::new(Registry::new(
             Arc::new(runtime),
             source,

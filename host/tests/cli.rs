@@ -39,7 +39,7 @@ fn invalid_configuration_exits_64_naming_the_file_and_line() {
     assert_eq!(
         one_line(&output),
         format!(
-            "wasm-extproc: config file {config} (line 3): unknown field `timeout`, expected one of `config`, `failure_policy`, `failure_status`, `timeout_ms`, `memory_limit_mib`, `breaker_threshold`, `breaker_window_ms`, `breaker_backoff_ms`, `isolation`"
+            "wasm-extproc: config file {config} (line 3): unknown field `timeout`, expected one of `config`, `failure_policy`, `failure_status`, `timeout_ms`, `memory_limit_mib`, `breaker_threshold`, `breaker_window_ms`, `breaker_backoff_ms`, `isolation`, `log_lines_per_second`"
         )
     );
 }
@@ -212,4 +212,40 @@ fn sigterm_drains_and_exits_zero() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("SIGTERM; shutting down"), "{stderr}");
+}
+
+#[test]
+fn budgets_adding_up_past_envoys_message_timeout_stop_start_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    for name in ["10-a", "20-b"] {
+        std::fs::copy(built("asm_demo"), plugins.join(format!("{name}.wasm"))).unwrap();
+    }
+    let plugins = plugins.display().to_string();
+    // Two header plugins of 100 ms each, and one wait for a full pool, against Envoy's
+    // default 200 ms message_timeout.
+    let tight = write(dir.path(), "tight.toml", b"[defaults]\ntimeout_ms = 100\n");
+    let output = host(&["check", "--config", &tight, "--plugins-dir", &plugins]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_line(&output);
+    assert!(
+        line.contains("the budgets of the plugins handling request_headers add up to")
+            && line.contains("10-a (100 ms), 20-b (100 ms)")
+            && line.contains("but Envoy waits 200 ms for an answer"),
+        "{line}"
+    );
+    // The same plugins fit when Envoy may be asked for more (max_message_timeout).
+    let room = write(
+        dir.path(),
+        "room.toml",
+        b"[defaults]\ntimeout_ms = 100\n[envoy]\nmax_message_timeout_ms = 500\n",
+    );
+    let output = host(&["check", "--config", &room, "--plugins-dir", &plugins]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -11,6 +11,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::bindings::wasm_extproc::processor::{context, host, types};
 use crate::config::PluginSettings;
 use crate::http::{BodyChunk, Effects, ExchangeContext, HeaderMap, Message, Phase};
+use crate::log_budget::LogBudget;
 
 /// The handle a handler receives for the message it is lent. Only one message is lent at a
 /// time, and borrows end when the call returns, so a constant is enough.
@@ -91,6 +92,7 @@ impl ResourceLimiter for MemoryLimiter {
 pub struct StoreState {
     plugin: Arc<str>,
     settings: Arc<PluginSettings>,
+    log_budget: Arc<LogBudget>,
     /// Made on the first WASI call: most plugins never make one, and building a context
     /// (clocks, random sources) is a measurable part of a stream's cost.
     wasi: Option<WasiCtx>,
@@ -109,9 +111,14 @@ pub struct StoreState {
 }
 
 impl StoreState {
-    pub fn new(plugin: Arc<str>, settings: Arc<PluginSettings>) -> Self {
+    pub fn new(
+        plugin: Arc<str>,
+        settings: Arc<PluginSettings>,
+        log_budget: Arc<LogBudget>,
+    ) -> Self {
         StoreState {
             plugin,
+            log_budget,
             wasi: None,
             table: ResourceTable::new(),
             limits: MemoryLimiter {
@@ -253,6 +260,31 @@ impl types::HostBody for StoreState {
 
 impl host::Host for StoreState {
     fn log(&mut self, level: host::LogLevel, mut message: String) -> Result<()> {
+        let level = match level {
+            host::LogLevel::Trace => tracing::Level::TRACE,
+            host::LogLevel::Debug => tracing::Level::DEBUG,
+            host::LogLevel::Info => tracing::Level::INFO,
+            host::LogLevel::Warn => tracing::Level::WARN,
+            host::LogLevel::Error => tracing::Level::ERROR,
+        };
+        // A line nobody would see costs no budget (and no formatting).
+        let enabled = match level {
+            tracing::Level::TRACE => tracing::enabled!(target: "plugin", tracing::Level::TRACE),
+            tracing::Level::DEBUG => tracing::enabled!(target: "plugin", tracing::Level::DEBUG),
+            tracing::Level::INFO => tracing::enabled!(target: "plugin", tracing::Level::INFO),
+            tracing::Level::WARN => tracing::enabled!(target: "plugin", tracing::Level::WARN),
+            _ => tracing::enabled!(target: "plugin", tracing::Level::ERROR),
+        };
+        if !enabled {
+            return Ok(());
+        }
+        let admission = self.log_budget.admit(Instant::now());
+        if let Some(dropped) = admission.summary {
+            self.log_budget.report(dropped);
+        }
+        if !admission.write {
+            return Ok(());
+        }
         if message.len() > MAX_LOG_LINE {
             let mut cut = MAX_LOG_LINE;
             while !message.is_char_boundary(cut) {
@@ -264,11 +296,11 @@ impl host::Host for StoreState {
         let plugin = &*self.plugin;
         let phase = self.phase.map(Phase::as_str).unwrap_or("load");
         match level {
-            host::LogLevel::Trace => tracing::trace!(target: "plugin", plugin, phase, "{message}"),
-            host::LogLevel::Debug => tracing::debug!(target: "plugin", plugin, phase, "{message}"),
-            host::LogLevel::Info => tracing::info!(target: "plugin", plugin, phase, "{message}"),
-            host::LogLevel::Warn => tracing::warn!(target: "plugin", plugin, phase, "{message}"),
-            host::LogLevel::Error => tracing::error!(target: "plugin", plugin, phase, "{message}"),
+            tracing::Level::TRACE => tracing::trace!(target: "plugin", plugin, phase, "{message}"),
+            tracing::Level::DEBUG => tracing::debug!(target: "plugin", plugin, phase, "{message}"),
+            tracing::Level::INFO => tracing::info!(target: "plugin", plugin, phase, "{message}"),
+            tracing::Level::WARN => tracing::warn!(target: "plugin", plugin, phase, "{message}"),
+            _ => tracing::error!(target: "plugin", plugin, phase, "{message}"),
         }
         Ok(())
     }

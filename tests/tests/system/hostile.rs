@@ -53,7 +53,7 @@ async fn chain(faulty: Component, settings: &str) -> RunningHost {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_fixture_in_the_zoo_costs_only_its_own_phase() {
     // (fixture, settings, the outcome the host records, what survives of the plugin's output)
-    let zoo: [(Component, &str, &str); 8] = [
+    let zoo: [(Component, &str, &str); 11] = [
         (TRAP, "config = \"panic\"", "trap"),
         (TRAP, "config = \"unreachable\"", "trap"),
         (SPIN, "timeout_ms = 50", "deadline"),
@@ -70,6 +70,11 @@ async fn every_fixture_in_the_zoo_costs_only_its_own_phase() {
             "config = \"count\"\ntimeout_ms = 2000",
             "invalid_output",
         ),
+        // The host's own bounds stop these inside the call (the guard, which would refuse
+        // the output afterwards as invalid_output, never sees them).
+        (FLOOD, "config = \"entries\"\ntimeout_ms = 2000", "trap"),
+        (FLOOD, "config = \"bytes\"\ntimeout_ms = 2000", "trap"),
+        (FLOOD, "config = \"metadata\"\ntimeout_ms = 2000", "trap"),
         // Close to its deadline, but inside it: no failure at all.
         (SLOW, "config = \"10\"\ntimeout_ms = 50", "ok"),
     ];
@@ -438,4 +443,45 @@ async fn a_client_that_vanishes_mid_exchange_leaves_no_instance_behind() {
         .await
         .unwrap();
     }
+}
+
+/// A plugin logging in a loop writes its budget's worth of lines, not megabytes per request:
+/// the rest are dropped and counted, and its calls still succeed.
+#[tokio::test]
+async fn a_plugin_logging_in_a_loop_stays_within_its_log_budget() {
+    const REQUESTS: u64 = 20;
+    const LINES_PER_CALL: u64 = 10_000;
+    const BUDGET: u64 = 50;
+    // Before the load: the budget starts full when the plugin is loaded.
+    let started = std::time::Instant::now();
+    let host = RunningHost::start(
+        &[("flood", FLOOD)],
+        &format!(
+            "[envoy]\nmessage_timeout_ms = 10000\n\
+             [plugins.flood]\nconfig = \"log\"\ntimeout_ms = 5000\n\
+             log_lines_per_second = {BUDGET}\n"
+        ),
+    )
+    .await;
+    for _ in 0..REQUESTS {
+        let mut stream = ExtProcStream::connect(host.address).await;
+        stream
+            .exchange(grpc::request_headers(&[(":path", "/")], true))
+            .await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let metrics = host.metrics();
+    assert_eq!(
+        metrics.plugin_calls("flood", Phase::RequestHeaders, "ok"),
+        REQUESTS
+    );
+    let suppressed = metrics.log_lines_suppressed("flood").get();
+    let written = REQUESTS * LINES_PER_CALL - suppressed;
+    // One second's worth at once, then the rate.
+    let most = BUDGET + (BUDGET as f64 * elapsed).ceil() as u64;
+    assert!(
+        (BUDGET..=most).contains(&written),
+        "{written} lines written in {elapsed:.1} s on a budget of {BUDGET} a second \
+         ({suppressed} suppressed)"
+    );
 }

@@ -289,3 +289,35 @@ async fn plugins_see_no_environment_arguments_or_filesystem() {
     .collect();
     assert_eq!(report, expected);
 }
+
+/// A plugin that tries the network (TCP connect, UDP send) to a listener on this machine is
+/// refused by the host, and nothing reaches the listener.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_get_no_network() {
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = tcp.local_addr().unwrap();
+    let udp = tokio::net::UdpSocket::bind(target).await.unwrap();
+    let host = RunningHost::start(
+        &[("probe", SANDBOX_PROBE)],
+        &format!("[plugins.probe]\nconfig = \"{target}\"\n"),
+    )
+    .await;
+    let mut stream = ExtProcStream::connect(host.address).await;
+    let answer = stream
+        .exchange(grpc::request_headers(&[(":path", "/")], true))
+        .await;
+    let report: std::collections::BTreeMap<String, String> =
+        header_sets(&answer).into_iter().collect();
+    assert_eq!(report["x-tcp"], "denied: PermissionDenied", "{report:?}");
+    assert_eq!(report["x-udp"], "denied: PermissionDenied", "{report:?}");
+    // Nothing arrived, however long one waits for it.
+    let mut datagram = [0u8; 64];
+    let arrived = tokio::time::timeout(std::time::Duration::from_millis(300), async {
+        tokio::select! {
+            accepted = tcp.accept() => format!("a TCP connection from {:?}", accepted.map(|(_, a)| a)),
+            received = udp.recv_from(&mut datagram) => format!("a datagram from {:?}", received.map(|(_, a)| a)),
+        }
+    })
+    .await;
+    assert!(arrived.is_err(), "{arrived:?}");
+}

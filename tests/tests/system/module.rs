@@ -22,7 +22,11 @@ async fn start(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_configuration_that_cannot_load_is_refused_with_the_reason() {
     // (plugins, configuration, what Envoy's error must say)
-    type Refusal = (&'static [(&'static str, Component)], &'static str, &'static str);
+    type Refusal = (
+        &'static [(&'static str, Component)],
+        &'static str,
+        &'static str,
+    );
     let cases: [Refusal; 4] = [
         (
             &[("asm", ASM_DEMO)],
