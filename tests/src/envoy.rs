@@ -96,6 +96,7 @@ pub struct EnvoyConfig {
     pub edits: Vec<(String, String)>,
 }
 
+const ACCESS_LOG_ANCHOR: &str = "                stat_prefix: ingress_http\n";
 const FILTER_ANCHOR: &str = "                      failure_mode_allow: false\n";
 const UPSTREAM_ANCHOR: &str = "    - name: httpbin\n      type: STATIC\n";
 const HTTP2_OPTIONS: &str = "      typed_extension_protocol_options:
@@ -125,6 +126,25 @@ impl EnvoyConfig {
             toml: toml.into(),
         });
         self
+    }
+
+    /// Writes an access log line per request to `path`: `%RESPONSE_CODE%
+    /// %RESPONSE_CODE_DETAILS%`, what an operator reads to tell why a request was answered.
+    pub fn access_log(self, path: &std::path::Path) -> Self {
+        let log = format!(
+            "{ACCESS_LOG_ANCHOR}\
+             {indent}access_log:\n\
+             {indent}  - name: envoy.access_loggers.file\n\
+             {indent}    typed_config:\n\
+             {indent}      \"@type\": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog\n\
+             {indent}      path: {path:?}\n\
+             {indent}      log_format:\n\
+             {indent}        text_format_source:\n\
+             {indent}          inline_string: \"%RESPONSE_CODE% %RESPONSE_CODE_DETAILS%\\n\"\n",
+            indent = " ".repeat(16),
+            path = path.display().to_string(),
+        );
+        self.edit(ACCESS_LOG_ANCHOR, &log)
     }
 
     /// Speaks HTTP/2 to the upstream.

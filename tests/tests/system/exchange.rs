@@ -4,9 +4,9 @@
 
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest};
-use extproc_testkit::fixtures::{ASM_DEMO, BEARER_AUTH, Component, GATE, SLOW, TAGGER};
+use extproc_testkit::fixtures::{ASM_DEMO, BEARER_AUTH, Component, GATE, SLOW, TAGGER, TRAP};
 use extproc_testkit::host::RunningHost;
-use wasm_extproc::http::Phase;
+use wasm_extproc::http::{Direction, Phase};
 
 struct Setup {
     host: RunningHost,
@@ -35,26 +35,109 @@ fn buffered_everything() -> EnvoyConfig {
         .mode("response_trailer_mode", "SEND")
 }
 
+/// From each of the six phases (Envoy holding the response while its body and trailers are
+/// processed): the client gets the plugin's answer, the upstream is reached only for response
+/// phases, the plugin after the responding one never runs in that phase, and Envoy's access
+/// log shows the plugin's details.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugins_answer_immediately_from_any_phase() {
-    for phase in ["request_headers", "request_body", "response_headers"] {
+    for phase in Phase::ALL {
+        let name = phase.as_str();
+        let dir = tempfile::tempdir().unwrap();
+        let access_log = dir.path().join("access.log");
         let setup = setup(
-            &[("gate", GATE)],
-            &format!("[plugins.gate]\nconfig = \"{phase}\"\n"),
-            EnvoyConfig::default().mode("request_body_mode", "BUFFERED"),
+            &[("10-gate", GATE), ("20-tag", TAGGER)],
+            &format!("[plugins.10-gate]\nconfig = \"{name}\"\n[plugins.20-tag]\nconfig = \"T\"\n"),
+            buffered_everything()
+                .upstream_http2()
+                .access_log(&access_log),
         )
         .await;
-        let response = setup
-            .envoy
-            .send(&HttpRequest::new("POST", "/anything").body(b"payload".to_vec()))
-            .await
-            .unwrap();
-        assert_eq!(response.status, 403, "{phase}");
-        assert_eq!(response.header_values("x-gate"), [phase]);
-        assert_eq!(response.body, format!("blocked at {phase}").as_bytes());
+        let request = HttpRequest::new("POST", "/anything")
+            .http2()
+            .chunked(vec![b"pay".to_vec(), b"load".to_vec()])
+            .trailer("x-client-trailer", "yes");
+        let response = setup.envoy.send(&request).await.unwrap();
+        assert_eq!(response.status, 403, "{name}");
+        assert_eq!(response.header_values("x-gate"), [name]);
+        assert_eq!(response.body, format!("blocked at {name}").as_bytes());
         let reached_upstream = !setup.upstream.seen().is_empty();
-        assert_eq!(reached_upstream, phase == "response_headers", "{phase}");
+        assert_eq!(
+            reached_upstream,
+            phase.direction() == Direction::Response,
+            "{name}"
+        );
+        // The plugin after the gate ran in every phase before, never in the one answered.
+        let metrics = setup.host.metrics();
+        for earlier in Phase::ALL {
+            let calls = metrics.plugin_calls("20-tag", earlier, "ok");
+            let expected = u64::from((earlier as usize) < (phase as usize));
+            assert_eq!(calls, expected, "20-tag in {earlier:?}, answered at {name}");
+        }
+        // Envoy writes the access log line when the stream ends, just after the answer.
+        let logged = wait_for_line(&access_log).await;
+        assert_eq!(logged, format!("403 gate_{name}"));
     }
+}
+
+/// A gRPC client sees the plugin's gRPC status, and the body as its message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_client_sees_the_immediate_responses_grpc_status() {
+    let setup = setup(
+        &[("gate", GATE)],
+        "[plugins.gate]\nconfig = \"request_headers\"\n",
+        EnvoyConfig::default(),
+    )
+    .await;
+    let request = HttpRequest::new("POST", "/pkg.Service/Method")
+        .http2()
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(vec![0, 0, 0, 0, 0]);
+    let response = setup.envoy.send(&request).await.unwrap();
+    // gRPC carries the failure in grpc-status, not the HTTP status (a trailers-only answer).
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header_values("grpc-status"), ["7"]);
+    assert_eq!(
+        response.header_values("grpc-message"),
+        ["blocked at request_headers"]
+    );
+    assert!(setup.upstream.seen().is_empty());
+}
+
+/// A plugin failing under `fail-closed` is named, with the failure's kind, where an operator
+/// looks: Envoy's access log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fail_closed_failure_names_plugin_and_kind_in_envoys_access_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let access_log = dir.path().join("access.log");
+    let setup = setup(
+        &[("10-trap", TRAP), ("20-asm", ASM_DEMO)],
+        "[plugins.10-trap]\nfailure_status = 503\n",
+        EnvoyConfig::default().access_log(&access_log),
+    )
+    .await;
+    let response = setup.envoy.get("/headers").await.unwrap();
+    assert_eq!(response.status, 503);
+    assert!(setup.upstream.seen().is_empty());
+    assert_eq!(
+        wait_for_line(&access_log).await,
+        "503 wasm_extproc_plugin_failed:10-trap:trap"
+    );
+}
+
+/// The first line of the file at `path`, once there is one.
+async fn wait_for_line(path: &std::path::Path) -> String {
+    for _ in 0..200 {
+        if let Some(line) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.lines().next().map(str::to_string))
+        {
+            return line;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("{} stayed empty", path.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

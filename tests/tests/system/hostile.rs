@@ -234,6 +234,20 @@ async fn a_plugin_that_keeps_failing_is_quarantined_then_probed() {
 #[derive(Clone, Default)]
 struct Captured(Arc<Mutex<Vec<u8>>>);
 
+impl Captured {
+    /// Captures what is logged on this thread at `level` and above, until the guard drops.
+    fn on_this_thread(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(level)
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+}
+
 impl Write for Captured {
     fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
         self.0.lock().unwrap().extend_from_slice(bytes);
@@ -246,15 +260,8 @@ impl Write for Captured {
 
 #[tokio::test(flavor = "current_thread")]
 async fn failures_are_logged_with_plugin_phase_and_kind_and_quarantine_once() {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::WARN)
-        .finish();
     // The runtime is single-threaded: the host's tasks log on this thread.
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (captured, _guard) = Captured::on_this_thread(tracing::Level::WARN);
 
     let host = RunningHost::start(
         &[("trap", TRAP)],
@@ -446,12 +453,14 @@ async fn a_client_that_vanishes_mid_exchange_leaves_no_instance_behind() {
 }
 
 /// A plugin logging in a loop writes its budget's worth of lines, not megabytes per request:
-/// the rest are dropped and counted, and its calls still succeed.
-#[tokio::test]
+/// the rest are dropped and counted, one summary line says so, and its calls still succeed.
+#[tokio::test(flavor = "current_thread")]
 async fn a_plugin_logging_in_a_loop_stays_within_its_log_budget() {
     const REQUESTS: u64 = 20;
     const LINES_PER_CALL: u64 = 10_000;
     const BUDGET: u64 = 50;
+    // The runtime is single-threaded: the host's tasks, and the plugin, log on this thread.
+    let (captured, _guard) = Captured::on_this_thread(tracing::Level::INFO);
     // Before the load: the budget starts full when the plugin is loaded.
     let started = std::time::Instant::now();
     let host = RunningHost::start(
@@ -483,5 +492,53 @@ async fn a_plugin_logging_in_a_loop_stays_within_its_log_budget() {
         (BUDGET..=most).contains(&written),
         "{written} lines written in {elapsed:.1} s on a budget of {BUDGET} a second \
          ({suppressed} suppressed)"
+    );
+    // What reached the log: exactly the lines the metric says were written, and a summary
+    // (the first as soon as a line was dropped), not the 20 MB the plugin tried to write.
+    let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let lines = log.lines().filter(|l| l.contains("flood line")).count() as u64;
+    assert_eq!(lines, written);
+    let summaries: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("log lines suppressed"))
+        .collect();
+    assert!(
+        !summaries.is_empty() && summaries.len() as f64 <= 1.0 + elapsed / 5.0,
+        "{summaries:?}"
+    );
+    assert!(summaries[0].contains("plugin flood: 1 log lines suppressed"));
+    assert!(
+        log.len() < 300 * (most as usize + summaries.len() + 50),
+        "{} bytes of log",
+        log.len()
+    );
+}
+
+/// A body replacement over 16 MiB is refused inside the call: the plugin fails, and fail-open
+/// the chunk goes on as it came.
+#[tokio::test]
+async fn a_body_replacement_past_sixteen_mib_is_refused() {
+    let host = RunningHost::start(
+        &[("flood", FLOOD)],
+        "[plugins.flood]\nconfig = \"body\"\nfailure_policy = \"fail-open\"\ntimeout_ms = 2000\n\
+         memory_limit_mib = 64\n[envoy]\nmessage_timeout_ms = 5000\n",
+    )
+    .await;
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .exchange(grpc::request_headers(&[(":path", "/")], false))
+        .await;
+    let answer = stream.exchange(grpc::request_body(b"small", true)).await;
+    match answer.response.unwrap() {
+        Response::RequestBody(body) => assert!(
+            body.response.unwrap_or_default().body_mutation.is_none(),
+            "the chunk goes on unchanged"
+        ),
+        other => panic!("request body answer expected, got {other:?}"),
+    }
+    assert_eq!(
+        host.metrics()
+            .plugin_calls("flood", Phase::RequestBody, "trap"),
+        1
     );
 }

@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{
 use extproc_testkit::fixtures::{ASM_DEMO, JSON_REDACT, SLOW, TAGGER};
 use extproc_testkit::grpc::{self, ExtProcStream};
 use extproc_testkit::host::RunningHost;
+use wasm_extproc::http::Phase;
 
 /// `(key, raw_value as text)` of every header a mutation sets, in order.
 pub fn sets(mutation: &Option<HeaderMutation>) -> Vec<(String, String)> {
@@ -332,6 +333,45 @@ async fn whole_bodies_are_held_in_full_duplex_mode_and_let_go_at_the_end_or_at_t
     assert!(
         matches!(trailers.response, Some(Response::RequestTrailers(_))),
         "{trailers:?}"
+    );
+}
+
+/// Past 8 MiB held for a whole-body plugin, the plugin fails (`body_too_large`) and, fail-open,
+/// everything held flows on unchanged: nothing is lost.
+#[tokio::test]
+async fn a_held_body_past_eight_mib_fails_the_plugin_and_loses_nothing() {
+    let host = RunningHost::start(
+        &[("redact", JSON_REDACT)],
+        "[plugins.redact]\nconfig = \"password\"\nfailure_policy = \"fail-open\"\n",
+    )
+    .await;
+    let mut stream = full_duplex_request(&host).await;
+    let chunk = |i: u8| vec![b'a' + i; 1 << 20];
+    let mut sent = Vec::new();
+    for i in 0..9 {
+        stream.send(grpc::request_body(&chunk(i), false)).await;
+        sent.extend(chunk(i));
+    }
+    stream.send(grpc::request_body(b"end", true)).await;
+    sent.extend(b"end");
+    let mut received = Vec::new();
+    let mut ended = false;
+    while !ended {
+        let answer = stream.next().await.unwrap().expect("answers until the end");
+        let (piece, end_of_stream) = streamed_pieces(&answer);
+        received.extend(piece);
+        ended = end_of_stream;
+    }
+    assert!(
+        received == sent,
+        "{} bytes of {} came back",
+        received.len(),
+        sent.len()
+    );
+    assert_eq!(
+        host.metrics()
+            .plugin_calls("redact", Phase::RequestBody, "body_too_large"),
+        1
     );
 }
 
