@@ -173,25 +173,21 @@ fn logs_can_be_json_lines() {
     assert_eq!(compiled["level"], "INFO");
 }
 
-#[test]
-fn sigterm_drains_and_exits_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(built("asm_demo"), dir.path().join("asm.wasm")).unwrap();
+/// Starts the host serving `plugins` with `extra` arguments, logging at info to a pipe, and
+/// waits until it listens.
+fn serving(plugins: &Path, extra: &[&str]) -> std::process::Child {
     let port = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port()
     };
     let listen = format!("127.0.0.1:{port}");
     let child = Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
-        .args([
-            "--admin-listen",
-            "off",
-            "--listen",
-            &listen,
-            "--plugins-dir",
-        ])
-        .arg(dir.path())
+        .args(["--admin-listen", "off", "--listen", &listen])
+        .args(extra)
+        .arg("--plugins-dir")
+        .arg(plugins)
         .env("RUST_LOG", "info")
+        .env_remove("WASM_EXTPROC_CONFIG")
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
@@ -203,15 +199,64 @@ fn sigterm_drains_and_exits_zero() {
         );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
+    child
+}
+
+fn send_signal(child: &std::process::Child, signal: &str) {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([&format!("-{signal}"), &child.id().to_string()])
         .status()
         .unwrap();
     assert!(status.success());
+}
+
+#[test]
+fn sigterm_drains_and_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(built("asm_demo"), dir.path().join("asm.wasm")).unwrap();
+    let child = serving(dir.path(), &[]);
+    send_signal(&child, "TERM");
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("SIGTERM; shutting down"), "{stderr}");
+}
+
+#[test]
+fn sighup_reloads_the_plugins() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::copy(built("asm_demo"), plugins.join("10-asm.wasm")).unwrap();
+    // No watching: only the signal can make it reload.
+    let config = write(dir.path(), "host.toml", b"watch = false\n");
+    let mut child = serving(&plugins, &["--config", &config]);
+    let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut wait_for = |text: &str| {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = std::io::BufRead::read_line(&mut log, &mut line).unwrap();
+            assert!(read > 0, "the log ended before {text:?}");
+            if line.contains(text) {
+                return line.clone();
+            }
+        }
+    };
+    let loaded = wait_for("plugin chain loaded");
+    // A pipe gets plain text: no colour codes for a log pipeline to carry.
+    assert!(!loaded.contains('\x1b'), "{loaded:?}");
+    assert!(loaded.contains("generation=1"), "{loaded}");
+    std::fs::copy(built("tagger"), plugins.join("20-tag.wasm")).unwrap();
+    send_signal(&child, "HUP");
+    wait_for("SIGHUP; reloading");
+    let loaded = wait_for("plugin chain loaded");
+    assert!(
+        loaded.contains("generation=2") && loaded.contains("plugins=2"),
+        "{loaded}"
+    );
+    send_signal(&child, "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
 }
 
 #[test]

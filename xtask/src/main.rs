@@ -289,6 +289,13 @@ fn test() -> anyhow::Result<()> {
         "-D",
         "warnings",
     ]))?;
+    // The fuzz target is its own workspace (cargo-fuzz instruments all it builds): checked
+    // here so that it keeps building as the code it drives changes.
+    run(cargo()
+        .args(["check", "--manifest-path"])
+        .arg(repo_root().join("fuzz/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir()))?;
     // The in-process module, which the conformance tests load into Envoy.
     run(cargo().args(["build", "--package", "wasm-extproc-module"]))?;
     let (mut passed, mut failed) = run_tests(

@@ -123,7 +123,12 @@ impl Serving {
                         Err(status) => return Some(Err(status)),
                     };
                     let exchange = &mut self.exchange;
-                    match contained(async { exchange.accept(request) }).await {
+                    let accepting = async {
+                        #[cfg(test)]
+                        tests::panic_if_asked(&request);
+                        exchange.accept(request)
+                    };
+                    match contained(accepting).await {
                         Ok(Ok(mut accepted)) => match accepted.ahead.take() {
                             Some(ahead) => {
                                 self.next = Next::Process(Box::new(accepted));
@@ -210,4 +215,125 @@ fn unreadable(status: &Status) -> Status {
         status.code(),
         format!("cannot read ProcessingRequest: {}", status.message()),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::HttpHeaders;
+    use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request as Inbound;
+    use tokio_stream::wrappers::ReceiverStream;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::server::{Host, Listener, Listeners};
+
+    /// The request path that makes the host's own code panic, in test builds only: no plugin
+    /// can, so this is how a test gets a panic into the middle of serving a stream.
+    const PANIC_PATH: &[u8] = b"/test-only/panic";
+
+    pub(super) fn panic_if_asked(request: &ProcessingRequest) {
+        if let Some(Inbound::RequestHeaders(headers)) = &request.request
+            && headers
+                .headers
+                .iter()
+                .flat_map(|h| &h.headers)
+                .any(|h| h.key == ":path" && h.raw_value == PANIC_PATH)
+        {
+            panic!("asked to panic");
+        }
+    }
+
+    fn request_headers(path: &[u8]) -> ProcessingRequest {
+        ProcessingRequest {
+            request: Some(Inbound::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![HeaderValue {
+                        key: ":path".into(),
+                        raw_value: path.to_vec(),
+                        ..HeaderValue::default()
+                    }],
+                }),
+                end_of_stream: false,
+                ..HttpHeaders::default()
+            })),
+            ..ProcessingRequest::default()
+        }
+    }
+
+    /// The bundled plugin, as `cargo xtask build-plugins` builds it.
+    fn bundled_plugin() -> PathBuf {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
+        let path = target.join("wasm32-unknown-unknown/release/asm_demo.wasm");
+        assert!(
+            path.is_file(),
+            "{} missing: run `cargo xtask build-plugins`",
+            path.display()
+        );
+        path
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_while_serving_ends_only_its_own_stream_with_internal() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::copy(bundled_plugin(), dir.path().join("asm.wasm")).unwrap();
+        let text = format!(
+            "plugins_dir = {:?}\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"off\"\n\
+             [runtime]\nmax_instances = 100\nmax_wasi_instances = 10\n",
+            dir.path().display().to_string()
+        );
+        let config = Config::from_toml(&text, Path::new("test.toml")).unwrap();
+        let host = Arc::new(Host::new(config.clone()).unwrap());
+        host.reload().await.unwrap();
+        let listeners = Listeners::bind(&config).await.unwrap();
+        let Listener::Tcp(listener) = &listeners.ext_proc else {
+            panic!("a TCP listener");
+        };
+        let address = listener.local_addr().unwrap();
+        let serving = host.clone();
+        tokio::spawn(async move { serving.serve(listeners, std::future::pending()).await });
+
+        let mut client = ExternalProcessorClient::connect(format!("http://{address}"))
+            .await
+            .unwrap();
+        let mut open = async || {
+            let (sender, receiver) = tokio::sync::mpsc::channel(4);
+            let answers = client
+                .process(ReceiverStream::new(receiver))
+                .await
+                .unwrap()
+                .into_inner();
+            (sender, answers)
+        };
+        // A healthy stream with an exchange in flight, then one that panics, on the same
+        // connection.
+        let (healthy, mut healthy_answers) = open().await;
+        healthy.send(request_headers(b"/")).await.unwrap();
+        assert!(healthy_answers.message().await.unwrap().is_some());
+        let (doomed, mut doomed_answers) = open().await;
+        doomed.send(request_headers(PANIC_PATH)).await.unwrap();
+        let status = doomed_answers.message().await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+        assert_eq!(status.message(), "ext_proc host error");
+        // The healthy stream carries on, and new streams are served.
+        healthy
+            .send(ProcessingRequest {
+                request: Some(Inbound::ResponseHeaders(HttpHeaders::default())),
+                ..ProcessingRequest::default()
+            })
+            .await
+            .unwrap();
+        assert!(healthy_answers.message().await.unwrap().is_some());
+        let (fresh, mut fresh_answers) = open().await;
+        fresh.send(request_headers(b"/")).await.unwrap();
+        assert!(fresh_answers.message().await.unwrap().is_some());
+        // Only the fresh stream is still open: the healthy one ended after its response
+        // headers (nothing more for the plugin), the doomed one left nothing behind.
+        assert_eq!(host.metrics().active_streams(), 1);
+    }
 }

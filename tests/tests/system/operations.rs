@@ -188,6 +188,59 @@ async fn a_broken_file_is_rejected_and_the_previous_chain_keeps_serving() {
     assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
 }
 
+/// A file written in pieces, 50 ms apart (well within 250 ms), is loaded once, whole: the watcher
+/// waits for the directory to go quiet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_writes_reloads_once_after_the_quiet_period() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("asm.wasm"), ASM_DEMO.bytes()).unwrap();
+    let host = RunningHost::start_in(dir.path(), "").await;
+    let bytes = ASM_V2.bytes();
+    let mut file = std::fs::File::create(dir.path().join("asm.wasm")).unwrap();
+    let started = std::time::Instant::now();
+    for piece in bytes.chunks(bytes.len().div_ceil(4)) {
+        std::io::Write::write_all(&mut file, piece).unwrap();
+        file.sync_all().unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(file);
+    wait_for_loads(&host, 2).await;
+    assert!(started.elapsed() >= Duration::from_millis(4 * 50 + 250));
+    assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
+    // Nothing half-written was ever loaded, and nothing more is.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let metrics = host.metrics();
+    assert_eq!((metrics.reloads("ok"), metrics.reloads("error")), (2, 0));
+}
+
+/// A file caught half-written (the writer paused longer than the quiet period) is rejected and
+/// the previous chain keeps serving; the write that completes it brings the reload that takes
+/// it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_written_file_is_rejected_then_taken_when_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("asm.wasm"), ASM_DEMO.bytes()).unwrap();
+    let host = RunningHost::start_in(dir.path(), "").await;
+    let bytes = ASM_V2.bytes();
+    let (first, rest) = bytes.split_at(bytes.len() / 2);
+    let mut file = std::fs::File::create(dir.path().join("asm.wasm")).unwrap();
+    std::io::Write::write_all(&mut file, first).unwrap();
+    file.sync_all().unwrap();
+    let metrics = host.metrics();
+    tokio::time::timeout(RELOAD_WAIT, async {
+        while metrics.reloads("error") == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the half-written file is tried, and rejected");
+    assert_eq!(request_tag(&host).await, "hello-to-asm");
+    std::io::Write::write_all(&mut file, rest).unwrap();
+    drop(file);
+    wait_for_loads(&host, 2).await;
+    assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
+}
+
 #[tokio::test]
 async fn streams_in_flight_finish_on_the_version_they_started_with() {
     let dir = tempfile::tempdir().unwrap();
