@@ -30,6 +30,8 @@ pub const JSON_REDACT: Component = Component("json_redact", BUNDLED_TARGET);
 pub const BEARER_AUTH: Component = Component("bearer_auth", BUNDLED_TARGET);
 /// Upper-cases body chunks in both directions.
 pub const SHOUT: Component = Component("shout", WASI_TARGET);
+/// Answers at the first request body message with its length and end-of-stream flag.
+pub const BODY_PROBE: Component = Component("body_probe", WASI_TARGET);
 /// Answers 403 at the phase its configuration names.
 pub const GATE: Component = Component("gate", WASI_TARGET);
 /// Reports attributes and metadata as headers, sets dynamic metadata, reroutes on request.

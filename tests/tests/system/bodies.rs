@@ -4,7 +4,7 @@
 
 use extproc_testkit::echo::{EchoServer, generated};
 use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest, HttpResponse};
-use extproc_testkit::fixtures::{Component, JSON_REDACT, SHOUT};
+use extproc_testkit::fixtures::{BODY_PROBE, Component, JSON_REDACT, SHOUT};
 use extproc_testkit::host::RunningHost;
 
 const MODES: [&str; 4] = [
@@ -210,4 +210,47 @@ async fn in_streamed_mode_a_whole_body_plugin_sees_chunks_and_does_not_pretend()
     let body = generated(200_000, true);
     let (_, received) = upload(&setup, in_chunks(&body), "STREAMED chunked JSON").await;
     assert_same(&received, &body, "STREAMED chunked JSON");
+}
+
+/// In `BUFFERED_PARTIAL` mode a body larger than Envoy's buffer limit reaches the plugin cut at
+/// the limit, with `end-of-stream` false; one that fits comes whole, with `end-of-stream` true.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffered_partial_cuts_at_envoys_buffer_limit_with_end_of_stream_false() {
+    const LIMIT: usize = 64 * 1024;
+    let host = RunningHost::start(&[("probe", BODY_PROBE)], "").await;
+    let upstream = EchoServer::start().await.unwrap();
+    let config = EnvoyConfig::default()
+        .mode("request_body_mode", "BUFFERED_PARTIAL")
+        // The listener's limit (the file sets the upstream cluster's too).
+        .edit(
+            "      per_connection_buffer_limit_bytes: 8388608\n      filter_chains:",
+            &format!("      per_connection_buffer_limit_bytes: {LIMIT}\n      filter_chains:"),
+        );
+    let envoy = Envoy::start_with(&config, host.address, upstream.address)
+        .await
+        .unwrap();
+    let seen = |response: HttpResponse| {
+        assert_eq!(response.status, 200);
+        let report = String::from_utf8(response.body).unwrap();
+        let (bytes, end) = report
+            .strip_prefix("bytes=")
+            .and_then(|r| r.split_once(" end_of_stream="))
+            .unwrap_or_else(|| panic!("{report}"));
+        (bytes.parse::<usize>().unwrap(), end == "true")
+    };
+    let small = HttpRequest::new("POST", "/anything").body(generated(1000, false));
+    assert_eq!(seen(envoy.send(&small).await.unwrap()), (1000, true));
+    let large = HttpRequest::new("POST", "/anything").chunked(
+        generated(1 << 20, false)
+            .chunks(16 * 1024)
+            .map(<[u8]>::to_vec)
+            .collect(),
+    );
+    let (bytes, end_of_stream) = seen(envoy.send(&large).await.unwrap());
+    assert!(!end_of_stream);
+    assert!(
+        (LIMIT / 2..=2 * LIMIT).contains(&bytes),
+        "{bytes} bytes handed over at a {LIMIT}-byte limit"
+    );
+    assert!(upstream.seen().is_empty());
 }

@@ -126,6 +126,43 @@ async fn a_fail_closed_failure_names_plugin_and_kind_in_envoys_access_log() {
     );
 }
 
+/// In `observability_mode` Envoy sends every message without waiting: the plugins run on each,
+/// and nothing they change reaches the request or the response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_observability_mode_plugins_run_and_change_nothing() {
+    let setup = setup(
+        &[("asm", ASM_DEMO)],
+        "",
+        EnvoyConfig::default().filter("observability_mode: true"),
+    )
+    .await;
+    for _ in 0..3 {
+        let response = setup.envoy.get("/headers").await.unwrap();
+        assert_eq!(response.status, 200);
+        assert!(response.header_values("x-ext-proc-header").is_empty());
+    }
+    assert!(
+        setup
+            .upstream
+            .seen()
+            .iter()
+            .all(|r| !r.headers.iter().any(|(n, _)| n == "x-ext-proc-header"))
+    );
+    // Envoy does not wait for the host, so the calls may land just after the responses.
+    let metrics = setup.host.metrics();
+    let ran = |phase| metrics.plugin_calls("asm", phase, "ok");
+    for _ in 0..200 {
+        if ran(Phase::RequestHeaders) == 3 && ran(Phase::ResponseHeaders) == 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(
+        (ran(Phase::RequestHeaders), ran(Phase::ResponseHeaders)),
+        (3, 3)
+    );
+}
+
 /// The first line of the file at `path`, once there is one.
 async fn wait_for_line(path: &std::path::Path) -> String {
     for _ in 0..200 {
