@@ -2,7 +2,7 @@
 //! filter with the host as its server, or in Envoy's process through the dynamic module. The
 //! conformance tests run each case in both and expect the same from the outside.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use wasm_extproc::metrics::OUTCOMES;
@@ -46,6 +46,8 @@ pub struct Case {
     /// Edits to both Envoy configurations: text each contains exactly once, and its
     /// replacement (routes, filters before the plugins').
     pub edits: Vec<(String, String)>,
+    /// Where Envoy writes `%RESPONSE_CODE% %RESPONSE_CODE_DETAILS%` per request, if anywhere.
+    pub access_log: Option<PathBuf>,
 }
 
 impl Case {
@@ -64,6 +66,12 @@ impl Case {
 
     pub fn upstream_http2(mut self) -> Case {
         self.upstream_http2 = true;
+        self
+    }
+
+    /// Envoy logs each request's status and response code details to `path`.
+    pub fn access_log(mut self, path: &Path) -> Case {
+        self.access_log = Some(path.to_path_buf());
         self
     }
 
@@ -159,6 +167,9 @@ impl Deployment {
                 for (text, replacement) in &case.edits {
                     config = config.edit(text, replacement);
                 }
+                if let Some(path) = &case.access_log {
+                    config = config.access_log(path);
+                }
                 let envoy = Envoy::start_with(&config, host.address, upstream.address)
                     .await
                     .expect("envoy starts");
@@ -197,6 +208,9 @@ impl Deployment {
         }
         for (text, replacement) in &case.edits {
             config = config.edit(text, replacement);
+        }
+        if let Some(path) = &case.access_log {
+            config = config.access_log(path);
         }
         // No ext_proc server: the address is never used.
         Envoy::start_with(&config, upstream.address, upstream.address).await

@@ -3,7 +3,7 @@
 //! `deploy/envoy/envoy-in-process.yaml` with the test's plugins and settings.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -120,7 +120,7 @@ impl EnvoyConfig {
     }
 
     /// Runs the plugins in `plugins_dir` in Envoy's process, with the module settings `toml`.
-    pub fn in_process(mut self, plugins_dir: &std::path::Path, toml: &str) -> Self {
+    pub fn in_process(mut self, plugins_dir: &Path, toml: &str) -> Self {
         self.in_process = Some(InProcess {
             plugins_dir: plugins_dir.to_path_buf(),
             toml: toml.into(),
@@ -130,7 +130,7 @@ impl EnvoyConfig {
 
     /// Writes an access log line per request to `path`: `%RESPONSE_CODE%
     /// %RESPONSE_CODE_DETAILS%`, what an operator reads to tell why a request was answered.
-    pub fn access_log(self, path: &std::path::Path) -> Self {
+    pub fn access_log(self, path: &Path) -> Self {
         let log = format!(
             "{ACCESS_LOG_ANCHOR}\
              {indent}access_log:\n\
@@ -496,6 +496,21 @@ fn bound_listeners(json: &str) -> Vec<(String, SocketAddr)> {
             })
         })
         .collect()
+}
+
+/// The first line Envoy wrote to the access log at `path` (see [`EnvoyConfig::access_log`]),
+/// once there is one: Envoy writes it when the stream ends, just after the client's answer.
+pub async fn first_access_log_line(path: &Path) -> String {
+    for _ in 0..200 {
+        if let Some(line) = std::fs::read_to_string(path)
+            .ok()
+            .and_then(|text| text.lines().next().map(str::to_string))
+        {
+            return line;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{} stayed empty", path.display());
 }
 
 /// A response as a client saw it.

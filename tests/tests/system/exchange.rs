@@ -3,7 +3,7 @@
 //! metadata and route cache clearing are in `conformance.rs`, in both modes.)
 
 use extproc_testkit::echo::EchoServer;
-use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest};
+use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest, first_access_log_line};
 use extproc_testkit::fixtures::{ASM_DEMO, BEARER_AUTH, Component, GATE, SLOW, TAGGER, TRAP};
 use extproc_testkit::host::RunningHost;
 use wasm_extproc::http::{Direction, Phase};
@@ -75,7 +75,7 @@ async fn plugins_answer_immediately_from_any_phase() {
             assert_eq!(calls, expected, "20-tag in {earlier:?}, answered at {name}");
         }
         // Envoy writes the access log line when the stream ends, just after the answer.
-        let logged = wait_for_line(&access_log).await;
+        let logged = first_access_log_line(&access_log).await;
         assert_eq!(logged, format!("403 gate_{name}"));
     }
 }
@@ -121,7 +121,7 @@ async fn a_fail_closed_failure_names_plugin_and_kind_in_envoys_access_log() {
     assert_eq!(response.status, 503);
     assert!(setup.upstream.seen().is_empty());
     assert_eq!(
-        wait_for_line(&access_log).await,
+        first_access_log_line(&access_log).await,
         "503 wasm_extproc_plugin_failed:10-trap:trap"
     );
 }
@@ -161,20 +161,6 @@ async fn in_observability_mode_plugins_run_and_change_nothing() {
         (ran(Phase::RequestHeaders), ran(Phase::ResponseHeaders)),
         (3, 3)
     );
-}
-
-/// The first line of the file at `path`, once there is one.
-async fn wait_for_line(path: &std::path::Path) -> String {
-    for _ in 0..200 {
-        if let Some(line) = std::fs::read_to_string(path)
-            .ok()
-            .and_then(|text| text.lines().next().map(str::to_string))
-        {
-            return line;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    panic!("{} stayed empty", path.display());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,4 +13,5 @@ mod loading;
 mod module;
 mod operations;
 mod phases;
+mod shipped;
 mod sweep;
