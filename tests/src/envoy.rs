@@ -398,7 +398,7 @@ impl Envoy {
         Ok(envoy)
     }
 
-    async fn wait_ready(&mut self, admin_path: &std::path::Path) -> anyhow::Result<()> {
+    async fn wait_ready(&mut self, admin_path: &Path) -> anyhow::Result<()> {
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait()? {

@@ -83,12 +83,17 @@ enum Verb {
     Test,
     /// The measured proof of isolation: requests through Envoy and a chain of the ASM plugin
     /// and a plugin that traps on 1% of them, once fail-open and once fail-closed. Writes
-    /// target/reliability.md.
+    /// target/reliability.md, and fails if any figure is off (a lost, duplicated or wrongly
+    /// answered request, an Envoy ext_proc error, memory or descriptors not flat).
     Reliability {
         #[arg(long, default_value_t = 20_000)]
         requests: u64,
         #[arg(long, default_value_t = 32)]
         concurrency: usize,
+        /// Keep the load on for this many seconds per policy instead of sending `--requests`,
+        /// and report the host's memory and descriptors over time.
+        #[arg(long, value_name = "SECONDS")]
+        soak: Option<u64>,
     },
     /// The benchmark suite: in-process criterion benchmarks, memory against open streams, and
     /// four setups through a real Envoy (none, Lua, wasm-extproc, a native ext_proc server).
@@ -123,10 +128,15 @@ fn dispatch(verb: Verb) -> anyhow::Result<()> {
         Verb::Reliability {
             requests,
             concurrency,
+            soak,
         } => {
             setup_base()?;
             build_rust_plugins()?;
-            reliability::run(requests, concurrency)
+            let load = match soak {
+                Some(seconds) => reliability::Load::For(Duration::from_secs(seconds)),
+                None => reliability::Load::Requests(requests),
+            };
+            reliability::run(load, concurrency)
         }
         Verb::Bench(options) => bench::run_suite(&options),
     }
@@ -308,6 +318,10 @@ fn test() -> anyhow::Result<()> {
     // with no error (the benchmark's concurrency run, reduced).
     run(cargo().args(["build", "--release", "--package", "extproc-bench"]))?;
     bench::concurrency::check()?;
+    passed += 1;
+    // Isolation under load, at a size that fits CI: fails on any request lost, duplicated or
+    // wrongly answered, on any Envoy ext_proc error, and on memory that does not stay flat.
+    reliability::run(reliability::Load::Requests(2_000), 32)?;
     passed += 1;
     // Benchmarks are not run here, but they must keep building (`cargo xtask bench` runs
     // them; its own code and the baselines in bench/ are built and linted above).
