@@ -498,7 +498,9 @@ mod tests {
     #[test]
     fn a_clean_run_passes_and_every_kind_of_fault_fails_it() {
         assert_eq!(clean().violations("fail-closed"), Vec::<String>::new());
-        let faults: [(&str, fn(&mut Outcome)); 7] = [
+        // (what the violation says, the fault)
+        type Fault = (&'static str, fn(&mut Outcome));
+        let faults: [Fault; 7] = [
             ("lost", |o| o.lost = 1),
             ("duplicated", |o| o.duplicated = 1),
             ("responses 500", |o| {
