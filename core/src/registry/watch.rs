@@ -4,8 +4,13 @@
 //! update is a new timestamped directory and a `..data` symlink swap), so the watcher waits for
 //! a quiet moment before reloading. A file caught half-written fails to load and is rejected;
 //! the event that completes it triggers the reload that succeeds.
+//!
+//! Only what a reload reads counts: `*.wasm` in the plugins directory, the configuration file
+//! itself, and the `..`-prefixed entries through which Kubernetes swaps a mounted volume's
+//! contents. A log, a pid file or an editor's swap file beside them changes nothing.
 
-use std::path::Path;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,16 +37,42 @@ impl Drop for WatchGuard {
     }
 }
 
-/// Whether an event can change what a reload would load. Reads are not changes -- and the
-/// reload itself reads every file.
-fn is_change(event: &Event) -> bool {
-    matches!(
-        event.kind,
-        EventKind::Create(_)
-            | EventKind::Remove(_)
-            | EventKind::Modify(_)
-            | EventKind::Access(AccessKind::Close(AccessMode::Write))
-    )
+/// What a reload reads: the files whose changes matter.
+#[derive(Debug, Clone)]
+struct Watched {
+    plugins_dir: PathBuf,
+    config_file: Option<PathBuf>,
+}
+
+impl Watched {
+    /// Whether an event can change what a reload would load. Reads are not changes -- and the
+    /// reload itself reads every file.
+    fn is_change(&self, event: &Event) -> bool {
+        let writes = matches!(
+            event.kind,
+            EventKind::Create(_)
+                | EventKind::Remove(_)
+                | EventKind::Modify(_)
+                | EventKind::Access(AccessKind::Close(AccessMode::Write))
+        );
+        writes && event.paths.iter().any(|path| self.is_read(path))
+    }
+
+    fn is_read(&self, path: &Path) -> bool {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return false;
+        };
+        // Kubernetes' atomic writer: `..data`, `..data_tmp`, `..2026_11_30_...`.
+        let volume_swap = name.to_string_lossy().starts_with("..");
+        if dir == self.plugins_dir
+            && (volume_swap || Path::new(name).extension() == Some(OsStr::new("wasm")))
+        {
+            return true;
+        }
+        self.config_file.as_deref().is_some_and(|file| {
+            Some(dir) == file.parent() && (volume_swap || Some(name) == file.file_name())
+        })
+    }
 }
 
 /// Watches `plugins_dir` (and the directory of `config_file`) and reloads `registry` after
@@ -52,26 +83,31 @@ pub fn watch(
     config_file: Option<&Path>,
 ) -> anyhow::Result<WatchGuard> {
     let (changed, mut changes) = mpsc::unbounded_channel();
+    // Absolute, so that the paths events carry compare with these whatever the working
+    // directory.
+    let watched = Watched {
+        plugins_dir: absolute(plugins_dir),
+        config_file: config_file.map(absolute),
+    };
+    // The configuration file's directory, not the file: editors and ConfigMaps replace files
+    // rather than write them in place, and a watch on the old file would go quiet.
+    let config_dir = watched
+        .config_file
+        .as_deref()
+        .map(|file| file.parent().unwrap_or(Path::new("/")).to_path_buf());
+    let plugins_dir = watched.plugins_dir.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
         if let Ok(event) = event
-            && is_change(&event)
+            && watched.is_change(&event)
         {
             let _ = changed.send(());
         }
     })
     .context("cannot start watching files")?;
-    watcher
-        .watch(plugins_dir, RecursiveMode::NonRecursive)
-        .with_context(|| format!("cannot watch {}", plugins_dir.display()))?;
-    if let Some(file) = config_file {
-        // The directory, not the file: editors and ConfigMaps replace files rather than write
-        // them in place, and a watch on the old file would go quiet.
-        let dir = file
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
+    let config_dir = config_dir.filter(|dir| *dir != plugins_dir);
+    for dir in [Some(plugins_dir), config_dir].into_iter().flatten() {
         watcher
-            .watch(dir, RecursiveMode::NonRecursive)
+            .watch(&dir, RecursiveMode::NonRecursive)
             .with_context(|| format!("cannot watch {}", dir.display()))?;
     }
     let task = tokio::spawn(async move {
@@ -87,4 +123,9 @@ pub fn watch(
         _watcher: watcher,
         task,
     })
+}
+
+/// `path` as the watcher reports it: absolute (relative to the working directory).
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }

@@ -195,6 +195,8 @@ async fn a_burst_of_writes_reloads_once_after_the_quiet_period() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("asm.wasm"), ASM_DEMO.bytes()).unwrap();
     let host = RunningHost::start_in(dir.path(), "").await;
+    // Served, so watching: the host watches from the moment it serves.
+    assert_eq!(request_tag(&host).await, "hello-to-asm");
     let bytes = ASM_V2.bytes();
     let mut file = std::fs::File::create(dir.path().join("asm.wasm")).unwrap();
     let started = std::time::Instant::now();
@@ -221,6 +223,8 @@ async fn a_half_written_file_is_rejected_then_taken_when_complete() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("asm.wasm"), ASM_DEMO.bytes()).unwrap();
     let host = RunningHost::start_in(dir.path(), "").await;
+    // Served, so watching: the host watches from the moment it serves.
+    assert_eq!(request_tag(&host).await, "hello-to-asm");
     let bytes = ASM_V2.bytes();
     let (first, rest) = bytes.split_at(bytes.len() / 2);
     let mut file = std::fs::File::create(dir.path().join("asm.wasm")).unwrap();
@@ -297,6 +301,57 @@ async fn configuration_changes_are_picked_up_from_the_file() {
         .unwrap();
     let listing = listing.json().unwrap();
     assert_eq!(listing["generation"], 2);
+}
+
+/// Only what a reload reads triggers one: a log and a pid file beside the configuration file,
+/// and notes beside the plugins, changing all the time, never do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_files_beside_the_configuration_and_the_plugins_trigger_no_reload() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("tag.wasm"), TAGGER.bytes()).unwrap();
+    let config = dir.path().join("host.toml");
+    let write_config = |tag: &str| {
+        replace_file(
+            &config,
+            format!(
+                "plugins_dir = {:?}\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [runtime]\nmax_instances = 1000\n[plugins.tag]\nconfig = \"{tag}\"\n",
+                plugins.display().to_string()
+            )
+            .as_bytes(),
+        )
+    };
+    write_config("first");
+    let host = RunningHost::start_from_file(&config).await;
+    // Served, so watching: the host watches from the moment it serves.
+    assert_eq!(request_tag(&host).await, "first");
+    let busy = [
+        dir.path().join("host.log"),
+        dir.path().join("host.pid"),
+        plugins.join("NOTES.txt"),
+        plugins.join(".tag.wasm.swp"),
+    ];
+    for round in 0..40 {
+        for file in &busy {
+            let mut open = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(file)
+                .unwrap();
+            std::io::Write::write_all(&mut open, format!("line {round}\n").as_bytes()).unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Two quiet periods after the last write: any reload would have started by now.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let metrics = host.metrics();
+    assert_eq!((metrics.reloads("ok"), metrics.reloads("error")), (1, 0));
+    // The configuration file itself still counts.
+    write_config("second");
+    wait_for_loads(&host, 2).await;
+    assert_eq!(request_tag(&host).await, "second");
 }
 
 async fn health(address: std::net::SocketAddr, service: &str) -> ServingStatus {
