@@ -290,6 +290,12 @@ impl Runtime {
         settings: PluginSettings,
     ) -> Result<Plugin, LoadError> {
         let shown = path.display().to_string();
+        if let Some(reason) = not_a_component(&bytes) {
+            return Err(LoadError::Compile {
+                path: shown,
+                reason,
+            });
+        }
         let engine = self.engine.clone();
         let component = tokio::task::spawn_blocking(move || Component::new(&engine, &bytes))
             .await
@@ -822,6 +828,46 @@ fn classify(error: &wasmtime::Error, state: &StoreState, instantiating: bool) ->
         Some(trap) => PluginError::Trap(trap.to_string()),
         None if instantiating => PluginError::Instantiate(first_line(error)),
         None => PluginError::Trap(first_line(error)),
+    }
+}
+
+/// What a file that cannot be a component is, and how to get a component instead; `None`
+/// when it has a component's header (the parser then says what is wrong inside).
+fn not_a_component(bytes: &[u8]) -> Option<String> {
+    const BUILD: &str = "build the plugin for `wasm32-wasip2`, or link it as a component \
+                         (plugins/README.md, \"Building a plugin\")";
+    let Some(header) = bytes.get(..8) else {
+        return Some(format!(
+            "{} bytes, too short for WebAssembly (a half-written file?); {BUILD}",
+            bytes.len()
+        ));
+    };
+    if &header[..4] != b"\0asm" {
+        let start: String = bytes[..bytes.len().min(16)]
+            .iter()
+            .map(|&b| match b {
+                b' '..=b'~' => (b as char).to_string(),
+                _ => format!("\\x{b:02x}"),
+            })
+            .collect();
+        return Some(format!(
+            "not WebAssembly: it starts with \"{start}\", not \"\\0asm\"; {BUILD}"
+        ));
+    }
+    match &header[4..] {
+        // Version 1, layer 0: a core module.
+        [1, 0, 0, 0] => Some(
+            "a core WebAssembly module, not a component: build it for `wasm32-wasip2` \
+             (which links a component), or wrap it with `wasm-tools component new` \
+             (plugins/README.md, \"Building a plugin\")"
+                .to_string(),
+        ),
+        // Layer 1: a component, of whatever version; the parser takes it from here.
+        [_, _, 1, 0] => None,
+        _ => Some(format!(
+            "an unknown WebAssembly version or layer ({:02x?}); {BUILD}",
+            &header[4..]
+        )),
     }
 }
 

@@ -294,3 +294,35 @@ fn budgets_adding_up_past_envoys_message_timeout_stop_start_up() {
         String::from_utf8_lossy(&output.stderr)
     );
 }
+
+#[test]
+fn a_file_that_is_not_a_component_gets_what_it_is_and_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().display().to_string();
+    // (file contents, what the line must say)
+    let cases: [(&[u8], &str); 3] = [
+        (
+            b"#!/bin/sh\necho not a plugin\n",
+            "not WebAssembly: it starts with \"#!/bin/sh\\x0aecho n\"",
+        ),
+        // The smallest core module: what `cargo build --target wasm32-unknown-unknown` gives
+        // without the component linker.
+        (
+            b"\0asm\x01\0\0\0",
+            "a core WebAssembly module, not a component: build it for `wasm32-wasip2`",
+        ),
+        (b"\0asm", "4 bytes, too short for WebAssembly"),
+    ];
+    for (contents, expected) in cases {
+        write(dir.path(), "10-plugin.wasm", contents);
+        let output = host(&["check", "--plugins-dir", &plugins]);
+        assert_eq!(output.status.code(), Some(1));
+        let line = one_line(&output);
+        assert!(
+            line.contains("10-plugin.wasm: not a valid WebAssembly component: ")
+                && line.contains(expected)
+                && line.contains("plugins/README.md"),
+            "{line}"
+        );
+    }
+}
