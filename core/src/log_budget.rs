@@ -5,12 +5,38 @@
 //! node's log pipeline. Each plugin gets a token bucket (`log_lines_per_second` lines a second,
 //! bursts of as many), shared by all its instances and streams. Lines over it are dropped and
 //! counted (`wasm_extproc_plugin_log_lines_suppressed_total`), and at most one line per
-//! [`SUMMARY_PERIOD`] says how many were dropped, the first as soon as one is.
+//! [`SUMMARY_PERIOD`] says how many were dropped, the first as soon as one is. What a WASI
+//! plugin writes to stdout and stderr goes the same way, a line at a time.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::counter::Counter;
+use tracing::Level;
+
+/// Longest line a plugin may write; longer ones are cut, so one call cannot flood the log.
+pub const MAX_LINE_BYTES: usize = 4096;
+
+/// Where a plugin's line came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// `host.log`.
+    Log,
+    /// WASI stdout.
+    Stdout,
+    /// WASI stderr.
+    Stderr,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Log => "log",
+            Source::Stdout => "stdout",
+            Source::Stderr => "stderr",
+        }
+    }
+}
 
 /// How often a plugin over its budget gets a line saying how many of its lines were dropped.
 pub const SUMMARY_PERIOD: Duration = Duration::from_secs(5);
@@ -89,6 +115,46 @@ impl LogBudget {
             std::mem::take(&mut bucket.unreported)
         });
         Admission { write, summary }
+    }
+
+    /// Writes one of the plugin's lines at `level`, from `source`, during `phase`: if the log
+    /// shows that level (a hidden line costs no budget) and the budget has room. Cut at
+    /// [`MAX_LINE_BYTES`].
+    pub fn write(&self, level: Level, phase: &str, source: Source, line: &str) {
+        let enabled = match level {
+            Level::TRACE => tracing::enabled!(target: "plugin", Level::TRACE),
+            Level::DEBUG => tracing::enabled!(target: "plugin", Level::DEBUG),
+            Level::INFO => tracing::enabled!(target: "plugin", Level::INFO),
+            Level::WARN => tracing::enabled!(target: "plugin", Level::WARN),
+            _ => tracing::enabled!(target: "plugin", Level::ERROR),
+        };
+        if !enabled {
+            return;
+        }
+        let admission = self.admit(Instant::now());
+        if let Some(dropped) = admission.summary {
+            self.report(dropped);
+        }
+        if !admission.write {
+            return;
+        }
+        let mut line = std::borrow::Cow::Borrowed(line);
+        if line.len() > MAX_LINE_BYTES {
+            let mut cut = MAX_LINE_BYTES;
+            while !line.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            line = format!("{}...", &line[..cut]).into();
+        }
+        let plugin = &*self.plugin;
+        let source = source.as_str();
+        match level {
+            Level::TRACE => tracing::trace!(target: "plugin", plugin, phase, source, "{line}"),
+            Level::DEBUG => tracing::debug!(target: "plugin", plugin, phase, source, "{line}"),
+            Level::INFO => tracing::info!(target: "plugin", plugin, phase, source, "{line}"),
+            Level::WARN => tracing::warn!(target: "plugin", plugin, phase, source, "{line}"),
+            _ => tracing::error!(target: "plugin", plugin, phase, source, "{line}"),
+        }
     }
 
     /// Writes the summary line for `dropped` lines.

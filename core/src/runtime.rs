@@ -13,6 +13,7 @@
 mod bindings;
 mod epoch;
 mod handlers;
+mod output;
 mod slots;
 mod store;
 
@@ -560,11 +561,7 @@ impl Plugin {
             .take(compiled.entry == Entry::Fiber, arrived)
             .await?;
         let _running = compiled.ticker.enter();
-        let state = StoreState::new(
-            self.name.clone(),
-            self.settings.clone(),
-            self.log_budget.clone(),
-        );
+        let state = StoreState::new(self.settings.clone(), self.log_budget.clone());
         let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);
         let entry = compiled.entry;
@@ -739,6 +736,7 @@ impl Instance {
         };
         let state = store.data_mut();
         state.call_started = None;
+        state.flush_output();
         let message = state.lent.take().expect("message lent for the call");
         let effects = std::mem::take(&mut state.effects);
         let outcome = match result {
@@ -752,7 +750,7 @@ impl Instance {
 /// Readies `store` for a call of `phase` (`None`: `register`) that started at `started`.
 fn begin(store: &mut Store<StoreState>, phase: Option<Phase>, started: Instant) {
     let state = store.data_mut();
-    state.phase = phase;
+    state.set_phase(phase);
     state.limits.reset();
     state.call_started = Some(started);
     store.set_epoch_deadline(1);

@@ -28,6 +28,11 @@ pub const ASM_DEMO_C: Component = Component("asm_demo_c", WASI_TARGET);
 pub const JSON_REDACT: Component = Component("json_redact", BUNDLED_TARGET);
 /// The bundled bearer-token example (`plugins/bearer-auth`): 401 on request headers.
 pub const BEARER_AUTH: Component = Component("bearer_auth", BUNDLED_TARGET);
+/// JavaScript that prints a line, then throws (configuration `throw`) or returns nothing
+/// (`undefined`) on request headers.
+pub const THROW_JS: Component = Component("throw_js", WASI_TARGET);
+/// Python that prints a line, then raises on request headers.
+pub const RAISE_ERROR_PY: Component = Component("raise_error_py", WASI_TARGET);
 /// Upper-cases body chunks in both directions.
 pub const SHOUT: Component = Component("shout", WASI_TARGET);
 /// Answers at the first request body message with its length and end-of-stream flag.

@@ -32,13 +32,47 @@ const APT_PACKAGES: [&str; 4] = [
     "libclang-rt-19-dev-wasm32",
 ];
 
-/// Each example: (language directory, source, output component name).
-pub const EXAMPLES: [(&str, &str, &str); 5] = [
-    ("javascript", "asm-demo.js", "asm_demo_js"),
-    ("javascript", "api-key.js", "api_key_js"),
-    ("python", "asm_demo", "asm_demo_py"),
-    ("python", "json_rewrite", "json_rewrite_py"),
-    ("c", "asm_demo.c", "asm_demo_c"),
+/// Each plugin built by a language toolchain: (language, its directory under the repository
+/// root, source, output component name). The examples, and the test fixtures that need a
+/// language's own runtime (its exceptions, its console).
+pub const SOURCES: [(&str, &str, &str, &str); 7] = [
+    (
+        "javascript",
+        "plugins/examples/javascript",
+        "asm-demo.js",
+        "asm_demo_js",
+    ),
+    (
+        "javascript",
+        "plugins/examples/javascript",
+        "api-key.js",
+        "api_key_js",
+    ),
+    (
+        "python",
+        "plugins/examples/python",
+        "asm_demo",
+        "asm_demo_py",
+    ),
+    (
+        "python",
+        "plugins/examples/python",
+        "json_rewrite",
+        "json_rewrite_py",
+    ),
+    ("c", "plugins/examples/c", "asm_demo.c", "asm_demo_c"),
+    (
+        "javascript",
+        "tests/fixtures/javascript",
+        "throw.js",
+        "throw_js",
+    ),
+    (
+        "python",
+        "tests/fixtures/python",
+        "raise_error",
+        "raise_error_py",
+    ),
 ];
 
 fn tools() -> PathBuf {
@@ -124,14 +158,13 @@ fn fresh(output: &Path, inputs: &[PathBuf]) -> bool {
     })
 }
 
-/// Builds every example (skipping those already up to date).
+/// Builds every example and language fixture (skipping those already up to date).
 pub fn build() -> anyhow::Result<()> {
     let root = repo_root();
     let wit = root.join("wit");
-    let examples = root.join("plugins/examples");
     std::fs::create_dir_all(out_path("x").parent().expect("has a parent"))?;
-    for (language, source, name) in EXAMPLES {
-        let dir = examples.join(language);
+    for (language, relative, source, name) in SOURCES {
+        let dir = root.join(relative);
         let output = out_path(name);
         if fresh(&output, &[dir.clone(), wit.join("processor.wit")]) {
             continue;
@@ -143,7 +176,7 @@ pub fn build() -> anyhow::Result<()> {
                 tools().join("jco/node_modules/.bin/componentize-js"),
             )
             .current_dir(&root)
-            .arg(Path::new("plugins/examples/javascript").join(source))
+            .arg(Path::new(relative).join(source))
             .args([
                 "--wit",
                 "wit",

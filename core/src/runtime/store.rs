@@ -9,17 +9,14 @@ use wasmtime::{ResourceLimiter, Result, format_err};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::wasm_extproc::processor::{context, host, types};
+use super::output::GuestOutput;
 use crate::config::PluginSettings;
 use crate::http::{BodyChunk, Effects, ExchangeContext, HeaderMap, Message, Phase};
-use crate::log_budget::LogBudget;
+use crate::log_budget::{LogBudget, Source};
 
 /// The handle a handler receives for the message it is lent. Only one message is lent at a
 /// time, and borrows end when the call returns, so a constant is enough.
 pub const LENT_REP: u32 = 0;
-
-/// Longest log line a plugin may write; longer ones are cut so a plugin cannot flood the log
-/// with one call.
-const MAX_LOG_LINE: usize = 4096;
 
 /// The most entries a header section may reach while a plugin works on it, and the most bytes.
 /// Far beyond anything Envoy accepts (the guard refuses more than `max_request_headers_kb`),
@@ -90,12 +87,13 @@ impl ResourceLimiter for MemoryLimiter {
 
 /// Everything one store holds: one plugin instance serving one stream.
 pub struct StoreState {
-    plugin: Arc<str>,
     settings: Arc<PluginSettings>,
     log_budget: Arc<LogBudget>,
     /// Made on the first WASI call: most plugins never make one, and building a context
     /// (clocks, random sources) is a measurable part of a stream's cost.
     wasi: Option<WasiCtx>,
+    /// The WASI context's stdout and stderr, into the log; made with it.
+    output: Option<GuestOutput>,
     table: ResourceTable,
     pub limits: MemoryLimiter,
     pub timeout: Duration,
@@ -111,15 +109,11 @@ pub struct StoreState {
 }
 
 impl StoreState {
-    pub fn new(
-        plugin: Arc<str>,
-        settings: Arc<PluginSettings>,
-        log_budget: Arc<LogBudget>,
-    ) -> Self {
+    pub fn new(settings: Arc<PluginSettings>, log_budget: Arc<LogBudget>) -> Self {
         StoreState {
-            plugin,
             log_budget,
             wasi: None,
+            output: None,
             table: ResourceTable::new(),
             limits: MemoryLimiter {
                 limit: settings.budget.memory_limit_bytes,
@@ -132,6 +126,21 @@ impl StoreState {
             lent: None,
             context: Arc::default(),
             effects: Effects::default(),
+        }
+    }
+
+    /// The phase the next call serves (`None`: `register`, at load).
+    pub fn set_phase(&mut self, phase: Option<Phase>) {
+        self.phase = phase;
+        if let Some(output) = &self.output {
+            output.set_phase(phase.map_or("load", Phase::as_str));
+        }
+    }
+
+    /// Writes out what the plugin left unfinished on stdout and stderr.
+    pub fn flush_output(&mut self) {
+        if let Some(output) = &self.output {
+            output.flush();
         }
     }
 
@@ -163,8 +172,18 @@ impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
             // No preopened directories, no environment, no arguments, no sockets: a plugin
-            // sees nothing of the host unless the operator grants it.
-            ctx: self.wasi.get_or_insert_with(|| WasiCtx::builder().build()),
+            // sees nothing of the host unless the operator grants it. Its stdout and stderr go
+            // to the host's log.
+            ctx: self.wasi.get_or_insert_with(|| {
+                let output = GuestOutput::new(self.log_budget.clone());
+                output.set_phase(self.phase.map_or("load", Phase::as_str));
+                let ctx = WasiCtx::builder()
+                    .stdout(output.stream(Source::Stdout))
+                    .stderr(output.stream(Source::Stderr))
+                    .build();
+                self.output = Some(output);
+                ctx
+            }),
             table: &mut self.table,
         }
     }
@@ -259,7 +278,7 @@ impl types::HostBody for StoreState {
 }
 
 impl host::Host for StoreState {
-    fn log(&mut self, level: host::LogLevel, mut message: String) -> Result<()> {
+    fn log(&mut self, level: host::LogLevel, message: String) -> Result<()> {
         let level = match level {
             host::LogLevel::Trace => tracing::Level::TRACE,
             host::LogLevel::Debug => tracing::Level::DEBUG,
@@ -267,41 +286,8 @@ impl host::Host for StoreState {
             host::LogLevel::Warn => tracing::Level::WARN,
             host::LogLevel::Error => tracing::Level::ERROR,
         };
-        // A line nobody would see costs no budget (and no formatting).
-        let enabled = match level {
-            tracing::Level::TRACE => tracing::enabled!(target: "plugin", tracing::Level::TRACE),
-            tracing::Level::DEBUG => tracing::enabled!(target: "plugin", tracing::Level::DEBUG),
-            tracing::Level::INFO => tracing::enabled!(target: "plugin", tracing::Level::INFO),
-            tracing::Level::WARN => tracing::enabled!(target: "plugin", tracing::Level::WARN),
-            _ => tracing::enabled!(target: "plugin", tracing::Level::ERROR),
-        };
-        if !enabled {
-            return Ok(());
-        }
-        let admission = self.log_budget.admit(Instant::now());
-        if let Some(dropped) = admission.summary {
-            self.log_budget.report(dropped);
-        }
-        if !admission.write {
-            return Ok(());
-        }
-        if message.len() > MAX_LOG_LINE {
-            let mut cut = MAX_LOG_LINE;
-            while !message.is_char_boundary(cut) {
-                cut -= 1;
-            }
-            message.truncate(cut);
-            message.push_str("...");
-        }
-        let plugin = &*self.plugin;
         let phase = self.phase.map(Phase::as_str).unwrap_or("load");
-        match level {
-            tracing::Level::TRACE => tracing::trace!(target: "plugin", plugin, phase, "{message}"),
-            tracing::Level::DEBUG => tracing::debug!(target: "plugin", plugin, phase, "{message}"),
-            tracing::Level::INFO => tracing::info!(target: "plugin", plugin, phase, "{message}"),
-            tracing::Level::WARN => tracing::warn!(target: "plugin", plugin, phase, "{message}"),
-            _ => tracing::error!(target: "plugin", plugin, phase, "{message}"),
-        }
+        self.log_budget.write(level, phase, Source::Log, &message);
         Ok(())
     }
 

@@ -232,11 +232,13 @@ async fn a_plugin_that_keeps_failing_is_quarantined_then_probed() {
 
 /// Collects what the host logs on this thread.
 #[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
+pub(super) struct Captured(Arc<Mutex<Vec<u8>>>);
 
 impl Captured {
     /// Captures what is logged on this thread at `level` and above, until the guard drops.
-    fn on_this_thread(level: tracing::Level) -> (Captured, tracing::subscriber::DefaultGuard) {
+    pub(super) fn on_this_thread(
+        level: tracing::Level,
+    ) -> (Captured, tracing::subscriber::DefaultGuard) {
         let captured = Captured::default();
         let writer = captured.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -245,6 +247,13 @@ impl Captured {
             .with_max_level(level)
             .finish();
         (captured, tracing::subscriber::set_default(subscriber))
+    }
+}
+
+impl Captured {
+    /// Everything logged so far.
+    pub(super) fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
     }
 }
 

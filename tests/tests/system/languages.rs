@@ -6,8 +6,12 @@ use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest};
 use extproc_testkit::fixtures::{
     API_KEY_JS, ASM_DEMO, ASM_DEMO_C, ASM_DEMO_JS, ASM_DEMO_PY, Component, JSON_REWRITE_PY,
+    RAISE_ERROR_PY, THROW_JS,
 };
+use extproc_testkit::grpc::{self, ExtProcStream};
 use extproc_testkit::host::RunningHost;
+
+use super::hostile::Captured;
 
 /// JavaScript and Python components are megabytes of interpreter: compiling them takes seconds
 /// in an unoptimised test build, and a call takes longer than a Rust plugin's.
@@ -137,4 +141,74 @@ async fn compiled_plugins_are_cached_across_restarts() {
         "a restart compiles nothing"
     );
     assert_eq!(second.current().unwrap().chain.plugins().len(), 2);
+}
+
+/// What a JavaScript or Python plugin prints, and the exception that fails it (message and
+/// stack), reach the host's log, tagged with the plugin, the phase and the stream, beside the
+/// host's own line about the failure.
+#[tokio::test(flavor = "current_thread")]
+async fn prints_and_uncaught_exceptions_reach_the_log() {
+    // The runtime is single-threaded: the host and the plugins log on this thread.
+    let (captured, _guard) = Captured::on_this_thread(tracing::Level::INFO);
+    // (plugin, what the log must show); fail-open, so one request reaches all three.
+    let cases: [(&str, &[&str]); 3] = [
+        (
+            "10-throw",
+            &[
+                "throw fixture: request headers seen",
+                "boom from the throw fixture",
+                "boom@",
+            ],
+        ),
+        ("20-undefined", &["throw fixture: request headers seen"]),
+        (
+            "30-raise",
+            &[
+                "raise fixture: request headers seen",
+                "Traceback",
+                "ValueError: boom from the raise fixture",
+            ],
+        ),
+    ];
+    // The two JavaScript plugins are the same file: with a cache, compiled once.
+    let cache = tempfile::tempdir().unwrap();
+    let host = RunningHost::start(
+        &[
+            ("10-throw", THROW_JS),
+            ("20-undefined", THROW_JS),
+            ("30-raise", RAISE_ERROR_PY),
+        ],
+        &format!(
+            "{GENEROUS}failure_policy = \"fail-open\"\n\
+             [plugins.10-throw]\nconfig = \"throw\"\n\
+             [plugins.20-undefined]\nconfig = \"undefined\"\n\
+             [runtime]\nmax_instances = 100\ncache_dir = {:?}\n",
+            cache.path().display().to_string()
+        ),
+    )
+    .await;
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .exchange(grpc::request_headers(&[(":path", "/")], true))
+        .await;
+    let log = captured.text();
+    for (plugin, expected) in cases {
+        assert_eq!(
+            host.metrics().plugin_outcomes(plugin, "trap"),
+            1,
+            "{plugin}"
+        );
+        let from_plugin: Vec<&str> = log
+            .lines()
+            .filter(|line| line.contains(&format!("plugin=\"{plugin}\"")))
+            .collect();
+        for text in expected {
+            assert!(
+                from_plugin
+                    .iter()
+                    .any(|line| line.contains(text) && line.contains("phase=\"request_headers\"")),
+                "{plugin}: no line with {text:?} in\n{log}"
+            );
+        }
+    }
 }
