@@ -90,6 +90,8 @@ impl Direction {
             Direction::Response => Phase::ResponseTrailers,
         }
     }
+
+    pub const BOTH: [Direction; 2] = [Direction::Request, Direction::Response];
 }
 
 /// How a plugin wants a body phase delivered.
@@ -110,7 +112,37 @@ pub struct Registration {
     pub response_body: Delivery,
 }
 
+impl Delivery {
+    /// The ext_proc body modes that bring a plugin its body this way.
+    pub fn envoy_body_modes(self) -> &'static str {
+        match self {
+            Delivery::Chunks => "STREAMED or FULL_DUPLEX_STREAMED (BUFFERED gives one call)",
+            Delivery::Whole => "BUFFERED, or FULL_DUPLEX_STREAMED with trailers SEND",
+        }
+    }
+}
+
 impl Registration {
+    /// What Envoy's ext_proc filter (`processing_mode`) must send for every phase the plugin
+    /// handles to reach it, beyond its defaults (headers are sent unless switched off): one
+    /// setting each, `request_body_mode: BUFFERED, or ...`.
+    pub fn envoy_needs(&self) -> Vec<String> {
+        let mut needs = Vec::new();
+        for direction in Direction::BOTH {
+            let noun = direction.noun();
+            if self.phases.contains(direction.body()) {
+                needs.push(format!(
+                    "{noun}_body_mode: {}",
+                    self.delivery(direction).envoy_body_modes()
+                ));
+            }
+            if self.phases.contains(direction.trailers()) {
+                needs.push(format!("{noun}_trailer_mode: SEND"));
+            }
+        }
+        needs
+    }
+
     pub fn delivery(&self, direction: Direction) -> Delivery {
         match direction {
             Direction::Request => self.request_body,
@@ -527,6 +559,31 @@ pub struct Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_registration_says_what_envoy_must_send() {
+        let headers_only = Registration {
+            phases: PhaseSet::EMPTY
+                .with(Phase::RequestHeaders)
+                .with(Phase::ResponseHeaders),
+            ..Registration::default()
+        };
+        assert!(headers_only.envoy_needs().is_empty());
+        let redact = Registration {
+            phases: PhaseSet::EMPTY
+                .with(Phase::RequestBody)
+                .with(Phase::ResponseTrailers),
+            request_body: Delivery::Whole,
+            response_body: Delivery::Chunks,
+        };
+        assert_eq!(
+            redact.envoy_needs(),
+            [
+                "request_body_mode: BUFFERED, or FULL_DUPLEX_STREAMED with trailers SEND",
+                "response_trailer_mode: SEND",
+            ]
+        );
+    }
 
     fn map(entries: &[(&str, &str)]) -> HeaderMap {
         HeaderMap::from_entries(

@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::http::Phase;
+use crate::http::{Direction, Phase};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
@@ -34,6 +34,11 @@ struct PluginLabel {
 struct PluginPhaseLabels {
     plugin: String,
     phase: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DirectionLabel {
+    direction: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -67,6 +72,7 @@ pub struct Metrics {
     streams: Counter,
     reloads: Family<ResultLabel, Counter>,
     log_lines_suppressed: Family<PluginLabel, Counter>,
+    bodies_not_sent: Family<DirectionLabel, Counter>,
     pool: PoolMetrics,
     /// Every plugin that has had series, for [`samples`](Metrics::samples).
     plugins: Mutex<BTreeSet<String>>,
@@ -156,6 +162,13 @@ impl Metrics {
             "Plugin log lines dropped over the plugin's log_lines_per_second budget, by plugin",
             log_lines_suppressed.clone(),
         );
+        let bodies_not_sent = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "bodies_not_sent",
+            "Streams on which plugins handle a direction's body but Envoy sends none of it \
+             (its ext_proc body mode is NONE), by direction",
+            bodies_not_sent.clone(),
+        );
         let pool = PoolMetrics::default();
         registry.register(
             "instances_in_use",
@@ -190,6 +203,7 @@ impl Metrics {
             streams,
             reloads,
             log_lines_suppressed,
+            bodies_not_sent,
             pool,
             plugins: Mutex::default(),
         })
@@ -212,6 +226,24 @@ impl Metrics {
                 plugin: plugin.to_string(),
             })
             .clone()
+    }
+
+    /// Counts a stream on which Envoy sends none of the `direction` body plugins handle.
+    pub fn body_not_sent(&self, direction: Direction) {
+        self.bodies_not_sent
+            .get_or_create(&DirectionLabel {
+                direction: direction.noun(),
+            })
+            .inc();
+    }
+
+    /// How many streams [`body_not_sent`](Self::body_not_sent) counted.
+    pub fn bodies_not_sent(&self, direction: Direction) -> u64 {
+        self.bodies_not_sent
+            .get(&DirectionLabel {
+                direction: direction.noun(),
+            })
+            .map_or(0, |c| c.get())
     }
 
     pub fn message_received(&self, phase: Phase) {

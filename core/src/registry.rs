@@ -17,6 +17,7 @@ mod watch;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -24,7 +25,7 @@ use arc_swap::ArcSwapOption;
 
 use crate::config::{ConfigError, EnvoySettings, Settings};
 use crate::guard::Guard;
-use crate::http::{Phase, PhaseSet};
+use crate::http::{Direction, Phase, PhaseSet};
 use crate::metrics::{Metrics, PluginMetrics};
 use crate::runtime::{EPOCH_CHECK, EPOCH_TICK, Plugin, Runtime};
 
@@ -39,6 +40,9 @@ pub struct Chain {
     phases: PhaseSet,
     /// Per phase, the budgets of the plugins that handle it, added up.
     budgets: [Duration; 6],
+    /// Per direction, whether a front end has said that Envoy sends none of the body plugins
+    /// here handle.
+    no_body_noticed: [AtomicBool; 2],
 }
 
 impl Chain {
@@ -69,11 +73,25 @@ impl Chain {
             metrics,
             phases,
             budgets,
+            no_body_noticed: Default::default(),
         }
     }
 
     pub fn plugins(&self) -> &[Plugin] {
         &self.plugins
+    }
+
+    /// The plugins that handle `phase`.
+    pub fn handling(&self, phase: Phase) -> impl Iterator<Item = &Plugin> {
+        self.plugins
+            .iter()
+            .filter(move |p| p.phases().contains(phase))
+    }
+
+    /// True the first time it is asked for `direction`, false after: for a front end to say
+    /// once per chain that Envoy sends none of the `direction` body its plugins handle.
+    pub fn first_notice_of_no_body(&self, direction: Direction) -> bool {
+        !self.no_body_noticed[direction as usize].swap(true, Ordering::Relaxed)
     }
 
     /// Each plugin's metric series, in chain order.

@@ -5,7 +5,7 @@
 //! | `GET /healthz` | 200 while the process runs (liveness) |
 //! | `GET /readyz` | 200 once plugins are loaded and until shutdown begins, else 503 (readiness) |
 //! | `GET /metrics` | Prometheus metrics (OpenMetrics text) |
-//! | `GET /plugins` | the loaded chain as JSON: name, file, SHA-256, load time, phases, settings, call counts |
+//! | `GET /plugins` | the loaded chain as JSON: name, file, SHA-256, load time, phases, body delivery, what each needs from Envoy's `processing_mode`, settings, call counts |
 //! | `POST /reload` | reloads plugins and configuration now; 200 with what loaded, or 500 with why not |
 
 use std::convert::Infallible;
@@ -165,6 +165,7 @@ fn plugins(state: &State) -> serde_json::Value {
                 "phases": registration.phases.iter().map(|p| p.as_str()).collect::<Vec<_>>(),
                 "request_body": delivery(registration.request_body),
                 "response_body": delivery(registration.response_body),
+                "needs_from_envoy": registration.envoy_needs(),
                 "failure_policy": match settings.failure_policy {
                     FailurePolicy::Open => "fail-open".to_string(),
                     FailurePolicy::Closed { status } => format!("fail-closed ({status})"),

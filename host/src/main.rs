@@ -37,12 +37,19 @@ async fn check(config: Config) -> anyhow::Result<()> {
     let host = Host::load(&config).await?;
     let generation = host.current().context("nothing loaded")?;
     for plugin in generation.chain.plugins() {
+        let registration = plugin.registration();
+        let needs = registration.envoy_needs();
         eprintln!(
-            "ok  {}  {}  sha256:{}  phases:{:?}",
+            "ok  {}  {}  sha256:{}  phases:{:?}  needs from Envoy's processing_mode: {}",
             plugin.name(),
             plugin.path().display(),
             plugin.digest(),
-            plugin.phases()
+            plugin.phases(),
+            if needs.is_empty() {
+                "its defaults (headers sent)".to_string()
+            } else {
+                needs.join("; ")
+            }
         );
     }
     eprintln!(

@@ -130,13 +130,29 @@ fn check_validates_every_plugin_without_serving() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(built("asm_demo"), dir.path().join("10-asm.wasm")).unwrap();
     std::fs::copy(built("bearer_auth"), dir.path().join("20-auth.wasm")).unwrap();
+    std::fs::copy(built("json_redact"), dir.path().join("25-redact.wasm")).unwrap();
     let plugins = dir.path().display().to_string();
     let output = host(&["check", "--plugins-dir", &plugins]);
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert_eq!(output.status.code(), Some(0), "{stderr}");
     assert!(stderr.contains("ok  10-asm  "), "{stderr}");
     assert!(stderr.contains("ok  20-auth  "), "{stderr}");
-    assert!(stderr.contains("2 plugin(s)"), "{stderr}");
+    assert!(stderr.contains("3 plugin(s)"), "{stderr}");
+    // What each plugin needs from Envoy's ext_proc filter.
+    let needs = |name: &str| {
+        stderr
+            .lines()
+            .find(|l| l.starts_with(&format!("ok  {name}  ")))
+            .and_then(|l| l.split_once("needs from Envoy's processing_mode: "))
+            .map(|(_, needs)| needs.to_string())
+            .unwrap_or_else(|| panic!("{stderr}"))
+    };
+    assert_eq!(needs("10-asm"), "its defaults (headers sent)");
+    assert_eq!(
+        needs("25-redact"),
+        "request_body_mode: BUFFERED, or FULL_DUPLEX_STREAMED with trailers SEND; \
+         response_body_mode: BUFFERED, or FULL_DUPLEX_STREAMED with trailers SEND"
+    );
 
     std::fs::copy(built("wrong_contract"), dir.path().join("30-old.wasm")).unwrap();
     let output = host(&["check", "--plugins-dir", &plugins]);

@@ -35,7 +35,7 @@ pub const THROW_JS: Component = Component("throw_js", WASI_TARGET);
 pub const RAISE_ERROR_PY: Component = Component("raise_error_py", WASI_TARGET);
 /// Upper-cases body chunks in both directions.
 pub const SHOUT: Component = Component("shout", WASI_TARGET);
-/// Answers at the first request body message with its length and end-of-stream flag.
+/// Answers at the first request body message with its length and end-of-stream flag, as JSON.
 pub const BODY_PROBE: Component = Component("body_probe", WASI_TARGET);
 /// Answers 403 at the phase its configuration names.
 pub const GATE: Component = Component("gate", WASI_TARGET);

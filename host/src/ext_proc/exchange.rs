@@ -11,11 +11,50 @@ use std::time::Duration;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 
 use super::convert::{self, Envelope};
-use super::protocol::{Inbound, ProtocolError, StreamProtocol};
+use super::protocol::{EnvoyModes, Inbound, ProtocolError, StreamProtocol};
 use crate::chain::StreamChain;
-use crate::http::{Decision, ExchangeContext, Phase, Verdict};
+use crate::http::{BodyMode, Decision, Delivery, Direction, ExchangeContext, Phase, Verdict};
 use crate::metrics::Metrics;
 use crate::registry::Generation;
+
+/// Plugins that handle a direction's body behind an Envoy that sends none of it (body mode
+/// `NONE`, as in the guide's filter) never see one, silently: counted per stream, and said
+/// once per chain with the setting to change.
+fn notice_bodies_not_sent(generation: &Generation, modes: &EnvoyModes, metrics: &Metrics) {
+    for direction in Direction::BOTH {
+        if modes.body(direction) != BodyMode::None {
+            continue;
+        }
+        let plugins: Vec<_> = generation.chain.handling(direction.body()).collect();
+        if plugins.is_empty() {
+            continue;
+        }
+        metrics.body_not_sent(direction);
+        if !generation.chain.first_notice_of_no_body(direction) {
+            continue;
+        }
+        let noun = direction.noun();
+        let whole = plugins
+            .iter()
+            .any(|p| p.registration().delivery(direction) == Delivery::Whole);
+        let delivery = if whole {
+            Delivery::Whole
+        } else {
+            Delivery::Chunks
+        };
+        let names: Vec<&str> = plugins.iter().map(|p| p.name()).collect();
+        tracing::warn!(
+            direction = noun,
+            plugins = ?names,
+            "plugins {} handle {noun} bodies, but Envoy's ext_proc filter sends none \
+             ({noun}_body_mode: NONE), so they never run on them; set its \
+             processing_mode.{noun}_body_mode to {} (with allow_mode_override: true the \
+             host still switches it off for streams that need no body)",
+            names.join(", "),
+            delivery.envoy_body_modes()
+        );
+    }
+}
 
 /// One stream's state, from its first message to its last.
 #[derive(Debug)]
@@ -85,6 +124,9 @@ impl Exchange {
             envoy_modes = ?inbound.envoy_modes,
             "ext_proc message"
         );
+        if let Some(modes) = &inbound.envoy_modes {
+            notice_bodies_not_sent(self.chain.generation(), modes, &self.metrics);
+        }
         if !inbound.attributes.is_empty() || !inbound.metadata.is_empty() {
             let context = Arc::make_mut(&mut self.context);
             context.attributes.append(&mut inbound.attributes);

@@ -67,7 +67,8 @@ pub struct EnvoyModes {
 }
 
 impl EnvoyModes {
-    fn body(&self, direction: Direction) -> BodyMode {
+    /// How Envoy sends `direction`'s body.
+    pub fn body(&self, direction: Direction) -> BodyMode {
         match direction {
             Direction::Request => self.request_body,
             Direction::Response => self.response_body,

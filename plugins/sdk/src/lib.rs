@@ -139,11 +139,34 @@ pub enum Action {
 impl Action {
     /// An immediate answer with `status` and a plain-text `body`.
     pub fn respond(status: u16, body: impl Into<String>) -> Self {
-        let body: String = body.into();
+        Self::respond_with(status, "text/plain", body.into(), &[])
+    }
+
+    /// An immediate answer with `status` and a JSON `body` (`content-type: application/json`),
+    /// given already serialised: `Action::respond_json(401, r#"{"error":"unauthorized"}"#)`.
+    pub fn respond_json(status: u16, body: impl Into<String>) -> Self {
+        Self::respond_with(status, "application/json", body.into(), &[])
+    }
+
+    /// An immediate answer with `status`, a body of `content_type`, and more `headers`
+    /// (`www-authenticate`, `retry-after`, ...). For a gRPC status or Envoy's response code
+    /// details, build an [`ImmediateResponse`] and use [`Action::Respond`].
+    pub fn respond_with(
+        status: u16,
+        content_type: &str,
+        body: impl Into<Vec<u8>>,
+        headers: &[(&str, &str)],
+    ) -> Self {
+        let mut all = vec![("content-type".to_string(), content_type.as_bytes().to_vec())];
+        all.extend(
+            headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.as_bytes().to_vec())),
+        );
         Action::Respond(ImmediateResponse {
             status,
-            headers: vec![("content-type".into(), b"text/plain".to_vec())],
-            body: body.into_bytes(),
+            headers: all,
+            body: body.into(),
             grpc_status: None,
             details: String::new(),
         })

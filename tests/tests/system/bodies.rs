@@ -229,14 +229,16 @@ async fn buffered_partial_cuts_at_envoys_buffer_limit_with_end_of_stream_false()
     let envoy = Envoy::start_with(&config, host.address, upstream.address)
         .await
         .unwrap();
+    // The SDK's `Action::respond_with`: status, content type, body and extra headers.
     let seen = |response: HttpResponse| {
         assert_eq!(response.status, 200);
-        let report = String::from_utf8(response.body).unwrap();
-        let (bytes, end) = report
-            .strip_prefix("bytes=")
-            .and_then(|r| r.split_once(" end_of_stream="))
-            .unwrap_or_else(|| panic!("{report}"));
-        (bytes.parse::<usize>().unwrap(), end == "true")
+        assert_eq!(response.header_values("content-type"), ["application/json"]);
+        assert_eq!(response.header_values("x-body-probe"), ["request_body"]);
+        let report = response.json().unwrap();
+        (
+            report["bytes"].as_u64().unwrap() as usize,
+            report["end_of_stream"].as_bool().unwrap(),
+        )
     };
     let small = HttpRequest::new("POST", "/anything").body(generated(1000, false));
     assert_eq!(seen(envoy.send(&small).await.unwrap()), (1000, true));

@@ -4,7 +4,9 @@
 
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest, first_access_log_line};
-use extproc_testkit::fixtures::{ASM_DEMO, BEARER_AUTH, Component, GATE, SLOW, TAGGER, TRAP};
+use extproc_testkit::fixtures::{
+    ASM_DEMO, BEARER_AUTH, Component, GATE, JSON_REDACT, SLOW, TAGGER, TRAP,
+};
 use extproc_testkit::host::RunningHost;
 use wasm_extproc::http::{Direction, Phase};
 
@@ -124,6 +126,41 @@ async fn a_fail_closed_failure_names_plugin_and_kind_in_envoys_access_log() {
         first_access_log_line(&access_log).await,
         "503 wasm_extproc_plugin_failed:10-trap:trap"
     );
+}
+
+/// A body plugin behind the guide's filter (body modes `NONE`) would silently never run: the
+/// host says so once per chain and direction, with the setting to change, and counts the
+/// streams.
+#[tokio::test(flavor = "current_thread")]
+async fn a_body_plugin_behind_an_envoy_sending_no_body_is_named_once() {
+    let (captured, _guard) = super::hostile::Captured::on_this_thread(tracing::Level::WARN);
+    let setup = setup(
+        &[("10-redact", JSON_REDACT), ("20-asm", ASM_DEMO)],
+        "[plugins.10-redact]\nconfig = \"password\"\n",
+        EnvoyConfig::default(),
+    )
+    .await;
+    for _ in 0..3 {
+        let response = setup
+            .envoy
+            .send(&HttpRequest::new("POST", "/anything").body(br#"{"password":"x"}"#.to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200);
+    }
+    let metrics = setup.host.metrics();
+    assert_eq!(metrics.bodies_not_sent(Direction::Request), 3);
+    let log = captured.text();
+    let notices: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Envoy's ext_proc filter sends none"))
+        .collect();
+    let requests: Vec<&&str> = notices
+        .iter()
+        .filter(|l| l.contains("processing_mode.request_body_mode to BUFFERED"))
+        .collect();
+    assert_eq!(requests.len(), 1, "{log}");
+    assert!(requests[0].contains("10-redact"), "{log}");
 }
 
 /// In `observability_mode` Envoy sends every message without waiting: the plugins run on each,

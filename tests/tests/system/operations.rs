@@ -548,6 +548,7 @@ async fn metrics_count_exactly_what_happened() {
         plugin["phases"],
         serde_json::json!(["request_headers", "response_headers"])
     );
+    assert_eq!(plugin["needs_from_envoy"], serde_json::json!([]));
     assert_eq!(plugin["calls"]["ok"], 14);
     assert_eq!(plugin["calls"]["trap"], 0);
     let expected = {
