@@ -2,8 +2,9 @@
 //! configuration string (comma-separated, e.g. `password,ssn`), at any depth, becomes
 //! `"[REDACTED]"`. Bodies that are not JSON objects or arrays pass unchanged.
 //!
-//! It asks for whole bodies: configure Envoy with `BUFFERED`, `BUFFERED_PARTIAL` or
-//! `FULL_DUPLEX_STREAMED` body modes. Given part of a body only (`STREAMED` mode, or a
+//! It asks for whole bodies: configure Envoy's ext_proc filter with `request_body_mode` and
+//! `response_body_mode` `BUFFERED`, or `FULL_DUPLEX_STREAMED` with the trailer modes `SEND`
+//! (the table in plugins/README.md). Given part of a body only (`STREAMED` mode, or a
 //! `BUFFERED_PARTIAL` body cut at Envoy's buffer limit) it cannot parse it, and says so in the
 //! log rather than pretend.
 
