@@ -342,3 +342,30 @@ fn a_file_that_is_not_a_component_gets_what_it_is_and_what_to_do() {
         );
     }
 }
+
+#[test]
+fn the_readme_usage_line_names_every_flag() {
+    let help = Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    let usage = readme
+        .split("## Running the host")
+        .nth(1)
+        .and_then(|section| section.split("```").nth(1))
+        .expect("a usage block under \"Running the host\"");
+    let flags: Vec<&str> = help
+        .split_whitespace()
+        .filter(|word| word.starts_with("--"))
+        .map(|word| word.trim_end_matches(','))
+        .filter(|flag| !["--help", "--version"].contains(flag))
+        .collect();
+    assert!(flags.len() >= 6, "{help}");
+    for flag in flags {
+        assert!(usage.contains(flag), "the README's usage line lacks {flag}");
+    }
+}
