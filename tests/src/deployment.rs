@@ -114,6 +114,21 @@ impl Case {
         config
     }
 
+    /// `config` with what this case asks of Envoy in either mode: HTTP/2 upstream, edits, an
+    /// access log.
+    fn around(&self, mut config: EnvoyConfig) -> EnvoyConfig {
+        if self.upstream_http2 {
+            config = config.upstream_http2();
+        }
+        for (text, replacement) in &self.edits {
+            config = config.edit(text, replacement);
+        }
+        if let Some(path) = &self.access_log {
+            config = config.access_log(path);
+        }
+        config
+    }
+
     /// The module's settings for this case: the shared TOML and `[module]`.
     fn module_toml(&self) -> String {
         let quoted = |names: &[&str]| {
@@ -160,16 +175,7 @@ impl Deployment {
         match mode {
             Mode::ExtProc => {
                 let host = RunningHost::start(&case.plugins, &case.toml).await;
-                let mut config = case.ext_proc();
-                if case.upstream_http2 {
-                    config = config.upstream_http2();
-                }
-                for (text, replacement) in &case.edits {
-                    config = config.edit(text, replacement);
-                }
-                if let Some(path) = &case.access_log {
-                    config = config.access_log(path);
-                }
+                let config = case.around(case.ext_proc());
                 let envoy = Envoy::start_with(&config, host.address, upstream.address)
                     .await
                     .expect("envoy starts");
@@ -202,16 +208,7 @@ impl Deployment {
         case: &Case,
         upstream: &EchoServer,
     ) -> anyhow::Result<Envoy> {
-        let mut config = EnvoyConfig::default().in_process(dir, &case.module_toml());
-        if case.upstream_http2 {
-            config = config.upstream_http2();
-        }
-        for (text, replacement) in &case.edits {
-            config = config.edit(text, replacement);
-        }
-        if let Some(path) = &case.access_log {
-            config = config.access_log(path);
-        }
+        let config = case.around(EnvoyConfig::default().in_process(dir, &case.module_toml()));
         // No ext_proc server: the address is never used.
         Envoy::start_with(&config, upstream.address, upstream.address).await
     }
