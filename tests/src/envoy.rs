@@ -532,6 +532,24 @@ impl HttpResponse {
             .collect()
     }
 
+    /// A 200 that the ASM plugin tagged both ways: `x-ext-proc-header: hello-from-asm` on the
+    /// response, and `hello-to-asm` on the request the echo upstream sent back. Returns the
+    /// echoed JSON for further checks; `label` says which case failed.
+    pub fn assert_tagged_by_asm(&self, label: &str) -> serde_json::Value {
+        assert_eq!(self.status, 200, "{label}");
+        assert_eq!(
+            self.header_values("x-ext-proc-header"),
+            ["hello-from-asm"],
+            "{label}: the response was tagged"
+        );
+        let json = self.json().unwrap();
+        assert_eq!(
+            json["headers"]["X-Ext-Proc-Header"], "hello-to-asm",
+            "{label}: the request was tagged"
+        );
+        json
+    }
+
     /// The body as JSON.
     pub fn json(&self) -> anyhow::Result<serde_json::Value> {
         Ok(serde_json::from_slice(&self.body)?)

@@ -22,7 +22,10 @@ use crate::registry::Generation;
 /// once per chain with the setting to change.
 fn notice_bodies_not_sent(generation: &Generation, modes: &EnvoyModes, metrics: &Metrics) {
     for direction in Direction::BOTH {
-        if modes.body(direction) != BodyMode::None {
+        // Most chains handle no body: one look at the chain's phases, no walk over its plugins.
+        if modes.body(direction) != BodyMode::None
+            || !generation.chain.phases().contains(direction.body())
+        {
             continue;
         }
         let plugins: Vec<_> = generation.chain.handling(direction.body()).collect();

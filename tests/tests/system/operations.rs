@@ -271,30 +271,34 @@ async fn streams_in_flight_finish_on_the_version_they_started_with() {
     assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
 }
 
-/// A configuration file at `path` serving the tagger in `plugins` with `tag`, written the way
-/// deployment tools replace files.
-fn write_tagger_config(path: &Path, plugins: &Path, tag: &str) {
-    replace_file(
-        path,
-        format!(
-            "plugins_dir = {:?}\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
-             [runtime]\nmax_instances = 1000\n[plugins.tag]\nconfig = \"{tag}\"\n",
-            plugins.display().to_string()
-        )
-        .as_bytes(),
-    )
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn configuration_changes_are_picked_up_from_the_file() {
+/// A host started from a configuration file that serves the tagger with `tag`, in a directory
+/// of its own (`plugins/` beside `host.toml`); and how to write that file again with another
+/// tag, the way deployment tools replace files.
+async fn tagger_from_file(tag: &str) -> (tempfile::TempDir, impl Fn(&str) + use<>, RunningHost) {
     let dir = tempfile::tempdir().unwrap();
     let plugins = dir.path().join("plugins");
     std::fs::create_dir(&plugins).unwrap();
     std::fs::write(plugins.join("tag.wasm"), TAGGER.bytes()).unwrap();
     let config = dir.path().join("host.toml");
-    let write_config = |tag: &str| write_tagger_config(&config, &plugins, tag);
-    write_config("first");
-    let host = RunningHost::start_from_file(&config).await;
+    let write_config = move |tag: &str| {
+        replace_file(
+            &config,
+            format!(
+                "plugins_dir = {:?}\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
+                 [runtime]\nmax_instances = 1000\n[plugins.tag]\nconfig = \"{tag}\"\n",
+                plugins.display().to_string()
+            )
+            .as_bytes(),
+        )
+    };
+    write_config(tag);
+    let host = RunningHost::start_from_file(&dir.path().join("host.toml")).await;
+    (dir, write_config, host)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configuration_changes_are_picked_up_from_the_file() {
+    let (_dir, write_config, host) = tagger_from_file("first").await;
     assert_eq!(request_tag(&host).await, "first");
 
     write_config("second");
@@ -311,14 +315,8 @@ async fn configuration_changes_are_picked_up_from_the_file() {
 /// and notes beside the plugins, changing all the time, never do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_files_beside_the_configuration_and_the_plugins_trigger_no_reload() {
-    let dir = tempfile::tempdir().unwrap();
+    let (dir, write_config, host) = tagger_from_file("first").await;
     let plugins = dir.path().join("plugins");
-    std::fs::create_dir(&plugins).unwrap();
-    std::fs::write(plugins.join("tag.wasm"), TAGGER.bytes()).unwrap();
-    let config = dir.path().join("host.toml");
-    let write_config = |tag: &str| write_tagger_config(&config, &plugins, tag);
-    write_config("first");
-    let host = RunningHost::start_from_file(&config).await;
     // Served, so watching: the host watches from the moment it serves.
     assert_eq!(request_tag(&host).await, "first");
     let busy = [
