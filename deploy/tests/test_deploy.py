@@ -8,8 +8,11 @@ contents with deploy/build.sh into target/dist first):
   `cargo build -p wasm-extproc-module`) and the image's plugins;
 - Kubernetes manifests: kubernetes-validate (the Kubernetes OpenAPI schemas, offline) and
   `kubectl kustomize` rendering the base and the image-volume variant;
-- the Istio EnvoyFilters and the Envoy Gateway EnvoyExtensionPolicy: the CRD schemas Istio and
-  Envoy Gateway publish (npm @kubernetes-models), plus the guide's fields one by one;
+- the Istio EnvoyFilters, DestinationRule and AuthorizationPolicy and the Envoy Gateway
+  EnvoyExtensionPolicy: the CRD schemas Istio and Envoy Gateway publish (npm @kubernetes-models),
+  plus the guide's fields one by one;
+- who may talk to the host: the NetworkPolicy, the Services and the AuthorizationPolicy select
+  the rendered Deployment's pods and name its container ports;
 - the ConfigMap script: its output round-trips the plugin bytes exactly;
 - the Dockerfile: runs deploy/build.sh, non-root, and what deploy/build.sh made is complete
   and passes `wasm-extproc check`.
@@ -181,6 +184,7 @@ CUSTOM_RESOURCES = [
     DEPLOY / "istio" / "envoyfilter-in-process.yaml",
     DEPLOY / "istio" / "envoyfilter-gateway.yaml",
     DEPLOY / "istio" / "destinationrule.yaml",
+    DEPLOY / "istio" / "authorizationpolicy.yaml",
     DEPLOY / "envoy-gateway" / "extension-policy.yaml",
 ]
 
@@ -224,6 +228,14 @@ def test_the_crd_validation_catches_a_broken_resource():
     assert "operation must be equal to one of the allowed values" in result.stdout
 
 
+def test_the_crd_validation_catches_an_authorizationpolicy_port_given_as_a_number():
+    (broken,) = load_all(DEPLOY / "istio" / "authorizationpolicy.yaml")
+    broken["spec"]["rules"][0]["to"][0]["operation"]["ports"] = [9002]
+    result = crd_validation([broken])
+    assert result.returncode == 1
+    assert "ports/0 must be string" in result.stdout
+
+
 def kustomize(path):
     result = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -262,6 +274,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(plugins_configm
         "PodDisruptionBudget",
         "HorizontalPodAutoscaler",
         "ConfigMap",
+        "NetworkPolicy",
     }
 
 
@@ -300,6 +313,171 @@ def test_the_deployment_is_locked_down_and_probed():
     assert service["metadata"]["name"] == "ext-proc"
     grpc = next(p for p in service["spec"]["ports"] if p["name"] == "grpc")
     assert (grpc["port"], grpc["appProtocol"]) == (9002, "grpc")
+
+
+# Who may talk to the host: the policies and Services, checked against the Deployment as
+# kustomize renders it (the pods they must select, the ports those pods have).
+
+
+def rendered_pod(rendered):
+    """The rendered Deployment's namespace, pod labels and container ports."""
+    (deployment,) = [r for r in rendered if r["kind"] == "Deployment"]
+    template = deployment["spec"]["template"]
+    (container,) = template["spec"]["containers"]
+    return deployment["metadata"]["namespace"], template["metadata"]["labels"], container["ports"]
+
+
+def selects(selector, labels):
+    """Whether a LabelSelector selects pods labelled `labels`. Only matchLabels: the policies
+    use nothing else, and a selector that did would fail here rather than be half-checked."""
+    assert set(selector) == {"matchLabels"}, selector
+    assert selector["matchLabels"], "an empty selector selects every pod in the namespace"
+    return selector["matchLabels"].items() <= labels.items()
+
+
+def container_port(ports, port):
+    """The name of the container port `port` designates, by number or by name (None if none)."""
+    for p in ports:
+        if port in (p["containerPort"], p["name"]) and p.get("protocol", "TCP") == "TCP":
+            return p["name"]
+    return None
+
+
+def resource(rendered, kind, name):
+    (found,) = [r for r in rendered if r["kind"] == kind and r["metadata"]["name"] == name]
+    return found
+
+
+@pytest.mark.parametrize("variant", ["k8s/base", "k8s/image-volume"])
+def test_the_networkpolicy_selects_the_pods_and_admits_their_two_ports(variant, plugins_configmap):
+    rendered = kustomize(DEPLOY / variant)
+    namespace, labels, ports = rendered_pod(rendered)
+    policy = resource(rendered, "NetworkPolicy", "ext-proc")
+    assert policy["metadata"]["namespace"] == namespace
+    assert selects(policy["spec"]["podSelector"], labels)
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    admitted = []
+    for rule in policy["spec"]["ingress"]:
+        # A rule without `from` (or without `ports`) would admit every peer (or every port).
+        assert rule["from"] and rule["ports"], rule
+        admitted += [container_port(ports, p["port"]) for p in rule["ports"]]
+    assert sorted(admitted) == ["admin", "grpc"]
+
+
+def test_the_networkpolicy_admits_the_envoys_to_grpc_and_only_monitoring_to_admin():
+    (policy,) = load_all(DEPLOY / "k8s" / "base" / "networkpolicy.yaml")
+    (deployment,) = load_all(DEPLOY / "k8s" / "base" / "deployment.yaml")
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    rules = {
+        container_port(container["ports"], port["port"]): rule["from"]
+        for rule in policy["spec"]["ingress"]
+        for port in rule["ports"]
+    }
+    assert not any("ipBlock" in peer for peers in rules.values() for peer in peers)
+
+    # Every Envoy the deploy/ files give the filter is among the peers admitted to ext_proc.
+    (gateway_filter,) = load_all(DEPLOY / "istio" / "envoyfilter-gateway.yaml")
+    gateway = {
+        "namespaceSelector": {
+            "matchLabels": {"kubernetes.io/metadata.name": gateway_filter["metadata"]["namespace"]}
+        },
+        "podSelector": {"matchLabels": gateway_filter["spec"]["workloadSelector"]["labels"]},
+    }
+    assert gateway in rules["grpc"]
+    assert {"namespaceSelector": {"matchLabels": {"istio-injection": "enabled"}}} in rules["grpc"]
+    (envoy_gateway,) = [
+        peer
+        for peer in rules["grpc"]
+        if peer.get("namespaceSelector", {}).get("matchLabels")
+        == {"kubernetes.io/metadata.name": "envoy-gateway-system"}
+    ]
+    # The labels Envoy Gateway puts on the proxy pods it creates.
+    assert selects(
+        envoy_gateway["podSelector"],
+        {
+            "app.kubernetes.io/name": "envoy",
+            "app.kubernetes.io/component": "proxy",
+            "app.kubernetes.io/managed-by": "envoy-gateway",
+        },
+    )
+    standalone = {
+        "namespaceSelector": {},
+        "podSelector": {"matchLabels": {"wasm-extproc.io/client": "true"}},
+    }
+    assert standalone in rules["grpc"]
+
+    assert rules["admin"] == [
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    ]
+
+
+@pytest.mark.parametrize("variant", ["k8s/base", "k8s/image-volume"])
+def test_the_admin_port_is_off_the_service_and_on_a_headless_one(variant, plugins_configmap):
+    rendered = kustomize(DEPLOY / variant)
+    namespace, labels, ports = rendered_pod(rendered)
+
+    # The name and port the EnvoyFilters' cluster (EXT_PROC_CLUSTER) points at, and only that.
+    service = resource(rendered, "Service", "ext-proc")
+    assert EXT_PROC_CLUSTER == f"outbound|9002||ext-proc.{namespace}.svc.cluster.local"
+    assert service["spec"]["selector"].items() <= labels.items()
+    (grpc,) = service["spec"]["ports"]
+    assert (grpc["name"], grpc["port"], grpc["appProtocol"]) == ("grpc", 9002, "grpc")
+    assert container_port(ports, grpc["targetPort"]) == "grpc"
+
+    admin = resource(rendered, "Service", "ext-proc-admin")
+    assert admin["metadata"]["namespace"] == namespace
+    assert admin["spec"]["clusterIP"] == "None"
+    assert admin["spec"]["selector"].items() <= labels.items()
+    (port,) = admin["spec"]["ports"]
+    assert container_port(ports, port["targetPort"]) == "admin"
+    # Headless: nothing translates ports, scrapers connect to the pod on the Service's port.
+    assert container_port(ports, port["port"]) == "admin"
+
+    # The pod annotations name the same port, for scrapers that discover pods.
+    (deployment,) = [r for r in rendered if r["kind"] == "Deployment"]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
+    assert container_port(ports, int(annotations["prometheus.io/port"])) == "admin"
+
+
+def test_the_authorizationpolicy_selects_the_pods_and_admits_the_envoys_identities(
+    plugins_configmap,
+):
+    namespace, labels, ports = rendered_pod(kustomize(DEPLOY / "k8s" / "base"))
+    (policy,) = load_all(DEPLOY / "istio" / "authorizationpolicy.yaml")
+    # Without a selector, an ALLOW policy would apply to every workload in the namespace.
+    assert policy["metadata"]["namespace"] == namespace
+    assert selects(policy["spec"]["selector"], labels)
+    assert policy["spec"]["action"] == "ALLOW"
+
+    sources = {}
+    for rule in policy["spec"]["rules"]:
+        (source,) = rule["from"]
+        (to,) = rule["to"]
+        for port in to["operation"]["ports"]:
+            sources[container_port(ports, int(port))] = source["source"]
+    assert set(sources) == {"grpc", "admin"}
+
+    # The identities of the Envoys deploy/istio gives the filter: the ingress gateway's service
+    # account and httpbin's (the guide's app), each in its EnvoyFilter's namespace.
+    (gateway_filter,) = load_all(DEPLOY / "istio" / "envoyfilter-gateway.yaml")
+    (sidecar_filter,) = load_all(DEPLOY / "istio" / "envoyfilter.yaml")
+    assert sidecar_filter["spec"]["workloadSelector"]["labels"] == {"app": "httpbin"}
+    assert sources["grpc"] == {
+        "principals": [
+            f"cluster.local/ns/{gateway_filter['metadata']['namespace']}"
+            "/sa/istio-ingressgateway-service-account",
+            f"cluster.local/ns/{sidecar_filter['metadata']['namespace']}/sa/httpbin",
+        ]
+    }
+    # The same namespace the NetworkPolicy admits to the admin port.
+    (network_policy,) = load_all(DEPLOY / "k8s" / "base" / "networkpolicy.yaml")
+    monitoring = [
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        for rule in network_policy["spec"]["ingress"]
+        if container_port(ports, rule["ports"][0]["port"]) == "admin"
+        for peer in rule["from"]
+    ]
+    assert sources["admin"] == {"namespaces": monitoring}
 
 
 def test_the_configmap_script_round_trips_plugin_bytes(tmp_path):
