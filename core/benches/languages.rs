@@ -113,12 +113,24 @@ fn main() {
                     .instantiate(Instant::now(), Instant::now())
                     .await
                     .unwrap();
-                let (_, result) = instance
-                    .call(Phase::RequestHeaders, request, &context, Instant::now())
+                let (_, _, result) = instance
+                    .call(
+                        Phase::RequestHeaders,
+                        request,
+                        None,
+                        &context,
+                        Instant::now(),
+                    )
                     .await;
                 result.unwrap();
-                let (_, result) = instance
-                    .call(Phase::ResponseHeaders, response, &context, Instant::now())
+                let (_, _, result) = instance
+                    .call(
+                        Phase::ResponseHeaders,
+                        response,
+                        None,
+                        &context,
+                        Instant::now(),
+                    )
                     .await;
                 result.unwrap();
                 drop(instance);

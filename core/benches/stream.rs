@@ -143,12 +143,24 @@ fn per_stream(c: &mut Criterion) {
                         .instantiate(Instant::now(), Instant::now())
                         .await
                         .expect("instantiate");
-                    let (request, result) = instance
-                        .call(Phase::RequestHeaders, request, &context, Instant::now())
+                    let (request, _, result) = instance
+                        .call(
+                            Phase::RequestHeaders,
+                            request,
+                            None,
+                            &context,
+                            Instant::now(),
+                        )
                         .await;
                     result.expect("request headers");
-                    let (response, result) = instance
-                        .call(Phase::ResponseHeaders, response, &context, Instant::now())
+                    let (response, _, result) = instance
+                        .call(
+                            Phase::ResponseHeaders,
+                            response,
+                            None,
+                            &context,
+                            Instant::now(),
+                        )
                         .await;
                     result.expect("response headers");
                     drop(instance);
@@ -166,10 +178,11 @@ fn per_stream(c: &mut Criterion) {
             .instantiate(Instant::now(), Instant::now())
             .await
             .expect("instantiate");
-        let (message, result) = instance
+        let (message, _, result) = instance
             .call(
                 Phase::RequestHeaders,
                 request_headers(),
+                None,
                 &context,
                 Instant::now(),
             )

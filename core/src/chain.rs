@@ -10,6 +10,14 @@
 //! Plugins that want whole bodies while Envoy streams (`FULL_DUPLEX_STREAMED`) get them here:
 //! the chain holds each chunk back at that plugin until the end of the body (or until trailers
 //! arrive), then passes the whole body on from there.
+//!
+//! Body handlers of the 0.3.0 contract get their direction's headers while changes to them
+//! still take effect: the headers are *open* from the headers phase until the first body
+//! message that is not held. Envoy keeps them back that long in `BUFFERED` and
+//! `BUFFERED_PARTIAL` modes; where it streams (`FULL_DUPLEX_STREAMED`, and in-process) the
+//! caller keeps them back while a plugin wants the body whole
+//! ([`opens_headers`](StreamChain::opens_headers)). What body handlers change in them comes
+//! with the verdict on that last message ([`Verdict::headers`]).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,10 +26,10 @@ use crate::breaker::{Admission, Transition};
 use crate::config::FailurePolicy;
 use crate::http::{
     BodyChunk, BodyMode, Changes, Decision, Delivery, Direction, Effects, ExchangeContext,
-    HeaderChanges, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
+    HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
 };
 use crate::registry::Generation;
-use crate::runtime::{Action, Instance, Plugin, PluginError};
+use crate::runtime::{Action, Instance, Outcome, Plugin, PluginError};
 
 /// Largest body the host holds back for a plugin that wants it whole. Past this the plugin
 /// fails (kind `body_too_large`) and its policy applies; under fail-open what was held flows on
@@ -34,6 +42,16 @@ pub const MAX_HELD_BODY_BYTES: usize = 8 << 20;
 pub struct StreamChain {
     generation: Arc<Generation>,
     plugins: Vec<PluginState>,
+    /// Per direction (request, response): the headers while they are open to body handlers.
+    open: [Option<OpenHeaders>; 2],
+}
+
+/// A direction's headers, as the headers phase left them, lent to body handlers.
+#[derive(Debug, Default)]
+struct OpenHeaders {
+    headers: HeaderMap,
+    /// What body handlers changed so far, checked by the guard.
+    changes: HeaderChanges,
 }
 
 #[derive(Debug, Default)]
@@ -92,6 +110,7 @@ impl StreamChain {
         StreamChain {
             generation,
             plugins,
+            open: Default::default(),
         }
     }
 
@@ -132,18 +151,58 @@ impl StreamChain {
         }
     }
 
-    /// Whether a plugin still live in this stream wants `direction`'s body whole.
-    pub fn wants_whole_body(&self, direction: Direction) -> bool {
+    /// The plugins still live in this stream that handle `direction`'s body.
+    fn body_plugins(&self, direction: Direction) -> impl Iterator<Item = &Plugin> {
         self.generation
             .chain
             .plugins()
             .iter()
             .zip(&self.plugins)
-            .any(|(plugin, state)| {
-                !matches!(state.slot, Slot::Skipped)
-                    && plugin.phases().contains(direction.body())
-                    && plugin.registration().delivery(direction) == Delivery::Whole
+            .filter(move |(plugin, state)| {
+                !matches!(state.slot, Slot::Skipped) && plugin.phases().contains(direction.body())
             })
+            .map(|(plugin, _)| plugin)
+    }
+
+    /// Whether a plugin still live in this stream wants `direction`'s body whole.
+    pub fn wants_whole_body(&self, direction: Direction) -> bool {
+        self.body_plugins(direction)
+            .any(|plugin| plugin.registration().delivery(direction) == Delivery::Whole)
+    }
+
+    /// Whether `direction`'s headers stay open to body handlers once its headers phase passes,
+    /// where Envoy sends its body in `body_mode`: some live plugin's body handler takes headers
+    /// (contract 0.3.0), and the headers wait for the body -- Envoy holds them in `BUFFERED`
+    /// and `BUFFERED_PARTIAL` modes; in `FULL_DUPLEX_STREAMED` mode (and in-process) the caller
+    /// holds them while a plugin wants the body whole.
+    pub fn opens_headers(&self, direction: Direction, body_mode: BodyMode) -> bool {
+        if !self.generation.chain.phases().contains(direction.body()) {
+            return false;
+        }
+        let waits = match body_mode {
+            BodyMode::Buffered | BodyMode::BufferedPartial => true,
+            BodyMode::FullDuplexStreamed => self.wants_whole_body(direction),
+            BodyMode::Streamed | BodyMode::None => false,
+        };
+        waits
+            && self
+                .body_plugins(direction)
+                .any(|plugin| plugin.contract().body_sees_headers())
+    }
+
+    /// Whether `direction`'s headers are open to body handlers now: the caller holds its answer
+    /// to them until a verdict carries [`Verdict::headers`].
+    pub fn headers_open(&self, direction: Direction) -> bool {
+        self.open[held_index(direction)].is_some()
+    }
+
+    /// Opens `direction`'s headers to body handlers, as they are after the headers phase: for
+    /// a caller whose chain did not run that phase (no plugin handles it).
+    pub fn open_headers(&mut self, direction: Direction, headers: HeaderMap) {
+        self.open[held_index(direction)] = Some(OpenHeaders {
+            headers,
+            changes: HeaderChanges::default(),
+        });
     }
 
     /// Whether some plugin is holding body chunks of `direction`.
@@ -203,9 +262,15 @@ impl StreamChain {
     ) -> Verdict {
         let mut effects = Effects::default();
         let mut changes = HeaderChanges::default();
+        let direction = phase.direction();
         // A plugin instantiated for this message waits for a full pool from now on.
         let arrived = Instant::now();
         let generation = &*self.generation;
+        // Body handlers that take headers get these, while they are open.
+        let mut open = match message {
+            Message::Body(_) => self.open[held_index(direction)].take(),
+            _ => None,
+        };
         let plugins = generation
             .chain
             .plugins()
@@ -213,6 +278,7 @@ impl StreamChain {
             .zip(generation.chain.plugin_metrics())
             .zip(self.plugins.iter_mut())
             .skip(first);
+        let mut stopped = None;
         for ((plugin, metrics), state) in plugins {
             if !plugin.phases().contains(phase) || matches!(state.slot, Slot::Skipped) {
                 continue;
@@ -226,16 +292,17 @@ impl StreamChain {
                 on_failure(plugin, phase, &error)
             };
             if let Message::Body(chunk) = &mut message {
-                match take_whole_body(plugin, state, phase.direction(), chunk, body_mode, arrival) {
+                match take_whole_body(plugin, state, direction, chunk, body_mode, arrival) {
                     Ok(Holding::PassOn) => {}
                     Ok(Holding::Held) => {
-                        return Verdict {
-                            decision: Decision::Held,
-                            effects,
-                        };
+                        stopped = Some(Decision::Held);
+                        break;
                     }
                     Err(error) => match failed(state, error, Duration::ZERO) {
-                        Some(response) => return respond(response, effects),
+                        Some(response) => {
+                            stopped = Some(Decision::Respond(response));
+                            break;
+                        }
                         None => continue,
                     },
                 }
@@ -243,7 +310,10 @@ impl StreamChain {
             let started = Instant::now();
             if let Admission::Quarantined(left) = plugin.breaker().admit(started) {
                 match failed(state, PluginError::Quarantined(left), Duration::ZERO) {
-                    Some(response) => return respond(response, effects),
+                    Some(response) => {
+                        stopped = Some(Decision::Respond(response));
+                        break;
+                    }
                     None => continue,
                 }
             }
@@ -262,7 +332,10 @@ impl StreamChain {
                         state.slot = Slot::Live(Box::new(instance));
                     }
                     Err(error) => match failed(state, error, call_started - started) {
-                        Some(response) => return respond(response, effects),
+                        Some(response) => {
+                            stopped = Some(Decision::Respond(response));
+                            break;
+                        }
                         None => continue,
                     },
                 }
@@ -270,44 +343,97 @@ impl StreamChain {
             let Slot::Live(instance) = &mut state.slot else {
                 continue;
             };
-            let (back, result) = instance.call(phase, message, context, call_started).await;
+            let lent = open
+                .as_mut()
+                .filter(|_| plugin.contract().body_sees_headers())
+                .map(|open| std::mem::take(&mut open.headers));
+            let (back, headers, result) = instance
+                .call(phase, message, lent, context, call_started)
+                .await;
             message = back;
-            let checked = result.and_then(|outcome| {
-                match generation.guard.check(phase, &message, &outcome) {
-                    Ok(checked) => Ok((outcome, checked)),
-                    Err(reason) => Err(PluginError::InvalidOutput(reason)),
-                }
-            });
+            if let (Some(open), Some(headers)) = (open.as_mut(), headers) {
+                open.headers = headers;
+            }
+            let check = |outcome: Outcome| -> Result<_, String> {
+                let checked = generation.guard.check(phase, &message, &outcome)?;
+                let opened = match &open {
+                    Some(open) => Some(
+                        generation
+                            .guard
+                            .check_open_headers(direction.headers(), &open.headers)?,
+                    ),
+                    None => None,
+                };
+                Ok((outcome, checked, opened))
+            };
+            let checked =
+                result.and_then(|outcome| check(outcome).map_err(PluginError::InvalidOutput));
             let ended = Instant::now();
             match checked {
-                Ok((outcome, checked)) => {
+                Ok((outcome, checked, opened)) => {
                     message.checkpoint();
                     if let Some(checked) = checked {
                         changes.absorb(checked);
+                    }
+                    if let (Some(open), Some(opened)) = (open.as_mut(), opened) {
+                        open.headers.checkpoint();
+                        open.changes.absorb(opened);
                     }
                     metrics.call(phase, "ok", ended - started);
                     log_transition(plugin, plugin.breaker().record(ended, false));
                     effects.absorb(outcome.effects);
                     if let Action::Respond(response) = outcome.action {
-                        return respond(response, effects);
+                        stopped = Some(Decision::Respond(response));
+                        break;
                     }
                 }
                 Err(error) => {
                     // Its changes are dropped: the message goes on as the plugin got it.
                     message.rollback();
+                    if let Some(open) = open.as_mut() {
+                        open.headers.rollback();
+                    }
                     if let Some(response) = failed(state, error, ended - started) {
-                        return respond(response, effects);
+                        stopped = Some(Decision::Respond(response));
+                        break;
                     }
                 }
             }
         }
-        let changes = match message {
-            Message::Headers { .. } | Message::Trailers(_) => Changes::Headers(changes),
-            Message::Body(body) => Changes::Body(body),
+        let decision = match stopped {
+            Some(Decision::Held) => {
+                // The headers stay open until the body is let go.
+                self.open[held_index(direction)] = open;
+                return Verdict {
+                    decision: Decision::Held,
+                    effects,
+                    headers: None,
+                };
+            }
+            Some(decision) => decision,
+            None => Decision::Continue(match message {
+                Message::Headers {
+                    headers,
+                    end_of_stream,
+                } => {
+                    if !end_of_stream && self.opens_headers(direction, body_mode) {
+                        self.open_headers(direction, headers);
+                    }
+                    Changes::Headers(changes)
+                }
+                Message::Trailers(_) => Changes::Headers(changes),
+                Message::Body(body) => Changes::Body(body),
+            }),
+        };
+        // A body message not held ends the headers' time open: they go on with its answer.
+        let headers = match decision {
+            Decision::Continue(_) => open.map(|open| open.changes),
+            _ => None,
         };
         Verdict {
-            decision: Decision::Continue(changes),
+            decision,
             effects,
+            headers,
         }
     }
 }
@@ -333,13 +459,6 @@ fn log_transition(plugin: &Plugin, transition: Option<Transition>) {
             tracing::info!(plugin = plugin.name(), "quarantined plugin recovered")
         }
         None => {}
-    }
-}
-
-fn respond(response: ImmediateResponse, effects: Effects) -> Verdict {
-    Verdict {
-        decision: Decision::Respond(response),
-        effects,
     }
 }
 

@@ -58,6 +58,16 @@ impl Guard {
         Ok(changes)
     }
 
+    /// Checks the changes a body handler made to its direction's headers (`phase` is the
+    /// direction's headers phase) since their last checkpoint.
+    pub fn check_open_headers(
+        &self,
+        phase: Phase,
+        headers: &HeaderMap,
+    ) -> Result<HeaderChanges, String> {
+        self.check_section(phase, headers, false)
+    }
+
     fn check_section(
         &self,
         phase: Phase,

@@ -554,6 +554,10 @@ pub enum Decision {
 pub struct Verdict {
     pub decision: Decision,
     pub effects: Effects,
+    /// On the body message that ends the time the direction's headers stayed open to body
+    /// handlers (see [`StreamChain`](crate::chain::StreamChain)): what those handlers changed
+    /// in them, for the answer to carry. The headers go on with that answer.
+    pub headers: Option<HeaderChanges>,
 }
 
 #[cfg(test)]

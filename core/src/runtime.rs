@@ -36,20 +36,61 @@ use wasmtime::{
 use crate::breaker::Breaker;
 use crate::config::{Isolation, PluginSettings, Settings};
 use crate::http::{
-    Delivery, Effects, ExchangeContext, ImmediateResponse, Message, Phase, PhaseSet, Registration,
+    Delivery, Effects, ExchangeContext, HeaderMap, ImmediateResponse, Message, Phase, PhaseSet,
+    Registration,
 };
 use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
-use bindings::wasm_extproc::processor::types as wit;
+use bindings::current::wasm_extproc::processor::types as wit;
 use epoch::EpochTicker;
-use handlers::{Exports, Handlers};
+use handlers::{BodyHandler, Exports, Handlers};
 use slots::{Slot, Slots};
 use store::StoreState;
 
-/// The contract this host speaks, as it appears in export names.
+/// The contract this host speaks, as it appears in import and export names.
 pub const CONTRACT_PACKAGE: &str = "wasm-extproc:processor";
-pub const CONTRACT_VERSION: &str = "0.2.0";
-const HANDLER_EXPORT: &str = "wasm-extproc:processor/handler@0.2.0";
+/// The current version: what `wit/processor.wit` declares.
+pub const CONTRACT_VERSION: &str = "0.3.0";
+
+/// A version of the contract the host runs plugins of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Contract {
+    /// 0.3.0, the current one: body handlers get the direction's headers while they can
+    /// still change.
+    V0_3,
+    /// 0.2.0: body handlers get the body alone.
+    V0_2,
+}
+
+impl Contract {
+    /// Every version the host speaks, newest first.
+    pub const SPOKEN: [Contract; 2] = [Contract::V0_3, Contract::V0_2];
+
+    pub fn version(self) -> &'static str {
+        match self {
+            Contract::V0_3 => CONTRACT_VERSION,
+            Contract::V0_2 => "0.2.0",
+        }
+    }
+
+    /// The name of the `handler` interface a plugin of this version exports.
+    pub fn handler_export(self) -> String {
+        format!("{CONTRACT_PACKAGE}/handler@{}", self.version())
+    }
+
+    /// Whether its body handlers take the direction's headers.
+    pub fn body_sees_headers(self) -> bool {
+        self == Contract::V0_3
+    }
+
+    fn spoken() -> String {
+        Contract::SPOKEN
+            .iter()
+            .map(|c| c.version())
+            .collect::<Vec<_>>()
+            .join(" and ")
+    }
+}
 
 pub use epoch::{CHECK as EPOCH_CHECK, TICK as EPOCH_TICK};
 
@@ -243,8 +284,16 @@ impl Runtime {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(to_anyhow)?;
-        bindings::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(&mut linker, |s| s)
-            .map_err(to_anyhow)?;
+        bindings::current::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(to_anyhow)?;
+        bindings::v0_2::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(to_anyhow)?;
 
         let ticker = Arc::new(EpochTicker::start(engine.weak())?);
         let slots = Arc::new(Slots::new(
@@ -305,7 +354,8 @@ impl Runtime {
                 path: shown.clone(),
                 reason: first_line(&e),
             })?;
-        self.check_contract(&component)
+        let version = self
+            .check_contract(&component)
             .map_err(|reason| LoadError::Contract {
                 path: shown.clone(),
                 reason,
@@ -320,10 +370,11 @@ impl Runtime {
         let contract = |reason: String| LoadError::Contract {
             path: shown.clone(),
             reason: format!(
-                "exports {HANDLER_EXPORT} with a different shape than this host expects: {reason}"
+                "exports {} with a different shape than this host expects: {reason}",
+                version.handler_export()
             ),
         };
-        let exports = Exports::locate(&component, HANDLER_EXPORT).map_err(contract)?;
+        let exports = Exports::locate(&component, version).map_err(contract)?;
         let mut plugin = Plugin {
             compiled: Arc::new(Compiled {
                 registration: Registration::default(),
@@ -376,24 +427,29 @@ impl Runtime {
         }
     }
 
-    /// Explains, in the operator's terms, a component that does not export this host's
-    /// `handler` interface.
-    fn check_contract(&self, component: &Component) -> Result<(), String> {
+    /// The contract version `component` was built against; or, for one this host cannot run,
+    /// why, in the operator's terms.
+    fn check_contract(&self, component: &Component) -> Result<Contract, String> {
         let ty = component.component_type();
         let exports: Vec<String> = ty
             .exports(&self.engine)
             .map(|(n, _)| n.to_string())
             .collect();
-        if exports.iter().any(|e| e == HANDLER_EXPORT) {
-            return Ok(());
+        if let Some(contract) = Contract::SPOKEN
+            .into_iter()
+            .find(|c| exports.contains(&c.handler_export()))
+        {
+            return Ok(contract);
         }
+        let current = Contract::V0_3.handler_export();
         let prefix = format!("{CONTRACT_PACKAGE}/handler@");
         if let Some(other) = exports.iter().find(|e| e.starts_with(&prefix)) {
             let version = &other[prefix.len()..];
             return Err(format!(
                 "built against {CONTRACT_PACKAGE}@{version}, but this host speaks \
-                 {CONTRACT_PACKAGE}@{CONTRACT_VERSION} (expected an export named {HANDLER_EXPORT}); \
-                 rebuild the plugin against wit/processor.wit"
+                 {CONTRACT_PACKAGE}@{} (expected an export named {current}); rebuild the \
+                 plugin against wit/processor.wit",
+                Contract::spoken()
             ));
         }
         let interfaces: Vec<&String> = exports
@@ -404,7 +460,7 @@ impl Runtime {
             })
             .collect();
         Err(format!(
-            "does not export {HANDLER_EXPORT}; it exports {} -- is it built for the \
+            "does not export {current}; it exports {} -- is it built for the \
              wasm-extproc:processor/plugin world?",
             if interfaces.is_empty() {
                 "no interfaces".to_string()
@@ -486,6 +542,11 @@ impl Plugin {
     }
 
     /// What the plugin registered at load.
+    /// The contract version it was built against.
+    pub fn contract(&self) -> Contract {
+        self.compiled.exports.contract()
+    }
+
     pub fn registration(&self) -> &Registration {
         &self.compiled.registration
     }
@@ -683,13 +744,16 @@ impl Instance {
     /// budget that started at `started`. The message comes back as the handler left it,
     /// whether or not it failed: the caller keeps or rolls back its changes (see
     /// [`Message::rollback`]).
+    /// Calls the handler for `phase` on `message`, lending a body handler `headers` too (when
+    /// its contract takes them). Returns what was lent, changed or not, and the outcome.
     pub async fn call(
         &mut self,
         phase: Phase,
         message: Message,
+        headers: Option<HeaderMap>,
         context: &Arc<ExchangeContext>,
         started: Instant,
-    ) -> (Message, Result<Outcome, PluginError>) {
+    ) -> (Message, Option<HeaderMap>, Result<Outcome, PluginError>) {
         let Instance {
             store,
             instance,
@@ -708,6 +772,7 @@ impl Instance {
         );
         let state = store.data_mut();
         state.lent = Some(message);
+        state.lent_headers = headers;
         if !Arc::ptr_eq(&state.context, context) {
             state.context = context.clone();
         }
@@ -723,7 +788,15 @@ impl Instance {
             }
             Phase::RequestBody | Phase::ResponseBody => {
                 match handlers.body(exports, &mut *store, instance, phase) {
-                    Ok(func) => invoke(store, entry, func, (body(),)).await,
+                    Ok(BodyHandler::WithHeaders(func)) => {
+                        let headers = store
+                            .data()
+                            .lent_headers
+                            .is_some()
+                            .then(|| Resource::new_borrow(store::HEADERS_REP));
+                        invoke(store, entry, func, (body(), headers)).await
+                    }
+                    Ok(BodyHandler::BodyOnly(func)) => invoke(store, entry, func, (body(),)).await,
                     Err(e) => Err(e),
                 }
             }
@@ -738,12 +811,13 @@ impl Instance {
         state.call_started = None;
         state.flush_output();
         let message = state.lent.take().expect("message lent for the call");
+        let headers = state.lent_headers.take();
         let effects = std::mem::take(&mut state.effects);
         let outcome = match result {
             Ok((action,)) => convert_action(action).map(|action| Outcome { action, effects }),
             Err(e) => Err(classify(&e, store.data(), false)),
         };
-        (message, outcome)
+        (message, headers, outcome)
     }
 }
 
@@ -885,7 +959,8 @@ fn describe_link_error(error: &wasmtime::Error) -> String {
         .unwrap_or_else(|| first_line(error));
     format!(
         "`{import}`, which this host does not provide (it provides WASI 0.2 and \
-         {CONTRACT_PACKAGE}/{{host,context}}@{CONTRACT_VERSION}): {}",
+         {CONTRACT_PACKAGE}/{{host,context}}@{}): {}",
+        Contract::spoken(),
         text.replace('\n', " ")
     )
 }

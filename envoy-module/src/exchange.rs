@@ -168,6 +168,16 @@ impl Exchange {
         }
         let section = Section::Headers(direction);
         if self.chain.wants_whole_body(direction) {
+            // Body handlers may still change the headers: they are open to them until the body
+            // goes on (the chain opened them if it ran the headers phase).
+            if !self.chain.headers_open(direction)
+                && self
+                    .chain
+                    .opens_headers(direction, BodyMode::FullDuplexStreamed)
+            {
+                let headers = HeaderMap::from_entries(envoy.header_entries(section));
+                self.chain.open_headers(direction, headers);
+            }
             let has_length = envoy
                 .header_entries(section)
                 .iter()
@@ -201,6 +211,9 @@ impl Exchange {
         let data = envoy.received_body(direction);
         let verdict = self.run(phase, Message::Body(BodyChunk::new(data, end_of_stream)));
         self.apply_effects(envoy, phase, verdict.effects);
+        if let Some(changes) = verdict.headers {
+            apply_header_changes(envoy, Section::Headers(direction), changes);
+        }
         match verdict.decision {
             Decision::Held => {
                 envoy.drain_received_body(direction);
@@ -242,6 +255,9 @@ impl Exchange {
                 &self.context,
             ));
             self.apply_effects(envoy, direction.body(), verdict.effects);
+            if let Some(changes) = verdict.headers {
+                apply_header_changes(envoy, Section::Headers(direction), changes);
+            }
             match verdict.decision {
                 Decision::Respond(response) => {
                     self.respond(envoy, &response);

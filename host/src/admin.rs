@@ -5,7 +5,7 @@
 //! | `GET /healthz` | 200 while the process runs (liveness) |
 //! | `GET /readyz` | 200 once plugins are loaded and until shutdown begins, else 503 (readiness) |
 //! | `GET /metrics` | Prometheus metrics (OpenMetrics text) |
-//! | `GET /plugins` | the loaded chain as JSON: name, file, SHA-256, load time, phases, body delivery, what each needs from Envoy's `processing_mode`, settings, call counts |
+//! | `GET /plugins` | the loaded chain as JSON: name, file, SHA-256, contract version, load time, phases, body delivery, what each needs from Envoy's `processing_mode`, settings, call counts |
 //! | `POST /reload` | reloads plugins and configuration now; 200 with what loaded, or 500 with why not |
 
 use std::convert::Infallible;
@@ -157,6 +157,7 @@ fn plugins(state: &State) -> serde_json::Value {
                 "name": plugin.name(),
                 "path": plugin.path().display().to_string(),
                 "sha256": plugin.digest(),
+                "contract": plugin.contract().version(),
                 "loaded_at_unix": plugin
                     .loaded_at()
                     .duration_since(UNIX_EPOCH)

@@ -40,10 +40,11 @@ async fn check(config: Config) -> anyhow::Result<()> {
         let registration = plugin.registration();
         let needs = registration.envoy_needs();
         eprintln!(
-            "ok  {}  {}  sha256:{}  phases:{:?}  needs from Envoy's processing_mode: {}",
+            "ok  {}  {}  sha256:{}  contract:{}  phases:{:?}  needs from Envoy's processing_mode: {}",
             plugin.name(),
             plugin.path().display(),
             plugin.digest(),
+            plugin.contract().version(),
             plugin.phases(),
             if needs.is_empty() {
                 "its defaults (headers sent)".to_string()

@@ -37,6 +37,9 @@ pub const RAISE_ERROR_PY: Component = Component("raise_error_py", WASI_TARGET);
 pub const SHOUT: Component = Component("shout", WASI_TARGET);
 /// Answers at the first request body message with its length and end-of-stream flag, as JSON.
 pub const BODY_PROBE: Component = Component("body_probe", WASI_TARGET);
+/// Built against the previous contract (0.2.0): tags both directions' headers with
+/// `x-contract: 0.2.0` and upper-cases both bodies, taken whole.
+pub const CONTRACT_0_2: Component = Component("contract_0_2", WASI_TARGET);
 /// Answers 403 at the phase its configuration names.
 pub const GATE: Component = Component("gate", WASI_TARGET);
 /// Reports attributes and metadata as headers, sets dynamic metadata, reroutes on request.

@@ -1,20 +1,33 @@
 //! A plugin's exported handlers: located once when the plugin loads, and fetched from an
 //! instance only when a stream first calls one. A header plugin's stream then type-checks the
 //! two handlers it uses, not all seven the contract defines.
+//!
+//! Versions of the contract differ here only in the body handlers' parameters: the host calls
+//! each plugin with the ones its version declares.
 
 use wasmtime::component::{
     Component, ComponentExportIndex, Instance as ComponentInstance, Resource, TypedFunc,
 };
 use wasmtime::{AsContextMut, Result};
 
-use super::bindings::wasm_extproc::processor::types as wit;
+use super::Contract;
+use super::bindings::current::wasm_extproc::processor::types as wit;
 use super::store::{Body, Fields};
 use crate::http::Phase;
 
 /// `on-*-headers`: the section and whether the direction ends with it.
 pub type HeadersFn = TypedFunc<(Resource<Fields>, bool), (wit::Action,)>;
-/// `on-*-body`.
-pub type BodyFn = TypedFunc<(Resource<Body>,), (wit::Action,)>;
+/// `on-*-body` since 0.3.0: the body, and the direction's headers while they can still change.
+pub type BodyFn = TypedFunc<(Resource<Body>, Option<Resource<Fields>>), (wit::Action,)>;
+/// `on-*-body` in 0.2.0: the body alone.
+pub type BodyOnlyFn = TypedFunc<(Resource<Body>,), (wit::Action,)>;
+
+/// A body handler of either shape.
+#[derive(Clone, Copy)]
+pub enum BodyHandler {
+    WithHeaders(BodyFn),
+    BodyOnly(BodyOnlyFn),
+}
 /// `on-*-trailers`.
 pub type TrailersFn = TypedFunc<(Resource<Fields>,), (wit::Action,)>;
 /// `register`.
@@ -23,15 +36,22 @@ pub type RegisterFn = TypedFunc<(), (wit::Registration,)>;
 /// Where each handler sits in a component's exports.
 #[derive(Debug, Clone)]
 pub struct Exports {
+    contract: Contract,
     register: ComponentExportIndex,
     /// Per phase, in [`Phase::ALL`] order.
     phases: [ComponentExportIndex; 6],
 }
 
 impl Exports {
-    /// Finds the handlers `handler` (the contract interface's export) holds; `None` names the
-    /// first one missing.
-    pub fn locate(component: &Component, handler: &str) -> Result<Exports, String> {
+    /// The contract version the plugin was built against.
+    pub fn contract(&self) -> Contract {
+        self.contract
+    }
+
+    /// Finds the handlers the `contract` version's `handler` interface holds; the error names
+    /// the first one missing.
+    pub fn locate(component: &Component, contract: Contract) -> Result<Exports, String> {
+        let handler = &contract.handler_export();
         let interface = component
             .get_export_index(None, handler)
             .ok_or_else(|| format!("no export {handler}"))?;
@@ -49,6 +69,7 @@ impl Exports {
             find("on-response-trailers")?,
         ];
         Ok(Exports {
+            contract,
             register: find("register")?,
             phases,
         })
@@ -88,7 +109,7 @@ impl Exports {
 #[derive(Default)]
 pub struct Handlers {
     headers: [Option<HeadersFn>; 2],
-    body: [Option<BodyFn>; 2],
+    body: [Option<BodyHandler>; 2],
     trailers: [Option<TrailersFn>; 2],
 }
 
@@ -121,9 +142,14 @@ impl Handlers {
         store: impl AsContextMut,
         instance: &ComponentInstance,
         phase: Phase,
-    ) -> Result<BodyFn> {
+    ) -> Result<BodyHandler> {
         fetch(&mut self.body[direction_index(phase)], || {
-            instance.get_typed_func(store, exports.phases[phase as usize])
+            let index = exports.phases[phase as usize];
+            Ok(if exports.contract.body_sees_headers() {
+                BodyHandler::WithHeaders(instance.get_typed_func(store, index)?)
+            } else {
+                BodyHandler::BodyOnly(instance.get_typed_func(store, index)?)
+            })
         })
     }
 

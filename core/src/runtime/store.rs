@@ -8,7 +8,7 @@ use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Result, format_err};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::wasm_extproc::processor::{context, host, types};
+use super::bindings;
 use super::output::GuestOutput;
 use crate::config::PluginSettings;
 use crate::http::{BodyChunk, Effects, ExchangeContext, HeaderMap, Message, Phase};
@@ -17,6 +17,8 @@ use crate::log_budget::{LogBudget, Source};
 /// The handle a handler receives for the message it is lent. Only one message is lent at a
 /// time, and borrows end when the call returns, so a constant is enough.
 pub const LENT_REP: u32 = 0;
+/// The handle a body handler receives for its direction's headers, lent beside the body.
+pub const HEADERS_REP: u32 = 1;
 
 /// The most entries a header section may reach while a plugin works on it, and the most bytes.
 /// Far beyond anything Envoy accepts (the guard refuses more than `max_request_headers_kb`),
@@ -102,6 +104,8 @@ pub struct StoreState {
     pub phase: Option<Phase>,
     /// The message the current call is working on.
     pub lent: Option<Message>,
+    /// The direction's headers, lent to a body handler beside the body.
+    pub lent_headers: Option<HeaderMap>,
     /// The exchange the current call belongs to.
     pub context: Arc<ExchangeContext>,
     /// What the current call asked for besides changing the message.
@@ -124,6 +128,7 @@ impl StoreState {
             call_started: None,
             phase: None,
             lent: None,
+            lent_headers: None,
             context: Arc::default(),
             effects: Effects::default(),
         }
@@ -154,6 +159,12 @@ impl StoreState {
     }
 
     fn headers(&mut self, rep: u32) -> Result<&mut HeaderMap> {
+        if rep == HEADERS_REP {
+            return self
+                .lent_headers
+                .as_mut()
+                .ok_or_else(|| format_err!("handle used outside the handler call it was lent to"));
+        }
         match self.lent(rep)? {
             Message::Headers { headers, .. } | Message::Trailers(headers) => Ok(headers),
             Message::Body(_) => Err(format_err!("fields handle lent for a body")),
@@ -189,50 +200,6 @@ impl WasiView for StoreState {
     }
 }
 
-impl types::Host for StoreState {}
-
-impl types::HostFields for StoreState {
-    fn get(&mut self, this: Resource<Fields>, name: String) -> Result<Option<Vec<u8>>> {
-        Ok(self.headers(this.rep())?.get(&name).map(<[u8]>::to_vec))
-    }
-
-    fn get_all(&mut self, this: Resource<Fields>, name: String) -> Result<Vec<Vec<u8>>> {
-        Ok(self.headers(this.rep())?.get_all(&name))
-    }
-
-    fn has(&mut self, this: Resource<Fields>, name: String) -> Result<bool> {
-        Ok(self.headers(this.rep())?.contains(&name))
-    }
-
-    fn set(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
-        let headers = self.headers(this.rep())?;
-        check_growth(headers, &name, &value)?;
-        headers.set(name, value);
-        Ok(())
-    }
-
-    fn append(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
-        let headers = self.headers(this.rep())?;
-        check_growth(headers, &name, &value)?;
-        headers.append(name, value);
-        Ok(())
-    }
-
-    fn remove(&mut self, this: Resource<Fields>, name: String) -> Result<()> {
-        self.headers(this.rep())?.remove(name);
-        Ok(())
-    }
-
-    fn entries(&mut self, this: Resource<Fields>) -> Result<Vec<(String, Vec<u8>)>> {
-        Ok(self.headers(this.rep())?.entries().to_vec())
-    }
-
-    fn drop(&mut self, _this: Resource<Fields>) -> Result<()> {
-        // Lent by borrow only: the host never hands out an owned handle.
-        Ok(())
-    }
-}
-
 /// Refuses (trapping the guest) a change that would take a section past the host's bounds.
 fn check_growth(headers: &HeaderMap, name: &str, value: &[u8]) -> Result<()> {
     if headers.len() >= MAX_SECTION_ENTRIES {
@@ -248,83 +215,140 @@ fn check_growth(headers: &HeaderMap, name: &str, value: &[u8]) -> Result<()> {
     Ok(())
 }
 
-impl types::HostBody for StoreState {
-    fn bytes(&mut self, this: Resource<Body>) -> Result<Vec<u8>> {
-        Ok(self.body(this.rep())?.data.clone())
-    }
+/// The host side of one contract version's imports. Every version the host speaks lends the
+/// same resources and gives the same answers; only the generated traits differ.
+macro_rules! contract_imports {
+    ($($version:ident)::+) => {
+        const _: () = {
+            use $($version)::+::wasm_extproc::processor::{context, host, types};
 
-    fn len(&mut self, this: Resource<Body>) -> Result<u64> {
-        Ok(self.body(this.rep())?.data.len() as u64)
-    }
+        impl types::Host for StoreState {}
 
-    fn end_of_stream(&mut self, this: Resource<Body>) -> Result<bool> {
-        Ok(self.body(this.rep())?.end_of_stream)
-    }
+        impl types::HostFields for StoreState {
+            fn get(&mut self, this: Resource<Fields>, name: String) -> Result<Option<Vec<u8>>> {
+                Ok(self.headers(this.rep())?.get(&name).map(<[u8]>::to_vec))
+            }
 
-    fn replace(&mut self, this: Resource<Body>, data: Vec<u8>) -> Result<()> {
-        if data.len() > MAX_REPLACEMENT_BYTES {
-            return Err(format_err!(
-                "replacement body of {} bytes exceeds {MAX_REPLACEMENT_BYTES}",
-                data.len()
-            ));
+            fn get_all(&mut self, this: Resource<Fields>, name: String) -> Result<Vec<Vec<u8>>> {
+                Ok(self.headers(this.rep())?.get_all(&name))
+            }
+
+            fn has(&mut self, this: Resource<Fields>, name: String) -> Result<bool> {
+                Ok(self.headers(this.rep())?.contains(&name))
+            }
+
+            fn set(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
+                let headers = self.headers(this.rep())?;
+                check_growth(headers, &name, &value)?;
+                headers.set(name, value);
+                Ok(())
+            }
+
+            fn append(&mut self, this: Resource<Fields>, name: String, value: Vec<u8>) -> Result<()> {
+                let headers = self.headers(this.rep())?;
+                check_growth(headers, &name, &value)?;
+                headers.append(name, value);
+                Ok(())
+            }
+
+            fn remove(&mut self, this: Resource<Fields>, name: String) -> Result<()> {
+                self.headers(this.rep())?.remove(name);
+                Ok(())
+            }
+
+            fn entries(&mut self, this: Resource<Fields>) -> Result<Vec<(String, Vec<u8>)>> {
+                Ok(self.headers(this.rep())?.entries().to_vec())
+            }
+
+            fn drop(&mut self, _this: Resource<Fields>) -> Result<()> {
+                // Lent by borrow only: the host never hands out an owned handle.
+                Ok(())
+            }
         }
-        self.body(this.rep())?.replace(data);
-        Ok(())
-    }
 
-    fn drop(&mut self, _this: Resource<Body>) -> Result<()> {
-        Ok(())
-    }
-}
+        impl types::HostBody for StoreState {
+            fn bytes(&mut self, this: Resource<Body>) -> Result<Vec<u8>> {
+                Ok(self.body(this.rep())?.data.clone())
+            }
 
-impl host::Host for StoreState {
-    fn log(&mut self, level: host::LogLevel, message: String) -> Result<()> {
-        let level = match level {
-            host::LogLevel::Trace => tracing::Level::TRACE,
-            host::LogLevel::Debug => tracing::Level::DEBUG,
-            host::LogLevel::Info => tracing::Level::INFO,
-            host::LogLevel::Warn => tracing::Level::WARN,
-            host::LogLevel::Error => tracing::Level::ERROR,
+            fn len(&mut self, this: Resource<Body>) -> Result<u64> {
+                Ok(self.body(this.rep())?.data.len() as u64)
+            }
+
+            fn end_of_stream(&mut self, this: Resource<Body>) -> Result<bool> {
+                Ok(self.body(this.rep())?.end_of_stream)
+            }
+
+            fn replace(&mut self, this: Resource<Body>, data: Vec<u8>) -> Result<()> {
+                if data.len() > MAX_REPLACEMENT_BYTES {
+                    return Err(format_err!(
+                        "replacement body of {} bytes exceeds {MAX_REPLACEMENT_BYTES}",
+                        data.len()
+                    ));
+                }
+                self.body(this.rep())?.replace(data);
+                Ok(())
+            }
+
+            fn drop(&mut self, _this: Resource<Body>) -> Result<()> {
+                Ok(())
+            }
+        }
+
+        impl host::Host for StoreState {
+            fn log(&mut self, level: host::LogLevel, message: String) -> Result<()> {
+                let level = match level {
+                    host::LogLevel::Trace => tracing::Level::TRACE,
+                    host::LogLevel::Debug => tracing::Level::DEBUG,
+                    host::LogLevel::Info => tracing::Level::INFO,
+                    host::LogLevel::Warn => tracing::Level::WARN,
+                    host::LogLevel::Error => tracing::Level::ERROR,
+                };
+                let phase = self.phase.map(Phase::as_str).unwrap_or("load");
+                self.log_budget.write(level, phase, Source::Log, &message);
+                Ok(())
+            }
+
+            fn config(&mut self) -> Result<String> {
+                Ok(self.settings.config.clone())
+            }
+        }
+
+        impl context::Host for StoreState {
+            fn attribute(&mut self, name: String) -> Result<Option<String>> {
+                Ok(self.context.attributes.get(&name).cloned())
+            }
+
+            fn metadata(&mut self, namespace: String, key: String) -> Result<Option<String>> {
+                Ok(self.context.metadata.get(&(namespace, key)).cloned())
+            }
+
+            fn set_metadata(&mut self, namespace: String, key: String, value: String) -> Result<()> {
+                if self.effects.metadata.len() >= MAX_METADATA_ENTRIES {
+                    return Err(format_err!(
+                        "set-metadata called more than {MAX_METADATA_ENTRIES} times in one handler call"
+                    ));
+                }
+                if [&namespace, &key, &value]
+                    .iter()
+                    .any(|s| s.len() > MAX_METADATA_BYTES)
+                {
+                    return Err(format_err!(
+                        "set-metadata: namespace, key and value are limited to {MAX_METADATA_BYTES} bytes"
+                    ));
+                }
+                self.effects.metadata.push((namespace, key, value));
+                Ok(())
+            }
+
+            fn clear_route_cache(&mut self) -> Result<()> {
+                self.effects.clear_route_cache = true;
+                Ok(())
+            }
+        }
         };
-        let phase = self.phase.map(Phase::as_str).unwrap_or("load");
-        self.log_budget.write(level, phase, Source::Log, &message);
-        Ok(())
-    }
-
-    fn config(&mut self) -> Result<String> {
-        Ok(self.settings.config.clone())
-    }
+    };
 }
 
-impl context::Host for StoreState {
-    fn attribute(&mut self, name: String) -> Result<Option<String>> {
-        Ok(self.context.attributes.get(&name).cloned())
-    }
-
-    fn metadata(&mut self, namespace: String, key: String) -> Result<Option<String>> {
-        Ok(self.context.metadata.get(&(namespace, key)).cloned())
-    }
-
-    fn set_metadata(&mut self, namespace: String, key: String, value: String) -> Result<()> {
-        if self.effects.metadata.len() >= MAX_METADATA_ENTRIES {
-            return Err(format_err!(
-                "set-metadata called more than {MAX_METADATA_ENTRIES} times in one handler call"
-            ));
-        }
-        if [&namespace, &key, &value]
-            .iter()
-            .any(|s| s.len() > MAX_METADATA_BYTES)
-        {
-            return Err(format_err!(
-                "set-metadata: namespace, key and value are limited to {MAX_METADATA_BYTES} bytes"
-            ));
-        }
-        self.effects.metadata.push((namespace, key, value));
-        Ok(())
-    }
-
-    fn clear_route_cache(&mut self) -> Result<()> {
-        self.effects.clear_route_cache = true;
-        Ok(())
-    }
-}
+contract_imports!(bindings::current);
+contract_imports!(bindings::v0_2);

@@ -161,7 +161,11 @@ pub struct Envelope {
 /// and as many 64 KiB chunks as it takes when they let it go.
 pub fn replies(phase: Phase, verdict: Verdict, envelope: &Envelope) -> Vec<ProcessingResponse> {
     use processing_response::Response;
-    let Verdict { decision, effects } = verdict;
+    let Verdict {
+        decision,
+        effects,
+        headers,
+    } = verdict;
     let dynamic_metadata = dynamic_metadata(&effects);
     let wrap = |response: Response| ProcessingResponse {
         response: Some(response),
@@ -221,7 +225,7 @@ pub fn replies(phase: Phase, verdict: Verdict, envelope: &Envelope) -> Vec<Proce
                 .collect()
         }
         (_, Changes::Body(body)) => {
-            let response = body_response(body, envelope);
+            let response = body_response(body, headers.unwrap_or_default(), envelope);
             vec![wrap(match phase {
                 Phase::RequestBody => Response::RequestBody(response),
                 _ => Response::ResponseBody(response),
@@ -269,21 +273,23 @@ fn dynamic_metadata(effects: &Effects) -> Option<pb::Struct> {
     })
 }
 
-/// In `BUFFERED` mode Envoy holds the headers until the body is answered and applies header
-/// changes sent with it: a replaced body gets a matching `content-length`, or Envoy would
+/// In `BUFFERED` and `BUFFERED_PARTIAL` modes Envoy holds the headers until the body is
+/// answered and applies header changes sent with it: the ones body handlers made (`headers`),
+/// and, for a replaced body in `BUFFERED` mode, a matching `content-length`, or Envoy would
 /// forward a length that no longer fits (and answer 500).
-fn body_response(body: BodyChunk, envelope: &Envelope) -> BodyResponse {
-    let header_mutation = match (body.replaced, envelope.body_mode, envelope.content_length) {
-        (true, BodyMode::Buffered, Some(_)) => Some(HeaderMutation {
-            set_headers: vec![header_option(
+fn body_response(body: BodyChunk, mut headers: HeaderChanges, envelope: &Envelope) -> BodyResponse {
+    if let (true, BodyMode::Buffered, Some(_)) =
+        (body.replaced, envelope.body_mode, envelope.content_length)
+    {
+        headers.absorb(HeaderChanges {
+            set: vec![(
                 "content-length".into(),
-                body.data.len().to_string().into_bytes(),
-                HeaderAppendAction::OverwriteIfExistsOrAdd,
+                vec![body.data.len().to_string().into_bytes()],
             )],
-            remove_headers: Vec::new(),
-        }),
-        _ => None,
-    };
+            removed: Vec::new(),
+        });
+    }
+    let header_mutation = header_mutation(headers);
     let body_mutation = body.replaced.then_some(BodyMutation {
         mutation: Some(body_mutation::Mutation::Body(body.data)),
     });
@@ -437,6 +443,7 @@ mod tests {
         Verdict {
             decision: Decision::Continue(changes),
             effects: Effects::default(),
+            headers: None,
         }
     }
 
@@ -636,6 +643,44 @@ mod tests {
     }
 
     #[test]
+    fn header_changes_body_handlers_made_go_with_a_buffered_bodys_answer() {
+        let mut body = BodyChunk::new(b"{\"secret\":\"x\"}".to_vec(), true);
+        body.replace(b"{}".to_vec());
+        let envelope = Envelope {
+            body_mode: BodyMode::Buffered,
+            content_length: Some(14),
+            ..Envelope::default()
+        };
+        let verdict = Verdict {
+            headers: Some(HeaderChanges {
+                // A plugin's own content-length gives way to the body's real one.
+                set: vec![
+                    ("x-redacted".into(), vec![b"1".to_vec()]),
+                    ("content-length".into(), vec![b"99".to_vec()]),
+                ],
+                removed: vec!["x-secret".into()],
+            }),
+            ..continuing(Changes::Body(body))
+        };
+        let mutation = common(reply(Phase::RequestBody, verdict, &envelope))
+            .header_mutation
+            .unwrap();
+        let set: Vec<_> = mutation
+            .set_headers
+            .iter()
+            .map(|o| {
+                let h = o.header.as_ref().unwrap();
+                (h.key.as_str(), h.raw_value.as_slice())
+            })
+            .collect();
+        assert_eq!(
+            set,
+            [("x-redacted", &b"1"[..]), ("content-length", &b"2"[..])]
+        );
+        assert_eq!(mutation.remove_headers, ["x-secret"]);
+    }
+
+    #[test]
     fn full_duplex_bodies_stream_back_in_64k_pieces() {
         let envelope = Envelope {
             body_mode: BodyMode::FullDuplexStreamed,
@@ -670,6 +715,7 @@ mod tests {
         let held = Verdict {
             decision: Decision::Held,
             effects: Effects::default(),
+            headers: None,
         };
         assert!(super::replies(Phase::RequestBody, held, &envelope).is_empty());
         let empty_end = BodyChunk::new(Vec::new(), true);
@@ -692,6 +738,7 @@ mod tests {
                 metadata: vec![("acme".into(), "user".into(), "alice".into())],
                 clear_route_cache: true,
             },
+            headers: None,
         };
         let mut replies = replies(Phase::RequestHeaders, verdict, &Envelope::default());
         let reply = replies.remove(0);
@@ -719,6 +766,7 @@ mod tests {
                     details: "auth failed".into(),
                 }),
                 effects: Effects::default(),
+                headers: None,
             },
             &Envelope::default(),
         );

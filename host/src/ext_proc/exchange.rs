@@ -13,7 +13,9 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, Processin
 use super::convert::{self, Envelope};
 use super::protocol::{EnvoyModes, Inbound, ProtocolError, StreamProtocol};
 use crate::chain::StreamChain;
-use crate::http::{BodyMode, Decision, Delivery, Direction, ExchangeContext, Phase, Verdict};
+use crate::http::{
+    BodyMode, Changes, Decision, Delivery, Direction, ExchangeContext, Phase, PhaseSet, Verdict,
+};
 use crate::metrics::Metrics;
 use crate::registry::Generation;
 
@@ -67,6 +69,10 @@ pub struct Exchange {
     /// Attributes and forwarded metadata Envoy sent so far: plugins read them.
     context: Arc<ExchangeContext>,
     metrics: Arc<Metrics>,
+    /// Per direction (request, response): the answer to headers Envoy streams the body after
+    /// in `FULL_DUPLEX_STREAMED` mode, kept back while they are open to body handlers. Envoy
+    /// holds the headers until it comes (and times no message in that mode).
+    held_headers: [Option<Verdict>; 2],
 }
 
 /// A message the protocol accepted, for [`Exchange::process`].
@@ -105,6 +111,7 @@ impl Exchange {
             chain: StreamChain::new(generation),
             context: Arc::default(),
             metrics,
+            held_headers: Default::default(),
         }
     }
 
@@ -175,27 +182,61 @@ impl Exchange {
             return step;
         }
         self.answer(phase, verdict, &mut step);
-        if step.then == Then::Continue && self.protocol.may_close(self.chain.live_phases()) {
+        if step.then == Then::Continue && self.protocol.may_close(self.wanted()) {
             tracing::trace!("nothing left for the plugins; closing the stream");
             step.then = Then::Close;
         }
         step
     }
 
+    /// The phases the host still needs from Envoy: those live plugins handle, and the headers
+    /// of a direction whose body handlers get them.
+    fn wanted(&self) -> PhaseSet {
+        let mut wanted = self.chain.live_phases();
+        for direction in Direction::BOTH {
+            if self
+                .chain
+                .opens_headers(direction, self.protocol.body_mode(direction))
+            {
+                wanted = wanted.with(direction.headers());
+            }
+        }
+        wanted
+    }
+
     /// Adds the answers to a message of `phase` to `step`; an immediate response ends the
-    /// exchange.
-    fn answer(&mut self, phase: Phase, verdict: Verdict, step: &mut Step) {
+    /// exchange. The answer to headers open to body handlers waits for the body's, and goes
+    /// out just before it, with what the body handlers changed.
+    fn answer(&mut self, phase: Phase, mut verdict: Verdict, step: &mut Step) {
+        let direction = phase.direction();
+        let held = &mut self.held_headers[usize::from(direction == Direction::Response)];
+        if phase == direction.headers()
+            && self.protocol.body_mode(direction) == BodyMode::FullDuplexStreamed
+            && self.chain.headers_open(direction)
+            && matches!(verdict.decision, Decision::Continue(_))
+        {
+            *held = Some(verdict);
+            return;
+        }
+        if held.is_some() && phase == direction.body() && verdict.decision != Decision::Held {
+            let mut headers = held.take().expect("held headers answer");
+            if let (Decision::Continue(Changes::Headers(changes)), Some(later)) =
+                (&mut headers.decision, verdict.headers.take())
+            {
+                changes.absorb(later);
+            }
+            if matches!(verdict.decision, Decision::Continue(_)) {
+                self.answer(direction.headers(), headers, step);
+            }
+        }
         if matches!(verdict.decision, Decision::Respond(_)) {
             self.protocol.answered();
             step.then = Then::Close;
         }
-        let direction = phase.direction();
         let envelope = Envelope {
             body_mode: self.protocol.body_mode(direction),
             content_length: self.protocol.content_length(direction),
-            mode_override: self
-                .protocol
-                .mode_override_to_send(phase, self.chain.live_phases()),
+            mode_override: self.protocol.mode_override_to_send(phase, self.wanted()),
         };
         step.answers
             .extend(convert::replies(phase, verdict, &envelope));

@@ -28,8 +28,14 @@ static void done_with_fields(exports_wasm_extproc_processor_handler_borrow_field
     wasm_extproc_processor_types_fields_drop_borrow(fields);
 }
 
-static void done_with_body(exports_wasm_extproc_processor_handler_borrow_body_t body) {
+// A body handler is lent the direction's headers too while they can still change (NULL when
+// not): those are dropped the same way.
+static void done_with_body(exports_wasm_extproc_processor_handler_borrow_body_t body,
+                           exports_wasm_extproc_processor_handler_borrow_fields_t *maybe_headers) {
     wasm_extproc_processor_types_body_drop_borrow(body);
+    if (maybe_headers != NULL) {
+        done_with_fields(*maybe_headers);
+    }
 }
 
 void exports_wasm_extproc_processor_handler_register(
@@ -61,8 +67,9 @@ void exports_wasm_extproc_processor_handler_on_response_headers(
 // Not registered, so never called; the contract still requires every handler.
 
 void exports_wasm_extproc_processor_handler_on_request_body(
-    exports_wasm_extproc_processor_handler_borrow_body_t body, action_t *ret) {
-    done_with_body(body);
+    exports_wasm_extproc_processor_handler_borrow_body_t body,
+    exports_wasm_extproc_processor_handler_borrow_fields_t *maybe_headers, action_t *ret) {
+    done_with_body(body, maybe_headers);
     continue_with(ret);
 }
 
@@ -73,8 +80,9 @@ void exports_wasm_extproc_processor_handler_on_request_trailers(
 }
 
 void exports_wasm_extproc_processor_handler_on_response_body(
-    exports_wasm_extproc_processor_handler_borrow_body_t body, action_t *ret) {
-    done_with_body(body);
+    exports_wasm_extproc_processor_handler_borrow_body_t body,
+    exports_wasm_extproc_processor_handler_borrow_fields_t *maybe_headers, action_t *ret) {
+    done_with_body(body, maybe_headers);
     continue_with(ret);
 }
 

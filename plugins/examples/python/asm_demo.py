@@ -25,13 +25,13 @@ class Handler(exports.Handler):
         return Action_Continue()
 
     # Not registered, so never called; the contract still requires every handler.
-    def on_request_body(self, body):
+    def on_request_body(self, body, headers):
         return Action_Continue()
 
     def on_request_trailers(self, trailers):
         return Action_Continue()
 
-    def on_response_body(self, body):
+    def on_response_body(self, body, headers):
         return Action_Continue()
 
     def on_response_trailers(self, trailers):

@@ -28,7 +28,7 @@ class Handler(exports.Handler):
             response_body=BodyDelivery.CHUNKS,
         )
 
-    def on_request_body(self, body):
+    def on_request_body(self, body, headers):
         if not body.end_of_stream():
             return Action_Continue()
         try:
@@ -49,7 +49,7 @@ class Handler(exports.Handler):
     def on_response_headers(self, headers, end_of_stream):
         return Action_Continue()
 
-    def on_response_body(self, body):
+    def on_response_body(self, body, headers):
         return Action_Continue()
 
     def on_response_trailers(self, trailers):

@@ -1,6 +1,7 @@
 //! Redacts JSON fields in request and response bodies: every value whose key is named in the
 //! configuration string (comma-separated, e.g. `password,ssn`), at any depth, becomes
-//! `"[REDACTED]"`. Bodies that are not JSON objects or arrays pass unchanged.
+//! `"[REDACTED]"`. Bodies that are not JSON objects or arrays pass unchanged. Where the headers
+//! can still change (`Body::headers`), it says how many values it redacted in `x-redacted`.
 //!
 //! It asks for whole bodies: configure Envoy's ext_proc filter with `request_body_mode` and
 //! `response_body_mode` `BUFFERED`, or `FULL_DUPLEX_STREAMED` with the trailer modes `SEND`
@@ -24,25 +25,25 @@ fn fields() -> Vec<String> {
         .collect()
 }
 
-/// Redacts in place; returns whether anything changed.
-fn redact(value: &mut Value, fields: &[String]) -> bool {
-    let mut changed = false;
+/// Redacts in place; returns how many values changed.
+fn redact(value: &mut Value, fields: &[String]) -> usize {
+    let mut changed = 0;
     match value {
         Value::Object(map) => {
             for (key, value) in map.iter_mut() {
                 if fields.iter().any(|f| f == key) {
                     if value.as_str() != Some(REDACTED) {
                         *value = Value::from(REDACTED);
-                        changed = true;
+                        changed += 1;
                     }
                 } else {
-                    changed |= redact(value, fields);
+                    changed += redact(value, fields);
                 }
             }
         }
         Value::Array(items) => {
             for item in items {
-                changed |= redact(item, fields);
+                changed += redact(item, fields);
             }
         }
         _ => {}
@@ -63,8 +64,12 @@ fn redact_body(body: &Body) -> Action {
     let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) else {
         return Action::Continue;
     };
-    if redact(&mut value, &fields()) {
+    let redacted = redact(&mut value, &fields());
+    if redacted > 0 {
         body.replace(serde_json::to_vec(&value).expect("a parsed value serialises"));
+        if let Some(headers) = body.headers() {
+            headers.set("x-redacted", redacted.to_string());
+        }
     }
     Action::Continue
 }

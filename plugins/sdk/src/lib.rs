@@ -98,17 +98,39 @@ impl Headers<'_> {
 
 /// One message of a request or response body.
 #[derive(Debug)]
-pub struct Body<'a>(&'a types::Body);
+pub struct Body<'a> {
+    body: &'a types::Body,
+    headers: Option<Headers<'a>>,
+}
 
-impl Body<'_> {
+impl<'a> Body<'a> {
+    /// The direction's headers, while changes to them still take effect: when Envoy buffers
+    /// the body (`BUFFERED`, `BUFFERED_PARTIAL`), and when the body is held whole for a plugin
+    /// of the chain (`BodyDelivery::Whole` over `FULL_DUPLEX_STREAMED`, and in-process).
+    /// `None` where the headers already went on: `STREAMED` bodies, and chunks when no plugin
+    /// of the chain takes the body whole.
+    ///
+    /// ```ignore
+    /// fn on_request_body(&mut self, body: &Body) -> Action {
+    ///     let redacted = redact(body);
+    ///     if let Some(headers) = body.headers() {
+    ///         headers.set("x-redacted", redacted.to_string());
+    ///     }
+    ///     Action::Continue
+    /// }
+    /// ```
+    pub fn headers(&self) -> Option<&Headers<'a>> {
+        self.headers.as_ref()
+    }
+
     /// The bytes of this message.
     pub fn bytes(&self) -> Vec<u8> {
-        self.0.bytes()
+        self.body.bytes()
     }
 
     /// The number of bytes, without copying them.
     pub fn len(&self) -> u64 {
-        self.0.len()
+        self.body.len()
     }
 
     /// Whether this message carries no bytes.
@@ -118,12 +140,12 @@ impl Body<'_> {
 
     /// Whether this is the last message of the body.
     pub fn end_of_stream(&self) -> bool {
-        self.0.end_of_stream()
+        self.body.end_of_stream()
     }
 
     /// Replaces the bytes of this message.
     pub fn replace(&self, data: impl AsRef<[u8]>) {
-        self.0.replace(data.as_ref());
+        self.body.replace(data.as_ref());
     }
 }
 
@@ -328,8 +350,12 @@ impl<E: Exported> handler::Guest for E {
         E::slot().with(|p| p.on_request_headers(&Headers(headers), end_of_stream))
     }
 
-    fn on_request_body(body: &types::Body) -> types::Action {
-        E::slot().with(|p| p.on_request_body(&Body(body)))
+    fn on_request_body(body: &types::Body, headers: Option<&types::Fields>) -> types::Action {
+        let body = Body {
+            body,
+            headers: headers.map(Headers),
+        };
+        E::slot().with(|p| p.on_request_body(&body))
     }
 
     fn on_request_trailers(trailers: &types::Fields) -> types::Action {
@@ -340,8 +366,12 @@ impl<E: Exported> handler::Guest for E {
         E::slot().with(|p| p.on_response_headers(&Headers(headers), end_of_stream))
     }
 
-    fn on_response_body(body: &types::Body) -> types::Action {
-        E::slot().with(|p| p.on_response_body(&Body(body)))
+    fn on_response_body(body: &types::Body, headers: Option<&types::Fields>) -> types::Action {
+        let body = Body {
+            body,
+            headers: headers.map(Headers),
+        };
+        E::slot().with(|p| p.on_response_body(&body))
     }
 
     fn on_response_trailers(trailers: &types::Fields) -> types::Action {

@@ -181,6 +181,13 @@ async fn whole_bodies_are_replaced_where_envoy_sends_them_whole_or_lets_the_host
                 &redacted(size),
                 &format!("{label}, at the upstream"),
             );
+            // The body handler set a header from what it found in the body (one password).
+            let seen = setup.upstream.seen().last().unwrap().clone();
+            assert_eq!(
+                seen.header("x-redacted").as_deref(),
+                Some("1"),
+                "{label}, at the upstream"
+            );
             assert_same(
                 &response.body,
                 &redacted(size),
@@ -193,6 +200,11 @@ async fn whole_bodies_are_replaced_where_envoy_sends_them_whole_or_lets_the_host
                 &response.body,
                 &redacted(size),
                 &format!("{label}, response"),
+            );
+            assert_eq!(
+                response.header_values("x-redacted"),
+                ["1"],
+                "{label}, response"
             );
             assert_length_fits(&response, &label);
         }
@@ -210,6 +222,31 @@ async fn in_streamed_mode_a_whole_body_plugin_sees_chunks_and_does_not_pretend()
     let body = generated(200_000, true);
     let (_, received) = upload(&setup, in_chunks(&body), "STREAMED chunked JSON").await;
     assert_same(&received, &body, "STREAMED chunked JSON");
+    let seen = setup.upstream.seen().last().unwrap().clone();
+    assert_eq!(seen.header("x-redacted"), None);
+}
+
+/// Body handlers get the headers exactly where changes to them still reach the upstream: when
+/// Envoy holds them for the body (`BUFFERED`, `BUFFERED_PARTIAL`), not where they went on
+/// before it (`STREAMED`, and `FULL_DUPLEX_STREAMED` chunks no plugin holds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_handlers_get_the_headers_exactly_where_changes_to_them_still_count() {
+    for (mode, lent) in [
+        ("BUFFERED", true),
+        ("BUFFERED_PARTIAL", true),
+        ("STREAMED", false),
+        ("FULL_DUPLEX_STREAMED", false),
+    ] {
+        let setup = setup(BODY_PROBE, "", mode).await;
+        let response = setup
+            .envoy
+            .send(&HttpRequest::new("POST", "/anything").body(generated(1000, false)))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200, "{mode}");
+        let report = response.json().unwrap();
+        assert_eq!(report["headers"].as_bool(), Some(lent), "{mode}: {report}");
+    }
 }
 
 /// In `BUFFERED_PARTIAL` mode a body larger than Envoy's buffer limit reaches the plugin cut at

@@ -7,10 +7,10 @@
 
 use extproc_testkit::deployment::{Case, Deployment, Mode};
 use extproc_testkit::echo::generated;
-use extproc_testkit::envoy::HttpRequest;
+use extproc_testkit::envoy::{HttpRequest, HttpResponse};
 use extproc_testkit::fixtures::{
-    ASM_DEMO, ASM_V2, BEARER_AUTH, CONTEXT_PROBE, Component, GATE, JSON_REDACT, MEMORY_HOG,
-    MISBEHAVE, RECURSE, SHOUT, SLOW, SPIN, TAGGER, TRAP,
+    ASM_DEMO, ASM_V2, BEARER_AUTH, CONTEXT_PROBE, CONTRACT_0_2, Component, GATE, JSON_REDACT,
+    MEMORY_HOG, MISBEHAVE, RECURSE, SHOUT, SLOW, SPIN, TAGGER, TRAP,
 };
 
 use super::bodies::{assert_length_fits, assert_same, in_chunks, redacted};
@@ -123,6 +123,21 @@ async fn chunks_are_replaced_both_ways() {
     }
 }
 
+/// A POST of a generated JSON body of `size` bytes, answered 200.
+async fn post_json(d: &Deployment, size: usize, label: &str) -> HttpResponse {
+    let response = d
+        .envoy
+        .send(
+            &HttpRequest::new("POST", "/anything")
+                .header("content-type", "application/json")
+                .body(generated(size, true)),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{label}: {e:#}"));
+    assert_eq!(response.status, 200, "{label}");
+    response
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_bodies_are_replaced_both_ways() {
     let case = Case::new(
@@ -134,22 +149,15 @@ async fn whole_bodies_are_replaced_both_ways() {
         let d = Deployment::start(mode, &case).await;
         for size in [100, 64 * 1024, 1 << 20] {
             let label = format!("{mode:?}, {size} bytes");
-            let response = d
-                .envoy
-                .send(
-                    &HttpRequest::new("POST", "/anything")
-                        .header("content-type", "application/json")
-                        .body(generated(size, true)),
-                )
-                .await
-                .unwrap_or_else(|e| panic!("{mode:?}: {e:#}"));
-            assert_eq!(response.status, 200, "{label}");
+            let response = post_json(&d, size, &label).await;
             let seen = d.upstream.seen().last().unwrap().clone();
             assert_same(
                 &seen.body,
                 &redacted(size),
                 &format!("{label}, at the upstream"),
             );
+            // Set by the body handler: the headers waited for the whole body.
+            assert_eq!(seen.header("x-redacted").as_deref(), Some("1"), "{label}");
             if let Some(length) = seen.header("content-length") {
                 assert_eq!(
                     length,
@@ -174,6 +182,11 @@ async fn whole_bodies_are_replaced_both_ways() {
                 &redacted(size),
                 &format!("{label}, response"),
             );
+            assert_eq!(
+                response.header_values("x-redacted"),
+                ["1"],
+                "{label}, response"
+            );
             assert_length_fits(&response, &label);
         }
         let response = d
@@ -190,6 +203,36 @@ async fn whole_bodies_are_replaced_both_ways() {
             &redacted(200_000),
             &format!("{mode:?}, chunked upload"),
         );
+    }
+}
+
+/// A plugin built against the previous contract (0.2.0: body handlers without headers) runs
+/// in the same chain as a current one, each with its own contract.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_of_both_contract_versions_share_a_chain() {
+    let case = Case::new(
+        &[("10-redact", JSON_REDACT), ("20-previous", CONTRACT_0_2)],
+        "[plugins.10-redact]\nconfig = \"password\"\ntimeout_ms = 1000\n\
+         [plugins.20-previous]\ntimeout_ms = 1000\n",
+    )
+    .bodies();
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        let size = 64 * 1024;
+        let label = format!("{mode:?}");
+        let shouted = redacted(size).to_ascii_uppercase();
+        let response = post_json(&d, size, &label).await;
+        let seen = d.upstream.seen().last().unwrap().clone();
+        assert_same(&seen.body, &shouted, &format!("{label}, at the upstream"));
+        assert_eq!(
+            seen.header("x-contract").as_deref(),
+            Some("0.2.0"),
+            "{label}"
+        );
+        assert_eq!(seen.header("x-redacted").as_deref(), Some("1"), "{label}");
+        assert_same(&response.body, &shouted, &format!("{label}, at the client"));
+        assert_eq!(response.header_values("x-contract"), ["0.2.0"], "{label}");
+        assert_length_fits(&response, &label);
     }
 }
 
@@ -409,7 +452,7 @@ async fn a_replaced_plugin_file_is_served_without_a_restart() {
     let case = Case::new(&[("asm", ASM_DEMO)], "");
     for mode in Mode::BOTH {
         let d = Deployment::start(mode, &case).await;
-        let tag = |response: &extproc_testkit::envoy::HttpResponse| {
+        let tag = |response: &HttpResponse| {
             response.header_values("x-ext-proc-header").join(",")
         };
         let before = d.envoy.get("/headers").await.unwrap();

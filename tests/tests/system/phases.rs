@@ -275,17 +275,27 @@ fn streamed_pieces(answer: &ProcessingResponse) -> (Vec<u8>, bool) {
     }
 }
 
-/// A stream whose request headers said: request bodies come FULL_DUPLEX_STREAMED.
+/// A stream whose request headers said: request bodies come FULL_DUPLEX_STREAMED. Their
+/// answer waits while a plugin holds the body whole: it is open to the body handlers.
 async fn full_duplex_request(host: &RunningHost) -> ExtProcStream {
-    let mut stream = ExtProcStream::connect(host.address).await;
+    let stream = ExtProcStream::connect(host.address).await;
     stream
-        .exchange(with_modes(
+        .send(with_modes(
             grpc::request_headers(&[(":path", "/")], false),
             BodySendMode::FullDuplexStreamed,
             BodySendMode::None,
         ))
         .await;
     stream
+}
+
+/// The next answer, which must be the one to the request headers; its header mutation.
+async fn request_headers_answer(stream: &mut ExtProcStream) -> Option<HeaderMutation> {
+    let answer = stream.next().await.unwrap().expect("the headers' answer");
+    match answer.response {
+        Some(Response::RequestHeaders(headers)) => headers.response.unwrap().header_mutation,
+        other => panic!("the request headers' answer expected first: {other:?}"),
+    }
 }
 
 #[tokio::test]
@@ -296,7 +306,8 @@ async fn whole_bodies_are_held_in_full_duplex_mode_and_let_go_at_the_end_or_at_t
     )
     .await;
 
-    // Ends with end-of-stream: nothing is answered until then, then the redacted whole.
+    // Ends with end-of-stream: nothing is answered until then; then the headers, with what the
+    // body handler set in them, and the redacted whole.
     let mut stream = full_duplex_request(&host).await;
     stream
         .send(grpc::request_body(br#"{"user":"al","pass"#, false))
@@ -304,6 +315,10 @@ async fn whole_bodies_are_held_in_full_duplex_mode_and_let_go_at_the_end_or_at_t
     stream
         .send(grpc::request_body(br#"word":"hunter2"}"#, true))
         .await;
+    assert_eq!(
+        sets(&request_headers_answer(&mut stream).await),
+        [("x-redacted".to_string(), "1".to_string())]
+    );
     let answer = stream
         .next()
         .await
@@ -323,6 +338,7 @@ async fn whole_bodies_are_held_in_full_duplex_mode_and_let_go_at_the_end_or_at_t
     stream
         .send(grpc::request_trailers(&[("x-checksum", "1")]))
         .await;
+    assert_eq!(request_headers_answer(&mut stream).await, None);
     let body = stream.next().await.unwrap().unwrap();
     // Trailers follow, so the body is not complete in the plugin's eyes: it passes unchanged.
     assert_eq!(
@@ -354,6 +370,8 @@ async fn a_held_body_past_eight_mib_fails_the_plugin_and_loses_nothing() {
     }
     stream.send(grpc::request_body(b"end", true)).await;
     sent.extend(b"end");
+    // The plugin failed, so its hold on the headers ended: their answer comes first.
+    request_headers_answer(&mut stream).await;
     let mut received = Vec::new();
     let mut ended = false;
     while !ended {
