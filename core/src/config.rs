@@ -91,6 +91,9 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// The ext_proc server's admin listener (server only).
     pub admin_listen: Option<String>,
+    /// A file holding the bearer token the admin listener's state-changing endpoints require
+    /// (server only).
+    pub admin_token_file: Option<PathBuf>,
     /// How long the ext_proc server drains at shutdown (server only).
     pub shutdown_grace_ms: Option<u64>,
     /// TLS on the ext_proc server's listener (server only).
@@ -117,6 +120,10 @@ pub struct FileTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
+    /// Client identities admitted, on top of `client_ca`: a certificate subject alternative
+    /// name, DNS (`envoy.example.com`) or URI (`spiffe://cluster.local/ns/x/sa/y`), exactly.
+    #[serde(default)]
+    pub allowed_client_sans: Vec<String>,
 }
 
 /// `[module]`: what the in-process module reads from Envoy for each exchange. Over ext_proc,
@@ -320,6 +327,7 @@ impl FileConfig {
         [
             ("listen", self.listen.is_some()),
             ("admin_listen", self.admin_listen.is_some()),
+            ("admin_token_file", self.admin_token_file.is_some()),
             ("shutdown_grace_ms", self.shutdown_grace_ms.is_some()),
             ("[tls]", self.tls.is_some()),
         ]

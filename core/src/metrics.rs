@@ -42,6 +42,12 @@ struct DirectionLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabel {
+    listener: &'static str,
+    reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -73,6 +79,7 @@ pub struct Metrics {
     reloads: Family<ResultLabel, Counter>,
     log_lines_suppressed: Family<PluginLabel, Counter>,
     bodies_not_sent: Family<DirectionLabel, Counter>,
+    refused: Family<RefusalLabel, Counter>,
     pool: PoolMetrics,
     /// Every plugin that has had series, for [`samples`](Metrics::samples).
     plugins: Mutex<BTreeSet<String>>,
@@ -169,6 +176,12 @@ impl Metrics {
              (its ext_proc body mode is NONE), by direction",
             bodies_not_sent.clone(),
         );
+        let refused = Family::<RefusalLabel, Counter>::default();
+        registry.register(
+            "refused",
+            "Clients the server turned away, by listener (ext_proc, admin) and reason",
+            refused.clone(),
+        );
         let pool = PoolMetrics::default();
         registry.register(
             "instances_in_use",
@@ -204,6 +217,7 @@ impl Metrics {
             reloads,
             log_lines_suppressed,
             bodies_not_sent,
+            refused,
             pool,
             plugins: Mutex::default(),
         })
@@ -235,6 +249,20 @@ impl Metrics {
                 direction: direction.noun(),
             })
             .inc();
+    }
+
+    /// Counts a client turned away by `listener` (`ext_proc`, `admin`) for `reason`.
+    pub fn refused(&self, listener: &'static str, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusalLabel { listener, reason })
+            .inc();
+    }
+
+    /// How many clients [`refused`](Self::refused) counted for `listener` and `reason`.
+    pub fn refusals(&self, listener: &'static str, reason: &'static str) -> u64 {
+        self.refused
+            .get(&RefusalLabel { listener, reason })
+            .map_or(0, |counter| counter.get())
     }
 
     /// How many streams [`body_not_sent`](Self::body_not_sent) counted.

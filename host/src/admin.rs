@@ -7,9 +7,15 @@
 //! | `GET /metrics` | Prometheus metrics (OpenMetrics text) |
 //! | `GET /plugins` | the loaded chain as JSON: name, file, SHA-256, contract version, load time, phases, body delivery, what each needs from Envoy's `processing_mode`, settings, call counts |
 //! | `POST /reload` | reloads plugins and configuration now; 200 with what loaded, or 500 with why not |
+//!
+//! The read endpoints answer anyone who reaches the listener (the scrape path). `POST`
+//! endpoints answer only a client presenting `admin_token_file`'s token as a bearer token, or,
+//! without one configured, a connection from 127.0.0.1 or ::1 ([`AdminAccess`]): 401 or 403
+//! otherwise, logged and counted.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::UNIX_EPOCH;
@@ -23,6 +29,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
+use crate::access::{AdminAccess, Refusal};
 use crate::config::FailurePolicy;
 use crate::http::Delivery;
 use crate::metrics::{Metrics, OUTCOMES};
@@ -34,6 +41,8 @@ pub struct State {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub shutting_down: Arc<AtomicBool>,
+    /// Who may change the host's state.
+    pub access: AdminAccess,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes.
@@ -45,9 +54,9 @@ pub async fn serve(
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(error) => {
                     tracing::debug!("admin accept failed: {error}");
                     continue;
@@ -58,7 +67,7 @@ pub async fn serve(
         let state = state.clone();
         let service = service_fn(move |request| {
             let state = state.clone();
-            async move { Ok::<_, Infallible>(route(&state, request).await) }
+            async move { Ok::<_, Infallible>(route(&state, peer, request).await) }
         });
         let connection = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
             .serve_connection_with_upgrades(TokioIo::new(stream), service)
@@ -88,7 +97,22 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
         .expect("valid response")
 }
 
-async fn route(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(
+    state: &State,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if request.method() == Method::POST
+        && let Err(refusal) = state.access.admit(
+            peer,
+            request
+                .headers()
+                .get(hyper::header::AUTHORIZATION)
+                .map(|v| v.as_bytes()),
+        )
+    {
+        return refused(state, peer, request.uri().path(), &refusal);
+    }
     match (request.method(), request.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
         (&Method::GET, "/readyz") => {
@@ -126,6 +150,36 @@ async fn route(state: &State, request: Request<Incoming>) -> Response<Full<Bytes
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// The answer to a state-changing request `access` turned away, logged and counted.
+fn refused(
+    state: &State,
+    peer: SocketAddr,
+    path: &str,
+    refusal: &Refusal,
+) -> Response<Full<Bytes>> {
+    state.metrics.refused("admin", refusal.reason());
+    tracing::warn!(%peer, path, reason = refusal.reason(), "admin request refused");
+    match refusal {
+        Refusal::Unauthorized(_) => Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .header(hyper::header::WWW_AUTHENTICATE, "Bearer realm=\"wasm-extproc admin\"")
+            .header("content-type", "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from(
+                "this endpoint needs the admin token: Authorization: Bearer <admin_token_file's content>\n",
+            )))
+            .expect("valid response"),
+        Refusal::NotLocal => text(
+            StatusCode::FORBIDDEN,
+            "this endpoint answers only local connections (127.0.0.1, ::1: kubectl port-forward \
+             or exec) unless the host has an admin_token_file\n",
+        ),
+        Refusal::TokenUnavailable(why) => {
+            tracing::error!("admin token unavailable: {why}");
+            text(StatusCode::SERVICE_UNAVAILABLE, "admin token unavailable\n")
+        }
     }
 }
 

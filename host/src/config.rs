@@ -6,12 +6,15 @@
 //! ```toml
 //! listen = "0.0.0.0:9002"       # or "unix:/run/wasm-extproc/ext_proc.sock"
 //! admin_listen = "0.0.0.0:9003" # health, metrics, plugins, reload; "off" to disable
+//! admin_token_file = "/etc/wasm-extproc/admin/token" # POST /reload then needs it as a
+//!                               # bearer token; without one, only 127.0.0.1 and ::1 may POST
 //! shutdown_grace_ms = 15000     # in-flight streams may finish this long after SIGTERM
 //!
 //! [tls]                         # TLS on the gRPC listener; client_ca makes it mutual
 //! cert = "/etc/wasm-extproc/tls.crt"
 //! key = "/etc/wasm-extproc/tls.key"
 //! client_ca = "/etc/wasm-extproc/ca.crt"
+//! allowed_client_sans = ["spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"]
 //! ```
 
 use std::fmt;
@@ -52,6 +55,10 @@ pub struct Cli {
     /// Address of the admin HTTP listener, or "off" [default: 0.0.0.0:9003].
     #[arg(long, env = "WASM_EXTPROC_ADMIN_LISTEN", global = true)]
     pub admin_listen: Option<AdminListen>,
+    /// File holding the bearer token `POST /reload` requires [default: none: only local
+    /// connections may POST].
+    #[arg(long, env = "WASM_EXTPROC_ADMIN_TOKEN_FILE", global = true)]
+    pub admin_token_file: Option<PathBuf>,
     /// Directory for compiled plugins, so restarts and reloads skip compiling what they have
     /// seen [default: none].
     #[arg(long, env = "WASM_EXTPROC_CACHE_DIR", global = true)]
@@ -133,6 +140,10 @@ pub struct Config {
     pub listen: ListenAddr,
     /// The admin HTTP listener; `None` when off.
     pub admin_listen: Option<SocketAddr>,
+    /// The bearer token the admin listener's state-changing endpoints require, as a file read
+    /// on each such request (a rotated Secret takes effect at once); `None`: local
+    /// connections only.
+    pub admin_token_file: Option<PathBuf>,
     /// The configuration file, if any: watched and re-read on reload.
     pub file: Option<PathBuf>,
     /// How long in-flight streams may run on after SIGTERM.
@@ -149,12 +160,15 @@ pub struct TlsSettings {
     pub key_pem: Vec<u8>,
     /// Clients must present a certificate signed by this CA (mutual TLS).
     pub client_ca_pem: Option<Vec<u8>>,
+    /// And one with one of these subject alternative names, when not empty.
+    pub allowed_client_sans: Vec<String>,
 }
 
 impl fmt::Debug for TlsSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsSettings")
             .field("mutual", &self.client_ca_pem.is_some())
+            .field("allowed_client_sans", &self.allowed_client_sans)
             .finish_non_exhaustive()
     }
 }
@@ -204,9 +218,17 @@ impl Config {
             None => setting("admin_listen", &file.admin_listen)?
                 .unwrap_or_else(|| DEFAULT_ADMIN_LISTEN.parse().expect("valid default address")),
         };
+        let admin_token_file = cli
+            .admin_token_file
+            .clone()
+            .or_else(|| file.admin_token_file.clone());
+        if let Some(path) = &admin_token_file {
+            read_admin_token(path).map_err(ConfigError)?;
+        }
         Ok(Config {
             listen,
             admin_listen: admin_listen.0,
+            admin_token_file,
             file: None,
             shutdown_grace: file
                 .shutdown_grace_ms
@@ -234,11 +256,36 @@ fn read_tls(files: &FileTls) -> Result<TlsSettings, ConfigError> {
         std::fs::read(path)
             .map_err(|e| ConfigError(format!("[tls]: cannot read {}: {e}", path.display())))
     };
+    if !files.allowed_client_sans.is_empty() && files.client_ca.is_none() {
+        return Err(ConfigError(
+            "[tls] allowed_client_sans needs client_ca: without client certificates there is \
+             no identity to check"
+                .into(),
+        ));
+    }
+    if let Some(empty) = files.allowed_client_sans.iter().position(|s| s.is_empty()) {
+        return Err(ConfigError(format!(
+            "[tls] allowed_client_sans[{empty}] is empty"
+        )));
+    }
     Ok(TlsSettings {
         cert_pem: read(&files.cert)?,
         key_pem: read(&files.key)?,
         client_ca_pem: files.client_ca.as_deref().map(read).transpose()?,
+        allowed_client_sans: files.allowed_client_sans.clone(),
     })
+}
+
+/// The admin token in `path`: its content without surrounding whitespace, which must leave
+/// something.
+pub fn read_admin_token(path: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("admin_token_file: cannot read {}: {e}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(format!("admin_token_file: {} is empty", path.display()));
+    }
+    Ok(token.to_string())
 }
 
 #[cfg(test)]
@@ -259,7 +306,37 @@ mod tests {
         );
         assert_eq!(config.shutdown_grace, DEFAULT_SHUTDOWN_GRACE);
         assert_eq!(config.tls, None);
+        assert_eq!(config.admin_token_file, None);
         assert_eq!(config.settings.plugins_dir, Path::new(DEFAULT_PLUGINS_DIR));
+    }
+
+    #[test]
+    fn who_may_talk_to_the_host_is_checked_at_load() {
+        let err = parse("admin_token_file = \"/no/token\"\n").unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("admin_token_file: cannot read /no/token: "),
+            "{err}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "\n").unwrap();
+        let err = parse(&format!("admin_token_file = {token:?}\n")).unwrap_err();
+        assert!(err.to_string().ends_with("token is empty"), "{err}");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let config = parse(&format!("admin_token_file = {token:?}\n")).unwrap();
+        assert_eq!(
+            read_admin_token(config.admin_token_file.as_ref().unwrap()),
+            Ok("s3cret".into())
+        );
+
+        let err = parse("[tls]\ncert = \"/c\"\nkey = \"/k\"\nallowed_client_sans = [\"envoy\"]\n")
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "[tls] allowed_client_sans needs client_ca: without client certificates there is \
+             no identity to check"
+        );
     }
 
     #[test]

@@ -36,6 +36,7 @@
 //! Components are compiled and linked once per version ([`runtime::Plugin`]); every stream gets
 //! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another.
 
+pub mod access;
 pub mod admin;
 pub mod config;
 pub mod ext_proc;

@@ -18,6 +18,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 
 use crate::MAX_MESSAGE_BYTES;
+use crate::access::{AdminAccess, ClientIdentities};
 use crate::admin;
 use crate::config::{Config, ListenAddr};
 use crate::ext_proc::ExtProcService;
@@ -216,6 +217,12 @@ impl Host {
             self.metrics.clone(),
             self.shutting_down.clone(),
             self.streams.clone(),
+            ClientIdentities::new(
+                self.config
+                    .tls
+                    .as_ref()
+                    .map_or(&[][..], |tls| &tls.allowed_client_sans),
+            ),
         ))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -270,6 +277,9 @@ impl Host {
                     registry: self.registry.clone(),
                     metrics: self.metrics.clone(),
                     shutting_down: self.shutting_down.clone(),
+                    access: AdminAccess {
+                        token_file: self.config.admin_token_file.clone(),
+                    },
                 },
                 wait_stop(stopped.clone()),
             )

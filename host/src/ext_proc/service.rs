@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::exchange::{Accepted, Exchange, Then};
 use super::protocol::ProtocolError;
+use crate::access::ClientIdentities;
 use crate::metrics::{Metrics, StreamGuard};
 use crate::registry::Registry;
 
@@ -31,6 +32,8 @@ pub struct ExtProcService {
     shutting_down: Arc<AtomicBool>,
     /// Every stream being served: shutdown waits for them.
     streams: TaskTracker,
+    /// Which client certificates may open streams.
+    identities: ClientIdentities,
 }
 
 impl ExtProcService {
@@ -39,12 +42,14 @@ impl ExtProcService {
         metrics: Arc<Metrics>,
         shutting_down: Arc<AtomicBool>,
         streams: TaskTracker,
+        identities: ClientIdentities,
     ) -> Self {
         ExtProcService {
             registry,
             metrics,
             shutting_down,
             streams,
+            identities,
         }
     }
 }
@@ -60,6 +65,7 @@ impl ExternalProcessor for ExtProcService {
         &self,
         request: Request<Streaming<ProcessingRequest>>,
     ) -> Result<Response<Answers>, Status> {
+        self.identities.admit(&request, &self.metrics)?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(Status::unavailable("shutting down"));
         }

@@ -452,9 +452,7 @@ async fn a_replaced_plugin_file_is_served_without_a_restart() {
     let case = Case::new(&[("asm", ASM_DEMO)], "");
     for mode in Mode::BOTH {
         let d = Deployment::start(mode, &case).await;
-        let tag = |response: &HttpResponse| {
-            response.header_values("x-ext-proc-header").join(",")
-        };
+        let tag = |response: &HttpResponse| response.header_values("x-ext-proc-header").join(",");
         let before = d.envoy.get("/headers").await.unwrap();
         assert_eq!(tag(&before), "hello-from-asm", "{mode:?}");
         replace_file(&d.plugins_dir().join("asm.wasm"), &ASM_V2.bytes());

@@ -147,6 +147,57 @@ async fn a_configmap_style_data_swap_reloads_the_plugins() {
     assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
 }
 
+/// With an admin token configured, `POST /reload` answers only a client presenting it: without
+/// it (or with another) 401, counted, and nothing reloads.
+#[tokio::test]
+async fn a_reload_without_the_admin_token_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("asm.wasm"), ASM_DEMO.bytes()).unwrap();
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "s3cret\n").unwrap();
+    let host = RunningHost::start_in(
+        dir.path(),
+        &format!("admin_token_file = {:?}\nwatch = false\n", token.path()),
+    )
+    .await;
+    std::fs::write(dir.path().join("asm.wasm"), ASM_V2.bytes()).unwrap();
+    let loads = host.metrics().reloads("ok");
+
+    for (headers, reason) in [
+        (vec![], "missing_token"),
+        (vec![("authorization", "Bearer guess")], "wrong_token"),
+    ] {
+        let response = request(host.admin, "POST", "/reload", &headers, Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(response.status, 401, "{reason}");
+        assert_eq!(
+            response.header_values("www-authenticate"),
+            ["Bearer realm=\"wasm-extproc admin\""]
+        );
+        assert_eq!(host.metrics().refusals("admin", reason), 1);
+    }
+    assert_eq!(host.metrics().reloads("ok"), loads);
+    assert_eq!(request_tag(&host).await, "hello-to-asm");
+    // Reading stays open to the scrape path.
+    let response = request(host.admin, "GET", "/plugins", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+
+    let response = request(
+        host.admin,
+        "POST",
+        "/reload",
+        &[("authorization", "Bearer s3cret")],
+        Vec::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
+}
+
 #[tokio::test]
 async fn a_broken_file_is_rejected_and_the_previous_chain_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
@@ -550,14 +601,18 @@ async fn metrics_count_exactly_what_happened() {
     assert_eq!(plugin["sha256"], expected);
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, written as PEM files.
+/// The identity the test Envoy's client certificate carries, beside the DNS name `envoy`.
+const ENVOY_IDENTITY: &str = "spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway";
+
+/// A CA, a server certificate for 127.0.0.1, the Envoy's client certificate (`envoy`,
+/// [`ENVOY_IDENTITY`]) and another client's (`stranger`), written as PEM files.
 struct Pki {
     dir: tempfile::TempDir,
 }
 
 impl Pki {
     fn new() -> Pki {
-        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
         let dir = tempfile::tempdir().unwrap();
         let ca_key = KeyPair::generate().unwrap();
         let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -576,10 +631,16 @@ impl Pki {
                 vec!["127.0.0.1".to_string(), "localhost".to_string()],
             ),
             ("client", vec!["envoy".to_string()]),
+            ("stranger", vec!["stranger".to_string()]),
         ] {
             let key = KeyPair::generate().unwrap();
             let mut params = CertificateParams::new(names).unwrap();
             params.distinguished_name.push(DnType::CommonName, name);
+            if name == "client" {
+                params
+                    .subject_alt_names
+                    .push(SanType::URI(ENVOY_IDENTITY.try_into().unwrap()));
+            }
             let cert = params.signed_by(&key, &issuer).unwrap();
             write(&format!("{name}.crt"), cert.pem());
             write(&format!("{name}.key"), key.serialize_pem());
@@ -601,6 +662,32 @@ impl Pki {
             text.push_str(&format!("client_ca = {:?}\n", self.path("ca.crt")));
         }
         text
+    }
+
+    /// A TLS connection to the host at `address`, presenting the certificate `identity`
+    /// (`client`, `stranger`) if any.
+    async fn client(
+        &self,
+        address: std::net::SocketAddr,
+        identity: Option<&str>,
+    ) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+        let ca =
+            tonic::transport::Certificate::from_pem(std::fs::read(self.path("ca.crt")).unwrap());
+        let mut tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(ca)
+            .domain_name("localhost");
+        if let Some(name) = identity {
+            tls = tls.identity(tonic::transport::Identity::from_pem(
+                std::fs::read(self.path(&format!("{name}.crt"))).unwrap(),
+                std::fs::read(self.path(&format!("{name}.key"))).unwrap(),
+            ));
+        }
+        tonic::transport::Channel::from_shared(format!("https://localhost:{}", address.port()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
     }
 
     /// Envoy's ext_proc cluster over TLS, presenting the client certificate.
@@ -631,21 +718,28 @@ impl Pki {
     }
 }
 
+/// Envoy with [`Pki::envoy`]'s client certificate in front of `host`: the guide's header comes
+/// back.
+async fn assert_envoy_served_over_tls(pki: &Pki, host: &RunningHost, label: &str) {
+    let upstream = EchoServer::start().await.unwrap();
+    let envoy = Envoy::start_with(&pki.envoy(), host.address, upstream.address)
+        .await
+        .unwrap();
+    let response = envoy.get("/headers").await.unwrap();
+    assert_eq!(response.status, 200, "{label}: {}", envoy.log());
+    assert_eq!(
+        response.header_values("x-ext-proc-header"),
+        ["hello-from-asm"],
+        "{label}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_mutual_tls_end_to_end_with_envoy() {
     let pki = Pki::new();
     for mutual in [false, true] {
         let host = RunningHost::start(&[("asm", ASM_DEMO)], &pki.host_settings(mutual)).await;
-        let upstream = EchoServer::start().await.unwrap();
-        let envoy = Envoy::start_with(&pki.envoy(), host.address, upstream.address)
-            .await
-            .unwrap();
-        let response = envoy.get("/headers").await.unwrap();
-        assert_eq!(response.status, 200, "mutual={mutual}: {}", envoy.log());
-        assert_eq!(
-            response.header_values("x-ext-proc-header"),
-            ["hello-from-asm"]
-        );
+        assert_envoy_served_over_tls(&pki, &host, &format!("mutual={mutual}")).await;
 
         // A plaintext client gets nowhere.
         let plaintext = envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient::connect(format!("http://{}", host.address));
@@ -662,22 +756,7 @@ async fn tls_and_mutual_tls_end_to_end_with_envoy() {
         assert!(refused, "mutual={mutual}: plaintext accepted");
 
         // A TLS client without a certificate is refused when TLS is mutual.
-        let ca =
-            tonic::transport::Certificate::from_pem(std::fs::read(pki.path("ca.crt")).unwrap());
-        let channel = tonic::transport::Channel::from_shared(format!(
-            "https://localhost:{}",
-            host.address.port()
-        ))
-        .unwrap()
-        .tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(ca)
-                .domain_name("localhost"),
-        )
-        .unwrap()
-        .connect()
-        .await;
-        let served = match channel {
+        let served = match pki.client(host.address, None).await {
             Err(_) => false,
             Ok(channel) => {
                 let mut client = HealthClient::new(channel);
@@ -694,6 +773,34 @@ async fn tls_and_mutual_tls_end_to_end_with_envoy() {
             "mutual={mutual}: a client without a certificate"
         );
     }
+}
+
+/// On top of mutual TLS, `allowed_client_sans` admits only the identities it names: Envoy's is
+/// served; a client the CA also signed, with another name, is refused and counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_client_identities_may_open_streams() {
+    let pki = Pki::new();
+    let settings = format!(
+        "{}allowed_client_sans = [\"{ENVOY_IDENTITY}\"]\n",
+        pki.host_settings(true)
+    );
+    let host = RunningHost::start(&[("asm", ASM_DEMO)], &settings).await;
+    assert_envoy_served_over_tls(&pki, &host, "an allowed identity").await;
+    assert_eq!(host.metrics().refusals("ext_proc", "identity"), 0);
+
+    let channel = pki
+        .client(host.address, Some("stranger"))
+        .await
+        .expect("TLS admits the stranger: the CA signed it");
+    let mut client = envoy_types::pb::envoy::service::ext_proc::v3::external_processor_client::ExternalProcessorClient::new(channel);
+    let (_sender, receiver) = tokio::sync::mpsc::channel(1);
+    let refused = client
+        .process(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .expect_err("the stranger's stream must be refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("\"stranger\""), "{refused:?}");
+    assert_eq!(host.metrics().refusals("ext_proc", "identity"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
