@@ -9,8 +9,10 @@ contents with deploy/build.sh into target/dist first):
 - Kubernetes manifests: kubernetes-validate (the Kubernetes OpenAPI schemas, offline) and
   `kubectl kustomize` rendering the base and the image-volume variant;
 - the Istio EnvoyFilters, DestinationRule and AuthorizationPolicy and the Envoy Gateway
-  EnvoyExtensionPolicy: the CRD schemas Istio and Envoy Gateway publish (npm @kubernetes-models),
+  EnvoyExtensionPolicies: the CRD schemas Istio and Envoy Gateway publish (npm @kubernetes-models),
   plus the guide's fields one by one;
+- per-route chains: the routes each file sets up, the same chain settings in each, the Istio
+  route patches merged into a bootstrap's routes and validated by Envoy;
 - who may talk to the host: the NetworkPolicy, the Services and the AuthorizationPolicy select
   the rendered Deployment's pods and name its container ports;
 - the ConfigMap script: its output round-trips the plugin bytes exactly;
@@ -25,6 +27,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import tomllib
 
 import kubernetes_validate
 import pytest
@@ -114,6 +117,11 @@ def test_the_standalone_envoy_config_validates(tmp_path):
 def bootstrap_with(patch_value, cluster_name):
     """deploy/envoy/envoy.yaml with its ext_proc filter replaced by `patch_value`, and the
     cluster the patch names added, as Istio would have it."""
+    return yaml.safe_dump(bootstrap_dict_with(patch_value, cluster_name))
+
+
+def bootstrap_dict_with(patch_value, cluster_name):
+    """What `bootstrap_with` writes, as a dict to change further."""
     bootstrap = yaml.safe_load((DEPLOY / "envoy" / "envoy.yaml").read_text())
     manager = bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
     filters = manager["typed_config"]["http_filters"]
@@ -128,7 +136,7 @@ def bootstrap_with(patch_value, cluster_name):
     cluster["name"] = cluster_name
     cluster["load_assignment"]["cluster_name"] = cluster_name
     bootstrap["static_resources"]["clusters"].append(cluster)
-    return yaml.safe_dump(bootstrap)
+    return bootstrap
 
 
 @pytest.mark.parametrize("file", ["envoyfilter.yaml", "envoyfilter-gateway.yaml"])
@@ -166,6 +174,182 @@ def test_the_envoyfilter_is_the_guides():
     assert config["allow_mode_override"] is True
 
 
+# Per-route chains. The host reads a stream's chain from this gRPC initial metadata, or maps
+# the route name (the xds.route_name attribute) through `[chains.NAME] routes`; plugins of the
+# chain NAME live in the plugins directory's NAME/ subdirectory.
+CHAIN_METADATA = "x-wasm-extproc-chain"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
+EXT_PROC_PER_ROUTE = (
+    "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
+)
+CHECKOUT_CHAIN = {
+    "@type": EXT_PROC_PER_ROUTE,
+    "overrides": {"grpc_initial_metadata": [{"key": CHAIN_METADATA, "value": "checkout"}]},
+}
+NO_EXT_PROC = {"@type": EXT_PROC_PER_ROUTE, "disabled": True}
+
+
+def http_connection_manager(bootstrap):
+    listener = bootstrap["static_resources"]["listeners"][0]
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def routes_of(bootstrap):
+    (virtual_host,) = http_connection_manager(bootstrap)["route_config"]["virtual_hosts"]
+    return virtual_host["routes"]
+
+
+def commented_example(path, intro):
+    """The example in `path`'s comments introduced by the comment line ending with `intro`:
+    after one empty comment line, the lines indented past `#   `, without that prefix."""
+    lines = path.read_text().splitlines()
+    (start,) = [i for i, line in enumerate(lines) if line.startswith("#") and line.endswith(intro)]
+    assert lines[start + 1] == "#", lines[start + 1]
+    example = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("#   "):
+            break
+        example.append(line.removeprefix("#   "))
+    assert example, f"no example after {intro!r}"
+    return "\n".join(example)
+
+
+def test_the_standalone_envoy_routes_checkout_and_static_before_the_default():
+    (bootstrap,) = load_all(DEPLOY / "envoy" / "envoy.yaml")
+    ext_proc = http_connection_manager(bootstrap)["http_filters"][0]
+    assert ext_proc["name"] == EXT_PROC_FILTER
+    # Route names as attributes would be evaluated on every request: metadata instead.
+    assert "request_attributes" not in ext_proc["typed_config"]
+    checkout, static, default = routes_of(bootstrap)
+    assert checkout == {
+        "name": "checkout",
+        "match": {"prefix": "/checkout"},
+        "route": {"cluster": "httpbin"},
+        "typed_per_filter_config": {ext_proc["name"]: CHECKOUT_CHAIN},
+    }
+    assert static == {
+        "name": "static",
+        "match": {"prefix": "/static"},
+        "route": {"cluster": "httpbin"},
+        "typed_per_filter_config": {ext_proc["name"]: NO_EXT_PROC},
+    }
+    # The catch-all every system test goes through: last, and the filter's settings apply as
+    # they are.
+    assert default == {"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "httpbin"}}
+
+
+@pytest.mark.parametrize(
+    "text, wrong, error",
+    [
+        ("grpc_initial_metadata:", "grpc_initial_metdata:", "grpc_initial_metdata"),
+        ("disabled: true", "disabled: 3", "disabled"),
+        ("v3.ExtProcPerRoute\n", "v3.ExtProcPerRoutes\n", "ExtProcPerRoutes"),
+    ],
+)
+def test_envoy_checks_the_per_route_settings(text, wrong, error, tmp_path):
+    config = (DEPLOY / "envoy" / "envoy.yaml").read_text()
+    assert text in config
+    with pytest.raises(AssertionError, match=error):
+        envoy_validate(config.replace(text, wrong), tmp_path)
+
+
+def test_the_gateway_route_patches_validate_inside_a_bootstrap(tmp_path):
+    (gateway_filter,) = load_all(DEPLOY / "istio" / "envoyfilter-gateway.yaml")
+    (routes_filter,) = load_all(DEPLOY / "istio" / "envoyfilter-routes.yaml")
+    # The gateway pods the ext_proc filter is inserted into.
+    assert routes_filter["metadata"]["namespace"] == gateway_filter["metadata"]["namespace"]
+    assert routes_filter["spec"]["workloadSelector"] == gateway_filter["spec"]["workloadSelector"]
+    (filter_patch,) = gateway_filter["spec"]["configPatches"]
+    ext_proc = filter_patch["patch"]["value"]
+    cluster = ext_proc["typed_config"]["grpc_service"]["envoy_grpc"]["cluster_name"]
+    bootstrap = bootstrap_dict_with(ext_proc, cluster)
+
+    # The standalone routes without their ext_proc settings stand for the routes Istio makes
+    # from the VirtualService; the patches must give them back the same settings.
+    routes = routes_of(bootstrap)
+    standalone = {route["name"]: route.pop("typed_per_filter_config", None) for route in routes}
+    patched = []
+    for patch in routes_filter["spec"]["configPatches"]:
+        assert patch["applyTo"] == "HTTP_ROUTE"
+        assert patch["match"]["context"] == "GATEWAY"
+        assert patch["patch"]["operation"] == "MERGE"
+        name = patch["match"]["routeConfiguration"]["vhost"]["route"]["name"]
+        (route,) = [r for r in routes if r["name"] == name]
+        value = patch["patch"]["value"]
+        # Nothing there to merge with: MERGE adds the fields as they are.
+        assert not value.keys() & route.keys()
+        route.update(copy.deepcopy(value))
+        assert set(route["typed_per_filter_config"]) == {ext_proc["name"]}
+        patched.append(name)
+    assert patched == ["checkout", "static"]
+    assert {r["name"]: r.get("typed_per_filter_config") for r in routes} == standalone
+    envoy_validate(yaml.safe_dump(bootstrap), tmp_path)
+
+
+def test_the_gateway_route_patches_name_the_virtualservice_routes_in_their_comment():
+    path = DEPLOY / "istio" / "envoyfilter-routes.yaml"
+    http = yaml.safe_load(commented_example(path, "This relies on:"))["http"]
+    service = {
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": "httpbin", "namespace": "default"},
+        "spec": {"hosts": ["*"], "gateways": ["istio-system/ingressgateway"], "http": http},
+    }
+    result = crd_validation([service])
+    assert result.returncode == 0, result.stdout + result.stderr
+    # Istio names the Envoy route after the http route, NAME.MATCH if its match has a name.
+    assert not any("name" in match for route in http for match in route["match"])
+    (routes_filter,) = load_all(path)
+    assert [route["name"] for route in http] == [
+        patch["match"]["routeConfiguration"]["vhost"]["route"]["name"]
+        for patch in routes_filter["spec"]["configPatches"]
+    ]
+    # The paths the standalone Envoy's routes of the same names match.
+    (bootstrap,) = load_all(DEPLOY / "envoy" / "envoy.yaml")
+    prefixes = {route["name"]: route["match"]["prefix"] for route in routes_of(bootstrap)}
+    for route in http:
+        assert route["match"] == [{"uri": {"prefix": prefixes[route["name"]]}}]
+
+
+def envoy_gateway_route_name(namespace, name, rule, match, hostname="*"):
+    """The name Envoy Gateway gives the Envoy route of an HTTPRoute's rule and match
+    (internal/gatewayapi: irRouteName, then one route per hostname, dots as underscores)."""
+    host = hostname.replace(".", "_")
+    return f"httproute/{namespace}/{name}/rule/{rule}/match/{match}/{host}"
+
+
+def test_the_envoy_gateway_route_policy_sends_the_route_name_the_host_maps():
+    path = DEPLOY / "envoy-gateway" / "extension-policy-routes.yaml"
+    (policy,) = load_all(path)
+    (httpbin_policy,) = load_all(DEPLOY / "envoy-gateway" / "extension-policy.yaml")
+    (target,) = policy["spec"]["targetRefs"]
+    assert target == {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "name": "checkout"}
+    assert target not in httpbin_policy["spec"]["targetRefs"]
+    (ext_proc,) = policy["spec"]["extProc"]
+    request = ext_proc["processingMode"]["request"]
+    assert request == {"attributes": ["xds.route_name"]}
+    # Otherwise the httpbin policy's settings.
+    (httpbin_ext_proc,) = httpbin_policy["spec"]["extProc"]
+    without_attributes = copy.deepcopy(ext_proc)
+    without_attributes["processingMode"]["request"] = {}
+    assert without_attributes == httpbin_ext_proc
+    # The host configuration the comment gives, for the HTTPRoute's first rule and match.
+    config = tomllib.loads(commented_example(path, "into the host's config:"))
+    route = envoy_gateway_route_name(policy["metadata"]["namespace"], target["name"], 0, 0)
+    assert config == {"chains": {"checkout": {"routes": [route]}}}
+
+
+def test_the_crd_validation_catches_a_bad_route_patch_and_attribute():
+    (routes_filter,) = load_all(DEPLOY / "istio" / "envoyfilter-routes.yaml")
+    routes_filter["spec"]["configPatches"][0]["applyTo"] = "HTTP_ROUTES"
+    (policy,) = load_all(DEPLOY / "envoy-gateway" / "extension-policy-routes.yaml")
+    policy["spec"]["extProc"][0]["processingMode"]["request"]["attributes"] = ["xds.cluster_name"]
+    result = crd_validation([routes_filter, policy])
+    assert result.returncode == 1
+    assert "configPatches/0/applyTo must be equal to one of the allowed values" in result.stdout
+    assert "request/attributes/0 must match pattern" in result.stdout
+
+
 def crd_validation(resources):
     # ES modules find packages beside the importing file: run a copy that sits next to the
     # installed node_modules.
@@ -183,9 +367,11 @@ CUSTOM_RESOURCES = [
     DEPLOY / "istio" / "envoyfilter.yaml",
     DEPLOY / "istio" / "envoyfilter-in-process.yaml",
     DEPLOY / "istio" / "envoyfilter-gateway.yaml",
+    DEPLOY / "istio" / "envoyfilter-routes.yaml",
     DEPLOY / "istio" / "destinationrule.yaml",
     DEPLOY / "istio" / "authorizationpolicy.yaml",
     DEPLOY / "envoy-gateway" / "extension-policy.yaml",
+    DEPLOY / "envoy-gateway" / "extension-policy-routes.yaml",
 ]
 
 # What one replica holds by default ([runtime] max_instances): Envoy's side must allow at least
@@ -206,11 +392,12 @@ def test_every_envoy_side_lets_as_many_requests_through_as_the_host_holds():
     http = rule["spec"]["trafficPolicy"]["connectionPool"]["http"]
     assert http["http2MaxRequests"] >= HOST_INSTANCES
 
-    (policy,) = load_all(DEPLOY / "envoy-gateway" / "extension-policy.yaml")
-    (ext_proc,) = policy["spec"]["extProc"]
-    breaker = ext_proc["backendSettings"]["circuitBreaker"]
-    assert breaker["maxParallelRequests"] >= HOST_INSTANCES
-    assert breaker["maxPendingRequests"] >= HOST_INSTANCES
+    for file in ["extension-policy.yaml", "extension-policy-routes.yaml"]:
+        (policy,) = load_all(DEPLOY / "envoy-gateway" / file)
+        (ext_proc,) = policy["spec"]["extProc"]
+        breaker = ext_proc["backendSettings"]["circuitBreaker"]
+        assert breaker["maxParallelRequests"] >= HOST_INSTANCES
+        assert breaker["maxPendingRequests"] >= HOST_INSTANCES
 
 
 def test_custom_resources_validate_against_their_crd_schemas():

@@ -4,12 +4,14 @@
 // "invalid <kind> <name>: <why>", and exits 1 if any is invalid.
 import { EnvoyFilter } from "@kubernetes-models/istio/networking.istio.io/v1alpha3/EnvoyFilter";
 import { DestinationRule } from "@kubernetes-models/istio/networking.istio.io/v1/DestinationRule";
+import { VirtualService } from "@kubernetes-models/istio/networking.istio.io/v1/VirtualService";
 import { AuthorizationPolicy } from "@kubernetes-models/istio/security.istio.io/v1/AuthorizationPolicy";
 import { EnvoyExtensionPolicy } from "@kubernetes-models/envoy-gateway/gateway.envoyproxy.io/v1alpha1/EnvoyExtensionPolicy";
 
 const models = {
   "networking.istio.io/v1alpha3/EnvoyFilter": EnvoyFilter,
   "networking.istio.io/v1/DestinationRule": DestinationRule,
+  "networking.istio.io/v1/VirtualService": VirtualService,
   "security.istio.io/v1/AuthorizationPolicy": AuthorizationPolicy,
   "gateway.envoyproxy.io/v1alpha1/EnvoyExtensionPolicy": EnvoyExtensionPolicy,
 };
