@@ -886,8 +886,9 @@ mod tests {
             let ext_proc = matches!(setup.filter, Filter::ExtProc(_));
             let lua = setup.filter == Filter::Lua;
             let config = render(setup);
+            // In the filter chain (routes may still carry its per-route settings).
             assert_eq!(
-                config.contains("envoy.filters.http.ext_proc"),
+                config.contains("- name: envoy.filters.http.ext_proc"),
                 ext_proc,
                 "{config}"
             );
