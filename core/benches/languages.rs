@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 mod common;
 
 use common::{WASI, components, request_headers, response_headers};
-use wasm_extproc_core::config::Settings;
+use wasm_extproc_core::config::{DEFAULT_CHAIN, Settings};
 use wasm_extproc_core::http::{ExchangeContext, Phase};
 use wasm_extproc_core::metrics::Metrics;
 use wasm_extproc_core::runtime::{PoolLimits, Runtime};
@@ -76,18 +76,22 @@ fn main() {
         let size = bytes.len();
         let heavy = size > 1 << 20;
 
-        // Loads the component into a fresh engine (caching in `cache`, if any); how long it took.
-        let load = |cache: Option<&Path>| {
-            let runtime = runtime(cache);
-            let started = Instant::now();
+        let plugin_in = |runtime: &Runtime| {
             tokio
                 .block_on(runtime.load(
+                    DEFAULT_CHAIN,
                     name,
                     &path,
                     Runtime::read(&path).unwrap(),
                     settings.clone(),
                 ))
-                .unwrap();
+                .unwrap()
+        };
+        // Loads the component into a fresh engine (caching in `cache`, if any); how long it took.
+        let load = |cache: Option<&Path>| {
+            let runtime = runtime(cache);
+            let started = Instant::now();
+            plugin_in(&runtime);
             started.elapsed()
         };
         // Cold: no cache, compiling from the bytes.
@@ -99,9 +103,7 @@ fn main() {
 
         // Per stream: what the host does for one HTTP exchange with this plugin.
         let runtime = runtime(None);
-        let plugin = tokio
-            .block_on(runtime.load(name, &path, Runtime::read(&path).unwrap(), settings.clone()))
-            .unwrap();
+        let plugin = plugin_in(&runtime);
         let context = Arc::new(ExchangeContext::default());
         let iterations = if heavy { 300 } else { 3000 };
         let stream = median(tokio.block_on(async {

@@ -26,8 +26,7 @@ mod common;
 use common::{BUNDLED, WASI, components, request_headers, response_headers};
 use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use wasm_extproc_core::chain::StreamChain;
-use wasm_extproc_core::config::{Isolation, Settings};
-use wasm_extproc_core::guard::Guard;
+use wasm_extproc_core::config::{DEFAULT_CHAIN, Isolation, Settings};
 use wasm_extproc_core::http::{
     BodyChunk, BodyMode, Changes, Decision, ExchangeContext, Message, Phase,
 };
@@ -88,10 +87,13 @@ impl Bench {
             panic!("{e}: run `cargo xtask bench` (it builds every component it needs)");
         });
         self.tokio
-            .block_on(
-                self.runtime
-                    .load(name, &path, bytes, self.config.defaults.clone()),
-            )
+            .block_on(self.runtime.load(
+                DEFAULT_CHAIN,
+                name,
+                &path,
+                bytes,
+                self.config.defaults.clone(),
+            ))
             .expect("load plugin")
     }
 
@@ -100,15 +102,16 @@ impl Bench {
         let mut settings = plugin.settings().clone();
         settings.isolation = isolation;
         let plugins = (0..n)
-            .map(|i| plugin.with(&format!("{}-{i}", plugin.name()), settings.clone()))
+            .map(|i| {
+                plugin.with(
+                    DEFAULT_CHAIN,
+                    &format!("{}-{i}", plugin.name()),
+                    settings.clone(),
+                )
+            })
             .collect();
-        Arc::new(Generation {
-            number: 1,
-            chain: Chain::new(plugins, &Metrics::new(), Duration::ZERO),
-            guard: Guard::new(self.config.envoy.clone()),
-            envoy: self.config.envoy.clone(),
-            plugins_dir: components(BUNDLED),
-        })
+        let chain = Chain::new(DEFAULT_CHAIN, plugins, &Metrics::new(), Duration::ZERO);
+        Arc::new(Generation::new(1, vec![chain], &self.config))
     }
 }
 
@@ -221,7 +224,7 @@ fn chain_group(
             b.to_async(&bench.tokio).iter_batched(
                 exchange,
                 |(request, response)| async {
-                    let mut chain = StreamChain::new(generation.clone());
+                    let mut chain = StreamChain::new(generation.clone(), 0);
                     let request = chain
                         .run(Phase::RequestHeaders, request, BodyMode::None, context)
                         .await;
@@ -273,7 +276,7 @@ fn body_throughput(c: &mut Criterion) {
                 b.to_async(&bench.tokio).iter_batched(
                     messages,
                     |messages| async {
-                        let mut chain = StreamChain::new(generation.clone());
+                        let mut chain = StreamChain::new(generation.clone(), 0);
                         let mut out = Vec::with_capacity(messages.len());
                         for message in messages {
                             let verdict =

@@ -28,7 +28,7 @@ use crate::http::{
     BodyChunk, BodyMode, Changes, Decision, Delivery, Direction, Effects, ExchangeContext,
     HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
 };
-use crate::registry::Generation;
+use crate::registry::{Chain, Generation};
 use crate::runtime::{Action, Instance, Outcome, Plugin, PluginError};
 
 /// Largest body the host holds back for a plugin that wants it whole. Past this the plugin
@@ -41,6 +41,8 @@ pub const MAX_HELD_BODY_BYTES: usize = 8 << 20;
 #[derive(Debug)]
 pub struct StreamChain {
     generation: Arc<Generation>,
+    /// The generation's chain this stream runs (see [`Generation::chain`]).
+    index: usize,
     plugins: Vec<PluginState>,
     /// Per direction (request, response): the headers while they are open to body handlers.
     open: [Option<OpenHeaders>; 2],
@@ -100,15 +102,17 @@ fn held_index(direction: Direction) -> usize {
 }
 
 impl StreamChain {
-    pub fn new(generation: Arc<Generation>) -> Self {
+    /// A stream on `generation`'s chain at `index` (0: the default chain).
+    pub fn new(generation: Arc<Generation>, index: usize) -> Self {
         let plugins = generation
-            .chain
+            .chain(index)
             .plugins()
             .iter()
             .map(|_| PluginState::default())
             .collect();
         StreamChain {
             generation,
+            index,
             plugins,
             open: Default::default(),
         }
@@ -119,10 +123,14 @@ impl StreamChain {
         &self.generation
     }
 
+    /// The chain this stream runs.
+    pub fn chain(&self) -> &Chain {
+        self.generation.chain(self.index)
+    }
+
     /// The phases some plugin still handles in this stream (plugins that failed are out).
     pub fn live_phases(&self) -> PhaseSet {
-        self.generation
-            .chain
+        self.chain()
             .plugins()
             .iter()
             .zip(&self.plugins)
@@ -137,7 +145,7 @@ impl StreamChain {
     pub fn release_finished(&mut self, to_come: PhaseSet) {
         for (plugin, state) in self
             .generation
-            .chain
+            .chain(self.index)
             .plugins()
             .iter()
             .zip(&mut self.plugins)
@@ -153,8 +161,7 @@ impl StreamChain {
 
     /// The plugins still live in this stream that handle `direction`'s body.
     fn body_plugins(&self, direction: Direction) -> impl Iterator<Item = &Plugin> {
-        self.generation
-            .chain
+        self.chain()
             .plugins()
             .iter()
             .zip(&self.plugins)
@@ -176,7 +183,7 @@ impl StreamChain {
     /// and `BUFFERED_PARTIAL` modes; in `FULL_DUPLEX_STREAMED` mode (and in-process) the caller
     /// holds them while a plugin wants the body whole.
     pub fn opens_headers(&self, direction: Direction, body_mode: BodyMode) -> bool {
-        if !self.generation.chain.phases().contains(direction.body()) {
+        if !self.chain().phases().contains(direction.body()) {
             return false;
         }
         let waits = match body_mode {
@@ -266,16 +273,16 @@ impl StreamChain {
         // A plugin instantiated for this message waits for a full pool from now on.
         let arrived = Instant::now();
         let generation = &*self.generation;
+        let chain = generation.chain(self.index);
         // Body handlers that take headers get these, while they are open.
         let mut open = match message {
             Message::Body(_) => self.open[held_index(direction)].take(),
             _ => None,
         };
-        let plugins = generation
-            .chain
+        let plugins = chain
             .plugins()
             .iter()
-            .zip(generation.chain.plugin_metrics())
+            .zip(chain.plugin_metrics())
             .zip(self.plugins.iter_mut())
             .skip(first);
         let mut stopped = None;
@@ -450,13 +457,18 @@ impl Drop for StreamChain {
 fn log_transition(plugin: &Plugin, transition: Option<Transition>) {
     match transition {
         Some(Transition::Opened(backoff)) => tracing::warn!(
+            chain = plugin.chain(),
             plugin = plugin.name(),
             backoff_ms = backoff.as_millis() as u64,
             "plugin keeps failing; quarantined: it is not called (its failure policy applies) \
              until the back-off ends and a probe call succeeds"
         ),
         Some(Transition::Recovered) => {
-            tracing::info!(plugin = plugin.name(), "quarantined plugin recovered")
+            tracing::info!(
+                chain = plugin.chain(),
+                plugin = plugin.name(),
+                "quarantined plugin recovered"
+            )
         }
         None => {}
     }
@@ -519,6 +531,7 @@ fn on_failure(plugin: &Plugin, phase: Phase, error: &PluginError) -> Option<Imme
     // every skipped call.
     if !matches!(error, PluginError::Quarantined(_)) {
         tracing::warn!(
+            chain = plugin.chain(),
             plugin = plugin.name(),
             phase = phase.as_str(),
             kind = error.kind(),

@@ -111,7 +111,48 @@ pub struct FileConfig {
     plugins: BTreeMap<String, FilePluginSettings>,
     #[serde(default)]
     envoy: FileEnvoy,
+    /// Named chains: the plugins directory's subdirectories.
+    #[serde(default)]
+    chains: BTreeMap<String, FileChain>,
+    /// What a stream naming a chain that does not exist gets.
+    unknown_chain: Option<UnknownChain>,
 }
+
+/// `[chains.NAME]`: the chain in the plugins directory's subdirectory `NAME`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileChain {
+    /// Envoy route names (the `xds.route_name` attribute) whose streams this chain serves.
+    #[serde(default)]
+    routes: Vec<String>,
+    /// Settings of this chain's plugins, over `[plugins.NAME]` and `[defaults]`.
+    #[serde(default)]
+    plugins: BTreeMap<String, FilePluginSettings>,
+}
+
+/// What a stream naming a chain that does not exist gets (`unknown_chain`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownChain {
+    /// The default chain, with a warning (once per name and load) and a count.
+    #[default]
+    Default,
+    /// An answer from the host instead of the upstream's: 500, with
+    /// `wasm_extproc_unknown_chain` in Envoy's access log.
+    Reject,
+}
+
+/// A named chain's settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChainSettings {
+    /// Envoy route names it serves.
+    pub routes: Vec<String>,
+    /// Its plugins' settings, by plugin name, resolved over `[plugins.NAME]` and `[defaults]`.
+    pub plugins: BTreeMap<String, PluginSettings>,
+}
+
+/// The name the plugins directory's own `.wasm` files go by as a chain.
+pub const DEFAULT_CHAIN: &str = "default";
 
 /// `[tls]`: the server's certificate, key and optional client CA, as paths.
 #[derive(Debug, Deserialize)]
@@ -236,6 +277,9 @@ pub struct Settings {
     pub defaults: PluginSettings,
     /// Settings by plugin name (the file name without `.wasm`).
     pub plugins: BTreeMap<String, PluginSettings>,
+    /// Named chains' settings, by chain name.
+    pub chains: BTreeMap<String, ChainSettings>,
+    pub unknown_chain: UnknownChain,
     pub envoy: EnvoySettings,
 }
 
@@ -364,7 +408,38 @@ impl FileConfig {
                     .map_err(|e| ConfigError(format!("[plugins.{name}]: {e}")))?;
                 Ok((name.clone(), resolved))
             })
-            .collect::<Result<_, ConfigError>>()?;
+            .collect::<Result<BTreeMap<_, _>, ConfigError>>()?;
+        let mut chains = BTreeMap::new();
+        let mut route_owner: BTreeMap<&str, &str> = BTreeMap::new();
+        for (chain, file) in &self.chains {
+            check_chain_name(chain)?;
+            for route in &file.routes {
+                if let Some(other) = route_owner.insert(route, chain) {
+                    return Err(ConfigError(format!(
+                        "route {route:?} is in the routes of both [chains.{other}] and \
+                         [chains.{chain}]"
+                    )));
+                }
+            }
+            let plugins = file
+                .plugins
+                .iter()
+                .map(|(name, settings)| {
+                    let base = plugins.get(name).unwrap_or(&defaults);
+                    let resolved = settings.apply_to(base).map_err(|e| {
+                        ConfigError(format!("[chains.{chain}.plugins.{name}]: {e}"))
+                    })?;
+                    Ok((name.clone(), resolved))
+                })
+                .collect::<Result<_, ConfigError>>()?;
+            chains.insert(
+                chain.clone(),
+                ChainSettings {
+                    routes: file.routes.clone(),
+                    plugins,
+                },
+            );
+        }
         let max_instances = self
             .runtime
             .max_instances
@@ -406,6 +481,8 @@ impl FileConfig {
                 .or_else(|| self.runtime.cache_dir.clone()),
             defaults,
             plugins,
+            chains,
+            unknown_chain: self.unknown_chain.unwrap_or_default(),
             envoy: self.envoy.resolve()?,
         })
     }
@@ -417,9 +494,14 @@ impl Settings {
         FileConfig::parse(text, origin)?.settings(&Overrides::default())
     }
 
-    /// The settings for the plugin called `name`.
-    pub fn settings_for(&self, name: &str) -> &PluginSettings {
-        self.plugins.get(name).unwrap_or(&self.defaults)
+    /// The settings for the plugin called `name` in `chain`: `[chains.CHAIN.plugins.NAME]`,
+    /// else `[plugins.NAME]`, else `[defaults]`.
+    pub fn settings_for(&self, chain: &str, name: &str) -> &PluginSettings {
+        self.chains
+            .get(chain)
+            .and_then(|c| c.plugins.get(name))
+            .or_else(|| self.plugins.get(name))
+            .unwrap_or(&self.defaults)
     }
 
     /// The largest memory limit any plugin may have: the pooling allocator reserves this much
@@ -427,11 +509,29 @@ impl Settings {
     pub fn max_memory_limit_bytes(&self) -> u64 {
         self.plugins
             .values()
+            .chain(self.chains.values().flat_map(|c| c.plugins.values()))
             .chain([&self.defaults])
             .map(|s| s.budget.memory_limit_bytes)
             .max()
             .unwrap_or(DEFAULT_MEMORY_LIMIT_MIB << 20)
     }
+}
+
+/// A chain's name is a directory name in the plugins directory, and a label value.
+fn check_chain_name(name: &str) -> Result<(), ConfigError> {
+    if name == DEFAULT_CHAIN {
+        return Err(ConfigError(format!(
+            "[chains.{DEFAULT_CHAIN}]: that is the name of the plugins directory's own files; \
+             give their settings in [plugins.NAME]"
+        )));
+    }
+    if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\']) {
+        return Err(ConfigError(format!(
+            "[chains.{name}]: a chain is a subdirectory of the plugins directory; {name:?} \
+             cannot name one"
+        )));
+    }
+    Ok(())
 }
 
 impl FileEnvoy {
@@ -566,11 +666,16 @@ mod tests {
         assert_eq!(settings.plugins_dir, Path::new(DEFAULT_PLUGINS_DIR));
         assert_eq!(settings.max_instances, DEFAULT_MAX_INSTANCES);
         assert_eq!(
-            settings.settings_for("anything").failure_policy,
+            settings
+                .settings_for(DEFAULT_CHAIN, "anything")
+                .failure_policy,
             FailurePolicy::Closed { status: 500 }
         );
         assert_eq!(
-            settings.settings_for("anything").budget.timeout,
+            settings
+                .settings_for(DEFAULT_CHAIN, "anything")
+                .budget
+                .timeout,
             DEFAULT_TIMEOUT
         );
     }
@@ -590,17 +695,70 @@ mod tests {
             "#,
         )
         .unwrap();
-        let a = settings.settings_for("a");
+        let a = settings.settings_for(DEFAULT_CHAIN, "a");
         assert_eq!(a.config, "x");
         assert_eq!(a.failure_policy, FailurePolicy::Closed { status: 503 });
         assert_eq!(a.budget.timeout, Duration::from_millis(5));
-        let b = settings.settings_for("b");
+        let b = settings.settings_for(DEFAULT_CHAIN, "b");
         assert_eq!(b.failure_policy, FailurePolicy::Open);
         assert_eq!(b.budget.memory_limit_bytes, 8 << 20);
         assert_eq!(
             settings.max_memory_limit_bytes(),
             DEFAULT_MEMORY_LIMIT_MIB << 20
         );
+    }
+
+    #[test]
+    fn a_chains_plugin_settings_fall_back_to_the_plugins_then_the_defaults() {
+        let settings = parse(
+            r#"
+            unknown_chain = "reject"
+            [defaults]
+            timeout_ms = 5
+            [plugins.auth]
+            config = "everyone"
+            failure_policy = "fail-open"
+            [chains.checkout]
+            routes = ["checkout", "cart"]
+            [chains.checkout.plugins.auth]
+            config = "checkout"
+            memory_limit_mib = 96
+            "#,
+        )
+        .unwrap();
+        assert_eq!(settings.unknown_chain, UnknownChain::Reject);
+        let checkout = settings.settings_for("checkout", "auth");
+        assert_eq!(checkout.config, "checkout");
+        assert_eq!(checkout.failure_policy, FailurePolicy::Open);
+        assert_eq!(checkout.budget.timeout, Duration::from_millis(5));
+        assert_eq!(
+            settings.settings_for(DEFAULT_CHAIN, "auth").config,
+            "everyone"
+        );
+        assert_eq!(settings.settings_for("checkout", "other").config, "");
+        assert_eq!(settings.chains["checkout"].routes, ["checkout", "cart"]);
+        // The pool reserves address space for the largest memory limit of any chain.
+        assert_eq!(settings.max_memory_limit_bytes(), 96 << 20);
+        assert_eq!(parse("").unwrap().unknown_chain, UnknownChain::Default);
+    }
+
+    #[test]
+    fn chains_are_checked() {
+        let error = |text: &str| parse(text).unwrap_err().to_string();
+        assert_eq!(
+            error("[chains.a]\nroutes = [\"r\"]\n[chains.b]\nroutes = [\"r\"]\n"),
+            "route \"r\" is in the routes of both [chains.a] and [chains.b]"
+        );
+        assert!(
+            error("[chains.default.plugins.x]\nconfig = \"y\"\n")
+                .starts_with("[chains.default]: that is the name of"),
+        );
+        assert!(error("[chains.\"..data\"]\n").contains("cannot name one"));
+        assert!(
+            error("[chains.c.plugins.x]\ntimeout_ms = 0\n").starts_with("[chains.c.plugins.x]: "),
+        );
+        assert!(error("unknown_chain = \"ignore\"\n").contains("unknown variant `ignore`"));
+        assert!(error("[chains.c]\nroute = [\"r\"]\n").contains("unknown field `route`"));
     }
 
     #[test]

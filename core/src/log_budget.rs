@@ -44,6 +44,7 @@ pub const SUMMARY_PERIOD: Duration = Duration::from_secs(5);
 /// One plugin's budget. Shared by every instance of one plugin in one chain generation.
 #[derive(Debug)]
 pub struct LogBudget {
+    chain: Arc<str>,
     plugin: Arc<str>,
     lines_per_second: u32,
     bucket: Mutex<Bucket>,
@@ -74,8 +75,14 @@ pub struct Admission {
 
 impl LogBudget {
     /// A full bucket for `plugin`, counting dropped lines into `suppressed`.
-    pub fn new(plugin: Arc<str>, lines_per_second: u32, suppressed: Counter) -> LogBudget {
+    pub fn new(
+        chain: Arc<str>,
+        plugin: Arc<str>,
+        lines_per_second: u32,
+        suppressed: Counter,
+    ) -> LogBudget {
         LogBudget {
+            chain,
             plugin,
             lines_per_second,
             bucket: Mutex::new(Bucket {
@@ -146,14 +153,18 @@ impl LogBudget {
             }
             line = format!("{}...", &line[..cut]).into();
         }
-        let plugin = &*self.plugin;
+        let (chain, plugin) = (&*self.chain, &*self.plugin);
         let source = source.as_str();
         match level {
-            Level::TRACE => tracing::trace!(target: "plugin", plugin, phase, source, "{line}"),
-            Level::DEBUG => tracing::debug!(target: "plugin", plugin, phase, source, "{line}"),
-            Level::INFO => tracing::info!(target: "plugin", plugin, phase, source, "{line}"),
-            Level::WARN => tracing::warn!(target: "plugin", plugin, phase, source, "{line}"),
-            _ => tracing::error!(target: "plugin", plugin, phase, source, "{line}"),
+            Level::TRACE => {
+                tracing::trace!(target: "plugin", chain, plugin, phase, source, "{line}")
+            }
+            Level::DEBUG => {
+                tracing::debug!(target: "plugin", chain, plugin, phase, source, "{line}")
+            }
+            Level::INFO => tracing::info!(target: "plugin", chain, plugin, phase, source, "{line}"),
+            Level::WARN => tracing::warn!(target: "plugin", chain, plugin, phase, source, "{line}"),
+            _ => tracing::error!(target: "plugin", chain, plugin, phase, source, "{line}"),
         }
     }
 
@@ -161,6 +172,7 @@ impl LogBudget {
     pub fn report(&self, dropped: u64) {
         tracing::warn!(
             target: "plugin",
+            chain = &*self.chain,
             plugin = &*self.plugin,
             suppressed = dropped,
             "plugin {}: {dropped} log lines suppressed (over its budget of {} lines a second; \
@@ -205,7 +217,12 @@ mod tests {
     fn budget(lines_per_second: u32) -> (LogBudget, Counter) {
         let counter = Counter::default();
         (
-            LogBudget::new("p".into(), lines_per_second, counter.clone()),
+            LogBudget::new(
+                "default".into(),
+                "p".into(),
+                lines_per_second,
+                counter.clone(),
+            ),
             counter,
         )
     }

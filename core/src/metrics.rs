@@ -20,6 +20,7 @@ struct PhaseLabel {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
+    chain: String,
     plugin: String,
     phase: &'static str,
     outcome: &'static str,
@@ -27,11 +28,13 @@ struct CallLabels {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginLabel {
+    chain: String,
     plugin: String,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginPhaseLabels {
+    chain: String,
     plugin: String,
     phase: &'static str,
 }
@@ -45,6 +48,11 @@ struct DirectionLabel {
 struct RefusalLabel {
     listener: &'static str,
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnswerLabel {
+    answer: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -80,9 +88,10 @@ pub struct Metrics {
     log_lines_suppressed: Family<PluginLabel, Counter>,
     bodies_not_sent: Family<DirectionLabel, Counter>,
     refused: Family<RefusalLabel, Counter>,
+    unknown_chains: Family<AnswerLabel, Counter>,
     pool: PoolMetrics,
-    /// Every plugin that has had series, for [`samples`](Metrics::samples).
-    plugins: Mutex<BTreeSet<String>>,
+    /// Every plugin that has had series, as (chain, plugin), for [`samples`](Metrics::samples).
+    plugins: Mutex<BTreeSet<(String, String)>>,
 }
 
 /// One counter or gauge series and its value now.
@@ -182,6 +191,13 @@ impl Metrics {
             "Clients the server turned away, by listener (ext_proc, admin) and reason",
             refused.clone(),
         );
+        let unknown_chains = Family::<AnswerLabel, Counter>::default();
+        registry.register(
+            "unknown_chain_streams",
+            "Streams that asked for a chain that does not exist, by the answer they got \
+             (unknown_chain: default, reject)",
+            unknown_chains.clone(),
+        );
         let pool = PoolMetrics::default();
         registry.register(
             "instances_in_use",
@@ -218,6 +234,7 @@ impl Metrics {
             log_lines_suppressed,
             bodies_not_sent,
             refused,
+            unknown_chains,
             pool,
             plugins: Mutex::default(),
         })
@@ -230,16 +247,32 @@ impl Metrics {
 
     /// The counter of `plugin`'s log lines dropped over its budget, for its
     /// [`LogBudget`](crate::log_budget::LogBudget).
-    pub fn log_lines_suppressed(&self, plugin: &str) -> Counter {
-        self.plugins
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(plugin.to_string());
+    pub fn log_lines_suppressed(&self, chain: &str, plugin: &str) -> Counter {
+        self.note_plugin(chain, plugin);
         self.log_lines_suppressed
             .get_or_create(&PluginLabel {
+                chain: chain.to_string(),
                 plugin: plugin.to_string(),
             })
             .clone()
+    }
+
+    fn note_plugin(&self, chain: &str, plugin: &str) {
+        self.plugins
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert((chain.to_string(), plugin.to_string()));
+    }
+
+    /// The chains that have a plugin named `plugin`.
+    fn chains_of(&self, plugin: &str) -> Vec<String> {
+        self.plugins
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .filter(|(_, p)| p == plugin)
+            .map(|(chain, _)| chain.clone())
+            .collect()
     }
 
     /// Counts a stream on which Envoy sends none of the `direction` body plugins handle.
@@ -249,6 +282,21 @@ impl Metrics {
                 direction: direction.noun(),
             })
             .inc();
+    }
+
+    /// Counts a stream that asked for a chain that does not exist and got `answer`
+    /// (`default`, `reject`).
+    pub fn unknown_chain(&self, answer: &'static str) {
+        self.unknown_chains
+            .get_or_create(&AnswerLabel { answer })
+            .inc();
+    }
+
+    /// How many streams [`unknown_chain`](Self::unknown_chain) counted with `answer`.
+    pub fn unknown_chains(&self, answer: &'static str) -> u64 {
+        self.unknown_chains
+            .get(&AnswerLabel { answer })
+            .map_or(0, |c| c.get())
     }
 
     /// Counts a client turned away by `listener` (`ext_proc`, `admin`) for `reason`.
@@ -289,13 +337,11 @@ impl Metrics {
 
     /// The series of one plugin, looked up on first use and kept: what a stream records for
     /// each call, without building labels.
-    pub fn for_plugin(self: &Arc<Self>, plugin: &str) -> PluginMetrics {
-        self.plugins
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(plugin.to_string());
+    pub fn for_plugin(self: &Arc<Self>, chain: &str, plugin: &str) -> PluginMetrics {
+        self.note_plugin(chain, plugin);
         PluginMetrics {
             metrics: self.clone(),
+            chain: chain.to_string(),
             plugin: plugin.to_string(),
             calls: Default::default(),
             call_seconds: Default::default(),
@@ -325,15 +371,39 @@ impl Metrics {
             .map_or(0, |c| c.get())
     }
 
-    /// How many calls of `plugin` in `phase` ended with `outcome`.
+    /// How many calls of `plugin` (in whichever chains have one) in `phase` ended with
+    /// `outcome`.
     pub fn plugin_calls(&self, plugin: &str, phase: Phase, outcome: &'static str) -> u64 {
+        self.chains_of(plugin)
+            .iter()
+            .map(|chain| self.chain_plugin_calls(chain, plugin, phase, outcome))
+            .sum()
+    }
+
+    /// How many calls of `plugin` in `chain` and `phase` ended with `outcome`.
+    pub fn chain_plugin_calls(
+        &self,
+        chain: &str,
+        plugin: &str,
+        phase: Phase,
+        outcome: &'static str,
+    ) -> u64 {
         self.calls
             .get(&CallLabels {
+                chain: chain.to_string(),
                 plugin: plugin.to_string(),
                 phase: phase.as_str(),
                 outcome,
             })
             .map_or(0, |c| c.get())
+    }
+
+    /// How many calls of `plugin` in `chain`, in any phase, ended with `outcome`.
+    pub fn chain_plugin_outcomes(&self, chain: &str, plugin: &str, outcome: &'static str) -> u64 {
+        Phase::ALL
+            .into_iter()
+            .map(|phase| self.chain_plugin_calls(chain, plugin, phase, outcome))
+            .sum()
     }
 
     /// How many calls of `plugin`, in any phase, ended with `outcome`.
@@ -389,27 +459,29 @@ impl Metrics {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .clone();
-        for plugin in plugins {
+        for (chain, plugin) in plugins {
             let suppressed = self
                 .log_lines_suppressed
                 .get(&PluginLabel {
+                    chain: chain.clone(),
                     plugin: plugin.clone(),
                 })
                 .map_or(0, |c| c.get());
             if suppressed > 0 {
                 samples.push(counter(
                     "plugin_log_lines_suppressed",
-                    vec![("plugin", plugin.clone())],
+                    vec![("chain", chain.clone()), ("plugin", plugin.clone())],
                     suppressed,
                 ));
             }
             for phase in Phase::ALL {
                 for outcome in OUTCOMES {
-                    let value = self.plugin_calls(&plugin, phase, outcome);
+                    let value = self.chain_plugin_calls(&chain, &plugin, phase, outcome);
                     if value > 0 {
                         samples.push(counter(
                             "plugin_calls",
                             vec![
+                                ("chain", chain.clone()),
                                 ("plugin", plugin.clone()),
                                 ("phase", phase.as_str().to_string()),
                                 ("outcome", outcome.to_string()),
@@ -437,6 +509,7 @@ impl Metrics {
 #[derive(Debug)]
 pub struct PluginMetrics {
     metrics: Arc<Metrics>,
+    chain: String,
     plugin: String,
     calls: [[OnceLock<Counter>; OUTCOMES.len()]; 6],
     call_seconds: [OnceLock<Histogram>; 6],
@@ -455,6 +528,7 @@ impl PluginMetrics {
                 self.metrics
                     .calls
                     .get_or_create(&CallLabels {
+                        chain: self.chain.clone(),
                         plugin: self.plugin.clone(),
                         phase: phase.as_str(),
                         outcome,
@@ -467,6 +541,7 @@ impl PluginMetrics {
                 self.metrics
                     .call_seconds
                     .get_or_create(&PluginPhaseLabels {
+                        chain: self.chain.clone(),
                         plugin: self.plugin.clone(),
                         phase: phase.as_str(),
                     })
@@ -481,6 +556,7 @@ impl PluginMetrics {
                 self.metrics
                     .instantiate_seconds
                     .get_or_create(&PluginLabel {
+                        chain: self.chain.clone(),
                         plugin: self.plugin.clone(),
                     })
                     .clone()

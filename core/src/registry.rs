@@ -1,29 +1,32 @@
 //! Which plugins run, in which order, and reloads.
 //!
-//! The chain is every `.wasm` file in the plugins directory, by file name: the order an
-//! operator controls on a volume (`10-auth.wasm` before `20-tag.wasm`), the same on every
-//! replica. Entries whose names start with `.` are skipped: Kubernetes keeps the real files of
-//! ConfigMap volumes under `..data` and timestamped `..2026_...` directories, and exposes each
-//! file as a symlink beside them.
+//! A chain is every `.wasm` file in a directory, by file name: the order an operator controls
+//! on a volume (`10-auth.wasm` before `20-tag.wasm`), the same on every replica. The plugins
+//! directory's own files are the default chain; each subdirectory holding `.wasm` files is a
+//! named chain (`checkout/10-auth.wasm`), which streams ask for by name (see
+//! [`Generation::find_chain`]). Entries whose names start with `.` are skipped: Kubernetes
+//! keeps the real files of ConfigMap volumes under `..data` and timestamped `..2026_...`
+//! directories, and exposes each file as a symlink beside them.
 //!
-//! A [`Registry`] holds the current [`Generation`] -- the chain and the settings that go with
-//! it -- and swaps in a new one atomically on reload. Streams take the generation current when
+//! A [`Registry`] holds the current [`Generation`] -- the chains and the settings that go with
+//! them -- and swaps in a new one atomically on reload. Streams take the generation current when
 //! they start and finish on it, whatever happens meanwhile. A reload is all or nothing: if any
 //! file fails to load, the previous generation keeps serving and the error names the file.
 //! Files whose bytes did not change are not compiled again.
 
 mod watch;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use arc_swap::ArcSwapOption;
 
-use crate::config::{ConfigError, EnvoySettings, Settings};
+pub use crate::config::DEFAULT_CHAIN;
+use crate::config::{ConfigError, EnvoySettings, Settings, UnknownChain};
 use crate::guard::Guard;
 use crate::http::{Direction, Phase, PhaseSet};
 use crate::metrics::{Metrics, PluginMetrics};
@@ -31,9 +34,10 @@ use crate::runtime::{EPOCH_CHECK, EPOCH_TICK, Plugin, Runtime};
 
 pub use watch::{WatchGuard, watch};
 
-/// The loaded chain, in order. Shared by every stream that starts while it is current.
+/// One loaded chain, in order. Shared by every stream that starts on it while it is current.
 #[derive(Debug)]
 pub struct Chain {
+    name: Arc<str>,
     plugins: Vec<Plugin>,
     /// Each plugin's metric series, in the same order.
     metrics: Vec<PluginMetrics>,
@@ -46,14 +50,20 @@ pub struct Chain {
 }
 
 impl Chain {
-    /// The chain of `plugins`, whose instantiations may wait `instance_wait` for a full pool.
-    pub fn new(plugins: Vec<Plugin>, metrics: &Arc<Metrics>, instance_wait: Duration) -> Self {
+    /// The chain `name` of `plugins`, whose instantiations may wait `instance_wait` for a full
+    /// pool.
+    pub fn new(
+        name: &str,
+        plugins: Vec<Plugin>,
+        metrics: &Arc<Metrics>,
+        instance_wait: Duration,
+    ) -> Self {
         let phases = plugins
             .iter()
             .fold(PhaseSet::EMPTY, |set, p| set.union(p.phases()));
         let metrics = plugins
             .iter()
-            .map(|p| metrics.for_plugin(p.name()))
+            .map(|p| metrics.for_plugin(name, p.name()))
             .collect();
         let budgets = Phase::ALL.map(|phase| {
             let mut handling = plugins.iter().filter(|p| p.phases().contains(phase));
@@ -69,12 +79,18 @@ impl Chain {
             }
         });
         Chain {
+            name: name.into(),
             plugins,
             metrics,
             phases,
             budgets,
             no_body_noticed: Default::default(),
         }
+    }
+
+    /// [`DEFAULT_CHAIN`], or the subdirectory it was loaded from.
+    pub fn name(&self) -> &str {
+        &self.name
     }
 
     pub fn plugins(&self) -> &[Plugin] {
@@ -130,8 +146,13 @@ impl Chain {
                         )
                     })
                     .collect();
+                let chain = if *self.name == *DEFAULT_CHAIN {
+                    String::new()
+                } else {
+                    format!("chain {}: ", self.name)
+                };
                 bail!(
-                    "the budgets of the plugins handling {phase} add up to {} ms ({}; each \
+                    "{chain}the budgets of the plugins handling {phase} add up to {} ms ({}; each \
                      counted with the 1 ms precision of its deadline, and at least 10 ms, plus \
                      [runtime] instance_wait_ms), but Envoy waits {} ms for an answer; lower \
                      their timeout_ms, or raise the filter's max_message_timeout and set \
@@ -185,16 +206,151 @@ pub fn discover(dir: &Path) -> anyhow::Result<Vec<(String, PathBuf)>> {
     Ok(found)
 }
 
+/// A chain's name and its plugins' names and files, in chain order.
+pub type ChainFiles = (String, Vec<(String, PathBuf)>);
+
+/// The chains in `dir`: its own `.wasm` files (the default chain, possibly none), then each
+/// subdirectory holding `.wasm` files, by name.
+pub fn discover_chains(dir: &Path) -> anyhow::Result<Vec<ChainFiles>> {
+    let mut chains = vec![(DEFAULT_CHAIN.to_string(), discover(dir)?)];
+    let mut named = Vec::new();
+    for entry in
+        std::fs::read_dir(dir).with_context(|| format!("plugins directory {}", dir.display()))?
+    {
+        let entry = entry.with_context(|| format!("plugins directory {}", dir.display()))?;
+        let path = entry.path();
+        // Follows symlinks; skips Kubernetes' `..data` and the like.
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if name.starts_with('.') || !path.is_dir() {
+            continue;
+        }
+        let files = discover(&path)?;
+        if files.is_empty() {
+            continue;
+        }
+        if name == DEFAULT_CHAIN {
+            bail!(
+                "plugins directory {}: a subdirectory cannot be called `{DEFAULT_CHAIN}`, the \
+                 name of the directory's own chain",
+                dir.display()
+            );
+        }
+        named.push((name, files));
+    }
+    named.sort();
+    chains.extend(named);
+    Ok(chains)
+}
+
 /// Everything a stream uses that a reload can change, swapped as one.
 #[derive(Debug)]
 pub struct Generation {
     /// Counts reloads: 1 is the chain loaded at start-up.
     pub number: u64,
-    pub chain: Chain,
+    /// The default chain first, then the named ones by name.
+    chains: Vec<Chain>,
+    /// Envoy route names (`xds.route_name`) to the chain serving them, by index in `chains`.
+    routes: HashMap<String, usize>,
+    /// What a stream naming a chain that does not exist gets.
+    pub unknown_chain: UnknownChain,
     pub envoy: EnvoySettings,
     pub guard: Guard,
     /// The plugins directory it was loaded from.
     pub plugins_dir: PathBuf,
+    /// The unknown chain names streams asked for, each said once.
+    unknown_noticed: Mutex<HashSet<String>>,
+}
+
+impl Generation {
+    /// Generation `number` of `chains` (the default one first), with `settings`' routes,
+    /// policies and Envoy settings.
+    pub fn new(number: u64, chains: Vec<Chain>, settings: &Settings) -> Generation {
+        assert_eq!(
+            chains.first().map(Chain::name),
+            Some(DEFAULT_CHAIN),
+            "the default chain comes first"
+        );
+        let routes = settings
+            .chains
+            .iter()
+            .filter_map(|(name, chain)| {
+                let index = chains.iter().position(|c| c.name() == name)?;
+                Some(chain.routes.iter().map(move |route| (route.clone(), index)))
+            })
+            .flatten()
+            .collect();
+        Generation {
+            number,
+            chains,
+            routes,
+            unknown_chain: settings.unknown_chain,
+            guard: Guard::new(settings.envoy.clone()),
+            envoy: settings.envoy.clone(),
+            plugins_dir: settings.plugins_dir.clone(),
+            unknown_noticed: Mutex::default(),
+        }
+    }
+
+    /// Every chain, the default one first.
+    pub fn chains(&self) -> &[Chain] {
+        &self.chains
+    }
+
+    /// The chain at `index` (as [`find_chain`](Self::find_chain) and
+    /// [`chain_for_route`](Self::chain_for_route) give it); 0 is the default chain.
+    pub fn chain(&self, index: usize) -> &Chain {
+        &self.chains[index]
+    }
+
+    /// The chain of the plugins directory's own files.
+    pub fn default_chain(&self) -> &Chain {
+        &self.chains[0]
+    }
+
+    /// The index of the chain called `name`.
+    pub fn find_chain(&self, name: &str) -> Option<usize> {
+        self.chains.iter().position(|chain| chain.name() == name)
+    }
+
+    /// The index of the chain the configuration maps Envoy route `route` to.
+    pub fn chain_for_route(&self, route: &str) -> Option<usize> {
+        self.routes.get(route).copied()
+    }
+
+    /// The route names mapped to the chain at `index`, sorted.
+    pub fn routes_of(&self, index: usize) -> Vec<&str> {
+        let mut routes: Vec<&str> = self
+            .routes
+            .iter()
+            .filter(|(_, i)| **i == index)
+            .map(|(route, _)| route.as_str())
+            .collect();
+        routes.sort_unstable();
+        routes
+    }
+
+    /// Whether any chain is mapped to route names: only then is a stream's route worth
+    /// reading.
+    pub fn maps_routes(&self) -> bool {
+        !self.routes.is_empty()
+    }
+
+    /// Every plugin of every chain.
+    pub fn plugins(&self) -> impl Iterator<Item = &Plugin> {
+        self.chains.iter().flat_map(|chain| chain.plugins())
+    }
+
+    /// True the first time a stream asks for the unknown chain `name` in this generation (for
+    /// the first 64 names: a bound on what the set may hold).
+    pub fn first_notice_of_unknown_chain(&self, name: &str) -> bool {
+        let mut noticed = self
+            .unknown_noticed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        noticed.len() < 64 && noticed.insert(name.to_string())
+    }
 }
 
 /// Where a reload reads its settings from: the file and flags again, or a fixed value.
@@ -300,26 +456,18 @@ impl Registry {
     async fn build_next(&self) -> anyhow::Result<ReloadSummary> {
         let config = (self.source)()?;
         let previous = self.current();
-        let (chain, compiled) = load_chain(
-            &self.runtime,
-            &config,
-            previous.as_ref().map(|g| &g.chain),
-            &self.metrics,
-        )
-        .await?;
+        let (chains, compiled) =
+            load_chains(&self.runtime, &config, previous.as_deref(), &self.metrics).await?;
         if self.mode == Mode::ExtProc {
-            chain.check_budgets(&config.envoy)?;
+            for chain in &chains {
+                chain.check_budgets(&config.envoy)?;
+            }
         }
-        let generation = Generation {
-            number: previous.as_ref().map_or(1, |g| g.number + 1),
-            chain,
-            guard: Guard::new(config.envoy.clone()),
-            envoy: config.envoy,
-            plugins_dir: config.plugins_dir,
-        };
+        let number = previous.as_ref().map_or(1, |g| g.number + 1);
+        let generation = Generation::new(number, chains, &config);
         let summary = ReloadSummary {
             generation: generation.number,
-            plugins: generation.chain.plugins().len(),
+            plugins: generation.plugins().count(),
             compiled,
         };
         self.current.store(Some(Arc::new(generation)));
@@ -327,66 +475,98 @@ impl Registry {
     }
 }
 
-/// Loads every plugin in the configured directory, reusing the compiled form of any file
-/// whose bytes match a plugin of `previous`. Returns the chain and how many plugins were
+/// Loads every chain in the configured directory, reusing the compiled form of any file whose
+/// bytes match a plugin of `previous` (or one loaded earlier in this load: a file in several
+/// chains compiles once). Returns the chains, the default one first, and how many plugins were
 /// compiled anew. Any failure stops the whole load: a chain with a plugin silently missing
 /// would run requests through the wrong policy.
-pub async fn load_chain(
+pub async fn load_chains(
     runtime: &Runtime,
     config: &Settings,
-    previous: Option<&Chain>,
+    previous: Option<&Generation>,
     metrics: &Arc<Metrics>,
-) -> anyhow::Result<(Chain, usize)> {
-    let files = discover(&config.plugins_dir)?;
-    if files.is_empty() {
+) -> anyhow::Result<(Vec<Chain>, usize)> {
+    let dir = &config.plugins_dir;
+    let found = discover_chains(dir)?;
+    if found.iter().all(|(_, files)| files.is_empty()) {
         bail!(
             "plugins directory {}: no .wasm files; put at least one component plugin there",
-            config.plugins_dir.display()
+            dir.display()
         );
     }
+    let names = |files: &[(String, PathBuf)]| {
+        files
+            .iter()
+            .map(|(n, _)| n.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     for name in config.plugins.keys() {
-        if !files.iter().any(|(n, _)| n == name) {
+        if !found
+            .iter()
+            .any(|(_, files)| files.iter().any(|(n, _)| n == name))
+        {
             bail!(
                 "config has [plugins.{name}] but {} has no {name}.wasm (found: {})",
-                config.plugins_dir.display(),
-                files
-                    .iter()
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                dir.display(),
+                names(&found[0].1)
             );
         }
     }
-    let compiled_before: HashMap<&str, &Plugin> = previous
-        .into_iter()
-        .flat_map(|chain| chain.plugins())
-        .map(|p| (p.digest(), p))
-        .collect();
-    let mut plugins = Vec::with_capacity(files.len());
-    let mut compiled = 0;
-    for (name, path) in files {
-        let settings = config.settings_for(&name).clone();
-        let (bytes, digest) = Runtime::read(&path)?;
-        let plugin = match compiled_before.get(digest.as_str()) {
-            Some(same) => same.with(&name, settings),
-            None => {
-                compiled += 1;
-                let plugin = runtime
-                    .load(&name, &path, (bytes, digest), settings)
-                    .await?;
-                tracing::info!(
-                    plugin = plugin.name(),
-                    path = %path.display(),
-                    sha256 = plugin.digest(),
-                    phases = ?plugin.phases(),
-                    "compiled plugin"
-                );
-                plugin
-            }
+    for (chain, settings) in &config.chains {
+        let Some((_, files)) = found.iter().find(|(c, _)| c == chain) else {
+            bail!(
+                "config has [chains.{chain}] but {} has no subdirectory {chain} with .wasm files",
+                dir.display()
+            );
         };
-        plugins.push(plugin);
+        for name in settings.plugins.keys() {
+            if !files.iter().any(|(n, _)| n == name) {
+                bail!(
+                    "config has [chains.{chain}.plugins.{name}] but {} has no {name}.wasm \
+                     (found: {})",
+                    dir.join(chain).display(),
+                    names(files)
+                );
+            }
+        }
     }
-    Ok((Chain::new(plugins, metrics, config.instance_wait), compiled))
+    let mut compiled_before: HashMap<String, Plugin> = previous
+        .into_iter()
+        .flat_map(Generation::plugins)
+        .map(|p| (p.digest().to_string(), p.clone()))
+        .collect();
+    let mut chains = Vec::with_capacity(found.len());
+    let mut compiled = 0;
+    for (chain, files) in found {
+        let mut plugins = Vec::with_capacity(files.len());
+        for (name, path) in files {
+            let settings = config.settings_for(&chain, &name).clone();
+            let (bytes, digest) = Runtime::read(&path)?;
+            let plugin = match compiled_before.get(digest.as_str()) {
+                Some(same) => same.with(&chain, &name, settings),
+                None => {
+                    compiled += 1;
+                    let plugin = runtime
+                        .load(&chain, &name, &path, (bytes, digest), settings)
+                        .await?;
+                    tracing::info!(
+                        chain,
+                        plugin = plugin.name(),
+                        path = %path.display(),
+                        sha256 = plugin.digest(),
+                        phases = ?plugin.phases(),
+                        "compiled plugin"
+                    );
+                    compiled_before.insert(plugin.digest().to_string(), plugin.clone());
+                    plugin
+                }
+            };
+            plugins.push(plugin);
+        }
+        chains.push(Chain::new(&chain, plugins, metrics, config.instance_wait));
+    }
+    Ok((chains, compiled))
 }
 
 #[cfg(test)]
@@ -407,6 +587,51 @@ mod tests {
             .map(|(n, _)| n)
             .collect();
         assert_eq!(names, ["10-a", "20-b"]);
+    }
+
+    #[test]
+    fn chains_are_the_directory_then_its_subdirectories_with_plugins() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "10-a.wasm",
+            "search/10-s.wasm",
+            "checkout/20-c.wasm",
+            "checkout/10-c.wasm",
+        ] {
+            let path = dir.path().join(name);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"").unwrap();
+        }
+        // Not chains: hidden (Kubernetes' volume internals), or holding no plugin.
+        std::fs::create_dir_all(dir.path().join("..2026_11_30/x")).unwrap();
+        std::fs::write(dir.path().join("..2026_11_30/x/y.wasm"), b"").unwrap();
+        std::fs::create_dir(dir.path().join("lost+found")).unwrap();
+        let chains: Vec<(String, Vec<String>)> = discover_chains(dir.path())
+            .unwrap()
+            .into_iter()
+            .map(|(chain, files)| (chain, files.into_iter().map(|(n, _)| n).collect()))
+            .collect();
+        assert_eq!(
+            chains,
+            [
+                ("default".to_string(), vec!["10-a".to_string()]),
+                (
+                    "checkout".to_string(),
+                    vec!["10-c".to_string(), "20-c".to_string()]
+                ),
+                ("search".to_string(), vec!["10-s".to_string()]),
+            ]
+        );
+
+        std::fs::create_dir(dir.path().join("default")).unwrap();
+        std::fs::write(dir.path().join("default/x.wasm"), b"").unwrap();
+        let error = discover_chains(dir.path()).unwrap_err().to_string();
+        assert!(
+            error.ends_with(
+                "a subdirectory cannot be called `default`, the name of the directory's own chain"
+            ),
+            "{error}"
+        );
     }
 
     #[test]

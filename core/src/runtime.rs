@@ -334,6 +334,7 @@ impl Runtime {
     /// [`read`](Self::read)), then asks it what it handles. Every error names the file.
     pub async fn load(
         &self,
+        chain: &str,
         name: &str,
         path: &Path,
         (bytes, digest): (Vec<u8>, String),
@@ -389,8 +390,9 @@ impl Runtime {
                 loaded_at: SystemTime::now(),
                 metrics: self.metrics.clone(),
             }),
+            chain: chain.into(),
             name: name.into(),
-            log_budget: log_budget(&self.metrics, name, &settings),
+            log_budget: log_budget(&self.metrics, chain, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),
@@ -479,6 +481,9 @@ impl Runtime {
 #[derive(Clone)]
 pub struct Plugin {
     compiled: Arc<Compiled>,
+    /// The chain it belongs to ([`DEFAULT_CHAIN`](crate::registry::DEFAULT_CHAIN) for the
+    /// plugins directory's own files).
+    chain: Arc<str>,
     name: Arc<str>,
     settings: Arc<PluginSettings>,
     breaker: Arc<Breaker>,
@@ -489,11 +494,17 @@ pub struct Plugin {
 }
 
 /// A fresh log budget for the plugin `name`, counting into its series.
-fn log_budget(metrics: &Metrics, name: &str, settings: &PluginSettings) -> Arc<LogBudget> {
+fn log_budget(
+    metrics: &Metrics,
+    chain: &str,
+    name: &str,
+    settings: &PluginSettings,
+) -> Arc<LogBudget> {
     Arc::new(LogBudget::new(
+        chain.into(),
         name.into(),
         settings.log_lines_per_second,
-        metrics.log_lines_suppressed(name),
+        metrics.log_lines_suppressed(chain, name),
     ))
 }
 
@@ -528,6 +539,11 @@ impl std::fmt::Debug for Plugin {
 }
 
 impl Plugin {
+    /// The chain it belongs to.
+    pub fn chain(&self) -> &str {
+        &self.chain
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -566,13 +582,14 @@ impl Plugin {
         self.compiled.loaded_at
     }
 
-    /// The same compiled component under another name and settings: what a reload does with
-    /// a file whose bytes did not change.
-    pub fn with(&self, name: &str, settings: PluginSettings) -> Plugin {
+    /// The same compiled component under another chain, name and settings: what a reload does
+    /// with a file whose bytes did not change, and with one file in several chains.
+    pub fn with(&self, chain: &str, name: &str, settings: PluginSettings) -> Plugin {
         Plugin {
             compiled: self.compiled.clone(),
+            chain: chain.into(),
             name: name.into(),
-            log_budget: log_budget(&self.compiled.metrics, name, &settings),
+            log_budget: log_budget(&self.compiled.metrics, chain, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),

@@ -125,7 +125,7 @@ fn index(direction: Direction) -> usize {
 impl Exchange {
     pub fn new(generation: Arc<Generation>, reads: Arc<Reads>, metrics: Arc<Metrics>) -> Self {
         Exchange {
-            chain: StreamChain::new(generation),
+            chain: StreamChain::new(generation, 0),
             reads,
             _active: metrics.stream_opened(),
             metrics,

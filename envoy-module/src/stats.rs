@@ -6,7 +6,7 @@
 //! streams publish what changed since the last publication, at most once per
 //! [`PUBLISH_EVERY`] across the process: the figures trail by that much, and the hot path pays
 //! nothing. Names are the ext_proc server's, under Envoy's `metrics_namespace` (default
-//! `dynamicmodulescustom`): `dynamicmodulescustom.plugin_calls` with labels plugin, phase and
+//! `dynamicmodulescustom`): `dynamicmodulescustom.plugin_calls` with labels chain, plugin, phase and
 //! outcome, and so on. The call and instantiation latency histograms stay with the server.
 
 #![allow(unsafe_code, reason = "defines stats through Envoy's C ABI")]
@@ -35,7 +35,7 @@ const SERIES: [(&str, SampleKind, &[&str]); 8] = [
     (
         "plugin_calls",
         SampleKind::Counter,
-        &["plugin", "phase", "outcome"],
+        &["chain", "plugin", "phase", "outcome"],
     ),
 ];
 

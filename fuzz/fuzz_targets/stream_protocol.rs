@@ -13,9 +13,8 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
-use wasm_extproc::config::Settings;
+use wasm_extproc::config::{DEFAULT_CHAIN, Settings};
 use wasm_extproc::ext_proc::exchange::Exchange;
-use wasm_extproc::guard::Guard;
 use wasm_extproc::http::BodyMode;
 use wasm_extproc::metrics::Metrics;
 use wasm_extproc::registry::{Chain, Generation};
@@ -23,14 +22,9 @@ use wasm_extproc::registry::{Chain, Generation};
 fuzz_target!(|data: &[u8]| {
     let config = Settings::from_toml("", std::path::Path::new("fuzz.toml")).expect("defaults");
     let metrics = Metrics::new();
-    let generation = Arc::new(Generation {
-        number: 1,
-        chain: Chain::new(Vec::new(), &metrics, config.instance_wait),
-        guard: Guard::new(config.envoy.clone()),
-        envoy: config.envoy,
-        plugins_dir: config.plugins_dir,
-    });
-    let mut exchange = Exchange::new(generation, metrics);
+    let chain = Chain::new(DEFAULT_CHAIN, Vec::new(), &metrics, config.instance_wait);
+    let generation = Arc::new(Generation::new(1, vec![chain], &config));
+    let mut exchange = Exchange::new(generation, metrics, None);
     let mut rest = data;
     while rest.len() >= 2 {
         let len = u16::from_le_bytes([rest[0], rest[1]]) as usize;

@@ -5,7 +5,7 @@
 //! | `GET /healthz` | 200 while the process runs (liveness) |
 //! | `GET /readyz` | 200 once plugins are loaded and until shutdown begins, else 503 (readiness) |
 //! | `GET /metrics` | Prometheus metrics (OpenMetrics text) |
-//! | `GET /plugins` | the loaded chain as JSON: name, file, SHA-256, contract version, load time, phases, body delivery, what each needs from Envoy's `processing_mode`, settings, call counts |
+//! | `GET /plugins` | the loaded chains as JSON (name, routes, plugins), and each plugin: chain, name, file, SHA-256, contract version, load time, phases, body delivery, what each needs from Envoy's `processing_mode`, settings, call counts |
 //! | `POST /reload` | reloads plugins and configuration now; 200 with what loaded, or 500 with why not |
 //!
 //! The read endpoints answer anyone who reaches the listener (the scrape path). `POST`
@@ -30,7 +30,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::access::{AdminAccess, Refusal};
-use crate::config::FailurePolicy;
+use crate::config::{FailurePolicy, UnknownChain};
 use crate::http::Delivery;
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::registry::Registry;
@@ -188,9 +188,7 @@ fn plugins(state: &State) -> serde_json::Value {
         return serde_json::json!({ "generation": null, "plugins": [] });
     };
     let plugins: Vec<serde_json::Value> = generation
-        .chain
         .plugins()
-        .iter()
         .map(|plugin| {
             let registration = plugin.registration();
             let settings = plugin.settings();
@@ -203,11 +201,15 @@ fn plugins(state: &State) -> serde_json::Value {
                 .map(|outcome| {
                     (
                         outcome.to_string(),
-                        state.metrics.plugin_outcomes(plugin.name(), outcome).into(),
+                        state
+                            .metrics
+                            .chain_plugin_outcomes(plugin.chain(), plugin.name(), outcome)
+                            .into(),
                     )
                 })
                 .collect();
             serde_json::json!({
+                "chain": plugin.chain(),
                 "name": plugin.name(),
                 "path": plugin.path().display().to_string(),
                 "sha256": plugin.digest(),
@@ -231,9 +233,26 @@ fn plugins(state: &State) -> serde_json::Value {
             })
         })
         .collect();
+    let chains: Vec<serde_json::Value> = generation
+        .chains()
+        .iter()
+        .enumerate()
+        .map(|(index, chain)| {
+            serde_json::json!({
+                "name": chain.name(),
+                "routes": generation.routes_of(index),
+                "plugins": chain.plugins().iter().map(|p| p.name()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
     serde_json::json!({
         "generation": generation.number,
         "plugins_dir": generation.plugins_dir.display().to_string(),
+        "unknown_chain": match generation.unknown_chain {
+            UnknownChain::Default => "default",
+            UnknownChain::Reject => "reject",
+        },
+        "chains": chains,
         "plugins": plugins,
     })
 }

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use wasm_extproc::config::{Cli, Command, Config};
+use wasm_extproc::config::{Cli, Command, Config, DEFAULT_CHAIN};
 use wasm_extproc::{Host, Listeners, shutdown, telemetry};
 
 /// `EX_USAGE`: the configuration is wrong, retrying will not help.
@@ -36,12 +36,17 @@ async fn main() -> ExitCode {
 async fn check(config: Config) -> anyhow::Result<()> {
     let host = Host::load(&config).await?;
     let generation = host.current().context("nothing loaded")?;
-    for plugin in generation.chain.plugins() {
+    for plugin in generation.plugins() {
         let registration = plugin.registration();
         let needs = registration.envoy_needs();
         eprintln!(
             "ok  {}  {}  sha256:{}  contract:{}  phases:{:?}  needs from Envoy's processing_mode: {}",
-            plugin.name(),
+            // Named chains' plugins as chain/plugin, as their files lie.
+            if plugin.chain() == DEFAULT_CHAIN {
+                plugin.name().to_string()
+            } else {
+                format!("{}/{}", plugin.chain(), plugin.name())
+            },
             plugin.path().display(),
             plugin.digest(),
             plugin.contract().version(),
@@ -54,8 +59,9 @@ async fn check(config: Config) -> anyhow::Result<()> {
         );
     }
     eprintln!(
-        "{} plugin(s) in {} load, link and register against this host",
-        generation.chain.plugins().len(),
+        "{} plugin(s) in {} chain(s) in {} load, link and register against this host",
+        generation.plugins().count(),
+        generation.chains().len(),
         config.settings.plugins_dir.display()
     );
     Ok(())

@@ -46,8 +46,10 @@ impl PluginDir {
 pub fn plugin_dir(plugins: &[(&str, Component)]) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
     for (name, component) in plugins {
-        std::fs::copy(component.path(), dir.path().join(format!("{name}.wasm")))
-            .expect("copy fixture");
+        // `checkout/10-auth`: the plugin `10-auth` of the chain `checkout`.
+        let path = dir.path().join(format!("{name}.wasm"));
+        std::fs::create_dir_all(path.parent().unwrap()).expect("chain directory");
+        std::fs::copy(component.path(), path).expect("copy fixture");
     }
     dir
 }

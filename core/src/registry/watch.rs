@@ -5,7 +5,8 @@
 //! a quiet moment before reloading. A file caught half-written fails to load and is rejected;
 //! the event that completes it triggers the reload that succeeds.
 //!
-//! Only what a reload reads counts: `*.wasm` in the plugins directory, the configuration file
+//! Only what a reload reads counts: `*.wasm` in the plugins directory and its chains'
+//! subdirectories (and those directories coming and going), the configuration file
 //! itself, and the `..`-prefixed entries through which Kubernetes swaps a mounted volume's
 //! contents. A log, a pid file or an editor's swap file beside them changes nothing.
 
@@ -62,15 +63,28 @@ impl Watched {
         let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
             return false;
         };
+        let name = Path::new(name);
+        let hidden = name.to_string_lossy().starts_with('.');
         // Kubernetes' atomic writer: `..data`, `..data_tmp`, `..2026_11_30_...`.
         let volume_swap = name.to_string_lossy().starts_with("..");
+        let wasm = name.extension() == Some(OsStr::new("wasm"));
         if dir == self.plugins_dir
-            && (volume_swap || Path::new(name).extension() == Some(OsStr::new("wasm")))
+            // A plugin, a volume swap, or a chain's directory coming or going.
+            && (volume_swap || wasm || (!hidden && name.extension().is_none()))
         {
             return true;
         }
+        // A named chain's plugin: `plugins/checkout/10-auth.wasm`.
+        let in_chain = dir.parent() == Some(self.plugins_dir.as_path())
+            && dir
+                .file_name()
+                .is_some_and(|d| !d.to_string_lossy().starts_with('.'));
+        if in_chain && wasm && !hidden {
+            return true;
+        }
         self.config_file.as_deref().is_some_and(|file| {
-            Some(dir) == file.parent() && (volume_swap || Some(name) == file.file_name())
+            Some(dir) == file.parent()
+                && (volume_swap || Some(name.as_os_str()) == file.file_name())
         })
     }
 }
@@ -105,7 +119,12 @@ pub fn watch(
     })
     .context("cannot start watching files")?;
     let config_dir = config_dir.filter(|dir| *dir != plugins_dir);
-    for dir in [Some(plugins_dir), config_dir].into_iter().flatten() {
+    // The plugins directory with its chains' subdirectories (new ones are watched as they
+    // appear); the configuration file's directory on its own.
+    watcher
+        .watch(&plugins_dir, RecursiveMode::Recursive)
+        .with_context(|| format!("cannot watch {}", plugins_dir.display()))?;
+    if let Some(dir) = config_dir {
         watcher
             .watch(&dir, RecursiveMode::NonRecursive)
             .with_context(|| format!("cannot watch {}", dir.display()))?;

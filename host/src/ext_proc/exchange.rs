@@ -13,29 +13,35 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, Processin
 use super::convert::{self, Envelope};
 use super::protocol::{EnvoyModes, Inbound, ProtocolError, StreamProtocol};
 use crate::chain::StreamChain;
+use crate::config::{EnvoySettings, UnknownChain};
+use crate::http::ImmediateResponse;
 use crate::http::{
     BodyMode, Changes, Decision, Delivery, Direction, ExchangeContext, Phase, PhaseSet, Verdict,
 };
 use crate::metrics::Metrics;
-use crate::registry::Generation;
+use crate::registry::{Chain, Generation};
+
+/// The gRPC initial metadata that names a stream's chain: Envoy sets it per route with
+/// `ExtProcPerRoute.overrides.grpc_initial_metadata`.
+pub const CHAIN_METADATA: &str = "x-wasm-extproc-chain";
+/// The attribute that names a stream's route, mapped to chains by `[chains.NAME] routes`.
+pub const ROUTE_ATTRIBUTE: &str = "xds.route_name";
 
 /// Plugins that handle a direction's body behind an Envoy that sends none of it (body mode
 /// `NONE`, as in the guide's filter) never see one, silently: counted per stream, and said
 /// once per chain with the setting to change.
-fn notice_bodies_not_sent(generation: &Generation, modes: &EnvoyModes, metrics: &Metrics) {
+fn notice_bodies_not_sent(chain: &Chain, modes: &EnvoyModes, metrics: &Metrics) {
     for direction in Direction::BOTH {
         // Most chains handle no body: one look at the chain's phases, no walk over its plugins.
-        if modes.body(direction) != BodyMode::None
-            || !generation.chain.phases().contains(direction.body())
-        {
+        if modes.body(direction) != BodyMode::None || !chain.phases().contains(direction.body()) {
             continue;
         }
-        let plugins: Vec<_> = generation.chain.handling(direction.body()).collect();
+        let plugins: Vec<_> = chain.handling(direction.body()).collect();
         if plugins.is_empty() {
             continue;
         }
         metrics.body_not_sent(direction);
-        if !generation.chain.first_notice_of_no_body(direction) {
+        if !chain.first_notice_of_no_body(direction) {
             continue;
         }
         let noun = direction.noun();
@@ -49,6 +55,7 @@ fn notice_bodies_not_sent(generation: &Generation, modes: &EnvoyModes, metrics: 
         };
         let names: Vec<&str> = plugins.iter().map(|p| p.name()).collect();
         tracing::warn!(
+            chain = chain.name(),
             direction = noun,
             plugins = ?names,
             "plugins {} handle {noun} bodies, but Envoy's ext_proc filter sends none \
@@ -69,6 +76,11 @@ pub struct Exchange {
     /// Attributes and forwarded metadata Envoy sent so far: plugins read them.
     context: Arc<ExchangeContext>,
     metrics: Arc<Metrics>,
+    /// Whether the stream's first message may still pick its chain by route name.
+    route_may_choose: bool,
+    /// Envoy asked for a chain that does not exist, and `unknown_chain = "reject"`: the first
+    /// message gets an error answer.
+    rejected: bool,
     /// Per direction (request, response): the answer to headers Envoy streams the body after
     /// in `FULL_DUPLEX_STREAMED` mode, kept back while they are open to body handlers. Envoy
     /// holds the headers until it comes (and times no message in that mode).
@@ -104,11 +116,24 @@ pub enum Then {
 }
 
 impl Exchange {
-    /// A new stream on `generation`, which serves it to the end whatever reloads happen.
-    pub fn new(generation: Arc<Generation>, metrics: Arc<Metrics>) -> Exchange {
+    /// A new stream on `generation`, which serves it to the end whatever reloads happen, on
+    /// the chain called `requested` (the stream's [`CHAIN_METADATA`]) if Envoy named one;
+    /// else on the chain its route maps to, or the default chain.
+    pub fn new(
+        generation: Arc<Generation>,
+        metrics: Arc<Metrics>,
+        requested: Option<&str>,
+    ) -> Exchange {
+        let (index, rejected) = match requested.map(|name| (name, generation.find_chain(name))) {
+            None => (0, false),
+            Some((_, Some(index))) => (index, false),
+            Some((name, None)) => (0, unknown_chain(&generation, &metrics, name)),
+        };
         Exchange {
             protocol: StreamProtocol::new(),
-            chain: StreamChain::new(generation),
+            route_may_choose: requested.is_none() && generation.maps_routes(),
+            rejected,
+            chain: StreamChain::new(generation, index),
             context: Arc::default(),
             metrics,
             held_headers: Default::default(),
@@ -125,6 +150,12 @@ impl Exchange {
     pub fn accept(&mut self, request: ProcessingRequest) -> Result<Accepted, ProtocolError> {
         let mut inbound = convert::inbound(request)?;
         self.protocol.observe(&inbound)?;
+        if std::mem::take(&mut self.route_may_choose)
+            && let Some(route) = inbound.attributes.get(ROUTE_ATTRIBUTE)
+            && let Some(index) = self.chain.generation().chain_for_route(route)
+        {
+            self.chain = StreamChain::new(self.chain.generation().clone(), index);
+        }
         let phase = inbound.phase;
         self.metrics.message_received(phase);
         tracing::trace!(
@@ -135,7 +166,7 @@ impl Exchange {
             "ext_proc message"
         );
         if let Some(modes) = &inbound.envoy_modes {
-            notice_bodies_not_sent(self.chain.generation(), modes, &self.metrics);
+            notice_bodies_not_sent(self.chain.chain(), modes, &self.metrics);
         }
         if !inbound.attributes.is_empty() || !inbound.metadata.is_empty() {
             let context = Arc::make_mut(&mut self.context);
@@ -145,7 +176,8 @@ impl Exchange {
         let ahead = if inbound.observability {
             None
         } else {
-            extra_time(self.chain.generation(), phase).map(convert::more_time)
+            extra_time(&self.chain.generation().envoy, self.chain.chain(), phase)
+                .map(convert::more_time)
         };
         Ok(Accepted { inbound, ahead })
     }
@@ -162,6 +194,22 @@ impl Exchange {
         let direction = phase.direction();
         let body_mode = self.protocol.body_mode(direction);
         let mut step = Step::default();
+        if std::mem::take(&mut self.rejected) {
+            if !observability {
+                let verdict = Verdict {
+                    decision: Decision::Respond(ImmediateResponse {
+                        status: 500,
+                        details: "wasm_extproc_unknown_chain".into(),
+                        ..ImmediateResponse::default()
+                    }),
+                    effects: Default::default(),
+                    headers: None,
+                };
+                self.answer(phase, verdict, &mut step);
+            }
+            step.then = Then::Close;
+            return step;
+        }
 
         // Trailers end a streamed body: plugins holding it for a whole-body call get it now,
         // and what they make of it goes out before the trailers' answer.
@@ -243,11 +291,35 @@ impl Exchange {
     }
 }
 
-/// How long to ask Envoy to wait for `phase`, when the plugins' budgets add up to more than
-/// its `message_timeout` (start-up checked that `max_message_timeout` covers them).
-fn extra_time(generation: &Generation, phase: Phase) -> Option<Duration> {
-    let envoy = &generation.envoy;
-    let budget = generation.chain.budget(phase);
+/// A stream asked for the chain `name`, which `generation` does not have: logged (once per
+/// name) and counted. Whether it is rejected (else it gets the default chain).
+fn unknown_chain(generation: &Generation, metrics: &Metrics, name: &str) -> bool {
+    let reject = generation.unknown_chain == UnknownChain::Reject;
+    metrics.unknown_chain(if reject { "reject" } else { "default" });
+    if generation.first_notice_of_unknown_chain(name) {
+        let chains: Vec<&str> = generation.chains().iter().map(Chain::name).collect();
+        tracing::warn!(
+            requested = name,
+            chains = ?chains,
+            "a stream asked for chain {name:?} ({CHAIN_METADATA}), which the plugins directory \
+             does not have; {} (unknown_chain = \"{}\"; said once per name and load, counted \
+             in wasm_extproc_unknown_chain_streams_total)",
+            if reject {
+                "answering 500"
+            } else {
+                "serving it the default chain"
+            },
+            if reject { "reject" } else { "default" },
+        );
+    }
+    reject
+}
+
+/// How long to ask Envoy to wait for `phase` on `chain`, when its plugins' budgets add up to
+/// more than Envoy's `message_timeout` (start-up checked that `max_message_timeout` covers
+/// them).
+fn extra_time(envoy: &EnvoySettings, chain: &Chain, phase: Phase) -> Option<Duration> {
+    let budget = chain.budget(phase);
     let max = envoy.max_message_timeout?;
     (budget >= envoy.message_timeout).then(|| (budget + envoy.message_timeout).min(max))
 }

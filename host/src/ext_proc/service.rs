@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::exchange::{Accepted, Exchange, Then};
+use super::exchange::{Accepted, CHAIN_METADATA, Exchange, Then};
 use super::protocol::ProtocolError;
 use crate::access::ClientIdentities;
 use crate::metrics::{Metrics, StreamGuard};
@@ -74,10 +74,16 @@ impl ExternalProcessor for ExtProcService {
             .registry
             .current()
             .ok_or_else(|| Status::unavailable("plugins are still loading"))?;
+        // The chain Envoy's route asked for, if it did.
+        let requested = request
+            .metadata()
+            .get(CHAIN_METADATA)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_string);
         // Boxed: the stream's state moves in and out of each poll of `unfold` as a pointer.
         let serving = Box::new(Serving {
+            exchange: Exchange::new(generation, self.metrics.clone(), requested.as_deref()),
             inbound: request.into_inner(),
-            exchange: Exchange::new(generation, self.metrics.clone()),
             pending: Vec::new().into_iter(),
             next: Next::Read,
             _active: self.metrics.stream_opened(),

@@ -291,6 +291,7 @@ async fn failures_are_logged_with_plugin_phase_and_kind_and_quarantine_once() {
     assert_eq!(failures.len(), 2, "{log}");
     for line in failures {
         for field in [
+            "chain=\"default\"",
             "plugin=\"trap\"",
             "phase=\"request_headers\"",
             "kind=\"trap\"",
@@ -414,7 +415,7 @@ async fn thousands_of_idle_streams_cost_no_instances_and_leave_nothing_behind() 
     let instantiated = metrics.render();
     assert!(
         !instantiated
-            .contains("wasm_extproc_plugin_instantiate_duration_seconds_count{plugin=\"asm\"}"),
+            .contains("wasm_extproc_plugin_instantiate_duration_seconds_count{chain=\"default\",plugin=\"asm\"}"),
         "an idle stream instantiated a plugin"
     );
     // The client vanishes: every stream's task ends.
@@ -493,7 +494,7 @@ async fn a_plugin_logging_in_a_loop_stays_within_its_log_budget() {
         metrics.plugin_calls("flood", Phase::RequestHeaders, "ok"),
         REQUESTS
     );
-    let suppressed = metrics.log_lines_suppressed("flood").get();
+    let suppressed = metrics.log_lines_suppressed("default", "flood").get();
     let written = REQUESTS * LINES_PER_CALL - suppressed;
     // One second's worth at once, then the rate.
     let most = BUDGET + (BUDGET as f64 * elapsed).ceil() as u64;

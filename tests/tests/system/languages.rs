@@ -140,7 +140,7 @@ async fn compiled_plugins_are_cached_across_restarts() {
         Some((2, 0)),
         "a restart compiles nothing"
     );
-    assert_eq!(second.current().unwrap().chain.plugins().len(), 2);
+    assert_eq!(second.current().unwrap().default_chain().plugins().len(), 2);
 }
 
 /// What a JavaScript or Python plugin prints, and the exception that fails it (message and

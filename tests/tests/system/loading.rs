@@ -32,7 +32,7 @@ async fn plugins_built_against_the_previous_contract_load_beside_current_ones() 
     let host = Host::load(&config(dir.path(), "")).await.unwrap();
     let generation = host.current().unwrap();
     let contracts: Vec<_> = generation
-        .chain
+        .default_chain()
         .plugins()
         .iter()
         .map(|p| (p.name().to_string(), p.contract()))
@@ -70,6 +70,35 @@ async fn settings_for_a_plugin_that_is_not_there_are_refused() {
 }
 
 #[tokio::test]
+async fn settings_for_a_chain_or_a_chains_plugin_that_is_not_there_are_refused() {
+    let dir = plugin_dir(&[("asm", ASM_DEMO), ("checkout/auth", ASM_DEMO)]);
+    let error = load_error(dir.path(), "[chains.search]\nroutes = [\"s\"]\n").await;
+    assert!(
+        error.starts_with("config has [chains.search] but")
+            && error.ends_with("has no subdirectory search with .wasm files"),
+        "{error}"
+    );
+    let error = load_error(
+        dir.path(),
+        "[chains.checkout.plugins.asm]\nconfig = \"x\"\n",
+    )
+    .await;
+    assert!(
+        error.starts_with("config has [chains.checkout.plugins.asm] but")
+            && error.ends_with("checkout has no asm.wasm (found: auth)"),
+        "{error}"
+    );
+    // A plugin's own settings may name a plugin of any chain.
+    let host = Host::load(&config(dir.path(), "[plugins.auth]\nconfig = \"x\"\n"))
+        .await
+        .unwrap();
+    let generation = host.current().unwrap();
+    let names: Vec<_> = generation.chains().iter().map(|c| c.name()).collect();
+    assert_eq!(names, ["default", "checkout"]);
+    assert_eq!(generation.chain(1).plugins()[0].settings().config, "x");
+}
+
+#[tokio::test]
 async fn an_empty_plugin_directory_is_refused() {
     let dir = plugin_dir(&[]);
     let error = load_error(dir.path(), "").await;
@@ -82,7 +111,7 @@ async fn the_loaded_chain_knows_which_phases_its_plugins_handle() {
     let host = Host::load(&config(dir.path(), "")).await.unwrap();
     let generation = host.current().unwrap();
     let phases: Vec<_> = generation
-        .chain
+        .default_chain()
         .phases()
         .iter()
         .map(|p| p.as_str())

@@ -1,6 +1,7 @@
 //! The system seen from Envoy's side: one test binary, one file per concern.
 
 mod bodies;
+mod chains;
 mod conformance;
 mod envoy_demo;
 mod exchange;

@@ -559,19 +559,19 @@ async fn metrics_count_exactly_what_happened() {
             7.0,
         ),
         (
-            "wasm_extproc_plugin_calls_total{plugin=\"asm\",phase=\"request_headers\",outcome=\"ok\"}",
+            "wasm_extproc_plugin_calls_total{chain=\"default\",plugin=\"asm\",phase=\"request_headers\",outcome=\"ok\"}",
             7.0,
         ),
         (
-            "wasm_extproc_plugin_calls_total{plugin=\"asm\",phase=\"response_headers\",outcome=\"ok\"}",
+            "wasm_extproc_plugin_calls_total{chain=\"default\",plugin=\"asm\",phase=\"response_headers\",outcome=\"ok\"}",
             7.0,
         ),
         (
-            "wasm_extproc_plugin_call_duration_seconds_count{plugin=\"asm\",phase=\"request_headers\"}",
+            "wasm_extproc_plugin_call_duration_seconds_count{chain=\"default\",plugin=\"asm\",phase=\"request_headers\"}",
             7.0,
         ),
         (
-            "wasm_extproc_plugin_instantiate_duration_seconds_count{plugin=\"asm\"}",
+            "wasm_extproc_plugin_instantiate_duration_seconds_count{chain=\"default\",plugin=\"asm\"}",
             7.0,
         ),
         ("wasm_extproc_streams_total", 7.0),
