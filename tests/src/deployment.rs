@@ -233,7 +233,8 @@ impl Deployment {
         }
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let _ = self.envoy.get("/").await;
-        let prefix = format!("dynamicmodulescustom.plugin_calls.plugin.{plugin}.phase.");
+        let prefix =
+            format!("dynamicmodulescustom.plugin_calls.chain.default.plugin.{plugin}.phase.");
         let suffix = format!(".outcome.{outcome}");
         self.envoy
             .admin_get("/stats?filter=plugin_calls")
