@@ -16,6 +16,10 @@ contents with deploy/build.sh into target/dist first):
 - who may talk to the host: the NetworkPolicy, the Services and the AuthorizationPolicy select
   the rendered Deployment's pods and name its container ports;
 - the ConfigMap script: its output round-trips the plugin bytes exactly;
+- dashboards and alerts: `promtool check rules` and `promtool test rules` on the alerting rules,
+  the PrometheusRule generated from them (its structure, not the operator's CRD schema: no pinned
+  package carries it), the Grafana dashboard's queries parsed by promtool, and every metric and
+  label they name listed in deploy/monitoring/metrics.txt and the README's Metrics table;
 - the Dockerfile: runs deploy/build.sh, non-root, and what deploy/build.sh made is complete
   and passes `wasm-extproc check`.
 """
@@ -25,10 +29,12 @@ import copy
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import tomllib
 
+import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
@@ -725,3 +731,373 @@ def test_what_the_image_ships_is_complete_and_passes_check():
     assert "ok  10-asm-demo" in result.stderr
     for example in ["bearer_auth.wasm", "json_redact.wasm"]:
         assert (DIST / "examples" / example).is_file()
+
+
+# Dashboards and alerts (deploy/monitoring): the rules checked and unit-tested by promtool, the
+# PrometheusRule generated from them, the dashboard's queries parsed by promtool, and every
+# metric and label they name one the host exports and the README documents.
+MONITORING = DEPLOY / "monitoring"
+RULES = MONITORING / "alerts.rules.yaml"
+DASHBOARD = MONITORING / "grafana-dashboard.json"
+# Labels Prometheus adds from the scrape target (kube-prometheus's ServiceMonitors add these).
+TARGET_LABELS = {"instance", "job", "namespace", "pod"}
+
+
+@pytest.fixture(scope="module")
+def promtool():
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.fail("promtool is not on PATH: `cargo xtask test` installs it (Debian's prometheus)")
+    return path
+
+
+def run_promtool(promtool, *args):
+    return subprocess.run([promtool, *args], capture_output=True, text=True)
+
+
+def alerting_rules():
+    (group,) = yaml.safe_load(RULES.read_text())["groups"]
+    return group["rules"]
+
+
+def test_promtool_checks_the_alerting_rules(promtool):
+    result = run_promtool(promtool, "check", "rules", str(RULES))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(alerting_rules())} rules found" in result.stdout
+
+
+def test_promtool_rejects_broken_alerting_rules(promtool, tmp_path):
+    broken = tmp_path / "alerts.rules.yaml"
+    broken.write_text(RULES.read_text().replace("> 0.01", "> > 0.01", 1))
+    result = run_promtool(promtool, "check", "rules", str(broken))
+    assert result.returncode == 1
+    assert "unexpected" in result.stdout + result.stderr
+
+
+def test_the_alerting_rules_unit_tests_pass(promtool):
+    result = run_promtool(promtool, "test", "rules", str(MONITORING / "alerts.test.yaml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS" in result.stdout
+
+
+def test_the_alerting_rules_unit_tests_fail_on_a_wrong_threshold(promtool, tmp_path):
+    rules = RULES.read_text()
+    assert rules.count("> 0.01\n") == 1
+    (tmp_path / RULES.name).write_text(rules.replace("> 0.01\n", "> 0.001\n"))
+    shutil.copy(MONITORING / "alerts.test.yaml", tmp_path)
+    result = run_promtool(promtool, "test", "rules", str(tmp_path / "alerts.test.yaml"))
+    assert result.returncode == 1
+    assert "name: a healthy host raises nothing" in result.stdout + result.stderr
+
+
+def test_every_alert_in_the_rules_is_unit_tested_firing_and_quiet():
+    tests = yaml.safe_load((MONITORING / "alerts.test.yaml").read_text())
+    assert tests["rule_files"] == [RULES.name]
+    fired, quiet_when_healthy = set(), set()
+    for case in tests["tests"]:
+        for check in case["alert_rule_test"]:
+            if check.get("exp_alerts"):
+                fired.add(check["alertname"])
+            elif case["name"] == "a healthy host raises nothing":
+                quiet_when_healthy.add(check["alertname"])
+    names = {rule["alert"] for rule in alerting_rules()}
+    assert names == {
+        "WasmExtprocPluginFailing",
+        "WasmExtprocPluginQuarantined",
+        "WasmExtprocReloadFailing",
+        "WasmExtprocLatencyNearMessageTimeout",
+        "WasmExtprocInstancePoolNearFull",
+    }
+    assert fired == names
+    assert quiet_when_healthy == names
+
+
+def test_every_alert_in_the_rules_says_how_bad_what_and_where_to_read_on():
+    readme = (ROOT / "README.md").read_text()
+    # The anchor GitHub gives the heading the runbook links point at.
+    assert "\n## Operating it\n" in readme
+    for rule in alerting_rules():
+        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        annotations = rule["annotations"]
+        assert set(annotations) == {"summary", "description", "runbook_url"}, rule["alert"]
+        assert annotations["runbook_url"] == "README.md#operating-it"
+    # How the annotations render (the labels they name kept by the expression) is in
+    # alerts.test.yaml: promtool compares every firing alert's annotations in full.
+
+
+def test_the_prometheusrule_is_generated_from_the_rules_file():
+    result = subprocess.run(
+        [str(MONITORING / "prometheusrule.sh")], capture_output=True, text=True, check=True
+    )
+    path = MONITORING / "prometheusrule.yaml"
+    assert path.read_text() == result.stdout, "rerun deploy/monitoring/prometheusrule.sh"
+    (rule,) = load_all(path)
+    assert rule["spec"]["groups"] == yaml.safe_load(RULES.read_text())["groups"]
+    assert set(rule["spec"]) == {"groups"}
+
+
+# The PrometheusRule's structure as the Prometheus Operator's CRD (monitoring.coreos.com/v1)
+# defines it. Not that CRD's own schema: no pinned @kubernetes-models package carries it. Unknown
+# fields are refused, as the API server would silently prune them.
+PROMETHEUS_DURATION = (
+    r"^(0|(([0-9]+)y)?(([0-9]+)w)?(([0-9]+)d)?(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"
+)
+STRING_MAP = {"type": "object", "additionalProperties": {"type": "string"}}
+PROMETHEUS_RULE_STRUCTURE = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {
+            "type": "object",
+            "required": ["name", "namespace"],
+            "additionalProperties": False,
+            "properties": {
+                "name": {"type": "string", "minLength": 1},
+                "namespace": {"type": "string", "minLength": 1},
+                "labels": STRING_MAP,
+                "annotations": STRING_MAP,
+            },
+        },
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string", "minLength": 1},
+                            "interval": {"type": "string", "pattern": PROMETHEUS_DURATION},
+                            "limit": {"type": "integer"},
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "oneOf": [{"required": ["alert"]}, {"required": ["record"]}],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string", "minLength": 1},
+                                        "record": {"type": "string", "minLength": 1},
+                                        "expr": {"type": ["string", "integer"]},
+                                        "for": {"type": "string", "pattern": PROMETHEUS_DURATION},
+                                        "keep_firing_for": {
+                                            "type": "string",
+                                            "pattern": PROMETHEUS_DURATION,
+                                        },
+                                        "labels": STRING_MAP,
+                                        "annotations": STRING_MAP,
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
+    },
+}
+
+
+def prometheusrule_errors(rule):
+    errors = [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft202012Validator(PROMETHEUS_RULE_STRUCTURE).iter_errors(rule)
+    ]
+    names = [group["name"] for group in rule.get("spec", {}).get("groups", [])]
+    if len(names) != len(set(names)):
+        errors.append(f"spec/groups: names are the list's keys, and repeat: {names}")
+    return errors
+
+
+def test_the_prometheusrule_has_the_operators_structure():
+    (rule,) = load_all(MONITORING / "prometheusrule.yaml")
+    assert prometheusrule_errors(rule) == []
+
+
+def test_the_prometheusrule_structure_check_catches_a_broken_rule():
+    (rule,) = load_all(MONITORING / "prometheusrule.yaml")
+    first = rule["spec"]["groups"][0]["rules"][0]
+    first["annotation"] = first.pop("annotations")
+    first["for"] = "5 minutes"
+    rule["spec"]["groups"].append(copy.deepcopy(rule["spec"]["groups"][0]))
+    errors = "\n".join(prometheusrule_errors(rule))
+    assert "'annotation' was unexpected" in errors
+    assert "'5 minutes' does not match" in errors
+    assert "names are the list's keys, and repeat" in errors
+
+
+def test_the_prometheusrule_lives_where_prometheus_scrapes_from():
+    (rule,) = load_all(MONITORING / "prometheusrule.yaml")
+    (network_policy,) = load_all(DEPLOY / "k8s" / "base" / "networkpolicy.yaml")
+    (admin,) = [r for r in network_policy["spec"]["ingress"] if r["ports"][0]["port"] == 9003]
+    (peer,) = admin["from"]
+    monitoring = peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+    assert rule["metadata"]["namespace"] == monitoring
+
+
+def dashboard_panels():
+    return json.loads(DASHBOARD.read_text())["panels"]
+
+
+def dashboard_queries():
+    """Every PromQL query of the dashboard, with Grafana's variables given values."""
+    return [
+        (panel["title"], target["expr"].replace("$__rate_interval", "5m"))
+        for panel in dashboard_panels()
+        for target in panel.get("targets", [])
+    ]
+
+
+def variable_selectors():
+    """The series selectors in the dashboard's label_values() variables."""
+    variables = json.loads(DASHBOARD.read_text())["templating"]["list"]
+    return [
+        re.fullmatch(r"label_values\((.+), \w+\)", v["query"]).group(1)
+        for v in variables
+        if v["type"] == "query"
+    ]
+
+
+def test_the_dashboard_uses_its_datasource_variable_everywhere():
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["schemaVersion"] >= 39
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert set(variables) == {"datasource", "chain", "plugin"}
+    assert (variables["datasource"]["type"], variables["datasource"]["query"]) == (
+        "datasource",
+        "prometheus",
+    )
+    ours = {"type": "prometheus", "uid": "${datasource}"}
+    assert variables["chain"]["datasource"] == variables["plugin"]["datasource"] == ours
+    panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+    assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+    for panel in panels:
+        assert panel["datasource"] == ours, panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == ours, panel["title"]
+
+
+def test_the_dashboard_queries_parse_with_promtool(promtool, tmp_path):
+    # promtool parses PromQL only within rules (its queries need a server): each query becomes
+    # a recording rule.
+    exprs = [expr for _, expr in dashboard_queries()] + variable_selectors()
+    rules = [{"record": f"dashboard:query_{i}", "expr": e} for i, e in enumerate(exprs)]
+    path = tmp_path / "dashboard.rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    result = run_promtool(promtool, "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in result.stdout
+
+
+PROMQL_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "and", "or"}
+PROMQL_KEYWORDS |= {"unless", "offset", "bool", "inf", "nan", "atan2"}
+GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+
+
+def promql_names(expr):
+    """The metric names in `expr` and the labels it names, as (metrics, labels by metric,
+    grouping labels): strings, comments, ranges and groupings set aside, every identifier that
+    does not call a function or aggregation is a metric."""
+    labels = {}
+    for metric, matchers in re.findall(r"([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}", expr):
+        names = re.findall(r"(\w+)\s*(?:=~|!~|!=|=)\s*\"", matchers)
+        labels.setdefault(metric, set()).update(names)
+    bare = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    bare = re.sub(r"#[^\n]*", "", bare)
+    bare = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", bare)
+    grouping = {label.strip() for group in GROUPING.findall(bare) for label in group.split(",")}
+    bare = GROUPING.sub(" ", bare)
+    metrics = {
+        name
+        for name in re.findall(r"(?<![\w.:])([a-zA-Z_:][\w:]*)(?![\w:]|\s*\()", bare)
+        if name.lower() not in PROMQL_KEYWORDS
+    }
+    return metrics, labels, grouping - {""}
+
+
+def test_the_monitoring_promql_name_extraction_finds_every_metric():
+    expr = (
+        'sum by (chain) (rate(wasm_extproc_plugin_cals_total{outcome="ok", plugin=~"a|b"}[5m]))\n'
+        "# a comment naming wasm_extproc_nothing\n"
+        "/ on (job) group_left up offset 5m > 1e-3 or vector(0) unless absent(other_metric)"
+    )
+    metrics, labels, grouping = promql_names(expr)
+    assert metrics == {"wasm_extproc_plugin_cals_total", "up", "other_metric"}
+    assert labels == {"wasm_extproc_plugin_cals_total": {"outcome", "plugin"}}
+    assert grouping == {"chain", "job"}
+
+
+def monitoring_queries():
+    """(where, expr) for every query the dashboard and the alerting rules make."""
+    return (
+        [(f"dashboard panel {title!r}", expr) for title, expr in dashboard_queries()]
+        + [("dashboard variable", selector) for selector in variable_selectors()]
+        + [(f"alert {rule['alert']}", rule["expr"]) for rule in alerting_rules()]
+    )
+
+
+def test_the_dashboard_and_rules_name_exactly_the_metrics_in_metrics_txt():
+    # metrics.txt is what the host's own test finds in a live /metrics.
+    listed = (MONITORING / "metrics.txt").read_text().splitlines()
+    assert listed == sorted(set(listed)), "metrics.txt: one name a line, sorted, no repeats"
+    used = set()
+    for where, expr in monitoring_queries():
+        metrics, _, _ = promql_names(expr)
+        assert metrics, where
+        for metric in metrics:
+            assert metric.startswith("wasm_extproc_"), (where, metric)
+            assert metric in listed, f"{where}: {metric} is not in metrics.txt"
+        used |= metrics
+    assert used == set(listed), f"in metrics.txt, used nowhere: {set(listed) - used}"
+
+
+def documented_metrics():
+    """The README's Metrics table: each metric (prefixed) and its labels."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("**Metrics**", 1)[1].split("\n\n", 2)[1]
+    documented = {}
+    for row in table.splitlines()[2:]:
+        name, labels = re.match(r"\| `(\w+)` \|([^|]*)\|", row).groups()
+        documented["wasm_extproc_" + name] = set(re.findall(r"`(\w+)`", labels))
+    return documented
+
+
+def test_the_dashboard_and_rules_use_only_documented_metrics_and_labels():
+    documented = documented_metrics()
+    for name in ["streams_total", "plugin_calls_total", "plugin_call_duration_seconds"]:
+        assert "wasm_extproc_" + name in documented
+    known = {}
+    for name, labels in documented.items():
+        known[name] = labels
+        # Histograms: their buckets carry the bucket's bound.
+        known[name + "_bucket"] = labels | {"le"}
+    for where, expr in monitoring_queries():
+        metrics, labels, grouping = promql_names(expr)
+        for metric in metrics:
+            assert metric in known, f"{where}: {metric} is not in the README's Metrics table"
+        for metric, names in labels.items():
+            assert names <= known[metric] | TARGET_LABELS, (where, metric, names)
+        available = set().union(*(known[m] for m in metrics)) | TARGET_LABELS
+        assert grouping <= available, (where, grouping - available)
+
+
+def test_the_dashboard_latency_line_is_the_alerts_threshold():
+    (alert,) = [r for r in alerting_rules() if r["alert"] == "WasmExtprocLatencyNearMessageTimeout"]
+    threshold = float(re.search(r">\s*([0-9.]+)\s*$", alert["expr"]).group(1))
+    # 0.8 x the message_timeout the shipped Envoy configuration sets.
+    (config,) = load_all(DEPLOY / "envoy" / "envoy.yaml")
+    ext_proc = http_connection_manager(config)["http_filters"][0]["typed_config"]
+    assert threshold == pytest.approx(0.8 * float(ext_proc["message_timeout"].removesuffix("s")))
+    (panel,) = [p for p in dashboard_panels() if p["title"].startswith("Call latency")]
+    steps = panel["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [step["value"] for step in steps] == [None, threshold]
+    assert panel["fieldConfig"]["defaults"]["custom"]["thresholdsStyle"]["mode"] == "line"

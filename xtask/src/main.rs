@@ -208,7 +208,7 @@ fn setup_base() -> anyhow::Result<()> {
 }
 
 /// What `deploy/tests` needs: pytest and kubernetes-validate in a venv, the CRD schemas from
-/// npm, and kubectl (for kustomize).
+/// npm, kubectl (for kustomize) and promtool (for the alerting rules).
 fn install_validators() -> anyhow::Result<()> {
     let venv = target_dir().join("tools/py");
     let marker = venv.join(".installed");
@@ -243,6 +243,15 @@ fn install_validators() -> anyhow::Result<()> {
             "-y",
             "--no-install-recommends",
             "kubernetes-client",
+        ]))?;
+    }
+    if Command::new("promtool").arg("--version").output().is_err() {
+        // Debian's prometheus: its promtool checks and unit-tests deploy/monitoring's rules.
+        run(Command::new("apt-get").args([
+            "install",
+            "-y",
+            "--no-install-recommends",
+            "prometheus",
         ]))?;
     }
     Ok(())
