@@ -60,6 +60,15 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// Every (listener, reason) a client can be refused for.
+pub const REFUSALS: [(&str, &str); 5] = [
+    ("admin", "missing_token"),
+    ("admin", "wrong_token"),
+    ("admin", "not_local"),
+    ("admin", "token_unavailable"),
+    ("ext_proc", "identity"),
+];
+
 /// Every outcome a plugin call can have: `ok`, or a failure kind.
 pub const OUTCOMES: [&str; 8] = [
     "ok",
@@ -116,6 +125,8 @@ pub enum SampleKind {
 pub struct PoolMetrics {
     /// Plugin instances alive now.
     pub in_use: Gauge,
+    /// How many may be: `[runtime] max_instances`.
+    pub size: Gauge,
     /// Instantiations that found the pool full and waited.
     pub waits: Counter,
     /// Instantiations that gave up waiting: the plugin's failure policy applied.
@@ -205,6 +216,11 @@ impl Metrics {
             pool.in_use.clone(),
         );
         registry.register(
+            "instance_pool_size",
+            "Plugin instances the pool holds at most ([runtime] max_instances)",
+            pool.size.clone(),
+        );
+        registry.register(
             "instance_waits",
             "Instantiations that found the instance pool full and waited for a free instance",
             pool.waits.clone(),
@@ -221,6 +237,22 @@ impl Metrics {
                 })
                 .clone()
         });
+        // Series with a fixed set of labels exist from the start, at zero, so that the first
+        // event is an increase a query over a time window can see.
+        for result in ["ok", "error"] {
+            let _ = reloads.get_or_create(&ResultLabel { result });
+        }
+        for direction in Direction::BOTH {
+            let _ = bodies_not_sent.get_or_create(&DirectionLabel {
+                direction: direction.noun(),
+            });
+        }
+        for answer in ["default", "reject"] {
+            let _ = unknown_chains.get_or_create(&AnswerLabel { answer });
+        }
+        for (listener, reason) in REFUSALS {
+            let _ = refused.get_or_create(&RefusalLabel { listener, reason });
+        }
         Arc::new(Metrics {
             registry,
             messages_by_phase,

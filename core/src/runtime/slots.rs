@@ -39,6 +39,7 @@ impl Drop for Slot {
 
 impl Slots {
     pub fn new(max_instances: u32, max_fibers: u32, wait: Duration, metrics: PoolMetrics) -> Self {
+        metrics.size.set(i64::from(max_instances));
         Slots {
             instances: Arc::new(Semaphore::new(max_instances as usize)),
             fibers: Arc::new(Semaphore::new(max_fibers as usize)),

@@ -525,6 +525,40 @@ async fn a_stream_that_never_finishes_is_cut_off_after_the_grace_period() {
         .unwrap();
 }
 
+/// The metrics deploy/monitoring's dashboard and alert rules query
+/// (`deploy/monitoring/metrics.txt`, which deploy/tests keeps in step with them) are all in a
+/// running host's `/metrics`, each of the type its suffix says.
+#[tokio::test]
+async fn the_dashboard_and_the_alerts_query_only_metrics_the_host_exports() {
+    let host = RunningHost::start(&[("asm", ASM_DEMO)], "").await;
+    // A plugin's series appear with its first call.
+    request_tag(&host).await;
+    let exposition = request(host.admin, "GET", "/metrics", &[], Vec::new())
+        .await
+        .unwrap();
+    let exposition = String::from_utf8(exposition.body).unwrap();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/monitoring/metrics.txt");
+    let queried = std::fs::read_to_string(&path).unwrap();
+    let names: Vec<&str> = queried.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert!(names.len() >= 10, "{names:?}");
+    for name in names {
+        let (family, kind) = if let Some(base) = name.strip_suffix("_total") {
+            (base, "counter")
+        } else if let Some(base) = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|suffix| name.strip_suffix(suffix))
+        {
+            (base, "histogram")
+        } else {
+            (name, "gauge")
+        };
+        assert!(
+            exposition.contains(&format!("# TYPE {family} {kind}\n")),
+            "{name} ({kind} {family}) is not in /metrics:\n{exposition}"
+        );
+    }
+}
+
 /// The value of the series `name{labels}` in a Prometheus text exposition.
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
