@@ -116,6 +116,28 @@ pub struct FileConfig {
     chains: BTreeMap<String, FileChain>,
     /// What a stream naming a chain that does not exist gets.
     unknown_chain: Option<UnknownChain>,
+    /// Which plugins the host trusts.
+    #[serde(default)]
+    signing: FileSigning,
+}
+
+/// `[signing]`: the public keys plugins must be signed with.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSigning {
+    #[serde(default)]
+    require_signatures: bool,
+    #[serde(default)]
+    trusted_keys: Vec<PathBuf>,
+}
+
+/// Which plugins the host trusts (see [`crate::signing`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SigningSettings {
+    /// Load only plugins signed by one of `trusted_keys`.
+    pub require_signatures: bool,
+    /// Public key files, read at every load.
+    pub trusted_keys: Vec<PathBuf>,
 }
 
 /// `[chains.NAME]`: the chain in the plugins directory's subdirectory `NAME`.
@@ -280,6 +302,7 @@ pub struct Settings {
     /// Named chains' settings, by chain name.
     pub chains: BTreeMap<String, ChainSettings>,
     pub unknown_chain: UnknownChain,
+    pub signing: SigningSettings,
     pub envoy: EnvoySettings,
 }
 
@@ -483,6 +506,10 @@ impl FileConfig {
             plugins,
             chains,
             unknown_chain: self.unknown_chain.unwrap_or_default(),
+            signing: SigningSettings {
+                require_signatures: self.signing.require_signatures,
+                trusted_keys: self.signing.trusted_keys.clone(),
+            },
             envoy: self.envoy.resolve()?,
         })
     }

@@ -8,7 +8,8 @@
 //! # Layout
 //!
 //! - [`config`]: the TOML both front ends read, parsed once into types that cannot be wrong.
-//! - [`registry`]: which `.wasm` files form the chain, in which order; reloads.
+//! - [`registry`]: which `.wasm` files form the chains, in which order; reloads;
+//!   [`signing`] checks who signed them.
 //! - [`runtime`]: the only module that speaks wasmtime -- engine, pooling allocator, linker,
 //!   budgets, and the host side of `wit/processor.wit`.
 //! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy;
@@ -29,3 +30,4 @@ pub mod log_budget;
 pub mod metrics;
 pub mod registry;
 pub mod runtime;
+pub mod signing;

@@ -30,7 +30,8 @@ use crate::config::{ConfigError, EnvoySettings, Settings, UnknownChain};
 use crate::guard::Guard;
 use crate::http::{Direction, Phase, PhaseSet};
 use crate::metrics::{Metrics, PluginMetrics};
-use crate::runtime::{EPOCH_CHECK, EPOCH_TICK, Plugin, Runtime};
+use crate::runtime::{EPOCH_CHECK, EPOCH_TICK, LoadError, Plugin, Runtime};
+use crate::signing::Trust;
 
 pub use watch::{WatchGuard, watch};
 
@@ -531,6 +532,7 @@ pub async fn load_chains(
             }
         }
     }
+    let trust = Trust::load(&config.signing)?;
     let mut compiled_before: HashMap<String, Plugin> = previous
         .into_iter()
         .flat_map(Generation::plugins)
@@ -543,6 +545,12 @@ pub async fn load_chains(
         for (name, path) in files {
             let settings = config.settings_for(&chain, &name).clone();
             let (bytes, digest) = Runtime::read(&path)?;
+            let signature = trust
+                .check(&path, &bytes)
+                .map_err(|reason| LoadError::Signature {
+                    path: path.display().to_string(),
+                    reason,
+                })?;
             let plugin = match compiled_before.get(digest.as_str()) {
                 Some(same) => same.with(&chain, &name, settings),
                 None => {
@@ -562,7 +570,7 @@ pub async fn load_chains(
                     plugin
                 }
             };
-            plugins.push(plugin);
+            plugins.push(plugin.signed(signature));
         }
         chains.push(Chain::new(&chain, plugins, metrics, config.instance_wait));
     }

@@ -41,6 +41,7 @@ use crate::http::{
 };
 use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
+use crate::signing::Signature;
 use bindings::current::wasm_extproc::processor::types as wit;
 use epoch::EpochTicker;
 use handlers::{BodyHandler, Exports, Handlers};
@@ -168,6 +169,8 @@ pub enum LoadError {
     Link { path: String, reason: String },
     #[error("{path}: failed while the host asked what it handles (register): {reason}")]
     Probe { path: String, reason: String },
+    #[error("{path}: {reason}")]
+    Signature { path: String, reason: String },
 }
 
 /// The engine and linker, shared by every plugin.
@@ -392,6 +395,7 @@ impl Runtime {
             }),
             chain: chain.into(),
             name: name.into(),
+            signature: Arc::new(Signature::NotChecked),
             log_budget: log_budget(&self.metrics, chain, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
@@ -485,6 +489,8 @@ pub struct Plugin {
     /// plugins directory's own files).
     chain: Arc<str>,
     name: Arc<str>,
+    /// Who signed the file it was loaded from.
+    signature: Arc<Signature>,
     settings: Arc<PluginSettings>,
     breaker: Arc<Breaker>,
     /// How many lines it may still log, shared by all its instances.
@@ -544,6 +550,17 @@ impl Plugin {
         &self.chain
     }
 
+    /// Who signed the file it was loaded from.
+    pub fn signature(&self) -> &Signature {
+        &self.signature
+    }
+
+    /// The same plugin, with what its file's signature said.
+    pub fn signed(mut self, signature: Signature) -> Plugin {
+        self.signature = Arc::new(signature);
+        self
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
@@ -589,6 +606,7 @@ impl Plugin {
             compiled: self.compiled.clone(),
             chain: chain.into(),
             name: name.into(),
+            signature: self.signature.clone(),
             log_budget: log_budget(&self.compiled.metrics, chain, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),

@@ -471,7 +471,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(plugins_configm
     }
 
 
-@pytest.mark.parametrize("variant", ["k8s/base", "k8s/image-volume"])
+@pytest.mark.parametrize("variant", ["k8s/base", "k8s/image-volume", "k8s/signed"])
 def test_kustomize_renders_valid_resources(variant, plugins_configmap):
     rendered = kustomize(DEPLOY / variant)
     for resource in rendered:
@@ -479,11 +479,47 @@ def test_kustomize_renders_valid_resources(variant, plugins_configmap):
     deployment = next(r for r in rendered if r["kind"] == "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == "plugins"]
-    if variant == "k8s/base":
+    if variant in ("k8s/base", "k8s/signed"):
         assert volume["configMap"]["name"] == "wasm-extproc-plugins"
     else:
         assert "configMap" not in volume and "emptyDir" in volume
         assert spec["initContainers"][0]["volumeMounts"][0]["name"] == "plugins"
+
+
+def test_the_signed_variant_mounts_the_keys_its_configuration_trusts(plugins_configmap):
+    import tomllib
+
+    rendered = kustomize(DEPLOY / "k8s/signed")
+    deployment = next(r for r in rendered if r["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (config_arg,) = [a for a in container["args"] if a.startswith("--config=")]
+    config_path = pathlib.PurePosixPath(config_arg.split("=", 1)[1])
+
+    def mounted(path):
+        """The ConfigMap and key a file path in the container reads."""
+        (mount,) = [
+            m
+            for m in container["volumeMounts"]
+            if path.parent == pathlib.PurePosixPath(m["mountPath"])
+        ]
+        assert mount.get("readOnly") is True
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        name = volume["configMap"]["name"]
+        (config_map,) = [
+            r
+            for r in rendered
+            if r["kind"] == "ConfigMap" and r["metadata"]["name"] == name
+        ]
+        return config_map, path.name
+
+    config_map, key = mounted(config_path)
+    settings = tomllib.loads(config_map["data"][key])
+    assert settings["signing"]["require_signatures"] is True
+    assert settings["signing"]["trusted_keys"]
+    for trusted in settings["signing"]["trusted_keys"]:
+        keys, key = mounted(pathlib.PurePosixPath(trusted))
+        assert keys["data"][key].startswith("-----BEGIN PUBLIC KEY-----"), key
 
 
 def test_the_deployment_is_locked_down_and_probed():

@@ -214,6 +214,7 @@ fn plugins(state: &State) -> serde_json::Value {
                 "path": plugin.path().display().to_string(),
                 "sha256": plugin.digest(),
                 "contract": plugin.contract().version(),
+                "signature": plugin.signature().to_string(),
                 "loaded_at_unix": plugin
                     .loaded_at()
                     .duration_since(UNIX_EPOCH)

@@ -74,9 +74,36 @@ pub struct Cli {
 /// What to do. Without a command, the host serves.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum Command {
-    /// Check the configuration and every plugin (compile, link, contract version, register)
-    /// without serving; exits 0 when all is well. For plugin repositories' CI.
+    /// Check the configuration and every plugin (compile, link, contract version, register,
+    /// signature) without serving; exits 0 when all is well. For plugin repositories' CI.
     Check,
+    /// Make an Ed25519 key pair for signing plugins (the format `wasmsign2` uses).
+    Keygen {
+        /// Where to write the secret key; keep it out of the cluster.
+        #[arg(long)]
+        secret_key: PathBuf,
+        /// Where to write the public key, for the host's `[signing] trusted_keys`.
+        #[arg(long)]
+        public_key: PathBuf,
+    },
+    /// Sign a plugin: the signature goes into the component, or beside it (detached).
+    Sign {
+        #[arg(long)]
+        secret_key: PathBuf,
+        /// Write the signature to PLUGIN.wasm.sig and leave the component as it is.
+        #[arg(long)]
+        detached: bool,
+        /// The component to sign, in place.
+        plugin: PathBuf,
+    },
+    /// Verify a plugin's signature against public keys, as the host would; exits 1 if none
+    /// of them signed it.
+    Verify {
+        /// A trusted public key (repeat for several).
+        #[arg(long = "public-key", required = true)]
+        public_keys: Vec<PathBuf>,
+        plugin: PathBuf,
+    },
 }
 
 /// Where the gRPC listener listens: TCP, or a Unix domain socket for Envoy in the same pod

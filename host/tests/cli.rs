@@ -164,6 +164,92 @@ fn check_validates_every_plugin_without_serving() {
     );
 }
 
+/// With `require_signatures`, only plugins signed by a trusted key load: `check` says who
+/// signed each, and an unsigned or altered plugin stops start-up (exit 1) naming the file.
+#[test]
+fn only_plugins_signed_by_a_trusted_key_load_when_signatures_are_required() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let (secret, public) = (dir.path().join("team.key"), dir.path().join("team.pub"));
+    let run = |args: &[&str]| {
+        let output = host(args);
+        let stderr = String::from_utf8(output.stderr.clone()).unwrap();
+        (output.status.code(), stderr)
+    };
+    let (code, stderr) = run(&[
+        "keygen",
+        "--secret-key",
+        &secret.display().to_string(),
+        "--public-key",
+        &public.display().to_string(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let asm = plugins.join("10-asm.wasm");
+    std::fs::copy(built("asm_demo"), &asm).unwrap();
+    let auth = plugins.join("20-auth.wasm");
+    std::fs::copy(built("bearer_auth"), &auth).unwrap();
+    // One embedded, one detached (auth.wasm.sig beside it).
+    for (plugin, detached) in [(&asm, false), (&auth, true)] {
+        let mut args = vec!["sign", "--secret-key"];
+        let secret = secret.display().to_string();
+        let plugin = plugin.display().to_string();
+        args.push(&secret);
+        if detached {
+            args.push("--detached");
+        }
+        args.push(&plugin);
+        let (code, stderr) = run(&args);
+        assert_eq!(code, Some(0), "{stderr}");
+    }
+    let config = write(
+        dir.path(),
+        "host.toml",
+        format!(
+            "listen = \"127.0.0.1:0\"\nplugins_dir = {:?}\n\
+             [signing]\nrequire_signatures = true\ntrusted_keys = [{:?}]\n",
+            plugins.display().to_string(),
+            public.display().to_string()
+        )
+        .as_bytes(),
+    );
+    let (code, stderr) = run(&["check", "--config", &config]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stderr.matches("signed by team.pub").count(), 2, "{stderr}");
+    let (code, stderr) = run(&[
+        "verify",
+        "--public-key",
+        &public.display().to_string(),
+        &asm.display().to_string(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+
+    // Unsigned: refused at start-up, by name and reason.
+    std::fs::copy(built("json_redact"), plugins.join("30-redact.wasm")).unwrap();
+    let output = host(&["--config", &config]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_line(&output);
+    assert!(
+        line.contains("30-redact.wasm: not signed (no signature section, no 30-redact.wasm.sig)"),
+        "{line}"
+    );
+    std::fs::remove_file(plugins.join("30-redact.wasm")).unwrap();
+
+    // Altered after signing: its last byte changed.
+    let mut bytes = std::fs::read(&asm).unwrap();
+    *bytes.last_mut().unwrap() ^= 0xff;
+    std::fs::write(&asm, bytes).unwrap();
+    let output = host(&["check", "--config", &config]);
+    assert_eq!(output.status.code(), Some(1));
+    let line = one_line(&output);
+    assert!(
+        line.contains(
+            "10-asm.wasm: signed by none of the trusted keys, or changed after it was signed"
+        ),
+        "{line}"
+    );
+}
+
 #[test]
 fn logs_can_be_json_lines() {
     let dir = tempfile::tempdir().unwrap();

@@ -198,6 +198,68 @@ async fn a_reload_without_the_admin_token_is_refused_and_changes_nothing() {
     assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
 }
 
+/// With `require_signatures`, a reload that brings an unsigned (or altered) plugin is rejected
+/// by name and reason, and the signed chain keeps serving.
+#[tokio::test]
+async fn a_reload_bringing_an_unsigned_plugin_is_rejected_and_the_signed_chain_serves() {
+    let keys = tempfile::tempdir().unwrap();
+    let pair = wasmsign2::KeyPair::generate();
+    let public = keys.path().join("team.pub");
+    pair.pk.to_file(&public).unwrap();
+    let sign = |bytes: Vec<u8>| {
+        let module = wasmsign2::Module::deserialize(&mut std::io::Cursor::new(bytes)).unwrap();
+        let mut signed = Vec::new();
+        pair.sk
+            .sign(module, None)
+            .unwrap()
+            .serialize(&mut signed)
+            .unwrap();
+        signed
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("asm.wasm"), sign(ASM_DEMO.bytes())).unwrap();
+    let host = RunningHost::start_in(
+        dir.path(),
+        &format!(
+            "watch = false\n[signing]\nrequire_signatures = true\ntrusted_keys = [{:?}]\n",
+            public.display().to_string()
+        ),
+    )
+    .await;
+    assert_eq!(request_tag(&host).await, "hello-to-asm");
+
+    for (bytes, reason) in [
+        (ASM_V2.bytes(), "not signed"),
+        (
+            {
+                let mut altered = sign(ASM_V2.bytes());
+                *altered.last_mut().unwrap() ^= 0xff;
+                altered
+            },
+            "changed after it was signed",
+        ),
+    ] {
+        replace_file(&dir.path().join("asm.wasm"), &bytes);
+        let response = request(host.admin, "POST", "/reload", &[], Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(response.status, 500, "{reason}");
+        let error = response.json().unwrap()["error"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            error.contains("asm.wasm: ") && error.contains(reason),
+            "{error}"
+        );
+        assert_eq!(request_tag(&host).await, "hello-to-asm", "{reason}");
+    }
+
+    replace_file(&dir.path().join("asm.wasm"), &sign(ASM_V2.bytes()));
+    host.load().await.unwrap();
+    assert_eq!(request_tag(&host).await, "hello-to-asm-v2");
+}
+
 #[tokio::test]
 async fn a_broken_file_is_rejected_and_the_previous_chain_keeps_serving() {
     let dir = tempfile::tempdir().unwrap();
