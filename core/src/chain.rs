@@ -22,6 +22,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tracing::Instrument;
+
 use crate::breaker::{Admission, Transition};
 use crate::config::FailurePolicy;
 use crate::http::{
@@ -30,6 +32,11 @@ use crate::http::{
 };
 use crate::registry::{Chain, Generation};
 use crate::runtime::{Action, Instance, Outcome, Plugin, PluginError};
+
+/// The `tracing` target of the spans meant for traces: only a trace layer enables it.
+pub const TRACE_TARGET: &str = "wasm_extproc::trace";
+/// The span of one plugin call (instantiation included), child of the stream's.
+pub const CALL_SPAN: &str = "plugin call";
 
 /// Largest body the host holds back for a plugin that wants it whole. Past this the plugin
 /// fails (kind `body_too_large`) and its policy applies; under fail-open what was held flows on
@@ -325,14 +332,31 @@ impl StreamChain {
                 }
             }
             let mut call_started = started;
+            // Disabled, and free, unless a trace layer wants it (the server's `[tracing]`).
+            let span = tracing::trace_span!(
+                target: TRACE_TARGET,
+                CALL_SPAN,
+                chain = plugin.chain(),
+                plugin = plugin.name(),
+                phase = phase.as_str(),
+                outcome = tracing::field::Empty,
+                instantiate_us = tracing::field::Empty,
+            );
             if let Slot::Idle = state.slot
                 && let Some(instance) = plugin.take_idle()
             {
                 state.slot = Slot::Live(Box::new(instance));
             }
             if let Slot::Idle = state.slot {
-                let instantiated = plugin.instantiate(started, arrived).await;
+                let instantiated = plugin
+                    .instantiate(started, arrived)
+                    .instrument(span.clone())
+                    .await;
                 call_started = Instant::now();
+                span.record(
+                    "instantiate_us",
+                    (call_started - started).as_micros() as u64,
+                );
                 match instantiated {
                     Ok(instance) => {
                         metrics.instantiated(call_started - started);
@@ -356,6 +380,7 @@ impl StreamChain {
                 .map(|open| std::mem::take(&mut open.headers));
             let (back, headers, result) = instance
                 .call(phase, message, lent, context, call_started)
+                .instrument(span.clone())
                 .await;
             message = back;
             if let (Some(open), Some(headers)) = (open.as_mut(), headers) {
@@ -387,6 +412,7 @@ impl StreamChain {
                         open.changes.absorb(opened);
                     }
                     metrics.call(phase, "ok", ended - started);
+                    span.record("outcome", "ok");
                     log_transition(plugin, plugin.breaker().record(ended, false));
                     effects.absorb(outcome.effects);
                     if let Action::Respond(response) = outcome.action {
@@ -395,6 +421,7 @@ impl StreamChain {
                     }
                 }
                 Err(error) => {
+                    span.record("outcome", error.kind());
                     // Its changes are dropped: the message goes on as the plugin got it.
                     message.rollback();
                     if let Some(open) = open.as_mut() {

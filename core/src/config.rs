@@ -98,6 +98,8 @@ pub struct FileConfig {
     pub shutdown_grace_ms: Option<u64>,
     /// TLS on the ext_proc server's listener (server only).
     pub tls: Option<FileTls>,
+    /// Where the ext_proc server sends its spans (server only).
+    pub tracing: Option<FileTracing>,
     /// What the in-process module reads from Envoy for plugins (module only).
     #[serde(default)]
     pub module: FileModule,
@@ -175,6 +177,16 @@ pub struct ChainSettings {
 
 /// The name the plugins directory's own `.wasm` files go by as a chain.
 pub const DEFAULT_CHAIN: &str = "default";
+
+/// `[tracing]`: OpenTelemetry spans over OTLP/gRPC, continuing Envoy's traces.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTracing {
+    /// The collector, as `http://host:4317`.
+    pub otlp_endpoint: String,
+    /// The spans' `service.name` (default `wasm-extproc`).
+    pub service_name: Option<String>,
+}
 
 /// `[tls]`: the server's certificate, key and optional client CA, as paths.
 #[derive(Debug, Deserialize)]
@@ -397,6 +409,7 @@ impl FileConfig {
             ("admin_token_file", self.admin_token_file.is_some()),
             ("shutdown_grace_ms", self.shutdown_grace_ms.is_some()),
             ("[tls]", self.tls.is_some()),
+            ("[tracing]", self.tracing.is_some()),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))

@@ -15,6 +15,9 @@
 //! key = "/etc/wasm-extproc/tls.key"
 //! client_ca = "/etc/wasm-extproc/ca.crt"
 //! allowed_client_sans = ["spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account"]
+//!
+//! [tracing]                     # OpenTelemetry spans, continuing Envoy's traces
+//! otlp_endpoint = "http://otel-collector:4317"
 //! ```
 
 use std::fmt;
@@ -176,6 +179,8 @@ pub struct Config {
     /// How long in-flight streams may run on after SIGTERM.
     pub shutdown_grace: Duration,
     pub tls: Option<TlsSettings>,
+    /// Where spans go, if anywhere (`[tracing]`).
+    pub tracing: Option<FileTracing>,
     /// What the plugins and the runtime run with: the part both modes share.
     pub settings: Settings,
 }
@@ -262,6 +267,7 @@ impl Config {
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             tls: file.tls.as_ref().map(read_tls).transpose()?,
+            tracing: file.tracing.clone(),
             settings,
         })
     }

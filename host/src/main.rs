@@ -11,8 +11,8 @@ const EXIT_CONFIG: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    telemetry::init(cli.log_format);
     if let Some(result) = signing(cli.command.as_ref()) {
+        let _ = telemetry::init(cli.log_format, None);
         return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -24,7 +24,15 @@ async fn main() -> ExitCode {
     let config = match Config::load(&cli) {
         Ok(config) => config,
         Err(error) => {
+            let _ = telemetry::init(cli.log_format, None);
             eprintln!("wasm-extproc: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let tracing = match telemetry::init(cli.log_format, config.tracing.as_ref()) {
+        Ok(tracing) => tracing,
+        Err(error) => {
+            eprintln!("wasm-extproc: {error:#}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -33,6 +41,9 @@ async fn main() -> ExitCode {
         Some(_) => unreachable!("signing commands ran above"),
         None => serve(config, cli).await,
     };
+    if let Some(tracing) = tracing {
+        tracing.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

@@ -140,6 +140,12 @@ impl Exchange {
         }
     }
 
+    /// The name of the chain serving the stream (so far: a route name may still pick another
+    /// at the first message).
+    pub fn chain_name(&self) -> &str {
+        self.chain.chain().name()
+    }
+
     /// The stream's protocol state.
     pub fn protocol(&self) -> &StreamProtocol {
         &self.protocol

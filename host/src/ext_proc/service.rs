@@ -17,12 +17,15 @@ use futures::{FutureExt, Stream};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::exchange::{Accepted, CHAIN_METADATA, Exchange, Then};
 use super::protocol::ProtocolError;
 use crate::access::ClientIdentities;
 use crate::metrics::{Metrics, StreamGuard};
 use crate::registry::Registry;
+use crate::telemetry::{STREAM_SPAN, TRACE_TARGET, remote_context};
 
 /// The ext_proc service over the registry's current plugin chain.
 #[derive(Debug, Clone)]
@@ -80,6 +83,16 @@ impl ExternalProcessor for ExtProcService {
             .get(CHAIN_METADATA)
             .and_then(|value| value.to_str().ok())
             .map(str::to_string);
+        // Continues Envoy's trace when a trace layer is on (`[tracing]`); else disabled.
+        let span = tracing::trace_span!(
+            target: TRACE_TARGET,
+            STREAM_SPAN,
+            otel.kind = "server",
+            chain = tracing::field::Empty,
+        );
+        if !span.is_disabled() {
+            let _ = span.set_parent(remote_context(request.metadata()));
+        }
         // Boxed: the stream's state moves in and out of each poll of `unfold` as a pointer.
         let serving = Box::new(Serving {
             exchange: Exchange::new(generation, self.metrics.clone(), requested.as_deref()),
@@ -89,9 +102,15 @@ impl ExternalProcessor for ExtProcService {
             _active: self.metrics.stream_opened(),
             _tracked: self.streams.token(),
         });
-        let answers = futures::stream::unfold(serving, |mut serving| async move {
-            let answer = serving.next_answer().await?;
-            Some((answer, serving))
+        if !span.is_disabled() {
+            span.record("chain", serving.exchange.chain_name());
+        }
+        let answers = futures::stream::unfold(serving, move |mut serving| {
+            let span = span.clone();
+            async move {
+                let answer = serving.next_answer().instrument(span).await?;
+                Some((answer, serving))
+            }
         });
         Ok(Response::new(Box::pin(answers)))
     }

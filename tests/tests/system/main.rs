@@ -16,3 +16,4 @@ mod operations;
 mod phases;
 mod shipped;
 mod sweep;
+mod traces;
