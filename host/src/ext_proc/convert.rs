@@ -618,8 +618,8 @@ mod tests {
         assert_eq!(replaced.header_mutation, None);
     }
 
-    #[test]
-    fn a_replaced_buffered_body_gets_a_matching_content_length() {
+    /// A 14-byte `BUFFERED` body whose headers said so, replaced by a 2-byte one.
+    fn buffered_replacement() -> (BodyChunk, Envelope) {
         let mut body = BodyChunk::new(b"{\"secret\":\"x\"}".to_vec(), true);
         body.replace(b"{}".to_vec());
         let envelope = Envelope {
@@ -627,6 +627,12 @@ mod tests {
             content_length: Some(14),
             ..Envelope::default()
         };
+        (body, envelope)
+    }
+
+    #[test]
+    fn a_replaced_buffered_body_gets_a_matching_content_length() {
+        let (body, envelope) = buffered_replacement();
         let common = common(reply(
             Phase::RequestBody,
             continuing(Changes::Body(body)),
@@ -644,13 +650,7 @@ mod tests {
 
     #[test]
     fn header_changes_body_handlers_made_go_with_a_buffered_bodys_answer() {
-        let mut body = BodyChunk::new(b"{\"secret\":\"x\"}".to_vec(), true);
-        body.replace(b"{}".to_vec());
-        let envelope = Envelope {
-            body_mode: BodyMode::Buffered,
-            content_length: Some(14),
-            ..Envelope::default()
-        };
+        let (body, envelope) = buffered_replacement();
         let verdict = Verdict {
             headers: Some(HeaderChanges {
                 // A plugin's own content-length gives way to the body's real one.
