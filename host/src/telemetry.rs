@@ -12,17 +12,25 @@
 //! the target [`TRACE_TARGET`] at `TRACE` level, which only the OpenTelemetry layer enables:
 //! with tracing off no layer wants them, and they cost what a disabled `tracing` call site
 //! costs -- one cached check.
+//!
+//! With tracing on, a line logged inside a recorded trace ends with that trace's `trace_id` and
+//! the current span's `span_id` (W3C hex; top-level fields in JSON), so a log pipeline can join
+//! a plugin's failure to the request's trace. Without `[tracing]` the log formatters are the
+//! plain ones.
 
 use std::io::IsTerminal;
 
 use anyhow::Context;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
-use opentelemetry::trace::TracerProvider;
+use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
+use tracing_subscriber::fmt::{FmtContext, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
@@ -55,26 +63,110 @@ impl Tracing {
 
 /// Logs to stderr and, with `tracing` configured, spans to its collector.
 pub fn init(format: LogFormat, tracing: Option<&FileTracing>) -> anyhow::Result<Option<Tracing>> {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let fmt = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let logs = match format {
-        LogFormat::Text => fmt.with_filter(filter).boxed(),
-        LogFormat::Json => fmt.json().flatten_event(true).with_filter(filter).boxed(),
-    };
-    let mut layers = vec![logs];
-    let tracing = match tracing {
+    let (spans, tracing) = match tracing {
         Some(settings) => {
             let (spans, tracing) = layer(settings)?;
-            layers.push(spans);
-            Some(tracing)
+            (Some(spans), Some(tracing))
         }
-        None => None,
+        None => (None, None),
     };
+    let ansi = std::io::stderr().is_terminal();
+    let logs = logs(format, std::io::stderr, ansi, tracing.is_some());
     // A second init (tests starting several hosts) keeps the first subscriber.
-    let _ = tracing_subscriber::registry().with(layers).try_init();
+    let _ = tracing_subscriber::registry()
+        .with(std::iter::once(logs).chain(spans).collect::<Vec<_>>())
+        .try_init();
     Ok(tracing)
+}
+
+/// The log layer: `format` lines to `writer`, filtered by `RUST_LOG` (default `info`); with
+/// `trace_ids`, lines logged inside a recorded trace carry its ids.
+pub fn logs<W>(
+    format: LogFormat,
+    writer: W,
+    ansi: bool,
+    trace_ids: bool,
+) -> Box<dyn Layer<Registry> + Send + Sync>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(writer)
+        .with_ansi(ansi);
+    match (format, trace_ids) {
+        (LogFormat::Text, false) => fmt.with_filter(filter).boxed(),
+        (LogFormat::Json, false) => fmt.json().flatten_event(true).with_filter(filter).boxed(),
+        (LogFormat::Text, true) => {
+            let text = tracing_subscriber::fmt::format().with_ansi(ansi);
+            fmt.event_format(TraceIds {
+                inner: text,
+                json: false,
+            })
+            .with_filter(filter)
+            .boxed()
+        }
+        (LogFormat::Json, true) => {
+            let json = tracing_subscriber::fmt::format().json().flatten_event(true);
+            fmt.json()
+                .event_format(TraceIds {
+                    inner: json,
+                    json: true,
+                })
+                .with_filter(filter)
+                .boxed()
+        }
+    }
+}
+
+/// An event format that appends the current trace's ids to what `inner` writes, on lines
+/// logged inside a recorded (sampled) trace; other lines are `inner`'s unchanged.
+struct TraceIds<F> {
+    inner: F,
+    json: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for TraceIds<F>
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(
+        &self,
+        context: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let Some((trace_id, span_id)) = current_trace() else {
+            return self.inner.format_event(context, writer, event);
+        };
+        let mut line = String::new();
+        self.inner
+            .format_event(context, Writer::new(&mut line), event)?;
+        let body = line.trim_end_matches('\n');
+        let ending = &line[body.len()..];
+        match body.strip_suffix('}').filter(|_| self.json) {
+            Some(object) => write!(
+                writer,
+                "{object},\"trace_id\":\"{trace_id}\",\"span_id\":\"{span_id}\"}}{ending}"
+            ),
+            None => write!(
+                writer,
+                "{body} trace_id={trace_id} span_id={span_id}{ending}"
+            ),
+        }
+    }
+}
+
+/// The ids of the trace being recorded where the caller is, and of its innermost span: the
+/// OpenTelemetry layer makes a span's context current while the span is entered.
+fn current_trace() -> Option<(TraceId, SpanId)> {
+    opentelemetry::Context::map_current(|context| {
+        let span = context.span();
+        let ids = span.span_context();
+        (ids.is_valid() && ids.is_sampled()).then(|| (ids.trace_id(), ids.span_id()))
+    })
 }
 
 /// The OpenTelemetry layer for `settings`: only the host's trace spans, batched to the OTLP

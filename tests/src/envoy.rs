@@ -147,6 +147,41 @@ impl EnvoyConfig {
         self.edit(ACCESS_LOG_ANCHOR, &log)
     }
 
+    /// Traces every request with Envoy's OpenTelemetry tracer (service `envoy`), exporting
+    /// over OTLP/gRPC to `collector`. Envoy passes the trace on to the ext_proc stream.
+    pub fn traced(self, collector: SocketAddr) -> Self {
+        let tracing = format!(
+            "{ACCESS_LOG_ANCHOR}\
+             {indent}tracing:\n\
+             {indent}  provider:\n\
+             {indent}    name: envoy.tracers.opentelemetry\n\
+             {indent}    typed_config:\n\
+             {indent}      \"@type\": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig\n\
+             {indent}      grpc_service:\n\
+             {indent}        envoy_grpc:\n\
+             {indent}          cluster_name: otlp\n\
+             {indent}      service_name: envoy\n",
+            indent = " ".repeat(16),
+        );
+        let cluster = format!(
+            "{CLUSTERS_START}    - name: otlp
+      type: STATIC
+      connect_timeout: 1s
+{HTTP2_OPTIONS}      load_assignment:
+        cluster_name: otlp
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {{ address: {}, port_value: {} }}
+",
+            collector.ip(),
+            collector.port()
+        );
+        self.edit(ACCESS_LOG_ANCHOR, &tracing)
+            .edit(CLUSTERS_START, &cluster)
+    }
+
     /// Speaks HTTP/2 to the upstream.
     pub fn upstream_http2(mut self) -> Self {
         self.upstream_http2 = true;

