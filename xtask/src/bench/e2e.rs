@@ -9,6 +9,9 @@
 //!   per stream; (c4r) `wasm4-reuse`, the four with `isolation = "reuse"`.
 //! - (cf) `wasm-fd`: (c) with Envoy streaming response bodies `FULL_DUPLEX_STREAMED`: the host
 //!   answers the body chunk the plugin never sees, where it used to close the stream.
+//! - (ct) `wasm-traced`: (c) with tracing on: Envoy's OpenTelemetry tracer samples every
+//!   request and the host continues each trace (`[tracing]`), both exporting to a stand-in
+//!   collector in the benchmark's process; (ct) minus (c) is what tracing on costs.
 //! - (d) `native`: the same filter -> `native-extproc`, the job in plain Rust, so (c) minus (d)
 //!   is what the Wasm host costs over writing the server by hand.
 //! - (e) `in-process`: the bundled plugin in Envoy's process, through the dynamic module
@@ -35,6 +38,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use extproc_testkit::envoy::{self, EnvoyConfig};
 use extproc_testkit::fixtures::{ASM_DEMO, BUNDLED_TARGET};
+use extproc_testkit::otlp::Collector;
 use extproc_testkit::repo_root;
 use serde::{Deserialize, Serialize};
 
@@ -88,7 +92,8 @@ pub struct Load {
 /// One setup's figures: medians over rounds, and every round as measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ScenarioResult {
-    /// `envoy`, `lua`, `wasm`, `wasm4`, `wasm4-reuse`, `wasm-fd`, `native` or `in-process`.
+    /// `envoy`, `lua`, `wasm`, `wasm4`, `wasm4-reuse`, `wasm-fd`, `wasm-traced`, `native` or
+    /// `in-process`.
     pub key: String,
     pub label: String,
     /// Closed loop (wrk).
@@ -196,6 +201,8 @@ pub(super) struct Setup {
     filter: Filter,
     /// Envoy streams response bodies to the processor `FULL_DUPLEX_STREAMED`.
     full_duplex_response: bool,
+    /// Envoy traces every request and the host exports its spans, to a [`SpanSink`].
+    traced: bool,
 }
 
 /// What stands in Envoy's filter chain before the router.
@@ -219,18 +226,20 @@ enum Processor {
     Native,
 }
 
-pub(super) static SETUPS: [Setup; 8] = [
+pub(super) static SETUPS: [Setup; 9] = [
     Setup {
         key: "envoy",
         label: "(a) Envoy alone, no header work",
         filter: Filter::Nothing,
         full_duplex_response: false,
+        traced: false,
     },
     Setup {
         key: "lua",
         label: "(b) Envoy's in-process Lua filter",
         filter: Filter::Lua,
         full_duplex_response: false,
+        traced: false,
     },
     Setup {
         key: "wasm",
@@ -240,6 +249,7 @@ pub(super) static SETUPS: [Setup; 8] = [
             reuse: false,
         }),
         full_duplex_response: false,
+        traced: false,
     },
     Setup {
         key: "wasm4",
@@ -249,6 +259,7 @@ pub(super) static SETUPS: [Setup; 8] = [
             reuse: false,
         }),
         full_duplex_response: false,
+        traced: false,
     },
     Setup {
         key: "wasm4-reuse",
@@ -258,6 +269,7 @@ pub(super) static SETUPS: [Setup; 8] = [
             reuse: true,
         }),
         full_duplex_response: false,
+        traced: false,
     },
     Setup {
         key: "wasm-fd",
@@ -267,18 +279,31 @@ pub(super) static SETUPS: [Setup; 8] = [
             reuse: false,
         }),
         full_duplex_response: true,
+        traced: false,
+    },
+    Setup {
+        key: "wasm-traced",
+        label: "(ct) wasm-extproc + ASM, traced (Envoy and host export spans)",
+        filter: Filter::ExtProc(Processor::Wasm {
+            plugins: 1,
+            reuse: false,
+        }),
+        full_duplex_response: false,
+        traced: true,
     },
     Setup {
         key: "native",
         label: "(d) ext_proc -> native Rust server",
         filter: Filter::ExtProc(Processor::Native),
         full_duplex_response: false,
+        traced: false,
     },
     Setup {
         key: "in-process",
         label: "(e) wasm-extproc in Envoy's process + ASM plugin",
         filter: Filter::InProcess,
         full_duplex_response: false,
+        traced: false,
     },
 ];
 
@@ -478,6 +503,8 @@ pub(super) struct Running {
     pub(super) listener: SocketAddr,
     /// Envoy, the upstream, and the ext_proc server if the setup has one.
     servers: Vec<Server>,
+    /// Where a traced setup's spans go.
+    sink: Option<SpanSink>,
     _dir: tempfile::TempDir,
 }
 
@@ -535,6 +562,7 @@ impl Running {
         )?;
         upstream.wait_listening(upstream_address)?;
 
+        let sink = setup.traced.then(SpanSink::start).transpose()?;
         // Setups without ext_proc still render the file's ext_proc cluster; nothing listens there.
         let ext_proc_address = loopback(free_port()?);
         let listen = ext_proc_address.to_string();
@@ -554,10 +582,11 @@ impl Running {
                 }
                 let config = dir.path().join("host.toml");
                 let isolation = if reuse { "reuse" } else { "exchange" };
-                std::fs::write(
-                    &config,
-                    format!("[defaults]\nisolation = \"{isolation}\"\n"),
-                )?;
+                let mut toml = format!("[defaults]\nisolation = \"{isolation}\"\n");
+                if let Some(sink) = &sink {
+                    toml += &format!("[tracing]\notlp_endpoint = \"http://{}\"\n", sink.address);
+                }
+                std::fs::write(&config, toml)?;
                 let admin = loopback(free_port()?);
                 let mut host = Server::spawn(
                     "ext_proc",
@@ -592,6 +621,9 @@ impl Running {
 
         let listener = loopback(free_port()?);
         let mut envoy_config = setup.envoy_config(&plugins)?;
+        if let Some(sink) = &sink {
+            envoy_config = envoy_config.traced(sink.address);
+        }
         if variation.many_in_flight {
             envoy_config = envoy_config
                 .upstream_http2()
@@ -642,6 +674,7 @@ impl Running {
             setup,
             listener,
             servers: [envoy, upstream].into_iter().chain(ext_proc).collect(),
+            sink,
             _dir: dir,
         };
         running.check()?;
@@ -672,7 +705,20 @@ impl Running {
                 expected(RESPONSE_TAG),
             );
         }
+        if let Some(sink) = &self.sink {
+            sink.wait_for_both()
+                .with_context(|| format!("{}: {}", self.setup.label, self.logs()))?;
+        }
         Ok(())
+    }
+
+    /// Every server's log.
+    fn logs(&self) -> String {
+        self.servers
+            .iter()
+            .map(|server| format!("{}: {}", server.name, server.log()))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// Warms the setup up, then runs `load` and counts each server's CPU time over it.
@@ -716,6 +762,53 @@ impl Running {
             .find_map(|line| line.strip_prefix("VmHWM:"))
             .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
             .with_context(|| format!("no VmHWM in {path}"))
+    }
+}
+
+/// A stand-in OpenTelemetry collector for the traced setup, on a runtime of its own in the
+/// benchmark's process: it receives what a collector would and keeps only a count.
+struct SpanSink {
+    collector: Collector,
+    address: SocketAddr,
+    _runtime: tokio::runtime::Runtime,
+}
+
+/// Envoy and the host each export on a 5 s timer.
+const FIRST_SPANS_TIMEOUT: Duration = Duration::from_secs(15);
+
+impl SpanSink {
+    fn start() -> anyhow::Result<SpanSink> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?;
+        let collector = Collector::default();
+        let address = runtime.block_on(collector.clone().start());
+        Ok(SpanSink {
+            collector,
+            address,
+            _runtime: runtime,
+        })
+    }
+
+    /// Waits until spans from both Envoy and the host arrived: tracing is on end to end.
+    fn wait_for_both(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + FIRST_SPANS_TIMEOUT;
+        loop {
+            let spans = self.collector.spans();
+            let from = |service: &str| spans.iter().any(|(s, _)| s.contains(service));
+            if from("envoy") && from("wasm-extproc") {
+                self.collector.clear();
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "no spans from {} within {FIRST_SPANS_TIMEOUT:?}",
+                    if from("envoy") { "the host" } else { "Envoy" }
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

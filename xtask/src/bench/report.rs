@@ -325,8 +325,9 @@ fn e2e_section(
          `hello-from-asm` on every response) done by Envoy alone (a, no header work), its Lua \
          filter (b), this host (c; with four copies of the plugin in the chain, fresh per stream \
          (c4) or reused (c4r); with Envoy streaming response bodies `FULL_DUPLEX_STREAMED` (cf), \
-         where the host answers the body chunk its plugin never sees) and a native Rust ext_proc \
-         server (d). Envoy (`--concurrency 1`), the upstream (`bench-upstream`) and the ext_proc \
+         where the host answers the body chunk its plugin never sees; with tracing on in Envoy and \
+         the host (ct), spans going to a stand-in collector in the benchmark's process) and a \
+         native Rust ext_proc server (d). Envoy (`--concurrency 1`), the upstream (`bench-upstream`) and the ext_proc \
          server share core 0 (`taskset`); the load generator has core 1. Every Envoy \
          configuration is `deploy/envoy/envoy.yaml`, with the ext_proc filter removed (a), \
          swapped for Lua (b), or pointed at the server measured. Each check request must come \
@@ -401,6 +402,20 @@ fn e2e_section(
                 module.closed.rps / lua.closed.rps,
             )?;
         }
+        if let Some(traced) = by_key("wasm-traced") {
+            writeln!(
+                md,
+                "Tracing on -- Envoy's OpenTelemetry tracer sampling every request, the host \
+                 continuing each trace with a stream span and a span per plugin call, both \
+                 exporting over OTLP/gRPC -- costs (ct) - (c): ext_proc {:+.1} µs ({:.2}×), \
+                 Envoy {:+.1} µs per request at the fixed rate; (ct)/(c) req/s {:.2}. Tracing \
+                 off is (c) itself: the trace call sites are in every build, disabled.\n",
+                cpu(traced, "ext_proc") - cpu(wasm, "ext_proc"),
+                cpu(traced, "ext_proc") / cpu(wasm, "ext_proc"),
+                cpu(traced, "envoy") - cpu(wasm, "envoy"),
+                traced.closed.rps / wasm.closed.rps,
+            )?;
+        }
         if let Some(full_duplex) = by_key("wasm-fd") {
             writeln!(
                 md,
@@ -465,6 +480,7 @@ fn short(key: &str) -> String {
         "wasm4" => "(c4) 4 plugins",
         "wasm4-reuse" => "(c4r) 4, reused",
         "wasm-fd" => "(cf) full duplex",
+        "wasm-traced" => "(ct) traced",
         "native" => "(d) native ext_proc",
         "in-process" => "(e) in-process",
         other => other,
