@@ -80,6 +80,34 @@ pub enum Command {
     /// Check the configuration and every plugin (compile, link, contract version, register,
     /// signature) without serving; exits 0 when all is well. For plugin repositories' CI.
     Check,
+    /// Play exchange files through the plugins, as Envoy would send them, without Envoy or
+    /// the network; print what each phase produced and compare it with each file's `expect:`.
+    /// Exits 1 on any difference, 64 if a file or the plugins cannot be used.
+    Test {
+        /// Test this one component (with its `[plugins.NAME]` settings from --config) instead
+        /// of the plugins directory.
+        #[arg(long)]
+        plugin: Option<PathBuf>,
+        /// The --plugin's configuration string (`host.config`), over --config's.
+        #[arg(long, requires = "plugin")]
+        plugin_config: Option<String>,
+        /// Exchange files (YAML; format in plugins/README.md).
+        #[arg(required = true)]
+        exchanges: Vec<PathBuf>,
+    },
+    /// Write a ready-to-build plugin project NAME: the source (starting as the ASM demo), a
+    /// build script, an exchange file `test` passes, a README.
+    New {
+        name: String,
+        #[arg(long, value_enum)]
+        lang: crate::authoring::templates::Language,
+        /// Where to create the project's directory.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Rust: the SDK's path, from the project (a checkout of wasm-extproc beside it).
+        #[arg(long, default_value = "../wasm-extproc/plugins/sdk")]
+        sdk: String,
+    },
     /// Make an Ed25519 key pair for signing plugins (the format `wasmsign2` uses).
     Keygen {
         /// Where to write the secret key; keep it out of the cluster.

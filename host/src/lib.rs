@@ -13,6 +13,8 @@
 //! - [`admin`]: the HTTP admin listener -- health, readiness, metrics, plugins, reload.
 //! - [`server`]: the [`Host`] -- listeners, serving, health, draining at shutdown.
 //! - [`telemetry`], [`shutdown`]: logs and signals.
+//! - [`authoring`]: `wasm-extproc test` -- exchange files played through the plugins without
+//!   Envoy.
 //! - From the core: [`registry`] (the chain on disk, reloads), [`runtime`] (wasmtime),
 //!   [`chain`] (one message through the plugins), [`guard`], [`breaker`], [`http`],
 //!   [`metrics`].
@@ -38,6 +40,7 @@
 
 pub mod access;
 pub mod admin;
+pub mod authoring;
 pub mod config;
 pub mod ext_proc;
 pub mod server;

@@ -1,9 +1,10 @@
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
 use wasm_extproc::config::{Cli, Command, Config, DEFAULT_CHAIN};
-use wasm_extproc::{Host, Listeners, shutdown, telemetry};
+use wasm_extproc::{Host, Listeners, authoring, shutdown, telemetry};
 
 /// `EX_USAGE`: the configuration is wrong, retrying will not help.
 const EXIT_CONFIG: u8 = 64;
@@ -11,39 +12,68 @@ const EXIT_CONFIG: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(result) = signing(cli.command.as_ref()) {
-        let _ = telemetry::init(cli.log_format, None);
-        return match result {
-            Ok(()) => ExitCode::SUCCESS,
+    // `test` reports on stdout; the host's own progress would only crowd it.
+    let log_filter = match cli.command {
+        Some(Command::Test { .. }) => "warn",
+        _ => "info",
+    };
+    if let Some(Command::New {
+        name,
+        lang,
+        dir,
+        sdk,
+    }) = &cli.command
+    {
+        return match authoring::templates::write(dir, name, *lang, sdk) {
+            Ok(project) => {
+                eprintln!(
+                    "wrote {}: ./build.sh, then wasm-extproc test --plugin {name}.wasm exchanges.yaml",
+                    project.display()
+                );
+                ExitCode::SUCCESS
+            }
             Err(error) => {
-                eprintln!("wasm-extproc: {error:#}");
-                ExitCode::FAILURE
+                eprintln!("wasm-extproc: {error}");
+                ExitCode::from(EXIT_CONFIG)
             }
         };
+    }
+    if let Some(result) = signing(cli.command.as_ref()) {
+        let _ = telemetry::init(cli.log_format, log_filter, None);
+        return exit_code(result);
     }
     let config = match Config::load(&cli) {
         Ok(config) => config,
         Err(error) => {
-            let _ = telemetry::init(cli.log_format, None);
+            let _ = telemetry::init(cli.log_format, log_filter, None);
             eprintln!("wasm-extproc: {error}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let tracing = match telemetry::init(cli.log_format, config.tracing.as_ref()) {
+    let tracing = match telemetry::init(cli.log_format, log_filter, config.tracing.as_ref()) {
         Ok(tracing) => tracing,
         Err(error) => {
             eprintln!("wasm-extproc: {error:#}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let result = match cli.command {
-        Some(Command::Check) => check(config).await,
-        Some(_) => unreachable!("signing commands ran above"),
-        None => serve(config, cli).await,
+    let code = match cli.command {
+        Some(Command::Check) => exit_code(check(config).await),
+        Some(Command::Test {
+            plugin,
+            plugin_config,
+            exchanges,
+        }) => test(config, plugin, plugin_config, &exchanges).await,
+        Some(_) => unreachable!("new and the signing commands ran above"),
+        None => exit_code(serve(config, cli).await),
     };
     if let Some(tracing) = tracing {
         tracing.shutdown();
     }
+    code
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
@@ -87,6 +117,60 @@ async fn check(config: Config) -> anyhow::Result<()> {
         config.settings.plugins_dir.display()
     );
     Ok(())
+}
+
+/// Plays exchange files through the plugins (or one `plugin`): 0 when every exchange came
+/// out as expected, 1 when one did not, [`EXIT_CONFIG`] when a file or a plugin is unusable.
+async fn test(
+    mut config: Config,
+    plugin: Option<PathBuf>,
+    plugin_config: Option<String>,
+    exchanges: &[PathBuf],
+) -> ExitCode {
+    // A directory holding just the one plugin, named after its file.
+    let _alone = match plugin {
+        Some(plugin) => match alone(&plugin) {
+            Ok((dir, name)) => {
+                config.settings.plugins_dir = dir.path().to_path_buf();
+                if let Some(value) = plugin_config {
+                    let defaults = config.settings.defaults.clone();
+                    config
+                        .settings
+                        .plugins
+                        .entry(name)
+                        .or_insert(defaults)
+                        .config = value;
+                }
+                Some(dir)
+            }
+            Err(error) => {
+                eprintln!("wasm-extproc: {error:#}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => None,
+    };
+    match authoring::test(&config, exchanges, &mut std::io::stdout()).await {
+        Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
+        Ok(_) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("wasm-extproc: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+    }
+}
+
+/// A temporary plugins directory with `plugin` in it, and the plugin's name there.
+fn alone(plugin: &Path) -> anyhow::Result<(tempfile::TempDir, String)> {
+    let name = plugin
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.strip_suffix(".wasm"))
+        .with_context(|| format!("--plugin {}: not a .wasm file", plugin.display()))?;
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(plugin, dir.path().join(format!("{name}.wasm")))
+        .with_context(|| format!("--plugin {}", plugin.display()))?;
+    Ok((dir, name.to_string()))
 }
 
 /// The key and signature commands, which need no configuration; `None` for the others.
@@ -147,7 +231,9 @@ fn signing(command: Option<&Command>) -> Option<anyhow::Result<()>> {
                     .map_err(|reason| anyhow::anyhow!("{}: {reason}", plugin.display()))?;
                 eprintln!("{}: {signature}", plugin.display());
             }
-            Some(Command::Check) | None => unreachable!("not a signing command"),
+            Some(Command::Check | Command::Test { .. } | Command::New { .. }) | None => {
+                unreachable!("not a signing command")
+            }
         }
         Ok(())
     };

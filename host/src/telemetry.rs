@@ -1,7 +1,7 @@
 //! Logging and tracing.
 //!
 //! Logs: `tracing` to stderr, as text for people or JSON for log pipelines. `RUST_LOG` filters
-//! (default `info`). Text is coloured only on a terminal: a container's log, a pipe or a file
+//! (default `info`; `warn` for `wasm-extproc test`, whose report is its output). Text is coloured only on a terminal: a container's log, a pipe or a file
 //! gets plain lines, with no escape codes for the log pipeline to carry.
 //!
 //! Traces (`[tracing]`): OpenTelemetry spans over OTLP/gRPC. Envoy's ext_proc filter passes its
@@ -61,8 +61,13 @@ impl Tracing {
     }
 }
 
-/// Logs to stderr and, with `tracing` configured, spans to its collector.
-pub fn init(format: LogFormat, tracing: Option<&FileTracing>) -> anyhow::Result<Option<Tracing>> {
+/// Logs to stderr (filtered by `RUST_LOG`, else `default_filter`) and, with `tracing`
+/// configured, spans to its collector.
+pub fn init(
+    format: LogFormat,
+    default_filter: &str,
+    tracing: Option<&FileTracing>,
+) -> anyhow::Result<Option<Tracing>> {
     let (spans, tracing) = match tracing {
         Some(settings) => {
             let (spans, tracing) = layer(settings)?;
@@ -71,7 +76,13 @@ pub fn init(format: LogFormat, tracing: Option<&FileTracing>) -> anyhow::Result<
         None => (None, None),
     };
     let ansi = std::io::stderr().is_terminal();
-    let logs = logs(format, std::io::stderr, ansi, tracing.is_some());
+    let logs = logs(
+        format,
+        default_filter,
+        std::io::stderr,
+        ansi,
+        tracing.is_some(),
+    );
     // A second init (tests starting several hosts) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
         .with(std::iter::once(logs).chain(spans).collect::<Vec<_>>())
@@ -79,10 +90,11 @@ pub fn init(format: LogFormat, tracing: Option<&FileTracing>) -> anyhow::Result<
     Ok(tracing)
 }
 
-/// The log layer: `format` lines to `writer`, filtered by `RUST_LOG` (default `info`); with
-/// `trace_ids`, lines logged inside a recorded trace carry its ids.
+/// The log layer: `format` lines to `writer`, filtered by `RUST_LOG` (else `default_filter`);
+/// with `trace_ids`, lines logged inside a recorded trace carry its ids.
 pub fn logs<W>(
     format: LogFormat,
+    default_filter: &str,
     writer: W,
     ansi: bool,
     trace_ids: bool,
@@ -90,7 +102,8 @@ pub fn logs<W>(
 where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let fmt = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_ansi(ansi);

@@ -1,8 +1,12 @@
 //! Start-up failures as an operator sees them: one line naming what is wrong, and an exit
 //! code a supervisor can act on.
 
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Output};
+
+use support::built;
 
 fn host(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
@@ -104,25 +108,6 @@ fn an_instance_pool_the_kernel_could_not_hold_is_named_at_start_up() {
 fn an_unknown_flag_is_a_usage_error() {
     let output = host(&["--plugin-dir", "/x"]);
     assert_eq!(output.status.code(), Some(2));
-}
-
-/// A component the build made (`cargo xtask build-plugins`).
-fn built(name: &str) -> std::path::PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    // The bundled plugins need no WASI (plugins/.cargo/config.toml); fixtures use it.
-    let path = ["wasm32-unknown-unknown", "wasm32-wasip2"]
-        .map(|t| target.join(format!("{t}/release/{name}.wasm")))
-        .into_iter()
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| target.join(format!("wasm32-wasip2/release/{name}.wasm")));
-    assert!(
-        path.is_file(),
-        "{} missing: run `cargo xtask build-plugins`",
-        path.display()
-    );
-    path
 }
 
 #[test]

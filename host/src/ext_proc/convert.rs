@@ -85,7 +85,8 @@ pub fn inbound(request: ProcessingRequest) -> Result<Inbound, ProtocolError> {
     })
 }
 
-fn body_mode(mode: i32) -> BodyMode {
+/// A body mode from Envoy's enum; unknown values are `None`.
+pub(crate) fn body_mode(mode: i32) -> BodyMode {
     match BodySendMode::try_from(mode) {
         Ok(BodySendMode::Streamed) => BodyMode::Streamed,
         Ok(BodySendMode::Buffered) => BodyMode::Buffered,
@@ -117,7 +118,8 @@ fn text(value: &pb::Value) -> String {
     }
 }
 
-fn json(value: &pb::Value) -> serde_json::Value {
+/// A protobuf value as JSON.
+pub(crate) fn json(value: &pb::Value) -> serde_json::Value {
     match &value.kind {
         None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
         Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)

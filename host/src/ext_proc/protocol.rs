@@ -344,7 +344,8 @@ impl StreamProtocol {
     }
 }
 
-fn send_mode(mode: BodyMode) -> BodySendMode {
+/// Envoy's name for a body mode.
+pub(crate) fn send_mode(mode: BodyMode) -> BodySendMode {
     match mode {
         BodyMode::None => BodySendMode::None,
         BodyMode::Streamed => BodySendMode::Streamed,

@@ -65,8 +65,8 @@ async fn the_hosts_spans_continue_envoys_trace() {
 async fn log_lines_inside_a_trace_carry_its_ids() {
     let (json, text) = (Lines::default(), Lines::default());
     let logs = vec![
-        wasm_extproc::telemetry::logs(LogFormat::Json, json.clone(), false, true),
-        wasm_extproc::telemetry::logs(LogFormat::Text, text.clone(), false, true),
+        wasm_extproc::telemetry::logs(LogFormat::Json, "info", json.clone(), false, true),
+        wasm_extproc::telemetry::logs(LogFormat::Text, "info", text.clone(), false, true),
     ];
     let traced = Traced::start(("trap", TRAP), logs).await;
     tracing::info!("before any stream");

@@ -1,0 +1,230 @@
+//! `wasm-extproc new`: a ready-to-build plugin project in one of the languages the project
+//! builds and tests. Each starts as that language's ASM demo (the very source the project's
+//! tests run through Envoy), with a build script, the contract where the toolchain needs it,
+//! an exchange file with an `expect:` that `wasm-extproc test` passes, and a short README.
+
+use std::path::{Path, PathBuf};
+
+/// The languages a template exists for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Language {
+    Rust,
+    Javascript,
+    Python,
+    C,
+}
+
+const CONTRACT: &str = include_str!("../../../wit/processor.wit");
+const EXCHANGES: &str = include_str!("../../../plugins/asm-demo/exchanges.yaml");
+const RUST_SOURCE: &str = include_str!("../../../plugins/asm-demo/src/lib.rs");
+const RUST_CARGO_CONFIG: &str = include_str!("../../../plugins/.cargo/config.toml");
+const JAVASCRIPT_SOURCE: &str = include_str!("../../../plugins/examples/javascript/asm-demo.js");
+const PYTHON_SOURCE: &str = include_str!("../../../plugins/examples/python/asm_demo.py");
+const C_SOURCE: &str = include_str!("../../../plugins/examples/c/asm_demo.c");
+
+/// Why a project was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum NewError {
+    #[error("plugin name {0:?}: use lowercase letters, digits and `-`, starting with a letter")]
+    Name(String),
+    #[error("{0}: already exists; choose another name or directory")]
+    Exists(PathBuf),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// Writes the project `name` in `language` into `dir/name`; `sdk` is where the Rust SDK is
+/// (a path, relative to the project, in its `Cargo.toml`). Returns the project's directory.
+pub fn write(dir: &Path, name: &str, language: Language, sdk: &str) -> Result<PathBuf, NewError> {
+    let valid = name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !valid {
+        return Err(NewError::Name(name.into()));
+    }
+    let project = dir.join(name);
+    if project.exists() {
+        return Err(NewError::Exists(project));
+    }
+    for (file, contents) in files(name, language, sdk) {
+        let path = project.join(file);
+        let parent = path.parent().expect("a file in the project");
+        std::fs::create_dir_all(parent).map_err(|e| NewError::Io(parent.to_path_buf(), e))?;
+        std::fs::write(&path, contents).map_err(|e| NewError::Io(path.clone(), e))?;
+        if file == "build.sh" {
+            make_executable(&path).map_err(|e| NewError::Io(path.clone(), e))?;
+        }
+    }
+    Ok(project)
+}
+
+#[cfg(unix)]
+fn make_executable(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))
+}
+
+#[cfg(not(unix))]
+fn make_executable(_: &Path) -> std::io::Result<()> {
+    Ok(())
+}
+
+/// The project's files: (path in the project, contents).
+fn files(name: &str, language: Language, sdk: &str) -> Vec<(&'static str, String)> {
+    let mut files = vec![
+        ("exchanges.yaml", exchanges(name)),
+        ("README.md", readme(name, language)),
+        ("build.sh", build_script(name, language)),
+    ];
+    match language {
+        Language::Rust => files.extend([
+            ("Cargo.toml", cargo_toml(name, sdk)),
+            (".cargo/config.toml", RUST_CARGO_CONFIG.into()),
+            ("src/lib.rs", RUST_SOURCE.into()),
+        ]),
+        Language::Javascript => files.extend([
+            ("plugin.js", JAVASCRIPT_SOURCE.into()),
+            ("wit/processor.wit", CONTRACT.into()),
+        ]),
+        Language::Python => files.extend([
+            ("app.py", PYTHON_SOURCE.into()),
+            ("wit/processor.wit", CONTRACT.into()),
+        ]),
+        Language::C => files.extend([
+            ("plugin.c", C_SOURCE.into()),
+            ("wit/processor.wit", CONTRACT.into()),
+        ]),
+    }
+    files
+}
+
+/// The ASM demo's exchanges, introduced for this project.
+fn exchanges(name: &str) -> String {
+    let body: String = EXCHANGES
+        .lines()
+        .skip_while(|line| line.starts_with('#') || line.is_empty())
+        .map(|line| format!("{line}\n"))
+        .collect();
+    format!(
+        "# What {name} must do, checked without Envoy: ./build.sh && wasm-extproc test --plugin \
+         {name}.wasm exchanges.yaml\n# (format: plugins/README.md, \"The exchange file\").\n\n\
+         {body}"
+    )
+}
+
+fn cargo_toml(name: &str, sdk: &str) -> String {
+    format!(
+        r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2024"
+
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+wasm-extproc-sdk = {{ path = "{sdk}" }}
+
+# A project of its own, even inside another workspace.
+[workspace]
+
+[profile.release]          # small and fast components; a panic traps the call
+opt-level = "s"
+lto = true
+codegen-units = 1
+panic = "abort"
+strip = true
+"#
+    )
+}
+
+fn build_script(name: &str, language: Language) -> String {
+    let steps = match language {
+        Language::Rust => format!(
+            "# rustup target add wasm32-unknown-unknown (wasm-component-ld comes with it)\n\
+             cargo build --release\n\
+             cp \"${{CARGO_TARGET_DIR:-target}}/wasm32-unknown-unknown/release/{}.wasm\" {name}.wasm\n",
+            name.replace('-', "_")
+        ),
+        Language::Javascript => format!(
+            "# npm install @bytecodealliance/componentize-js@0.23.0 @bytecodealliance/preview2-shim@0.17.9\n\
+             ${{COMPONENTIZE_JS:-npx componentize-js}} plugin.js --wit wit -n plugin \\\n    \
+             -d http -d fetch-event -o {name}.wasm\n"
+        ),
+        Language::Python => format!(
+            "# pip install componentize-py==0.25.1\n\
+             \"${{COMPONENTIZE_PY:-componentize-py}}\" -d wit -w plugin componentize app -o {name}.wasm\n"
+        ),
+        Language::C => format!(
+            "# clang 19 with wasi-libc, wit-bindgen-cli 0.61.1, and jco (npm @bytecodealliance/jco)\n\
+             mkdir -p bindings\n\
+             \"${{WIT_BINDGEN:-wit-bindgen}}\" c --world plugin --out-dir bindings wit\n\
+             \"${{CLANG:-clang-19}}\" --target=wasm32-wasi --sysroot=\"${{WASI_SYSROOT:-/usr}}\" \\\n    \
+             -mexec-model=reactor -O2 -Wall -Werror -I bindings \\\n    \
+             plugin.c bindings/plugin.c bindings/plugin_component_type.o -o plugin.core.wasm\n\
+             \"${{JCO:-jco}}\" new plugin.core.wasm --wasi-reactor -o {name}.wasm\n"
+        ),
+    };
+    format!(
+        "#!/usr/bin/env bash\n# Builds {name}.wasm, a wasm-extproc plugin component.\n\
+         set -euo pipefail\ncd \"$(dirname \"$0\")\"\n{steps}echo \"built {name}.wasm\"\n"
+    )
+}
+
+fn readme(name: &str, language: Language) -> String {
+    let (source, language_name) = match language {
+        Language::Rust => ("src/lib.rs", "Rust"),
+        Language::Javascript => ("plugin.js", "JavaScript"),
+        Language::Python => ("app.py", "Python"),
+        Language::C => ("plugin.c", "C"),
+    };
+    format!(
+        "# {name}\n\n\
+         A wasm-extproc plugin in {language_name}. It starts as the ASM demo: it sets \
+         `x-ext-proc-header: hello-to-asm` on requests and `hello-from-asm` on responses.\n\n\
+         1. Change `{source}`, and what `exchanges.yaml` expects of it.\n\
+         2. `./build.sh` makes `{name}.wasm` (the script names the tools it needs).\n\
+         3. `wasm-extproc test --plugin {name}.wasm exchanges.yaml` plays the exchanges through \
+         it, without Envoy, and fails on any difference.\n\
+         4. Put `{name}.wasm` in the host's plugins directory.\n\n\
+         The contract, the exchange file format and what each language costs: plugins/README.md \
+         in the wasm-extproc repository.\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked_and_projects_never_overwritten() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            write(dir.path(), "My Plugin", Language::Rust, "sdk"),
+            Err(NewError::Name(_))
+        ));
+        let project = write(dir.path(), "tagger", Language::Python, "sdk").unwrap();
+        for file in [
+            "app.py",
+            "wit/processor.wit",
+            "exchanges.yaml",
+            "build.sh",
+            "README.md",
+        ] {
+            assert!(project.join(file).is_file(), "{file}");
+        }
+        assert!(matches!(
+            write(dir.path(), "tagger", Language::C, "sdk"),
+            Err(NewError::Exists(_))
+        ));
+    }
+
+    #[test]
+    fn the_exchange_file_keeps_its_expectations_under_a_new_introduction() {
+        let text = exchanges("tagger");
+        assert!(text.starts_with("# What tagger must do"), "{text}");
+        assert!(text.contains("x-ext-proc-header: hello-to-asm"), "{text}");
+        assert!(!text.contains("plugins/asm-demo/exchanges.yaml"), "{text}");
+    }
+}

@@ -1,0 +1,272 @@
+//! `wasm-extproc test` as a plugin author runs it: exchange files played through real
+//! components without Envoy, a readable report, and exit codes a CI job can act on.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use support::{built, repo};
+
+/// `wasm-extproc test ARGS`, with budgets roomy enough for interpreters on a machine busy
+/// with other tests (a Python plugin's first call can take longer than the default 20 ms).
+fn test(args: &[&str]) -> Output {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[defaults]\ntimeout_ms = 2000\n[envoy]\nmessage_timeout_ms = 5000\n",
+    )
+    .unwrap();
+    Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
+        .arg("test")
+        .arg("--config")
+        .arg(config.path())
+        .args(args)
+        .env("RUST_LOG", "off")
+        .env_remove("WASM_EXTPROC_CONFIG")
+        .output()
+        .expect("binary runs")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Every exchange file the project ships, against every component it describes.
+#[test]
+fn the_shipped_exchange_files_pass() {
+    let cases: [(&str, Option<&str>, &str); 8] = [
+        ("asm_demo", None, "plugins/asm-demo/exchanges.yaml"),
+        ("asm_demo_js", None, "plugins/asm-demo/exchanges.yaml"),
+        ("asm_demo_py", None, "plugins/asm-demo/exchanges.yaml"),
+        ("asm_demo_c", None, "plugins/asm-demo/exchanges.yaml"),
+        (
+            "bearer_auth",
+            Some("realm=api;tokens=s3cret"),
+            "plugins/bearer-auth/exchanges.yaml",
+        ),
+        (
+            "json_redact",
+            Some("password,ssn"),
+            "plugins/json-redact/exchanges.yaml",
+        ),
+        (
+            "api_key_js",
+            Some(r#"{"header": "x-api-key", "keys": ["key-1", "key-2"]}"#),
+            "plugins/examples/javascript/api-key.exchanges.yaml",
+        ),
+        (
+            "json_rewrite_py",
+            Some(r#"{"source": "mesh"}"#),
+            "plugins/examples/python/json_rewrite.exchanges.yaml",
+        ),
+    ];
+    for (component, config, file) in cases {
+        let plugin = built(component);
+        let file = repo(file);
+        let mut args = vec!["--plugin", plugin.to_str().unwrap()];
+        if let Some(config) = config {
+            args.extend(["--plugin-config", config]);
+        }
+        args.push(file.to_str().unwrap());
+        let output = test(&args);
+        let stdout = text(&output.stdout);
+        assert_eq!(
+            output.status.code(),
+            Some(0),
+            "{component} {}:\n{stdout}{}",
+            file.display(),
+            text(&output.stderr)
+        );
+        assert!(stdout.contains(" passed, 0 failed"), "{stdout}");
+        assert!(!stdout.contains("FAIL"), "{stdout}");
+    }
+}
+
+fn exchange_file(dir: &Path, yaml: &str) -> String {
+    let path = dir.join("exchanges.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    path.display().to_string()
+}
+
+const ASM_EXCHANGE: &str = r#"exchanges:
+  - name: tagged
+    request:
+      headers: { ":method": GET, ":path": /, ":authority": httpbin }
+    response:
+      headers: { ":status": "200" }
+    expect:
+      request_headers: { set: { x-ext-proc-header: hello } }
+"#;
+
+/// A plugin that does not do what the file expects: exit 1, and the report shows the field,
+/// the expected and the actual value, and what each phase produced.
+#[test]
+fn a_difference_fails_with_the_expected_and_the_actual_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = exchange_file(dir.path(), ASM_EXCHANGE);
+    let plugin = built("asm_demo");
+    let output = test(&["--plugin", plugin.to_str().unwrap(), &file]);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains(&format!("FAIL {file}: tagged  (chain default)")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("✗ request_headers.set"), "{stdout}");
+    assert!(
+        stdout.contains("expected: x-ext-proc-header: hello\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("actual  : x-ext-proc-header: hello-to-asm\n"),
+        "{stdout}"
+    );
+    // What came out, ready to paste as the expectation.
+    assert!(
+        stdout.contains(
+            "       response_headers:\n         set:\n           x-ext-proc-header: hello-from-asm\n"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("1 exchange(s), 0 passed, 1 failed"),
+        "{stdout}"
+    );
+}
+
+/// A plugin's failure is part of what comes out: expected, it passes; unexpected, it fails
+/// the exchange, whatever else the file says.
+#[test]
+fn failures_are_compared_with_the_policy_they_lead_to() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = built("trap");
+    let expected = exchange_file(
+        dir.path(),
+        r#"exchanges:
+  - name: trap, fail-closed
+    request:
+      headers: { ":method": GET, ":path": /, ":authority": a }
+    expect:
+      failures: { trap: trap }
+      immediate_response: { status: 500 }
+"#,
+    );
+    let output = test(&["--plugin", plugin.to_str().unwrap(), &expected]);
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stdout));
+
+    let unexpected = exchange_file(
+        dir.path(),
+        r#"exchanges:
+  - name: trap unnoticed
+    request:
+      headers: { ":method": GET, ":path": /, ":authority": a }
+    expect:
+      request_headers: { set: {} }
+"#,
+    );
+    let output = test(&["--plugin", plugin.to_str().unwrap(), &unexpected]);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("✗ failures"), "{stdout}");
+    assert!(stdout.contains("actual  : trap: trap"), "{stdout}");
+    assert!(stdout.contains("✗ immediate_response"), "{stdout}");
+}
+
+/// The file's mistakes are named with the file, the line and the field, and nothing runs.
+#[test]
+fn exchange_file_errors_name_the_file_the_line_and_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugin = built("asm_demo");
+    let cases = [
+        (
+            "exchanges:\n  - name: typo\n    request:\n      headers: {}\n      bdy: x\n",
+            "line 5, column 7: exchanges[0].request: unknown field `bdy`",
+        ),
+        (
+            "envoy:\n  processing_mode:\n    request_body_mode: SOMETIMES\nexchanges: []\n",
+            "line 3, column 24: envoy.processing_mode.request_body_mode: unknown variant `SOMETIMES`",
+        ),
+        ("exchanges: []\n", "exchanges: the file has none"),
+        (
+            "exchanges:\n  - name: two bodies\n    request:\n      headers: {}\n      body: a\n      body_base64: YQ==\n",
+            "exchanges[0] (\"two bodies\").request: give one of body, body_base64 and body_file",
+        ),
+        (
+            "exchanges:\n  - name: lost\n    request:\n      headers: {}\n      body_file: nowhere.json\n",
+            "exchanges[0] (\"lost\").request: body_file ",
+        ),
+    ];
+    for (yaml, expected) in cases {
+        let file = exchange_file(dir.path(), yaml);
+        let output = test(&["--plugin", plugin.to_str().unwrap(), &file]);
+        let stderr = text(&output.stderr);
+        assert_eq!(output.status.code(), Some(64), "{yaml}\n{stderr}");
+        assert!(
+            stderr.starts_with(&format!("wasm-extproc: {file}: {expected}")),
+            "{yaml}\n{stderr}"
+        );
+        assert!(
+            output.stdout.is_empty(),
+            "nothing ran: {}",
+            text(&output.stdout)
+        );
+    }
+}
+
+fn new(name: &str, lang: &str, dir: &Path) -> PathBuf {
+    let output = Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
+        .args(["new", name, "--lang", lang, "--dir"])
+        .arg(dir)
+        .args(["--sdk", repo("plugins/sdk").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    dir.join(name)
+}
+
+/// From `wasm-extproc new` to a passing `wasm-extproc test`, in every language, with the
+/// toolchains `cargo xtask build-plugins` installs.
+#[test]
+fn every_template_builds_and_passes_its_own_exchange_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = support::target_dir();
+    let tools = target.join("tools");
+    for lang in ["rust", "javascript", "python", "c"] {
+        let name = format!("my-{lang}-plugin");
+        let project = new(&name, lang, dir.path());
+        let built = Command::new("bash")
+            .arg(project.join("build.sh"))
+            // The Rust template's dependencies, built once for the repository's plugins.
+            .env("CARGO_TARGET_DIR", target.join("templates"))
+            .env(
+                "COMPONENTIZE_JS",
+                tools.join("jco/node_modules/.bin/componentize-js"),
+            )
+            .env("COMPONENTIZE_PY", tools.join("py/bin/componentize-py"))
+            .env("WIT_BINDGEN", tools.join("cargo/bin/wit-bindgen"))
+            .env("JCO", tools.join("jco/node_modules/.bin/jco"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            built.status.code(),
+            Some(0),
+            "{lang}: {}{}",
+            text(&built.stdout),
+            text(&built.stderr)
+        );
+        let plugin = project.join(format!("{name}.wasm"));
+        let exchanges = project.join("exchanges.yaml");
+        let output = test(&[
+            "--plugin",
+            plugin.to_str().unwrap(),
+            exchanges.to_str().unwrap(),
+        ]);
+        let stdout = text(&output.stdout);
+        assert_eq!(output.status.code(), Some(0), "{lang}: {stdout}");
+        assert!(
+            stdout.contains("2 exchange(s), 2 passed, 0 failed"),
+            "{stdout}"
+        );
+    }
+}
