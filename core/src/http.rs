@@ -153,7 +153,7 @@ impl Registration {
 
 /// How Envoy sends a body (its `processing_mode`), as it told the host in `protocol_config`;
 /// spelled as Envoy's enum (`FULL_DUPLEX_STREAMED`) where it is read from a file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum BodyMode {
     /// Not sent, or Envoy did not say.

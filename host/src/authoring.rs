@@ -5,6 +5,8 @@
 //! - [`file`]: the exchange file format (YAML), validated strictly.
 //! - [`play`]: one exchange played to the ext_proc state machine as Envoy would send it, and
 //!   what Envoy would receive.
+//! - [`transcript`]: an exchange's messages and answers read into what came out (and, for a
+//!   recording, into the exchange as a file describes it).
 //! - [`check`]: what came out against the file's `expect:`, and the report.
 //! - [`templates`]: `wasm-extproc new`, a plugin project to start from.
 
@@ -12,6 +14,7 @@ pub mod check;
 pub mod file;
 pub mod play;
 pub mod templates;
+pub mod transcript;
 
 use std::io::Write;
 use std::path::PathBuf;

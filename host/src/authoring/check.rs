@@ -7,7 +7,8 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::file::{BodyExpect, Expect, ImmediateExpect};
-use super::play::{BodyOut, ImmediateOut, Output, Played};
+use super::play::Played;
+use super::transcript::{BodyOut, ImmediateOut, Output};
 
 /// One field that came out other than expected.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -35,12 +35,13 @@ pub struct ExchangeFile {
 }
 
 /// The parts of Envoy's `ExternalProcessor` filter settings that shape what it sends.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnvoyFilter {
     #[serde(default)]
     pub processing_mode: ModeSpec,
     /// Envoy applies the `mode_override` the host sends with a headers answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub allow_mode_override: Option<bool>,
 }
 
@@ -85,14 +86,20 @@ impl EnvoyFilter {
 }
 
 /// `processing_mode` as written: unset fields take the file's, then Envoy's defaults.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModeSpec {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub request_header_mode: Option<Send>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub response_header_mode: Option<Send>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub request_body_mode: Option<BodyMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub response_body_mode: Option<BodyMode>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub request_trailer_mode: Option<Send>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub response_trailer_mode: Option<Send>,
 }
 
@@ -110,7 +117,7 @@ pub fn side(direction: Direction) -> usize {
 }
 
 /// `SEND` or `SKIP`, for headers and trailers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Send {
     Send,
@@ -118,45 +125,53 @@ pub enum Send {
 }
 
 /// One HTTP exchange: what the client sent, what the upstream answered, and what must come
-/// out of the plugins.
-#[derive(Debug, Clone, Deserialize)]
+/// out of the plugins (`E`: an [`Expect`] read from a file, or, in a recording, what came out).
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct ExchangeSpec {
+pub struct ExchangeSpec<E = Expect> {
     pub name: String,
     /// The chain Envoy's route names (`x-wasm-extproc-chain`); else the route's, or the
     /// default chain.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chain: Option<String>,
     /// Envoy's filter settings for this exchange, over the file's.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub envoy: Option<EnvoyFilter>,
     /// Attributes Envoy sends (`request_attributes`, `response_attributes`), as text: with the
     /// request's headers for names starting `request.`, `source.`, `destination.`,
     /// `connection.`, `xds.`; with the response's for the rest.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub attributes: BTreeMap<String, String>,
     /// Forwarded metadata (`metadata_options`): namespace, then key, then any value.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, BTreeMap<String, serde_json::Value>>,
     pub request: MessageSpec,
     /// What the upstream answers; without it the exchange ends after the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub response: Option<MessageSpec>,
-    pub expect: Option<Expect>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect: Option<E>,
 }
 
 /// Headers, a body and trailers, as one side of the exchange sent them.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MessageSpec {
     pub headers: Headers,
     /// The body as text.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
     /// The body as base64, for bytes that are not text.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub body_base64: Option<String>,
     /// The body from a file, relative to the exchange file.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub body_file: Option<PathBuf>,
     /// In `STREAMED` and `FULL_DUPLEX_STREAMED` modes, Envoy sends the body in chunks of this
     /// many bytes (the last may be shorter); else in one chunk.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub chunk_size: Option<usize>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub trailers: Headers,
 }
 

@@ -111,7 +111,7 @@ fn metadata_entries(metadata: Option<Metadata>) -> BTreeMap<(String, String), St
 }
 
 /// Strings as they are; everything else as JSON.
-fn text(value: &pb::Value) -> String {
+pub(crate) fn text(value: &pb::Value) -> String {
     match &value.kind {
         Some(Kind::StringValue(s)) => s.clone(),
         _ => json(value).to_string(),
