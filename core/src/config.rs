@@ -100,6 +100,8 @@ pub struct FileConfig {
     pub tls: Option<FileTls>,
     /// Where the ext_proc server sends its spans (server only).
     pub tracing: Option<FileTracing>,
+    /// Server only: live exchanges written down as exchange files.
+    pub record: Option<FileRecord>,
     /// What the in-process module reads from Envoy for plugins (module only).
     #[serde(default)]
     pub module: FileModule,
@@ -186,6 +188,31 @@ pub struct FileTracing {
     pub otlp_endpoint: String,
     /// The spans' `service.name` (default `wasm-extproc`).
     pub service_name: Option<String>,
+}
+
+/// `[record]`: live exchanges written down in the exchange file format, to replay against a
+/// candidate plugin (`wasm-extproc test --compare`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileRecord {
+    /// Where recordings go, a file each.
+    pub dir: PathBuf,
+    /// Chains recorded from start-up; `POST /record` starts and stops any chain's.
+    #[serde(default)]
+    pub chains: Vec<String>,
+    /// The share of a chain's exchanges recorded, above 0 and at most 1 (default 0.01).
+    pub sample: Option<f64>,
+    /// A recording ends after this many exchanges (default 1000)...
+    pub max_exchanges: Option<u64>,
+    /// ...or this many bytes written (default 16 MiB).
+    pub max_bytes: Option<u64>,
+    /// Keep bodies (left out by default).
+    #[serde(default)]
+    pub bodies: bool,
+    /// Header names redacted besides `authorization`, `cookie`, `set-cookie` and
+    /// `proxy-authorization`.
+    #[serde(default)]
+    pub redact_headers: Vec<String>,
 }
 
 /// `[tls]`: the server's certificate, key and optional client CA, as paths.

@@ -33,6 +33,7 @@ use crate::access::{AdminAccess, Refusal};
 use crate::config::{FailurePolicy, UnknownChain};
 use crate::http::Delivery;
 use crate::metrics::{Metrics, OUTCOMES};
+use crate::record::{RecordRequest, Recorder};
 use crate::registry::Registry;
 
 /// What the admin endpoints read.
@@ -41,6 +42,7 @@ pub struct State {
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
     pub shutting_down: Arc<AtomicBool>,
+    pub recorder: Arc<Recorder>,
     /// Who may change the host's state.
     pub access: AdminAccess,
 }
@@ -146,10 +148,34 @@ async fn route(
                 &serde_json::json!({ "error": format!("{error:#}") }),
             ),
         },
-        (_, "/healthz" | "/readyz" | "/metrics" | "/plugins" | "/reload") => {
+        (&Method::GET, "/record") => json(
+            StatusCode::OK,
+            &serde_json::json!(state.recorder.statuses()),
+        ),
+        (&Method::POST, "/record") => record(state, request.uri().query().unwrap_or("")),
+        (_, "/healthz" | "/readyz" | "/metrics" | "/plugins" | "/reload" | "/record") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// `POST /record?chain=NAME...`: starts (or restarts) a chain's recording, or stops it.
+fn record(state: &State, query: &str) -> Response<Full<Bytes>> {
+    let error = |status, message: String| json(status, &serde_json::json!({ "error": message }));
+    match RecordRequest::from_query(query) {
+        Err(message) => error(StatusCode::BAD_REQUEST, message),
+        Ok(RecordRequest::Start(chain, over)) => match state.recorder.start(&chain, Some(over)) {
+            Ok(status) => json(StatusCode::OK, &serde_json::json!(status)),
+            Err(failure) => error(StatusCode::CONFLICT, failure.to_string()),
+        },
+        Ok(RecordRequest::Stop(chain)) => match state.recorder.stop(&chain) {
+            Some(status) => json(StatusCode::OK, &serde_json::json!(status)),
+            None => error(
+                StatusCode::NOT_FOUND,
+                format!("chain {chain:?} is not recording"),
+            ),
+        },
     }
 }
 

@@ -17,7 +17,7 @@ pub mod templates;
 pub mod transcript;
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
@@ -86,4 +86,79 @@ pub async fn test(
         summary.failed
     );
     Ok(summary)
+}
+
+/// A temporary plugins directory holding only `plugin`, and the plugin's name there.
+pub fn alone(plugin: &Path) -> anyhow::Result<(tempfile::TempDir, String)> {
+    let name = plugin
+        .file_name()
+        .and_then(|name| name.to_str())
+        .and_then(|name| name.strip_suffix(".wasm"))
+        .with_context(|| format!("--plugin {}: not a .wasm file", plugin.display()))?;
+    let dir = tempfile::tempdir()?;
+    std::fs::copy(plugin, dir.path().join(format!("{name}.wasm")))
+        .with_context(|| format!("--plugin {}", plugin.display()))?;
+    Ok((dir, name.to_string()))
+}
+
+/// A temporary copy of the plugins directory `plugins` (its chains too) with `candidate` in
+/// place of the plugin called `replacing` -- by default the one named like the candidate's
+/// file, or the only plugin there is -- in every chain that has it.
+pub fn with_candidate(
+    plugins: &Path,
+    candidate: &Path,
+    replacing: Option<&str>,
+) -> anyhow::Result<tempfile::TempDir> {
+    let wasm = |path: &Path| -> Option<String> {
+        let name = path.file_name()?.to_str()?.strip_suffix(".wasm")?;
+        (!name.starts_with('.')).then(|| name.to_string())
+    };
+    let mut files = Vec::new();
+    let listing = |dir: &Path| {
+        std::fs::read_dir(dir).with_context(|| format!("plugins directory {}", dir.display()))
+    };
+    for entry in listing(plugins)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            for inner in listing(&path)? {
+                let inner = inner?.path();
+                if let Some(name) = wasm(&inner) {
+                    files.push((inner.clone(), name));
+                }
+            }
+        } else if let Some(name) = wasm(&path) {
+            files.push((path, name));
+        }
+    }
+    let mut names: Vec<&str> = files.iter().map(|(_, name)| name.as_str()).collect();
+    names.sort();
+    names.dedup();
+    let own = wasm(candidate)
+        .with_context(|| format!("--compare {}: not a .wasm file", candidate.display()))?;
+    let replaced = match replacing {
+        Some(name) => name.to_string(),
+        None if names.contains(&own.as_str()) => own,
+        None if names.len() == 1 => names[0].to_string(),
+        None => anyhow::bail!(
+            "--compare {}: which plugin does it stand in for? --replacing NAME, one of {}",
+            candidate.display(),
+            names.join(", ")
+        ),
+    };
+    if !names.contains(&replaced.as_str()) {
+        anyhow::bail!(
+            "--replacing {replaced}: {} has no such plugin; it has {}",
+            plugins.display(),
+            names.join(", ")
+        );
+    }
+    let copy = tempfile::tempdir()?;
+    for (path, name) in &files {
+        let relative = path.strip_prefix(plugins).expect("listed under it");
+        let to = copy.path().join(relative);
+        std::fs::create_dir_all(to.parent().expect("a file in a directory"))?;
+        let from = if *name == replaced { candidate } else { path };
+        std::fs::copy(from, &to).with_context(|| format!("copying {}", from.display()))?;
+    }
+    Ok(copy)
 }

@@ -91,6 +91,13 @@ pub enum Command {
         /// The --plugin's configuration string (`host.config`), over --config's.
         #[arg(long, requires = "plugin")]
         plugin_config: Option<String>,
+        /// Replay against a candidate: the plugins directory with this component in place of
+        /// the plugin --replacing names (by default the one of the same name, or the only one).
+        #[arg(long, conflicts_with = "plugin")]
+        compare: Option<PathBuf>,
+        /// The plugin --compare's candidate stands in for.
+        #[arg(long, requires = "compare")]
+        replacing: Option<String>,
         /// Exchange files (YAML; format in plugins/README.md).
         #[arg(required = true)]
         exchanges: Vec<PathBuf>,
@@ -209,6 +216,8 @@ pub struct Config {
     pub tls: Option<TlsSettings>,
     /// Where spans go, if anywhere (`[tracing]`).
     pub tracing: Option<FileTracing>,
+    /// Where recordings go, and how they run (`[record]`).
+    pub record: Option<FileRecord>,
     /// What the plugins and the runtime run with: the part both modes share.
     pub settings: Settings,
 }
@@ -296,6 +305,7 @@ impl Config {
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
             tls: file.tls.as_ref().map(read_tls).transpose()?,
             tracing: file.tracing.clone(),
+            record: file.record.clone(),
             settings,
         })
     }

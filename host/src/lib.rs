@@ -10,7 +10,9 @@
 //!   listeners over the core's shared settings).
 //! - [`ext_proc`]: the gRPC service -- a pure protocol state machine, conversions to and from
 //!   Envoy's protobufs, and the per-stream task around them.
-//! - [`admin`]: the HTTP admin listener -- health, readiness, metrics, plugins, reload.
+//! - [`admin`]: the HTTP admin listener -- health, readiness, metrics, plugins, reload,
+//!   recordings.
+//! - [`record`]: live exchanges written down as exchange files.
 //! - [`server`]: the [`Host`] -- listeners, serving, health, draining at shutdown.
 //! - [`telemetry`], [`shutdown`]: logs and signals.
 //! - [`authoring`]: `wasm-extproc test` -- exchange files played through the plugins without
@@ -43,6 +45,7 @@ pub mod admin;
 pub mod authoring;
 pub mod config;
 pub mod ext_proc;
+pub mod record;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

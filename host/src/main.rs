@@ -1,4 +1,4 @@
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
@@ -62,8 +62,17 @@ async fn main() -> ExitCode {
         Some(Command::Test {
             plugin,
             plugin_config,
+            compare,
+            replacing,
             exchanges,
-        }) => test(config, plugin, plugin_config, &exchanges).await,
+        }) => {
+            let under_test = match (plugin, compare) {
+                (Some(plugin), _) => UnderTest::Alone(plugin, plugin_config),
+                (None, Some(candidate)) => UnderTest::Candidate(candidate, replacing),
+                (None, None) => UnderTest::Directory,
+            };
+            test(config, under_test, &exchanges).await
+        }
         Some(_) => unreachable!("new and the signing commands ran above"),
         None => exit_code(serve(config, cli).await),
     };
@@ -119,36 +128,52 @@ async fn check(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Plays exchange files through the plugins (or one `plugin`): 0 when every exchange came
-/// out as expected, 1 when one did not, [`EXIT_CONFIG`] when a file or a plugin is unusable.
-async fn test(
-    mut config: Config,
-    plugin: Option<PathBuf>,
-    plugin_config: Option<String>,
-    exchanges: &[PathBuf],
-) -> ExitCode {
-    // A directory holding just the one plugin, named after its file.
-    let _alone = match plugin {
-        Some(plugin) => match alone(&plugin) {
-            Ok((dir, name)) => {
+/// What `test` plays the exchanges through.
+enum UnderTest {
+    /// The plugins directory, as configured.
+    Directory,
+    /// One component, with its configuration string if given.
+    Alone(PathBuf, Option<String>),
+    /// The plugins directory with a candidate in place of one plugin (named, or found).
+    Candidate(PathBuf, Option<String>),
+}
+
+/// Plays exchange files: 0 when every exchange came out as expected, 1 when one did not,
+/// [`EXIT_CONFIG`] when a file or a plugin is unusable.
+async fn test(mut config: Config, under_test: UnderTest, exchanges: &[PathBuf]) -> ExitCode {
+    let prepared = match under_test {
+        UnderTest::Directory => Ok(None),
+        UnderTest::Alone(plugin, plugin_config) => authoring::alone(&plugin).map(|(dir, name)| {
+            if let Some(value) = plugin_config {
+                let defaults = config.settings.defaults.clone();
+                config
+                    .settings
+                    .plugins
+                    .entry(name)
+                    .or_insert(defaults)
+                    .config = value;
+            }
+            Some(dir)
+        }),
+        UnderTest::Candidate(candidate, replacing) => authoring::with_candidate(
+            &config.settings.plugins_dir,
+            &candidate,
+            replacing.as_deref(),
+        )
+        .map(Some),
+    };
+    // The directory lives until the run ends.
+    let _dir = match prepared {
+        Ok(dir) => {
+            if let Some(dir) = &dir {
                 config.settings.plugins_dir = dir.path().to_path_buf();
-                if let Some(value) = plugin_config {
-                    let defaults = config.settings.defaults.clone();
-                    config
-                        .settings
-                        .plugins
-                        .entry(name)
-                        .or_insert(defaults)
-                        .config = value;
-                }
-                Some(dir)
             }
-            Err(error) => {
-                eprintln!("wasm-extproc: {error:#}");
-                return ExitCode::from(EXIT_CONFIG);
-            }
-        },
-        None => None,
+            dir
+        }
+        Err(error) => {
+            eprintln!("wasm-extproc: {error:#}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
     };
     match authoring::test(&config, exchanges, &mut std::io::stdout()).await {
         Ok(summary) if summary.failed == 0 => ExitCode::SUCCESS,
@@ -158,19 +183,6 @@ async fn test(
             ExitCode::from(EXIT_CONFIG)
         }
     }
-}
-
-/// A temporary plugins directory with `plugin` in it, and the plugin's name there.
-fn alone(plugin: &Path) -> anyhow::Result<(tempfile::TempDir, String)> {
-    let name = plugin
-        .file_name()
-        .and_then(|name| name.to_str())
-        .and_then(|name| name.strip_suffix(".wasm"))
-        .with_context(|| format!("--plugin {}: not a .wasm file", plugin.display()))?;
-    let dir = tempfile::tempdir()?;
-    std::fs::copy(plugin, dir.path().join(format!("{name}.wasm")))
-        .with_context(|| format!("--plugin {}", plugin.display()))?;
-    Ok((dir, name.to_string()))
 }
 
 /// The key and signature commands, which need no configuration; `None` for the others.

@@ -23,6 +23,7 @@ use crate::admin;
 use crate::config::{Config, ListenAddr};
 use crate::ext_proc::ExtProcService;
 use crate::metrics::Metrics;
+use crate::record::Recorder;
 use crate::registry::{self, ConfigSource, Generation, Mode, Registry, ReloadSummary};
 use crate::runtime::{PoolLimits, Runtime};
 
@@ -49,6 +50,8 @@ pub struct Host {
     shutting_down: Arc<AtomicBool>,
     /// The ext_proc streams being served: shutdown waits for them.
     streams: TaskTracker,
+    /// Recordings of live exchanges (`[record]`, `POST /record`).
+    recorder: Arc<Recorder>,
 }
 
 impl std::fmt::Debug for Host {
@@ -142,6 +145,7 @@ impl Host {
             metrics.clone(),
             Mode::ExtProc,
         ));
+        let recorder = Arc::new(Recorder::new(config.record.clone())?);
         Ok(Host {
             config,
             registry,
@@ -149,6 +153,7 @@ impl Host {
             health: HealthReporter::new(),
             shutting_down: Arc::new(AtomicBool::new(false)),
             streams: TaskTracker::new(),
+            recorder,
         })
     }
 
@@ -217,6 +222,7 @@ impl Host {
             self.metrics.clone(),
             self.shutting_down.clone(),
             self.streams.clone(),
+            self.recorder.clone(),
             ClientIdentities::new(
                 self.config
                     .tls
@@ -277,6 +283,7 @@ impl Host {
                     registry: self.registry.clone(),
                     metrics: self.metrics.clone(),
                     shutting_down: self.shutting_down.clone(),
+                    recorder: self.recorder.clone(),
                     access: AdminAccess {
                         token_file: self.config.admin_token_file.clone(),
                     },

@@ -196,6 +196,22 @@ impl Transcript {
             .extend_from_slice(chunk);
     }
 
+    /// `METHOD PATH` of the request as Envoy sent it, when recording.
+    pub fn summary(&self) -> String {
+        let headers = self
+            .sent
+            .as_ref()
+            .and_then(|sent| sent.sides[0].as_ref())
+            .map(|side| &side.headers);
+        let get = |name: &str| {
+            headers
+                .and_then(|h| h.get(name))
+                .and_then(|v| v.all().first().cloned())
+                .unwrap_or_default()
+        };
+        format!("{} {}", get(":method"), get(":path"))
+    }
+
     /// Whether an answer stopped the exchange with an immediate response.
     pub fn answered_instead(&self) -> bool {
         self.output.immediate_response.is_some()

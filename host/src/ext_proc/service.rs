@@ -23,7 +23,9 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::exchange::{Accepted, CHAIN_METADATA, Exchange, Then};
 use super::protocol::ProtocolError;
 use crate::access::ClientIdentities;
+use crate::authoring::transcript::Transcript;
 use crate::metrics::{Metrics, StreamGuard};
+use crate::record::Recorder;
 use crate::registry::Registry;
 use crate::telemetry::{STREAM_SPAN, TRACE_TARGET, remote_context};
 
@@ -37,6 +39,7 @@ pub struct ExtProcService {
     streams: TaskTracker,
     /// Which client certificates may open streams.
     identities: ClientIdentities,
+    recorder: Arc<Recorder>,
 }
 
 impl ExtProcService {
@@ -45,6 +48,7 @@ impl ExtProcService {
         metrics: Arc<Metrics>,
         shutting_down: Arc<AtomicBool>,
         streams: TaskTracker,
+        recorder: Arc<Recorder>,
         identities: ClientIdentities,
     ) -> Self {
         ExtProcService {
@@ -53,6 +57,7 @@ impl ExtProcService {
             shutting_down,
             streams,
             identities,
+            recorder,
         }
     }
 }
@@ -101,6 +106,11 @@ impl ExternalProcessor for ExtProcService {
             next: Next::Read,
             _active: self.metrics.stream_opened(),
             _tracked: self.streams.token(),
+            recording: if self.recorder.is_recording() {
+                Recording::Deciding(self.recorder.clone())
+            } else {
+                Recording::Off
+            },
         });
         if !span.is_disabled() {
             span.record("chain", serving.exchange.chain_name());
@@ -125,6 +135,73 @@ struct Serving {
     next: Next,
     _active: StreamGuard,
     _tracked: TaskTrackerToken,
+    recording: Recording,
+}
+
+/// Whether the stream's exchange is being recorded.
+enum Recording {
+    Off,
+    /// Some chain records: this stream keeps its first message until its chain is known.
+    Deciding(Arc<Recorder>),
+    /// Kept: the transcript so far, and the message being processed.
+    On {
+        recorder: Arc<Recorder>,
+        transcript: Box<Transcript>,
+        message: Option<Box<ProcessingRequest>>,
+    },
+}
+
+impl Serving {
+    /// Keeps a copy of `request` when the exchange may be recorded.
+    fn keep(&mut self, request: &ProcessingRequest) {
+        match &mut self.recording {
+            Recording::Off => {}
+            Recording::Deciding(recorder) => {
+                self.recording = Recording::On {
+                    recorder: recorder.clone(),
+                    transcript: Box::new(Transcript::recording()),
+                    message: Some(Box::new(request.clone())),
+                };
+            }
+            Recording::On { message, .. } => *message = Some(Box::new(request.clone())),
+        }
+    }
+
+    /// Adds the message kept and its answers to the transcript; after the first, records only
+    /// if the chain records and this exchange is sampled.
+    fn transcribe(&mut self, answers: &[ProcessingResponse]) {
+        let Recording::On {
+            recorder,
+            transcript,
+            message,
+        } = &mut self.recording
+        else {
+            return;
+        };
+        if let Some(message) = message.take() {
+            let first = transcript.messages.is_empty();
+            if first && !recorder.samples(self.exchange.chain_name()) {
+                self.recording = Recording::Off;
+                return;
+            }
+            transcript.exchange(&message, answers);
+        }
+    }
+}
+
+impl Drop for Serving {
+    /// A recorded exchange goes to its recording when its stream ends, however it ends.
+    fn drop(&mut self) {
+        if let Recording::On {
+            recorder,
+            transcript,
+            ..
+        } = std::mem::replace(&mut self.recording, Recording::Off)
+            && !transcript.messages.is_empty()
+        {
+            recorder.record(self.exchange.chain_name(), transcript);
+        }
+    }
 }
 
 /// What the stream does once its pending answers are sent.
@@ -153,6 +230,7 @@ impl Serving {
                         Ok(None) => return None,
                         Err(status) => return Some(Err(status)),
                     };
+                    self.keep(&request);
                     let exchange = &mut self.exchange;
                     let accepting = async {
                         #[cfg(test)]
@@ -180,6 +258,7 @@ impl Serving {
             };
             self.next = match contained(self.exchange.process(accepted)).await {
                 Ok(step) => {
+                    self.transcribe(&step.answers);
                     self.pending = step.answers.into_iter();
                     match step.then {
                         Then::Continue => Next::Read,

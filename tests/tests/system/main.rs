@@ -14,6 +14,7 @@ mod loading;
 mod module;
 mod operations;
 mod phases;
+mod recording;
 mod shipped;
 mod sweep;
 mod traces;

@@ -1,0 +1,387 @@
+//! Recording live exchanges into exchange files (`[record]`, `POST /record`): what Envoy sent,
+//! and, as each exchange's `expect:`, what the serving chain answered, so that
+//! `wasm-extproc test --compare CANDIDATE.wasm RECORDING.yaml` shows where a candidate would
+//! answer differently.
+//!
+//! A chain records a sampled share of its exchanges into one file, until a count or a size is
+//! reached or the recording is stopped. Values of sensitive headers are redacted
+//! (`authorization`, `cookie`, `set-cookie`, `proxy-authorization` and configured names);
+//! bodies are left out unless asked for. Streams hand their transcript over as they end; a
+//! thread per recording writes, so no stream waits on the disk, and a recording that cannot
+//! keep up drops exchanges (counted) rather than hold streams.
+//!
+//! With nothing recording, a stream pays one atomic load.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::{Arc, Mutex};
+
+use crate::authoring::transcript::{Redaction, Transcript};
+use crate::config::FileRecord;
+
+/// Headers whose values a recording never keeps.
+pub const ALWAYS_REDACTED: [&str; 4] = [
+    "authorization",
+    "cookie",
+    "set-cookie",
+    "proxy-authorization",
+];
+const DEFAULT_SAMPLE: f64 = 0.01;
+const DEFAULT_MAX_EXCHANGES: u64 = 1000;
+const DEFAULT_MAX_BYTES: u64 = 16 << 20;
+/// Exchanges waiting for a recording's writer before more are dropped.
+const QUEUE: usize = 256;
+
+/// How one recording runs.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct Options {
+    pub sample: f64,
+    pub max_exchanges: u64,
+    pub max_bytes: u64,
+    pub bodies: bool,
+}
+
+/// A recording as `GET /record` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Status {
+    pub chain: String,
+    pub file: PathBuf,
+    #[serde(flatten)]
+    pub options: Options,
+    /// Exchanges handed to the writer so far.
+    pub exchanges: u64,
+    /// Exchanges dropped because the writer was behind.
+    pub dropped: u64,
+}
+
+/// Why a recording did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error("recording needs [record] dir in the configuration")]
+    NotConfigured,
+    #[error("sample {0}: must be above 0 and at most 1")]
+    Sample(f64),
+    #[error("{0}: {1}")]
+    Io(PathBuf, std::io::Error),
+}
+
+/// The recordings of every chain.
+#[derive(Debug)]
+pub struct Recorder {
+    settings: Option<FileRecord>,
+    redaction: Redaction,
+    /// Whether any chain records: the one thing a stream checks when none does.
+    any: AtomicBool,
+    active: Mutex<BTreeMap<String, Recording>>,
+}
+
+/// A recording under way: its writer ends once this is gone and the queue is drained.
+#[derive(Debug, Clone)]
+struct Recording {
+    shared: Arc<Shared>,
+    writer: SyncSender<Box<Transcript>>,
+}
+
+/// What a recording's streams and its writer share.
+#[derive(Debug)]
+struct Shared {
+    status: Mutex<Status>,
+    /// Set by the writer when the file is full or broken.
+    ended: AtomicBool,
+    handed: AtomicU64,
+    dropped: AtomicU64,
+}
+
+/// Tells recordings started in the same second apart.
+static STARTED: AtomicU64 = AtomicU64::new(0);
+
+impl Recorder {
+    /// The recorder for `[record]` (`None`: recording is off, and `POST /record` says so),
+    /// with the configured chains recording from now.
+    pub fn new(settings: Option<FileRecord>) -> Result<Recorder, RecordError> {
+        let mut headers: Vec<String> = ALWAYS_REDACTED.iter().map(|h| h.to_string()).collect();
+        if let Some(settings) = &settings {
+            headers.extend(
+                settings
+                    .redact_headers
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase()),
+            );
+        }
+        let recorder = Recorder {
+            redaction: Redaction {
+                headers,
+                bodies: settings.as_ref().is_some_and(|s| s.bodies),
+            },
+            any: AtomicBool::new(false),
+            active: Mutex::new(BTreeMap::new()),
+            settings,
+        };
+        let chains = recorder
+            .settings
+            .as_ref()
+            .map(|s| s.chains.clone())
+            .unwrap_or_default();
+        for chain in chains {
+            recorder.start(&chain, None)?;
+        }
+        Ok(recorder)
+    }
+
+    /// The configured options, `over` where given.
+    pub fn options(&self, over: Option<OptionsOverride>) -> Result<Options, RecordError> {
+        let settings = self.settings.as_ref().ok_or(RecordError::NotConfigured)?;
+        let over = over.unwrap_or_default();
+        let options = Options {
+            sample: over.sample.or(settings.sample).unwrap_or(DEFAULT_SAMPLE),
+            max_exchanges: over
+                .max_exchanges
+                .or(settings.max_exchanges)
+                .unwrap_or(DEFAULT_MAX_EXCHANGES),
+            max_bytes: settings.max_bytes.unwrap_or(DEFAULT_MAX_BYTES),
+            bodies: over.bodies.unwrap_or(settings.bodies),
+        };
+        if !(options.sample > 0.0 && options.sample <= 1.0) {
+            return Err(RecordError::Sample(options.sample));
+        }
+        Ok(options)
+    }
+
+    /// Starts recording `chain` into a new file (ending its recording, if it had one).
+    pub fn start(&self, chain: &str, over: Option<OptionsOverride>) -> Result<Status, RecordError> {
+        let options = self.options(over)?;
+        let dir = &self.settings.as_ref().expect("options checked").dir;
+        std::fs::create_dir_all(dir).map_err(|e| RecordError::Io(dir.clone(), e))?;
+        let seconds = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let file = dir.join(format!(
+            "{chain}-{seconds}-{}.yaml",
+            STARTED.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut out = std::fs::File::create(&file).map_err(|e| RecordError::Io(file.clone(), e))?;
+        let header = format!(
+            "# Exchanges of chain {chain:?} recorded by wasm-extproc: sample {}, bodies {}, \
+             headers redacted: {}.\n# Replay: wasm-extproc test --plugins-dir PLUGINS \
+             [--compare CANDIDATE.wasm] {}\nexchanges:\n",
+            options.sample,
+            if options.bodies { "kept" } else { "left out" },
+            self.redaction.headers.join(", "),
+            file.display(),
+        );
+        out.write_all(header.as_bytes())
+            .map_err(|e| RecordError::Io(file.clone(), e))?;
+        let (writer, queue) = std::sync::mpsc::sync_channel::<Box<Transcript>>(QUEUE);
+        let status = Status {
+            chain: chain.to_string(),
+            file: file.clone(),
+            options: options.clone(),
+            exchanges: 0,
+            dropped: 0,
+        };
+        let shared = Arc::new(Shared {
+            status: Mutex::new(status.clone()),
+            ended: AtomicBool::new(false),
+            handed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        let written = shared.clone();
+        let redaction = Redaction {
+            bodies: options.bodies,
+            ..self.redaction.clone()
+        };
+        let chain_name = chain.to_string();
+        std::thread::Builder::new()
+            .name(format!("record-{chain}"))
+            .spawn(move || {
+                write(
+                    out,
+                    &file,
+                    &chain_name,
+                    &redaction,
+                    options,
+                    queue,
+                    &written,
+                )
+            })
+            .map_err(|e| RecordError::Io(status.file.clone(), e))?;
+        let mut active = self.active.lock().expect("not poisoned");
+        active.insert(chain.to_string(), Recording { shared, writer });
+        self.any.store(true, Ordering::SeqCst);
+        tracing::info!(chain, file = %status.file.display(), "recording exchanges");
+        Ok(status)
+    }
+
+    /// Stops recording `chain`; what it recorded, if it was.
+    pub fn stop(&self, chain: &str) -> Option<Status> {
+        let mut active = self.active.lock().expect("not poisoned");
+        let recording = active.remove(chain)?;
+        self.any.store(!active.is_empty(), Ordering::SeqCst);
+        Some(recording.shared.status())
+    }
+
+    /// Every recording under way.
+    pub fn statuses(&self) -> Vec<Status> {
+        self.active
+            .lock()
+            .expect("not poisoned")
+            .values()
+            .map(|r| r.shared.status())
+            .collect()
+    }
+
+    /// Whether a stream should keep a transcript for its first message: some chain records.
+    pub fn is_recording(&self) -> bool {
+        self.any.load(Ordering::Relaxed)
+    }
+
+    /// Whether this exchange of `chain` is one to record (sampled).
+    pub fn samples(&self, chain: &str) -> bool {
+        let active = self.active.lock().expect("not poisoned");
+        let Some(recording) = active.get(chain) else {
+            return false;
+        };
+        let shared = &recording.shared;
+        let sample = shared.status.lock().expect("not poisoned").options.sample;
+        !shared.ended.load(Ordering::Relaxed) && fastrand::f64() < sample
+    }
+
+    /// Hands an exchange of `chain` that ended to its recording's writer.
+    pub fn record(&self, chain: &str, transcript: Box<Transcript>) {
+        let mut active = self.active.lock().expect("not poisoned");
+        let Some(recording) = active.get(chain) else {
+            return;
+        };
+        let shared = recording.shared.clone();
+        let limit = shared
+            .status
+            .lock()
+            .expect("not poisoned")
+            .options
+            .max_exchanges;
+        let over = match recording.writer.try_send(transcript) {
+            Ok(()) => {
+                let handed = shared.handed.fetch_add(1, Ordering::SeqCst) + 1;
+                if handed >= limit {
+                    tracing::info!(chain, "recording reached its {limit} exchanges");
+                }
+                handed >= limit || shared.ended.load(Ordering::SeqCst)
+            }
+            Err(TrySendError::Full(_)) => {
+                shared.dropped.fetch_add(1, Ordering::Relaxed);
+                false
+            }
+            // The writer stopped: the file is full or broken.
+            Err(TrySendError::Disconnected(_)) => true,
+        };
+        if over {
+            active.remove(chain);
+            self.any.store(!active.is_empty(), Ordering::SeqCst);
+        }
+    }
+}
+
+/// Overrides of the configured options, from `POST /record`'s query.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct OptionsOverride {
+    pub sample: Option<f64>,
+    pub max_exchanges: Option<u64>,
+    pub bodies: Option<bool>,
+}
+
+/// What `POST /record?...` asks.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RecordRequest {
+    Start(String, OptionsOverride),
+    Stop(String),
+}
+
+impl RecordRequest {
+    /// Reads `chain=NAME[&sample=F][&max_exchanges=N][&bodies=true|false]`, or
+    /// `chain=NAME&stop=true`.
+    pub fn from_query(query: &str) -> Result<RecordRequest, String> {
+        let mut chain = None;
+        let mut over = OptionsOverride::default();
+        let mut stop = false;
+        for (key, value) in form_urlencoded::parse(query.as_bytes()) {
+            let bad = |what: &str| format!("{key}={value}: {what}");
+            match &*key {
+                "chain" => chain = Some(value.into_owned()),
+                "sample" => over.sample = Some(value.parse().map_err(|_| bad("not a number"))?),
+                "max_exchanges" => {
+                    over.max_exchanges = Some(value.parse().map_err(|_| bad("not a count"))?);
+                }
+                "bodies" => over.bodies = Some(value.parse().map_err(|_| bad("true or false"))?),
+                "stop" => stop = value.parse().map_err(|_| bad("true or false"))?,
+                _ => {
+                    return Err(format!(
+                        "unknown parameter {key:?}: chain, sample, max_exchanges, bodies, stop"
+                    ));
+                }
+            }
+        }
+        let chain = chain.ok_or("chain=NAME is required")?;
+        Ok(if stop {
+            RecordRequest::Stop(chain)
+        } else {
+            RecordRequest::Start(chain, over)
+        })
+    }
+}
+
+impl Shared {
+    fn status(&self) -> Status {
+        let mut status = self.status.lock().expect("not poisoned").clone();
+        status.exchanges = self.handed.load(Ordering::SeqCst);
+        status.dropped = self.dropped.load(Ordering::SeqCst);
+        status
+    }
+}
+
+/// The writer of one recording: appends each exchange as an item of the file's `exchanges:`
+/// list, flushed, until the size limit or the end of the recording.
+fn write(
+    mut out: std::fs::File,
+    file: &Path,
+    chain: &str,
+    redaction: &Redaction,
+    options: Options,
+    queue: std::sync::mpsc::Receiver<Box<Transcript>>,
+    recording: &Shared,
+) {
+    let mut written = 0u64;
+    let mut number = 0u64;
+    while let Ok(transcript) = queue.recv() {
+        number += 1;
+        let name = format!("#{number} {}", transcript.summary());
+        let Some(exchange) = transcript.recorded(name, chain, redaction) else {
+            continue;
+        };
+        let yaml = match serde_yaml_ng::to_string(&exchange) {
+            Ok(yaml) => yaml,
+            Err(error) => {
+                tracing::warn!(chain, %error, "an exchange could not be written down");
+                continue;
+            }
+        };
+        let mut item = String::with_capacity(yaml.len() + 64);
+        for (i, line) in yaml.lines().enumerate() {
+            item.push_str(if i == 0 { "  - " } else { "    " });
+            item.push_str(line);
+            item.push('\n');
+        }
+        if written + item.len() as u64 > options.max_bytes {
+            tracing::info!(chain, file = %file.display(), "recording reached its {} bytes", options.max_bytes);
+            break;
+        }
+        if let Err(error) = out.write_all(item.as_bytes()).and_then(|()| out.flush()) {
+            tracing::warn!(chain, file = %file.display(), %error, "recording stopped: cannot write");
+            break;
+        }
+        written += item.len() as u64;
+    }
+    recording.ended.store(true, Ordering::SeqCst);
+}
