@@ -30,7 +30,7 @@ use crate::http::{
     BodyChunk, BodyMode, Changes, Decision, Delivery, Direction, Effects, ExchangeContext,
     HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
 };
-use crate::registry::{Chain, Generation};
+use crate::registry::{Chain, Generation, Shadow};
 use crate::runtime::{Action, Instance, Outcome, Plugin, PluginError};
 
 /// The `tracing` target of the spans meant for traces: only a trace layer enables it.
@@ -51,6 +51,8 @@ pub struct StreamChain {
     /// The generation's chain this stream runs (see [`Generation::chain`]).
     index: usize,
     plugins: Vec<PluginState>,
+    /// The chain's shadow plugins' states, in the chain's order of shadows.
+    shadows: Vec<PluginState>,
     /// Per direction (request, response): the headers while they are open to body handlers.
     open: [Option<OpenHeaders>; 2],
 }
@@ -111,9 +113,14 @@ fn held_index(direction: Direction) -> usize {
 impl StreamChain {
     /// A stream on `generation`'s chain at `index` (0: the default chain).
     pub fn new(generation: Arc<Generation>, index: usize) -> Self {
-        let plugins = generation
-            .chain(index)
+        let chain = generation.chain(index);
+        let plugins = chain
             .plugins()
+            .iter()
+            .map(|_| PluginState::default())
+            .collect();
+        let shadows = chain
+            .shadows()
             .iter()
             .map(|_| PluginState::default())
             .collect();
@@ -121,6 +128,7 @@ impl StreamChain {
             generation,
             index,
             plugins,
+            shadows,
             open: Default::default(),
         }
     }
@@ -291,9 +299,12 @@ impl StreamChain {
             .iter()
             .zip(chain.plugin_metrics())
             .zip(self.plugins.iter_mut())
+            .enumerate()
             .skip(first);
         let mut stopped = None;
-        for ((plugin, metrics), state) in plugins {
+        // What shadow plugins run on, and what the plugins they run beside made of it.
+        let mut shadowing = Vec::new();
+        for (index, ((plugin, metrics), state)) in plugins {
             if !plugin.phases().contains(phase) || matches!(state.slot, Slot::Skipped) {
                 continue;
             }
@@ -374,6 +385,11 @@ impl StreamChain {
             let Slot::Live(instance) = &mut state.slot else {
                 continue;
             };
+            // Only where a shadow runs beside this plugin: what it is given, copied.
+            let mut given = chain.is_shadowed(index).then(|| Given {
+                message: message.clone(),
+                headers: open.as_ref().map(|open| open.headers.clone()),
+            });
             let lent = open
                 .as_mut()
                 .filter(|_| plugin.contract().body_sees_headers())
@@ -403,6 +419,17 @@ impl StreamChain {
             let ended = Instant::now();
             match checked {
                 Ok((outcome, checked, opened)) => {
+                    if let Some(given) = given.take() {
+                        shadowing.push(Shadowing {
+                            beside: index,
+                            given,
+                            served: Made {
+                                message: message.clone(),
+                                headers: open.as_ref().map(|open| open.headers.clone()),
+                                outcome: outcome.clone(),
+                            },
+                        });
+                    }
                     message.checkpoint();
                     if let Some(checked) = checked {
                         changes.absorb(checked);
@@ -433,6 +460,18 @@ impl StreamChain {
                     }
                 }
             }
+        }
+        for shadowing in shadowing {
+            run_shadows(
+                chain,
+                &mut self.shadows,
+                generation,
+                phase,
+                shadowing,
+                context,
+                arrived,
+            )
+            .await;
         }
         let decision = match stopped {
             Some(Decision::Held) => {
@@ -478,6 +517,236 @@ impl Drop for StreamChain {
     fn drop(&mut self) {
         self.release_finished(PhaseSet::EMPTY);
     }
+}
+
+/// What a plugin with shadows beside it was given: the message, and its direction's headers
+/// where they were open to body handlers.
+#[derive(Clone)]
+struct Given {
+    message: Message,
+    headers: Option<HeaderMap>,
+}
+
+/// What a plugin made of what it was given.
+struct Made {
+    message: Message,
+    headers: Option<HeaderMap>,
+    outcome: Outcome,
+}
+
+impl Made {
+    /// Whether `other` came out the same: the same headers (in any order) or body bytes, the
+    /// same open headers, the same decision and effects.
+    fn same_as(&self, other: &Made) -> bool {
+        let same_headers = |a: &HeaderMap, b: &HeaderMap| {
+            let sorted = |h: &HeaderMap| {
+                let mut entries = h.entries().to_vec();
+                entries.sort();
+                entries
+            };
+            sorted(a) == sorted(b)
+        };
+        let same_message = match (&self.message, &other.message) {
+            (Message::Headers { headers: a, .. }, Message::Headers { headers: b, .. })
+            | (Message::Trailers(a), Message::Trailers(b)) => same_headers(a, b),
+            (Message::Body(a), Message::Body(b)) => a.data == b.data,
+            _ => false,
+        };
+        let same_open = match (&self.headers, &other.headers) {
+            (Some(a), Some(b)) => same_headers(a, b),
+            _ => true,
+        };
+        same_message && same_open && self.outcome == other.outcome
+    }
+
+    /// What it did, for a log line: its changes, its decision. Values of sensitive headers
+    /// are left out.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        let changes = |headers: &HeaderMap, parts: &mut Vec<String>| {
+            let changes = headers.changes();
+            for (name, values) in &changes.set {
+                let shown: Vec<String> = values
+                    .iter()
+                    .map(|v| {
+                        if crate::http::SENSITIVE_HEADERS.contains(&name.as_str()) {
+                            "[redacted]".to_string()
+                        } else {
+                            String::from_utf8_lossy(v).into_owned()
+                        }
+                    })
+                    .collect();
+                parts.push(format!("set {name}: {}", shown.join(", ")));
+            }
+            for name in &changes.removed {
+                parts.push(format!("removed {name}"));
+            }
+        };
+        match &self.message {
+            Message::Headers { headers, .. } | Message::Trailers(headers) => {
+                changes(headers, &mut parts);
+            }
+            Message::Body(body) if body.replaced => {
+                parts.push(format!("replaced the body ({} bytes)", body.data.len()));
+            }
+            Message::Body(_) => {}
+        }
+        if let Some(headers) = &self.headers {
+            changes(headers, &mut parts);
+        }
+        if let Action::Respond(response) = &self.outcome.action {
+            parts.push(format!("answered {}", response.status));
+        }
+        for (namespace, key, _) in &self.outcome.effects.metadata {
+            parts.push(format!("set metadata {namespace}.{key}"));
+        }
+        if parts.is_empty() {
+            "nothing changed".into()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+/// One call of a plugin with shadows beside it, for them to run on.
+struct Shadowing {
+    /// The plugin's index in the chain.
+    beside: usize,
+    given: Given,
+    served: Made,
+}
+
+/// How often a shadow plugin's differences are logged: at most once per interval each (the
+/// metrics count every one).
+pub const SHADOW_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs the shadows beside the plugin of `shadowing` on what it was given, each on its own
+/// instance and budget, and compares what they make of it with what the plugin made. Nothing
+/// they do reaches the exchange: their output is dropped, and a failure only takes the shadow
+/// out of the stream and is counted.
+async fn run_shadows(
+    chain: &Chain,
+    states: &mut [PluginState],
+    generation: &Generation,
+    phase: Phase,
+    shadowing: Shadowing,
+    context: &Arc<ExchangeContext>,
+    arrived: Instant,
+) {
+    for (shadow, state) in chain.shadows().iter().zip(states.iter_mut()) {
+        let plugin = &shadow.plugin;
+        if shadow.beside != shadowing.beside
+            || !plugin.phases().contains(phase)
+            || matches!(state.slot, Slot::Skipped)
+        {
+            continue;
+        }
+        let started = Instant::now();
+        let made = shadow_call(
+            shadow,
+            state,
+            generation,
+            phase,
+            shadowing.given.clone(),
+            context,
+            arrived,
+        )
+        .await;
+        match made {
+            Ok(made) if made.same_as(&shadowing.served) => {}
+            Ok(made) => {
+                shadow.metrics.shadow_difference();
+                if shadow.may_log(started) {
+                    tracing::info!(
+                        chain = plugin.chain(),
+                        plugin = plugin.name(),
+                        beside = chain.plugins()[shadowing.beside].name(),
+                        phase = phase.as_str(),
+                        serving = %shadowing.served.describe(),
+                        shadow = %made.describe(),
+                        "shadow plugin answered differently (never applied; logged at most \
+                         every {}s, counted in wasm_extproc_shadow_differences_total)",
+                        SHADOW_LOG_INTERVAL.as_secs()
+                    );
+                }
+            }
+            Err(error) => {
+                state.slot = Slot::Skipped;
+                shadow.metrics.shadow_failure(error.kind());
+                if shadow.may_log(started) {
+                    tracing::info!(
+                        chain = plugin.chain(),
+                        plugin = plugin.name(),
+                        phase = phase.as_str(),
+                        kind = error.kind(),
+                        "shadow plugin failed (never applied; counted in \
+                         wasm_extproc_shadow_failures_total): {error}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// One call of a shadow plugin, as the chain calls any plugin: its breaker, an instance,
+/// the call within its budget, the guard.
+async fn shadow_call(
+    shadow: &Shadow,
+    state: &mut PluginState,
+    generation: &Generation,
+    phase: Phase,
+    given: Given,
+    context: &Arc<ExchangeContext>,
+    arrived: Instant,
+) -> Result<Made, PluginError> {
+    let plugin = &shadow.plugin;
+    let started = Instant::now();
+    let result = async {
+        if let Admission::Quarantined(left) = plugin.breaker().admit(started) {
+            return Err(PluginError::Quarantined(left));
+        }
+        if let Slot::Idle = state.slot
+            && let Some(instance) = plugin.take_idle()
+        {
+            state.slot = Slot::Live(Box::new(instance));
+        }
+        if let Slot::Idle = state.slot {
+            let instance = plugin.instantiate(started, arrived).await?;
+            shadow.metrics.instantiated(started.elapsed());
+            state.slot = Slot::Live(Box::new(instance));
+        }
+        let Slot::Live(instance) = &mut state.slot else {
+            unreachable!("skipped shadows are not called, and a live one is never done early");
+        };
+        let lent = given
+            .headers
+            .filter(|_| plugin.contract().body_sees_headers());
+        let (message, headers, outcome) = instance
+            .call(phase, given.message, lent, context, Instant::now())
+            .await;
+        let outcome = outcome?;
+        generation
+            .guard
+            .check(phase, &message, &outcome)
+            .map_err(PluginError::InvalidOutput)?;
+        Ok(Made {
+            message,
+            headers,
+            outcome,
+        })
+    }
+    .await;
+    let ended = Instant::now();
+    let kind = result.as_ref().err().map_or("ok", PluginError::kind);
+    shadow.metrics.call(phase, kind, ended - started);
+    match &result {
+        Ok(_) => log_transition(plugin, plugin.breaker().record(ended, false)),
+        Err(error) if error.is_plugins_fault() => {
+            log_transition(plugin, plugin.breaker().record(ended, true));
+        }
+        Err(_) => {}
+    }
+    result
 }
 
 /// Logs a breaker transition: once per quarantine, not once per request.
@@ -582,5 +851,58 @@ fn on_failure(plugin: &Plugin, phase: Phase, error: &PluginError) -> Option<Imme
             ),
             ..ImmediateResponse::default()
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn made(sets: &[(&str, &str)], action: Action) -> Made {
+        let mut headers = HeaderMap::from_entries([("host".to_string(), b"a".to_vec())]);
+        for (name, value) in sets {
+            headers.set(name.to_string(), value.as_bytes().to_vec());
+        }
+        Made {
+            message: Message::Headers {
+                headers,
+                end_of_stream: false,
+            },
+            headers: None,
+            outcome: Outcome {
+                action,
+                effects: Effects::default(),
+            },
+        }
+    }
+
+    #[test]
+    fn shadow_outputs_compare_by_content_whatever_the_order_of_changes() {
+        let one = made(&[("x-a", "1"), ("x-b", "2")], Action::Continue);
+        assert!(one.same_as(&made(&[("x-b", "2"), ("x-a", "1")], Action::Continue)));
+        assert!(!one.same_as(&made(&[("x-a", "1"), ("x-b", "3")], Action::Continue)));
+        let refused = Action::Respond(ImmediateResponse {
+            status: 403,
+            ..ImmediateResponse::default()
+        });
+        assert!(!one.same_as(&made(&[("x-a", "1"), ("x-b", "2")], refused)));
+    }
+
+    #[test]
+    fn a_difference_is_described_without_sensitive_values() {
+        let refused = Action::Respond(ImmediateResponse {
+            status: 403,
+            ..ImmediateResponse::default()
+        });
+        let text = made(
+            &[("x-tag", "v2"), ("authorization", "Bearer s3cret")],
+            refused,
+        )
+        .describe();
+        assert_eq!(
+            text,
+            "set x-tag: v2; set authorization: [redacted]; answered 403"
+        );
+        assert_eq!(made(&[], Action::Continue).describe(), "nothing changed");
     }
 }

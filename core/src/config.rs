@@ -23,6 +23,10 @@
 //! config = '{"realm": "api"}'
 //! failure_policy = "fail-open"
 //!
+//! [plugins.11-auth-v2]          # runs beside 10-auth on live traffic; compared, never applied
+//! mode = "shadow"
+//! shadows = "10-auth"
+//!
 //! [envoy]                       # the Envoy in front: what it lets plugins change, how long it waits
 //! message_timeout_ms = 200
 //! ```
@@ -286,6 +290,16 @@ struct FilePluginSettings {
     breaker_backoff_ms: Option<u64>,
     isolation: Option<Isolation>,
     log_lines_per_second: Option<u32>,
+    mode: Option<PluginMode>,
+    shadows: Option<String>,
+}
+
+/// Whether a plugin's answers count (`serve`), or are only compared with another's (`shadow`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum PluginMode {
+    Serve,
+    Shadow,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -389,6 +403,9 @@ pub struct PluginSettings {
     /// Lines the plugin may write through `host.log` per second, in bursts of as many; the
     /// rest are dropped and counted.
     pub log_lines_per_second: u32,
+    /// `mode = "shadow"`: the plugin of the same chain this one runs beside on live traffic,
+    /// its output compared and never applied.
+    pub shadows: Option<String>,
 }
 
 /// What a plugin failure (trap, deadline, memory limit) does to the request.
@@ -457,11 +474,17 @@ impl FileConfig {
             breaker: DEFAULT_BREAKER,
             isolation: Isolation::Exchange,
             log_lines_per_second: DEFAULT_LOG_LINES_PER_SECOND,
+            shadows: None,
         };
         let defaults = self
             .defaults
             .apply_to(&base)
             .map_err(|e| ConfigError(format!("[defaults]: {e}")))?;
+        if defaults.shadows.is_some() {
+            return Err(ConfigError(
+                "[defaults]: mode = \"shadow\" is set per plugin, in [plugins.NAME]".into(),
+            ));
+        }
         let plugins = self
             .plugins
             .iter()
@@ -714,6 +737,21 @@ impl FilePluginSettings {
             log_lines_per_second: self
                 .log_lines_per_second
                 .unwrap_or(base.log_lines_per_second),
+            shadows: match (self.mode, &self.shadows) {
+                (Some(PluginMode::Shadow), Some(target)) => Some(target.clone()),
+                (Some(PluginMode::Shadow), None) => {
+                    return Err(
+                        "mode = \"shadow\" needs shadows = \"PLUGIN\", the plugin it \
+                                runs beside"
+                            .into(),
+                    );
+                }
+                (Some(PluginMode::Serve) | None, Some(_)) => {
+                    return Err("shadows = ... is for mode = \"shadow\"".into());
+                }
+                (Some(PluginMode::Serve), None) => None,
+                (None, None) => base.shadows.clone(),
+            },
         })
     }
 }
@@ -724,6 +762,28 @@ mod tests {
 
     fn parse(text: &str) -> Result<Settings, ConfigError> {
         Settings::from_toml(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn shadow_mode_names_its_plugin_and_is_set_per_plugin() {
+        let settings =
+            parse("[plugins.20-v2]\nmode = \"shadow\"\nshadows = \"10-auth\"\n").unwrap();
+        assert_eq!(
+            settings.plugins["20-v2"].shadows.as_deref(),
+            Some("10-auth")
+        );
+        assert_eq!(settings.defaults.shadows, None);
+        for (text, expected) in [
+            ("[plugins.x]\nmode = \"shadow\"\n", "needs shadows = "),
+            ("[plugins.x]\nshadows = \"y\"\n", "is for mode = \"shadow\""),
+            (
+                "[defaults]\nmode = \"shadow\"\nshadows = \"y\"\n",
+                "[defaults]: mode = \"shadow\" is set per plugin",
+            ),
+        ] {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
     }
 
     #[test]

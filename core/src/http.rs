@@ -151,6 +151,14 @@ impl Registration {
     }
 }
 
+/// Headers whose values the host never writes to a log or a recording.
+pub const SENSITIVE_HEADERS: [&str; 4] = [
+    "authorization",
+    "cookie",
+    "set-cookie",
+    "proxy-authorization",
+];
+
 /// How Envoy sends a body (its `processing_mode`), as it told the host in `protocol_config`;
 /// spelled as Envoy's enum (`FULL_DUPLEX_STREAMED`) where it is read from a file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, serde::Serialize)]

@@ -33,6 +33,13 @@ struct PluginLabel {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ShadowFailureLabels {
+    chain: String,
+    plugin: String,
+    kind: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PluginPhaseLabels {
     chain: String,
     plugin: String,
@@ -95,6 +102,8 @@ pub struct Metrics {
     streams: Counter,
     reloads: Family<ResultLabel, Counter>,
     log_lines_suppressed: Family<PluginLabel, Counter>,
+    shadow_differences: Family<PluginLabel, Counter>,
+    shadow_failures: Family<ShadowFailureLabels, Counter>,
     bodies_not_sent: Family<DirectionLabel, Counter>,
     refused: Family<RefusalLabel, Counter>,
     unknown_chains: Family<AnswerLabel, Counter>,
@@ -189,6 +198,20 @@ impl Metrics {
             "Plugin log lines dropped over the plugin's log_lines_per_second budget, by plugin",
             log_lines_suppressed.clone(),
         );
+        let shadow_differences = Family::<PluginLabel, Counter>::default();
+        registry.register(
+            "shadow_differences",
+            "Calls of a shadow plugin whose output differed from the plugin it runs beside, by \
+             the shadow plugin",
+            shadow_differences.clone(),
+        );
+        let shadow_failures = Family::<ShadowFailureLabels, Counter>::default();
+        registry.register(
+            "shadow_failures",
+            "Failed calls of a shadow plugin (never applied to the exchange), by the shadow \
+             plugin and failure kind",
+            shadow_failures.clone(),
+        );
         let bodies_not_sent = Family::<DirectionLabel, Counter>::default();
         registry.register(
             "bodies_not_sent",
@@ -264,6 +287,8 @@ impl Metrics {
             streams,
             reloads,
             log_lines_suppressed,
+            shadow_differences,
+            shadow_failures,
             bodies_not_sent,
             refused,
             unknown_chains,
@@ -287,6 +312,48 @@ impl Metrics {
                 plugin: plugin.to_string(),
             })
             .clone()
+    }
+
+    /// Counts a call of the shadow plugin `plugin` whose output differed from its target's.
+    pub fn shadow_difference(&self, chain: &str, plugin: &str) {
+        self.shadow_differences
+            .get_or_create(&PluginLabel {
+                chain: chain.to_string(),
+                plugin: plugin.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a failed call of the shadow plugin `plugin`.
+    pub fn shadow_failure(&self, chain: &str, plugin: &str, kind: &'static str) {
+        self.shadow_failures
+            .get_or_create(&ShadowFailureLabels {
+                chain: chain.to_string(),
+                plugin: plugin.to_string(),
+                kind,
+            })
+            .inc();
+    }
+
+    /// How many calls of the shadow plugin `plugin` in `chain` differed from its target's.
+    pub fn shadow_differences(&self, chain: &str, plugin: &str) -> u64 {
+        self.shadow_differences
+            .get(&PluginLabel {
+                chain: chain.to_string(),
+                plugin: plugin.to_string(),
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    /// How many calls of the shadow plugin `plugin` in `chain` failed with `kind`.
+    pub fn shadow_failures(&self, chain: &str, plugin: &str, kind: &'static str) -> u64 {
+        self.shadow_failures
+            .get(&ShadowFailureLabels {
+                chain: chain.to_string(),
+                plugin: plugin.to_string(),
+                kind,
+            })
+            .map_or(0, |c| c.get())
     }
 
     fn note_plugin(&self, chain: &str, plugin: &str) {
@@ -506,6 +573,28 @@ impl Metrics {
                     suppressed,
                 ));
             }
+            let differences = self.shadow_differences(&chain, &plugin);
+            if differences > 0 {
+                samples.push(counter(
+                    "shadow_differences",
+                    vec![("chain", chain.clone()), ("plugin", plugin.clone())],
+                    differences,
+                ));
+            }
+            for kind in OUTCOMES.into_iter().skip(1) {
+                let failures = self.shadow_failures(&chain, &plugin, kind);
+                if failures > 0 {
+                    samples.push(counter(
+                        "shadow_failures",
+                        vec![
+                            ("chain", chain.clone()),
+                            ("plugin", plugin.clone()),
+                            ("kind", kind.to_string()),
+                        ],
+                        failures,
+                    ));
+                }
+            }
             for phase in Phase::ALL {
                 for outcome in OUTCOMES {
                     let value = self.chain_plugin_calls(&chain, &plugin, phase, outcome);
@@ -580,6 +669,16 @@ impl PluginMetrics {
                     .clone()
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts a call of this shadow plugin whose output differed from its target's.
+    pub fn shadow_difference(&self) {
+        self.metrics.shadow_difference(&self.chain, &self.plugin);
+    }
+
+    /// Counts a failed call of this shadow plugin.
+    pub fn shadow_failure(&self, kind: &'static str) {
+        self.metrics.shadow_failure(&self.chain, &self.plugin, kind);
     }
 
     pub fn instantiated(&self, took: Duration) {

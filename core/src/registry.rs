@@ -18,7 +18,7 @@ mod watch;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,9 +39,14 @@ pub use watch::{WatchGuard, watch};
 #[derive(Debug)]
 pub struct Chain {
     name: Arc<str>,
+    /// The plugins whose answers count, in order.
     plugins: Vec<Plugin>,
     /// Each plugin's metric series, in the same order.
     metrics: Vec<PluginMetrics>,
+    /// Plugins in shadow mode, each beside one of `plugins`.
+    shadows: Vec<Shadow>,
+    /// Per plugin, in order: whether some shadow runs beside it.
+    shadowed: Vec<bool>,
     phases: PhaseSet,
     /// Per phase, the budgets of the plugins that handle it, added up.
     budgets: [Duration; 6],
@@ -50,15 +55,65 @@ pub struct Chain {
     no_body_noticed: [AtomicBool; 2],
 }
 
+/// A plugin in shadow mode: it runs beside the chain's plugin at `beside` on what that plugin
+/// is given, with its own budget and instances; its output is compared with that plugin's and
+/// never applied, and its failures touch nothing but its own metrics.
+#[derive(Debug)]
+pub struct Shadow {
+    pub plugin: Plugin,
+    /// The index, in the chain's plugins, of the plugin it runs beside.
+    pub beside: usize,
+    pub metrics: PluginMetrics,
+    /// When its last difference or failure was logged, in ms since the chain loaded.
+    logged_ms: AtomicU64,
+    loaded: Instant,
+}
+
+impl Shadow {
+    /// Whether a line about it may be logged `now`: at most one per
+    /// [`SHADOW_LOG_INTERVAL`](crate::chain::SHADOW_LOG_INTERVAL).
+    pub fn may_log(&self, now: Instant) -> bool {
+        let now_ms = now.saturating_duration_since(self.loaded).as_millis() as u64 + 1;
+        let last = self.logged_ms.load(Ordering::Relaxed);
+        let interval = crate::chain::SHADOW_LOG_INTERVAL.as_millis() as u64;
+        (last == 0 || now_ms >= last + interval)
+            && self
+                .logged_ms
+                .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+    }
+}
+
 impl Chain {
-    /// The chain `name` of `plugins`, whose instantiations may wait `instance_wait` for a full
-    /// pool.
+    /// The chain `name` of `plugins` (shadows among them run beside the plugin they name,
+    /// which the loader checked is there), whose instantiations may wait `instance_wait` for a
+    /// full pool.
     pub fn new(
         name: &str,
         plugins: Vec<Plugin>,
         metrics: &Arc<Metrics>,
         instance_wait: Duration,
     ) -> Self {
+        let (shadows, plugins): (Vec<Plugin>, Vec<Plugin>) = plugins
+            .into_iter()
+            .partition(|p| p.settings().shadows.is_some());
+        let shadows: Vec<Shadow> = shadows
+            .into_iter()
+            .filter_map(|plugin| {
+                let target = plugin.settings().shadows.as_deref()?;
+                let beside = plugins.iter().position(|p| p.name() == target)?;
+                Some(Shadow {
+                    metrics: metrics.for_plugin(name, plugin.name()),
+                    plugin,
+                    beside,
+                    logged_ms: AtomicU64::new(0),
+                    loaded: Instant::now(),
+                })
+            })
+            .collect();
+        let shadowed = (0..plugins.len())
+            .map(|i| shadows.iter().any(|s| s.beside == i))
+            .collect();
         let phases = plugins
             .iter()
             .fold(PhaseSet::EMPTY, |set, p| set.union(p.phases()));
@@ -66,8 +121,12 @@ impl Chain {
             .iter()
             .map(|p| metrics.for_plugin(name, p.name()))
             .collect();
+        // Shadows run inline, on their own budgets: a phase can take theirs too.
         let budgets = Phase::ALL.map(|phase| {
-            let mut handling = plugins.iter().filter(|p| p.phases().contains(phase));
+            let mut handling = plugins
+                .iter()
+                .chain(shadows.iter().map(|s| &s.plugin))
+                .filter(|p| p.phases().contains(phase));
             match handling.next() {
                 Some(first) => {
                     handling
@@ -83,6 +142,8 @@ impl Chain {
             name: name.into(),
             plugins,
             metrics,
+            shadows,
+            shadowed,
             phases,
             budgets,
             no_body_noticed: Default::default(),
@@ -94,8 +155,19 @@ impl Chain {
         &self.name
     }
 
+    /// The plugins whose answers count, in order.
     pub fn plugins(&self) -> &[Plugin] {
         &self.plugins
+    }
+
+    /// The plugins in shadow mode.
+    pub fn shadows(&self) -> &[Shadow] {
+        &self.shadows
+    }
+
+    /// Whether a shadow runs beside the plugin at `index`.
+    pub fn is_shadowed(&self, index: usize) -> bool {
+        self.shadowed[index]
     }
 
     /// The plugins that handle `phase`.
@@ -340,7 +412,12 @@ impl Generation {
 
     /// Every plugin of every chain.
     pub fn plugins(&self) -> impl Iterator<Item = &Plugin> {
-        self.chains.iter().flat_map(|chain| chain.plugins())
+        self.chains.iter().flat_map(|chain| {
+            chain
+                .plugins()
+                .iter()
+                .chain(chain.shadows().iter().map(|s| &s.plugin))
+        })
     }
 
     /// True the first time a stream asks for the unknown chain `name` in this generation (for
@@ -571,6 +648,27 @@ pub async fn load_chains(
                 }
             };
             plugins.push(plugin.signed(signature));
+        }
+        for plugin in &plugins {
+            let Some(target) = plugin.settings().shadows.as_deref() else {
+                continue;
+            };
+            let serving = plugins
+                .iter()
+                .any(|p| p.name() == target && p.settings().shadows.is_none());
+            if !serving {
+                bail!(
+                    "{}: mode = \"shadow\" beside {target:?}, which chain {chain:?} does not \
+                     serve with (its plugins: {})",
+                    plugin.path().display(),
+                    plugins
+                        .iter()
+                        .filter(|p| p.settings().shadows.is_none())
+                        .map(Plugin::name)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+            }
         }
         chains.push(Chain::new(&chain, plugins, metrics, config.instance_wait));
     }

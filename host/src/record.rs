@@ -21,14 +21,8 @@ use std::sync::{Arc, Mutex};
 
 use crate::authoring::transcript::{Redaction, Transcript};
 use crate::config::FileRecord;
+use crate::http::SENSITIVE_HEADERS;
 
-/// Headers whose values a recording never keeps.
-pub const ALWAYS_REDACTED: [&str; 4] = [
-    "authorization",
-    "cookie",
-    "set-cookie",
-    "proxy-authorization",
-];
 const DEFAULT_SAMPLE: f64 = 0.01;
 const DEFAULT_MAX_EXCHANGES: u64 = 1000;
 const DEFAULT_MAX_BYTES: u64 = 16 << 20;
@@ -102,7 +96,7 @@ impl Recorder {
     /// The recorder for `[record]` (`None`: recording is off, and `POST /record` says so),
     /// with the configured chains recording from now.
     pub fn new(settings: Option<FileRecord>) -> Result<Recorder, RecordError> {
-        let mut headers: Vec<String> = ALWAYS_REDACTED.iter().map(|h| h.to_string()).collect();
+        let mut headers: Vec<String> = SENSITIVE_HEADERS.iter().map(|h| h.to_string()).collect();
         if let Some(settings) = &settings {
             headers.extend(
                 settings

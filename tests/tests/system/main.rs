@@ -15,6 +15,7 @@ mod module;
 mod operations;
 mod phases;
 mod recording;
+mod shadow;
 mod shipped;
 mod sweep;
 mod traces;
