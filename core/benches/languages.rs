@@ -1,6 +1,8 @@
 //! What a plugin costs in each language: component size, compile time cold, load time warm
 //! (from the compilation cache), and the per-stream work -- instantiate, both header phases,
-//! drop -- for the ASM demo plugin built in Rust, C, JavaScript and Python.
+//! drop -- for the ASM demo plugin built in Rust, C, JavaScript and Python; and that work taken
+//! apart: instantiating and dropping alone (the memory image, the engine's start-up), and the
+//! two handler calls alone on an instance kept from stream to stream (`isolation = "reuse"`).
 //!
 //!     cargo xtask build-plugins && cargo bench -p wasm-extproc-core --bench languages
 //!
@@ -17,9 +19,9 @@ mod common;
 
 use common::{WASI, components, request_headers, response_headers};
 use wasm_extproc_core::config::{DEFAULT_CHAIN, Settings};
-use wasm_extproc_core::http::{ExchangeContext, Phase};
+use wasm_extproc_core::http::{ExchangeContext, Message, Phase};
 use wasm_extproc_core::metrics::Metrics;
-use wasm_extproc_core::runtime::{PoolLimits, Runtime};
+use wasm_extproc_core::runtime::{Instance, PoolLimits, Runtime};
 
 const LANGUAGES: [(&str, &str); 4] = [
     ("Rust", "asm_demo"),
@@ -31,6 +33,23 @@ const LANGUAGES: [(&str, &str); 4] = [
 fn median(mut samples: Vec<Duration>) -> Duration {
     samples.sort();
     samples[samples.len() / 2]
+}
+
+/// What a stream with this plugin does between instantiating and dropping it.
+async fn both_header_calls(
+    instance: &mut Instance,
+    context: &Arc<ExchangeContext>,
+    (request, response): (Message, Message),
+) {
+    for (phase, message) in [
+        (Phase::RequestHeaders, request),
+        (Phase::ResponseHeaders, response),
+    ] {
+        let (_, _, result) = instance
+            .call(phase, message, None, context, Instant::now())
+            .await;
+        result.unwrap();
+    }
 }
 
 fn runtime(cache: Option<&Path>) -> Runtime {
@@ -61,7 +80,7 @@ fn main() {
         config.defaults.clone()
     };
     let mut table = String::from(
-        "| language | component | compile, cold | load, warm (cache) | instantiate + 2 header calls | ratio to Rust |\n|---|---|---|---|---|---|\n",
+        "| language | component | compile, cold | load, warm (cache) | instantiate + 2 header calls | ratio to Rust | of which instantiate + drop | 2 header calls, instance reused |\n|---|---|---|---|---|---|---|---|\n",
     );
     let mut rust_stream = None;
     for (language, name) in LANGUAGES {
@@ -109,45 +128,55 @@ fn main() {
         let stream = median(tokio.block_on(async {
             let mut samples = Vec::with_capacity(iterations);
             for _ in 0..iterations {
-                let (request, response) = (request_headers(), response_headers());
+                let messages = (request_headers(), response_headers());
                 let started = Instant::now();
                 let mut instance = plugin
                     .instantiate(Instant::now(), Instant::now())
                     .await
                     .unwrap();
-                let (_, _, result) = instance
-                    .call(
-                        Phase::RequestHeaders,
-                        request,
-                        None,
-                        &context,
-                        Instant::now(),
-                    )
-                    .await;
-                result.unwrap();
-                let (_, _, result) = instance
-                    .call(
-                        Phase::ResponseHeaders,
-                        response,
-                        None,
-                        &context,
-                        Instant::now(),
-                    )
-                    .await;
-                result.unwrap();
+                both_header_calls(&mut instance, &context, messages).await;
                 drop(instance);
+                samples.push(started.elapsed());
+            }
+            samples
+        }));
+        let instantiate = median(tokio.block_on(async {
+            let mut samples = Vec::with_capacity(iterations);
+            for _ in 0..iterations {
+                let started = Instant::now();
+                let instance = plugin
+                    .instantiate(Instant::now(), Instant::now())
+                    .await
+                    .unwrap();
+                drop(instance);
+                samples.push(started.elapsed());
+            }
+            samples
+        }));
+        let reused = median(tokio.block_on(async {
+            let mut instance = plugin
+                .instantiate(Instant::now(), Instant::now())
+                .await
+                .unwrap();
+            let mut samples = Vec::with_capacity(iterations);
+            for _ in 0..iterations {
+                let messages = (request_headers(), response_headers());
+                let started = Instant::now();
+                both_header_calls(&mut instance, &context, messages).await;
                 samples.push(started.elapsed());
             }
             samples
         }));
         let rust = *rust_stream.get_or_insert(stream);
         table.push_str(&format!(
-            "| {language} | {:.0} KiB | {:.1} ms | {:.1} ms | {:.1} µs | {:.1}x |\n",
+            "| {language} | {:.0} KiB | {:.1} ms | {:.1} ms | {:.1} µs | {:.1}x | {:.1} µs | {:.1} µs |\n",
             size as f64 / 1024.0,
             cold.as_secs_f64() * 1e3,
             warm.as_secs_f64() * 1e3,
             stream.as_secs_f64() * 1e6,
             stream.as_secs_f64() / rust.as_secs_f64(),
+            instantiate.as_secs_f64() * 1e6,
+            reused.as_secs_f64() * 1e6,
         ));
     }
     print!("{table}");

@@ -37,23 +37,63 @@ async fn the_asm_demo_gives_the_same_result_in_every_language() {
         let (_host, upstream, envoy) =
             through_envoy(&[("asm", plugin)], "", EnvoyConfig::default()).await;
         for _ in 0..3 {
-            let response = envoy.get("/headers").await.unwrap();
-            assert_eq!(response.status, 200, "{}", plugin.name());
-            assert_eq!(
-                response.header_values("x-ext-proc-header"),
-                ["hello-from-asm"],
-                "{}",
-                plugin.name()
-            );
-            let echoed = response.json().unwrap();
-            assert_eq!(
-                echoed["headers"]["X-Ext-Proc-Header"],
-                "hello-to-asm",
-                "{}",
-                plugin.name()
-            );
+            tagged_both_ways(&envoy, plugin).await;
         }
         assert_eq!(upstream.seen().len(), 3);
+    }
+}
+
+/// One request through Envoy, tagged on the way in (as the upstream echoes it) and on the way
+/// back, as the ASM demo promises.
+async fn tagged_both_ways(envoy: &Envoy, plugin: Component) {
+    let response = envoy.get("/headers").await.unwrap();
+    assert_eq!(response.status, 200, "{}", plugin.name());
+    assert_eq!(
+        response.header_values("x-ext-proc-header"),
+        ["hello-from-asm"],
+        "{}",
+        plugin.name()
+    );
+    let echoed = response.json().unwrap();
+    assert_eq!(
+        echoed["headers"]["X-Ext-Proc-Header"],
+        "hello-to-asm",
+        "{}",
+        plugin.name()
+    );
+}
+
+/// `isolation = "reuse"` with an interpreter: the instance that served one exchange serves the
+/// next (the JavaScript engine's and Python's state carry over), and every exchange still comes
+/// out as the plugin promises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interpreted_plugins_serve_exchange_after_exchange_from_one_reused_instance() {
+    for plugin in [ASM_DEMO_JS, ASM_DEMO_PY] {
+        let (host, upstream, envoy) = through_envoy(
+            &[("asm", plugin)],
+            "[plugins.asm]\nisolation = \"reuse\"\n",
+            EnvoyConfig::default(),
+        )
+        .await;
+        for _ in 0..4 {
+            tagged_both_ways(&envoy, plugin).await;
+        }
+        assert_eq!(upstream.seen().len(), 4);
+        let exposition = host.metrics().render();
+        let instantiated = exposition
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(
+                    "wasm_extproc_plugin_instantiate_duration_seconds_count{chain=\"default\",plugin=\"asm\"} ",
+                )
+            })
+            .unwrap_or_else(|| panic!("{exposition}"));
+        assert_eq!(
+            instantiated,
+            "1",
+            "{}: one instance for four exchanges",
+            plugin.name()
+        );
     }
 }
 

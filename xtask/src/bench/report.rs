@@ -110,7 +110,10 @@ pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<(
             "## Plugin languages\n\nThe ASM demo plugin built in each language \
              (`core/benches/languages.rs`): component size, compile time cold and from the \
              compilation cache, and the per-stream work (instantiate + both header phases; \
-             these components import WASI).\n\n{table}"
+             these components import WASI), taken apart: instantiating and dropping alone, and \
+             the two calls alone on an instance kept from stream to stream (`isolation = \
+             \"reuse\"`). What a fresh instance's first calls cost beyond the two is the \
+             stream figure minus the other two.\n\n{table}"
         )?;
     }
     md.push_str(WHERE_THE_TIME_GOES);
