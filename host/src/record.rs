@@ -379,3 +379,155 @@ fn write(
     }
     recording.ended.store(true, Ordering::SeqCst);
 }
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpHeaders, ProcessingRequest};
+
+    use super::*;
+
+    /// A request's headers, as Envoy sends them, through a recording transcript.
+    fn exchange(path: &str) -> Box<Transcript> {
+        let header = |key: &str, value: &str| HeaderValue {
+            key: key.into(),
+            raw_value: value.as_bytes().to_vec(),
+            ..HeaderValue::default()
+        };
+        let request = ProcessingRequest {
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap {
+                    headers: vec![
+                        header(":method", "GET"),
+                        header(":path", path),
+                        header("cookie", "session=s3cret"),
+                    ],
+                }),
+                end_of_stream: true,
+                ..HttpHeaders::default()
+            })),
+            ..ProcessingRequest::default()
+        };
+        let mut transcript = Box::new(Transcript::recording());
+        transcript.exchange(&request, &[]);
+        transcript
+    }
+
+    fn recorder(dir: &Path, max_exchanges: u64, max_bytes: u64) -> Recorder {
+        Recorder::new(Some(FileRecord {
+            dir: dir.to_path_buf(),
+            chains: vec!["default".into()],
+            sample: Some(1.0),
+            max_exchanges: Some(max_exchanges),
+            max_bytes: Some(max_bytes),
+            bodies: false,
+            redact_headers: Vec::new(),
+        }))
+        .unwrap()
+    }
+
+    /// The recording's text once its writer has written `items` exchanges, or after 5 s.
+    fn written(file: &Path, items: usize) -> String {
+        let mut text = String::new();
+        for _ in 0..200 {
+            text = std::fs::read_to_string(file).unwrap();
+            if text.matches("\n  - name: ").count() >= items {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(25));
+        }
+        text
+    }
+
+    #[test]
+    fn a_recording_ends_at_its_count_with_secrets_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = recorder(dir.path(), 3, 1 << 20);
+        let file = recorder.statuses()[0].file.clone();
+        assert!(recorder.is_recording() && recorder.samples("default"));
+        assert!(!recorder.samples("other"), "only the chains asked for");
+        for i in 0..5 {
+            recorder.record("default", exchange(&format!("/{i}")));
+        }
+        assert!(
+            !recorder.is_recording(),
+            "three exchanges asked for, three handed over"
+        );
+        let text = written(&file, 3);
+        assert_eq!(text.matches("\n  - name: ").count(), 3, "{text}");
+        assert!(
+            text.contains("name: '#3 GET /2'") && !text.contains("/3"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("s3cret") && text.contains("cookie: '[redacted]'"),
+            "{text}"
+        );
+        let replayed: crate::authoring::file::ExchangeFile =
+            serde_yaml_ng::from_str(&text).unwrap();
+        assert_eq!(replayed.exchanges.len(), 3);
+    }
+
+    #[test]
+    fn a_recording_ends_at_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = recorder(dir.path(), 1000, 1000);
+        let file = recorder.statuses()[0].file.clone();
+        for i in 0..20 {
+            recorder.record("default", exchange(&format!("/{i}")));
+        }
+        let header = written(&file, 1).find("exchanges:\n").unwrap() + "exchanges:\n".len();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let text = std::fs::read_to_string(&file).unwrap();
+        let items = text.matches("\n  - name: ").count();
+        assert!(items >= 1 && items < 20, "{items} written: {text}");
+        assert!(
+            text.len() - header <= 1000,
+            "{} bytes: {text}",
+            text.len() - header
+        );
+        // The writer stopped: the next exchange ends the recording.
+        recorder.record("default", exchange("/late"));
+        assert!(!recorder.is_recording());
+    }
+
+    #[test]
+    fn post_record_queries_are_read_strictly() {
+        assert_eq!(
+            RecordRequest::from_query("chain=checkout&sample=0.5&bodies=true"),
+            Ok(RecordRequest::Start(
+                "checkout".into(),
+                OptionsOverride {
+                    sample: Some(0.5),
+                    max_exchanges: None,
+                    bodies: Some(true),
+                }
+            ))
+        );
+        assert_eq!(
+            RecordRequest::from_query("chain=checkout&stop=true"),
+            Ok(RecordRequest::Stop("checkout".into()))
+        );
+        for (query, error) in [
+            ("sample=1", "chain=NAME is required"),
+            ("chain=a&sample=x", "sample=x: not a number"),
+            ("chain=a&every=1", "unknown parameter \"every\""),
+        ] {
+            let found = RecordRequest::from_query(query).unwrap_err();
+            assert!(found.contains(error), "{query}: {found}");
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = recorder(dir.path(), 1, 1);
+        assert!(matches!(
+            recorder.start(
+                "default",
+                Some(OptionsOverride {
+                    sample: Some(0.0),
+                    ..OptionsOverride::default()
+                })
+            ),
+            Err(RecordError::Sample(_))
+        ));
+    }
+}
