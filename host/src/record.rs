@@ -481,7 +481,7 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(200));
         let text = std::fs::read_to_string(&file).unwrap();
         let items = text.matches("\n  - name: ").count();
-        assert!(items >= 1 && items < 20, "{items} written: {text}");
+        assert!((1..20).contains(&items), "{items} written: {text}");
         assert!(
             text.len() - header <= 1000,
             "{} bytes: {text}",
