@@ -145,14 +145,11 @@ impl Player {
                 end_of_stream: body.is_empty() && !has_trailers,
                 ..HttpHeaders::default()
             };
-            let mut request = ProcessingRequest {
-                request: Some(match direction {
-                    Direction::Request => processing_request::Request::RequestHeaders(headers),
-                    Direction::Response => processing_request::Request::ResponseHeaders(headers),
-                }),
-                attributes: attributes(spec, direction),
-                ..ProcessingRequest::default()
-            };
+            let mut request = from_envoy(match direction {
+                Direction::Request => processing_request::Request::RequestHeaders(headers),
+                Direction::Response => processing_request::Request::ResponseHeaders(headers),
+            });
+            request.attributes = attributes(spec, direction);
             if self.first {
                 request.metadata_context = metadata(spec);
                 request.protocol_config = Some(ProtocolConfiguration {
@@ -184,13 +181,10 @@ impl Player {
                 end_of_stream: i + 1 == chunks.len() && !has_trailers,
                 ..HttpBody::default()
             };
-            let request = ProcessingRequest {
-                request: Some(match direction {
-                    Direction::Request => processing_request::Request::RequestBody(http_body),
-                    Direction::Response => processing_request::Request::ResponseBody(http_body),
-                }),
-                ..ProcessingRequest::default()
-            };
+            let request = from_envoy(match direction {
+                Direction::Request => processing_request::Request::RequestBody(http_body),
+                Direction::Response => processing_request::Request::ResponseBody(http_body),
+            });
             self.send(direction.body(), request).await;
         }
         self.trailers(direction, message).await;
@@ -206,13 +200,10 @@ impl Player {
         let trailers = HttpTrailers {
             trailers: Some(header_map(&message.trailers)),
         };
-        let request = ProcessingRequest {
-            request: Some(match direction {
-                Direction::Request => processing_request::Request::RequestTrailers(trailers),
-                Direction::Response => processing_request::Request::ResponseTrailers(trailers),
-            }),
-            ..ProcessingRequest::default()
-        };
+        let request = from_envoy(match direction {
+            Direction::Request => processing_request::Request::RequestTrailers(trailers),
+            Direction::Response => processing_request::Request::ResponseTrailers(trailers),
+        });
         self.send(direction.trailers(), request).await;
     }
 
@@ -264,6 +255,14 @@ impl Player {
             convert::body_mode(mode.request_body_mode),
             convert::body_mode(mode.response_body_mode),
         ];
+    }
+}
+
+/// A message from Envoy carrying `request` and nothing else.
+fn from_envoy(request: processing_request::Request) -> ProcessingRequest {
+    ProcessingRequest {
+        request: Some(request),
+        ..ProcessingRequest::default()
     }
 }
 

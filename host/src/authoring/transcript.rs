@@ -6,8 +6,8 @@
 
 use std::collections::BTreeMap;
 
-use envoy_types::pb::envoy::config::core::v3::HeaderMap as PbHeaderMap;
 use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap as PbHeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     BodyResponse, CommonResponse, HeaderMutation, ProcessingRequest, ProcessingResponse,
     body_mutation, processing_request, processing_response,
@@ -448,14 +448,18 @@ impl Transcript {
 fn headers(map: Option<&PbHeaderMap>) -> Headers {
     let mut headers = Headers::new();
     for header in map.into_iter().flat_map(|m| &m.headers) {
-        let value = if header.raw_value.is_empty() {
-            header.value.clone()
-        } else {
-            String::from_utf8_lossy(&header.raw_value).into_owned()
-        };
-        add(&mut headers, &header.key, value);
+        add(&mut headers, &header.key, value_of(header));
     }
     headers
+}
+
+/// A header's value as text: Envoy fills `raw_value`, older senders `value`.
+fn value_of(header: &HeaderValue) -> String {
+    if header.raw_value.is_empty() {
+        header.value.clone()
+    } else {
+        String::from_utf8_lossy(&header.raw_value).into_owned()
+    }
 }
 
 fn add(headers: &mut Headers, name: &str, value: String) {
@@ -498,11 +502,7 @@ fn mutation(mutation: Option<&HeaderMutation>, out: &mut HeaderExpect) {
         let Some(header) = &option.header else {
             continue;
         };
-        let value = if header.raw_value.is_empty() {
-            header.value.clone()
-        } else {
-            String::from_utf8_lossy(&header.raw_value).into_owned()
-        };
+        let value = value_of(header);
         let into = if option.append_action == HeaderAppendAction::AppendIfExistsOrAdd as i32 {
             out.append.get_or_insert_with(Headers::new)
         } else {
