@@ -29,6 +29,10 @@
 //!
 //! [envoy]                       # the Envoy in front: what it lets plugins change, how long it waits
 //! message_timeout_ms = 200
+//!
+//! [kv]                          # state plugins keep between exchanges (contract 0.4.0)
+//! backend = "redis"             # or "memory" (the default): one host only
+//! url = "redis://redis.default.svc:6379"
 //! ```
 //!
 //! The file also carries each front end's own keys: the server's listeners, TLS and shutdown
@@ -43,6 +47,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 pub use crate::breaker::BreakerSettings;
+use crate::kv::{self, Backend, KvSettings, Limits};
 
 /// The mount point of the plugin volume in the container image and Kubernetes manifests.
 pub const DEFAULT_PLUGINS_DIR: &str = "/plugins";
@@ -127,6 +132,103 @@ pub struct FileConfig {
     /// Which plugins the host trusts.
     #[serde(default)]
     signing: FileSigning,
+    /// `[kv]`: the state store.
+    #[serde(default)]
+    kv: FileKv,
+}
+
+/// `[kv]`: where plugins' state lives and how much of it there may be.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKv {
+    backend: Option<KvBackend>,
+    url: Option<String>,
+    pool_size: Option<usize>,
+    connect_timeout_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    max_key_bytes: Option<usize>,
+    max_value_bytes: Option<usize>,
+    max_entries: Option<u64>,
+    max_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum KvBackend {
+    Memory,
+    Redis,
+}
+
+impl FileKv {
+    fn resolve(&self) -> Result<KvSettings, ConfigError> {
+        let error = |m: String| ConfigError(format!("[kv] {m}"));
+        let positive = |value: Option<u64>, key: &str, default: u64| match value {
+            Some(0) => Err(error(format!("{key} must be at least 1"))),
+            Some(v) => Ok(v),
+            None => Ok(default),
+        };
+        let backend = match (self.backend.unwrap_or(KvBackend::Memory), &self.url) {
+            (KvBackend::Memory, None) => Backend::Memory,
+            (KvBackend::Memory, Some(_)) => {
+                return Err(error("url is for backend = \"redis\"".into()));
+            }
+            (KvBackend::Redis, None) => {
+                return Err(error(
+                    "backend = \"redis\" needs url = \"redis://HOST:PORT\"".into(),
+                ));
+            }
+            (KvBackend::Redis, Some(url)) => {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err(error(format!(
+                        "url {url:?} is not a redis:// or rediss:// URL"
+                    )));
+                }
+                Backend::Redis {
+                    url: url.clone(),
+                    pool_size: positive(
+                        self.pool_size.map(|n| n as u64),
+                        "pool_size",
+                        kv::DEFAULT_POOL_SIZE as u64,
+                    )? as usize,
+                    connect_timeout: Duration::from_millis(positive(
+                        self.connect_timeout_ms,
+                        "connect_timeout_ms",
+                        kv::DEFAULT_CONNECT_TIMEOUT.as_millis() as u64,
+                    )?),
+                }
+            }
+        };
+        if self.backend != Some(KvBackend::Redis)
+            && (self.pool_size.is_some() || self.connect_timeout_ms.is_some())
+        {
+            return Err(error(
+                "pool_size and connect_timeout_ms are for backend = \"redis\"".into(),
+            ));
+        }
+        let d = kv::DEFAULT_LIMITS;
+        Ok(KvSettings {
+            backend,
+            timeout: Duration::from_millis(positive(
+                self.timeout_ms,
+                "timeout_ms",
+                kv::DEFAULT_TIMEOUT.as_millis() as u64,
+            )?),
+            limits: Limits {
+                max_key_bytes: positive(
+                    self.max_key_bytes.map(|n| n as u64),
+                    "max_key_bytes",
+                    d.max_key_bytes as u64,
+                )? as usize,
+                max_value_bytes: positive(
+                    self.max_value_bytes.map(|n| n as u64),
+                    "max_value_bytes",
+                    d.max_value_bytes as u64,
+                )? as usize,
+                max_entries: positive(self.max_entries, "max_entries", d.max_entries)?,
+                max_bytes: positive(self.max_bytes, "max_bytes", d.max_bytes)?,
+            },
+        })
+    }
 }
 
 /// `[signing]`: the public keys plugins must be signed with.
@@ -292,6 +394,7 @@ struct FilePluginSettings {
     log_lines_per_second: Option<u32>,
     mode: Option<PluginMode>,
     shadows: Option<String>,
+    kv_namespaces: Option<Vec<String>>,
 }
 
 /// Whether a plugin's answers count (`serve`), or are only compared with another's (`shadow`).
@@ -357,6 +460,8 @@ pub struct Settings {
     pub unknown_chain: UnknownChain,
     pub signing: SigningSettings,
     pub envoy: EnvoySettings,
+    /// `[kv]`: the state store plugins share.
+    pub kv: KvSettings,
 }
 
 /// What the Envoy in front of the host is configured with. The host keeps its answers inside
@@ -406,6 +511,9 @@ pub struct PluginSettings {
     /// `mode = "shadow"`: the plugin of the same chain this one runs beside on live traffic,
     /// its output compared and never applied.
     pub shadows: Option<String>,
+    /// Shared state store namespaces the plugin may open besides its own; plugins that list
+    /// the same name share it.
+    pub kv_namespaces: Vec<String>,
 }
 
 /// What a plugin failure (trap, deadline, memory limit) does to the request.
@@ -475,6 +583,7 @@ impl FileConfig {
             isolation: Isolation::Exchange,
             log_lines_per_second: DEFAULT_LOG_LINES_PER_SECOND,
             shadows: None,
+            kv_namespaces: Vec::new(),
         };
         let defaults = self
             .defaults
@@ -574,6 +683,7 @@ impl FileConfig {
                 trusted_keys: self.signing.trusted_keys.clone(),
             },
             envoy: self.envoy.resolve()?,
+            kv: self.kv.resolve()?,
         })
     }
 }
@@ -752,6 +862,21 @@ impl FilePluginSettings {
                 (Some(PluginMode::Serve), None) => None,
                 (None, None) => base.shadows.clone(),
             },
+            kv_namespaces: match &self.kv_namespaces {
+                Some(names) => {
+                    if let Some(bad) = names
+                        .iter()
+                        .find(|n| kv::OWN_NAMESPACE.contains(&n.as_str()))
+                    {
+                        return Err(format!(
+                            "kv_namespaces: {bad:?} names the plugin's own namespace, which is \
+                             never shared"
+                        ));
+                    }
+                    names.clone()
+                }
+                None => base.kv_namespaces.clone(),
+            },
         })
     }
 }
@@ -779,6 +904,54 @@ mod tests {
             (
                 "[defaults]\nmode = \"shadow\"\nshadows = \"y\"\n",
                 "[defaults]: mode = \"shadow\" is set per plugin",
+            ),
+        ] {
+            let error = parse(text).unwrap_err().to_string();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn the_state_store_is_in_memory_unless_redis_is_named() {
+        assert_eq!(parse("").unwrap().kv, KvSettings::default());
+        let settings = parse(
+            "[kv]\nbackend = \"redis\"\nurl = \"redis://r:6379\"\npool_size = 2\n\
+             timeout_ms = 5\nmax_entries = 10\n[plugins.a]\nkv_namespaces = [\"tokens\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            settings.kv.backend,
+            Backend::Redis {
+                url: "redis://r:6379".into(),
+                pool_size: 2,
+                connect_timeout: kv::DEFAULT_CONNECT_TIMEOUT,
+            }
+        );
+        assert_eq!(settings.kv.timeout, Duration::from_millis(5));
+        assert_eq!(settings.kv.limits.max_entries, 10);
+        assert_eq!(settings.plugins["a"].kv_namespaces, ["tokens"]);
+        for (text, expected) in [
+            (
+                "[kv]\nbackend = \"redis\"\n",
+                "[kv] backend = \"redis\" needs url",
+            ),
+            (
+                "[kv]\nurl = \"redis://r\"\n",
+                "[kv] url is for backend = \"redis\"",
+            ),
+            (
+                "[kv]\nbackend = \"redis\"\nurl = \"http://r\"\n",
+                "is not a redis:// or rediss:// URL",
+            ),
+            ("[kv]\npool_size = 3\n", "are for backend = \"redis\""),
+            (
+                "[kv]\nmax_entries = 0\n",
+                "[kv] max_entries must be at least 1",
+            ),
+            ("[kv]\nbackend = \"etcd\"\n", "unknown variant `etcd`"),
+            (
+                "[plugins.a]\nkv_namespaces = [\"default\"]\n",
+                "[plugins.a]: kv_namespaces: \"default\" names the plugin's own namespace",
             ),
         ] {
             let error = parse(text).unwrap_err().to_string();

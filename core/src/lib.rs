@@ -14,18 +14,22 @@
 //!   budgets, and the host side of `wit/processor.wit`.
 //! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy;
 //!   [`breaker`] quarantines plugins that keep failing; [`log_budget`] bounds what they log.
+//! - [`kv`]: state plugins keep between exchanges (`wasi:keyvalue`, the contract's `state`),
+//!   in memory or in Redis.
 //! - [`guard`]: keeps plugins' changes inside what Envoy accepts.
 //! - [`http`]: the types for headers, bodies and verdicts, shared by all of the above.
 //! - [`metrics`]: counters and histograms, in Prometheus form.
 //!
 //! Components are compiled and linked once per version ([`runtime::Plugin`]); every stream gets
-//! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another.
+//! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another;
+//! what must outlive it goes through [`kv`], namespaced and bounded.
 
 pub mod breaker;
 pub mod chain;
 pub mod config;
 pub mod guard;
 pub mod http;
+pub mod kv;
 pub mod log_budget;
 pub mod metrics;
 pub mod registry;

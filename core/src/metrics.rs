@@ -14,6 +14,14 @@ use prometheus_client::registry::Registry;
 use crate::http::{Direction, Phase};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KvLabels {
+    chain: String,
+    plugin: String,
+    operation: &'static str,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: &'static str,
 }
@@ -107,6 +115,7 @@ pub struct Metrics {
     bodies_not_sent: Family<DirectionLabel, Counter>,
     refused: Family<RefusalLabel, Counter>,
     unknown_chains: Family<AnswerLabel, Counter>,
+    kv_operations: Family<KvLabels, Counter>,
     pool: PoolMetrics,
     /// Every plugin that has had series, as (chain, plugin), for [`samples`](Metrics::samples).
     plugins: Mutex<BTreeSet<(String, String)>>,
@@ -232,6 +241,13 @@ impl Metrics {
              (unknown_chain: default, reject)",
             unknown_chains.clone(),
         );
+        let kv_operations = Family::<KvLabels, Counter>::default();
+        registry.register(
+            "kv_operations",
+            "State store operations plugins made, by plugin, operation and result (ok, or \
+             denied, too_large, full, not_a_counter, invalid, timeout, unavailable)",
+            kv_operations.clone(),
+        );
         let pool = PoolMetrics::default();
         registry.register(
             "instances_in_use",
@@ -292,6 +308,7 @@ impl Metrics {
             bodies_not_sent,
             refused,
             unknown_chains,
+            kv_operations,
             pool,
             plugins: Mutex::default(),
         })
@@ -312,6 +329,42 @@ impl Metrics {
                 plugin: plugin.to_string(),
             })
             .clone()
+    }
+
+    /// The counter of `plugin`'s state store operations that ended with `result`.
+    pub fn kv_counter(
+        &self,
+        chain: &str,
+        plugin: &str,
+        operation: &'static str,
+        result: &'static str,
+    ) -> Counter {
+        self.kv_operations
+            .get_or_create(&KvLabels {
+                chain: chain.to_string(),
+                plugin: plugin.to_string(),
+                operation,
+                result,
+            })
+            .clone()
+    }
+
+    /// How many state store operations of `plugin` in `chain` ended with `result`.
+    pub fn kv_operations(
+        &self,
+        chain: &str,
+        plugin: &str,
+        operation: &'static str,
+        result: &'static str,
+    ) -> u64 {
+        self.kv_operations
+            .get(&KvLabels {
+                chain: chain.to_string(),
+                plugin: plugin.to_string(),
+                operation,
+                result,
+            })
+            .map_or(0, |c| c.get())
     }
 
     /// Counts a call of the shadow plugin `plugin` whose output differed from its target's.

@@ -15,6 +15,7 @@ mod epoch;
 mod handlers;
 mod output;
 mod slots;
+mod state;
 mod store;
 
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ use crate::http::{
     Delivery, Effects, ExchangeContext, HeaderMap, ImmediateResponse, Message, Phase, PhaseSet,
     Registration,
 };
+use crate::kv::{Access, Kv, KvSettings};
 use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::signing::Signature;
@@ -46,18 +48,20 @@ use bindings::current::wasm_extproc::processor::types as wit;
 use epoch::EpochTicker;
 use handlers::{BodyHandler, Exports, Handlers};
 use slots::{Slot, Slots};
+use state::PluginState;
 use store::StoreState;
 
 /// The contract this host speaks, as it appears in import and export names.
 pub const CONTRACT_PACKAGE: &str = "wasm-extproc:processor";
 /// The current version: what `wit/processor.wit` declares.
-pub const CONTRACT_VERSION: &str = "0.3.0";
+pub const CONTRACT_VERSION: &str = "0.4.0";
 
 /// A version of the contract the host runs plugins of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Contract {
-    /// 0.3.0, the current one: body handlers get the direction's headers while they can
-    /// still change.
+    /// 0.4.0, the current one: state between exchanges (`wasi:keyvalue`, `state`).
+    V0_4,
+    /// 0.3.0: body handlers get the direction's headers while they can still change.
     V0_3,
     /// 0.2.0: body handlers get the body alone.
     V0_2,
@@ -65,11 +69,12 @@ pub enum Contract {
 
 impl Contract {
     /// Every version the host speaks, newest first.
-    pub const SPOKEN: [Contract; 2] = [Contract::V0_3, Contract::V0_2];
+    pub const SPOKEN: [Contract; 3] = [Contract::V0_4, Contract::V0_3, Contract::V0_2];
 
     pub fn version(self) -> &'static str {
         match self {
-            Contract::V0_3 => CONTRACT_VERSION,
+            Contract::V0_4 => CONTRACT_VERSION,
+            Contract::V0_3 => "0.3.0",
             Contract::V0_2 => "0.2.0",
         }
     }
@@ -81,15 +86,13 @@ impl Contract {
 
     /// Whether its body handlers take the direction's headers.
     pub fn body_sees_headers(self) -> bool {
-        self == Contract::V0_3
+        self != Contract::V0_2
     }
 
     fn spoken() -> String {
-        Contract::SPOKEN
-            .iter()
-            .map(|c| c.version())
-            .collect::<Vec<_>>()
-            .join(" and ")
+        let versions: Vec<&str> = Contract::SPOKEN.iter().map(|c| c.version()).collect();
+        let (last, rest) = versions.split_last().expect("the host speaks a version");
+        format!("{} and {last}", rest.join(", "))
     }
 }
 
@@ -175,6 +178,8 @@ pub enum LoadError {
 
 /// The engine and linker, shared by every plugin.
 pub struct Runtime {
+    /// The state store every plugin reaches through `wasi:keyvalue` and `state`.
+    kv: Arc<Kv>,
     engine: Engine,
     linker: Linker<StoreState>,
     ticker: Arc<EpochTicker>,
@@ -189,7 +194,8 @@ impl std::fmt::Debug for Runtime {
     }
 }
 
-/// Sizes of the instance pool, and where compiled code is cached.
+/// Sizes of the instance pool, where compiled code is cached, and where plugins keep state:
+/// what a runtime is made with, for its whole life.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolLimits {
     /// Component instances alive at once (one per plugin per stream in flight).
@@ -204,6 +210,8 @@ pub struct PoolLimits {
     /// a restart or a reload with a known component skips compilation (seconds for JavaScript
     /// and Python plugins).
     pub cache_dir: Option<PathBuf>,
+    /// The state store: `[kv]`.
+    pub kv: KvSettings,
 }
 
 impl PoolLimits {
@@ -215,6 +223,7 @@ impl PoolLimits {
             instance_wait: settings.instance_wait,
             max_memory_bytes: settings.max_memory_limit_bytes(),
             cache_dir: settings.cache_dir.clone(),
+            kv: settings.kv.clone(),
         }
     }
 }
@@ -292,11 +301,17 @@ impl Runtime {
             |s| s,
         )
         .map_err(to_anyhow)?;
+        bindings::v0_3::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |s| s,
+        )
+        .map_err(to_anyhow)?;
         bindings::v0_2::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
             &mut linker,
             |s| s,
         )
         .map_err(to_anyhow)?;
+        let kv = Arc::new(Kv::new(limits.kv.clone())?);
 
         let ticker = Arc::new(EpochTicker::start(engine.weak())?);
         let slots = Arc::new(Slots::new(
@@ -306,6 +321,7 @@ impl Runtime {
             metrics.pool(),
         ));
         Ok(Runtime {
+            kv,
             engine,
             linker,
             ticker,
@@ -397,6 +413,7 @@ impl Runtime {
             name: name.into(),
             signature: Arc::new(Signature::NotChecked),
             log_budget: log_budget(&self.metrics, chain, name, &settings),
+            kv: plugin_state(&self.kv, &self.metrics, chain, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),
@@ -418,14 +435,15 @@ impl Runtime {
     }
 
     /// How the host calls into `component`: directly when it imports nothing but the
-    /// contract's own interfaces (the host implements them without ever blocking), else on a
-    /// fiber, so WASI calls can wait and long calls yield to other streams.
+    /// contract's own interfaces that never wait, else on a fiber, so WASI and state store
+    /// calls can wait and long calls yield to other streams.
     fn entry(&self, component: &Component) -> Entry {
         let contract = format!("{CONTRACT_PACKAGE}/");
+        let state = format!("{CONTRACT_PACKAGE}/state@");
         let only_contract = component
             .component_type()
             .imports(&self.engine)
-            .all(|(name, _)| name.starts_with(&contract));
+            .all(|(name, _)| name.starts_with(&contract) && !name.starts_with(&state));
         if only_contract {
             Entry::Direct
         } else {
@@ -447,7 +465,7 @@ impl Runtime {
         {
             return Ok(contract);
         }
-        let current = Contract::V0_3.handler_export();
+        let current = Contract::V0_4.handler_export();
         let prefix = format!("{CONTRACT_PACKAGE}/handler@");
         if let Some(other) = exports.iter().find(|e| e.starts_with(&prefix)) {
             let version = &other[prefix.len()..];
@@ -497,6 +515,30 @@ pub struct Plugin {
     log_budget: Arc<LogBudget>,
     /// Instances that served an exchange and wait for the next (`isolation = "reuse"` only).
     idle: Arc<Mutex<Vec<Instance>>>,
+    /// Its namespaces in the state store.
+    kv: Arc<PluginState>,
+}
+
+/// The plugin `name`'s way into the state store: its own namespace (its name) and the shared
+/// ones its settings grant.
+fn plugin_state(
+    kv: &Arc<Kv>,
+    metrics: &Arc<Metrics>,
+    chain: &str,
+    name: &str,
+    settings: &PluginSettings,
+) -> Arc<PluginState> {
+    let access = Access {
+        kv: kv.clone(),
+        own: name.into(),
+        shared: settings.kv_namespaces.clone().into(),
+    };
+    Arc::new(PluginState::new(
+        access,
+        metrics.clone(),
+        chain.into(),
+        name.into(),
+    ))
 }
 
 /// A fresh log budget for the plugin `name`, counting into its series.
@@ -608,6 +650,13 @@ impl Plugin {
             name: name.into(),
             signature: self.signature.clone(),
             log_budget: log_budget(&self.compiled.metrics, chain, name, &settings),
+            kv: plugin_state(
+                &self.kv.access.kv,
+                &self.compiled.metrics,
+                chain,
+                name,
+                &settings,
+            ),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),
@@ -657,7 +706,11 @@ impl Plugin {
             .take(compiled.entry == Entry::Fiber, arrived)
             .await?;
         let _running = compiled.ticker.enter();
-        let state = StoreState::new(self.settings.clone(), self.log_budget.clone());
+        let state = StoreState::new(
+            self.settings.clone(),
+            self.log_budget.clone(),
+            self.kv.clone(),
+        );
         let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);
         let entry = compiled.entry;

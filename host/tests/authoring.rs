@@ -35,7 +35,7 @@ fn text(bytes: &[u8]) -> String {
 /// Every exchange file the project ships, against every component it describes.
 #[test]
 fn the_shipped_exchange_files_pass() {
-    let cases: [(&str, Option<&str>, &str); 8] = [
+    let cases: [(&str, Option<&str>, &str); 9] = [
         ("asm_demo", None, "plugins/asm-demo/exchanges.yaml"),
         ("asm_demo_js", None, "plugins/asm-demo/exchanges.yaml"),
         ("asm_demo_py", None, "plugins/asm-demo/exchanges.yaml"),
@@ -49,6 +49,11 @@ fn the_shipped_exchange_files_pass() {
             "json_redact",
             Some("password,ssn"),
             "plugins/json-redact/exchanges.yaml",
+        ),
+        (
+            "rate_limit",
+            Some("limit=2;window_ms=60000"),
+            "plugins/rate-limit/exchanges.yaml",
         ),
         (
             "api_key_js",

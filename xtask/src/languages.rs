@@ -32,46 +32,81 @@ const APT_PACKAGES: [&str; 4] = [
     "libclang-rt-19-dev-wasm32",
 ];
 
-/// Each plugin built by a language toolchain: (language, its directory under the repository
-/// root, source, output component name). The examples, and the test fixtures that need a
+/// A plugin built by a language toolchain: an example, or a test fixture that needs a
 /// language's own runtime (its exceptions, its console).
-pub const SOURCES: [(&str, &str, &str, &str); 7] = [
-    (
+struct Source {
+    language: &'static str,
+    /// Its directory under the repository root.
+    dir: &'static str,
+    /// The file (JavaScript, C) or module (Python) to build.
+    file: &'static str,
+    /// The component's name in the build's output directory.
+    name: &'static str,
+    /// The contract it was written for, as a WIT directory under the repository root: a
+    /// plugin keeps building against its version after the contract moves on (JavaScript
+    /// names the version in its imports).
+    contract: &'static str,
+}
+
+const fn source(
+    language: &'static str,
+    dir: &'static str,
+    file: &'static str,
+    name: &'static str,
+    contract: &'static str,
+) -> Source {
+    Source {
+        language,
+        dir,
+        file,
+        name,
+        contract,
+    }
+}
+
+const SOURCES: [Source; 7] = [
+    source(
         "javascript",
         "plugins/examples/javascript",
         "asm-demo.js",
         "asm_demo_js",
+        "wit",
     ),
-    (
+    source(
         "javascript",
         "plugins/examples/javascript",
         "api-key.js",
         "api_key_js",
+        "wit/0.3.0",
     ),
-    (
+    source(
         "python",
         "plugins/examples/python",
         "asm_demo",
         "asm_demo_py",
+        "wit",
     ),
-    (
+    source(
         "python",
         "plugins/examples/python",
         "json_rewrite",
         "json_rewrite_py",
+        "wit",
     ),
-    ("c", "plugins/examples/c", "asm_demo.c", "asm_demo_c"),
-    (
+    source("c", "plugins/examples/c", "asm_demo.c", "asm_demo_c", "wit"),
+    source(
         "javascript",
         "tests/fixtures/javascript",
         "throw.js",
         "throw_js",
+        "wit/0.3.0",
     ),
-    (
+    source(
         "python",
         "tests/fixtures/python",
         "raise_error",
         "raise_error_py",
+        "wit",
     ),
 ];
 
@@ -161,10 +196,17 @@ fn fresh(output: &Path, inputs: &[PathBuf]) -> bool {
 /// Builds every example and language fixture (skipping those already up to date).
 pub fn build() -> anyhow::Result<()> {
     let root = repo_root();
-    let wit = root.join("wit");
     std::fs::create_dir_all(out_path("x").parent().expect("has a parent"))?;
-    for (language, relative, source, name) in SOURCES {
+    for Source {
+        language,
+        dir: relative,
+        file: source,
+        name,
+        contract,
+    } in SOURCES
+    {
         let dir = root.join(relative);
+        let wit = root.join(contract);
         let output = out_path(name);
         if fresh(&output, &[dir.clone(), wit.join("processor.wit")]) {
             continue;
@@ -177,17 +219,9 @@ pub fn build() -> anyhow::Result<()> {
             )
             .current_dir(&root)
             .arg(Path::new(relative).join(source))
-            .args([
-                "--wit",
-                "wit",
-                "-n",
-                "plugin",
-                "-d",
-                "http",
-                "-d",
-                "fetch-event",
-                "-o",
-            ])
+            .arg("--wit")
+            .arg(contract)
+            .args(["-n", "plugin", "-d", "http", "-d", "fetch-event", "-o"])
             .arg(&output))?,
             "python" => run(Command::new(tools().join("py/bin/componentize-py"))
                 .current_dir(&dir)

@@ -173,6 +173,7 @@ fn envoy_venv() -> PathBuf {
 /// Everything the tests need.
 fn setup() -> anyhow::Result<()> {
     setup_base()?;
+    install_redis()?;
     install_validators()?;
     bench::install_load_generators()?;
     languages::install()
@@ -205,6 +206,19 @@ fn setup_base() -> anyhow::Result<()> {
         ]))?;
     }
     Ok(())
+}
+
+/// Debian's `redis-server`: the tests of the state store's shared backend start their own.
+fn install_redis() -> anyhow::Result<()> {
+    if Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .is_ok()
+    {
+        return Ok(());
+    }
+    run(Command::new("apt-get").args(["update", "-qq"]))?;
+    run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "redis-server"]))
 }
 
 /// What `deploy/tests` needs: pytest and kubernetes-validate in a venv, the CRD schemas from

@@ -10,6 +10,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings;
 use super::output::GuestOutput;
+use super::state::PluginState;
 use crate::config::PluginSettings;
 use crate::http::{BodyChunk, Effects, ExchangeContext, HeaderMap, Message, Phase};
 use crate::log_budget::{LogBudget, Source};
@@ -110,11 +111,18 @@ pub struct StoreState {
     pub context: Arc<ExchangeContext>,
     /// What the current call asked for besides changing the message.
     pub effects: Effects,
+    /// The plugin's way into the state store.
+    pub kv: Arc<PluginState>,
 }
 
 impl StoreState {
-    pub fn new(settings: Arc<PluginSettings>, log_budget: Arc<LogBudget>) -> Self {
+    pub fn new(
+        settings: Arc<PluginSettings>,
+        log_budget: Arc<LogBudget>,
+        kv: Arc<PluginState>,
+    ) -> Self {
         StoreState {
+            kv,
             log_budget,
             wasi: None,
             output: None,
@@ -132,6 +140,11 @@ impl StoreState {
             context: Arc::default(),
             effects: Effects::default(),
         }
+    }
+
+    /// The table of resources handed to the guest (WASI's, and open buckets).
+    pub fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
     }
 
     /// The phase the next call serves (`None`: `register`, at load).
@@ -351,4 +364,5 @@ macro_rules! contract_imports {
 }
 
 contract_imports!(bindings::current);
+contract_imports!(bindings::v0_3);
 contract_imports!(bindings::v0_2);

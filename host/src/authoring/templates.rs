@@ -14,7 +14,33 @@ pub enum Language {
     C,
 }
 
-const CONTRACT: &str = include_str!("../../../wit/processor.wit");
+/// The contract, and the standard interfaces it imports, where a toolchain reads them.
+const CONTRACT: [(&str, &str); 6] = [
+    (
+        "wit/processor.wit",
+        include_str!("../../../wit/processor.wit"),
+    ),
+    (
+        "wit/deps/keyvalue/store.wit",
+        include_str!("../../../wit/deps/keyvalue/store.wit"),
+    ),
+    (
+        "wit/deps/keyvalue/atomic.wit",
+        include_str!("../../../wit/deps/keyvalue/atomic.wit"),
+    ),
+    (
+        "wit/deps/keyvalue/batch.wit",
+        include_str!("../../../wit/deps/keyvalue/batch.wit"),
+    ),
+    (
+        "wit/deps/keyvalue/watch.wit",
+        include_str!("../../../wit/deps/keyvalue/watch.wit"),
+    ),
+    (
+        "wit/deps/keyvalue/world.wit",
+        include_str!("../../../wit/deps/keyvalue/world.wit"),
+    ),
+];
 const EXCHANGES: &str = include_str!("../../../plugins/asm-demo/exchanges.yaml");
 const RUST_SOURCE: &str = include_str!("../../../plugins/asm-demo/src/lib.rs");
 const RUST_CARGO_CONFIG: &str = include_str!("../../../plugins/.cargo/config.toml");
@@ -83,18 +109,12 @@ fn files(name: &str, language: Language, sdk: &str) -> Vec<(&'static str, String
             (".cargo/config.toml", RUST_CARGO_CONFIG.into()),
             ("src/lib.rs", RUST_SOURCE.into()),
         ]),
-        Language::Javascript => files.extend([
-            ("plugin.js", JAVASCRIPT_SOURCE.into()),
-            ("wit/processor.wit", CONTRACT.into()),
-        ]),
-        Language::Python => files.extend([
-            ("app.py", PYTHON_SOURCE.into()),
-            ("wit/processor.wit", CONTRACT.into()),
-        ]),
-        Language::C => files.extend([
-            ("plugin.c", C_SOURCE.into()),
-            ("wit/processor.wit", CONTRACT.into()),
-        ]),
+        Language::Javascript => files.push(("plugin.js", JAVASCRIPT_SOURCE.into())),
+        Language::Python => files.push(("app.py", PYTHON_SOURCE.into())),
+        Language::C => files.push(("plugin.c", C_SOURCE.into())),
+    }
+    if language != Language::Rust {
+        files.extend(CONTRACT.map(|(path, text)| (path, text.to_string())));
     }
     files
 }
@@ -208,6 +228,7 @@ mod tests {
         for file in [
             "app.py",
             "wit/processor.wit",
+            "wit/deps/keyvalue/store.wit",
             "exchanges.yaml",
             "build.sh",
             "README.md",

@@ -34,6 +34,8 @@ pub mod bindings {
     wit_bindgen::generate!({
         path: "../../wit",
         world: "plugin",
+        // The standard interfaces the world imports (`wasi:keyvalue`) are bound here too.
+        generate_all,
         pub_export_macro: true,
         export_macro_name: "__export_component",
         default_bindings_module: "wasm_extproc_sdk::bindings",
@@ -284,6 +286,128 @@ pub mod context {
     /// Asks Envoy to pick the route again (request headers only).
     pub fn clear_route_cache() {
         context::clear_route_cache();
+    }
+}
+
+/// State that outlives the exchange: entries kept by the host, in the plugin's own namespace or
+/// in shared ones the operator granted (`kv_namespaces`).
+///
+/// ```ignore
+/// let store = kv::Store::open()?;
+/// let hits = store.increment_in_window(&client, 1, Duration::from_secs(60))?;
+/// if hits.count > 100 { /* refuse, retry after hits.resets_in */ }
+/// ```
+///
+/// Every operation can fail: a namespace past its bounds, a state store that cannot be
+/// reached in time (Redis down). Decide per plugin whether that lets the request through.
+pub mod kv {
+    use core::time::Duration;
+
+    use super::bindings::wasi::keyvalue::{atomics, store};
+    use super::bindings::wasm_extproc::processor::state;
+
+    /// Why an operation failed, as the host said it.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct Error(pub String);
+
+    impl core::fmt::Display for Error {
+        fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+
+    impl From<store::Error> for Error {
+        fn from(e: store::Error) -> Self {
+            Error(match e {
+                store::Error::NoSuchStore => "no such namespace".into(),
+                store::Error::AccessDenied => "namespace not granted to this plugin".into(),
+                store::Error::Other(text) => text,
+            })
+        }
+    }
+
+    /// A counter in its window, after an increment.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct WindowCount {
+        /// The counter's value in the current window, this increment included.
+        pub count: u64,
+        /// Until the window ends and the counter starts again from zero.
+        pub resets_in: Duration,
+    }
+
+    /// An open namespace.
+    #[derive(Debug)]
+    pub struct Store(store::Bucket);
+
+    fn millis(d: Duration) -> u64 {
+        u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    }
+
+    impl Store {
+        /// The plugin's own namespace, which no other plugin sees.
+        pub fn open() -> Result<Store, Error> {
+            Ok(Store(store::open("")?))
+        }
+
+        /// The shared namespace `name`, if the operator granted it to this plugin.
+        pub fn open_shared(name: &str) -> Result<Store, Error> {
+            Ok(Store(store::open(name)?))
+        }
+
+        /// The value at `key`, if there is one (and it has not expired).
+        pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, Error> {
+            Ok(self.0.get(key)?)
+        }
+
+        /// Sets `key` to `value`, kept until deleted.
+        pub fn set(&self, key: &str, value: impl AsRef<[u8]>) -> Result<(), Error> {
+            Ok(self.0.set(key, value.as_ref())?)
+        }
+
+        /// Sets `key` to `value`, forgotten after `ttl` (at least a millisecond).
+        pub fn set_with_ttl(
+            &self,
+            key: &str,
+            value: impl AsRef<[u8]>,
+            ttl: Duration,
+        ) -> Result<(), Error> {
+            Ok(state::set_with_ttl(
+                &self.0,
+                key,
+                value.as_ref(),
+                millis(ttl),
+            )?)
+        }
+
+        /// Removes `key`; removing a missing key does nothing.
+        pub fn delete(&self, key: &str) -> Result<(), Error> {
+            Ok(self.0.delete(key)?)
+        }
+
+        /// Whether `key` holds a value.
+        pub fn exists(&self, key: &str) -> Result<bool, Error> {
+            Ok(self.0.exists(key)?)
+        }
+
+        /// Adds `delta` to the counter at `key` (a missing one starts at 0) and returns it.
+        pub fn increment(&self, key: &str, delta: u64) -> Result<u64, Error> {
+            Ok(atomics::increment(&self.0, key, delta)?)
+        }
+
+        /// Adds `delta` to the counter at `key` in a window of `window`, opened by the first
+        /// increment; the counter is forgotten when the window ends.
+        pub fn increment_in_window(
+            &self,
+            key: &str,
+            delta: u64,
+            window: Duration,
+        ) -> Result<WindowCount, Error> {
+            let c = state::increment_in_window(&self.0, key, delta, millis(window))?;
+            Ok(WindowCount {
+                count: c.count,
+                resets_in: Duration::from_millis(c.resets_in_ms),
+            })
+        }
     }
 }
 

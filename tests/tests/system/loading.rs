@@ -1,6 +1,6 @@
 //! What the host refuses to start with, and what it says.
 
-use extproc_testkit::fixtures::{ASM_DEMO, CONTRACT_0_2, WRONG_CONTRACT};
+use extproc_testkit::fixtures::{ASM_DEMO, CONTRACT_0_2, CONTRACT_0_3, WRONG_CONTRACT};
 use extproc_testkit::host::{config, plugin_dir};
 use wasm_extproc::Host;
 use wasm_extproc::runtime::Contract;
@@ -21,14 +21,18 @@ async fn a_component_built_against_another_contract_is_refused_by_name() {
         "{error}"
     );
     assert!(
-        error.contains("this host speaks wasm-extproc:processor@0.3.0 and 0.2.0"),
+        error.contains("this host speaks wasm-extproc:processor@0.4.0, 0.3.0 and 0.2.0"),
         "{error}"
     );
 }
 
 #[tokio::test]
 async fn plugins_built_against_the_previous_contract_load_beside_current_ones() {
-    let dir = plugin_dir(&[("10-current", ASM_DEMO), ("20-previous", CONTRACT_0_2)]);
+    let dir = plugin_dir(&[
+        ("10-current", ASM_DEMO),
+        ("20-previous", CONTRACT_0_3),
+        ("30-older", CONTRACT_0_2),
+    ]);
     let host = Host::load(&config(dir.path(), "")).await.unwrap();
     let generation = host.current().unwrap();
     let contracts: Vec<_> = generation
@@ -40,8 +44,9 @@ async fn plugins_built_against_the_previous_contract_load_beside_current_ones() 
     assert_eq!(
         contracts,
         [
-            ("10-current".to_string(), Contract::V0_3),
-            ("20-previous".to_string(), Contract::V0_2)
+            ("10-current".to_string(), Contract::V0_4),
+            ("20-previous".to_string(), Contract::V0_3),
+            ("30-older".to_string(), Contract::V0_2)
         ]
     );
 }

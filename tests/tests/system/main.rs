@@ -17,5 +17,6 @@ mod phases;
 mod recording;
 mod shadow;
 mod shipped;
+mod state;
 mod sweep;
 mod traces;

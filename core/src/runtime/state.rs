@@ -1,0 +1,252 @@
+//! The host side of the contract's state imports: `wasi:keyvalue/store` and `atomics`, and the
+//! contract's own `state` interface, over the host's [`Kv`](crate::kv::Kv).
+//!
+//! A bucket is a namespace the plugin may open ([`Access::open`]). Every operation runs within
+//! what is left of the plugin's call, and its result is counted per plugin.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+use wasmtime::Result;
+use wasmtime::component::Resource;
+
+use super::bindings::current::wasi::keyvalue::{atomics, store};
+use super::bindings::current::wasm_extproc::processor::state;
+use super::store::StoreState;
+use crate::kv::{Access, Count, KvError};
+use crate::metrics::Metrics;
+
+/// An open namespace, held in the store's resource table.
+pub struct Bucket {
+    namespace: Arc<str>,
+}
+
+/// The operations, as counted.
+const OPERATIONS: [&str; 8] = [
+    "open",
+    "get",
+    "set",
+    "delete",
+    "exists",
+    "list_keys",
+    "increment",
+    "increment_in_window",
+];
+const RESULTS: [&str; 8] = [
+    "ok",
+    "denied",
+    "too_large",
+    "full",
+    "not_a_counter",
+    "invalid",
+    "timeout",
+    "unavailable",
+];
+
+/// One plugin's way into the store, and its counters, looked up once each.
+pub struct PluginState {
+    pub access: Access,
+    metrics: Arc<Metrics>,
+    chain: Arc<str>,
+    plugin: Arc<str>,
+    counters: [[OnceLock<Counter>; RESULTS.len()]; OPERATIONS.len()],
+}
+
+impl PluginState {
+    pub fn new(access: Access, metrics: Arc<Metrics>, chain: Arc<str>, plugin: Arc<str>) -> Self {
+        PluginState {
+            access,
+            metrics,
+            chain,
+            plugin,
+            counters: Default::default(),
+        }
+    }
+
+    fn count<T>(&self, operation: usize, result: &Result<T, KvError>) {
+        let outcome = match result {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        let index = RESULTS.iter().position(|r| *r == outcome).unwrap_or(0);
+        self.counters[operation][index]
+            .get_or_init(|| {
+                self.metrics
+                    .kv_counter(&self.chain, &self.plugin, OPERATIONS[operation], outcome)
+            })
+            .inc();
+    }
+}
+
+impl std::fmt::Debug for PluginState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginState")
+            .field("access", &self.access)
+            .finish_non_exhaustive()
+    }
+}
+
+fn to_wit(e: KvError) -> store::Error {
+    match e {
+        KvError::Denied(_) => store::Error::AccessDenied,
+        other => store::Error::Other(other.to_string()),
+    }
+}
+
+impl StoreState {
+    /// What is left of the current call's budget.
+    fn left(&self) -> Duration {
+        self.call_started
+            .map_or(self.timeout, |t| self.timeout.saturating_sub(t.elapsed()))
+    }
+
+    fn bucket(&mut self, bucket: &Resource<Bucket>) -> Result<Arc<str>> {
+        Ok(self.table().get(bucket)?.namespace.clone())
+    }
+
+    /// Runs one operation on the namespace of `bucket`, counts it and answers in WIT's terms.
+    async fn on<T, F>(
+        &mut self,
+        operation: usize,
+        bucket: &Resource<Bucket>,
+        run: impl FnOnce(Arc<PluginState>, Arc<str>, Duration) -> F,
+    ) -> Result<Result<T, store::Error>>
+    where
+        F: Future<Output = Result<T, KvError>>,
+    {
+        let namespace = self.bucket(bucket)?;
+        let state = self.kv.clone();
+        let result = run(state.clone(), namespace, self.left()).await;
+        state.count(operation, &result);
+        Ok(result.map_err(to_wit))
+    }
+}
+
+impl store::Host for StoreState {
+    fn open(&mut self, identifier: String) -> Result<Result<Resource<Bucket>, store::Error>> {
+        let opened = self.kv.access.open(&identifier);
+        self.kv.count(0, &opened);
+        match opened {
+            Ok(namespace) => Ok(Ok(self.table().push(Bucket { namespace })?)),
+            Err(e) => Ok(Err(to_wit(e))),
+        }
+    }
+}
+
+impl store::HostBucket for StoreState {
+    async fn get(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> Result<Result<Option<Vec<u8>>, store::Error>> {
+        self.on(1, &bucket, |s, ns, left| async move {
+            s.access.kv.get(&ns, &key, left).await
+        })
+        .await
+    }
+
+    async fn set(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+    ) -> Result<Result<(), store::Error>> {
+        self.on(2, &bucket, |s, ns, left| async move {
+            s.access.kv.set(&ns, &key, value, None, left).await
+        })
+        .await
+    }
+
+    async fn delete(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> Result<Result<(), store::Error>> {
+        self.on(3, &bucket, |s, ns, left| async move {
+            s.access.kv.delete(&ns, &key, left).await
+        })
+        .await
+    }
+
+    async fn exists(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+    ) -> Result<Result<bool, store::Error>> {
+        self.on(4, &bucket, |s, ns, left| async move {
+            s.access.kv.exists(&ns, &key, left).await
+        })
+        .await
+    }
+
+    async fn list_keys(
+        &mut self,
+        bucket: Resource<Bucket>,
+        cursor: Option<u64>,
+    ) -> Result<Result<store::KeyResponse, store::Error>> {
+        self.on(5, &bucket, |s, ns, left| async move {
+            let (keys, cursor) = s.access.kv.keys(&ns, cursor.unwrap_or(0), left).await?;
+            Ok(store::KeyResponse { keys, cursor })
+        })
+        .await
+    }
+
+    fn drop(&mut self, bucket: Resource<Bucket>) -> Result<()> {
+        self.table().delete(bucket)?;
+        Ok(())
+    }
+}
+
+impl atomics::Host for StoreState {
+    async fn increment(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: u64,
+    ) -> Result<Result<u64, store::Error>> {
+        self.on(6, &bucket, |s, ns, left| async move {
+            let count = s.access.kv.increment(&ns, &key, delta, None, left).await?;
+            Ok(count.value)
+        })
+        .await
+    }
+}
+
+impl state::Host for StoreState {
+    async fn set_with_ttl(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        value: Vec<u8>,
+        ttl_ms: u64,
+    ) -> Result<Result<(), store::Error>> {
+        self.on(2, &bucket, |s, ns, left| async move {
+            let ttl = Duration::from_millis(ttl_ms);
+            s.access.kv.set(&ns, &key, value, Some(ttl), left).await
+        })
+        .await
+    }
+
+    async fn increment_in_window(
+        &mut self,
+        bucket: Resource<Bucket>,
+        key: String,
+        delta: u64,
+        window_ms: u64,
+    ) -> Result<Result<state::WindowCount, store::Error>> {
+        self.on(7, &bucket, |s, ns, left| async move {
+            let window = Duration::from_millis(window_ms);
+            let Count { value, expires_in } = s
+                .access
+                .kv
+                .increment(&ns, &key, delta, Some(window), left)
+                .await?;
+            Ok(state::WindowCount {
+                count: value,
+                resets_in_ms: expires_in.map_or(window_ms, |d| d.as_millis() as u64),
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,304 @@
+//! State that outlives an exchange (contract 0.4.0), through Envoy: a rate limit two hosts
+//! enforce together through one Redis, a Redis outage handled by the plugin's choice, bounded
+//! namespaces, private and shared namespaces, and plugins of three contract versions in one
+//! chain.
+
+use std::time::{Duration, Instant};
+
+use extproc_testkit::echo::EchoServer;
+use extproc_testkit::envoy::{Envoy, HttpResponse};
+use extproc_testkit::fixtures::{CONTRACT_0_2, CONTRACT_0_3, KV_PROBE, RATE_LIMIT};
+use extproc_testkit::host::RunningHost;
+use extproc_testkit::redis::Redis;
+
+fn redis_kv(redis: &Redis) -> String {
+    format!(
+        "[kv]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout_ms = 200\n",
+        redis.url()
+    )
+}
+
+async fn get_as(envoy: &Envoy, key: &str) -> HttpResponse {
+    envoy
+        .request("GET", "/headers", &[("x-api-key", key)], Vec::new())
+        .await
+        .unwrap()
+}
+
+/// Two hosts, each behind its own Envoy (as two replicas behind their sidecars), share one
+/// Redis: the client's 5 requests a minute are 5 across both, whichever serves them.
+#[tokio::test]
+async fn two_hosts_sharing_one_redis_enforce_one_rate_limit_together() {
+    let redis = Redis::start().unwrap();
+    let toml = format!(
+        "{}[plugins.10-rate]\nconfig = \"limit=5;window_ms=60000;key_header=x-api-key\"\n",
+        redis_kv(&redis)
+    );
+    let upstream = EchoServer::start().await.unwrap();
+    let mut envoys = Vec::new();
+    let mut hosts = Vec::new();
+    for _ in 0..2 {
+        let host = RunningHost::start(&[("10-rate", RATE_LIMIT)], &toml).await;
+        envoys.push(Envoy::start(host.address, upstream.address).await.unwrap());
+        hosts.push(host);
+    }
+    let mut statuses = Vec::new();
+    for i in 0..12 {
+        let response = get_as(&envoys[i % 2], "team-a").await;
+        if response.status == 200 {
+            let remaining = response.header_values("x-ratelimit-remaining");
+            assert_eq!(remaining, [(4 - statuses.len()).to_string()], "request {i}");
+            assert_eq!(response.header_values("x-ratelimit-limit"), ["5"]);
+        } else {
+            assert_eq!(response.status, 429, "request {i}: {}", envoys[i % 2].log());
+            let retry: u64 = response.header_values("retry-after")[0].parse().unwrap();
+            assert!((1..=60).contains(&retry), "retry-after {retry}");
+            assert_eq!(response.header_values("x-ratelimit-remaining"), ["0"]);
+            assert_eq!(response.body, br#"{"error":"too many requests"}"#);
+        }
+        if response.status == 200 {
+            statuses.push(i);
+        }
+    }
+    assert_eq!(
+        statuses,
+        [0, 1, 2, 3, 4],
+        "the first five, through both hosts"
+    );
+    // Each host served some of the allowed ones, so the count really was shared.
+    for host in &hosts {
+        let ok = host
+            .metrics()
+            .kv_operations("default", "10-rate", "increment_in_window", "ok");
+        assert_eq!(ok, 6, "each host counted its six requests in Redis");
+    }
+    // Another client has its own window.
+    assert_eq!(get_as(&envoys[0], "team-b").await.status, 200);
+}
+
+/// Redis stops mid-run: a rate limit that lets requests through on a store error does so, one
+/// that refuses answers 503, and neither hangs; when Redis is back, counting resumes.
+#[tokio::test]
+async fn a_redis_outage_is_handled_by_the_plugins_choice_and_service_recovers() {
+    let mut redis = Redis::start().unwrap();
+    let upstream = EchoServer::start().await.unwrap();
+    let mut setups = Vec::new();
+    for on_error in ["allow", "deny"] {
+        let toml = format!(
+            "{}[plugins.10-rate]\nconfig = \"limit=100;window_ms=60000;key_header=x-api-key;\
+             on_store_error={on_error}\"\n",
+            redis_kv(&redis)
+        );
+        let host = RunningHost::start(&[("10-rate", RATE_LIMIT)], &toml).await;
+        let envoy = Envoy::start(host.address, upstream.address).await.unwrap();
+        setups.push((on_error, host, envoy));
+    }
+    for (on_error, _, envoy) in &setups {
+        let response = get_as(envoy, on_error).await;
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header_values("x-ratelimit-limit"), ["100"]);
+    }
+
+    redis.stop();
+    for (on_error, host, envoy) in &setups {
+        for _ in 0..3 {
+            let started = Instant::now();
+            let response = get_as(envoy, on_error).await;
+            let expected = if *on_error == "allow" { 200 } else { 503 };
+            assert_eq!(response.status, expected, "{on_error}: {}", envoy.log());
+            assert!(response.header_values("x-ratelimit-limit").is_empty());
+            // Envoy's message timeout in tests is 10 s: an answer well inside it was not a
+            // hang cut short.
+            assert!(started.elapsed() < Duration::from_secs(5), "{on_error}");
+        }
+        let metrics = host.metrics();
+        let failed = ["unavailable", "timeout"]
+            .map(|r| metrics.kv_operations("default", "10-rate", "increment_in_window", r));
+        assert_eq!(
+            failed.iter().sum::<u64>(),
+            3,
+            "{on_error}: {}",
+            metrics.render()
+        );
+        // The plugin answered; its calls did not fail.
+        assert_eq!(metrics.plugin_outcomes("10-rate", "trap"), 0);
+    }
+
+    redis.resume().unwrap();
+    for (on_error, _, envoy) in &setups {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let response = get_as(envoy, on_error).await;
+            if response.status == 200 && !response.header_values("x-ratelimit-limit").is_empty() {
+                // An empty Redis: the window starts again.
+                assert_eq!(response.header_values("x-ratelimit-remaining"), ["99"]);
+                break;
+            }
+            assert!(Instant::now() < deadline, "{on_error}: no recovery");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A plugin writing as fast as it can fills its namespace to the configured bound and is
+/// refused with an error naming it, in memory and in Redis alike.
+#[tokio::test]
+async fn a_plugin_flooding_the_store_is_bounded() {
+    let upstream = EchoServer::start().await.unwrap();
+    for (backend, limit, written, error) in [
+        (
+            "",
+            "max_entries = 50",
+            "50",
+            "is full: 50 entries (max_entries)",
+        ),
+        (
+            "",
+            "max_bytes = 20480",
+            "19",
+            "is full: 20480 bytes (max_bytes)",
+        ),
+        (
+            "redis",
+            "max_entries = 50",
+            "50",
+            "is full: 50 entries (max_entries)",
+        ),
+        (
+            "redis",
+            "max_bytes = 20480",
+            "19",
+            "is full: 20480 bytes (max_bytes)",
+        ),
+    ] {
+        // An empty Redis for each case.
+        let redis = Redis::start().unwrap();
+        let kv = if backend == "redis" {
+            redis_kv(&redis)
+        } else {
+            "[kv]\n".into()
+        };
+        let toml = format!("{kv}{limit}\n[plugins.10-flood]\nconfig = \"flood\"\n");
+        let host = RunningHost::start(&[("10-flood", KV_PROBE)], &toml).await;
+        let envoy = Envoy::start(host.address, upstream.address).await.unwrap();
+        let echoed = envoy.get("/headers").await.unwrap().json().unwrap();
+        let headers = &echoed["headers"];
+        let case = format!("{backend} {limit}");
+        assert_eq!(headers["X-Kv-Written"], written, "{case}: {echoed}");
+        let said = headers["X-Kv-Error"].as_str().unwrap();
+        assert!(said.ends_with(error), "{case}: {said}");
+        assert_eq!(
+            host.metrics()
+                .kv_operations("default", "10-flood", "set", "full"),
+            1,
+            "{case}"
+        );
+        // A second flood rewrites the same entries (a replaced entry takes no more room) and
+        // is refused at the same point: the bound holds across exchanges.
+        let echoed = envoy.get("/headers").await.unwrap().json().unwrap();
+        assert_eq!(echoed["headers"]["X-Kv-Written"], written, "{case}");
+        assert_eq!(
+            host.metrics()
+                .kv_operations("default", "10-flood", "set", "full"),
+            2,
+            "{case}"
+        );
+    }
+}
+
+/// State outlives the exchange; a plugin's own namespace is its alone; a shared one is
+/// opened only where the configuration grants it, and shared by every plugin granted it.
+#[tokio::test]
+async fn state_outlives_the_exchange_and_namespaces_are_granted_by_the_operator() {
+    let upstream = EchoServer::start().await.unwrap();
+    // `10-probe` serves the default chain, `20-other` the checkout route's.
+    let plugins = [("10-probe", KV_PROBE), ("checkout/20-other", KV_PROBE)];
+    let roundtrip = async |toml: &str, steps: &[(&str, &str, &str, &str)]| {
+        let host = RunningHost::start(&plugins, toml).await;
+        let envoy = Envoy::start(host.address, upstream.address).await.unwrap();
+        for (path, value, before, hits) in steps {
+            let response = envoy
+                .request("GET", path, &[("x-value", value)], Vec::new())
+                .await
+                .unwrap();
+            assert_eq!(response.status, 200, "{path}: {}", envoy.log());
+            let seen = upstream.seen().pop().unwrap();
+            let case = format!("{toml} {path} {value}");
+            assert_eq!(seen.header("x-kv-error"), None, "{case}");
+            assert_eq!(
+                seen.header("x-kv-before").as_deref(),
+                Some(*before),
+                "{case}"
+            );
+            assert_eq!(seen.header("x-kv-hits").as_deref(), Some(*hits), "{case}");
+        }
+        host
+    };
+    // Own namespaces: each plugin sees what it wrote in earlier exchanges, and nothing of the
+    // other's.
+    roundtrip(
+        "[plugins.10-probe]\nconfig = \"roundtrip:\"\n\
+         [chains.checkout.plugins.20-other]\nconfig = \"roundtrip:\"\n",
+        &[
+            ("/headers", "one", "", "1"),
+            ("/headers", "two", "one", "2"),
+            ("/checkout/cart", "three", "", "1"),
+            ("/headers", "four", "two", "3"),
+        ],
+    )
+    .await;
+    // A namespace both are granted is one namespace.
+    roundtrip(
+        "[plugins.10-probe]\nconfig = \"roundtrip:tokens\"\nkv_namespaces = [\"tokens\"]\n\
+         [chains.checkout.plugins.20-other]\nconfig = \"roundtrip:tokens\"\n\
+         kv_namespaces = [\"tokens\"]\n",
+        &[
+            ("/headers", "one", "", "1"),
+            ("/checkout/cart", "two", "one", "2"),
+        ],
+    )
+    .await;
+    // Not granted: refused, and the refusal counted.
+    let host = RunningHost::start(
+        &[("10-probe", KV_PROBE)],
+        "[plugins.10-probe]\nconfig = \"open:tokens\"\n",
+    )
+    .await;
+    let envoy = Envoy::start(host.address, upstream.address).await.unwrap();
+    let echoed = envoy.get("/headers").await.unwrap().json().unwrap();
+    assert_eq!(
+        echoed["headers"]["X-Kv-Open"],
+        "namespace not granted to this plugin"
+    );
+    assert_eq!(
+        host.metrics()
+            .kv_operations("default", "10-probe", "open", "denied"),
+        1
+    );
+}
+
+/// A chain of plugins built against 0.2.0, 0.3.0 and 0.4.0 serves one exchange, each linked
+/// against its own version.
+#[tokio::test]
+async fn plugins_of_three_contract_versions_run_in_one_chain() {
+    let host = RunningHost::start(
+        &[
+            ("10-v02", CONTRACT_0_2),
+            ("20-v03", CONTRACT_0_3),
+            ("30-rate", RATE_LIMIT),
+        ],
+        "[plugins.30-rate]\nconfig = \"limit=1;window_ms=60000;key_header=x-api-key\"\n",
+    )
+    .await;
+    let upstream = EchoServer::start().await.unwrap();
+    let envoy = Envoy::start(host.address, upstream.address).await.unwrap();
+    let response = get_as(&envoy, "k").await;
+    assert_eq!(response.status, 200, "{}", envoy.log());
+    assert_eq!(response.header_values("x-contract"), ["0.2.0"]);
+    assert_eq!(response.header_values("x-ratelimit-remaining"), ["0"]);
+    let echoed = response.json().unwrap();
+    assert_eq!(echoed["headers"]["X-Contract"], "0.2.0");
+    assert_eq!(echoed["headers"]["X-Contract-0-3"], "yes");
+    // The second request is refused by the 0.4.0 plugin, after the others ran.
+    assert_eq!(get_as(&envoy, "k").await.status, 429);
+}
