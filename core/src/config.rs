@@ -395,6 +395,9 @@ struct FilePluginSettings {
     mode: Option<PluginMode>,
     shadows: Option<String>,
     kv_namespaces: Option<Vec<String>>,
+    http_allow: Option<Vec<String>>,
+    http_max_concurrent: Option<u32>,
+    http_max_response_bytes: Option<u64>,
 }
 
 /// Whether a plugin's answers count (`serve`), or are only compared with another's (`shadow`).
@@ -514,6 +517,91 @@ pub struct PluginSettings {
     /// Shared state store namespaces the plugin may open besides its own; plugins that list
     /// the same name share it.
     pub kv_namespaces: Vec<String>,
+    /// What the plugin may call over HTTP (`wasi:http/outgoing-handler`).
+    pub http: HttpSettings,
+}
+
+/// A plugin's outbound HTTP: where to, how many at once, how much back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpSettings {
+    /// `http_allow`: the only origins it may call; none by default.
+    pub allow: Vec<Origin>,
+    /// `http_max_concurrent`: requests in flight at once, across all its instances.
+    pub max_concurrent: u32,
+    /// `http_max_response_bytes`: the largest response body it may read.
+    pub max_response_bytes: u64,
+}
+
+pub const DEFAULT_HTTP_MAX_CONCURRENT: u32 = 16;
+pub const DEFAULT_HTTP_MAX_RESPONSE_BYTES: u64 = 1 << 20;
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        HttpSettings {
+            allow: Vec::new(),
+            max_concurrent: DEFAULT_HTTP_MAX_CONCURRENT,
+            max_response_bytes: DEFAULT_HTTP_MAX_RESPONSE_BYTES,
+        }
+    }
+}
+
+/// A destination a plugin may call: scheme, host and port, as `http://authz.default.svc:8080`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Origin {
+    pub https: bool,
+    /// Lower-case.
+    pub host: String,
+    pub port: u16,
+}
+
+impl Origin {
+    /// Parses `http[s]://host[:port]` (a trailing `/` is allowed, a path is not).
+    pub fn parse(text: &str) -> Result<Origin, String> {
+        let bad = |why: &str| format!("{text:?} is not an origin like http://host:port: {why}");
+        let (https, rest) = if let Some(rest) = text.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = text.strip_prefix("http://") {
+            (false, rest)
+        } else {
+            return Err(bad("the scheme must be http or https"));
+        };
+        let rest = rest.strip_suffix('/').unwrap_or(rest);
+        if rest.contains(['/', '?', '#', '@']) {
+            return Err(bad("no path, query or credentials"));
+        }
+        // An IPv6 address keeps its brackets; the port is what follows them.
+        let split = match rest.find(']') {
+            Some(end) => (&rest[..=end], &rest[end + 1..]),
+            None => rest.split_at(rest.rfind(':').unwrap_or(rest.len())),
+        };
+        let (host, port) = match split {
+            (host, "") => (host, if https { 443 } else { 80 }),
+            (host, port) => match port.strip_prefix(':').map(str::parse::<u16>) {
+                Some(Ok(port)) if port > 0 => (host, port),
+                _ => return Err(bad("the port must be 1-65535")),
+            },
+        };
+        if host.is_empty() {
+            return Err(bad("no host"));
+        }
+        Ok(Origin {
+            https,
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
+
+    /// Whether a request to `scheme`, `host` and `port` goes to this origin.
+    pub fn matches(&self, https: bool, host: &str, port: u16) -> bool {
+        self.https == https && self.port == port && self.host.eq_ignore_ascii_case(host)
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.https { "https" } else { "http" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
+    }
 }
 
 /// What a plugin failure (trap, deadline, memory limit) does to the request.
@@ -584,6 +672,7 @@ impl FileConfig {
             log_lines_per_second: DEFAULT_LOG_LINES_PER_SECOND,
             shadows: None,
             kv_namespaces: Vec::new(),
+            http: HttpSettings::default(),
         };
         let defaults = self
             .defaults
@@ -877,6 +966,23 @@ impl FilePluginSettings {
                 }
                 None => base.kv_namespaces.clone(),
             },
+            http: HttpSettings {
+                allow: match &self.http_allow {
+                    Some(origins) => origins
+                        .iter()
+                        .map(|o| Origin::parse(o).map_err(|e| format!("http_allow: {e}")))
+                        .collect::<Result<_, _>>()?,
+                    None => base.http.allow.clone(),
+                },
+                max_concurrent: match self.http_max_concurrent {
+                    Some(0) => return Err("http_max_concurrent must be at least 1".into()),
+                    Some(n) => n,
+                    None => base.http.max_concurrent,
+                },
+                max_response_bytes: self
+                    .http_max_response_bytes
+                    .unwrap_or(base.http.max_response_bytes),
+            },
         })
     }
 }
@@ -908,6 +1014,46 @@ mod tests {
         ] {
             let error = parse(text).unwrap_err().to_string();
             assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn plugins_call_out_only_to_the_origins_they_are_allowed() {
+        assert!(parse("").unwrap().defaults.http.allow.is_empty());
+        let settings = parse(
+            "[plugins.a]\nhttp_allow = [\"http://Authz.default.svc:8080\", \"https://idp/\"]\n\
+             http_max_concurrent = 4\n",
+        )
+        .unwrap();
+        let http = &settings.plugins["a"].http;
+        assert_eq!(
+            http.allow.iter().map(|o| o.to_string()).collect::<Vec<_>>(),
+            ["http://authz.default.svc:8080", "https://idp:443"]
+        );
+        assert!(http.allow[0].matches(false, "AUTHZ.default.svc", 8080));
+        assert!(!http.allow[0].matches(true, "authz.default.svc", 8080));
+        assert!(!http.allow[1].matches(true, "idp", 8443));
+        assert_eq!(http.max_concurrent, 4);
+        assert_eq!(
+            Origin::parse("http://[::1]:9000").unwrap().to_string(),
+            "http://[::1]:9000"
+        );
+        assert_eq!(Origin::parse("http://[::1]").unwrap().port, 80);
+        for (text, expected) in [
+            ("ftp://x", "the scheme must be http or https"),
+            ("http://x/path", "no path, query or credentials"),
+            ("http://user@x", "no path, query or credentials"),
+            ("http://x:0", "the port must be 1-65535"),
+            ("http://:80", "no host"),
+        ] {
+            let error = parse(&format!("[plugins.a]\nhttp_allow = [{text:?}]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                error.contains(&format!("[plugins.a]: http_allow: {text:?}"))
+                    && error.contains(expected),
+                "{text}: {error}"
+            );
         }
     }
 

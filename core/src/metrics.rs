@@ -22,6 +22,21 @@ struct KvLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutboundLabels {
+    chain: String,
+    plugin: String,
+    destination: String,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabels {
+    chain: String,
+    plugin: String,
+    destination: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: &'static str,
 }
@@ -116,6 +131,8 @@ pub struct Metrics {
     refused: Family<RefusalLabel, Counter>,
     unknown_chains: Family<AnswerLabel, Counter>,
     kv_operations: Family<KvLabels, Counter>,
+    outbound_requests: Family<OutboundLabels, Counter>,
+    outbound_seconds: Family<DestinationLabels, Histogram>,
     pool: PoolMetrics,
     /// Every plugin that has had series, as (chain, plugin), for [`samples`](Metrics::samples).
     plugins: Mutex<BTreeSet<(String, String)>>,
@@ -248,6 +265,23 @@ impl Metrics {
              denied, too_large, full, not_a_counter, invalid, timeout, unavailable)",
             kv_operations.clone(),
         );
+        let outbound_requests = Family::<OutboundLabels, Counter>::default();
+        registry.register(
+            "outbound_requests",
+            "HTTP requests plugins made, by plugin, destination (an allowed origin, or \
+             not_allowed) and result (ok, denied, limit, timeout, error; body_too_large counts a \
+             response whose body passed the cap)",
+            outbound_requests.clone(),
+        );
+        let outbound_seconds = Family::<DestinationLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "outbound_request_duration_seconds",
+            "Time from a plugin's HTTP request to its response's headers, by plugin and \
+             destination",
+            outbound_seconds.clone(),
+        );
         let pool = PoolMetrics::default();
         registry.register(
             "instances_in_use",
@@ -309,6 +343,8 @@ impl Metrics {
             refused,
             unknown_chains,
             kv_operations,
+            outbound_requests,
+            outbound_seconds,
             pool,
             plugins: Mutex::default(),
         })
@@ -345,6 +381,53 @@ impl Metrics {
                 plugin: plugin.to_string(),
                 operation,
                 result,
+            })
+            .clone()
+    }
+
+    /// The counter of `plugin`'s HTTP requests to `destination` that ended with `result`.
+    pub fn outbound_counter(
+        &self,
+        chain: &str,
+        plugin: &str,
+        destination: &str,
+        result: &'static str,
+    ) -> Counter {
+        self.outbound_requests
+            .get_or_create(&OutboundLabels {
+                chain: chain.into(),
+                plugin: plugin.into(),
+                destination: destination.into(),
+                result,
+            })
+            .clone()
+    }
+
+    /// How many HTTP requests of `plugin` in `chain` to `destination` ended with `result`.
+    pub fn outbound_requests(
+        &self,
+        chain: &str,
+        plugin: &str,
+        destination: &str,
+        result: &'static str,
+    ) -> u64 {
+        self.outbound_requests
+            .get(&OutboundLabels {
+                chain: chain.into(),
+                plugin: plugin.into(),
+                destination: destination.into(),
+                result,
+            })
+            .map_or(0, |c| c.get())
+    }
+
+    /// The histogram of `plugin`'s HTTP request times to `destination`.
+    pub fn outbound_histogram(&self, chain: &str, plugin: &str, destination: &str) -> Histogram {
+        self.outbound_seconds
+            .get_or_create(&DestinationLabels {
+                chain: chain.into(),
+                plugin: plugin.into(),
+                destination: destination.into(),
             })
             .clone()
     }

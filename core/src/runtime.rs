@@ -13,6 +13,7 @@
 mod bindings;
 mod epoch;
 mod handlers;
+mod outbound;
 mod output;
 mod slots;
 mod state;
@@ -47,6 +48,7 @@ use crate::signing::Signature;
 use bindings::current::wasm_extproc::processor::types as wit;
 use epoch::EpochTicker;
 use handlers::{BodyHandler, Exports, Handlers};
+use outbound::PluginHttp;
 use slots::{Slot, Slots};
 use state::PluginState;
 use store::StoreState;
@@ -296,6 +298,7 @@ impl Runtime {
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(to_anyhow)?;
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(to_anyhow)?;
         bindings::current::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
             &mut linker,
             |s| s,
@@ -414,6 +417,7 @@ impl Runtime {
             signature: Arc::new(Signature::NotChecked),
             log_budget: log_budget(&self.metrics, chain, name, &settings),
             kv: plugin_state(&self.kv, &self.metrics, chain, name, &settings),
+            http: plugin_http(&self.metrics, chain, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),
@@ -517,6 +521,23 @@ pub struct Plugin {
     idle: Arc<Mutex<Vec<Instance>>>,
     /// Its namespaces in the state store.
     kv: Arc<PluginState>,
+    /// What it may call over HTTP.
+    http: Arc<PluginHttp>,
+}
+
+/// The plugin `name`'s outbound HTTP: the origins its settings allow.
+fn plugin_http(
+    metrics: &Arc<Metrics>,
+    chain: &str,
+    name: &str,
+    settings: &PluginSettings,
+) -> Arc<PluginHttp> {
+    Arc::new(PluginHttp::new(
+        settings.http.clone(),
+        metrics.clone(),
+        chain.into(),
+        name.into(),
+    ))
 }
 
 /// The plugin `name`'s way into the state store: its own namespace (its name) and the shared
@@ -657,6 +678,7 @@ impl Plugin {
                 name,
                 &settings,
             ),
+            http: plugin_http(&self.compiled.metrics, chain, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),
@@ -710,6 +732,7 @@ impl Plugin {
             self.settings.clone(),
             self.log_budget.clone(),
             self.kv.clone(),
+            self.http.clone(),
         );
         let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);

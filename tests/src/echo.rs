@@ -74,25 +74,12 @@ impl EchoServer {
         let address = listener.local_addr()?;
         let seen = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
-        let (recorder, stopping) = (seen.clone(), stop.clone());
-        tokio::spawn(async move {
-            loop {
-                let stream = tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => stream,
-                        Err(_) => continue,
-                    },
-                    () = stopping.cancelled() => return,
-                };
-                let recorder = recorder.clone();
-                let service = service_fn(move |request| handle(request, recorder.clone()));
-                tokio::spawn(async move {
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
+        let recorder = seen.clone();
+        serve(
+            listener,
+            stop.clone(),
+            service_fn(move |request| handle(request, recorder.clone())),
+        );
         Ok(EchoServer {
             address,
             seen,
@@ -121,6 +108,36 @@ impl Drop for EchoServer {
 }
 
 type Body = BoxBody<Bytes, Infallible>;
+
+/// Accepts connections on `listener` until `stop` is cancelled, serving each (HTTP/1.1 or
+/// HTTP/2) with `service`.
+pub(crate) fn serve<S, B>(listener: TcpListener, stop: CancellationToken, service: S)
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(_) => continue,
+                },
+                () = stop.cancelled() => return,
+            };
+            let service = service.clone();
+            tokio::spawn(async move {
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}
 
 /// How many pieces a `?chunked` echo is sent in.
 const ECHO_PIECES: usize = 5;

@@ -47,6 +47,10 @@ pub const CONTRACT_0_3: Component = Component("contract_0_3", WASI_TARGET);
 pub const KV_PROBE: Component = Component("kv_probe", WASI_TARGET);
 /// The bundled rate limit (`plugins/rate-limit`): a fixed window per client in the state store.
 pub const RATE_LIMIT: Component = Component("rate_limit", BUNDLED_TARGET);
+/// The bundled token check (`plugins/token-introspect`): an introspection call, cached.
+pub const TOKEN_INTROSPECT: Component = Component("token_introspect", BUNDLED_TARGET);
+/// Asks a policy service with `fetch` (`plugins/examples/javascript/policy-check.js`).
+pub const POLICY_CHECK_JS: Component = Component("policy_check_js", WASI_TARGET);
 /// Answers 403 at the phase its configuration names.
 pub const GATE: Component = Component("gate", WASI_TARGET);
 /// Reports attributes and metadata as headers, sets dynamic metadata, reroutes on request.

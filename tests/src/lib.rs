@@ -7,6 +7,7 @@
 //! - [`grpc`]: an ext_proc client that plays Envoy message by message.
 //! - [`otlp`]: a stand-in OpenTelemetry collector that keeps the spans it is sent.
 //! - [`redis`]: a real Redis server (Debian's `redis-server`) on a loopback port.
+//! - [`service`]: a service plugins call out to, answering what a test says, when it says.
 //! - [`deployment`]: the same plugins over ext_proc or in Envoy's process, for the conformance
 //!   suite.
 
@@ -18,6 +19,7 @@ pub mod grpc;
 pub mod host;
 pub mod otlp;
 pub mod redis;
+pub mod service;
 
 use std::path::PathBuf;
 

@@ -46,6 +46,9 @@ struct Source {
     /// plugin keeps building against its version after the contract moves on (JavaScript
     /// names the version in its imports).
     contract: &'static str,
+    /// JavaScript: whether it calls out with `fetch` (componentize-js's `http` feature). The
+    /// others leave the HTTP client out.
+    fetch: bool,
 }
 
 const fn source(
@@ -61,10 +64,11 @@ const fn source(
         file,
         name,
         contract,
+        fetch: false,
     }
 }
 
-const SOURCES: [Source; 7] = [
+const SOURCES: [Source; 8] = [
     source(
         "javascript",
         "plugins/examples/javascript",
@@ -93,6 +97,16 @@ const SOURCES: [Source; 7] = [
         "json_rewrite_py",
         "wit",
     ),
+    Source {
+        fetch: true,
+        ..source(
+            "javascript",
+            "plugins/examples/javascript",
+            "policy-check.js",
+            "policy_check_js",
+            "wit",
+        )
+    },
     source("c", "plugins/examples/c", "asm_demo.c", "asm_demo_c", "wit"),
     source(
         "javascript",
@@ -203,6 +217,7 @@ pub fn build() -> anyhow::Result<()> {
         file: source,
         name,
         contract,
+        fetch,
     } in SOURCES
     {
         let dir = root.join(relative);
@@ -221,7 +236,9 @@ pub fn build() -> anyhow::Result<()> {
             .arg(Path::new(relative).join(source))
             .arg("--wit")
             .arg(contract)
-            .args(["-n", "plugin", "-d", "http", "-d", "fetch-event", "-o"])
+            .args(["-n", "plugin", "-d", "fetch-event"])
+            .args(if fetch { &[][..] } else { &["-d", "http"][..] })
+            .arg("-o")
             .arg(&output))?,
             "python" => run(Command::new(tools().join("py/bin/componentize-py"))
                 .current_dir(&dir)

@@ -9,6 +9,7 @@ use wasmtime::{ResourceLimiter, Result, format_err};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings;
+use super::outbound::{PluginHttp, StoreHttp};
 use super::output::GuestOutput;
 use super::state::PluginState;
 use crate::config::PluginSettings;
@@ -113,6 +114,8 @@ pub struct StoreState {
     pub effects: Effects,
     /// The plugin's way into the state store.
     pub kv: Arc<PluginState>,
+    /// Its outbound HTTP.
+    http: StoreHttp,
 }
 
 impl StoreState {
@@ -120,9 +123,11 @@ impl StoreState {
         settings: Arc<PluginSettings>,
         log_budget: Arc<LogBudget>,
         kv: Arc<PluginState>,
+        http: Arc<PluginHttp>,
     ) -> Self {
         StoreState {
             kv,
+            http: StoreHttp::new(http),
             log_budget,
             wasi: None,
             output: None,
@@ -145,6 +150,11 @@ impl StoreState {
     /// The table of resources handed to the guest (WASI's, and open buckets).
     pub fn table(&mut self) -> &mut ResourceTable {
         &mut self.table
+    }
+
+    /// What `wasi:http` works on: its context and hooks, and the resource table.
+    pub fn http_and_table(&mut self) -> (&mut StoreHttp, &mut ResourceTable) {
+        (&mut self.http, &mut self.table)
     }
 
     /// The phase the next call serves (`None`: `register`, at load).

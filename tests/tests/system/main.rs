@@ -13,6 +13,7 @@ mod load;
 mod loading;
 mod module;
 mod operations;
+mod outbound;
 mod phases;
 mod recording;
 mod shadow;

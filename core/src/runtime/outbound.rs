@@ -1,0 +1,298 @@
+//! Plugins' outbound HTTP: `wasi:http/outgoing-handler` (wasmtime-wasi-http), so that each
+//! language's own client works (`fetch` in JavaScript, the `wasi` crate in Rust), held to what
+//! the operator allowed.
+//!
+//! A request goes out only to an origin on the plugin's `http_allow` list; anything else is
+//! refused here, before any DNS lookup or connection, with `HTTP-request-denied`. It must
+//! finish within nine tenths of the plugin's call budget (connecting, the first byte and the
+//! whole body alike: a guest waiting on the network cannot be interrupted by the epoch
+//! deadline, so the host bounds the wait, and leaves the plugin the rest to answer), its
+//! response body is capped, and a plugin has at most so many requests in flight. Each request
+//! is counted per plugin and destination.
+
+use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body::{Body, Frame};
+use http_body_util::BodyExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::Histogram;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use wasmtime_wasi_http::{
+    Error, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+use super::store::StoreState;
+use crate::config::{HttpSettings, Origin};
+use crate::metrics::Metrics;
+
+/// How a request ended, as counted.
+pub const RESULTS: [&str; 6] = [
+    "ok",
+    "denied",
+    "limit",
+    "timeout",
+    "error",
+    "body_too_large",
+];
+
+/// One plugin's outbound HTTP: its allowed origins, its share of connections, its counters.
+pub struct PluginHttp {
+    settings: HttpSettings,
+    in_flight: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+    chain: Arc<str>,
+    plugin: Arc<str>,
+    /// Per allowed origin (and one more for refused destinations): counters by result, and
+    /// the duration histogram.
+    series: Vec<Series>,
+}
+
+#[derive(Default)]
+struct Series {
+    results: [OnceLock<Counter>; RESULTS.len()],
+    seconds: OnceLock<Histogram>,
+}
+
+/// The destination label of a request to no allowed origin: bounded, whatever the plugin tries.
+const REFUSED: &str = "not_allowed";
+
+impl PluginHttp {
+    pub fn new(
+        settings: HttpSettings,
+        metrics: Arc<Metrics>,
+        chain: Arc<str>,
+        plugin: Arc<str>,
+    ) -> Self {
+        let series = (0..=settings.allow.len())
+            .map(|_| Series::default())
+            .collect();
+        PluginHttp {
+            in_flight: Arc::new(Semaphore::new(settings.max_concurrent as usize)),
+            settings,
+            metrics,
+            chain,
+            plugin,
+            series,
+        }
+    }
+
+    fn destination(&self, index: usize) -> String {
+        self.settings
+            .allow
+            .get(index)
+            .map_or_else(|| REFUSED.to_string(), Origin::to_string)
+    }
+
+    fn count(&self, index: usize, result: &'static str) {
+        let at = RESULTS.iter().position(|r| *r == result).unwrap_or(0);
+        self.series[index].results[at]
+            .get_or_init(|| {
+                self.metrics.outbound_counter(
+                    &self.chain,
+                    &self.plugin,
+                    &self.destination(index),
+                    result,
+                )
+            })
+            .inc();
+    }
+
+    fn took(&self, index: usize, took: Duration) {
+        self.series[index]
+            .seconds
+            .get_or_init(|| {
+                self.metrics
+                    .outbound_histogram(&self.chain, &self.plugin, &self.destination(index))
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The allowed origin `uri` goes to, by index.
+    fn allowed(&self, uri: &http::Uri) -> Option<usize> {
+        let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+        let host = uri.host()?;
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        self.settings
+            .allow
+            .iter()
+            .position(|o| o.matches(https, host, port))
+    }
+}
+
+/// The hooks of one store: the plugin's rules, and when the current call must be over.
+pub struct Hooks {
+    pub plugin: Arc<PluginHttp>,
+    pub deadline: Instant,
+}
+
+type Sent = Box<
+    dyn Future<
+            Output = Result<
+                (
+                    http::Response<WasiBody>,
+                    Box<dyn Future<Output = Result<(), Error>> + Send>,
+                ),
+                Error,
+            >,
+        > + Send,
+>;
+
+impl WasiHttpHooks for Hooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> Sent {
+        let plugin = self.plugin.clone();
+        let deadline = self.deadline;
+        Box::new(async move {
+            let Some(index) = plugin.allowed(request.uri()) else {
+                plugin.count(plugin.settings.allow.len(), "denied");
+                return Err(Error::HttpRequestDenied);
+            };
+            let Ok(permit) = plugin.in_flight.clone().try_acquire_owned() else {
+                plugin.count(index, "limit");
+                return Err(Error::ConnectionLimitReached);
+            };
+            let started = Instant::now();
+            let left = deadline.saturating_duration_since(started);
+            if left.is_zero() {
+                plugin.count(index, "timeout");
+                return Err(Error::ConnectionTimeout);
+            }
+            // Every wait the guest asked for, but none past the call's end.
+            let within = |asked: Option<Duration>| Some(asked.map_or(left, |a| a.min(left)));
+            let options = RequestOptions {
+                connect_timeout: within(options.and_then(|o| o.connect_timeout)),
+                first_byte_timeout: within(options.and_then(|o| o.first_byte_timeout)),
+                between_bytes_timeout: within(options.and_then(|o| o.between_bytes_timeout)),
+            };
+            let sent = tokio::time::timeout_at(
+                deadline.into(),
+                wasmtime_wasi_http::default_send_request(request, Some(options)),
+            )
+            .await;
+            let (response, io) = match sent {
+                Ok(Ok(sent)) => sent,
+                Ok(Err(e)) => {
+                    let timeout = matches!(
+                        e,
+                        Error::ConnectionTimeout
+                            | Error::ConnectionReadTimeout
+                            | Error::HttpResponseTimeout
+                    );
+                    plugin.count(index, if timeout { "timeout" } else { "error" });
+                    return Err(e);
+                }
+                Err(_) => {
+                    plugin.count(index, "timeout");
+                    return Err(Error::HttpResponseTimeout);
+                }
+            };
+            plugin.count(index, "ok");
+            plugin.took(index, started.elapsed());
+            let (head, inner) = response.into_parts();
+            let body = Bounded {
+                inner: inner.boxed_unsync(),
+                left: plugin.settings.max_response_bytes,
+                limit: plugin.settings.max_response_bytes,
+                deadline: Box::pin(tokio::time::sleep_until(deadline.into())),
+                plugin: plugin.clone(),
+                index,
+                _permit: permit,
+            };
+            Ok((
+                http::Response::from_parts(head, body.boxed_unsync()),
+                Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
+            ))
+        })
+    }
+}
+
+/// What a store keeps for `wasi:http`: the context and the hooks.
+pub struct StoreHttp {
+    pub ctx: WasiHttpCtx,
+    pub hooks: Hooks,
+}
+
+impl StoreHttp {
+    pub fn new(plugin: Arc<PluginHttp>) -> StoreHttp {
+        StoreHttp {
+            ctx: WasiHttpCtx::new(),
+            hooks: Hooks {
+                plugin,
+                deadline: Instant::now(),
+            },
+        }
+    }
+}
+
+/// The share of a call's budget an outbound request may take: the rest is the plugin's, to
+/// handle the answer, or the error if the request ran out of time.
+const REQUEST_SHARE: f64 = 0.9;
+
+impl WasiHttpView for StoreState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        let deadline = self.call_started.map_or_else(Instant::now, |started| {
+            started + self.timeout.mul_f64(REQUEST_SHARE)
+        });
+        let (http, table) = self.http_and_table();
+        http.hooks.deadline = deadline;
+        WasiHttpCtxView {
+            ctx: &mut http.ctx,
+            table,
+            hooks: &mut http.hooks,
+        }
+    }
+}
+
+/// A response body read within the plugin's limits: its size cap and the call's deadline. It
+/// holds the plugin's in-flight permit until it is dropped.
+struct Bounded {
+    inner: WasiBody,
+    left: u64,
+    limit: u64,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    plugin: Arc<PluginHttp>,
+    index: usize,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Body for Bounded {
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        if self.deadline.as_mut().poll(cx).is_ready() {
+            let index = self.index;
+            self.plugin.count(index, "timeout");
+            return Poll::Ready(Some(Err(Error::HttpResponseTimeout)));
+        }
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        if let Some(data) = frame.data_ref() {
+            let len = data.len() as u64;
+            if len > self.left {
+                let index = self.index;
+                self.plugin.count(index, "body_too_large");
+                return Poll::Ready(Some(Err(Error::HttpResponseBodySize(Some(self.limit)))));
+            }
+            self.left -= len;
+        }
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+}
