@@ -471,7 +471,7 @@ def test_every_manifest_validates_against_the_kubernetes_schemas(plugins_configm
     }
 
 
-@pytest.mark.parametrize("variant", ["k8s/base", "k8s/image-volume", "k8s/signed"])
+@pytest.mark.parametrize("variant", ["k8s/base", "k8s/image-volume", "k8s/signed", "k8s/redis"])
 def test_kustomize_renders_valid_resources(variant, plugins_configmap):
     rendered = kustomize(DEPLOY / variant)
     for resource in rendered:
@@ -479,7 +479,7 @@ def test_kustomize_renders_valid_resources(variant, plugins_configmap):
     deployment = next(r for r in rendered if r["kind"] == "Deployment")
     spec = deployment["spec"]["template"]["spec"]
     (volume,) = [v for v in spec["volumes"] if v["name"] == "plugins"]
-    if variant in ("k8s/base", "k8s/signed"):
+    if variant in ("k8s/base", "k8s/signed", "k8s/redis"):
         assert volume["configMap"]["name"] == "wasm-extproc-plugins"
     else:
         assert "configMap" not in volume and "emptyDir" in volume
@@ -520,6 +520,81 @@ def test_the_signed_variant_mounts_the_keys_its_configuration_trusts(plugins_con
     for trusted in settings["signing"]["trusted_keys"]:
         keys, key = mounted(pathlib.PurePosixPath(trusted))
         assert keys["data"][key].startswith("-----BEGIN PUBLIC KEY-----"), key
+
+
+def test_the_redis_variant_points_every_replica_at_its_redis_and_only_they_reach_it(
+    plugins_configmap, tmp_path
+):
+    import tomllib
+
+    rendered = kustomize(DEPLOY / "k8s/redis")
+    by_name = {(r["kind"], r["metadata"]["name"]): r for r in rendered}
+    host = by_name[("Deployment", "ext-proc")]
+    pod = host["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    (config_arg,) = [a for a in container["args"] if a.startswith("--config=")]
+    path = pathlib.PurePosixPath(config_arg.split("=", 1)[1])
+    (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent)]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    config_map = by_name[("ConfigMap", volume["configMap"]["name"])]
+    text = config_map["data"][path.name]
+    kv = tomllib.loads(text)["kv"]
+    assert kv["backend"] == "redis"
+
+    # The URL names the Service, on its port; the Service selects Redis's pods, on the port
+    # the Redis container listens on.
+    url = kv["url"].removeprefix("redis://")
+    service_name, port = url.split(":")
+    service = by_name[("Service", service_name)]
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["port"] == int(port)
+    redis = by_name[("Deployment", "wasm-extproc-redis")]
+    redis_pod = redis["spec"]["template"]
+    labels = redis_pod["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in service["spec"]["selector"].items())
+    (redis_container,) = redis_pod["spec"]["containers"]
+    assert service_port["targetPort"] in [p["name"] for p in redis_container["ports"]]
+    assert redis_pod["spec"]["securityContext"]["runAsNonRoot"] is True
+    assert redis_container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert "--save" in redis_container["args"], "a cache: nothing written to disk"
+
+    # Only the host's pods may connect to Redis.
+    policy = by_name[("NetworkPolicy", "wasm-extproc-redis")]
+    assert all(labels.get(k) == v for k, v in policy["spec"]["podSelector"]["matchLabels"].items())
+    (rule,) = policy["spec"]["ingress"]
+    assert [p["port"] for p in rule["ports"]] == [6379]
+    (peer,) = rule["from"]
+    host_labels = host["spec"]["template"]["metadata"]["labels"]
+    assert all(host_labels.get(k) == v for k, v in peer["podSelector"]["matchLabels"].items())
+
+    # The host accepts the file (it connects to Redis on first use, so no Redis is needed).
+    config = tmp_path / "host.toml"
+    config.write_text(text)
+    result = subprocess.run(
+        [
+            str(DIST / "bin" / "wasm-extproc"),
+            "check",
+            "--config",
+            str(config),
+            "--plugins-dir",
+            str(DIST / "plugins"),
+            "--admin-listen",
+            "off",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RUST_LOG": "off"},
+    )
+    assert result.returncode == 0, result.stderr
+    broken = tmp_path / "broken.toml"
+    broken.write_text(text.replace('backend = "redis"', 'backend = "redis"\nurl_typo = 1'))
+    result = subprocess.run(
+        [str(DIST / "bin" / "wasm-extproc"), "check", "--config", str(broken)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0 and "url_typo" in result.stderr, result.stderr
 
 
 def test_the_deployment_is_locked_down_and_probed():

@@ -52,7 +52,7 @@ pub mod telemetry;
 
 pub use config::Config;
 pub use server::{Host, Listener, Listeners};
-pub use wasm_extproc_core::{breaker, chain, guard, http, metrics, registry, runtime, signing};
+pub use wasm_extproc_core::{breaker, chain, guard, http, kv, metrics, registry, runtime, signing};
 
 /// Largest ext_proc message accepted or sent. Envoy buffers bodies up to its connection buffer
 /// limit before sending them whole in BUFFERED mode; 8 MiB leaves room for raised limits

@@ -51,6 +51,8 @@ pub const RATE_LIMIT: Component = Component("rate_limit", BUNDLED_TARGET);
 pub const TOKEN_INTROSPECT: Component = Component("token_introspect", BUNDLED_TARGET);
 /// Asks a policy service with `fetch` (`plugins/examples/javascript/policy-check.js`).
 pub const POLICY_CHECK_JS: Component = Component("policy_check_js", WASI_TARGET);
+/// GETs the URL its configuration names, once per request-headers call (`wasi:http`).
+pub const CALL_OUT: Component = Component("call_out", WASI_TARGET);
 /// Answers 403 at the phase its configuration names.
 pub const GATE: Component = Component("gate", WASI_TARGET);
 /// Reports attributes and metadata as headers, sets dynamic metadata, reroutes on request.

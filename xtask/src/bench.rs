@@ -3,6 +3,7 @@
 //!
 //! - [`micro`]: criterion, in process -- per-stream cost, chain length, body throughput;
 //! - the languages benchmark (the ASM plugin in Rust, C, JavaScript and Python);
+//! - the state benchmark (state store operations on each backend, an outbound HTTP request);
 //! - [`rss`]: the host's memory against open streams;
 //! - [`e2e`]: the setups through a real Envoy, pinned to cores, under wrk and hey;
 //! - [`concurrency`]: thousands of exchanges in flight behind a slow upstream, host and native;
@@ -58,6 +59,8 @@ pub struct Options {
 pub enum Part {
     Micro,
     Languages,
+    /// State store operations and outbound HTTP (tests/benches/state.rs).
+    State,
     Rss,
     E2e,
     Concurrency,
@@ -127,6 +130,10 @@ fn measure(
     if wanted(Part::Languages) {
         run(cargo().args(["bench", "-p", "wasm-extproc-core", "--bench", "languages"]))?;
         results.languages = std::fs::read_to_string(target_dir().join("bench/languages.md")).ok();
+    }
+    if wanted(Part::State) {
+        run(cargo().args(["bench", "-p", "extproc-testkit", "--bench", "state"]))?;
+        results.state = std::fs::read_to_string(target_dir().join("bench/state.md")).ok();
     }
     if wanted(Part::Rss) {
         results.rss = rss::run(&STREAM_COUNTS)?;

@@ -74,8 +74,8 @@ local refused = room(member, size, tonumber(ARGV[4]), tonumber(ARGV[5]))
 if refused then return refused end
 local value = redis.pcall('INCRBY', KEYS[1], ARGV[2])
 if type(value) == 'table' and value.err then
-  if string.find(value.err, 'overflow') then return redis.error_reply('OVERFLOW') end
-  return redis.error_reply('NOTCOUNTER')
+  if string.find(value.err, 'overflow') then return redis.error_reply('OVERFLOW the counter would overflow') end
+  return redis.error_reply('NOTCOUNTER the value is not a counter')
 end
 local left = redis.call('PTTL', KEYS[1])
 if left < 0 and window > 0 then

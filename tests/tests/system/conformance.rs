@@ -10,7 +10,7 @@ use extproc_testkit::echo::generated;
 use extproc_testkit::envoy::{HttpRequest, HttpResponse};
 use extproc_testkit::fixtures::{
     ASM_DEMO, ASM_V2, BEARER_AUTH, CONTEXT_PROBE, CONTRACT_0_2, Component, GATE, JSON_REDACT,
-    MEMORY_HOG, MISBEHAVE, RECURSE, SHOUT, SLOW, SPIN, TAGGER, TRAP,
+    KV_PROBE, MEMORY_HOG, MISBEHAVE, RATE_LIMIT, RECURSE, SHOUT, SLOW, SPIN, TAGGER, TRAP,
 };
 
 use super::bodies::{assert_length_fits, assert_same, in_chunks, redacted};
@@ -474,5 +474,56 @@ async fn a_replaced_plugin_file_is_served_without_a_restart() {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// State outlives the exchange and a rate limit holds in both modes: the same plugins keep
+/// their counters in the host's state store, or in the module's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_between_exchanges_both_ways() {
+    let case = Case::new(
+        &[("10-rate", RATE_LIMIT), ("20-probe", KV_PROBE)],
+        "[plugins.10-rate]\nconfig = \"limit=3;window_ms=60000;key_header=x-api-key\"\n\
+         [plugins.20-probe]\nconfig = \"roundtrip:\"\n",
+    );
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        let label = format!("{mode:?}");
+        for (i, value) in ["one", "two", "three"].into_iter().enumerate() {
+            let response = d
+                .envoy
+                .request(
+                    "GET",
+                    "/headers",
+                    &[("x-api-key", "k"), ("x-value", value)],
+                    Vec::new(),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{label}: {e:#}"));
+            assert_eq!(response.status, 200, "{label}");
+            let remaining = (2 - i).to_string();
+            assert_eq!(
+                response.header_values("x-ratelimit-remaining"),
+                [remaining.as_str()],
+                "{label}"
+            );
+            let seen = d.upstream.seen().last().unwrap().clone();
+            assert_eq!(
+                seen.header("x-kv-hits"),
+                Some((i + 1).to_string()),
+                "{label}"
+            );
+        }
+        let refused = d
+            .envoy
+            .request("GET", "/headers", &[("x-api-key", "k")], Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 429, "{label}");
+        assert_eq!(
+            d.upstream.seen().len(),
+            3,
+            "{label}: the fourth never went up"
+        );
     }
 }

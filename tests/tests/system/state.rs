@@ -302,3 +302,130 @@ async fn plugins_of_three_contract_versions_run_in_one_chain() {
     // The second request is refused by the 0.4.0 plugin, after the others ran.
     assert_eq!(get_as(&envoy, "k").await.status, 429);
 }
+
+/// The embedded store and Redis give the same answers to the same operations: what a plugin
+/// sees does not depend on the backend the operator chose.
+#[tokio::test]
+async fn both_backends_answer_alike() {
+    use wasm_extproc::kv::{Backend, KEYS_PER_PAGE, Kv, KvError, KvSettings};
+    let redis = Redis::start().unwrap();
+    let left = Duration::from_secs(1);
+    for backend in [
+        Backend::Memory,
+        Backend::Redis {
+            url: redis.url(),
+            pool_size: 2,
+            connect_timeout: Duration::from_millis(500),
+        },
+    ] {
+        let case = format!("{backend:?}");
+        let kv = Kv::new(KvSettings {
+            backend,
+            timeout: Duration::from_secs(1),
+            ..KvSettings::default()
+        })
+        .unwrap();
+        assert_eq!(kv.get("ns", "k", left).await, Ok(None), "{case}");
+        kv.set("ns", "k", b"v".to_vec(), None, left).await.unwrap();
+        assert_eq!(
+            kv.get("ns", "k", left).await,
+            Ok(Some(b"v".to_vec())),
+            "{case}"
+        );
+        assert_eq!(kv.get("other", "k", left).await, Ok(None), "{case}");
+        assert_eq!(kv.exists("ns", "k", left).await, Ok(true), "{case}");
+        kv.delete("ns", "k", left).await.unwrap();
+        assert_eq!(kv.exists("ns", "k", left).await, Ok(false), "{case}");
+
+        let ttl = Some(Duration::from_millis(100));
+        kv.set("ns", "t", b"x".to_vec(), ttl, left).await.unwrap();
+        assert_eq!(
+            kv.get("ns", "t", left).await,
+            Ok(Some(b"x".to_vec())),
+            "{case}"
+        );
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(kv.get("ns", "t", left).await, Ok(None), "{case}");
+
+        let window = Some(Duration::from_millis(200));
+        let first = kv.increment("ns", "c", 2, window, left).await.unwrap();
+        assert_eq!(first.value, 2, "{case}");
+        assert!(
+            first.expires_in.unwrap() <= Duration::from_millis(200),
+            "{case}"
+        );
+        assert_eq!(
+            kv.increment("ns", "c", 3, window, left)
+                .await
+                .unwrap()
+                .value,
+            5
+        );
+        assert_eq!(
+            kv.get("ns", "c", left).await,
+            Ok(Some(b"5".to_vec())),
+            "{case}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert_eq!(
+            kv.increment("ns", "c", 1, window, left)
+                .await
+                .unwrap()
+                .value,
+            1
+        );
+        let plain = kv.increment("ns", "p", 7, None, left).await.unwrap();
+        assert_eq!((plain.value, plain.expires_in), (7, None), "{case}");
+        kv.set("ns", "s", b"text".to_vec(), None, left)
+            .await
+            .unwrap();
+        assert_eq!(
+            kv.increment("ns", "s", 1, None, left).await,
+            Err(KvError::NotACounter("s".into())),
+            "{case}"
+        );
+
+        for i in 0..KEYS_PER_PAGE + 5 {
+            kv.set("many", &format!("k{i:05}"), Vec::new(), None, left)
+                .await
+                .unwrap();
+        }
+        let (page, next) = kv.keys("many", 0, left).await.unwrap();
+        assert_eq!(
+            (page.len(), next),
+            (KEYS_PER_PAGE, Some(KEYS_PER_PAGE as u64))
+        );
+        let (rest, next) = kv.keys("many", KEYS_PER_PAGE as u64, left).await.unwrap();
+        assert_eq!((rest.len(), next), (5, None), "{case}");
+    }
+}
+
+/// A Redis that cannot be reached (down at start-up, say) fails each operation quickly with an
+/// error; the host that made the store is not affected.
+#[tokio::test]
+async fn an_unreachable_redis_fails_operations_not_the_host() {
+    use wasm_extproc::kv::{Backend, Kv, KvError, KvSettings};
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let kv = Kv::new(KvSettings {
+        backend: Backend::Redis {
+            url: format!("redis://{closed}"),
+            pool_size: 1,
+            connect_timeout: Duration::from_millis(200),
+        },
+        timeout: Duration::from_millis(300),
+        ..KvSettings::default()
+    })
+    .unwrap();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let result = kv.get("ns", "k", Duration::from_secs(5)).await;
+        assert!(
+            matches!(result, Err(KvError::Unavailable(_) | KvError::Timeout(_))),
+            "{result:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+}

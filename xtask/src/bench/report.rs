@@ -46,6 +46,9 @@ pub struct Results {
     pub concurrency: Vec<Level>,
     /// The languages benchmark's table (core/benches/languages.rs), as it printed it.
     pub languages: Option<String>,
+    /// The state and outbound benchmark's table (tests/benches/state.rs), as it printed it.
+    #[serde(default)]
+    pub state: Option<String>,
 }
 
 impl Results {
@@ -64,6 +67,7 @@ impl Results {
             rss: Vec::new(),
             concurrency: Vec::new(),
             languages: None,
+            state: None,
         }
     }
 }
@@ -114,6 +118,18 @@ pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<(
              the two calls alone on an instance kept from stream to stream (`isolation = \
              \"reuse\"`). What a fresh instance's first calls cost beyond the two is the \
              stream figure minus the other two.\n\n{table}"
+        )?;
+    }
+    if let Some(table) = &results.state {
+        writeln!(
+            md,
+            "## State and outbound calls\n\nWhat a plugin's state operations and HTTP \
+             requests cost, seen from the plugin (`tests/benches/state.rs`): a request-headers \
+             call making 100 operations, less the same call making none, per operation; the \
+             call itself on an instance kept across calls, for scale. The embedded store is \
+             the default backend; Redis (`redis-server` from Debian) and the HTTP server (hyper) \
+             run on loopback on the same machine, so their figures are the host's share of a \
+             round trip plus the server's, without a network.\n\n{table}"
         )?;
     }
     md.push_str(WHERE_THE_TIME_GOES);
