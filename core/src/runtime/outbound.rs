@@ -123,10 +123,11 @@ impl PluginHttp {
     }
 }
 
-/// The hooks of one store: the plugin's rules, and when the current call must be over.
+/// The hooks of one store: the plugin's rules, and when the current call's requests must be
+/// over (set each time the guest reaches `wasi:http`; `None` before).
 pub struct Hooks {
     pub plugin: Arc<PluginHttp>,
-    pub deadline: Instant,
+    pub deadline: Option<Instant>,
 }
 
 type Sent = Box<
@@ -149,7 +150,7 @@ impl WasiHttpHooks for Hooks {
         _fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
     ) -> Sent {
         let plugin = self.plugin.clone();
-        let deadline = self.deadline;
+        let deadline = self.deadline.unwrap_or_else(Instant::now);
         Box::new(async move {
             let Some(index) = plugin.allowed(request.uri()) else {
                 plugin.count(plugin.settings.allow.len(), "denied");
@@ -226,7 +227,7 @@ impl StoreHttp {
             ctx: WasiHttpCtx::new(),
             hooks: Hooks {
                 plugin,
-                deadline: Instant::now(),
+                deadline: None,
             },
         }
     }
@@ -242,7 +243,7 @@ impl WasiHttpView for StoreState {
             started + self.timeout.mul_f64(REQUEST_SHARE)
         });
         let (http, table) = self.http_and_table();
-        http.hooks.deadline = deadline;
+        http.hooks.deadline = Some(deadline);
         WasiHttpCtxView {
             ctx: &mut http.ctx,
             table,
