@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use extproc_testkit::envoy::{self, EnvoyConfig};
-use extproc_testkit::fixtures::{ASM_DEMO, BUNDLED_TARGET};
+use extproc_testkit::fixtures::{ASM_DEMO, BUNDLED_TARGET, WASI_TARGET};
 use extproc_testkit::otlp::Collector;
 use extproc_testkit::repo_root;
 use serde::{Deserialize, Serialize};
@@ -106,6 +106,9 @@ pub struct ScenarioResult {
     /// The same over the closed-loop run.
     #[serde(default)]
     pub closed_cpu_us_per_request: Vec<(String, f64)>,
+    /// The ext_proc server's peak resident set after the closed-loop run, KiB.
+    #[serde(default)]
+    pub ext_proc_peak_rss_kib: Option<u64>,
     pub rounds: Vec<RoundResult>,
 }
 
@@ -117,6 +120,8 @@ pub struct RoundResult {
     pub cpu_us_per_request: Vec<(String, f64)>,
     #[serde(default)]
     pub closed_cpu_us_per_request: Vec<(String, f64)>,
+    #[serde(default)]
+    pub ext_proc_peak_rss_kib: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -148,14 +153,33 @@ pub fn run(options: &Options) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
             let (load, cpu) =
                 running.measure(options, tick_us, || wrk(running.listener, options))?;
             progress(round, options.rounds, setup, "closed loop", &load, &cpu);
-            closed.push((load, cpu));
+            let rss = running.peak_rss_kib("ext_proc").ok();
+            closed.push((load, cpu, rss));
         }
         let rate = *fixed_rate.get_or_insert_with(|| {
-            let rate = default_fixed_rate(closed.iter().map(|(load, _)| load.rps));
+            let rate = default_fixed_rate(
+                SETUPS
+                    .iter()
+                    .zip(&closed)
+                    .filter(|(setup, _)| !setup.closed_loop_only)
+                    .map(|(_, (load, _, _))| load.rps),
+            );
             eprintln!("bench: fixed rate for every setup: {rate} req/s");
             rate
         });
-        for ((setup, (closed, closed_cpu)), rounds) in SETUPS.iter().zip(closed).zip(&mut rounds) {
+        for ((setup, (closed, closed_cpu, rss)), rounds) in
+            SETUPS.iter().zip(closed).zip(&mut rounds)
+        {
+            if setup.closed_loop_only {
+                rounds.push(RoundResult {
+                    fixed: closed.clone(),
+                    cpu_us_per_request: closed_cpu.clone(),
+                    closed,
+                    closed_cpu_us_per_request: closed_cpu,
+                    ext_proc_peak_rss_kib: rss,
+                });
+                continue;
+            }
             let running = Running::start(setup, &binaries)?;
             let (fixed, cpu_us_per_request) =
                 running.measure(options, tick_us, || hey(running.listener, rate, options))?;
@@ -172,6 +196,7 @@ pub fn run(options: &Options) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
                 fixed,
                 cpu_us_per_request,
                 closed_cpu_us_per_request: closed_cpu,
+                ext_proc_peak_rss_kib: rss,
             });
         }
     }
@@ -187,6 +212,14 @@ pub fn run(options: &Options) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
             closed_cpu_us_per_request: median_per_process(&rounds, |r| {
                 &r.closed_cpu_us_per_request
             }),
+            ext_proc_peak_rss_kib: {
+                let peaks: Vec<f64> = rounds
+                    .iter()
+                    .filter_map(|r| r.ext_proc_peak_rss_kib)
+                    .map(|k| k as f64)
+                    .collect();
+                (!peaks.is_empty()).then(|| median(peaks) as u64)
+            },
             rounds,
         })
         .collect();
@@ -203,6 +236,9 @@ pub(super) struct Setup {
     full_duplex_response: bool,
     /// Envoy traces every request and the host exports its spans, to a [`SpanSink`].
     traced: bool,
+    /// Measured in the closed loop only: a setup far slower than the others (an interpreted
+    /// plugin) would set the fixed rate for all of them.
+    pub(super) closed_loop_only: bool,
 }
 
 /// What stands in Envoy's filter chain before the router.
@@ -218,21 +254,73 @@ enum Filter {
 /// The ext_proc server behind the filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Processor {
-    /// wasm-extproc with this many copies of the ASM plugin.
+    /// wasm-extproc with this many copies of the ASM plugin, built in `language`.
     Wasm {
         plugins: usize,
         reuse: bool,
+        language: Language,
     },
     Native,
 }
 
-pub(super) static SETUPS: [Setup; 9] = [
+/// The language the ASM plugin is built in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Language {
+    /// The bundled plugin.
+    Rust,
+    /// `plugins/examples/javascript/asm-demo.js` (componentize-js).
+    JavaScript,
+    /// `plugins/examples/python/asm_demo.py` (componentize-py).
+    Python,
+}
+
+impl Language {
+    /// The component, as the build leaves it.
+    fn component(self, binaries: &Binaries) -> anyhow::Result<PathBuf> {
+        let name = match self {
+            Language::Rust => return Ok(binaries.asm_plugin.clone()),
+            Language::JavaScript => "asm_demo_js",
+            Language::Python => "asm_demo_py",
+        };
+        built(
+            target_dir()
+                .join(WASI_TARGET)
+                .join("release")
+                .join(format!("{name}.wasm")),
+            "cargo xtask build-plugins",
+        )
+    }
+}
+
+/// The ASM plugin, fresh per stream or reused, in `language`: measured in the closed loop.
+const fn interpreted(
+    key: &'static str,
+    label: &'static str,
+    language: Language,
+    reuse: bool,
+) -> Setup {
+    Setup {
+        key,
+        label,
+        filter: Filter::ExtProc(Processor::Wasm {
+            plugins: 1,
+            reuse,
+            language,
+        }),
+        full_duplex_response: false,
+        traced: false,
+        closed_loop_only: true,
+    }
+}
+
+pub(super) static SETUPS: [Setup; 13] = [
     Setup {
         key: "envoy",
         label: "(a) Envoy alone, no header work",
         filter: Filter::Nothing,
         full_duplex_response: false,
         traced: false,
+        closed_loop_only: false,
     },
     Setup {
         key: "lua",
@@ -240,6 +328,7 @@ pub(super) static SETUPS: [Setup; 9] = [
         filter: Filter::Lua,
         full_duplex_response: false,
         traced: false,
+        closed_loop_only: false,
     },
     Setup {
         key: "wasm",
@@ -247,9 +336,11 @@ pub(super) static SETUPS: [Setup; 9] = [
         filter: Filter::ExtProc(Processor::Wasm {
             plugins: 1,
             reuse: false,
+            language: Language::Rust,
         }),
         full_duplex_response: false,
         traced: false,
+        closed_loop_only: false,
     },
     Setup {
         key: "wasm4",
@@ -257,9 +348,11 @@ pub(super) static SETUPS: [Setup; 9] = [
         filter: Filter::ExtProc(Processor::Wasm {
             plugins: 4,
             reuse: false,
+            language: Language::Rust,
         }),
         full_duplex_response: false,
         traced: false,
+        closed_loop_only: false,
     },
     Setup {
         key: "wasm4-reuse",
@@ -267,9 +360,11 @@ pub(super) static SETUPS: [Setup; 9] = [
         filter: Filter::ExtProc(Processor::Wasm {
             plugins: 4,
             reuse: true,
+            language: Language::Rust,
         }),
         full_duplex_response: false,
         traced: false,
+        closed_loop_only: false,
     },
     Setup {
         key: "wasm-fd",
@@ -277,9 +372,11 @@ pub(super) static SETUPS: [Setup; 9] = [
         filter: Filter::ExtProc(Processor::Wasm {
             plugins: 1,
             reuse: false,
+            language: Language::Rust,
         }),
         full_duplex_response: true,
         traced: false,
+        closed_loop_only: false,
     },
     Setup {
         key: "wasm-traced",
@@ -287,9 +384,11 @@ pub(super) static SETUPS: [Setup; 9] = [
         filter: Filter::ExtProc(Processor::Wasm {
             plugins: 1,
             reuse: false,
+            language: Language::Rust,
         }),
         full_duplex_response: false,
         traced: true,
+        closed_loop_only: false,
     },
     Setup {
         key: "native",
@@ -297,6 +396,7 @@ pub(super) static SETUPS: [Setup; 9] = [
         filter: Filter::ExtProc(Processor::Native),
         full_duplex_response: false,
         traced: false,
+        closed_loop_only: false,
     },
     Setup {
         key: "in-process",
@@ -304,7 +404,32 @@ pub(super) static SETUPS: [Setup; 9] = [
         filter: Filter::InProcess,
         full_duplex_response: false,
         traced: false,
+        closed_loop_only: false,
     },
+    interpreted(
+        "wasm-js",
+        "(cj) wasm-extproc + the ASM plugin in JavaScript",
+        Language::JavaScript,
+        false,
+    ),
+    interpreted(
+        "wasm-js-reuse",
+        "(cjr) wasm-extproc + JavaScript, isolation = reuse",
+        Language::JavaScript,
+        true,
+    ),
+    interpreted(
+        "wasm-py",
+        "(cp) wasm-extproc + the ASM plugin in Python",
+        Language::Python,
+        false,
+    ),
+    interpreted(
+        "wasm-py-reuse",
+        "(cpr) wasm-extproc + Python, isolation = reuse",
+        Language::Python,
+        true,
+    ),
 ];
 
 impl Setup {
@@ -575,14 +700,26 @@ impl Running {
             Filter::ExtProc(Processor::Wasm {
                 plugins: count,
                 reuse,
+                language,
             }) => {
+                let component = language.component(binaries)?;
                 for i in 0..count {
                     let file = plugins.join(format!("{}-asm-demo.wasm", 10 + i));
-                    std::fs::copy(&binaries.asm_plugin, file)?;
+                    std::fs::copy(&component, file)?;
                 }
                 let config = dir.path().join("host.toml");
                 let isolation = if reuse { "reuse" } else { "exchange" };
                 let mut toml = format!("[defaults]\nisolation = \"{isolation}\"\n");
+                if language != Language::Rust {
+                    // An interpreter's heap lives in the instance's memory (plugins/README.md);
+                    // compiled code is kept across the rounds' restarts, as an operator's
+                    // cache_dir keeps it across a pod's.
+                    let cache = target_dir().join("bench/compile-cache");
+                    toml += &format!(
+                        "memory_limit_mib = 128\n[runtime]\ncache_dir = {:?}\n",
+                        cache.display().to_string()
+                    );
+                }
                 if let Some(sink) = &sink {
                     toml += &format!("[tracing]\notlp_endpoint = \"http://{}\"\n", sink.address);
                 }

@@ -330,6 +330,53 @@ fn of_process(figures: &[(String, f64)], process: &str) -> f64 {
         .map_or(0.0, |(_, us)| *us)
 }
 
+/// Whether the setup `key` is measured in the closed loop only.
+fn closed_loop_only(key: &str) -> bool {
+    super::e2e::SETUPS
+        .iter()
+        .any(|s| s.key == key && s.closed_loop_only)
+}
+
+/// The ASM plugin in each language through Envoy, closed loop: the languages issue's figures.
+fn languages_e2e(results: &Results, rust: &ScenarioResult, md: &mut String) -> anyhow::Result<()> {
+    let languages: Vec<&ScenarioResult> = results
+        .e2e
+        .iter()
+        .filter(|s| closed_loop_only(&s.key))
+        .collect();
+    if languages.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "### The plugin's language, end to end\n\n\
+         (c) with the ASM plugin built in JavaScript (componentize-js) and Python \
+         (componentize-py), fresh per stream (the default) and with `isolation = \"reuse\"`; \
+         `memory_limit_mib = 128` and a compilation cache. Closed loop only (`wrk`, {} \
+         connections: as many streams in flight), so that these setups do not set the fixed rate \
+         for the others. Host RSS: its peak after the run.\n\n\
+         | setup | req/s | host CPU µs/req | ratio to Rust | Envoy CPU µs/req | host peak RSS |\n\
+         |---|---|---|---|---|---|",
+        results.e2e_connections
+    )?;
+    for s in std::iter::once(rust).chain(languages) {
+        let host = closed_cpu(s, "ext_proc");
+        writeln!(
+            md,
+            "| {} | {:.0} | {:.1} | {:.2}× | {:.1} | {} |",
+            s.label,
+            s.closed.rps,
+            host,
+            host / closed_cpu(rust, "ext_proc"),
+            closed_cpu(s, "envoy"),
+            s.ext_proc_peak_rss_kib
+                .map_or("-".into(), |k| format!("{:.0} MiB", k as f64 / 1024.0)),
+        )?;
+    }
+    md.push('\n');
+    Ok(())
+}
+
 fn e2e_section(
     results: &Results,
     md: &mut String,
@@ -362,7 +409,14 @@ fn e2e_section(
         "| setup | req/s (closed) | p50 / p99 ms (closed) | p50 / p99 ms ({} req/s) | errors | CPU µs/req: envoy | upstream | ext_proc | total | ext_proc, closed loop |\n|---|---|---|---|---|---|---|---|---|---|",
         results.fixed_rate
     )?;
-    for s in &results.e2e {
+    // The interpreted plugins' setups, measured in the closed loop only, have a table of their
+    // own below.
+    let main: Vec<&ScenarioResult> = results
+        .e2e
+        .iter()
+        .filter(|s| !closed_loop_only(&s.key))
+        .collect();
+    for s in &main {
         let cpus: Vec<f64> = processes.iter().map(|p| cpu(s, p)).collect();
         let has_ext_proc = s.cpu_us_per_request.iter().any(|(p, _)| p == "ext_proc");
         let closed_ext_proc = closed_cpu(s, "ext_proc");
@@ -447,13 +501,16 @@ fn e2e_section(
             )?;
         }
     }
-    let names: Vec<String> = results.e2e.iter().map(|s| short(&s.key)).collect();
+    if let Some(rust) = by_key("wasm") {
+        languages_e2e(results, rust, md)?;
+    }
+    let names: Vec<String> = main.iter().map(|s| short(&s.key)).collect();
     bar_chart(
         &plots.join("e2e-throughput.svg"),
         "Requests per second, closed loop (higher is better)",
         "req/s",
         &names,
-        &[("req/s", results.e2e.iter().map(|s| s.closed.rps).collect())],
+        &[("req/s", main.iter().map(|s| s.closed.rps).collect())],
         false,
     )?;
     bar_chart(
@@ -466,7 +523,7 @@ fn e2e_section(
         &names,
         &processes
             .iter()
-            .map(|p| (*p, results.e2e.iter().map(|s| cpu(s, p)).collect()))
+            .map(|p| (*p, main.iter().map(|s| cpu(s, p)).collect()))
             .collect::<Vec<_>>(),
         true,
     )?;
@@ -476,8 +533,8 @@ fn e2e_section(
         "ms",
         &names,
         &[
-            ("p50", results.e2e.iter().map(|s| s.fixed.p50_ms).collect()),
-            ("p99", results.e2e.iter().map(|s| s.fixed.p99_ms).collect()),
+            ("p50", main.iter().map(|s| s.fixed.p50_ms).collect()),
+            ("p99", main.iter().map(|s| s.fixed.p99_ms).collect()),
         ],
         false,
     )?;
