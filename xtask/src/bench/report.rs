@@ -246,9 +246,17 @@ fn summary(results: &Results) -> String {
         let base = closed_cpu(rust, "ext_proc");
         for (key, language, target) in [
             ("wasm-js", "JavaScript", TARGET_JAVASCRIPT),
-            ("wasm-js-reuse", "JavaScript, `isolation = \"reuse\"`", TARGET_JAVASCRIPT),
+            (
+                "wasm-js-reuse",
+                "JavaScript, `isolation = \"reuse\"`",
+                TARGET_JAVASCRIPT,
+            ),
             ("wasm-py", "Python", TARGET_PYTHON),
-            ("wasm-py-reuse", "Python, `isolation = \"reuse\"`", TARGET_PYTHON),
+            (
+                "wasm-py-reuse",
+                "Python, `isolation = \"reuse\"`",
+                TARGET_PYTHON,
+            ),
         ] {
             let Some(s) = by_key(key) else { continue };
             let host = closed_cpu(s, "ext_proc");
