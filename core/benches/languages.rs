@@ -23,11 +23,12 @@ use wasm_extproc_core::http::{ExchangeContext, Message, Phase};
 use wasm_extproc_core::metrics::Metrics;
 use wasm_extproc_core::runtime::{Instance, PoolLimits, Runtime};
 
-const LANGUAGES: [(&str, &str); 4] = [
+const LANGUAGES: [(&str, &str); 5] = [
     ("Rust", "asm_demo"),
     ("C", "asm_demo_c"),
     ("JavaScript", "asm_demo_js"),
     ("Python", "asm_demo_py"),
+    ("Python, WASI stubbed (`--stub-wasi`)", "asm_demo_py_stub"),
 ];
 
 fn median(mut samples: Vec<Duration>) -> Duration {

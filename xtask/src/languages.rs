@@ -49,6 +49,9 @@ struct Source {
     /// JavaScript: whether it calls out with `fetch` (componentize-js's `http` feature). The
     /// others leave the HTTP client out.
     fetch: bool,
+    /// Python: WASI imports replaced by trapping stubs (`componentize-py --stub-wasi`), for the
+    /// languages benchmark's leaner build.
+    stub_wasi: bool,
 }
 
 const fn source(
@@ -65,10 +68,11 @@ const fn source(
         name,
         contract,
         fetch: false,
+        stub_wasi: false,
     }
 }
 
-const SOURCES: [Source; 8] = [
+const SOURCES: [Source; 9] = [
     source(
         "javascript",
         "plugins/examples/javascript",
@@ -90,6 +94,16 @@ const SOURCES: [Source; 8] = [
         "asm_demo_py",
         "wit",
     ),
+    Source {
+        stub_wasi: true,
+        ..source(
+            "python",
+            "plugins/examples/python",
+            "asm_demo",
+            "asm_demo_py_stub",
+            "wit",
+        )
+    },
     source(
         "python",
         "plugins/examples/python",
@@ -218,6 +232,7 @@ pub fn build() -> anyhow::Result<()> {
         name,
         contract,
         fetch,
+        stub_wasi,
     } in SOURCES
     {
         let dir = root.join(relative);
@@ -244,7 +259,13 @@ pub fn build() -> anyhow::Result<()> {
                 .current_dir(&dir)
                 .arg("-d")
                 .arg(&wit)
-                .args(["-w", "plugin", "componentize", source, "-o"])
+                .args(["-w", "plugin", "componentize", source])
+                .args(if stub_wasi {
+                    &["--stub-wasi"][..]
+                } else {
+                    &[][..]
+                })
+                .arg("-o")
                 .arg(&output))?,
             "c" => build_c(&dir, source, &wit, &output)?,
             other => anyhow::bail!("no build for {other}"),

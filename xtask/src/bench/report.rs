@@ -405,8 +405,10 @@ fn languages_e2e(results: &Results, rust: &ScenarioResult, md: &mut String) -> a
          (tens of microseconds), and the rest of a fresh stream, the first calls into a fresh \
          instance, where the engine touches its snapshot's heap for the first time (a `perf` \
          profile of the JavaScript stream puts about a third of that in guest page faults, the \
-         rest in the engine's own first-call work). Keeping more of the image resident between \
-         instances (`linear_memory_keep_resident` at 32 MiB) did not move it; the QuickJS \
+         rest in the engine's own first-call work). Neither is WASI's wiring: Python built with \
+         its WASI imports stubbed out costs the same (the table's last row). Keeping more of the \
+         image resident between instances (`linear_memory_keep_resident` at 32 MiB) did not \
+         move it either; the QuickJS \
          backend (`jco componentize --backend qjs`, 1.7 MB) cannot serve this contract (its \
          synchronous build returns with a lent handle still open, which the component model \
          forbids). `isolation = \"reuse\"` keeps instances from one exchange to the next, and \
