@@ -22,17 +22,35 @@ pub struct Bucket {
     namespace: Arc<str>,
 }
 
-/// The operations, as counted.
-const OPERATIONS: [&str; 8] = [
-    "open",
-    "get",
-    "set",
-    "delete",
-    "exists",
-    "list_keys",
-    "increment",
-    "increment_in_window",
-];
+/// The operations, as counted: `set-with-ttl` counts as a `set`.
+#[derive(Debug, Clone, Copy)]
+enum Operation {
+    Open,
+    Get,
+    Set,
+    Delete,
+    Exists,
+    ListKeys,
+    Increment,
+    IncrementInWindow,
+}
+
+impl Operation {
+    const COUNT: usize = 8;
+
+    fn name(self) -> &'static str {
+        match self {
+            Operation::Open => "open",
+            Operation::Get => "get",
+            Operation::Set => "set",
+            Operation::Delete => "delete",
+            Operation::Exists => "exists",
+            Operation::ListKeys => "list_keys",
+            Operation::Increment => "increment",
+            Operation::IncrementInWindow => "increment_in_window",
+        }
+    }
+}
 const RESULTS: [&str; 8] = [
     "ok",
     "denied",
@@ -50,7 +68,7 @@ pub struct PluginState {
     metrics: Arc<Metrics>,
     chain: Arc<str>,
     plugin: Arc<str>,
-    counters: [[OnceLock<Counter>; RESULTS.len()]; OPERATIONS.len()],
+    counters: [[OnceLock<Counter>; RESULTS.len()]; Operation::COUNT],
 }
 
 impl PluginState {
@@ -64,16 +82,16 @@ impl PluginState {
         }
     }
 
-    fn count<T>(&self, operation: usize, result: &Result<T, KvError>) {
+    fn count<T>(&self, operation: Operation, result: &Result<T, KvError>) {
         let outcome = match result {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
         let index = RESULTS.iter().position(|r| *r == outcome).unwrap_or(0);
-        self.counters[operation][index]
+        self.counters[operation as usize][index]
             .get_or_init(|| {
                 self.metrics
-                    .kv_counter(&self.chain, &self.plugin, OPERATIONS[operation], outcome)
+                    .kv_counter(&self.chain, &self.plugin, operation.name(), outcome)
             })
             .inc();
     }
@@ -108,7 +126,7 @@ impl StoreState {
     /// Runs one operation on the namespace of `bucket`, counts it and answers in WIT's terms.
     async fn on<T, F>(
         &mut self,
-        operation: usize,
+        operation: Operation,
         bucket: &Resource<Bucket>,
         run: impl FnOnce(Arc<PluginState>, Arc<str>, Duration) -> F,
     ) -> Result<Result<T, store::Error>>
@@ -126,7 +144,7 @@ impl StoreState {
 impl store::Host for StoreState {
     fn open(&mut self, identifier: String) -> Result<Result<Resource<Bucket>, store::Error>> {
         let opened = self.kv.access.open(&identifier);
-        self.kv.count(0, &opened);
+        self.kv.count(Operation::Open, &opened);
         match opened {
             Ok(namespace) => Ok(Ok(self.table().push(Bucket { namespace })?)),
             Err(e) => Ok(Err(to_wit(e))),
@@ -140,7 +158,7 @@ impl store::HostBucket for StoreState {
         bucket: Resource<Bucket>,
         key: String,
     ) -> Result<Result<Option<Vec<u8>>, store::Error>> {
-        self.on(1, &bucket, |s, ns, left| async move {
+        self.on(Operation::Get, &bucket, |s, ns, left| async move {
             s.access.kv.get(&ns, &key, left).await
         })
         .await
@@ -152,7 +170,7 @@ impl store::HostBucket for StoreState {
         key: String,
         value: Vec<u8>,
     ) -> Result<Result<(), store::Error>> {
-        self.on(2, &bucket, |s, ns, left| async move {
+        self.on(Operation::Set, &bucket, |s, ns, left| async move {
             s.access.kv.set(&ns, &key, value, None, left).await
         })
         .await
@@ -163,7 +181,7 @@ impl store::HostBucket for StoreState {
         bucket: Resource<Bucket>,
         key: String,
     ) -> Result<Result<(), store::Error>> {
-        self.on(3, &bucket, |s, ns, left| async move {
+        self.on(Operation::Delete, &bucket, |s, ns, left| async move {
             s.access.kv.delete(&ns, &key, left).await
         })
         .await
@@ -174,7 +192,7 @@ impl store::HostBucket for StoreState {
         bucket: Resource<Bucket>,
         key: String,
     ) -> Result<Result<bool, store::Error>> {
-        self.on(4, &bucket, |s, ns, left| async move {
+        self.on(Operation::Exists, &bucket, |s, ns, left| async move {
             s.access.kv.exists(&ns, &key, left).await
         })
         .await
@@ -185,7 +203,7 @@ impl store::HostBucket for StoreState {
         bucket: Resource<Bucket>,
         cursor: Option<u64>,
     ) -> Result<Result<store::KeyResponse, store::Error>> {
-        self.on(5, &bucket, |s, ns, left| async move {
+        self.on(Operation::ListKeys, &bucket, |s, ns, left| async move {
             let (keys, cursor) = s.access.kv.keys(&ns, cursor.unwrap_or(0), left).await?;
             Ok(store::KeyResponse { keys, cursor })
         })
@@ -205,7 +223,7 @@ impl atomics::Host for StoreState {
         key: String,
         delta: u64,
     ) -> Result<Result<u64, store::Error>> {
-        self.on(6, &bucket, |s, ns, left| async move {
+        self.on(Operation::Increment, &bucket, |s, ns, left| async move {
             let count = s.access.kv.increment(&ns, &key, delta, None, left).await?;
             Ok(count.value)
         })
@@ -221,7 +239,7 @@ impl state::Host for StoreState {
         value: Vec<u8>,
         ttl_ms: u64,
     ) -> Result<Result<(), store::Error>> {
-        self.on(2, &bucket, |s, ns, left| async move {
+        self.on(Operation::Set, &bucket, |s, ns, left| async move {
             let ttl = Duration::from_millis(ttl_ms);
             s.access.kv.set(&ns, &key, value, Some(ttl), left).await
         })
@@ -235,18 +253,22 @@ impl state::Host for StoreState {
         delta: u64,
         window_ms: u64,
     ) -> Result<Result<state::WindowCount, store::Error>> {
-        self.on(7, &bucket, |s, ns, left| async move {
-            let window = Duration::from_millis(window_ms);
-            let Count { value, expires_in } = s
-                .access
-                .kv
-                .increment(&ns, &key, delta, Some(window), left)
-                .await?;
-            Ok(state::WindowCount {
-                count: value,
-                resets_in_ms: expires_in.map_or(window_ms, |d| d.as_millis() as u64),
-            })
-        })
+        self.on(
+            Operation::IncrementInWindow,
+            &bucket,
+            |s, ns, left| async move {
+                let window = Duration::from_millis(window_ms);
+                let Count { value, expires_in } = s
+                    .access
+                    .kv
+                    .increment(&ns, &key, delta, Some(window), left)
+                    .await?;
+                Ok(state::WindowCount {
+                    count: value,
+                    resets_in_ms: expires_in.map_or(window_ms, |d| d.as_millis() as u64),
+                })
+            },
+        )
         .await
     }
 }
