@@ -210,7 +210,7 @@ impl Kv {
     ) -> Result<bool, KvError> {
         self.check_key(key)?;
         match &self.store {
-            Store::Memory(m) => Ok(m.get(namespace, key).is_some()),
+            Store::Memory(m) => Ok(m.exists(namespace, key)),
             Store::Redis(r) => r.exists(namespace, key, self.within(left)).await,
         }
     }

@@ -49,11 +49,20 @@ impl Memory {
     }
 
     pub fn get(&self, namespace: &str, key: &str) -> Option<Vec<u8>> {
+        self.read(namespace, key, |value| value.to_vec())
+    }
+
+    pub fn exists(&self, namespace: &str, key: &str) -> bool {
+        self.read(namespace, key, |_| ()).is_some()
+    }
+
+    /// `read` of the live value at `key`; an expired one is dropped on the way.
+    fn read<T>(&self, namespace: &str, key: &str, read: impl FnOnce(&[u8]) -> T) -> Option<T> {
         let ns = self.namespace(namespace);
         let mut ns = ns.lock().expect("kv namespace lock");
         let now = Instant::now();
         match ns.entries.get(key) {
-            Some(entry) if entry.live(now) => Some(entry.value.clone()),
+            Some(entry) if entry.live(now) => Some(read(&entry.value)),
             Some(_) => {
                 ns.remove(key);
                 None

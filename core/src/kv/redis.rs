@@ -111,11 +111,17 @@ pub struct Redis {
     keys: Script,
 }
 
-/// The keys of `key` in `namespace`: the entry, then the namespace's index, sizes and total.
+/// The Redis key of the entry `key` in `namespace`.
+fn entry_of(namespace: &str, key: &str) -> String {
+    format!("wasm-extproc:{{{namespace}}}:e:{key}")
+}
+
+/// The keys a script works on for `key` in `namespace`: the entry, then the namespace's index,
+/// sizes and total.
 fn keys_of(namespace: &str, key: &str) -> [String; 4] {
     let prefix = format!("wasm-extproc:{{{namespace}}}");
     [
-        format!("{prefix}:e:{key}"),
+        entry_of(namespace, key),
         format!("{prefix}:i"),
         format!("{prefix}:s"),
         format!("{prefix}:b"),
@@ -193,7 +199,7 @@ impl Redis {
         key: &str,
         within: Duration,
     ) -> Result<Option<Vec<u8>>, KvError> {
-        let [entry, ..] = keys_of(namespace, key);
+        let entry = entry_of(namespace, key);
         self.run((namespace, key), within, |mut c| async move {
             redis::cmd("GET").arg(entry).query_async(&mut c).await
         })
@@ -206,7 +212,7 @@ impl Redis {
         key: &str,
         within: Duration,
     ) -> Result<bool, KvError> {
-        let [entry, ..] = keys_of(namespace, key);
+        let entry = entry_of(namespace, key);
         self.run((namespace, key), within, |mut c| async move {
             redis::cmd("EXISTS").arg(entry).query_async(&mut c).await
         })
