@@ -145,6 +145,7 @@ struct FileKv {
     url: Option<String>,
     pool_size: Option<usize>,
     connect_timeout_ms: Option<u64>,
+    prefix: Option<String>,
     timeout_ms: Option<u64>,
     max_key_bytes: Option<usize>,
     max_value_bytes: Option<usize>,
@@ -195,14 +196,20 @@ impl FileKv {
                         "connect_timeout_ms",
                         kv::DEFAULT_CONNECT_TIMEOUT.as_millis() as u64,
                     )?),
+                    prefix: match &self.prefix {
+                        Some(prefix) => key_prefix(prefix).map_err(error)?,
+                        None => kv::DEFAULT_PREFIX.into(),
+                    },
                 }
             }
         };
         if self.backend != Some(KvBackend::Redis)
-            && (self.pool_size.is_some() || self.connect_timeout_ms.is_some())
+            && (self.pool_size.is_some()
+                || self.connect_timeout_ms.is_some()
+                || self.prefix.is_some())
         {
             return Err(error(
-                "pool_size and connect_timeout_ms are for backend = \"redis\"".into(),
+                "pool_size, connect_timeout_ms and prefix are for backend = \"redis\"".into(),
             ));
         }
         let d = kv::DEFAULT_LIMITS;
@@ -229,6 +236,18 @@ impl FileKv {
             },
         })
     }
+}
+
+/// `[kv] prefix`: a word that starts every Redis key of this host, so that it cannot spell a
+/// hash tag or another Deployment's keys.
+fn key_prefix(prefix: &str) -> Result<String, String> {
+    let allowed = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-');
+    if prefix.is_empty() || prefix.len() > 64 || !prefix.bytes().all(allowed) {
+        return Err(format!(
+            "prefix {prefix:?} must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' and '-'"
+        ));
+    }
+    Ok(prefix.into())
 }
 
 /// `[signing]`: the public keys plugins must be signed with.
@@ -1071,9 +1090,21 @@ mod tests {
                 url: "redis://r:6379".into(),
                 pool_size: 2,
                 connect_timeout: kv::DEFAULT_CONNECT_TIMEOUT,
+                prefix: kv::DEFAULT_PREFIX.into(),
             }
         );
         assert_eq!(settings.kv.timeout, Duration::from_millis(5));
+        let named = parse(
+            "[kv]
+backend = \"redis\"
+url = \"redis://r\"
+prefix = \"shop-a\"
+",
+        );
+        assert!(matches!(
+            named.unwrap().kv.backend,
+            Backend::Redis { prefix, .. } if prefix == "shop-a"
+        ));
         assert_eq!(settings.kv.limits.max_entries, 10);
         assert_eq!(settings.plugins["a"].kv_namespaces, ["tokens"]);
         for (text, expected) in [
@@ -1090,6 +1121,11 @@ mod tests {
                 "is not a redis:// or rediss:// URL",
             ),
             ("[kv]\npool_size = 3\n", "are for backend = \"redis\""),
+            ("[kv]\nprefix = \"a\"\n", "are for backend = \"redis\""),
+            (
+                "[kv]\nbackend = \"redis\"\nurl = \"redis://r\"\nprefix = \"a}b\"\n",
+                "[kv] prefix \"a}b\" must be 1 to 64 characters",
+            ),
             (
                 "[kv]\nmax_entries = 0\n",
                 "[kv] max_entries must be at least 1",

@@ -29,6 +29,9 @@ pub enum Backend {
         pool_size: usize,
         /// How long connecting may take before an operation fails.
         connect_timeout: Duration,
+        /// What every key of this host's starts with ([`DEFAULT_PREFIX`]): Deployments that
+        /// share one Redis each set their own, and never see each other's entries.
+        prefix: String,
     },
 }
 
@@ -60,6 +63,13 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     max_bytes: 64 << 20,
 };
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(10);
+/// The Redis key prefix when `[kv] prefix` is not set.
+pub const DEFAULT_PREFIX: &str = "wasm-extproc";
+/// The longest expiry (`set-with-ttl`) or window (`increment-in-window`) the store accepts:
+/// 366 days covers a yearly quota; anything longer is a plugin's mistake (a `u64::MAX`
+/// "forever"), refused alike by both backends before either does arithmetic with it. A plugin
+/// that wants an entry kept uses `set`.
+pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 pub const DEFAULT_POOL_SIZE: usize = 4;
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
@@ -73,8 +83,10 @@ impl Default for KvSettings {
     }
 }
 
-/// Why an operation did not happen. Each is shown to the plugin as `error.other` with this
-/// text, except [`Denied`](KvError::Denied) (`access-denied`).
+/// Why an operation did not happen. Each is shown to the plugin as `error.other` with its
+/// [`kind`](KvError::kind) first (`full: namespace ... is full: ...`), so that a plugin can
+/// tell a store it cannot reach (`timeout`, `unavailable`) from a refusal; except
+/// [`Denied`](KvError::Denied), which is `access-denied`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvError {
     #[error("namespace {0:?} is not granted to this plugin (kv_namespaces)")]
@@ -91,6 +103,8 @@ pub enum KvError {
     Overflow(String),
     #[error("expiry must be at least 1 ms")]
     ZeroTtl,
+    #[error("expiry of {ms} ms is longer than the {limit} ms limit")]
+    TtlTooLong { ms: u128, limit: u128 },
     #[error("the state store did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the state store is unavailable: {0}")]
@@ -105,7 +119,7 @@ impl KvError {
             KvError::KeyTooLong { .. } | KvError::ValueTooLarge { .. } => "too_large",
             KvError::Full { .. } => "full",
             KvError::NotACounter(_) | KvError::Overflow(_) => "not_a_counter",
-            KvError::ZeroTtl => "invalid",
+            KvError::ZeroTtl | KvError::TtlTooLong { .. } => "invalid",
             KvError::Timeout(_) => "timeout",
             KvError::Unavailable(_) => "unavailable",
         }
@@ -152,10 +166,12 @@ impl Kv {
                 url,
                 pool_size,
                 connect_timeout,
+                prefix,
             } => Store::Redis(Box::new(redis::Redis::new(
                 url,
                 *pool_size,
                 *connect_timeout,
+                prefix,
             )?)),
         };
         Ok(Kv { store, settings })
@@ -232,8 +248,8 @@ impl Kv {
                 limit,
             });
         }
-        if ttl.is_some_and(|t| t.is_zero()) {
-            return Err(KvError::ZeroTtl);
+        if let Some(ttl) = ttl {
+            check_ttl(ttl)?;
         }
         let limits = &self.settings.limits;
         match &self.store {
@@ -283,8 +299,8 @@ impl Kv {
         left: Duration,
     ) -> Result<Count, KvError> {
         self.check_key(key)?;
-        if window.is_some_and(|t| t.is_zero()) {
-            return Err(KvError::ZeroTtl);
+        if let Some(window) = window {
+            check_ttl(window)?;
         }
         let delta = i64::try_from(delta).map_err(|_| KvError::Overflow(key.into()))?;
         let limits = &self.settings.limits;
@@ -298,12 +314,29 @@ impl Kv {
     }
 }
 
+/// An expiry both backends can keep: at least a millisecond, at most [`MAX_TTL`].
+fn check_ttl(ttl: Duration) -> Result<(), KvError> {
+    if ttl < Duration::from_millis(1) {
+        return Err(KvError::ZeroTtl);
+    }
+    if ttl > MAX_TTL {
+        return Err(KvError::TtlTooLong {
+            ms: ttl.as_millis(),
+            limit: MAX_TTL.as_millis(),
+        });
+    }
+    Ok(())
+}
+
 /// What one plugin may reach of the store: its own namespace and the shared ones the operator
 /// granted it.
 #[derive(Debug, Clone)]
 pub struct Access {
     pub kv: Arc<Kv>,
-    /// The plugin's own namespace: its name.
+    /// The chain the plugin serves in: its own namespace is per chain, so the same name in
+    /// two chains (possibly two different components) never shares entries.
+    pub chain: Arc<str>,
+    /// The plugin's name.
     pub own: Arc<str>,
     /// `kv_namespaces`: shared namespaces it may open.
     pub shared: Arc<[String]>,
@@ -313,18 +346,33 @@ pub struct Access {
 pub const OWN_NAMESPACE: [&str; 2] = ["", "default"];
 
 impl Access {
-    /// The namespace `identifier` opens, if the plugin may open it. A plugin's own namespace
-    /// is kept apart from shared ones (`plugin:` and `shared:` prefixes), so no name a plugin
-    /// is granted can reach another plugin's own entries.
+    /// The namespace `identifier` opens, if the plugin may open it: `plugin:CHAIN/NAME` for its
+    /// own, `shared:NAME` for a granted one. Every name is escaped ([`escape`]), so no chain,
+    /// plugin or namespace name -- whatever `:`, `/`, `{` or `}` it holds -- can spell another
+    /// namespace, and own namespaces never meet shared ones.
     pub fn open(&self, identifier: &str) -> Result<Arc<str>, KvError> {
         if OWN_NAMESPACE.contains(&identifier) {
-            return Ok(format!("plugin:{}", self.own).into());
+            return Ok(format!("plugin:{}/{}", escape(&self.chain), escape(&self.own)).into());
         }
         if self.shared.iter().any(|s| s == identifier) {
-            return Ok(format!("shared:{identifier}").into());
+            return Ok(format!("shared:{}", escape(identifier)).into());
         }
         Err(KvError::Denied(identifier.into()))
     }
+}
+
+/// `name` with every byte outside `A-Z a-z 0-9 . _ -` written `%XX`: the separators of a
+/// namespace (`:`, `/`) and of a Redis hash tag (`{`, `}`) never come from a name.
+pub fn escape(name: &str) -> String {
+    let mut escaped = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-') {
+            escaped.push(b as char);
+        } else {
+            escaped.push_str(&format!("%{b:02X}"));
+        }
+    }
+    escaped
 }
 
 #[cfg(test)]
@@ -334,6 +382,7 @@ mod tests {
     fn access(shared: &[&str]) -> Access {
         Access {
             kv: Arc::new(Kv::new(KvSettings::default()).unwrap()),
+            chain: "default".into(),
             own: "rate-limit".into(),
             shared: shared.iter().map(|s| s.to_string()).collect(),
         }
@@ -342,8 +391,8 @@ mod tests {
     #[test]
     fn a_plugin_opens_its_own_namespace_and_the_shared_ones_it_is_granted() {
         let a = access(&["tokens"]);
-        assert_eq!(&*a.open("").unwrap(), "plugin:rate-limit");
-        assert_eq!(&*a.open("default").unwrap(), "plugin:rate-limit");
+        assert_eq!(&*a.open("").unwrap(), "plugin:default/rate-limit");
+        assert_eq!(&*a.open("default").unwrap(), "plugin:default/rate-limit");
         assert_eq!(&*a.open("tokens").unwrap(), "shared:tokens");
         assert_eq!(a.open("other"), Err(KvError::Denied("other".into())));
         // A shared namespace cannot be named after another plugin's own one.
@@ -351,6 +400,43 @@ mod tests {
             a.open("plugin:bearer-auth"),
             Err(KvError::Denied("plugin:bearer-auth".into()))
         );
+    }
+
+    #[test]
+    fn the_same_plugin_name_in_two_chains_has_two_namespaces() {
+        let mut a = access(&[]);
+        let default = a.open("").unwrap();
+        a.chain = "beta".into();
+        assert_ne!(a.open("").unwrap(), default);
+        assert_eq!(&*a.open("").unwrap(), "plugin:beta/rate-limit");
+    }
+
+    #[test]
+    fn no_name_can_spell_another_namespace() {
+        // Without escaping, chain `a/b` + plugin `c` and chain `a` + plugin `b/c` would both
+        // be `plugin:a/b/c`; and a `}` would end a Redis hash tag early.
+        let mut one = access(&[]);
+        one.chain = "a/b".into();
+        one.own = "c".into();
+        let mut two = access(&[]);
+        two.chain = "a".into();
+        two.own = "b/c".into();
+        assert_ne!(one.open("").unwrap(), two.open("").unwrap());
+        let shared = access(&["x}:e:y", "plugin:default/rate-limit"]);
+        assert_eq!(&*shared.open("x}:e:y").unwrap(), "shared:x%7D%3Ae%3Ay");
+        assert_ne!(
+            shared.open("plugin:default/rate-limit").unwrap(),
+            shared.open("").unwrap()
+        );
+        for name in ["{", "}", ":", "/", "%", " ", "\u{e9}"] {
+            let escaped = escape(name);
+            assert!(
+                escaped
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'%'),
+                "{name:?} -> {escaped}"
+            );
+        }
     }
 
     #[tokio::test]
@@ -382,5 +468,22 @@ mod tests {
             kv.increment("n", "k", u64::MAX, None, left).await,
             Err(KvError::Overflow("k".into()))
         );
+        // Expiries past the bound are refused, whatever the backend would have made of them.
+        let forever = Duration::from_millis(u64::MAX);
+        let refused = Err(KvError::TtlTooLong {
+            ms: forever.as_millis(),
+            limit: MAX_TTL.as_millis(),
+        });
+        assert_eq!(
+            kv.set("n", "k", vec![1], Some(forever), left).await,
+            refused
+        );
+        assert_eq!(
+            kv.increment("n", "k", 1, Some(forever), left)
+                .await
+                .map(|_| ()),
+            refused
+        );
+        assert!(kv.increment("n", "k", 1, Some(MAX_TTL), left).await.is_ok());
     }
 }

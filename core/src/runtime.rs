@@ -540,8 +540,8 @@ fn plugin_http(
     ))
 }
 
-/// The plugin `name`'s way into the state store: its own namespace (its name) and the shared
-/// ones its settings grant.
+/// The plugin `name`'s way into the state store: its own namespace (its chain and name) and
+/// the shared ones its settings grant.
 fn plugin_state(
     kv: &Arc<Kv>,
     metrics: &Arc<Metrics>,
@@ -551,6 +551,7 @@ fn plugin_state(
 ) -> Arc<PluginState> {
     let access = Access {
         kv: kv.clone(),
+        chain: chain.into(),
         own: name.into(),
         shared: settings.kv_namespaces.clone().into(),
     };

@@ -541,6 +541,8 @@ def test_the_redis_variant_points_every_replica_at_its_redis_and_only_they_reach
     text = config_map["data"][path.name]
     kv = tomllib.loads(text)["kv"]
     assert kv["backend"] == "redis"
+    # Its own key prefix, so another Deployment on the same Redis stays apart.
+    assert kv["prefix"] == "wasm-extproc"
 
     # The URL names the Service, on its port; the Service selects Redis's pods, on the port
     # the Redis container listens on.

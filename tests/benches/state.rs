@@ -19,7 +19,7 @@ use extproc_testkit::redis::Redis;
 use extproc_testkit::service::Service;
 use wasm_extproc::config::Settings;
 use wasm_extproc::http::{ExchangeContext, HeaderMap, Message, Phase};
-use wasm_extproc::kv::{Backend, KvSettings};
+use wasm_extproc::kv::{self, Backend, KvSettings};
 use wasm_extproc::metrics::Metrics;
 use wasm_extproc::runtime::{Plugin, PoolLimits, Runtime};
 
@@ -151,6 +151,7 @@ fn main() {
             url: redis.url(),
             pool_size: 1,
             connect_timeout: Duration::from_secs(1),
+            prefix: kv::DEFAULT_PREFIX.into(),
         },
         timeout: Duration::from_secs(1),
         ..KvSettings::default()

@@ -61,6 +61,33 @@ impl Redis {
     }
 }
 
+impl Redis {
+    /// Every key the server holds, sorted: what tests read to see that nothing was left behind.
+    pub fn keys(&self) -> anyhow::Result<Vec<String>> {
+        use std::io::{BufRead, BufReader, Write};
+        let mut stream = TcpStream::connect(self.address)?;
+        stream.write_all(b"*2\r\n$4\r\nKEYS\r\n$1\r\n*\r\n")?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line)?;
+        let count: usize = line
+            .trim()
+            .strip_prefix('*')
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("KEYS answered {line:?}"))?;
+        let mut keys = Vec::with_capacity(count);
+        for _ in 0..count {
+            line.clear();
+            reader.read_line(&mut line)?; // $LENGTH
+            line.clear();
+            reader.read_line(&mut line)?;
+            keys.push(line.trim_end_matches("\r\n").to_string());
+        }
+        keys.sort();
+        Ok(keys)
+    }
+}
+
 /// Waits until the server answers `PING`.
 fn wait_for(address: SocketAddr) -> anyhow::Result<()> {
     use std::io::{Read, Write};

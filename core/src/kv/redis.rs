@@ -3,17 +3,26 @@
 //!
 //! Each operation is one command or one Lua script, so it is atomic in Redis and sees every
 //! write that completed before it, from any host. A namespace's keys share a hash tag
-//! (`wasm-extproc:{NAMESPACE}:...`), so it lives in one slot of a Redis Cluster too, and its
-//! bounds are kept by an index beside the entries: a sorted set of keys by expiry, their sizes
-//! and the total, updated by the same scripts that write. Expiry times are the server's
-//! (`TIME`), so hosts' clocks need not agree.
+//! (`PREFIX:{NAMESPACE}:...`, the prefix `[kv] prefix`, the namespace escaped so that it holds
+//! no brace), so it lives in one slot of a Redis Cluster too, and its bounds are kept by an
+//! index beside the entries: a sorted set of keys by expiry, their sizes and the total, updated
+//! by the same scripts that write. Expiry times are the server's (`TIME`), so hosts' clocks
+//! need not agree.
+//!
+//! Redis runs a script's commands as they come and keeps what ran before an error, so every
+//! script checks what can fail before it writes, and undoes its write when a later step fails:
+//! a refused operation leaves nothing behind.
+//!
+//! A connection that broke while Redis was away is replaced, and an operation that never
+//! reached Redis is sent again on the new connection within its deadline; so the first
+//! operations after Redis comes back succeed instead of failing once per pooled connection.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script};
+use redis::{RedisError, Script, ScriptInvocation};
 
 use super::{Count, KEYS_PER_PAGE, KvError, Limits};
 
@@ -79,7 +88,12 @@ if type(value) == 'table' and value.err then
 end
 local left = redis.call('PTTL', KEYS[1])
 if left < 0 and window > 0 then
-  redis.call('PEXPIRE', KEYS[1], window)
+  local expired = redis.pcall('PEXPIRE', KEYS[1], window)
+  if type(expired) == 'table' and expired.err then
+    -- Undo the increment: a counter must never be left without the expiry it was asked for.
+    if before then redis.call('SET', KEYS[1], before, 'KEEPTTL') else redis.call('DEL', KEYS[1]) end
+    return redis.error_reply('INVALID ' .. expired.err)
+  end
   left = window
 end
 account(member, string.len(member) + string.len(tostring(value)), left < 0 and '+inf' or now + left)
@@ -101,6 +115,8 @@ return redis.call('ZRANGEBYSCORE', index, '(' .. now, '+inf', 'LIMIT', ARGV[1], 
 ";
 
 pub struct Redis {
+    /// `[kv] prefix`.
+    prefix: String,
     client: redis::Client,
     config: ConnectionManagerConfig,
     connections: Vec<OnceLock<ConnectionManager>>,
@@ -111,21 +127,23 @@ pub struct Redis {
     keys: Script,
 }
 
-/// The Redis key of the entry `key` in `namespace`.
-fn entry_of(namespace: &str, key: &str) -> String {
-    format!("wasm-extproc:{{{namespace}}}:e:{key}")
-}
+impl Redis {
+    /// The Redis key of the entry `key` in `namespace`.
+    fn entry_of(&self, namespace: &str, key: &str) -> String {
+        format!("{}:{{{namespace}}}:e:{key}", self.prefix)
+    }
 
-/// The keys a script works on for `key` in `namespace`: the entry, then the namespace's index,
-/// sizes and total.
-fn keys_of(namespace: &str, key: &str) -> [String; 4] {
-    let prefix = format!("wasm-extproc:{{{namespace}}}");
-    [
-        entry_of(namespace, key),
-        format!("{prefix}:i"),
-        format!("{prefix}:s"),
-        format!("{prefix}:b"),
-    ]
+    /// The keys a script works on for `key` in `namespace`: the entry, then the namespace's
+    /// index, sizes and total.
+    fn keys_of(&self, namespace: &str, key: &str) -> [String; 4] {
+        let tagged = format!("{}:{{{namespace}}}", self.prefix);
+        [
+            self.entry_of(namespace, key),
+            format!("{tagged}:i"),
+            format!("{tagged}:s"),
+            format!("{tagged}:b"),
+        ]
+    }
 }
 
 fn script(body: &str) -> Script {
@@ -133,7 +151,12 @@ fn script(body: &str) -> Script {
 }
 
 impl Redis {
-    pub fn new(url: &str, pool_size: usize, connect_timeout: Duration) -> anyhow::Result<Redis> {
+    pub fn new(
+        url: &str,
+        pool_size: usize,
+        connect_timeout: Duration,
+        prefix: &str,
+    ) -> anyhow::Result<Redis> {
         let client = redis::Client::open(url).map_err(|e| anyhow::anyhow!("[kv] url: {e}"))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(connect_timeout))
@@ -143,6 +166,7 @@ impl Redis {
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(500));
         Ok(Redis {
+            prefix: prefix.into(),
             client,
             config,
             connections: (0..pool_size.max(1)).map(|_| OnceLock::new()).collect(),
@@ -166,18 +190,30 @@ impl Redis {
             .clone()
     }
 
-    /// Runs `operation` on a connection, failing after `within`. The scripts' own refusals
-    /// (error replies `FULL ...`, `NOTCOUNTER`, `OVERFLOW`) become the matching [`KvError`].
+    /// Runs `operation` on a connection, failing after `within`. An operation that failed
+    /// because its connection had broken is sent once more on the connection that replaces it,
+    /// as `resend` allows. The scripts' own refusals (error replies `FULL ...`, `NOTCOUNTER`,
+    /// `OVERFLOW`, `INVALID`) become the matching [`KvError`].
     async fn run<T, F>(
         &self,
         (namespace, key): (&str, &str),
         within: Duration,
-        operation: impl FnOnce(ConnectionManager) -> F,
+        resend: Resend,
+        operation: impl Fn(ConnectionManager) -> F,
     ) -> Result<T, KvError>
     where
         F: Future<Output = Result<T, RedisError>>,
     {
-        let e = match tokio::time::timeout(within, operation(self.connection())).await {
+        // The same manager both times: the failure made it reconnect, and the second attempt
+        // waits for that connection.
+        let connection = self.connection();
+        let attempts = async {
+            match operation(connection.clone()).await {
+                Err(e) if resend.allows(&e) => operation(connection).await,
+                done => done,
+            }
+        };
+        let e = match tokio::time::timeout(within, attempts).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(e)) => e,
             Err(_) => return Err(KvError::Timeout(within)),
@@ -189,8 +225,26 @@ impl Redis {
             },
             Some("NOTCOUNTER") => KvError::NotACounter(key.into()),
             Some("OVERFLOW") => KvError::Overflow(key.into()),
+            Some("INVALID") => KvError::Unavailable(format!(
+                "Redis refused the expiry: {}",
+                e.detail().unwrap_or_default()
+            )),
             _ => KvError::Unavailable(e.to_string()),
         })
+    }
+
+    /// Runs a prepared script, as [`run`](Self::run) runs an operation.
+    async fn invoke<T: redis::FromRedisValue>(
+        &self,
+        invocation: &ScriptInvocation<'_>,
+        at: (&str, &str),
+        within: Duration,
+        resend: Resend,
+    ) -> Result<T, KvError> {
+        self.run(at, within, resend, |mut c| async move {
+            invocation.invoke_async(&mut c).await
+        })
+        .await
     }
 
     pub async fn get(
@@ -199,11 +253,7 @@ impl Redis {
         key: &str,
         within: Duration,
     ) -> Result<Option<Vec<u8>>, KvError> {
-        let entry = entry_of(namespace, key);
-        self.run((namespace, key), within, |mut c| async move {
-            redis::cmd("GET").arg(entry).query_async(&mut c).await
-        })
-        .await
+        self.read("GET", namespace, key, within).await
     }
 
     pub async fn exists(
@@ -212,10 +262,26 @@ impl Redis {
         key: &str,
         within: Duration,
     ) -> Result<bool, KvError> {
-        let entry = entry_of(namespace, key);
-        self.run((namespace, key), within, |mut c| async move {
-            redis::cmd("EXISTS").arg(entry).query_async(&mut c).await
-        })
+        self.read("EXISTS", namespace, key, within).await
+    }
+
+    /// A command that reads the entry `key` and nothing else.
+    async fn read<T: redis::FromRedisValue>(
+        &self,
+        command: &str,
+        namespace: &str,
+        key: &str,
+        within: Duration,
+    ) -> Result<T, KvError> {
+        let mut read = redis::cmd(command);
+        read.arg(self.entry_of(namespace, key));
+        let read = &read;
+        self.run(
+            (namespace, key),
+            within,
+            Resend::Always,
+            |mut c| async move { read.query_async(&mut c).await },
+        )
         .await
     }
 
@@ -230,16 +296,14 @@ impl Redis {
     ) -> Result<(), KvError> {
         let mut invocation = self.set.prepare_invoke();
         invocation
-            .key(&keys_of(namespace, key)[..])
+            .key(&self.keys_of(namespace, key)[..])
             .arg(key)
             .arg(value)
             .arg(ttl.map_or(0, millis))
             .arg(limits.max_entries)
             .arg(limits.max_bytes);
-        self.run((namespace, key), within, |mut c| async move {
-            invocation.invoke_async::<()>(&mut c).await
-        })
-        .await
+        self.invoke(&invocation, (namespace, key), within, Resend::Always)
+            .await
     }
 
     pub async fn delete(
@@ -249,11 +313,9 @@ impl Redis {
         within: Duration,
     ) -> Result<(), KvError> {
         let mut invocation = self.delete.prepare_invoke();
-        invocation.key(&keys_of(namespace, key)[..]).arg(key);
-        self.run((namespace, key), within, |mut c| async move {
-            invocation.invoke_async::<()>(&mut c).await
-        })
-        .await
+        invocation.key(&self.keys_of(namespace, key)[..]).arg(key);
+        self.invoke(&invocation, (namespace, key), within, Resend::Always)
+            .await
     }
 
     pub async fn keys(
@@ -264,13 +326,11 @@ impl Redis {
     ) -> Result<(Vec<String>, Option<u64>), KvError> {
         let mut invocation = self.keys.prepare_invoke();
         invocation
-            .key(&keys_of(namespace, "")[..])
+            .key(&self.keys_of(namespace, "")[..])
             .arg(cursor)
             .arg(KEYS_PER_PAGE);
         let page: Vec<String> = self
-            .run((namespace, ""), within, |mut c| async move {
-                invocation.invoke_async(&mut c).await
-            })
+            .invoke(&invocation, (namespace, ""), within, Resend::Always)
             .await?;
         let next = (page.len() == KEYS_PER_PAGE).then(|| cursor + page.len() as u64);
         Ok((page, next))
@@ -287,21 +347,42 @@ impl Redis {
     ) -> Result<Count, KvError> {
         let mut invocation = self.increment.prepare_invoke();
         invocation
-            .key(&keys_of(namespace, key)[..])
+            .key(&self.keys_of(namespace, key)[..])
             .arg(key)
             .arg(delta)
             .arg(window.map_or(0, millis))
             .arg(limits.max_entries)
             .arg(limits.max_bytes);
+        // Counting twice is worse than failing once: an increment is sent again only when it
+        // cannot have reached Redis.
         let (value, left): (i64, i64) = self
-            .run((namespace, key), within, |mut c| async move {
-                invocation.invoke_async(&mut c).await
-            })
+            .invoke(&invocation, (namespace, key), within, Resend::IfNeverSent)
             .await?;
         Ok(Count {
             value: u64::try_from(value).unwrap_or(0),
             expires_in: u64::try_from(left).ok().map(Duration::from_millis),
         })
+    }
+}
+
+/// When an operation whose connection failed is sent again.
+#[derive(Debug, Clone, Copy)]
+enum Resend {
+    /// Whenever the connection broke: the operation means the same if it runs twice (reads,
+    /// `SET`, `DEL`).
+    Always,
+    /// Only when it cannot have reached Redis: the connection was refused or never made (the
+    /// first use of a connection that broke while Redis was away).
+    IfNeverSent,
+}
+
+impl Resend {
+    fn allows(self, e: &RedisError) -> bool {
+        let never_sent = e.is_connection_refusal() || e.is_timeout();
+        match self {
+            Resend::Always => never_sent || e.is_connection_dropped(),
+            Resend::IfNeverSent => never_sent,
+        }
     }
 }
 

@@ -105,10 +105,13 @@ impl std::fmt::Debug for PluginState {
     }
 }
 
+/// The error a plugin sees: `access-denied`, or `other` with the kind first, so that a plugin
+/// can tell a store it cannot reach (`timeout: ...`, `unavailable: ...`) from a refusal
+/// (`full: ...`, `too_large: ...`).
 fn to_wit(e: KvError) -> store::Error {
     match e {
         KvError::Denied(_) => store::Error::AccessDenied,
-        other => store::Error::Other(other.to_string()),
+        other => store::Error::Other(format!("{}: {other}", other.kind())),
     }
 }
 

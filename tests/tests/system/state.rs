@@ -25,16 +25,16 @@ async fn get_as(envoy: &Envoy, key: &str) -> HttpResponse {
         .unwrap()
 }
 
-/// Two hosts, each behind its own Envoy (as two replicas behind their sidecars), share one
-/// Redis: the client's 5 requests a minute are 5 across both, whichever serves them.
-#[tokio::test]
-async fn two_hosts_sharing_one_redis_enforce_one_rate_limit_together() {
-    let redis = Redis::start().unwrap();
+/// Two hosts, each behind its own Envoy (as two replicas behind their sidecars), sharing
+/// `redis` for a rate limit of five requests a minute per `x-api-key`.
+async fn two_hosts_limiting_to_five(
+    redis: &Redis,
+    upstream: &EchoServer,
+) -> (Vec<RunningHost>, Vec<Envoy>) {
     let toml = format!(
         "{}[plugins.10-rate]\nconfig = \"limit=5;window_ms=60000;key_header=x-api-key\"\n",
-        redis_kv(&redis)
+        redis_kv(redis)
     );
-    let upstream = EchoServer::start().await.unwrap();
     let mut envoys = Vec::new();
     let mut hosts = Vec::new();
     for _ in 0..2 {
@@ -42,6 +42,16 @@ async fn two_hosts_sharing_one_redis_enforce_one_rate_limit_together() {
         envoys.push(Envoy::start(host.address, upstream.address).await.unwrap());
         hosts.push(host);
     }
+    (hosts, envoys)
+}
+
+/// Two hosts, each behind its own Envoy (as two replicas behind their sidecars), share one
+/// Redis: the client's 5 requests a minute are 5 across both, whichever serves them.
+#[tokio::test]
+async fn two_hosts_sharing_one_redis_enforce_one_rate_limit_together() {
+    let redis = Redis::start().unwrap();
+    let upstream = EchoServer::start().await.unwrap();
+    let (hosts, envoys) = two_hosts_limiting_to_five(&redis, &upstream).await;
     let mut statuses = Vec::new();
     for i in 0..12 {
         let response = get_as(&envoys[i % 2], "team-a").await;
@@ -268,7 +278,7 @@ async fn state_outlives_the_exchange_and_namespaces_are_granted_by_the_operator(
     let echoed = envoy.get("/headers").await.unwrap().json().unwrap();
     assert_eq!(
         echoed["headers"]["X-Kv-Open"],
-        "namespace not granted to this plugin"
+        "denied: namespace not granted to this plugin"
     );
     assert_eq!(
         host.metrics()
@@ -307,7 +317,7 @@ async fn plugins_of_three_contract_versions_run_in_one_chain() {
 /// sees does not depend on the backend the operator chose.
 #[tokio::test]
 async fn both_backends_answer_alike() {
-    use wasm_extproc::kv::{Backend, KEYS_PER_PAGE, Kv, KvError, KvSettings};
+    use wasm_extproc::kv::{self, Backend, KEYS_PER_PAGE, Kv, KvError, KvSettings};
     let redis = Redis::start().unwrap();
     let left = Duration::from_secs(1);
     for backend in [
@@ -316,6 +326,7 @@ async fn both_backends_answer_alike() {
             url: redis.url(),
             pool_size: 2,
             connect_timeout: Duration::from_millis(500),
+            prefix: kv::DEFAULT_PREFIX.into(),
         },
     ] {
         let case = format!("{backend:?}");
@@ -404,7 +415,7 @@ async fn both_backends_answer_alike() {
 /// error; the host that made the store is not affected.
 #[tokio::test]
 async fn an_unreachable_redis_fails_operations_not_the_host() {
-    use wasm_extproc::kv::{Backend, Kv, KvError, KvSettings};
+    use wasm_extproc::kv::{self, Backend, Kv, KvError, KvSettings};
     let closed = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -414,6 +425,7 @@ async fn an_unreachable_redis_fails_operations_not_the_host() {
             url: format!("redis://{closed}"),
             pool_size: 1,
             connect_timeout: Duration::from_millis(200),
+            prefix: kv::DEFAULT_PREFIX.into(),
         },
         timeout: Duration::from_millis(300),
         ..KvSettings::default()
@@ -428,4 +440,201 @@ async fn an_unreachable_redis_fails_operations_not_the_host() {
         );
         assert!(started.elapsed() < Duration::from_secs(1));
     }
+}
+
+/// What a hostile plugin asks of the store gets the same answer from both backends and leaves
+/// nothing behind: an expiry of `u64::MAX` ms (which made Redis keep a counter forever, outside
+/// the namespace's bounds), names built to spell another namespace's keys.
+#[tokio::test]
+async fn hostile_expiries_and_names_get_the_same_answer_on_both_backends() {
+    use std::sync::Arc;
+    use wasm_extproc::kv::{self, Access, Backend, Kv, KvError, KvSettings, MAX_TTL};
+    let redis = Redis::start().unwrap();
+    let left = Duration::from_secs(1);
+    let forever = Duration::from_millis(u64::MAX);
+    let too_long = KvError::TtlTooLong {
+        ms: forever.as_millis(),
+        limit: MAX_TTL.as_millis(),
+    };
+    for backend in [
+        Backend::Memory,
+        Backend::Redis {
+            url: redis.url(),
+            pool_size: 1,
+            connect_timeout: Duration::from_millis(500),
+            prefix: kv::DEFAULT_PREFIX.into(),
+        },
+    ] {
+        let case = format!("{backend:?}");
+        let kv = Arc::new(
+            Kv::new(KvSettings {
+                backend,
+                timeout: Duration::from_secs(1),
+                limits: kv::Limits {
+                    max_entries: 3,
+                    ..kv::DEFAULT_LIMITS
+                },
+            })
+            .unwrap(),
+        );
+        let refused = kv.increment("ns", "c", 1, Some(forever), left).await;
+        assert_eq!(refused.map(|_| ()), Err(too_long.clone()), "{case}");
+        let refused = kv.set("ns", "s", b"v".to_vec(), Some(forever), left).await;
+        assert_eq!(refused, Err(too_long.clone()), "{case}");
+        assert_eq!(kv.get("ns", "c", left).await, Ok(None), "{case}");
+        // The bound still holds exactly: three counters fit, a fourth does not.
+        for key in ["a", "b", "c"] {
+            kv.increment("ns", key, 1, Some(MAX_TTL), left)
+                .await
+                .unwrap();
+        }
+        let full = kv.increment("ns", "d", 1, Some(MAX_TTL), left).await;
+        assert!(
+            matches!(full, Err(KvError::Full { .. })),
+            "{case}: {full:?}"
+        );
+
+        // Chain `a/b` with plugin `c`, and chain `a` with plugin `b/c`: without escaping both
+        // would be `plugin:a/b/c`. A shared name with a brace would end the hash tag early.
+        let access = |chain: &str, own: &str, shared: &[&str]| Access {
+            kv: kv.clone(),
+            chain: chain.into(),
+            own: own.into(),
+            shared: shared.iter().map(|s| s.to_string()).collect(),
+        };
+        let one = access("a/b", "c", &["x}:e:y"]).open("").unwrap();
+        let two = access("a", "b/c", &[]).open("").unwrap();
+        let braced = access("a", "z", &["x}:e:y"]).open("x}:e:y").unwrap();
+        kv.set(&one, "k", b"one".to_vec(), None, left)
+            .await
+            .unwrap();
+        assert_eq!(kv.get(&two, "k", left).await, Ok(None), "{case}");
+        kv.set(&braced, "k", b"braced".to_vec(), None, left)
+            .await
+            .unwrap();
+        assert_eq!(kv.get(&one, "k", left).await, Ok(Some(b"one".to_vec())));
+    }
+    // Every key Redis holds is under the prefix, in a namespace whose hash tag is whole.
+    for key in redis.keys().unwrap() {
+        assert!(key.starts_with("wasm-extproc:{"), "{key}");
+        let tag = &key["wasm-extproc:{".len()..];
+        let end = tag.find('}').unwrap();
+        assert!(!tag[..end].contains('{'), "{key}");
+        assert!(tag[end..].starts_with("}:"), "{key}");
+    }
+}
+
+/// Two Deployments sharing one Redis, each with its own `[kv] prefix`, never see each other's
+/// entries, even for the same plugin in the same chain.
+#[tokio::test]
+async fn deployments_with_their_own_prefix_share_a_redis_apart() {
+    use wasm_extproc::kv::{Backend, Kv, KvSettings};
+    let redis = Redis::start().unwrap();
+    let left = Duration::from_secs(1);
+    let store = |prefix: &str| {
+        Kv::new(KvSettings {
+            backend: Backend::Redis {
+                url: redis.url(),
+                pool_size: 1,
+                connect_timeout: Duration::from_millis(500),
+                prefix: prefix.into(),
+            },
+            timeout: Duration::from_secs(1),
+            ..KvSettings::default()
+        })
+        .unwrap()
+    };
+    let (shop, billing, shop_again) = (store("shop"), store("billing"), store("shop"));
+    let ns = "plugin:default/10-rate";
+    shop.set(ns, "k", b"shop".to_vec(), None, left)
+        .await
+        .unwrap();
+    assert_eq!(billing.get(ns, "k", left).await, Ok(None));
+    assert_eq!(
+        shop_again.get(ns, "k", left).await,
+        Ok(Some(b"shop".to_vec()))
+    );
+    assert!(billing.increment(ns, "c", 1, None, left).await.is_ok());
+    assert_eq!(shop.get(ns, "c", left).await, Ok(None));
+    let keys = redis.keys().unwrap();
+    assert!(keys.iter().any(|k| k.starts_with("shop:{")), "{keys:?}");
+    assert!(keys.iter().any(|k| k.starts_with("billing:{")), "{keys:?}");
+    assert!(
+        keys.iter()
+            .all(|k| k.starts_with("shop:{") || k.starts_with("billing:{")),
+        "{keys:?}"
+    );
+}
+
+/// After Redis restarts, the pool's broken connections are replaced without failing an
+/// operation: the first increments after Redis answers again all count.
+#[tokio::test]
+async fn after_redis_restarts_no_operation_fails_for_a_broken_connection() {
+    use wasm_extproc::kv::{self, Backend, Kv, KvSettings};
+    let mut redis = Redis::start().unwrap();
+    let left = Duration::from_secs(1);
+    let kv = Kv::new(KvSettings {
+        backend: Backend::Redis {
+            url: redis.url(),
+            pool_size: 4,
+            connect_timeout: Duration::from_millis(500),
+            prefix: kv::DEFAULT_PREFIX.into(),
+        },
+        timeout: Duration::from_millis(500),
+        ..KvSettings::default()
+    })
+    .unwrap();
+    let window = Some(Duration::from_secs(60));
+    // Every pooled connection in use.
+    for _ in 0..8 {
+        kv.increment("ns", "c", 1, window, left).await.unwrap();
+    }
+    redis.stop();
+    for _ in 0..4 {
+        assert!(kv.increment("ns", "c", 1, window, left).await.is_err());
+    }
+    // Long enough for the connections' own attempts to reconnect to give up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.resume().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for expected in 1..=8 {
+        let count = kv.increment("ns", "c", 1, window, left).await;
+        assert_eq!(count.map(|c| c.value), Ok(expected), "increment {expected}");
+    }
+    for _ in 0..4 {
+        assert_eq!(kv.get("ns", "c", left).await, Ok(Some(b"8".to_vec())));
+    }
+}
+
+/// The same through Envoy, as the issue was seen: two hosts sharing a Redis that restarted a
+/// second ago enforce the limit at once: of six requests with a limit of five, one is refused.
+#[tokio::test]
+async fn after_redis_restarts_the_limit_holds_at_once() {
+    let mut redis = Redis::start().unwrap();
+    let upstream = EchoServer::start().await.unwrap();
+    let (_hosts, envoys) = two_hosts_limiting_to_five(&redis, &upstream).await;
+    // Traffic before, so the hosts hold connections; then the outage, seen by both.
+    for i in 0..8 {
+        let client = format!("warm-{i}");
+        assert_eq!(get_as(&envoys[i % 2], &client).await.status, 200);
+    }
+    redis.stop();
+    for envoy in &envoys {
+        for _ in 0..4 {
+            // `on_store_error=allow`, the default: let through while Redis is away.
+            assert_eq!(get_as(envoy, "during").await.status, 200);
+        }
+    }
+    // Long enough for the connections' own attempts to reconnect to give up.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    redis.resume().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let statuses: Vec<u16> = {
+        let mut statuses = Vec::new();
+        for i in 0..6 {
+            statuses.push(get_as(&envoys[i % 2], "after").await.status);
+        }
+        statuses
+    };
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
 }
