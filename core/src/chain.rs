@@ -443,6 +443,7 @@ impl StreamChain {
                     log_transition(plugin, plugin.breaker().record(ended, false));
                     effects.absorb(outcome.effects);
                     if let Action::Respond(response) = outcome.action {
+                        metrics.responded(response.status);
                         stopped = Some(Decision::Respond(response));
                         break;
                     }

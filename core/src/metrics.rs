@@ -37,6 +37,13 @@ struct DestinationLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResponseLabels {
+    chain: String,
+    plugin: String,
+    status: u16,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabel {
     phase: &'static str,
 }
@@ -119,6 +126,7 @@ pub struct Metrics {
     /// `messages` per phase, resolved once: counting a message is one atomic add.
     messages_by_phase: [Counter; 6],
     calls: Family<CallLabels, Counter>,
+    responses: Family<ResponseLabels, Counter>,
     call_seconds: Family<PluginPhaseLabels, Histogram>,
     instantiate_seconds: Family<PluginLabel, Histogram>,
     active_streams: Gauge,
@@ -187,6 +195,14 @@ impl Metrics {
             "plugin_calls",
             "Plugin handler calls by plugin, phase and outcome (ok, or the failure kind)",
             calls.clone(),
+        );
+        let responses = Family::<ResponseLabels, Counter>::default();
+        registry.register(
+            "plugin_responses",
+            "Immediate responses plugins answered with instead of passing a message on, by plugin \
+             and HTTP status (a rate limit's 429s, an auth check's 401s); failure policies' \
+             answers are not counted here but in plugin_calls",
+            responses.clone(),
         );
         let call_seconds = Family::<PluginPhaseLabels, Histogram>::new_with_constructor(
             latency_histogram as fn() -> Histogram,
@@ -331,6 +347,7 @@ impl Metrics {
             messages_by_phase,
             messages,
             calls,
+            responses,
             call_seconds,
             instantiate_seconds,
             active_streams,
@@ -633,6 +650,17 @@ impl Metrics {
             .map_or(0, |c| c.get())
     }
 
+    /// How many immediate responses with `status` `plugin` in `chain` answered with.
+    pub fn plugin_responses(&self, chain: &str, plugin: &str, status: u16) -> u64 {
+        self.responses
+            .get(&ResponseLabels {
+                chain: chain.to_string(),
+                plugin: plugin.to_string(),
+                status,
+            })
+            .map_or(0, |c| c.get())
+    }
+
     /// How many calls of `plugin` in `chain`, in any phase, ended with `outcome`.
     pub fn chain_plugin_outcomes(&self, chain: &str, plugin: &str, outcome: &'static str) -> u64 {
         Phase::ALL
@@ -805,6 +833,18 @@ impl PluginMetrics {
                     .clone()
             })
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts an immediate response the plugin answered with.
+    pub fn responded(&self, status: u16) {
+        self.metrics
+            .responses
+            .get_or_create(&ResponseLabels {
+                chain: self.chain.clone(),
+                plugin: self.plugin.clone(),
+                status,
+            })
+            .inc();
     }
 
     /// Counts a call of this shadow plugin whose output differed from its target's.

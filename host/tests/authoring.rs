@@ -11,10 +11,15 @@ use support::{built, repo};
 /// `wasm-extproc test ARGS`, with budgets roomy enough for interpreters on a machine busy
 /// with other tests (a Python plugin's first call can take longer than the default 20 ms).
 fn test(args: &[&str]) -> Output {
+    test_with(args, "")
+}
+
+/// `test`, with `more` added to its configuration file.
+fn test_with(args: &[&str], more: &str) -> Output {
     let config = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(
         config.path(),
-        "[defaults]\ntimeout_ms = 2000\n[envoy]\nmessage_timeout_ms = 5000\n",
+        format!("[defaults]\ntimeout_ms = 2000\n[envoy]\nmessage_timeout_ms = 5000\n{more}"),
     )
     .unwrap();
     Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
@@ -35,46 +40,74 @@ fn text(bytes: &[u8]) -> String {
 /// Every exchange file the project ships, against every component it describes.
 #[test]
 fn the_shipped_exchange_files_pass() {
-    let cases: [(&str, Option<&str>, &str); 9] = [
-        ("asm_demo", None, "plugins/asm-demo/exchanges.yaml"),
-        ("asm_demo_js", None, "plugins/asm-demo/exchanges.yaml"),
-        ("asm_demo_py", None, "plugins/asm-demo/exchanges.yaml"),
-        ("asm_demo_c", None, "plugins/asm-demo/exchanges.yaml"),
+    // Component, its configuration string, the exchange file, and a host configuration file
+    // (for the state store's bounds or an allowed endpoint) where the file needs one.
+    let cases: [(&str, Option<&str>, &str, Option<&str>); 12] = [
+        ("asm_demo", None, "plugins/asm-demo/exchanges.yaml", None),
+        ("asm_demo_js", None, "plugins/asm-demo/exchanges.yaml", None),
+        ("asm_demo_py", None, "plugins/asm-demo/exchanges.yaml", None),
+        ("asm_demo_c", None, "plugins/asm-demo/exchanges.yaml", None),
         (
             "bearer_auth",
             Some("realm=api;tokens=s3cret"),
             "plugins/bearer-auth/exchanges.yaml",
+            None,
         ),
         (
             "json_redact",
             Some("password,ssn"),
             "plugins/json-redact/exchanges.yaml",
+            None,
+        ),
+        (
+            "json_redact",
+            Some("password,ssn"),
+            "plugins/json-redact/hostile.exchanges.yaml",
+            None,
         ),
         (
             "rate_limit",
             Some("limit=2;window_ms=60000"),
             "plugins/rate-limit/exchanges.yaml",
+            None,
+        ),
+        (
+            "rate_limit",
+            Some("limit=2;window_ms=60000;key_header=x-api-key"),
+            "plugins/rate-limit/hostile.exchanges.yaml",
+            Some("plugins/rate-limit/hostile.toml"),
+        ),
+        (
+            "token_introspect",
+            Some("endpoint=http://127.0.0.1:9/introspect;on_error=allow"),
+            "plugins/token-introspect/hostile.exchanges.yaml",
+            Some("plugins/token-introspect/hostile.toml"),
         ),
         (
             "api_key_js",
             Some(r#"{"header": "x-api-key", "keys": ["key-1", "key-2"]}"#),
             "plugins/examples/javascript/api-key.exchanges.yaml",
+            None,
         ),
         (
             "json_rewrite_py",
             Some(r#"{"source": "mesh"}"#),
             "plugins/examples/python/json_rewrite.exchanges.yaml",
+            None,
         ),
     ];
-    for (component, config, file) in cases {
+    for (component, config, file, host_config) in cases {
         let plugin = built(component);
         let file = repo(file);
+        let more = host_config
+            .map(|f| std::fs::read_to_string(repo(f)).unwrap())
+            .unwrap_or_default();
         let mut args = vec!["--plugin", plugin.to_str().unwrap()];
         if let Some(config) = config {
             args.extend(["--plugin-config", config]);
         }
         args.push(file.to_str().unwrap());
-        let output = test(&args);
+        let output = test_with(&args, &more);
         let stdout = text(&output.stdout);
         assert_eq!(
             output.status.code(),

@@ -3,7 +3,9 @@
 //! - `GET /headers` answers `{"headers": {...}}` with the request's headers in httpbin's
 //!   Title-Case;
 //! - `GET /generate?bytes=N` answers N bytes of lower-case text, and with `&json` a JSON object
-//!   of about N bytes with a `password` field (see [`generated`]);
+//!   of about N bytes with a `password` field (see [`generated`]); gzip-encoded when the
+//!   request accepts gzip, as real servers do, or always with `&encoding=gzip`; with
+//!   `&encoding=br` it claims brotli (for a reader that must refuse what it cannot read);
 //! - any other path echoes the request body back; with `?chunked` in pieces, without a
 //!   `content-length` (chunked transfer over HTTP/1.1).
 //!
@@ -196,16 +198,31 @@ async fn handle(
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             let json = query.split('&').any(|p| p == "json");
-            Response::builder()
-                .header(
-                    "content-type",
-                    if json {
-                        "application/json"
-                    } else {
-                        "text/plain"
-                    },
-                )
-                .body(full(Bytes::from(generated(bytes, json))))
+            let accepts_gzip = headers.iter().any(|(n, v)| {
+                n == "accept-encoding" && String::from_utf8_lossy(v).contains("gzip")
+            });
+            let encoding = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("encoding="))
+                .or(accepts_gzip.then_some("gzip"));
+            let body = generated(bytes, json);
+            let builder = Response::builder().header(
+                "content-type",
+                if json {
+                    "application/json"
+                } else {
+                    "text/plain"
+                },
+            );
+            match encoding {
+                Some("gzip") => builder
+                    .header("content-encoding", "gzip")
+                    .body(full(Bytes::from(gzip(&body)))),
+                Some(other) => builder
+                    .header("content-encoding", other)
+                    .body(full(Bytes::from(body))),
+                None => builder.body(full(Bytes::from(body))),
+            }
         }
         _ if !trailers.is_empty() => {
             let mut response_trailers = hyper::HeaderMap::new();
@@ -240,6 +257,22 @@ async fn handle(
             .body(full(body)),
     };
     Ok(response.expect("valid response"))
+}
+
+/// `bytes`, gzip-encoded.
+pub fn gzip(bytes: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    encoder.write_all(bytes).expect("writing to memory");
+    encoder.finish().expect("writing to memory")
+}
+
+/// `bytes`, gzip-decoded.
+pub fn gunzip(bytes: &[u8]) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut decoded = Vec::new();
+    flate2::read::GzDecoder::new(bytes).read_to_end(&mut decoded)?;
+    Ok(decoded)
 }
 
 /// `x-ext-proc-header` -> `X-Ext-Proc-Header`, as httpbin shows names.

@@ -310,6 +310,47 @@ pub mod kv {
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub struct Error(pub String);
 
+    /// What kind of failure an [`Error`] is.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum ErrorKind {
+        /// The store could not be reached in time (Redis down or slow): the only kind that is
+        /// an outage rather than a refusal.
+        Unavailable,
+        /// The namespace is at one of its bounds (entries or bytes).
+        Full,
+        /// A key or value past its bound.
+        TooLarge,
+        /// An expiry or window the store does not take (0 ms, or longer than 366 days).
+        Invalid,
+        /// The value at the key is not a counter, or would overflow.
+        NotACounter,
+        /// The namespace is not granted to this plugin, or does not exist.
+        Denied,
+        /// Anything else.
+        Other,
+    }
+
+    impl Error {
+        /// What kind of failure this is, from the word the host puts first.
+        pub fn kind(&self) -> ErrorKind {
+            match self.0.split_once(':').map_or("", |(word, _)| word) {
+                "timeout" | "unavailable" => ErrorKind::Unavailable,
+                "full" => ErrorKind::Full,
+                "too_large" => ErrorKind::TooLarge,
+                "invalid" => ErrorKind::Invalid,
+                "not_a_counter" => ErrorKind::NotACounter,
+                "denied" => ErrorKind::Denied,
+                _ => ErrorKind::Other,
+            }
+        }
+
+        /// Whether the store could not be reached in time: decide with the plugin's policy
+        /// for outages. Every other error is a refusal that holds however often it is retried.
+        pub fn is_unavailable(&self) -> bool {
+            self.kind() == ErrorKind::Unavailable
+        }
+    }
+
     impl core::fmt::Display for Error {
         fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
             f.write_str(&self.0)
@@ -319,8 +360,8 @@ pub mod kv {
     impl From<store::Error> for Error {
         fn from(e: store::Error) -> Self {
             Error(match e {
-                store::Error::NoSuchStore => "no such namespace".into(),
-                store::Error::AccessDenied => "namespace not granted to this plugin".into(),
+                store::Error::NoSuchStore => "denied: no such namespace".into(),
+                store::Error::AccessDenied => "denied: namespace not granted to this plugin".into(),
                 store::Error::Other(text) => text,
             })
         }

@@ -7,7 +7,9 @@
 //!
 //! An active token's subject goes upstream as `x-auth-subject`; a missing or inactive one is
 //! answered 401 with `www-authenticate`. When the endpoint cannot be reached in time, the
-//! request is answered 503 (`on_error=deny`, the default) or let through (`allow`).
+//! request is answered 503 (`on_error=deny`, the default) or let through (`allow`) with no
+//! subject. Whatever happens, a client's own `x-auth-subject` is removed first: the upstream
+//! only ever sees a subject this plugin checked.
 //!
 //! Configuration: `endpoint=<http://host:port/path>[;max_cache_ms=<ms>]
 //! [;negative_cache_ms=<ms>][;on_error=allow|deny]`. The operator must allow the endpoint's
@@ -23,6 +25,9 @@ use wasm_extproc_sdk::kv::Store;
 use wasm_extproc_sdk::{
     Action, Headers, ImmediateResponse, Phases, Plugin, config, export_plugin, log,
 };
+
+/// The header that tells the upstream who the token belongs to.
+const SUBJECT: &str = "x-auth-subject";
 
 struct Settings {
     https: bool,
@@ -201,6 +206,10 @@ impl Plugin for TokenIntrospect {
     const PHASES: Phases = Phases::REQUEST_HEADERS;
 
     fn on_request_headers(&mut self, headers: &Headers, _end_of_stream: bool) -> Action {
+        // The subject header is this plugin's to set: a client's own copy never goes upstream,
+        // whichever way the check ends (a failed check let through with `on_error=allow`
+        // included).
+        headers.remove(SUBJECT);
         let settings = match settings() {
             Ok(settings) => settings,
             Err(e) => {
@@ -252,9 +261,8 @@ impl Plugin for TokenIntrospect {
         if !answer.active {
             return unauthorized("the token is not active");
         }
-        match &answer.subject {
-            Some(subject) => headers.set("x-auth-subject", subject),
-            None => headers.remove("x-auth-subject"),
+        if let Some(subject) = &answer.subject {
+            headers.set(SUBJECT, subject);
         }
         Action::Continue
     }

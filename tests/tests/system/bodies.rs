@@ -58,7 +58,13 @@ async fn setup(plugin: Component, config_string: &str, mode: &'static str) -> Se
 /// A POST of `chunks` (one chunk: a plain body; several: a chunked upload). Returns the client's
 /// response and the body the upstream received.
 async fn upload(setup: &Setup, chunks: Vec<Vec<u8>>, label: &str) -> (HttpResponse, Vec<u8>) {
-    let request = HttpRequest::new("POST", "/anything").header("content-type", "application/json");
+    let json = chunks.first().and_then(|c| c.first()) == Some(&b'{');
+    let content_type = if json {
+        "application/json"
+    } else {
+        "text/plain"
+    };
+    let request = HttpRequest::new("POST", "/anything").header("content-type", content_type);
     let request = if chunks.len() == 1 {
         request.body(chunks.concat())
     } else {
@@ -215,15 +221,20 @@ async fn whole_bodies_are_replaced_where_envoy_sends_them_whole_or_lets_the_host
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn in_streamed_mode_a_whole_body_plugin_sees_chunks_and_does_not_pretend() {
+async fn in_streamed_mode_a_whole_body_plugin_sees_chunks_and_refuses_json_it_cannot_read() {
     // Envoy answers STREAMED chunks one by one, so the host cannot hold them back: the plugin
-    // sees chunks without end-of-stream, cannot parse them, and passes them on unchanged.
+    // sees part of a JSON body, cannot parse it, and refuses it rather than let a secret by.
     let setup = setup(JSON_REDACT, "password", "STREAMED").await;
     let body = generated(200_000, true);
-    let (_, received) = upload(&setup, in_chunks(&body), "STREAMED chunked JSON").await;
-    assert_same(&received, &body, "STREAMED chunked JSON");
-    let seen = setup.upstream.seen().last().unwrap().clone();
-    assert_eq!(seen.header("x-redacted"), None);
+    let request = HttpRequest::new("POST", "/anything")
+        .header("content-type", "application/json")
+        .chunked(in_chunks(&body));
+    let response = setup.envoy.send(&request).await.unwrap();
+    assert_eq!(response.status, 413, "{}", setup.envoy.log());
+    for seen in setup.upstream.seen() {
+        let text = String::from_utf8_lossy(&seen.body).into_owned();
+        assert!(!text.contains("hunter2"), "the upstream got {text}");
+    }
 }
 
 /// Body handlers get the headers exactly where changes to them still reach the upstream: when
@@ -292,4 +303,76 @@ async fn buffered_partial_cuts_at_envoys_buffer_limit_with_end_of_stream_false()
         "{bytes} bytes handed over at a {LIMIT}-byte limit"
     );
     assert!(upstream.seen().is_empty());
+}
+
+/// No secret gets past the redaction in a compressed body: the upstream is asked for bodies
+/// the plugin reads, gzip bodies are read and sent on gzip, and a body in an encoding the
+/// plugin cannot read is refused -- both ways, counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compressed_bodies_are_redacted_or_refused_never_passed_unread() {
+    use extproc_testkit::echo::{gunzip, gzip};
+    let host = RunningHost::start(
+        &[("body", JSON_REDACT)],
+        &format!("[plugins.body]\nconfig = \"password\"\n{BODY_PLUGIN_SETTINGS}\n"),
+    )
+    .await;
+    let upstream = EchoServer::start().await.unwrap();
+    let envoy = Envoy::start_with(&config("BUFFERED"), host.address, upstream.address)
+        .await
+        .unwrap();
+    let get =
+        |path: &'static str| HttpRequest::new("GET", path).header("accept-encoding", "gzip, br");
+
+    // The client accepts gzip; the upstream is asked for identity, and the client gets the
+    // body redacted.
+    let response = envoy.send(&get("/generate?bytes=2000&json")).await.unwrap();
+    assert_eq!(response.status, 200);
+    let seen = upstream.seen().last().unwrap().clone();
+    assert_eq!(seen.header("accept-encoding").as_deref(), Some("identity"));
+    assert_same(&response.body, &redacted(2000), "asked for identity");
+
+    // An upstream that compresses anyway: read, redacted, and sent on gzip.
+    let response = envoy
+        .send(&get("/generate?bytes=2000&json&encoding=gzip"))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(response.header_values("content-encoding"), ["gzip"]);
+    assert_same(
+        &gunzip(&response.body).unwrap(),
+        &redacted(2000),
+        "gzip response",
+    );
+    assert_length_fits(&response, "gzip response");
+
+    // An encoding it cannot read: refused, not passed.
+    let response = envoy
+        .send(&get("/generate?bytes=2000&json&encoding=br"))
+        .await
+        .unwrap();
+    assert_eq!(response.status, 502);
+    assert!(!String::from_utf8_lossy(&response.body).contains("hunter2"));
+
+    // A gzip upload: the upstream gets it redacted, still gzip.
+    let upload = HttpRequest::new("POST", "/anything")
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(gzip(&generated(5000, true)));
+    let response = envoy.send(&upload).await.unwrap();
+    assert_eq!(response.status, 200);
+    let seen = upstream.seen().last().unwrap().clone();
+    assert_same(
+        &gunzip(&seen.body).unwrap(),
+        &redacted(5000),
+        "gzip upload, at the upstream",
+    );
+    let upload = HttpRequest::new("POST", "/anything")
+        .header("content-type", "application/json")
+        .header("content-encoding", "br")
+        .body(generated(5000, true));
+    assert_eq!(envoy.send(&upload).await.unwrap().status, 415);
+
+    let metrics = host.metrics();
+    assert_eq!(metrics.plugin_responses("default", "body", 502), 1);
+    assert_eq!(metrics.plugin_responses("default", "body", 415), 1);
 }

@@ -525,5 +525,20 @@ async fn state_between_exchanges_both_ways() {
             3,
             "{label}: the fourth never went up"
         );
+        // A key past the store's 512-byte key bound is limited like any other.
+        let long = "k".repeat(600);
+        let statuses = {
+            let mut statuses = Vec::new();
+            for _ in 0..4 {
+                let response = d
+                    .envoy
+                    .request("GET", "/headers", &[("x-api-key", &long)], Vec::new())
+                    .await
+                    .unwrap();
+                statuses.push(response.status);
+            }
+            statuses
+        };
+        assert_eq!(statuses, [200, 200, 200, 429], "{label}: a 600-byte key");
     }
 }

@@ -231,3 +231,44 @@ async fn response_bodies_and_requests_in_flight_are_capped() {
     assert_eq!(statuses[1], 503);
     assert_eq!(slow.received(), 1);
 }
+
+/// A client that makes the check fail (here the endpoint is down) with `on_error=allow` is let
+/// through, but never with the subject it claimed: the upstream sees no `x-auth-subject` unless
+/// the plugin checked one.
+#[tokio::test]
+async fn a_failed_check_never_forwards_the_clients_own_subject() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let toml = format!(
+        "[plugins.10-token]\nconfig = \"endpoint=http://{closed}/introspect;on_error=allow\"\n\
+         http_allow = [\"http://{closed}\"]\n"
+    );
+    let host = RunningHost::start(&[("10-token", TOKEN_INTROSPECT)], &toml).await;
+    let upstream = EchoServer::start().await.unwrap();
+    let envoy = Envoy::start(host.address, upstream.address).await.unwrap();
+    let response = envoy
+        .request(
+            "GET",
+            "/headers",
+            &[
+                ("authorization", "Bearer junk"),
+                ("x-auth-subject", "admin"),
+            ],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200, "{}", envoy.log());
+    let seen = upstream.seen().last().unwrap().clone();
+    assert_eq!(seen.header("x-auth-subject"), None, "{:?}", seen.headers);
+    let origin = format!("http://{closed}");
+    assert_eq!(
+        host.metrics()
+            .outbound_requests("default", "10-token", &origin, "error"),
+        1,
+        "{}",
+        host.metrics().render()
+    );
+}
