@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use crate::breaker::{Admission, Transition};
+use crate::breaker::{Admission, Call, Client, Transition};
 use crate::config::FailurePolicy;
 use crate::http::{
     BodyChunk, BodyMode, Changes, Decision, Delivery, Direction, Effects, ExchangeContext,
@@ -312,7 +312,8 @@ impl StreamChain {
                 state.slot = Slot::Skipped;
                 metrics.call(phase, error.kind(), took);
                 if error.is_plugins_fault() {
-                    log_transition(plugin, plugin.breaker().record(Instant::now(), true));
+                    let call = Call::Failed(client_of(context));
+                    log_transition(plugin, plugin.breaker().record(Instant::now(), call));
                 }
                 on_failure(plugin, phase, &error)
             };
@@ -333,7 +334,9 @@ impl StreamChain {
                 }
             }
             let started = Instant::now();
-            if let Admission::Quarantined(left) = plugin.breaker().admit(started) {
+            if let Admission::Quarantined(left) =
+                plugin.breaker().admit(started, || client_of(context))
+            {
                 match failed(state, PluginError::Quarantined(left), Duration::ZERO) {
                     Some(response) => {
                         stopped = Some(Decision::Respond(response));
@@ -440,7 +443,7 @@ impl StreamChain {
                     }
                     metrics.call(phase, "ok", ended - started);
                     span.record("outcome", "ok");
-                    log_transition(plugin, plugin.breaker().record(ended, false));
+                    log_transition(plugin, plugin.breaker().record(ended, Call::Succeeded));
                     effects.absorb(outcome.effects);
                     if let Action::Respond(response) = outcome.action {
                         metrics.responded(response.status);
@@ -703,7 +706,8 @@ async fn shadow_call(
     let plugin = &shadow.plugin;
     let started = Instant::now();
     let result = async {
-        if let Admission::Quarantined(left) = plugin.breaker().admit(started) {
+        if let Admission::Quarantined(left) = plugin.breaker().admit(started, || client_of(context))
+        {
             return Err(PluginError::Quarantined(left));
         }
         if let Slot::Idle = state.slot
@@ -741,24 +745,35 @@ async fn shadow_call(
     let kind = result.as_ref().err().map_or("ok", PluginError::kind);
     shadow.metrics.call(phase, kind, ended - started);
     match &result {
-        Ok(_) => log_transition(plugin, plugin.breaker().record(ended, false)),
+        Ok(_) => log_transition(plugin, plugin.breaker().record(ended, Call::Succeeded)),
         Err(error) if error.is_plugins_fault() => {
-            log_transition(plugin, plugin.breaker().record(ended, true));
+            let call = Call::Failed(client_of(context));
+            log_transition(plugin, plugin.breaker().record(ended, call));
         }
         Err(_) => {}
     }
     result
 }
 
-/// Logs a breaker transition: once per quarantine, not once per request.
+/// Who sent the stream's request, as the breaker tells clients apart: Envoy's `source.address`.
+fn client_of(context: &ExchangeContext) -> Option<Client> {
+    Client::from_address(context.attributes.get(SOURCE_ADDRESS)?)
+}
+
+/// The attribute that tells the breaker clients apart.
+pub const SOURCE_ADDRESS: &str = "source.address";
+
+/// Logs a breaker transition: once per quarantine (or per run of failures that did not trip
+/// it), not once per request.
 fn log_transition(plugin: &Plugin, transition: Option<Transition>) {
     match transition {
         Some(Transition::Opened(backoff)) => tracing::warn!(
             chain = plugin.chain(),
             plugin = plugin.name(),
             backoff_ms = backoff.as_millis() as u64,
-            "plugin keeps failing; quarantined: it is not called (its failure policy applies) \
-             until the back-off ends and a probe call succeeds"
+            "plugin keeps failing for several clients; quarantined: the clients it failed for \
+             get its failure policy without a call until the back-off ends and a probe call \
+             succeeds; other clients' requests are still called"
         ),
         Some(Transition::Recovered) => {
             tracing::info!(
@@ -767,6 +782,28 @@ fn log_transition(plugin: &Plugin, transition: Option<Transition>) {
                 "quarantined plugin recovered"
             )
         }
+        Some(Transition::TooFewClients {
+            failures,
+            clients: 0,
+        }) => tracing::warn!(
+            chain = plugin.chain(),
+            plugin = plugin.name(),
+            failures,
+            "plugin failed {failures} calls in a row, but Envoy sends no {SOURCE_ADDRESS}, so \
+             the breaker cannot tell clients apart and does not quarantine it (one client's \
+             requests must not switch a plugin off for everyone): list {SOURCE_ADDRESS} in the \
+             ext_proc filter's request_attributes ([module] request_attributes in Envoy's \
+             process)"
+        ),
+        Some(Transition::TooFewClients { failures, clients }) => tracing::warn!(
+            chain = plugin.chain(),
+            plugin = plugin.name(),
+            failures,
+            clients,
+            "plugin failed {failures} calls in a row, from {clients} client(s): fewer than \
+             breaker_min_clients, so not quarantined (a client's own requests cannot switch a \
+             plugin off for everyone)"
+        ),
         None => {}
     }
 }

@@ -14,6 +14,7 @@
 //! timeout_ms = 20
 //! memory_limit_mib = 32
 //! breaker_threshold = 5         # failures in a row that quarantine a plugin; 0 = never
+//! breaker_min_clients = 3       # ... from at least this many clients (source.address)
 //! breaker_window_ms = 10000
 //! breaker_backoff_ms = 5000
 //! isolation = "exchange"        # or "reuse": keep instances across exchanges (see README)
@@ -77,9 +78,12 @@ pub const DEFAULT_MAX_WASI_INSTANCES: u32 = 2_000;
 /// default 200 ms `message_timeout` (the start-up budget check counts it once per phase).
 pub const DEFAULT_INSTANCE_WAIT: Duration = Duration::from_millis(20);
 /// Five crashes in a row is a crash loop, not bad luck: a plugin that fails 1% of calls gets
-/// five in a row about once in ten billion calls.
+/// five in a row about once in ten billion calls. From three clients, so that no one client
+/// (nor every client behind one proxy) can quarantine a plugin for everybody, while a plugin
+/// broken on every call still trips as soon as a few clients have called it.
 pub const DEFAULT_BREAKER: BreakerSettings = BreakerSettings {
     threshold: 5,
+    min_clients: 3,
     window: Duration::from_secs(10),
     backoff: Duration::from_secs(5),
 };
@@ -407,6 +411,7 @@ struct FilePluginSettings {
     timeout_ms: Option<u64>,
     memory_limit_mib: Option<u64>,
     breaker_threshold: Option<u32>,
+    breaker_min_clients: Option<u32>,
     breaker_window_ms: Option<u64>,
     breaker_backoff_ms: Option<u64>,
     isolation: Option<Isolation>,
@@ -932,6 +937,7 @@ impl FilePluginSettings {
         };
         let breaker = BreakerSettings {
             threshold: self.breaker_threshold.unwrap_or(base.breaker.threshold),
+            min_clients: self.breaker_min_clients.unwrap_or(base.breaker.min_clients),
             window: millis(
                 self.breaker_window_ms,
                 "breaker_window_ms",

@@ -224,8 +224,9 @@ def test_the_standalone_envoy_routes_checkout_and_static_before_the_default():
     (bootstrap,) = load_all(DEPLOY / "envoy" / "envoy.yaml")
     ext_proc = http_connection_manager(bootstrap)["http_filters"][0]
     assert ext_proc["name"] == EXT_PROC_FILTER
-    # Route names as attributes would be evaluated on every request: metadata instead.
-    assert "request_attributes" not in ext_proc["typed_config"]
+    # Route names as attributes would be evaluated on every request: metadata instead. The one
+    # attribute is the client's address, which the breaker and the rate limit need.
+    assert ext_proc["typed_config"]["request_attributes"] == ["source.address"]
     checkout, static, default = routes_of(bootstrap)
     assert checkout == {
         "name": "checkout",

@@ -622,6 +622,9 @@ pub struct HttpRequest {
     pub pause: Duration,
     pub trailers: Vec<(String, String)>,
     pub http2: bool,
+    /// The address the request is sent from (a loopback one, `127.0.0.N`), as another
+    /// client would; the system picks one if `None`.
+    pub from: Option<std::net::IpAddr>,
 }
 
 /// The pause between chunks of a chunked upload: long enough for Envoy to see each chunk on
@@ -674,11 +677,20 @@ impl HttpRequest {
         self
     }
 
+    /// Sent from `address` (`127.0.0.2`, ...): another client, as Envoy's `source.address`
+    /// tells them apart.
+    pub fn from(mut self, address: &str) -> Self {
+        self.from = Some(address.parse().expect("an IP address"));
+        self
+    }
+
     pub async fn send(&self, address: SocketAddr) -> anyhow::Result<HttpResponse> {
         type Body = BoxBody<Bytes, std::convert::Infallible>;
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_local_address(self.from);
         let client: Client<_, Body> = Client::builder(TokioExecutor::new())
             .http2_only(self.http2)
-            .build_http();
+            .build(connector);
         let mut builder = hyper::Request::builder()
             .method(self.method.as_str())
             .uri(format!("http://{address}{}", self.path));

@@ -116,6 +116,25 @@ fn wrap(request: Request) -> ProcessingRequest {
     }
 }
 
+/// `request` as Envoy sends it for a client at `address` (`10.0.0.7:51234`): with the
+/// `source.address` attribute.
+pub fn from(mut request: ProcessingRequest, address: &str) -> ProcessingRequest {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    request.attributes.insert(
+        "envoy.filters.http.ext_proc".into(),
+        Struct {
+            fields: [(
+                "source.address".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(address.into())),
+                },
+            )]
+            .into(),
+        },
+    );
+    request
+}
+
 pub fn request_headers(headers: &[(&str, &str)], end_of_stream: bool) -> ProcessingRequest {
     wrap(Request::RequestHeaders(HttpHeaders {
         headers: header_map(headers),

@@ -542,3 +542,104 @@ async fn state_between_exchanges_both_ways() {
         assert_eq!(statuses, [200, 200, 200, 429], "{label}: a 600-byte key");
     }
 }
+
+/// No client can switch a plugin off: a client whose requests make a plugin trap (here, a
+/// missing header it `expect`s) gets the failure policy on its own requests only. Valid
+/// requests from other clients -- interleaved with the failing ones, and after a long run of
+/// them with nobody else calling -- are always called: never refused (fail-closed), never let
+/// past the plugin (fail-open). Nothing is quarantined.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_can_switch_a_plugin_off() {
+    for policy in ["fail-closed", "fail-open"] {
+        let mut case = Case::new(
+            &[("10-check", TRAP)],
+            &format!(
+                "[plugins.10-check]\nconfig = \"expect:x-token\"\nfailure_policy = \"{policy}\"\n"
+            ),
+        );
+        case.request_attributes = vec!["source.address"];
+        for mode in Mode::BOTH {
+            let label = format!("{mode:?}, {policy}");
+            let d = Deployment::start(mode, &case).await;
+            let crafted = || HttpRequest::new("GET", "/headers").from("127.0.0.1");
+            let valid = |from: &str| {
+                HttpRequest::new("GET", "/headers")
+                    .header("x-token", "t-1")
+                    .from(from)
+            };
+            let assert_checked = |response: HttpResponse, label: &str| {
+                assert_eq!(response.status, 200, "{label}");
+                let echoed = response.json().unwrap();
+                assert_eq!(echoed["headers"]["X-Trap-Checked"], "t-1", "{label}");
+            };
+            for i in 0..30 {
+                let response = d.envoy.send(&crafted()).await.unwrap();
+                match policy {
+                    "fail-closed" => assert_eq!(response.status, 500, "{label}: crafted {i}"),
+                    _ => {
+                        assert_eq!(response.status, 200, "{label}: crafted {i}");
+                        let echoed = response.json().unwrap();
+                        assert!(echoed["headers"].get("X-Trap-Checked").is_none());
+                    }
+                }
+                if i % 3 == 0 {
+                    let response = d.envoy.send(&valid("127.0.0.2")).await.unwrap();
+                    assert_checked(response, &format!("{label}: valid after crafted {i}"));
+                }
+            }
+            // A long run of crafted requests with nobody else calling, then a valid one.
+            for _ in 0..30 {
+                d.envoy.send(&crafted()).await.unwrap();
+            }
+            let response = d.envoy.send(&valid("127.0.0.3")).await.unwrap();
+            assert_checked(response, &format!("{label}: valid after a long run"));
+            assert_eq!(
+                d.plugin_outcomes("10-check", "quarantined").await,
+                0,
+                "{label}"
+            );
+            // Every crafted request failed for itself (in-process, counting sends two more of
+            // its own, without the header).
+            let traps = d.plugin_outcomes("10-check", "trap").await;
+            assert!((60..=62).contains(&traps), "{label}: {traps}");
+        }
+    }
+}
+
+/// A plugin that traps on every call, from whoever, is still quarantined within a few
+/// requests -- its failing clients get the policy without a call -- and probed when the
+/// back-off ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_failing_on_every_call_is_quarantined_and_probed() {
+    let mut case = Case::new(
+        &[("10-broken", TRAP)],
+        "[plugins.10-broken]\nbreaker_backoff_ms = 3000\n",
+    );
+    case.request_attributes = vec!["source.address"];
+    for mode in Mode::BOTH {
+        let label = format!("{mode:?}");
+        let d = Deployment::start(mode, &case).await;
+        let from = |n: u32| HttpRequest::new("GET", "/headers").from(&format!("127.0.0.{n}"));
+        // Five failures from three clients trip it.
+        for n in [1, 2, 3, 1, 2] {
+            assert_eq!(d.envoy.send(&from(n)).await.unwrap().status, 500, "{label}");
+        }
+        let tripped = std::time::Instant::now();
+        for n in [1, 2, 3, 1, 2, 3] {
+            assert_eq!(d.envoy.send(&from(n)).await.unwrap().status, 500, "{label}");
+        }
+        assert_eq!(d.plugin_outcomes("10-broken", "trap").await, 5, "{label}");
+        // In-process, counting sends a request of its own (from 127.0.0.1, quarantined too).
+        let quarantined = d.plugin_outcomes("10-broken", "quarantined").await;
+        assert!((6..=8).contains(&quarantined), "{label}: {quarantined}");
+        // After the back-off, one probe call: it fails, and the quarantine goes on.
+        tokio::time::sleep(
+            std::time::Duration::from_millis(3200).saturating_sub(tripped.elapsed()),
+        )
+        .await;
+        for n in [1, 2, 3] {
+            assert_eq!(d.envoy.send(&from(n)).await.unwrap().status, 500, "{label}");
+        }
+        assert_eq!(d.plugin_outcomes("10-broken", "trap").await, 6, "{label}");
+    }
+}

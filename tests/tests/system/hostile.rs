@@ -167,35 +167,50 @@ async fn open_with_id(host: &RunningHost, id: u32) -> (ExtProcStream, Processing
     (stream, answer)
 }
 
-async fn flaky_answer(host: &RunningHost, id: u32) -> ProcessingResponse {
+/// The flaky plugin's answer to a request with `x-request-id: id`, from the client
+/// `10.0.0.CLIENT` as Envoy's `source.address` says.
+async fn flaky_answer(host: &RunningHost, id: u32, client: u8) -> ProcessingResponse {
     let mut stream = ExtProcStream::connect(host.address).await;
     stream
-        .exchange(grpc::request_headers(
-            &[("x-request-id", &id.to_string())],
-            true,
+        .exchange(grpc::from(
+            grpc::request_headers(&[("x-request-id", &id.to_string())], true),
+            &format!("10.0.0.{client}:4000"),
         ))
         .await
 }
 
-#[tokio::test]
-async fn a_plugin_that_keeps_failing_is_quarantined_then_probed() {
-    // Fails on even ids. Three failures in a row quarantine it for 300 ms.
-    let host = RunningHost::start(
+/// The flaky plugin failing on even ids (503), its breaker tripping after three failures in a
+/// row from three clients, for `backoff_ms`.
+async fn flaky_breaking_after_three(backoff_ms: u64) -> RunningHost {
+    RunningHost::start(
         &[("flaky", FLAKY)],
-        "[plugins.flaky]\nconfig = \"2\"\nfailure_status = 503\n\
-         breaker_threshold = 3\nbreaker_backoff_ms = 300\n",
+        &format!(
+            "[plugins.flaky]\nconfig = \"2\"\nfailure_status = 503\n\
+             breaker_threshold = 3\nbreaker_backoff_ms = {backoff_ms}\n"
+        ),
     )
-    .await;
-    for id in [2, 4, 6] {
+    .await
+}
+
+fn passed() -> Vec<(String, String)> {
+    vec![("x-flaky".to_string(), "passed".to_string())]
+}
+
+#[tokio::test]
+async fn a_plugin_failing_for_several_clients_is_quarantined_for_them_then_probed() {
+    // Fails on even ids. Three failures in a row, from three clients, quarantine it for 300 ms.
+    let host = flaky_breaking_after_three(300).await;
+    for (id, client) in [(2, 1), (4, 2), (6, 3)] {
         assert_eq!(
-            immediate(&flaky_answer(&host, id).await),
+            immediate(&flaky_answer(&host, id, client).await),
             (503, "wasm_extproc_plugin_failed:flaky:trap".to_string())
         );
     }
-    // Quarantined: not called at all -- even a request it would pass gets the policy.
-    for id in [1, 3] {
+    // Quarantined for the clients it failed for: not called at all -- even a request it would
+    // pass gets the policy.
+    for (id, client) in [(1, 1), (3, 2)] {
         assert_eq!(
-            immediate(&flaky_answer(&host, id).await),
+            immediate(&flaky_answer(&host, id, client).await),
             (
                 503,
                 "wasm_extproc_plugin_failed:flaky:quarantined".to_string()
@@ -214,19 +229,44 @@ async fn a_plugin_that_keeps_failing_is_quarantined_then_probed() {
 
     // After the back-off, a probe: it passes, and the plugin serves again.
     tokio::time::sleep(Duration::from_millis(350)).await;
-    let probe = flaky_answer(&host, 5).await;
-    assert_eq!(
-        header_sets(&probe),
-        [("x-flaky".to_string(), "passed".to_string())]
-    );
-    assert_eq!(
-        header_sets(&flaky_answer(&host, 7).await),
-        [("x-flaky".to_string(), "passed".to_string())]
-    );
+    assert_eq!(header_sets(&flaky_answer(&host, 5, 1).await), passed());
+    assert_eq!(header_sets(&flaky_answer(&host, 7, 2).await), passed());
     // Failing again fails as usual, not as quarantined.
     assert_eq!(
-        immediate(&flaky_answer(&host, 8).await).1,
+        immediate(&flaky_answer(&host, 8, 3).await).1,
         "wasm_extproc_plugin_failed:flaky:trap"
+    );
+}
+
+#[tokio::test]
+async fn one_client_cannot_quarantine_a_plugin_and_a_new_client_ends_a_quarantine() {
+    let host = flaky_breaking_after_three(60_000).await;
+    // One client failing it twenty times in a row: each of its requests fails for itself, and
+    // the plugin serves everyone as before -- that client included.
+    for id in (2..=40).step_by(2) {
+        assert_eq!(
+            immediate(&flaky_answer(&host, id, 1).await).1,
+            "wasm_extproc_plugin_failed:flaky:trap"
+        );
+    }
+    assert_eq!(header_sets(&flaky_answer(&host, 41, 2).await), passed());
+    assert_eq!(header_sets(&flaky_answer(&host, 43, 1).await), passed());
+    // Three clients trip it; a fourth, which never failed, is still called, passes, and the
+    // plugin serves everybody again.
+    for (id, client) in [(42, 1), (44, 2), (46, 3)] {
+        flaky_answer(&host, id, client).await;
+    }
+    assert!(
+        immediate(&flaky_answer(&host, 45, 1).await)
+            .1
+            .ends_with(":quarantined")
+    );
+    assert_eq!(header_sets(&flaky_answer(&host, 47, 4).await), passed());
+    assert_eq!(header_sets(&flaky_answer(&host, 49, 1).await), passed());
+    let metrics = host.metrics();
+    assert_eq!(
+        metrics.plugin_calls("flaky", Phase::RequestHeaders, "quarantined"),
+        1
     );
 }
 
@@ -274,13 +314,18 @@ async fn failures_are_logged_with_plugin_phase_and_kind_and_quarantine_once() {
 
     let host = RunningHost::start(
         &[("trap", TRAP)],
-        "[plugins.trap]\nbreaker_threshold = 2\nbreaker_backoff_ms = 60000\n",
+        "[plugins.trap]\nbreaker_threshold = 2\nbreaker_min_clients = 2\n\
+         breaker_backoff_ms = 60000\n",
     )
     .await;
-    for _ in 0..10 {
+    // From two clients, in turn: enough for a run of two failures to trip the breaker.
+    for i in 0..10 {
         let mut stream = ExtProcStream::connect(host.address).await;
         stream
-            .exchange(grpc::request_headers(&[(":path", "/")], true))
+            .exchange(grpc::from(
+                grpc::request_headers(&[(":path", "/")], true),
+                &format!("10.0.0.{}:4000", i % 2),
+            ))
             .await;
     }
     let log = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
