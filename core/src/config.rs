@@ -338,10 +338,18 @@ pub struct FileRecord {
     /// Keep bodies (left out by default).
     #[serde(default)]
     pub bodies: bool,
-    /// Header names redacted besides `authorization`, `cookie`, `set-cookie` and
-    /// `proxy-authorization`.
+    /// Header names redacted besides `authorization`, `cookie`, `set-cookie`,
+    /// `proxy-authorization` and `x-api-key`.
     #[serde(default)]
     pub redact_headers: Vec<String>,
+    /// Attribute names redacted besides `request.headers`, `response.headers`,
+    /// `response.trailers` and `request.query`.
+    #[serde(default)]
+    pub redact_attributes: Vec<String>,
+    /// Metadata redacted besides the `envoy.filters.http.jwt_authn` namespace: `NAMESPACE` for
+    /// a whole namespace, `NAMESPACE:KEY` for one key.
+    #[serde(default)]
+    pub redact_metadata: Vec<String>,
 }
 
 /// `[tls]`: the server's certificate, key and optional client CA, as paths.

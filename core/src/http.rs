@@ -151,12 +151,14 @@ impl Registration {
     }
 }
 
-/// Headers whose values the host never writes to a log or a recording.
-pub const SENSITIVE_HEADERS: [&str; 4] = [
+/// Headers whose values the host never writes to a log or a recording: credentials, sessions,
+/// and the API key the bundled rate limit keys on.
+pub const SENSITIVE_HEADERS: [&str; 5] = [
     "authorization",
     "cookie",
     "set-cookie",
     "proxy-authorization",
+    "x-api-key",
 ];
 
 /// How Envoy sends a body (its `processing_mode`), as it told the host in `protocol_config`;

@@ -33,7 +33,7 @@ use crate::access::{AdminAccess, Refusal};
 use crate::config::{FailurePolicy, UnknownChain};
 use crate::http::Delivery;
 use crate::metrics::{Metrics, OUTCOMES};
-use crate::record::{RecordRequest, Recorder};
+use crate::record::{RecordError, RecordRequest, Recorder};
 use crate::registry::Registry;
 
 /// What the admin endpoints read.
@@ -163,10 +163,24 @@ async fn route(
 /// `POST /record?chain=NAME...`: starts (or restarts) a chain's recording, or stops it.
 fn record(state: &State, query: &str) -> Response<Full<Bytes>> {
     let error = |status, message: String| json(status, &serde_json::json!({ "error": message }));
+    let exists = |chain: &str| {
+        state
+            .registry
+            .current()
+            .is_some_and(|generation| generation.chains().iter().any(|c| c.name() == chain))
+    };
     match RecordRequest::from_query(query) {
         Err(message) => error(StatusCode::BAD_REQUEST, message),
+        // Only a chain the host serves: the name goes into a file name and a log line.
+        Ok(RecordRequest::Start(chain, _)) if !exists(&chain) => error(
+            StatusCode::NOT_FOUND,
+            format!("no chain named {chain:?} is loaded (GET /plugins lists them)"),
+        ),
         Ok(RecordRequest::Start(chain, over)) => match state.recorder.start(&chain, Some(over)) {
             Ok(status) => json(StatusCode::OK, &serde_json::json!(status)),
+            Err(failure @ RecordError::TooMany) => {
+                error(StatusCode::TOO_MANY_REQUESTS, failure.to_string())
+            }
             Err(failure) => error(StatusCode::CONFLICT, failure.to_string()),
         },
         Ok(RecordRequest::Stop(chain)) => match state.recorder.stop(&chain) {

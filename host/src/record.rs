@@ -4,11 +4,19 @@
 //! answer differently.
 //!
 //! A chain records a sampled share of its exchanges into one file, until a count or a size is
-//! reached or the recording is stopped. Values of sensitive headers are redacted
-//! (`authorization`, `cookie`, `set-cookie`, `proxy-authorization` and configured names);
-//! bodies are left out unless asked for. Streams hand their transcript over as they end; a
-//! thread per recording writes, so no stream waits on the disk, and a recording that cannot
-//! keep up drops exchanges (counted) rather than hold streams.
+//! reached or the recording is stopped. Values of sensitive headers (`authorization`, `cookie`,
+//! `set-cookie`, `proxy-authorization`, `x-api-key` and configured names), of attributes that
+//! carry them (`request.headers`, `response.headers`, `response.trailers`, `request.query` and
+//! configured names) and of metadata (`envoy.filters.http.jwt_authn` and configured names) are
+//! redacted; bodies are left out unless asked for, and not even kept in memory then. Kept
+//! bodies are bounded as they arrive, by the recording's `max_bytes`: an exchange whose bodies
+//! outgrow it lets them go at once and is not recorded (counted). Streams hand their transcript
+//! over as they end; a thread per recording writes, so no stream waits on the disk, and a
+//! recording that cannot keep up drops exchanges (counted) rather than hold streams.
+//!
+//! Only chains that exist are recorded (`POST /record` answers 404 otherwise), into files the
+//! host names (`CHAIN-SECONDS-N.yaml`, the chain's name reduced to `A-Z a-z 0-9 . _ -`) in
+//! `[record] dir`, readable by the host's user only; at most [`MAX_RECORDINGS`] at once.
 //!
 //! With nothing recording, a stream pays one atomic load.
 
@@ -19,7 +27,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
-use crate::authoring::transcript::{Redaction, Transcript};
+use crate::authoring::transcript::{Bodies, Redaction, Transcript};
 use crate::config::FileRecord;
 use crate::http::SENSITIVE_HEADERS;
 
@@ -28,6 +36,18 @@ const DEFAULT_MAX_EXCHANGES: u64 = 1000;
 const DEFAULT_MAX_BYTES: u64 = 16 << 20;
 /// Exchanges waiting for a recording's writer before more are dropped.
 const QUEUE: usize = 256;
+/// Recordings under way at once, each a writer thread and an open file: more chains than an
+/// operator records together, few enough that a leaked admin token cannot use them up.
+pub const MAX_RECORDINGS: usize = 16;
+/// Attributes whose values carry headers or credentials, redacted in every recording.
+pub const REDACTED_ATTRIBUTES: [&str; 4] = [
+    "request.headers",
+    "response.headers",
+    "response.trailers",
+    "request.query",
+];
+/// Metadata namespaces redacted in every recording: a JWT's verified claims.
+pub const REDACTED_METADATA: [&str; 1] = ["envoy.filters.http.jwt_authn"];
 
 /// How one recording runs.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -49,6 +69,8 @@ pub struct Status {
     pub exchanges: u64,
     /// Exchanges dropped because the writer was behind.
     pub dropped: u64,
+    /// Exchanges not recorded because their bodies outgrew `max_bytes`.
+    pub too_large: u64,
 }
 
 /// Why a recording did not start.
@@ -58,6 +80,8 @@ pub enum RecordError {
     NotConfigured,
     #[error("sample {0}: must be above 0 and at most 1")]
     Sample(f64),
+    #[error("{MAX_RECORDINGS} recordings are under way, the most at once: stop one first")]
+    TooMany,
     #[error("{0}: {1}")]
     Io(PathBuf, std::io::Error),
 }
@@ -87,6 +111,7 @@ struct Shared {
     ended: AtomicBool,
     handed: AtomicU64,
     dropped: AtomicU64,
+    too_large: AtomicU64,
 }
 
 /// Tells recordings started in the same second apart.
@@ -97,6 +122,9 @@ impl Recorder {
     /// with the configured chains recording from now.
     pub fn new(settings: Option<FileRecord>) -> Result<Recorder, RecordError> {
         let mut headers: Vec<String> = SENSITIVE_HEADERS.iter().map(|h| h.to_string()).collect();
+        let mut attributes: Vec<String> =
+            REDACTED_ATTRIBUTES.iter().map(|a| a.to_string()).collect();
+        let mut metadata: Vec<String> = REDACTED_METADATA.iter().map(|m| m.to_string()).collect();
         if let Some(settings) = &settings {
             headers.extend(
                 settings
@@ -104,10 +132,14 @@ impl Recorder {
                     .iter()
                     .map(|h| h.to_ascii_lowercase()),
             );
+            attributes.extend(settings.redact_attributes.iter().cloned());
+            metadata.extend(settings.redact_metadata.iter().cloned());
         }
         let recorder = Recorder {
             redaction: Redaction {
                 headers,
+                attributes,
+                metadata,
                 bodies: settings.as_ref().is_some_and(|s| s.bodies),
             },
             any: AtomicBool::new(false),
@@ -147,16 +179,31 @@ impl Recorder {
     /// Starts recording `chain` into a new file (ending its recording, if it had one).
     pub fn start(&self, chain: &str, over: Option<OptionsOverride>) -> Result<Status, RecordError> {
         let options = self.options(over)?;
+        {
+            let active = self.active.lock().expect("not poisoned");
+            if !active.contains_key(chain) && active.len() >= MAX_RECORDINGS {
+                return Err(RecordError::TooMany);
+            }
+        }
         let dir = &self.settings.as_ref().expect("options checked").dir;
         std::fs::create_dir_all(dir).map_err(|e| RecordError::Io(dir.clone(), e))?;
         let seconds = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         let file = dir.join(format!(
-            "{chain}-{seconds}-{}.yaml",
+            "{}-{seconds}-{}.yaml",
+            file_word(chain),
             STARTED.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut out = std::fs::File::create(&file).map_err(|e| RecordError::Io(file.clone(), e))?;
+        let mut out = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&file)
+                .map_err(|e| RecordError::Io(file.clone(), e))?
+        };
         let header = format!(
             "# Exchanges of chain {chain:?} recorded by wasm-extproc: sample {}, bodies {}, \
              headers redacted: {}.\n# Replay: wasm-extproc test --plugins-dir PLUGINS \
@@ -175,12 +222,14 @@ impl Recorder {
             options: options.clone(),
             exchanges: 0,
             dropped: 0,
+            too_large: 0,
         };
         let shared = Arc::new(Shared {
             status: Mutex::new(status.clone()),
             ended: AtomicBool::new(false),
             handed: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            too_large: AtomicU64::new(0),
         });
         let written = shared.clone();
         let redaction = Redaction {
@@ -189,7 +238,7 @@ impl Recorder {
         };
         let chain_name = chain.to_string();
         std::thread::Builder::new()
-            .name(format!("record-{chain}"))
+            .name("record".into())
             .spawn(move || {
                 write(
                     out,
@@ -232,15 +281,19 @@ impl Recorder {
         self.any.load(Ordering::Relaxed)
     }
 
-    /// Whether this exchange of `chain` is one to record (sampled).
-    pub fn samples(&self, chain: &str) -> bool {
+    /// Whether this exchange of `chain` is one to record (sampled), and what of its bodies
+    /// to keep if it is.
+    pub fn samples(&self, chain: &str) -> Option<Bodies> {
         let active = self.active.lock().expect("not poisoned");
-        let Some(recording) = active.get(chain) else {
-            return false;
-        };
+        let recording = active.get(chain)?;
         let shared = &recording.shared;
-        let sample = shared.status.lock().expect("not poisoned").options.sample;
-        !shared.ended.load(Ordering::Relaxed) && fastrand::f64() < sample
+        let options = shared.status.lock().expect("not poisoned").options.clone();
+        let sampled = !shared.ended.load(Ordering::Relaxed) && fastrand::f64() < options.sample;
+        sampled.then_some(if options.bodies {
+            Bodies::UpTo(options.max_bytes)
+        } else {
+            Bodies::Never
+        })
     }
 
     /// Hands an exchange of `chain` that ended to its recording's writer.
@@ -250,6 +303,10 @@ impl Recorder {
             return;
         };
         let shared = recording.shared.clone();
+        if transcript.too_large() {
+            shared.too_large.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let limit = shared
             .status
             .lock()
@@ -326,11 +383,33 @@ impl RecordRequest {
     }
 }
 
+/// `chain` as a word for a file name: only `A-Z a-z 0-9 . _ -`, the rest `_`, at most 64
+/// characters, never `.` or `..`.
+fn file_word(chain: &str) -> String {
+    let word: String = chain
+        .chars()
+        .take(64)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if word.is_empty() || word.bytes().all(|b| b == b'.') {
+        format!("chain{}", word.len())
+    } else {
+        word
+    }
+}
+
 impl Shared {
     fn status(&self) -> Status {
         let mut status = self.status.lock().expect("not poisoned").clone();
         status.exchanges = self.handed.load(Ordering::SeqCst);
         status.dropped = self.dropped.load(Ordering::SeqCst);
+        status.too_large = self.too_large.load(Ordering::SeqCst);
         status
     }
 }
@@ -409,7 +488,7 @@ mod tests {
             })),
             ..ProcessingRequest::default()
         };
-        let mut transcript = Box::new(Transcript::recording());
+        let mut transcript = Box::new(Transcript::recording(Bodies::Never));
         transcript.exchange(&request, &[]);
         transcript
     }
@@ -423,6 +502,8 @@ mod tests {
             max_bytes: Some(max_bytes),
             bodies: false,
             redact_headers: Vec::new(),
+            redact_attributes: Vec::new(),
+            redact_metadata: Vec::new(),
         }))
         .unwrap()
     }
@@ -445,8 +526,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let recorder = recorder(dir.path(), 3, 1 << 20);
         let file = recorder.statuses()[0].file.clone();
-        assert!(recorder.is_recording() && recorder.samples("default"));
-        assert!(!recorder.samples("other"), "only the chains asked for");
+        assert!(recorder.is_recording());
+        assert_eq!(recorder.samples("default"), Some(Bodies::Never));
+        assert_eq!(recorder.samples("other"), None, "only the chains asked for");
         for i in 0..5 {
             recorder.record("default", exchange(&format!("/{i}")));
         }
@@ -467,6 +549,79 @@ mod tests {
         let replayed: crate::authoring::file::ExchangeFile =
             serde_yaml_ng::from_str(&text).unwrap();
         assert_eq!(replayed.exchanges.len(), 3);
+    }
+
+    #[test]
+    fn attributes_and_metadata_that_carry_secrets_are_redacted() {
+        use envoy_types::pb::envoy::config::core::v3::Metadata;
+        use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+        let text = |s: &str| Value {
+            kind: Some(Kind::StringValue(s.into())),
+        };
+        let fields = |pairs: &[(&str, &str)]| Struct {
+            fields: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), text(v)))
+                .collect(),
+        };
+        let mut request = ProcessingRequest {
+            request: Some(Request::RequestHeaders(HttpHeaders {
+                headers: Some(HeaderMap::default()),
+                end_of_stream: true,
+                ..HttpHeaders::default()
+            })),
+            ..ProcessingRequest::default()
+        };
+        request.attributes.insert(
+            "envoy.filters.http.ext_proc".into(),
+            fields(&[
+                ("request.headers", "{\"authorization\":\"Bearer s3cret\"}"),
+                ("request.query", "token=s3cret"),
+                ("source.address", "10.0.0.7:4000"),
+            ]),
+        );
+        request.metadata_context = Some(Metadata {
+            filter_metadata: [
+                (
+                    "envoy.filters.http.jwt_authn".to_string(),
+                    fields(&[("payload", "s3cret")]),
+                ),
+                ("other".to_string(), fields(&[("kept", "yes")])),
+            ]
+            .into(),
+            ..Metadata::default()
+        });
+        let mut transcript = Transcript::recording(Bodies::Never);
+        transcript.exchange(&request, &[]);
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = recorder(dir.path(), 10, 1 << 20);
+        let exchange = transcript
+            .recorded("one".into(), "default", &recorder.redaction)
+            .unwrap();
+        let yaml = serde_yaml_ng::to_string(&exchange).unwrap();
+        assert!(!yaml.contains("s3cret"), "{yaml}");
+        assert!(
+            yaml.contains("10.0.0.7:4000") && yaml.contains("kept: yes"),
+            "{yaml}"
+        );
+    }
+
+    #[test]
+    fn recordings_at_once_are_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = recorder(dir.path(), 10, 1 << 20);
+        for i in 1..MAX_RECORDINGS {
+            recorder.start(&format!("chain-{i}"), None).unwrap();
+        }
+        assert!(matches!(
+            recorder.start("one-too-many", None),
+            Err(RecordError::TooMany)
+        ));
+        // Restarting one under way is not one more.
+        assert!(recorder.start("chain-1", None).is_ok());
+        assert_eq!(file_word("../.."), ".._..");
+        assert_eq!(file_word(".."), "chain2");
+        assert_eq!(file_word("a/b c{}"), "a_b_c__");
     }
 
     #[test]

@@ -78,6 +78,13 @@ pub struct InProcess {
 /// The line of `deploy/envoy/envoy-in-process.yaml`'s filter config the test's settings
 /// replace.
 const MODULE_CONFIG_ANCHOR: &str = "                          plugins_dir = \"/plugins\"\n";
+/// The `[module]` table `deploy/envoy/envoy-in-process.yaml` writes after `plugins_dir`: a
+/// test's own `[module]` replaces it.
+const SHIPPED_MODULE: &str = "                          [module]
+                          # The client's address: the crash-loop breaker tells clients apart
+                          # by it, the bundled rate limit counts by it.
+                          request_attributes = [\"source.address\"]
+";
 
 /// Variations on `deploy/envoy/envoy.yaml` for tests: the processing mode and extra filter
 /// settings. Each change replaces a line the file must contain exactly once, so the file and
@@ -98,6 +105,31 @@ pub struct EnvoyConfig {
 
 const ACCESS_LOG_ANCHOR: &str = "                stat_prefix: ingress_http\n";
 const FILTER_ANCHOR: &str = "                      failure_mode_allow: false\n";
+/// The line before the HTTP filters of `deploy/envoy/envoy.yaml`, where a filter that runs
+/// before the plugins' goes ([`lua_filter`]).
+pub const HTTP_FILTERS: &str = "                http_filters:\n";
+
+/// What replaces [`HTTP_FILTERS`] to run `on_request` (Lua, with `request_handle`) before the
+/// plugins: to set dynamic metadata they read, say.
+pub fn lua_filter(on_request: &str) -> String {
+    let body: String = on_request
+        .lines()
+        .map(|line| format!("                            {line}\n"))
+        .collect();
+    format!(
+        "{HTTP_FILTERS}                  - name: envoy.filters.http.lua
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
+                      default_source_code:
+                        inline_string: |
+                          function envoy_on_request(request_handle)
+{body}                          end
+"
+    )
+}
+
+/// The attributes `deploy/envoy/envoy.yaml` has its ext_proc filter send.
+const SHIPPED_ATTRIBUTES: &str = "                      request_attributes: [source.address]\n";
 const UPSTREAM_ANCHOR: &str = "    - name: httpbin\n      type: STATIC\n";
 const HTTP2_OPTIONS: &str = "      typed_extension_protocol_options:
         envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
@@ -237,7 +269,12 @@ impl EnvoyConfig {
                     .lines()
                     .map(|line| format!("{indent}{line}\n"))
                     .collect();
-                edits.push((MODULE_CONFIG_ANCHOR.into(), block));
+                let anchor = if module.toml.contains("[module]") {
+                    format!("{MODULE_CONFIG_ANCHOR}{SHIPPED_MODULE}")
+                } else {
+                    MODULE_CONFIG_ANCHOR.to_string()
+                };
+                edits.push((anchor, block));
             }
         }
         for (field, value) in &self.processing_mode {
@@ -251,6 +288,14 @@ impl EnvoyConfig {
         if !self.filter_settings.is_empty() {
             let mut block = FILTER_ANCHOR.to_string();
             for line in &self.filter_settings {
+                // The shipped file lists the attributes it sends: a test's list replaces it.
+                if line.starts_with("request_attributes:") {
+                    edits.push((
+                        SHIPPED_ATTRIBUTES.into(),
+                        format!("                      {line}\n"),
+                    ));
+                    continue;
+                }
                 block.push_str(&format!("                      {line}\n"));
             }
             edits.push((FILTER_ANCHOR.into(), block));

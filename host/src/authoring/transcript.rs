@@ -88,7 +88,8 @@ pub struct Transcript {
     output: Output,
     headers: [HeaderExpect; 2],
     headers_answered: [bool; 2],
-    bodies: [Option<Vec<u8>>; 2],
+    /// What went on of each body, as the answers made it.
+    bodies_out: [Option<Vec<u8>>; 2],
     trailers: [Option<HeaderExpect>; 2],
     /// Per direction: Envoy streams the body `FULL_DUPLEX_STREAMED`, so only what the host
     /// sends back goes on.
@@ -97,6 +98,25 @@ pub struct Transcript {
     pub messages: Vec<(Phase, Vec<String>)>,
     /// What Envoy sent, when recording.
     sent: Option<Sent>,
+    /// What of the bodies is kept.
+    bodies: Bodies,
+    /// Body bytes kept so far, sent and produced.
+    body_bytes: u64,
+    /// The bodies outgrew [`Bodies::UpTo`]: they were let go, and the exchange is not recorded.
+    too_large: bool,
+}
+
+/// How much of an exchange's bodies a transcript keeps. A recording keeps none unless asked,
+/// and never more than its file may hold: bounded as they arrive, not when written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Bodies {
+    /// Every byte (`wasm-extproc test`, whose exchanges are the author's own).
+    #[default]
+    All,
+    /// None: only that there were bodies, and their chunking.
+    Never,
+    /// At most this many bytes, sent and produced together.
+    UpTo(u64),
 }
 
 /// What Envoy sent of one exchange.
@@ -122,6 +142,10 @@ struct SentSide {
 pub struct Redaction {
     /// Header (and trailer) names whose values are replaced, lowercase.
     pub headers: Vec<String>,
+    /// Attribute names whose values are replaced.
+    pub attributes: Vec<String>,
+    /// Metadata whose values are replaced: `NAMESPACE` (all of it) or `NAMESPACE:KEY`.
+    pub metadata: Vec<String>,
     /// Keep bodies (else they are left out, and so are the body phases' expectations).
     pub bodies: bool,
 }
@@ -130,12 +154,53 @@ pub struct Redaction {
 pub const REDACTED: &str = "[redacted]";
 
 impl Transcript {
-    /// A transcript that also keeps what Envoy sent, for [`Transcript::recorded`].
-    pub fn recording() -> Transcript {
+    /// A transcript that also keeps what Envoy sent, for [`Transcript::recorded`], and of the
+    /// bodies what `bodies` says.
+    pub fn recording(bodies: Bodies) -> Transcript {
         Transcript {
             sent: Some(Sent::default()),
+            bodies,
             ..Transcript::default()
         }
+    }
+
+    /// Keeps what `bodies` says of the bodies from now on.
+    pub fn keep_bodies(&mut self, bodies: Bodies) {
+        self.bodies = bodies;
+    }
+
+    /// Whether the transcript keeps any body bytes.
+    pub fn keeps_bodies(&self) -> bool {
+        self.bodies != Bodies::Never && !self.too_large
+    }
+
+    /// Whether the bodies outgrew what the recording keeps, so the exchange is not recorded.
+    pub fn too_large(&self) -> bool {
+        self.too_large
+    }
+
+    /// Whether `len` more body bytes are kept; past [`Bodies::UpTo`], every body is let go.
+    fn keeps(&mut self, len: usize) -> bool {
+        let limit = match self.bodies {
+            Bodies::All => return true,
+            Bodies::Never => return false,
+            Bodies::UpTo(limit) => limit,
+        };
+        if self.too_large {
+            return false;
+        }
+        self.body_bytes += len as u64;
+        if self.body_bytes <= limit {
+            return true;
+        }
+        self.too_large = true;
+        self.bodies_out = [None, None];
+        if let Some(sent) = &mut self.sent {
+            for side in sent.sides.iter_mut().flatten() {
+                side.body = Vec::new();
+            }
+        }
+        false
     }
 
     /// One message Envoy sent, and the answers it got.
@@ -168,32 +233,36 @@ impl Transcript {
         for answer in answers {
             self.answer(answer, &mut replaced);
         }
-        match (phase == phase.direction().body(), replaced) {
-            (true, Some(replaced)) => self.bodies[s].get_or_insert_with(Vec::new).extend(replaced),
-            (true, None) if !self.full_duplex[s] => {
-                let chunk = chunk.map_or(&[][..], |c| c.as_slice());
-                self.bodies[s]
-                    .get_or_insert_with(Vec::new)
-                    .extend_from_slice(chunk);
-            }
+        let went_on = match (phase == phase.direction().body(), replaced) {
+            (true, Some(replaced)) => Some(replaced),
+            (true, None) if !self.full_duplex[s] => chunk.cloned(),
             // A headers answer that replaces the body (CONTINUE_AND_REPLACE).
             (false, Some(replaced)) if phase == phase.direction().headers() => {
-                self.bodies[s] = Some(replaced);
+                self.bodies_out[s] = None;
+                Some(replaced)
             }
             // Body held back for trailers, let go with their answer.
-            (false, Some(replaced)) => {
-                self.bodies[s].get_or_insert_with(Vec::new).extend(replaced);
-            }
-            _ => {}
+            (false, Some(replaced)) => Some(replaced),
+            _ => None,
+        };
+        if let Some(bytes) = went_on {
+            self.went_on(s, &bytes);
+        }
+    }
+
+    /// Adds `bytes` to what went on of side `s`'s body, if the transcript keeps it.
+    fn went_on(&mut self, s: usize, bytes: &[u8]) {
+        if self.keeps(bytes.len()) {
+            self.bodies_out[s]
+                .get_or_insert_with(Vec::new)
+                .extend_from_slice(bytes);
         }
     }
 
     /// A body chunk Envoy forwarded without the host (which closed the stream, or asked for
     /// no body).
     pub fn passed(&mut self, direction: Direction, chunk: &[u8]) {
-        self.bodies[side(direction)]
-            .get_or_insert_with(Vec::new)
-            .extend_from_slice(chunk);
+        self.went_on(side(direction), chunk);
     }
 
     /// `METHOD PATH` of the request as Envoy sent it, when recording.
@@ -224,7 +293,7 @@ impl Transcript {
             let s = side(direction);
             let headers = (self.headers_answered[s] || self.headers[s] != HeaderExpect::default())
                 .then(|| self.headers[s].clone());
-            let body = self.bodies[s].clone().map(BodyOut::new);
+            let body = self.bodies_out[s].clone().map(BodyOut::new);
             let trailers = self.trailers[s].clone();
             match direction {
                 Direction::Request => {
@@ -254,6 +323,9 @@ impl Transcript {
         chain: &str,
         redaction: &Redaction,
     ) -> Option<ExchangeSpec<Output>> {
+        if self.too_large {
+            return None;
+        }
         let sent = self.sent.as_ref()?;
         let message = |side: &Option<SentSide>| {
             side.as_ref().map(|side| MessageSpec {
@@ -314,8 +386,41 @@ impl Transcript {
             name,
             chain: Some(chain.to_string()),
             envoy,
-            attributes: sent.attributes.clone(),
-            metadata: sent.metadata.clone(),
+            attributes: sent
+                .attributes
+                .iter()
+                .map(|(name, value)| {
+                    let redacted = redaction.attributes.iter().any(|r| r == name);
+                    let value = if redacted {
+                        REDACTED.into()
+                    } else {
+                        value.clone()
+                    };
+                    (name.clone(), value)
+                })
+                .collect(),
+            metadata: sent
+                .metadata
+                .iter()
+                .map(|(namespace, entries)| {
+                    let entries = entries
+                        .iter()
+                        .map(|(key, value)| {
+                            let redacted = redaction.metadata.iter().any(|r| {
+                                r == namespace
+                                    || r.split_once(':') == Some((namespace.as_str(), key.as_str()))
+                            });
+                            let value = if redacted {
+                                serde_json::Value::from(REDACTED)
+                            } else {
+                                value.clone()
+                            };
+                            (key.clone(), value)
+                        })
+                        .collect();
+                    (namespace.clone(), entries)
+                })
+                .collect(),
             request,
             response,
             expect: Some(expect),
@@ -339,15 +444,21 @@ impl Transcript {
                 }
             }
         }
-        let kept = sent.sides[side(phase.direction())].get_or_insert_with(SentSide::default);
+        let s = side(phase.direction());
+        let kept = sent.sides[s].get_or_insert_with(SentSide::default);
         match &request.request {
             Some(Request::RequestHeaders(h) | Request::ResponseHeaders(h)) => {
                 kept.headers = headers(h.headers.as_ref());
             }
             Some(Request::RequestBody(b) | Request::ResponseBody(b)) => {
-                kept.first_chunk.get_or_insert(b.body.len());
+                if !b.body.is_empty() {
+                    kept.first_chunk.get_or_insert(b.body.len());
+                }
                 kept.chunks += 1;
-                kept.body.extend_from_slice(&b.body);
+                if self.keeps(b.body.len()) {
+                    let kept = self.sent.as_mut().and_then(|sent| sent.sides[s].as_mut());
+                    kept.expect("kept above").body.extend_from_slice(&b.body);
+                }
             }
             Some(Request::RequestTrailers(t) | Request::ResponseTrailers(t)) => {
                 kept.trailers = headers(t.trailers.as_ref());

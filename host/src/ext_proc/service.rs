@@ -23,7 +23,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use super::exchange::{Accepted, CHAIN_METADATA, Exchange, Then};
 use super::protocol::ProtocolError;
 use crate::access::ClientIdentities;
-use crate::authoring::transcript::Transcript;
+use crate::authoring::transcript::{Bodies, Transcript};
 use crate::metrics::{Metrics, StreamGuard};
 use crate::record::Recorder;
 use crate::registry::Registry;
@@ -152,18 +152,25 @@ enum Recording {
 }
 
 impl Serving {
-    /// Keeps a copy of `request` when the exchange may be recorded.
+    /// Keeps a copy of `request` when the exchange may be recorded: without its body, unless
+    /// the recording keeps bodies.
     fn keep(&mut self, request: &ProcessingRequest) {
         match &mut self.recording {
             Recording::Off => {}
             Recording::Deciding(recorder) => {
                 self.recording = Recording::On {
                     recorder: recorder.clone(),
-                    transcript: Box::new(Transcript::recording()),
-                    message: Some(Box::new(request.clone())),
+                    // Until the chain is known to record and keep bodies: the first message
+                    // carries headers.
+                    transcript: Box::new(Transcript::recording(Bodies::Never)),
+                    message: Some(Box::new(copy(request, false))),
                 };
             }
-            Recording::On { message, .. } => *message = Some(Box::new(request.clone())),
+            Recording::On {
+                message,
+                transcript,
+                ..
+            } => *message = Some(Box::new(copy(request, transcript.keeps_bodies()))),
         }
     }
 
@@ -179,10 +186,14 @@ impl Serving {
             return;
         };
         if let Some(message) = message.take() {
-            let first = transcript.messages.is_empty();
-            if first && !recorder.samples(self.exchange.chain_name()) {
-                self.recording = Recording::Off;
-                return;
+            if transcript.messages.is_empty() {
+                match recorder.samples(self.exchange.chain_name()) {
+                    Some(bodies) => transcript.keep_bodies(bodies),
+                    None => {
+                        self.recording = Recording::Off;
+                        return;
+                    }
+                }
             }
             transcript.exchange(&message, answers);
         }
@@ -201,6 +212,32 @@ impl Drop for Serving {
         {
             recorder.record(self.exchange.chain_name(), transcript);
         }
+    }
+}
+
+/// A copy of `request` for a transcript, its body left out unless `body`: a recording that
+/// keeps no bodies copies none.
+fn copy(request: &ProcessingRequest, body: bool) -> ProcessingRequest {
+    use envoy_types::pb::envoy::service::ext_proc::v3::HttpBody;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    let without = |b: &HttpBody| HttpBody {
+        body: Vec::new(),
+        end_of_stream: b.end_of_stream,
+        ..HttpBody::default()
+    };
+    let message = match &request.request {
+        Some(Request::RequestBody(b)) if !body => Some(Request::RequestBody(without(b))),
+        Some(Request::ResponseBody(b)) if !body => Some(Request::ResponseBody(without(b))),
+        other => other.clone(),
+    };
+    // What a transcript reads; flow control is no part of an exchange file.
+    ProcessingRequest {
+        request: message,
+        metadata_context: request.metadata_context.clone(),
+        attributes: request.attributes.clone(),
+        observability_mode: request.observability_mode,
+        protocol_config: request.protocol_config,
+        ..ProcessingRequest::default()
     }
 }
 

@@ -7,7 +7,7 @@
 
 use extproc_testkit::deployment::{Case, Deployment, Mode};
 use extproc_testkit::echo::generated;
-use extproc_testkit::envoy::{HttpRequest, HttpResponse};
+use extproc_testkit::envoy::{HTTP_FILTERS, HttpRequest, HttpResponse, lua_filter};
 use extproc_testkit::fixtures::{
     ASM_DEMO, ASM_V2, BEARER_AUTH, CONTEXT_PROBE, CONTRACT_0_2, Component, GATE, JSON_REDACT,
     KV_PROBE, MEMORY_HOG, MISBEHAVE, RATE_LIMIT, RECURSE, SHOUT, SLOW, SPIN, TAGGER, TRAP,
@@ -295,17 +295,10 @@ async fn attributes_metadata_and_rerouting() {
     let mut case = Case::new(&[("probe", CONTEXT_PROBE)], "")
         // Metadata for the plugin to read, set by a filter before the plugins'.
         .edit(
-            "                http_filters:\n",
-            "                http_filters:
-                  - name: envoy.filters.http.lua
-                    typed_config:
-                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.lua.v3.Lua
-                      default_source_code:
-                        inline_string: |
-                          function envoy_on_request(request_handle)
-                            request_handle:streamInfo():dynamicMetadata():set(\"probe\", \"in\", \"from-envoy\")
-                          end
-",
+            HTTP_FILTERS,
+            &lua_filter(
+                r#"request_handle:streamInfo():dynamicMetadata():set("probe", "in", "from-envoy")"#,
+            ),
         )
         // Shows the metadata the plugin set.
         .edit(

@@ -42,7 +42,9 @@ use extproc_testkit::otlp::Collector;
 use extproc_testkit::repo_root;
 use serde::{Deserialize, Serialize};
 
-use crate::{KillOnDrop, target_dir, wait_until_ready};
+use extproc_testkit::process::{KillOnDrop, wait_until_ready};
+
+use crate::target_dir;
 
 pub(super) mod load;
 

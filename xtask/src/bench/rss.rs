@@ -17,7 +17,7 @@ use extproc_testkit::fixtures::ASM_DEMO;
 use extproc_testkit::grpc::{self, ExtProcStream};
 use serde::{Deserialize, Serialize};
 
-use crate::release_host::{ReleaseHost, rss_kib};
+use extproc_testkit::process::{HostProcess, Profile, rss_kib};
 
 const HOST_PORT: u16 = 19602;
 const ADMIN_PORT: u16 = 19603;
@@ -85,10 +85,11 @@ async fn measure(most: usize, state: StreamState, streams: usize) -> anyhow::Res
     // Room for every stream's instance; the default pool (1,000) would refuse the largest count.
     // Not much more: the pool reserves 8 GiB of address space per instance (two 4 GiB memory
     // slots, so bounds checks compile away), and 47 bits hold about 12,000 of them.
-    let mut host = ReleaseHost::start(
+    let mut host = HostProcess::start(
+        Profile::Release,
         &[("10-asm-demo.wasm", &ASM_DEMO.path())],
         &format!("[runtime]\nmax_instances = {}\n", most + 200),
-        (HOST_PORT, ADMIN_PORT),
+        Some((HOST_PORT, ADMIN_PORT)),
         "warn",
     )?;
     let (pid, address) = (host.pid(), host.address);
