@@ -112,7 +112,13 @@ impl Bench {
             })
             .collect();
         let chain = Chain::new(DEFAULT_CHAIN, plugins, &Metrics::new(), Duration::ZERO);
-        Arc::new(Generation::new(1, vec![chain], &self.config))
+        Arc::new(Generation::new(
+            1,
+            vec![chain],
+            &self.config,
+            None,
+            &Metrics::new(),
+        ))
     }
 }
 

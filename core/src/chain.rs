@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
+use crate::bodies::Reservation;
 use crate::breaker::{Admission, Call, Client, Transition};
 use crate::config::FailurePolicy;
 use crate::http::{
@@ -70,6 +71,8 @@ struct PluginState {
     slot: Slot,
     /// Chunks held back, per direction (request, response).
     held: [Option<Vec<u8>>; 2],
+    /// Their share of the host's body budget, per direction.
+    held_reserved: [Option<Reservation>; 2],
     /// Whether the "cannot hold chunks in STREAMED mode" warning was logged for this stream.
     warned_streamed: bool,
 }
@@ -294,6 +297,25 @@ impl StreamChain {
             Message::Body(_) => self.open[held_index(direction)].take(),
             _ => None,
         };
+        // A body the plugins will see is held against the host-wide budget until the answer;
+        // without room, none of them sees it.
+        let mut reserved = Vec::new();
+        let over_budget = match &message {
+            Message::Body(chunk) if !chunk.data.is_empty() => {
+                let bytes = chunk.data.len() as u64;
+                match generation.bodies.reserve(bytes) {
+                    Some(reservation) => {
+                        reserved.push(reservation);
+                        None
+                    }
+                    None => Some(PluginError::BodyBudget {
+                        bytes,
+                        limit: generation.bodies.limit(),
+                    }),
+                }
+            }
+            _ => None,
+        };
         let plugins = chain
             .plugins()
             .iter()
@@ -317,8 +339,25 @@ impl StreamChain {
                 }
                 on_failure(plugin, phase, &error)
             };
+            if let Some(error) = &over_budget {
+                match failed(state, error.clone(), Duration::ZERO) {
+                    Some(response) => {
+                        stopped = Some(Decision::Respond(response));
+                        break;
+                    }
+                    None => continue,
+                }
+            }
             if let Message::Body(chunk) = &mut message {
-                match take_whole_body(plugin, state, direction, chunk, body_mode, arrival) {
+                let holding = take_whole_body(
+                    plugin,
+                    state,
+                    (direction, &mut reserved),
+                    chunk,
+                    body_mode,
+                    arrival,
+                );
+                match holding {
                     Ok(Holding::PassOn) => {}
                     Ok(Holding::Held) => {
                         stopped = Some(Decision::Held);
@@ -811,10 +850,13 @@ fn log_transition(plugin: &Plugin, transition: Option<Transition>) {
 /// Whether `plugin` sees `chunk` now. A plugin that wants whole bodies, where Envoy streams
 /// them in `FULL_DUPLEX_STREAMED` mode, has chunks held for it until the body is complete (or
 /// flushed by trailers); then `chunk` becomes everything held plus itself.
+///
+/// A held chunk keeps the share of the host's body budget its message had (the run's
+/// `reserved`) while held; let go, the share goes back to the run, with the message it joined.
 fn take_whole_body(
     plugin: &Plugin,
     state: &mut PluginState,
-    direction: Direction,
+    (direction, reserved): (Direction, &mut Vec<Reservation>),
     chunk: &mut BodyChunk,
     body_mode: BodyMode,
     arrival: Arrival,
@@ -839,20 +881,31 @@ fn take_whole_body(
             return Ok(Holding::PassOn);
         }
     }
-    let slot = &mut state.held[held_index(direction)];
+    let index = held_index(direction);
+    let slot = &mut state.held[index];
     let held = slot.get_or_insert_with(Vec::new);
     if held.len() + chunk.data.len() > MAX_HELD_BODY_BYTES {
         // Whatever the policy, what was held must not be lost: it flows on unchanged.
         let mut whole = slot.take().unwrap_or_default();
+        reserved.extend(state.held_reserved[index].take());
         whole.append(&mut chunk.data);
         chunk.data = whole;
         return Err(PluginError::BodyTooLarge(MAX_HELD_BODY_BYTES));
     }
     if !chunk.end_of_stream && arrival == Arrival::FromEnvoy {
         held.append(&mut chunk.data);
+        // The whole message is held here: its share of the budget stays with it.
+        let share = &mut state.held_reserved[index];
+        for reservation in reserved.drain(..) {
+            match share {
+                Some(share) => share.absorb(reservation),
+                None => *share = Some(reservation),
+            }
+        }
         return Ok(Holding::Held);
     }
     let mut whole = slot.take().unwrap_or_default();
+    reserved.extend(state.held_reserved[index].take());
     whole.append(&mut chunk.data);
     chunk.data = whole;
     Ok(Holding::PassOn)

@@ -7,6 +7,7 @@
 //!
 //! [runtime]
 //! max_instances = 14000         # plugin instances alive at once, across all streams
+//! max_body_bytes_in_flight = 134217728 # body bytes all streams hold at once
 //!
 //! [defaults]                    # every plugin, unless its own table says otherwise
 //! failure_policy = "fail-closed"
@@ -109,6 +110,9 @@ pub struct FileConfig {
     pub admin_token_file: Option<PathBuf>,
     /// How long the ext_proc server drains at shutdown (server only).
     pub shutdown_grace_ms: Option<u64>,
+    /// How long an ext_proc stream may go without a message before the server ends it (server
+    /// only).
+    pub stream_idle_timeout_ms: Option<u64>,
     /// TLS on the ext_proc server's listener (server only).
     pub tls: Option<FileTls>,
     /// Where the ext_proc server sends its spans (server only).
@@ -407,6 +411,7 @@ struct FileRuntime {
     max_instances: Option<u32>,
     max_wasi_instances: Option<u32>,
     instance_wait_ms: Option<u64>,
+    max_body_bytes_in_flight: Option<u64>,
     cache_dir: Option<PathBuf>,
 }
 
@@ -485,6 +490,8 @@ pub struct Settings {
     pub max_wasi_instances: u32,
     /// How long a stream waits for a free instance before the failure policy applies.
     pub instance_wait: Duration,
+    /// Body bytes all streams may hold at once ([`crate::bodies`]).
+    pub max_body_bytes_in_flight: u64,
     /// Where compiled plugins are kept between restarts and reloads; `None`: compile every time.
     pub cache_dir: Option<PathBuf>,
     pub defaults: PluginSettings,
@@ -680,6 +687,10 @@ impl FileConfig {
             ("admin_listen", self.admin_listen.is_some()),
             ("admin_token_file", self.admin_token_file.is_some()),
             ("shutdown_grace_ms", self.shutdown_grace_ms.is_some()),
+            (
+                "stream_idle_timeout_ms",
+                self.stream_idle_timeout_ms.is_some(),
+            ),
             ("[tls]", self.tls.is_some()),
             ("[tracing]", self.tracing.is_some()),
         ]
@@ -778,7 +789,20 @@ impl FileConfig {
                  {max_instances}: WASI plugins' instances count among all instances"
             )));
         }
+        let max_body_bytes_in_flight = self
+            .runtime
+            .max_body_bytes_in_flight
+            .unwrap_or(crate::bodies::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT);
+        let one_body = crate::chain::MAX_HELD_BODY_BYTES as u64;
+        if max_body_bytes_in_flight < one_body {
+            return Err(ConfigError(format!(
+                "[runtime] max_body_bytes_in_flight {max_body_bytes_in_flight} is below \
+                 {one_body}, the largest body a plugin that takes bodies whole may be given: \
+                 one such body would never fit"
+            )));
+        }
         Ok(Settings {
+            max_body_bytes_in_flight,
             plugins_dir: overrides
                 .plugins_dir
                 .clone()

@@ -13,7 +13,8 @@
 //! - [`runtime`]: the only module that speaks wasmtime -- engine, pooling allocator, linker,
 //!   budgets, and the host side of `wit/processor.wit`.
 //! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy;
-//!   [`breaker`] quarantines plugins that keep failing; [`log_budget`] bounds what they log.
+//!   [`breaker`] quarantines plugins that keep failing; [`log_budget`] bounds what they log;
+//!   [`bodies`] bounds the body bytes all streams hold together.
 //! - [`kv`]: state plugins keep between exchanges (`wasi:keyvalue`, the contract's `state`),
 //!   in memory or in Redis.
 //! - [`guard`]: keeps plugins' changes inside what Envoy accepts.
@@ -24,6 +25,7 @@
 //! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another;
 //! what must outlive it goes through [`kv`], namespaced and bounded.
 
+pub mod bodies;
 pub mod breaker;
 pub mod chain;
 pub mod config;

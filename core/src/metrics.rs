@@ -107,7 +107,7 @@ pub const REFUSALS: [(&str, &str); 5] = [
 ];
 
 /// Every outcome a plugin call can have: `ok`, or a failure kind.
-pub const OUTCOMES: [&str; 8] = [
+pub const OUTCOMES: [&str; 9] = [
     "ok",
     "trap",
     "deadline",
@@ -116,6 +116,7 @@ pub const OUTCOMES: [&str; 8] = [
     "instantiate",
     "body_too_large",
     "quarantined",
+    "body_budget",
 ];
 
 /// The host's metrics. Cheap to share.
@@ -131,6 +132,8 @@ pub struct Metrics {
     instantiate_seconds: Family<PluginLabel, Histogram>,
     active_streams: Gauge,
     streams: Counter,
+    idle_streams: Counter,
+    bodies_over_budget: Counter,
     reloads: Family<ResultLabel, Counter>,
     log_lines_suppressed: Family<PluginLabel, Counter>,
     shadow_differences: Family<PluginLabel, Counter>,
@@ -227,6 +230,20 @@ impl Metrics {
             active_streams.clone(),
         );
         let streams = Counter::default();
+        let idle_streams = Counter::default();
+        registry.register(
+            "idle_streams_ended",
+            "ext_proc streams ended because no message came for stream_idle_timeout_ms; their \
+             instances went back to the pool",
+            idle_streams.clone(),
+        );
+        let bodies_over_budget = Counter::default();
+        registry.register(
+            "bodies_over_budget",
+            "Body messages the host had no room for under [runtime] max_body_bytes_in_flight: \
+             the plugins that would have seen them got their failure policy (kind body_budget)",
+            bodies_over_budget.clone(),
+        );
         registry.register("streams", "ext_proc streams opened", streams.clone());
         let reloads = Family::<ResultLabel, Counter>::default();
         registry.register(
@@ -352,6 +369,8 @@ impl Metrics {
             instantiate_seconds,
             active_streams,
             streams,
+            idle_streams,
+            bodies_over_budget,
             reloads,
             log_lines_suppressed,
             shadow_differences,
@@ -606,6 +625,25 @@ impl Metrics {
         self.streams.inc();
         self.active_streams.inc();
         StreamGuard(self.clone())
+    }
+
+    /// Counts a stream ended for its idleness.
+    pub fn idle_stream_ended(&self) {
+        self.idle_streams.inc();
+    }
+
+    pub fn idle_streams_ended(&self) -> u64 {
+        self.idle_streams.get()
+    }
+
+    /// The counter of body messages there was no room for, for the
+    /// [`BodyBudget`](crate::bodies::BodyBudget).
+    pub fn bodies_over_budget_counter(&self) -> Counter {
+        self.bodies_over_budget.clone()
+    }
+
+    pub fn bodies_over_budget(&self) -> u64 {
+        self.bodies_over_budget.get()
     }
 
     pub fn active_streams(&self) -> i64 {

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use arc_swap::ArcSwapOption;
 
+use crate::bodies::BodyBudget;
 pub use crate::config::DEFAULT_CHAIN;
 use crate::config::{ConfigError, EnvoySettings, Settings, UnknownChain};
 use crate::guard::Guard;
@@ -334,12 +335,21 @@ pub struct Generation {
     pub plugins_dir: PathBuf,
     /// The unknown chain names streams asked for, each said once.
     unknown_noticed: Mutex<HashSet<String>>,
+    /// Body bytes all streams hold at once, shared with the generation before when its limit
+    /// is the same (streams of both hold bodies during a reload).
+    pub bodies: Arc<BodyBudget>,
 }
 
 impl Generation {
     /// Generation `number` of `chains` (the default one first), with `settings`' routes,
-    /// policies and Envoy settings.
-    pub fn new(number: u64, chains: Vec<Chain>, settings: &Settings) -> Generation {
+    /// policies and Envoy settings, after `previous`.
+    pub fn new(
+        number: u64,
+        chains: Vec<Chain>,
+        settings: &Settings,
+        previous: Option<&Generation>,
+        metrics: &Metrics,
+    ) -> Generation {
         assert_eq!(
             chains.first().map(Chain::name),
             Some(DEFAULT_CHAIN),
@@ -363,6 +373,15 @@ impl Generation {
             envoy: settings.envoy.clone(),
             plugins_dir: settings.plugins_dir.clone(),
             unknown_noticed: Mutex::default(),
+            bodies: previous
+                .map(|g| g.bodies.clone())
+                .filter(|b| b.limit() == settings.max_body_bytes_in_flight)
+                .unwrap_or_else(|| {
+                    BodyBudget::new(
+                        settings.max_body_bytes_in_flight,
+                        metrics.bodies_over_budget_counter(),
+                    )
+                }),
         }
     }
 
@@ -542,7 +561,8 @@ impl Registry {
             }
         }
         let number = previous.as_ref().map_or(1, |g| g.number + 1);
-        let generation = Generation::new(number, chains, &config);
+        let generation =
+            Generation::new(number, chains, &config, previous.as_deref(), &self.metrics);
         let summary = ReloadSummary {
             generation: generation.number,
             plugins: generation.plugins().count(),

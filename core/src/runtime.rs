@@ -132,6 +132,12 @@ pub enum PluginError {
     /// The plugin kept failing and is quarantined: not called until the back-off ends.
     #[error("is quarantined for another {0:?} after failing repeatedly")]
     Quarantined(Duration),
+    /// The body it would have seen did not fit the host-wide budget for bodies held.
+    #[error(
+        "was not given a body of {bytes} bytes: the host holds all it may of bodies ([runtime] \
+         max_body_bytes_in_flight = {limit})"
+    )]
+    BodyBudget { bytes: u64, limit: u64 },
 }
 
 impl PluginError {
@@ -145,15 +151,20 @@ impl PluginError {
             PluginError::Instantiate(_) => "instantiate",
             PluginError::BodyTooLarge(_) => "body_too_large",
             PluginError::Quarantined(_) => "quarantined",
+            PluginError::BodyBudget { .. } => "body_budget",
         }
     }
 
     /// Whether the failure is the plugin's own doing and counts towards quarantine. A full
-    /// instance pool is the host's load, and a quarantine is not a new failure.
+    /// instance pool and a full body budget are the host's load, a body too large is the
+    /// client's, and a quarantine is not a new failure.
     pub fn is_plugins_fault(&self) -> bool {
         !matches!(
             self,
-            PluginError::Instantiate(_) | PluginError::Quarantined(_)
+            PluginError::Instantiate(_)
+                | PluginError::Quarantined(_)
+                | PluginError::BodyTooLarge(_)
+                | PluginError::BodyBudget { .. }
         )
     }
 }

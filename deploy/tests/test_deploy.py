@@ -612,6 +612,13 @@ def test_the_deployment_is_locked_down_and_probed():
     assert container["readinessProbe"]["grpc"]["port"] == 9002
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["resources"]["limits"]["memory"]
+    # The memory limit holds the host's default budget for bodies held (each also copied into
+    # a plugin and answered back: three times), with room for the rest of the host.
+    limit = container["resources"]["limits"]["memory"]
+    assert limit.endswith("Mi"), limit
+    source = (DEPLOY.parent / "core" / "src" / "bodies.rs").read_text()
+    (budget_mib,) = re.findall(r"DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: u64 = (\d+) << 20", source)
+    assert int(limit[:-2]) >= 3 * int(budget_mib) + 64, (limit, budget_mib)
     assert {m["mountPath"] for m in container["volumeMounts"]} == {
         "/plugins",
         "/var/cache/wasm-extproc",

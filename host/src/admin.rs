@@ -11,23 +11,29 @@
 //! The read endpoints answer anyone who reaches the listener (the scrape path). `POST`
 //! endpoints answer only a client presenting `admin_token_file`'s token as a bearer token, or,
 //! without one configured, a connection from 127.0.0.1 or ::1 ([`AdminAccess`]): 401 or 403
-//! otherwise, logged and counted.
+//! otherwise, counted, and logged within a budget ([`REFUSAL_LINES_PER_SECOND`]).
+//!
+//! A client that connects and says nothing is cut off after [`HEADER_READ_TIMEOUT`], and at
+//! most [`MAX_CONNECTIONS`] are served at once: one more closes the oldest, so a flood of idle
+//! connections never keeps Kubernetes' probes (a new, short connection each) from an answer.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::UNIX_EPOCH;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 use crate::access::{AdminAccess, Refusal};
 use crate::config::{FailurePolicy, UnknownChain};
@@ -35,6 +41,7 @@ use crate::http::Delivery;
 use crate::metrics::{Metrics, OUTCOMES};
 use crate::record::{RecordError, RecordRequest, Recorder};
 use crate::registry::Registry;
+use wasm_extproc_core::log_budget::LogBudget;
 
 /// What the admin endpoints read.
 #[derive(Debug, Clone)]
@@ -45,6 +52,37 @@ pub struct State {
     pub recorder: Arc<Recorder>,
     /// Who may change the host's state.
     pub access: AdminAccess,
+    /// How many refusals may be logged.
+    pub refusal_lines: Arc<LogBudget>,
+}
+
+impl State {
+    /// The budget for refusal lines an admin listener starts with.
+    pub fn refusal_lines() -> Arc<LogBudget> {
+        Arc::new(LogBudget::new(
+            "admin".into(),
+            "refusals".into(),
+            REFUSAL_LINES_PER_SECOND,
+            prometheus_client::metrics::counter::Counter::default(),
+        ))
+    }
+}
+
+/// How long a client may take to send a request's headers: a probe or a scrape sends them at
+/// once.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once: room for every scraper, probe and operator, and a bound on what
+/// idle ones hold.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Refused requests logged per second, in bursts of as many; the rest are counted only, with
+/// a line now and then saying how many went unlogged.
+pub const REFUSAL_LINES_PER_SECOND: u32 = 10;
+
+/// The connections being served, oldest first, each with what ends it.
+#[derive(Debug, Default)]
+struct Connections {
+    next: u64,
+    open: VecDeque<(u64, CancellationToken)>,
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes.
@@ -54,6 +92,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let graceful = GracefulShutdown::new();
+    let connections = Arc::new(Mutex::new(Connections::default()));
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -71,12 +110,34 @@ pub async fn serve(
             let state = state.clone();
             async move { Ok::<_, Infallible>(route(&state, peer, request).await) }
         });
-        let connection = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
+        // HTTP/1.1, what probes and scrapers speak: its header-read timeout runs from the
+        // connection's first moment (a protocol-sniffing server would wait for a first byte).
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection);
+        let (id, ended) = {
+            let mut all = connections.lock().expect("not poisoned");
+            if all.open.len() >= MAX_CONNECTIONS
+                && let Some((_, oldest)) = all.open.pop_front()
+            {
+                oldest.cancel();
+            }
+            let id = all.next;
+            all.next += 1;
+            let ended = CancellationToken::new();
+            all.open.push_back((id, ended.clone()));
+            (id, ended)
+        };
+        let connections = connections.clone();
         tokio::spawn(async move {
-            let _ = connection.await;
+            tokio::select! {
+                _ = connection => {}
+                () = ended.cancelled() => {}
+            }
+            let mut all = connections.lock().expect("not poisoned");
+            all.open.retain(|(open, _)| *open != id);
         });
     }
     graceful.shutdown().await;
@@ -201,7 +262,17 @@ fn refused(
     refusal: &Refusal,
 ) -> Response<Full<Bytes>> {
     state.metrics.refused("admin", refusal.reason());
-    tracing::warn!(%peer, path, reason = refusal.reason(), "admin request refused");
+    let logged = state.refusal_lines.admit(std::time::Instant::now());
+    if let Some(unlogged) = logged.summary {
+        tracing::warn!(
+            unlogged,
+            "admin requests refused and not logged (over {REFUSAL_LINES_PER_SECOND} lines a \
+             second; all are counted in wasm_extproc_refused_total)"
+        );
+    }
+    if logged.write {
+        tracing::warn!(%peer, path, reason = refusal.reason(), "admin request refused");
+    }
     match refusal {
         Refusal::Unauthorized(_) => Response::builder()
             .status(StatusCode::UNAUTHORIZED)

@@ -9,6 +9,7 @@
 //! admin_token_file = "/etc/wasm-extproc/admin/token" # POST /reload then needs it as a
 //!                               # bearer token; without one, only 127.0.0.1 and ::1 may POST
 //! shutdown_grace_ms = 15000     # in-flight streams may finish this long after SIGTERM
+//! stream_idle_timeout_ms = 300000 # a stream with no message from Envoy this long is ended
 //!
 //! [tls]                         # TLS on the gRPC listener; client_ca makes it mutual
 //! cert = "/etc/wasm-extproc/tls.crt"
@@ -38,6 +39,12 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9003";
 /// How long shutdown waits for in-flight streams: inside Kubernetes' default 30-second
 /// termination grace period, with room for a preStop hook.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
+
+/// How long a stream may wait for Envoy's next message: Envoy's own HTTP `stream_idle_timeout`
+/// default, after which Envoy itself would have reset a request that quiet. Any shorter would
+/// end streams Envoy still serves (a slow upstream, a long poll); a stream that waits longer
+/// holds its plugins' instances for nothing.
+pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Command-line flags. Each overrides the same setting in the file.
 #[derive(Debug, Parser)]
@@ -213,6 +220,8 @@ pub struct Config {
     pub file: Option<PathBuf>,
     /// How long in-flight streams may run on after SIGTERM.
     pub shutdown_grace: Duration,
+    /// How long a stream may go without a message from Envoy before it is ended.
+    pub stream_idle_timeout: Duration,
     pub tls: Option<TlsSettings>,
     /// Where spans go, if anywhere (`[tracing]`).
     pub tracing: Option<FileTracing>,
@@ -303,6 +312,15 @@ impl Config {
                 .shutdown_grace_ms
                 .map(Duration::from_millis)
                 .unwrap_or(DEFAULT_SHUTDOWN_GRACE),
+            stream_idle_timeout: match file.stream_idle_timeout_ms {
+                Some(0) => {
+                    return Err(ConfigError(
+                        "stream_idle_timeout_ms must be at least 1".into(),
+                    ));
+                }
+                Some(ms) => Duration::from_millis(ms),
+                None => DEFAULT_STREAM_IDLE_TIMEOUT,
+            },
             tls: file.tls.as_ref().map(read_tls).transpose()?,
             tracing: file.tracing.clone(),
             record: file.record.clone(),

@@ -217,19 +217,22 @@ impl Host {
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
         );
-        let ext_proc = ExternalProcessorServer::new(ExtProcService::new(
-            self.registry.clone(),
-            self.metrics.clone(),
-            self.shutting_down.clone(),
-            self.streams.clone(),
-            self.recorder.clone(),
-            ClientIdentities::new(
-                self.config
-                    .tls
-                    .as_ref()
-                    .map_or(&[][..], |tls| &tls.allowed_client_sans),
-            ),
-        ))
+        let ext_proc = ExternalProcessorServer::new(
+            ExtProcService::new(
+                self.registry.clone(),
+                self.metrics.clone(),
+                self.shutting_down.clone(),
+                self.streams.clone(),
+                self.recorder.clone(),
+                ClientIdentities::new(
+                    self.config
+                        .tls
+                        .as_ref()
+                        .map_or(&[][..], |tls| &tls.allowed_client_sans),
+                ),
+            )
+            .idle_timeout(self.config.stream_idle_timeout),
+        )
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
 
@@ -287,6 +290,7 @@ impl Host {
                     access: AdminAccess {
                         token_file: self.config.admin_token_file.clone(),
                     },
+                    refusal_lines: admin::State::refusal_lines(),
                 },
                 wait_stop(stopped.clone()),
             )

@@ -111,15 +111,21 @@ impl PluginHttp {
             .observe(took.as_secs_f64());
     }
 
-    /// The allowed origin `uri` goes to, by index.
-    fn allowed(&self, uri: &http::Uri) -> Option<usize> {
+    /// The allowed origin `uri` goes to, by index; or why it is refused.
+    fn allowed(&self, uri: &http::Uri) -> Result<usize, &'static str> {
+        // `http://user@allowed-host/` names an allowed host, but credentials in a URL are
+        // never what an operator allowed: refused here, before anything resolves it.
+        if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+            return Err("the URL carries user information");
+        }
         let https = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-        let host = uri.host()?;
+        let host = uri.host().ok_or("the URL has no host")?;
         let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
         self.settings
             .allow
             .iter()
             .position(|o| o.matches(https, host, port))
+            .ok_or("the origin is not in http_allow")
     }
 }
 
@@ -152,9 +158,18 @@ impl WasiHttpHooks for Hooks {
         let plugin = self.plugin.clone();
         let deadline = self.deadline.unwrap_or_else(Instant::now);
         Box::new(async move {
-            let Some(index) = plugin.allowed(request.uri()) else {
-                plugin.count(plugin.settings.allow.len(), "denied");
-                return Err(Error::HttpRequestDenied);
+            let index = match plugin.allowed(request.uri()) {
+                Ok(index) => index,
+                Err(reason) => {
+                    tracing::debug!(
+                        chain = &*plugin.chain,
+                        plugin = &*plugin.plugin,
+                        reason,
+                        "outbound request denied"
+                    );
+                    plugin.count(plugin.settings.allow.len(), "denied");
+                    return Err(Error::HttpRequestDenied);
+                }
             };
             let Ok(permit) = plugin.in_flight.clone().try_acquire_owned() else {
                 plugin.count(index, "limit");
@@ -295,5 +310,39 @@ impl Body for Bounded {
 
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_allowed_origins_without_credentials_pass() {
+        let plugin = PluginHttp::new(
+            HttpSettings {
+                allow: vec![Origin::parse("http://idp.example:8080").unwrap()],
+                ..HttpSettings::default()
+            },
+            Metrics::new(),
+            "default".into(),
+            "10-token".into(),
+        );
+        let uri = |text: &str| text.parse::<http::Uri>().unwrap();
+        assert_eq!(
+            plugin.allowed(&uri("http://idp.example:8080/introspect")),
+            Ok(0)
+        );
+        assert_eq!(plugin.allowed(&uri("http://IDP.example:8080/")), Ok(0));
+        for (denied, reason) in [
+            ("http://user@idp.example:8080/", "user information"),
+            ("http://user:pass@idp.example:8080/", "user information"),
+            ("http://idp.example:8081/", "not in http_allow"),
+            ("https://idp.example:8080/", "not in http_allow"),
+            ("http://other.example:8080/", "not in http_allow"),
+        ] {
+            let refused = plugin.allowed(&uri(denied)).unwrap_err();
+            assert!(refused.contains(reason), "{denied}: {refused}");
+        }
     }
 }

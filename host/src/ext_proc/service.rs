@@ -10,6 +10,7 @@ use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
@@ -40,6 +41,8 @@ pub struct ExtProcService {
     /// Which client certificates may open streams.
     identities: ClientIdentities,
     recorder: Arc<Recorder>,
+    /// How long a stream may wait for Envoy's next message.
+    idle_timeout: Duration,
 }
 
 impl ExtProcService {
@@ -58,7 +61,14 @@ impl ExtProcService {
             streams,
             identities,
             recorder,
+            idle_timeout: crate::config::DEFAULT_STREAM_IDLE_TIMEOUT,
         }
+    }
+
+    /// Streams that wait longer than `timeout` for Envoy's next message are ended.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout;
+        self
     }
 }
 
@@ -111,6 +121,11 @@ impl ExternalProcessor for ExtProcService {
             } else {
                 Recording::Off
             },
+            idle: Idle {
+                timeout: self.idle_timeout,
+                timer: None,
+                metrics: self.metrics.clone(),
+            },
         });
         if !span.is_disabled() {
             span.record("chain", serving.exchange.chain_name());
@@ -136,6 +151,16 @@ struct Serving {
     _active: StreamGuard,
     _tracked: TaskTrackerToken,
     recording: Recording,
+    idle: Idle,
+}
+
+/// How long the stream may wait for Envoy's next message, and the one timer that watches: made
+/// the first time a read has to wait, and re-armed only when it fires early (a stream waits
+/// between phases, so a timer per wait would cost every message a timer of its own).
+struct Idle {
+    timeout: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Whether the stream's exchange is being recorded.
@@ -309,7 +334,12 @@ impl Serving {
 
     /// Envoy's next message; `None` when it ended the stream or the connection is gone.
     async fn read(&mut self) -> Result<Option<ProcessingRequest>, Status> {
-        match self.inbound.message().await {
+        // Most messages are there already: no timer unless the stream has to wait.
+        let received = match self.inbound.message().now_or_never() {
+            Some(received) => received,
+            None => self.wait_for_message().await?,
+        };
+        match received {
             Ok(request) => Ok(request),
             Err(status) if is_transport_loss(&status) => {
                 // The connection broke (Envoy restarted, the network dropped): nobody is left
@@ -320,6 +350,42 @@ impl Serving {
             Err(status) => {
                 tracing::warn!("unreadable ext_proc message: {}", status.message());
                 Err(unreadable(&status))
+            }
+        }
+    }
+}
+
+impl Serving {
+    /// Waits for Envoy's next message, for the idle timeout at most: a stream that sends
+    /// nothing that long is ended, and its instances go back to the pool.
+    async fn wait_for_message(
+        &mut self,
+    ) -> Result<Result<Option<ProcessingRequest>, Status>, Status> {
+        let Serving { inbound, idle, .. } = self;
+        let deadline = tokio::time::Instant::now() + idle.timeout;
+        let timer = idle
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            tokio::select! {
+                biased;
+                received = inbound.message() => return Ok(received),
+                () = timer.as_mut() => {
+                    if tokio::time::Instant::now() >= deadline {
+                        idle.metrics.idle_stream_ended();
+                        tracing::debug!(
+                            timeout_ms = idle.timeout.as_millis() as u64,
+                            "ext_proc stream idle too long: ended"
+                        );
+                        return Err(Status::deadline_exceeded(format!(
+                            "no message from Envoy for {} ms (stream_idle_timeout_ms): the \
+                             stream is ended and its plugin instances freed",
+                            idle.timeout.as_millis()
+                        )));
+                    }
+                    // Armed by an earlier wait: this one ends later.
+                    timer.as_mut().reset(deadline);
+                }
             }
         }
     }

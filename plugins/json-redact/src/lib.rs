@@ -16,7 +16,10 @@
 //!   (`plugin_responses_total`). `on_unreadable=pass` lets such bodies through unchanged
 //!   instead, with a warning in the log.
 //!
-//! Bodies that neither look nor say JSON pass unchanged.
+//! Bodies that neither look nor say JSON pass unchanged, and so do bodies of a binary type
+//! (`application/octet-stream`, `image/*`, `application/grpc`, ...) whatever they start with.
+//! Whether a body is JSON is read from its first bytes: where it comes in chunks, the rest
+//! follows the first.
 //!
 //! Configuration: `<field>,<field>,...[;on_unreadable=refuse|pass][;max_decoded_bytes=<n>]`,
 //! e.g. `password,ssn`. `max_decoded_bytes` (8 MiB by default) bounds what a compressed body
@@ -128,8 +131,50 @@ struct Described {
     /// The content-codings applied, in the order they were applied; `Err` names one this plugin
     /// cannot read.
     codings: Result<Vec<Coding>, String>,
-    /// Whether `content-type` says JSON (`application/json`, `...+json`).
-    json: bool,
+    /// What `content-type` says the body is.
+    content: Content,
+}
+
+/// What a body is, as its `content-type` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Content {
+    /// `application/json`, `...+json`: it must parse.
+    Json,
+    /// A binary type (`application/octet-stream`, `image/*`, `application/grpc`, ...): never
+    /// JSON, passed unread.
+    Binary,
+    /// Anything else, or nothing said: JSON if it looks like it.
+    Other,
+}
+
+impl Content {
+    fn of(content_type: Option<Vec<u8>>) -> Content {
+        let Some(value) = content_type else {
+            return Content::Other;
+        };
+        let text = String::from_utf8_lossy(&value).to_ascii_lowercase();
+        let essence = text.split(';').next().unwrap_or_default().trim();
+        let binary = ["image/", "audio/", "video/", "font/", "multipart/"]
+            .iter()
+            .any(|prefix| essence.starts_with(prefix))
+            || essence.starts_with("application/grpc")
+            || matches!(
+                essence,
+                "application/octet-stream"
+                    | "application/pdf"
+                    | "application/zip"
+                    | "application/gzip"
+                    | "application/x-protobuf"
+                    | "application/protobuf"
+            );
+        if essence == "application/json" || essence.ends_with("+json") {
+            Content::Json
+        } else if binary {
+            Content::Binary
+        } else {
+            Content::Other
+        }
+    }
 }
 
 impl Described {
@@ -139,7 +184,7 @@ impl Described {
         if content(bytes).first() != Some(&0x1f) && bytes.first() != Some(&0x78) {
             return Ok(Described {
                 codings: Ok(Vec::new()),
-                json: false,
+                content: Content::Other,
             });
         }
         Err(Unreadable {
@@ -168,12 +213,10 @@ impl Described {
                 }
             }
         }
-        let json = headers.get("content-type").is_some_and(|t| {
-            let t = String::from_utf8_lossy(&t).to_ascii_lowercase();
-            let essence = t.split(';').next().unwrap_or_default().trim().to_string();
-            essence == "application/json" || essence.ends_with("+json")
-        });
-        Described { codings, json }
+        Described {
+            codings,
+            content: Content::of(headers.get("content-type")),
+        }
     }
 }
 
@@ -290,24 +333,35 @@ enum Direction {
 struct JsonRedact {
     /// What each direction's headers said, if the headers phase ran: request, response.
     described: [Option<Described>; 2],
+    /// Per direction: the body began as something other than JSON, so its chunks pass.
+    not_json: [bool; 2],
 }
 
 impl JsonRedact {
-    fn redact_body(&self, direction: Direction, body: &Body) -> Action {
+    fn redact_body(&mut self, direction: Direction, body: &Body) -> Action {
+        let side = direction as usize;
+        if self.not_json[side] {
+            return Action::Continue;
+        }
         let settings = settings();
         // The headers as they are now, where the body handler gets them; else as the headers
         // phase saw them.
         let now = body.headers().map(Described::of);
-        let described = now.as_ref().or(self.described[direction as usize].as_ref());
+        let described = now.as_ref().or(self.described[side].as_ref());
         match Self::redacted(&settings, described, body) {
-            Ok(Some((bytes, count))) => {
+            Ok(Reading::Redacted(bytes, count)) => {
                 body.replace(bytes);
                 if let Some(headers) = body.headers() {
                     headers.set(COUNT_HEADER, count.to_string());
                 }
                 Action::Continue
             }
-            Ok(None) => Action::Continue,
+            Ok(Reading::Unchanged) => Action::Continue,
+            // What the body starts with says what it is: the rest of it passes too.
+            Ok(Reading::NotJson) => {
+                self.not_json[side] = !body.is_empty();
+                Action::Continue
+            }
             Err(unreadable) if settings.pass_unreadable => {
                 log::warn(&format!(
                     "passing a body it cannot read unchanged (on_unreadable=pass): {}",
@@ -319,19 +373,21 @@ impl JsonRedact {
         }
     }
 
-    /// The body's new bytes and how many values changed, `None` if it needs no change, or why
-    /// it cannot be read.
+    /// What reading the body made of it, or why it cannot be read.
     fn redacted(
         settings: &Settings,
         described: Option<&Described>,
         body: &Body,
-    ) -> Result<Option<(Vec<u8>, usize)>, Unreadable> {
+    ) -> Result<Reading, Unreadable> {
         let described = match described {
             Some(described) => described,
             // Envoy did not send this direction's headers (its header mode is SKIP): a body
             // that is not plainly JSON may be encoded in a way nobody said.
             None => &Described::unknown(&body.bytes())?,
         };
+        if described.content == Content::Binary {
+            return Ok(Reading::NotJson);
+        }
         let codings = described.codings.as_ref().map_err(|why| Unreadable {
             reason: Reason::Encoding,
             why: format!("{why} is not one it reads"),
@@ -350,18 +406,28 @@ impl JsonRedact {
         };
         let plain = decode(body.bytes(), codings, settings.max_decoded)
             .map_err(|why| unreadable(Reason::Encoding, why))?;
-        if !described.json && !looks_like_json(&plain) {
-            return Ok(None);
+        if described.content != Content::Json && !looks_like_json(&plain) {
+            return Ok(Reading::NotJson);
         }
         let mut value = serde_json::from_slice::<Value>(content(&plain))
             .map_err(|e| unreadable(Reason::NotJson, format!("not valid JSON: {e}")))?;
         let count = redact(&mut value, &settings.fields);
         if count == 0 {
-            return Ok(None);
+            return Ok(Reading::Unchanged);
         }
         let json = serde_json::to_vec(&value).expect("a parsed value serialises");
-        Ok(Some((encode(json, codings), count)))
+        Ok(Reading::Redacted(encode(json, codings), count))
     }
+}
+
+/// What reading a body made of it.
+enum Reading {
+    /// JSON, with this many values redacted: these bytes go on instead.
+    Redacted(Vec<u8>, usize),
+    /// JSON with nothing to redact.
+    Unchanged,
+    /// Not JSON: it passes, and so does the rest of its body.
+    NotJson,
 }
 
 fn looks_like_json(bytes: &[u8]) -> bool {

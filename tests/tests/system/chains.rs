@@ -134,11 +134,8 @@ async fn the_route_name_picks_the_chain_when_envoy_sends_it() {
         ),
     )
     .await;
-    let config = EnvoyConfig::default().edit(
-        "                      failure_mode_allow: false\n",
-        "                      failure_mode_allow: false\n\
-         \x20                     request_attributes: [xds.route_name]\n",
-    );
+    let config =
+        EnvoyConfig::default().filter("request_attributes: [xds.route_name, source.address]");
     let (envoy, _upstream) = envoy_for(&host, &config).await;
     // The route `default` maps to `search`; `/checkout` names its chain, which comes first.
     assert_eq!(tag(&envoy.get("/headers").await.unwrap()), "search");

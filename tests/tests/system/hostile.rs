@@ -597,3 +597,143 @@ async fn a_body_replacement_past_sixteen_mib_is_refused() {
         1
     );
 }
+
+/// A stream that sends its request headers and then nothing holds its plugins' instances only
+/// until `stream_idle_timeout_ms`: then it is ended, counted, and the instances go back to the
+/// pool.
+#[tokio::test]
+async fn an_idle_stream_is_ended_and_its_instances_freed() {
+    let host = RunningHost::start(&[("asm", ASM_DEMO)], "stream_idle_timeout_ms = 500\n").await;
+    let mut idle = ExtProcStream::connect(host.address).await;
+    let answer = idle
+        .exchange(grpc::request_headers(&[(":path", "/")], false))
+        .await;
+    assert_eq!(header_sets(&answer), asm());
+    // The plugin still has the response headers to come: its instance is held.
+    let metrics = host.metrics();
+    assert_eq!(metrics.pool().in_use.get(), 1);
+    let started = std::time::Instant::now();
+    let ended = idle
+        .next()
+        .await
+        .expect_err("the host ends the idle stream");
+    assert_eq!(ended.code(), tonic::Code::DeadlineExceeded, "{ended:?}");
+    assert!(
+        ended.message().contains("stream_idle_timeout_ms"),
+        "{ended:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(metrics.pool().in_use.get(), 0);
+    assert_eq!(metrics.idle_streams_ended(), 1);
+    // A stream that keeps talking is served as long as it needs.
+    let mut busy = ExtProcStream::connect(host.address).await;
+    busy.exchange(grpc::request_headers(&[(":path", "/")], false))
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = busy
+        .exchange(grpc::response_headers(&[(":status", "200")], true))
+        .await;
+    assert!(matches!(
+        answer.response,
+        Some(Response::ResponseHeaders(_))
+    ));
+    assert_eq!(metrics.idle_streams_ended(), 1);
+}
+
+/// Bodies held for whole-body plugins count against one budget for the whole host: a body
+/// there is no room for gets the plugins' failure policy (kind `body_budget`), counted, and
+/// nothing else is disturbed -- the body held meanwhile is answered, and the next one fits.
+#[tokio::test]
+async fn bodies_past_the_hosts_budget_get_the_policy_and_the_host_serves_on() {
+    use super::phases::full_duplex_request;
+    use extproc_testkit::fixtures::JSON_REDACT;
+    const MIB: usize = 1 << 20;
+    let host = RunningHost::start(
+        &[("redact", JSON_REDACT)],
+        "[runtime]\nmax_body_bytes_in_flight = 8388608\n\
+         [plugins.redact]\nconfig = \"password\"\nfailure_status = 503\ntimeout_ms = 2000\n\
+         [envoy]\nmessage_timeout_ms = 5000\n",
+    )
+    .await;
+    let part = |n: usize| {
+        let mut json = br#"{"password":"hunter2","pad":""#.to_vec();
+        json.extend(vec![b'a'; n]);
+        json
+    };
+    // Stream A holds 5 MiB of a body for the plugin.
+    let mut a = full_duplex_request(&host).await;
+    a.send(grpc::request_body(&part(5 * MIB), false)).await;
+    // Stream B's 5 MiB do not fit beside it: the plugin's policy answers.
+    let mut b = full_duplex_request(&host).await;
+    b.send(grpc::request_body(&part(5 * MIB), false)).await;
+    let refused = b.next().await.unwrap().expect("an answer");
+    assert_eq!(
+        immediate(&refused),
+        (
+            503,
+            "wasm_extproc_plugin_failed:redact:body_budget".to_string()
+        )
+    );
+    // A completes, redacted.
+    a.send(grpc::request_body(br#""}"#, true)).await;
+    let mut redacted = Vec::new();
+    loop {
+        let answer = a.next().await.unwrap().expect("answers until the body");
+        if let Some(Response::RequestBody(body)) = &answer.response {
+            let mutation = body.response.as_ref().unwrap().body_mutation.as_ref();
+            if let Some(
+                envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation::StreamedResponse(s),
+            ) = mutation.and_then(|m| m.mutation.as_ref())
+            {
+                redacted.extend_from_slice(&s.body);
+                if s.end_of_stream {
+                    break;
+                }
+            }
+        }
+    }
+    assert!(
+        redacted.starts_with(br#"{"pad":"#),
+        "{}",
+        String::from_utf8_lossy(&redacted[..40])
+    );
+    assert!(!redacted.windows(7).any(|w| w == b"hunter2"));
+    // With A done, a body of the same size fits again.
+    let mut c = full_duplex_request(&host).await;
+    c.send(grpc::request_body(&part(5 * MIB), false)).await;
+    c.send(grpc::request_body(br#""}"#, true)).await;
+    let answer = c.next().await.unwrap().expect("an answer");
+    assert!(
+        !matches!(answer.response, Some(Response::ImmediateResponse(_))),
+        "{answer:?}"
+    );
+    let metrics = host.metrics();
+    assert_eq!(metrics.bodies_over_budget(), 1);
+    assert_eq!(metrics.plugin_outcomes("redact", "body_budget"), 1);
+}
+
+/// The idle timeout is about streams nobody talks on, not slow upstreams: a response a second
+/// in coming (five times Envoy's 200 ms `message_timeout`, which does not cover the wait
+/// between phases) is served whole, inside an idle timeout of two.
+#[tokio::test]
+async fn a_slow_upstream_is_served_inside_the_idle_timeout() {
+    use extproc_testkit::envoy::Envoy;
+    use extproc_testkit::service::Service;
+    let host = RunningHost::start(&[("asm", ASM_DEMO)], "stream_idle_timeout_ms = 2000\n").await;
+    let upstream = Service::start(
+        Duration::from_secs(1),
+        Arc::new(|_: &[u8]| (200, "slow".to_string())),
+    )
+    .await
+    .unwrap();
+    let envoy = Envoy::start(host.address, upstream.address).await.unwrap();
+    let started = std::time::Instant::now();
+    let response = envoy.get("/slow").await.unwrap();
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert_eq!(response.status, 200, "{}", envoy.log());
+    assert_eq!(
+        response.header_values("x-ext-proc-header"),
+        ["hello-from-asm"]
+    );
+    assert_eq!(host.metrics().idle_streams_ended(), 0);
+}

@@ -925,3 +925,64 @@ async fn envoy_reaches_the_host_over_a_unix_socket() {
     );
     drop(host);
 }
+
+/// The admin listener holds under misuse: a flood of connections that say nothing never keeps
+/// `/readyz` from answering (past the cap, the oldest is closed), such a connection is cut off
+/// after the header-read timeout, and refused requests are logged within a budget, counted all.
+#[tokio::test(flavor = "current_thread")]
+async fn the_admin_listener_holds_under_idle_connections_and_refusal_floods() {
+    use tokio::io::AsyncReadExt;
+    use wasm_extproc::admin::{HEADER_READ_TIMEOUT, MAX_CONNECTIONS, REFUSAL_LINES_PER_SECOND};
+
+    use super::hostile::Captured;
+    let (captured, _guard) = Captured::on_this_thread(tracing::Level::WARN);
+    let token = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(token.path(), "s3cret\n").unwrap();
+    let host = RunningHost::start(
+        &[("asm", ASM_DEMO)],
+        &format!("admin_token_file = {:?}\n", token.path()),
+    )
+    .await;
+    let mut idle = Vec::new();
+    for _ in 0..MAX_CONNECTIONS + 50 {
+        idle.push(tokio::net::TcpStream::connect(host.admin).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let ready = request(host.admin, "GET", "/readyz", &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(ready.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // The oldest idle connections were closed to make room.
+    async fn closed(stream: &mut tokio::net::TcpStream, within: Duration) -> bool {
+        let mut buffer = [0u8; 16];
+        let read = tokio::time::timeout(within, stream.read(&mut buffer)).await;
+        matches!(read, Ok(Ok(0) | Err(_)))
+    }
+    assert!(closed(&mut idle[0], Duration::from_secs(1)).await);
+    // The newest are cut off once the header-read timeout passes.
+    let waited = std::time::Instant::now();
+    let last = idle.last_mut().unwrap();
+    assert!(closed(last, HEADER_READ_TIMEOUT + Duration::from_secs(2)).await);
+    assert!(waited.elapsed() >= HEADER_READ_TIMEOUT - Duration::from_secs(1));
+    drop(idle);
+
+    for _ in 0..50 {
+        let refused = request(host.admin, "POST", "/reload", &[], Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(refused.status, 401);
+    }
+    assert_eq!(host.metrics().refusals("admin", "missing_token"), 50);
+    let log = captured.text();
+    let lines = log.matches("admin request refused").count();
+    assert!(
+        (1..=REFUSAL_LINES_PER_SECOND as usize).contains(&lines),
+        "{lines} lines: {log}"
+    );
+    assert!(
+        log.contains("admin requests refused and not logged"),
+        "{log}"
+    );
+}

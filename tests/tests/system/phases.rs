@@ -277,7 +277,7 @@ fn streamed_pieces(answer: &ProcessingResponse) -> (Vec<u8>, bool) {
 
 /// A stream whose request headers said: request bodies come FULL_DUPLEX_STREAMED. Their
 /// answer waits while a plugin holds the body whole: it is open to the body handlers.
-async fn full_duplex_request(host: &RunningHost) -> ExtProcStream {
+pub(super) async fn full_duplex_request(host: &RunningHost) -> ExtProcStream {
     let stream = ExtProcStream::connect(host.address).await;
     stream
         .send(with_modes(
