@@ -340,6 +340,16 @@ impl StreamChain {
                 on_failure(plugin, phase, &error)
             };
             if let Some(error) = &over_budget {
+                // What the plugin held of this body must not be lost: it flows on, unchanged,
+                // ahead of the message there was no room for.
+                if let Message::Body(chunk) = &mut message {
+                    let index = held_index(direction);
+                    if let Some(mut held) = state.held[index].take() {
+                        held.append(&mut chunk.data);
+                        chunk.data = held;
+                        reserved.extend(state.held_reserved[index].take());
+                    }
+                }
                 match failed(state, error.clone(), Duration::ZERO) {
                     Some(response) => {
                         stopped = Some(Decision::Respond(response));

@@ -676,22 +676,7 @@ async fn bodies_past_the_hosts_budget_get_the_policy_and_the_host_serves_on() {
     );
     // A completes, redacted.
     a.send(grpc::request_body(br#""}"#, true)).await;
-    let mut redacted = Vec::new();
-    loop {
-        let answer = a.next().await.unwrap().expect("answers until the body");
-        if let Some(Response::RequestBody(body)) = &answer.response {
-            let mutation = body.response.as_ref().unwrap().body_mutation.as_ref();
-            if let Some(
-                envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation::StreamedResponse(s),
-            ) = mutation.and_then(|m| m.mutation.as_ref())
-            {
-                redacted.extend_from_slice(&s.body);
-                if s.end_of_stream {
-                    break;
-                }
-            }
-        }
-    }
+    let redacted = streamed_body(&mut a).await;
     assert!(
         redacted.starts_with(br#"{"pad":"#),
         "{}",
@@ -710,6 +695,71 @@ async fn bodies_past_the_hosts_budget_get_the_policy_and_the_host_serves_on() {
     let metrics = host.metrics();
     assert_eq!(metrics.bodies_over_budget(), 1);
     assert_eq!(metrics.plugin_outcomes("redact", "body_budget"), 1);
+}
+
+/// What the host answered of a `FULL_DUPLEX_STREAMED` request body, until its end.
+async fn streamed_body(stream: &mut ExtProcStream) -> Vec<u8> {
+    use envoy_types::pb::envoy::service::ext_proc::v3::body_mutation::Mutation;
+    let mut body = Vec::new();
+    loop {
+        let answer = stream
+            .next()
+            .await
+            .unwrap()
+            .expect("answers until the body");
+        if let Some(Response::RequestBody(answer)) = &answer.response {
+            let mutation = answer.response.as_ref().unwrap().body_mutation.as_ref();
+            if let Some(Mutation::StreamedResponse(s)) = mutation.and_then(|m| m.mutation.as_ref())
+            {
+                body.extend_from_slice(&s.body);
+                if s.end_of_stream {
+                    return body;
+                }
+            }
+        }
+    }
+}
+
+/// A fail-open plugin holding part of a body when the budget runs out is skipped, and what it
+/// held flows on unchanged with the rest: nothing is lost.
+#[tokio::test]
+async fn a_body_held_when_the_budget_runs_out_flows_on_unchanged() {
+    use super::phases::full_duplex_request;
+    use extproc_testkit::fixtures::JSON_REDACT;
+    const MIB: usize = 1 << 20;
+    let host = RunningHost::start(
+        &[("redact", JSON_REDACT)],
+        "[runtime]\nmax_body_bytes_in_flight = 8388608\n\
+         [plugins.redact]\nconfig = \"password\"\nfailure_policy = \"fail-open\"\n\
+         timeout_ms = 2000\n[envoy]\nmessage_timeout_ms = 5000\n",
+    )
+    .await;
+    let mut sent = br#"{"password":"hunter2","pad":""#.to_vec();
+    sent.extend(vec![b'a'; 3 * MIB]);
+    let mut a = full_duplex_request(&host).await;
+    a.send(grpc::request_body(&sent, false)).await;
+    // B fills the budget but for half a megabyte.
+    let b = full_duplex_request(&host).await;
+    b.send(grpc::request_body(&vec![b' '; 4 * MIB + MIB / 2], false))
+        .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A's next megabyte has no room: the plugin is skipped, A's body flows on whole.
+    let more = vec![b'b'; MIB];
+    a.send(grpc::request_body(&more, false)).await;
+    a.send(grpc::request_body(br#""}"#, true)).await;
+    sent.extend(&more);
+    sent.extend(br#""}"#);
+    let received = streamed_body(&mut a).await;
+    assert!(
+        received == sent,
+        "{} bytes of {}: first difference at {:?}, ends {:?}",
+        received.len(),
+        sent.len(),
+        received.iter().zip(&sent).position(|(a, b)| a != b),
+        String::from_utf8_lossy(&received[received.len() - 20..])
+    );
+    assert_eq!(host.metrics().plugin_outcomes("redact", "body_budget"), 1);
+    drop(b);
 }
 
 /// The idle timeout is about streams nobody talks on, not slow upstreams: a response a second
