@@ -298,74 +298,136 @@ fn build_rust_plugins() -> anyhow::Result<()> {
 }
 
 fn test() -> anyhow::Result<()> {
-    let started = Instant::now();
-    setup()?;
-    run(cargo().args(["fmt", "--all", "--check"]))?;
-    for (workspace, _) in GUEST_WORKSPACES {
-        run(cargo()
-            .current_dir(repo_root().join(workspace))
-            .args(["fmt", "--all", "--check"]))?;
-    }
-    build_plugins()?;
-    for (workspace, target) in GUEST_WORKSPACES {
-        run(cargo()
-            .current_dir(repo_root().join(workspace))
-            .args(["clippy", "--release", "--target", target, "--target-dir"])
-            .arg(target_dir())
-            .args(["--", "-D", "warnings"]))?;
-    }
-    run(cargo().args([
-        "clippy",
-        "--workspace",
-        "--all-targets",
-        "--",
-        "-D",
-        "warnings",
-    ]))?;
+    let mut clock = Clock::default();
+    let result = test_timed(&mut clock);
+    clock.report();
+    result
+}
+
+/// Every check, each phase timed on `clock`.
+fn test_timed(clock: &mut Clock) -> anyhow::Result<()> {
+    clock.time("setup: toolchains, Envoy, Redis, validators", setup)?;
+    clock.time("rustfmt", || {
+        run(cargo().args(["fmt", "--all", "--check"]))?;
+        for (workspace, _) in GUEST_WORKSPACES {
+            run(cargo()
+                .current_dir(repo_root().join(workspace))
+                .args(["fmt", "--all", "--check"]))?;
+        }
+        Ok(())
+    })?;
+    clock.time("plugins and fixtures (wasm, four languages)", build_plugins)?;
+    clock.time("clippy: guests", || {
+        for (workspace, target) in GUEST_WORKSPACES {
+            run(cargo()
+                .current_dir(repo_root().join(workspace))
+                .args(["clippy", "--release", "--target", target, "--target-dir"])
+                .arg(target_dir())
+                .args(["--", "-D", "warnings"]))?;
+        }
+        Ok(())
+    })?;
+    clock.time("clippy: workspace", || {
+        run(cargo().args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))
+    })?;
     // The fuzz target is its own workspace (cargo-fuzz instruments all it builds): checked
     // here so that it keeps building as the code it drives changes.
-    run(cargo()
-        .args(["check", "--manifest-path"])
-        .arg(repo_root().join("fuzz/Cargo.toml"))
-        .arg("--target-dir")
-        .arg(target_dir()))?;
+    clock.time("fuzz target: check", || {
+        run(cargo()
+            .args(["check", "--manifest-path"])
+            .arg(repo_root().join("fuzz/Cargo.toml"))
+            .arg("--target-dir")
+            .arg(target_dir()))
+    })?;
     // The in-process module, which the conformance tests load into Envoy.
-    run(cargo().args(["build", "--package", "wasm-extproc-module"]))?;
-    let (mut passed, mut failed) = run_tests(
-        cargo()
+    clock.time("in-process module: build", || {
+        run(cargo().args(["build", "--package", "wasm-extproc-module"]))
+    })?;
+    let cargo_test = || {
+        let mut command = cargo();
+        command
             .args(["test", "--workspace", "--no-fail-fast"])
-            .env("ENVOY_BIN", envoy_venv().join("bin/envoy")),
-    )?;
-    build_dist()?;
+            .env("ENVOY_BIN", envoy_venv().join("bin/envoy"));
+        command
+    };
+    clock.time("tests: build", || run(cargo_test().arg("--no-run")))?;
+    let (mut passed, mut failed) = clock.time("tests: run", || run_tests(&mut cargo_test()))?;
+    clock.time("release build (the image's binary)", build_dist)?;
     // Load held: the shipped settings carry thousands of exchanges in flight through Envoy
     // with no error (the benchmark's concurrency run, reduced).
-    run(cargo().args(["build", "--release", "--package", "extproc-bench"]))?;
-    bench::concurrency::check()?;
+    clock.time("release build (benchmark baselines)", || {
+        run(cargo().args(["build", "--release", "--package", "extproc-bench"]))
+    })?;
+    clock.time("concurrency check", bench::concurrency::check)?;
     passed += 1;
     // Isolation under load, at a size that fits CI: fails on any request lost, duplicated or
     // wrongly answered, on any Envoy ext_proc error, and on memory that does not stay flat.
-    reliability::run(reliability::Load::Requests(2_000), 32)?;
+    clock.time("reliability run", || {
+        reliability::run(reliability::Load::Requests(2_000), 32)
+    })?;
     passed += 1;
     // Benchmarks are not run here, but they must keep building (`cargo xtask bench` runs
     // them; its own code and the baselines in bench/ are built and linted above).
-    run(cargo().args(["bench", "--package", "wasm-extproc-core", "--no-run"]))?;
-    let (deploy_passed, deploy_failed) = run_tests(
-        Command::new(target_dir().join("tools/py/bin/pytest"))
-            .args(["-q", "-p", "no:cacheprovider"])
-            .arg(repo_root().join("deploy/tests"))
-            .env("ENVOY_BIN", envoy_venv().join("bin/envoy"))
-            .env("CARGO_TARGET_DIR", target_dir()),
-    )?;
+    clock.time("benchmarks: build", || {
+        run(cargo().args(["bench", "--package", "wasm-extproc-core", "--no-run"]))
+    })?;
+    let (deploy_passed, deploy_failed) = clock.time("deploy tests (pytest)", || {
+        run_tests(
+            Command::new(target_dir().join("tools/py/bin/pytest"))
+                .args(["-q", "-p", "no:cacheprovider"])
+                .arg(repo_root().join("deploy/tests"))
+                .env("ENVOY_BIN", envoy_venv().join("bin/envoy"))
+                .env("CARGO_TARGET_DIR", target_dir()),
+        )
+    })?;
     passed += deploy_passed;
     failed += deploy_failed;
     if failed > 0 {
         println!("tests: {passed} passed, {failed} failed");
         bail!("{failed} tests failed");
     }
-    demo(true, 8000, 9002, 8080)?;
-    eprintln!("all checks passed in {:.0?}", started.elapsed());
+    clock.time("demo", || demo(true, 8000, 9002, 8080))?;
     println!("tests: {passed} passed, {failed} failed");
     Ok(())
+}
+
+/// Where `cargo xtask test`'s time goes, phase by phase, so that the change that slows it
+/// shows.
+#[derive(Debug, Default)]
+struct Clock {
+    phases: Vec<(&'static str, Duration)>,
+}
+
+impl Clock {
+    /// Runs `phase`, timed as `name`.
+    fn time<T>(
+        &mut self,
+        name: &'static str,
+        phase: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<T> {
+        let started = Instant::now();
+        let result = phase();
+        self.phases.push((name, started.elapsed()));
+        result
+    }
+
+    /// The table of phases and seconds, and the total, on standard error.
+    fn report(&self) {
+        let total: Duration = self.phases.iter().map(|(_, took)| *took).sum();
+        eprintln!("\nwhere the time went:\n");
+        eprintln!("| phase | seconds |\n|---|---:|");
+        for (name, took) in &self.phases {
+            eprintln!("| {name} | {:.0} |", took.as_secs_f64());
+        }
+        eprintln!("| **total** | **{:.0}** |", total.as_secs_f64());
+    }
 }
 
 /// Runs a test runner, passing its output through, and adds up what it reports: cargo's
