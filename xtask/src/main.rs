@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
-use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{self, Envoy};
 use extproc_testkit::fixtures::{BUNDLED_TARGET, WASI_TARGET};
 use extproc_testkit::process::{KillOnDrop, wait_until_ready};
@@ -63,8 +62,8 @@ enum Verb {
     /// Build the bundled plugins and the test fixtures into components.
     BuildPlugins,
     /// Run the ASM demo: Envoy on :8000 -> wasm-extproc on :9002 with the bundled plugin ->
-    /// an httpbin-like echo upstream on :8080. Shows `curl -i /headers`, then serves until
-    /// Ctrl-C.
+    /// httpbin (PyPI, served by gunicorn) on :8080. Shows `curl -i /headers`, then serves
+    /// until Ctrl-C.
     Demo {
         /// Show the response and exit instead of serving.
         #[arg(long)]
@@ -75,7 +74,7 @@ enum Verb {
         /// wasm-extproc's port.
         #[arg(long, default_value_t = 9002)]
         ext_proc_port: u16,
-        /// The echo upstream's port.
+        /// httpbin's port.
         #[arg(long, default_value_t = 8080)]
         upstream_port: u16,
     },
@@ -122,6 +121,7 @@ fn dispatch(verb: Verb) -> anyhow::Result<()> {
             upstream_port,
         } => {
             setup_base()?;
+            install_httpbin()?;
             demo(once, port, ext_proc_port, upstream_port)
         }
         Verb::Test => test(),
@@ -173,10 +173,39 @@ fn envoy_venv() -> PathBuf {
 /// Everything the tests need.
 fn setup() -> anyhow::Result<()> {
     setup_base()?;
+    install_httpbin()?;
     install_redis()?;
     install_validators()?;
     bench::install_load_generators()?;
     languages::install()
+}
+
+/// httpbin, the guide's upstream, and the WSGI server that serves it, pinned.
+const HTTPBIN_PACKAGES: [&str; 4] = [
+    "httpbin==0.10.4",
+    "gunicorn==27.0.1",
+    "flask==3.1.3",
+    "werkzeug==3.1.9",
+];
+
+fn httpbin_venv() -> PathBuf {
+    target_dir().join("tools/httpbin")
+}
+
+/// httpbin (PyPI) served by gunicorn, in a venv of its own: the demo's upstream.
+fn install_httpbin() -> anyhow::Result<()> {
+    let venv = httpbin_venv();
+    let marker = venv.join(".installed");
+    let wanted = HTTPBIN_PACKAGES.join(" ");
+    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
+        return Ok(());
+    }
+    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "--quiet"])
+        .args(HTTPBIN_PACKAGES))?;
+    std::fs::write(&marker, &wanted)?;
+    Ok(())
 }
 
 /// What building and running the host needs: the wasm target and Envoy.
@@ -480,10 +509,25 @@ fn demo(once: bool, port: u16, ext_proc_port: u16, upstream_port: u16) -> anyhow
     );
     wait_until_ready(([127, 0, 0, 1], 9003).into(), &mut host.0)?;
 
+    // The guide checks its setup against httpbin: the demo's upstream is httpbin itself.
+    let upstream: SocketAddr = ([127, 0, 0, 1], upstream_port).into();
+    let mut httpbin = KillOnDrop(
+        Command::new(httpbin_venv().join("bin/gunicorn"))
+            .args(["--workers", "2", "--bind"])
+            .arg(upstream.to_string())
+            .arg("httpbin:app")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start httpbin")?,
+    );
+    extproc_testkit::process::wait_for_port(upstream, &mut httpbin.0)
+        .context("httpbin did not start")?;
+
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
-        let upstream = EchoServer::bind(([127, 0, 0, 1], upstream_port).into()).await?;
-        let config = envoy::render_config(port, ext_proc, upstream.address, 0)?;
+        let config = envoy::render_config(port, ext_proc, upstream, 0)?;
         let envoy = Envoy::start_with_config(&config).await?;
         let url = format!("http://127.0.0.1:{}/headers", envoy.listener.port());
         let response = envoy.get("/headers").await?;
