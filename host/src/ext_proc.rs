@@ -8,9 +8,11 @@
 //!   above and the plugin chain.
 //! - [`service`]: the tonic service, a thin loop that feeds each stream's messages to its
 //!   exchange.
+//! - [`fuzz`]: the protocol's invariants under arbitrary input, for the fuzzer and a test.
 
 pub mod convert;
 pub mod exchange;
+pub mod fuzz;
 pub mod protocol;
 pub mod service;
 

@@ -181,6 +181,8 @@ pub fn install() -> anyhow::Result<()> {
     }
     let installed = Command::new(wit_bindgen()).arg("--version").output();
     if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(WIT_BINDGEN_VERSION)) {
+        // Only the C generator: the default features build every language's (Rust, Go, C#,
+        // C++, MoonBit, D), minutes of compiling for a binary that runs once.
         run(crate::cargo()
             .args([
                 "install",
@@ -189,6 +191,9 @@ pub fn install() -> anyhow::Result<()> {
                 "wit-bindgen-cli",
                 "--version",
                 WIT_BINDGEN_VERSION,
+                "--no-default-features",
+                "--features",
+                "c",
                 "--root",
             ])
             .arg(tools().join("cargo")))?;
