@@ -334,12 +334,15 @@ def test_the_envoy_gateway_route_policy_sends_the_route_name_the_host_maps():
     assert target not in httpbin_policy["spec"]["targetRefs"]
     (ext_proc,) = policy["spec"]["extProc"]
     request = ext_proc["processingMode"]["request"]
-    assert request == {"attributes": ["xds.route_name"]}
-    # Otherwise the httpbin policy's settings.
+    # The route's name beside the client's address, which the httpbin policy sends too (the
+    # breaker tells clients apart by it).
     (httpbin_ext_proc,) = httpbin_policy["spec"]["extProc"]
-    without_attributes = copy.deepcopy(ext_proc)
-    without_attributes["processingMode"]["request"] = {}
-    assert without_attributes == httpbin_ext_proc
+    assert request == {"attributes": ["xds.route_name", "source.address"]}
+    assert httpbin_ext_proc["processingMode"]["request"] == {"attributes": ["source.address"]}
+    # Otherwise the httpbin policy's settings.
+    without_route = copy.deepcopy(ext_proc)
+    without_route["processingMode"]["request"] = httpbin_ext_proc["processingMode"]["request"]
+    assert without_route == httpbin_ext_proc
     # The host configuration the comment gives, for the HTTPRoute's first rule and match.
     config = tomllib.loads(commented_example(path, "into the host's config:"))
     route = envoy_gateway_route_name(policy["metadata"]["namespace"], target["name"], 0, 0)
