@@ -1,11 +1,11 @@
 """Every deploy/ artifact, validated by a real tool.
 
 Run by `cargo xtask test` (which installs the tools into target/tools and builds the image's
-contents with deploy/build.sh into target/dist first):
+contents with deploy/build.sh into target/image first):
 
 - Envoy configurations: `envoy --mode validate` (Envoy 1.40), the standalone configs and the
   EnvoyFilter patches embedded into a bootstrap; the in-process ones load the module (built by
-  `cargo build -p wasm-extproc-module`) and the image's plugins;
+  `cargo build --release -p wasm-extproc-module`) and the image's plugins;
 - Kubernetes manifests: kubernetes-validate (the Kubernetes OpenAPI schemas, offline) and
   `kubectl kustomize` rendering the base and the image-volume variant;
 - the Istio EnvoyFilters, DestinationRule and AuthorizationPolicy and the Envoy Gateway
@@ -43,7 +43,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
 TOOLS = TARGET / "tools"
-DIST = TARGET / "dist"
+DIST = TARGET / "image"
 ENVOY = os.environ.get("ENVOY_BIN", str(TOOLS / "envoy" / "bin" / "envoy"))
 KUBERNETES_VERSION = "1.31.0"
 EXT_PROC_CLUSTER = "outbound|9002||ext-proc.default.svc.cluster.local"
@@ -69,7 +69,7 @@ def envoy_validate(config_text, tmp_path, name="envoy.yaml", env=None):
 
 
 # The in-process module as `cargo xtask test` builds it, and the plugins deploy/build.sh made.
-MODULE = TARGET / "debug" / "libwasm_extproc_module.so"
+MODULE = TARGET / "release" / "libwasm_extproc_module.so"
 
 
 def with_test_plugins(config_text, plugins_dir, tmp_path):

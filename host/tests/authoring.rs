@@ -29,6 +29,14 @@ fn test_with(args: &[&str], more: &str) -> Output {
         .args(args)
         .env("RUST_LOG", "off")
         .env_remove("WASM_EXTPROC_CONFIG")
+        // Compiled components kept across tests and runs: the JavaScript and Python ones take
+        // seconds each to compile, and several files play through the same ones.
+        // (The system tests' hosts share the same directory: the test kit's
+        // `fixtures::compile_cache`.)
+        .env(
+            "WASM_EXTPROC_CACHE_DIR",
+            support::target_dir().join("tmp/compile-cache"),
+        )
         .output()
         .expect("binary runs")
 }

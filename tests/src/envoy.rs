@@ -49,19 +49,21 @@ pub fn render_config(
 }
 
 /// The directory holding `libwasm_extproc_module.so`, the in-process module:
-/// `$WASM_EXTPROC_MODULE_DIR`, else the test profile's target directory.
+/// `$WASM_EXTPROC_MODULE_DIR`, else the target directory of the tests' own profile.
 pub fn module_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("WASM_EXTPROC_MODULE_DIR") {
         return PathBuf::from(dir);
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::repo_root().join("target"));
-    let dir = target.join("debug");
+    let dir = crate::fixtures::target_dir().join(crate::PROFILE_DIR);
+    let release = if crate::PROFILE_DIR == "release" {
+        " --release"
+    } else {
+        ""
+    };
     assert!(
         dir.join("libwasm_extproc_module.so").is_file(),
-        "{}/libwasm_extproc_module.so is missing: run `cargo build -p wasm-extproc-module` \
-         (or `cargo xtask test`) first",
+        "{}/libwasm_extproc_module.so is missing: run `cargo build{release} -p \
+         wasm-extproc-module` (or `cargo xtask test`) first",
         dir.display()
     );
     dir

@@ -86,6 +86,22 @@ pub const BAD_IMPORT: Component = Component("bad_import", WASI_TARGET);
 /// Built against contract version 0.0.9.
 pub const WRONG_CONTRACT: Component = Component("wrong_contract", WASI_TARGET);
 
+/// The build's target directory (`CARGO_TARGET_DIR`, or the repository's `target/`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| crate::repo_root().join("target"))
+}
+
+/// Where the tests' hosts keep compiled components, shared by every test and every run: the
+/// JavaScript and Python components take seconds each to compile, and many tests load the
+/// same ones. wasmtime keys each entry by the component's bytes and the engine's settings, and
+/// writes entries atomically, so concurrent test processes share it safely. Tests of the
+/// cache itself set a `cache_dir` of their own.
+pub fn compile_cache() -> PathBuf {
+    target_dir().join("tmp/compile-cache")
+}
+
 impl Component {
     pub fn name(self) -> &'static str {
         self.0
@@ -93,10 +109,7 @@ impl Component {
 
     /// Where the build left the component. Panics with the command to run if it is missing.
     pub fn path(self) -> PathBuf {
-        let target = std::env::var_os("CARGO_TARGET_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| crate::repo_root().join("target"));
-        let path = target
+        let path = target_dir()
             .join(self.1)
             .join("release")
             .join(format!("{}.wasm", self.0));

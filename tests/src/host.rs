@@ -80,7 +80,11 @@ pub fn config(dir: &Path, toml: &str) -> Config {
     if !toml.contains("[runtime]") {
         text.push_str("\n[runtime]\nmax_instances = 1000\nmax_wasi_instances = 1000\n");
     }
-    Config::from_toml(&text, Path::new("test.toml")).expect("valid test config")
+    let mut config = Config::from_toml(&text, Path::new("test.toml")).expect("valid test config");
+    if config.settings.cache_dir.is_none() {
+        config.settings.cache_dir = Some(crate::fixtures::compile_cache());
+    }
+    config
 }
 
 fn init_logging() {

@@ -26,6 +26,15 @@ pub mod service;
 use std::path::PathBuf;
 
 /// The repository root.
+/// The directory under the target directory that holds what cargo built in the profile these
+/// tests were built in: `debug` for `cargo test`, `release` for `cargo test --release` (which
+/// is how `cargo xtask test` runs them, against the optimised build the image ships).
+pub const PROFILE_DIR: &str = if cfg!(debug_assertions) {
+    "debug"
+} else {
+    "release"
+};
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .parent()

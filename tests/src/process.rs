@@ -24,10 +24,13 @@ impl Drop for KillOnDrop {
 /// Which build of the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Profile {
-    /// `target/debug/wasm-extproc` (`cargo test --workspace` builds it).
+    /// The binary of the profile the tests were built in (`cargo test --workspace` builds it:
+    /// `target/debug/wasm-extproc`, or `target/release/` under `--release`).
     Test,
     /// `target/release/wasm-extproc`.
     Release,
+    /// `target/dist/wasm-extproc`: release with thin LTO, as the image ships it.
+    Dist,
 }
 
 /// A running host process; killed, and its directory removed, when dropped.
@@ -106,14 +109,12 @@ fn free_port() -> std::io::Result<u16> {
 
 /// The host binary of `profile`, which the caller has built.
 pub fn binary(profile: Profile) -> anyhow::Result<PathBuf> {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::repo_root().join("target"));
     let (dir, build) = match profile {
-        Profile::Test => ("debug", "cargo build -p wasm-extproc"),
-        Profile::Release => ("release", "cargo build --release -p wasm-extproc"),
+        Profile::Test if crate::PROFILE_DIR == "debug" => ("debug", "cargo build -p wasm-extproc"),
+        Profile::Test | Profile::Release => ("release", "cargo build --release -p wasm-extproc"),
+        Profile::Dist => ("dist", "cargo build --profile dist -p wasm-extproc"),
     };
-    let binary = target.join(dir).join("wasm-extproc");
+    let binary = crate::fixtures::target_dir().join(dir).join("wasm-extproc");
     if !binary.is_file() {
         bail!("{} is missing: `{build}` builds it", binary.display());
     }

@@ -96,7 +96,7 @@ fn measure(
     options: &Options,
     previous: Option<report::Results>,
 ) -> anyhow::Result<report::Results> {
-    crate::setup()?;
+    crate::setup::all()?;
     crate::build_plugins()?;
     // The bundled plugin as a WASI plugin would be built, for comparison.
     run(cargo()
@@ -111,9 +111,12 @@ fn measure(
         ])
         .arg("--target-dir")
         .arg(target_dir()))?;
+    // What ships: the host, the module and the baselines linked with thin LTO, as the image's
+    // build does (`[profile.dist]`).
     run(cargo().args([
         "build",
-        "--release",
+        "--profile",
+        e2e::MEASURED_PROFILE,
         "--package",
         "wasm-extproc",
         "--package",
@@ -178,9 +181,9 @@ fn command_line(options: &Options) -> String {
     line
 }
 
-/// wrk and hey from Debian, unless already installed.
-pub fn install_load_generators() -> anyhow::Result<()> {
-    let missing: Vec<&str> = LOAD_GENERATORS
+/// wrk and hey (Debian packages of the same names), unless already installed.
+pub fn missing_load_generators() -> Vec<&'static str> {
+    LOAD_GENERATORS
         .iter()
         .filter(|(program, _)| {
             Command::new("which")
@@ -189,14 +192,7 @@ pub fn install_load_generators() -> anyhow::Result<()> {
                 .is_ok_and(|o| !o.status.success())
         })
         .map(|(_, package)| *package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
-        .args(&missing))
+        .collect()
 }
 
 /// CPU model, cores and kernel, for the report's header.

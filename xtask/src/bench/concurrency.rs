@@ -130,7 +130,7 @@ fn measure(
 
 /// Every level, the host and the native server in turn.
 pub fn run(duration: Duration) -> anyhow::Result<Vec<Level>> {
-    let binaries = Binaries::find()?;
+    let binaries = Binaries::find(super::e2e::MEASURED_PROFILE)?;
     let mut levels = Vec::new();
     for connections in LEVELS {
         for key in ["wasm", "native"] {
@@ -143,7 +143,8 @@ pub fn run(duration: Duration) -> anyhow::Result<Vec<Level>> {
 /// The reduced form: the host with its shipped settings holds `CHECK_CONNECTIONS` exchanges
 /// in flight through Envoy with no error.
 pub fn check() -> anyhow::Result<()> {
-    let binaries = Binaries::find()?;
+    // The release build the tests share (the benchmark measures the image's LTO build).
+    let binaries = Binaries::find("release")?;
     let level = measure("wasm", CHECK_CONNECTIONS, CHECK_DURATION, &binaries)
         .context("the concurrency check")?;
     if level.load.errors > 0 || level.load.requests == 0 {

@@ -144,7 +144,7 @@ pub fn run(options: &Options) -> anyhow::Result<(Vec<ScenarioResult>, u64)> {
     if options.rounds == 0 || options.connections == 0 || options.duration.as_secs() == 0 {
         bail!("the benchmark needs at least one round, one connection and a duration of 1 s");
     }
-    let binaries = Binaries::find()?;
+    let binaries = Binaries::find(MEASURED_PROFILE)?;
     let tick_us = 1e6 / clock_ticks_per_second()?;
     let mut fixed_rate = options.fixed_rate;
     let mut rounds: Vec<Vec<RoundResult>> = SETUPS.iter().map(|_| Vec::new()).collect();
@@ -489,15 +489,17 @@ pub(super) struct Binaries {
     pub(super) hold_load: PathBuf,
 }
 
+/// The cargo profile the benchmarks measure: what the image ships.
+pub const MEASURED_PROFILE: &str = "dist";
+
 impl Binaries {
-    pub(super) fn find() -> anyhow::Result<Binaries> {
-        let release = target_dir().join("release");
+    /// The binaries cargo built in `profile` (its directory under the target directory).
+    pub(super) fn find(profile: &str) -> anyhow::Result<Binaries> {
+        let release = target_dir().join(profile);
+        let build = |package: &str| format!("cargo build --profile {profile} -p {package}");
         Ok(Binaries {
             envoy: envoy::binary(),
-            wasm_extproc: built(
-                release.join("wasm-extproc"),
-                "cargo build --release -p wasm-extproc",
-            )?,
+            wasm_extproc: built(release.join("wasm-extproc"), &build("wasm-extproc"))?,
             // As the container image ships it (deploy/build.sh).
             asm_plugin: built(
                 target_dir()
@@ -506,18 +508,9 @@ impl Binaries {
                     .join(format!("{}.wasm", ASM_DEMO.name())),
                 "cargo xtask build-plugins",
             )?,
-            native_extproc: built(
-                release.join("native-extproc"),
-                "cargo build --release -p extproc-bench",
-            )?,
-            upstream: built(
-                release.join("bench-upstream"),
-                "cargo build --release -p extproc-bench",
-            )?,
-            hold_load: built(
-                release.join("hold-load"),
-                "cargo build --release -p extproc-bench",
-            )?,
+            native_extproc: built(release.join("native-extproc"), &build("extproc-bench"))?,
+            upstream: built(release.join("bench-upstream"), &build("extproc-bench"))?,
+            hold_load: built(release.join("hold-load"), &build("extproc-bench"))?,
             // Checked by the setups that load it (`Binaries::module_dir`): the concurrency
             // check in `cargo xtask test` runs without it.
             module: release.join("libwasm_extproc_module.so"),
@@ -526,9 +519,11 @@ impl Binaries {
 
     /// The directory holding the in-process module, for `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`.
     fn module_dir(&self) -> anyhow::Result<&Path> {
+        let dir = self.module.parent().expect("a file has a directory");
+        let profile = dir.file_name().unwrap_or_default().to_string_lossy();
         built(
             self.module.clone(),
-            "cargo build --release -p wasm-extproc-module",
+            &format!("cargo build --profile {profile} -p wasm-extproc-module"),
         )?;
         Ok(self.module.parent().expect("a file has a directory"))
     }

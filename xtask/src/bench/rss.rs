@@ -86,7 +86,7 @@ async fn measure(most: usize, state: StreamState, streams: usize) -> anyhow::Res
     // Not much more: the pool reserves 8 GiB of address space per instance (two 4 GiB memory
     // slots, so bounds checks compile away), and 47 bits hold about 12,000 of them.
     let mut host = HostProcess::start(
-        Profile::Release,
+        Profile::Dist,
         &[("10-asm-demo.wasm", &ASM_DEMO.path())],
         &format!("[runtime]\nmax_instances = {}\n", most + 200),
         Some((HOST_PORT, ADMIN_PORT)),

@@ -1,0 +1,1 @@
+//! Features only: see this package's Cargo.toml.
