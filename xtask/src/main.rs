@@ -140,6 +140,29 @@ pub(crate) fn run(command: &mut Command) -> anyhow::Result<()> {
 pub(crate) fn cargo() -> Command {
     let mut command = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
     command.current_dir(repo_root());
+    without_run_env(&mut command);
+    command
+}
+
+/// Removes from `command`'s environment what `cargo run` set for xtask itself
+/// (`CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, ...). Build scripts that watch those variables
+/// (ring's does) would otherwise see them change between a build started here and one started
+/// from a shell, and rebuild -- ring, then rustls, tonic and everything above them, on every
+/// run.
+pub(crate) fn without_run_env(command: &mut Command) -> &mut Command {
+    const SET_BY_CARGO_RUN: [&str; 5] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+    ];
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_") || SET_BY_CARGO_RUN.contains(&name.as_ref()) {
+            command.env_remove(name.as_ref());
+        }
+    }
     command
 }
 
@@ -153,10 +176,12 @@ pub(crate) fn target_dir() -> PathBuf {
 /// profile the tests share (the image itself links the host with LTO: `PROFILE=dist`).
 fn build_dist() -> anyhow::Result<PathBuf> {
     let dist = target_dir().join("image");
-    run(Command::new(repo_root().join("deploy/build.sh"))
-        .arg(&dist)
-        .env("CARGO_TARGET_DIR", target_dir())
-        .env("PROFILE", "release"))?;
+    run(
+        without_run_env(&mut Command::new(repo_root().join("deploy/build.sh")))
+            .arg(&dist)
+            .env("CARGO_TARGET_DIR", target_dir())
+            .env("PROFILE", "release"),
+    )?;
     Ok(dist)
 }
 
