@@ -167,9 +167,7 @@ pub(crate) fn without_run_env(command: &mut Command) -> &mut Command {
 }
 
 pub(crate) fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"))
+    extproc_testkit::fixtures::target_dir()
 }
 
 /// Builds what the container image ships, with the script its Dockerfile runs, in the release

@@ -193,31 +193,37 @@ fn httpbin() -> anyhow::Result<()> {
 
 /// `packages` from PyPI into the venv at `dir`, unless its marker says they are there.
 fn venv(dir: &std::path::Path, packages: &[&str]) -> anyhow::Result<()> {
+    unless_marked(dir, packages, || {
+        run(Command::new("python3").arg("-m").arg("venv").arg(dir))?;
+        run(Command::new(dir.join("bin/pip"))
+            .args(["install", "--quiet"])
+            .args(packages))
+    })
+}
+
+/// `packages` from npm under `prefix`, unless its marker says they are there.
+pub fn npm(prefix: &std::path::Path, packages: &[&str]) -> anyhow::Result<()> {
+    unless_marked(prefix, packages, || {
+        std::fs::create_dir_all(prefix)?;
+        run(Command::new("npm")
+            .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
+            .arg(prefix)
+            .args(packages))
+    })
+}
+
+/// Runs `install` unless `dir/.installed` names exactly `packages`; records them after.
+fn unless_marked(
+    dir: &std::path::Path,
+    packages: &[&str],
+    install: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let marker = dir.join(".installed");
     let wanted = packages.join(" ");
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
         return Ok(());
     }
-    run(Command::new("python3").arg("-m").arg("venv").arg(dir))?;
-    run(Command::new(dir.join("bin/pip"))
-        .args(["install", "--quiet"])
-        .args(packages))?;
-    std::fs::write(&marker, &wanted)?;
-    Ok(())
-}
-
-/// `packages` from npm under `prefix`, unless its marker says they are there.
-pub fn npm(prefix: &std::path::Path, packages: &[&str]) -> anyhow::Result<()> {
-    let marker = prefix.join(".installed");
-    let wanted = packages.join(" ");
-    if std::fs::read_to_string(&marker).ok().as_deref() == Some(wanted.as_str()) {
-        return Ok(());
-    }
-    std::fs::create_dir_all(prefix)?;
-    run(Command::new("npm")
-        .args(["install", "--no-audit", "--no-fund", "--silent", "--prefix"])
-        .arg(prefix)
-        .args(packages))?;
+    install()?;
     std::fs::write(&marker, &wanted)?;
     Ok(())
 }
