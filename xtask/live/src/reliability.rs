@@ -21,9 +21,8 @@ use anyhow::bail;
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{self, Envoy};
 use extproc_testkit::fixtures::{ASM_DEMO, FLAKY};
-
-use crate::{cargo, run as run_command, target_dir};
 use extproc_testkit::process::{self, HostProcess, Profile};
+use xtask::{cargo, run as run_command, target_dir};
 
 const FAIL_EVERY: u64 = 100;
 const HOST_PORT: u16 = 19002;

@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::{cargo, run, target_dir};
+use xtask::{cargo, run, target_dir};
 
 /// One criterion benchmark's result.
 #[derive(Debug, Clone, Serialize, Deserialize)]
