@@ -335,9 +335,16 @@ fn plugins(state: &State) -> serde_json::Value {
                 "request_body": delivery(registration.request_body),
                 "response_body": delivery(registration.response_body),
                 "needs_from_envoy": registration.envoy_needs(),
-                "failure_policy": match settings.failure_policy {
-                    FailurePolicy::Open => "fail-open".to_string(),
-                    FailurePolicy::Closed { status } => format!("fail-closed ({status})"),
+                // A shadow runs beside the plugin it names: no policy of its own applies, as its
+                // failures touch nothing but its own metrics.
+                "mode": if settings.shadows.is_some() { "shadow" } else { "serve" },
+                "shadows": settings.shadows,
+                "failure_policy": match (&settings.shadows, settings.failure_policy) {
+                    (Some(_), _) => None,
+                    (None, FailurePolicy::Open) => Some("fail-open".to_string()),
+                    (None, FailurePolicy::Closed { status }) => {
+                        Some(format!("fail-closed ({status})"))
+                    }
                 },
                 "timeout_ms": settings.budget.timeout.as_millis() as u64,
                 "memory_limit_bytes": settings.budget.memory_limit_bytes,
@@ -354,6 +361,14 @@ fn plugins(state: &State) -> serde_json::Value {
                 "name": chain.name(),
                 "routes": generation.routes_of(index),
                 "plugins": chain.plugins().iter().map(|p| p.name()).collect::<Vec<_>>(),
+                "shadows": chain
+                    .shadows()
+                    .iter()
+                    .map(|shadow| serde_json::json!({
+                        "name": shadow.plugin.name(),
+                        "beside": chain.plugins()[shadow.beside].name(),
+                    }))
+                    .collect::<Vec<_>>(),
             })
         })
         .collect();

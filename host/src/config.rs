@@ -70,7 +70,8 @@ pub struct Cli {
     #[arg(long, env = "WASM_EXTPROC_ADMIN_TOKEN_FILE", global = true)]
     pub admin_token_file: Option<PathBuf>,
     /// Directory for compiled plugins, so restarts and reloads skip compiling what they have
-    /// seen [default: none].
+    /// seen [default: none; for `test`, the user's cache: $XDG_CACHE_HOME/wasm-extproc, else
+    /// ~/.cache/wasm-extproc].
     #[arg(long, env = "WASM_EXTPROC_CACHE_DIR", global = true)]
     pub cache_dir: Option<PathBuf>,
     /// Directory of `.wasm` component plugins, run in file-name order [default: /plugins].
@@ -108,6 +109,20 @@ pub enum Command {
         /// Exchange files (YAML; format in plugins/README.md).
         #[arg(required = true)]
         exchanges: Vec<PathBuf>,
+    },
+    /// Run plugins through a real Envoy on this machine: the host on them (reloading each
+    /// plugin file when it is rebuilt), an echo upstream, and an Envoy on 127.0.0.1:PORT in
+    /// front, set up for the phases the plugins handle. Prints the curl to try; Ctrl-C stops
+    /// all three.
+    Dev {
+        /// Envoy's listener port on 127.0.0.1.
+        #[arg(long, default_value_t = 10000)]
+        port: u16,
+        /// The Envoy binary [default: $ENVOY_BIN, else `envoy` on PATH].
+        #[arg(long)]
+        envoy: Option<PathBuf>,
+        /// Plugin files (.wasm), run in file-name order [default: the plugins directory].
+        plugins: Vec<PathBuf>,
     },
     /// Write a ready-to-build plugin project NAME: the source (starting as the ASM demo), a
     /// build script, an exchange file `test` passes, a README.

@@ -44,6 +44,7 @@ pub mod access;
 pub mod admin;
 pub mod authoring;
 pub mod config;
+pub mod dev;
 pub mod ext_proc;
 pub mod record;
 pub mod server;

@@ -71,7 +71,23 @@ async fn main() -> ExitCode {
                 (None, Some(candidate)) => UnderTest::Candidate(candidate, replacing),
                 (None, None) => UnderTest::Directory,
             };
+            let mut config = config;
+            if config.settings.cache_dir.is_none() {
+                config.settings.cache_dir = user_cache_dir();
+            }
             test(config, under_test, &exchanges).await
+        }
+        Some(Command::Dev {
+            ref port,
+            ref envoy,
+            ref plugins,
+        }) => {
+            let dev = wasm_extproc::dev::Dev {
+                port: *port,
+                envoy: envoy.clone(),
+                plugins: plugins.clone(),
+            };
+            exit_code(wasm_extproc::dev::run(config, cli, dev).await)
         }
         Some(_) => unreachable!("new and the signing commands ran above"),
         None => exit_code(serve(config, cli).await),
@@ -92,6 +108,22 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Where `test` keeps compiled plugins when no cache directory is configured: the user's cache
+/// (`$XDG_CACHE_HOME/wasm-extproc`, else `~/.cache/wasm-extproc`), so that a JavaScript or
+/// Python plugin, seconds to compile, compiles once and not at every run. wasmtime keys each
+/// entry by the component's bytes and the engine's settings: a rebuilt plugin compiles again.
+fn user_cache_dir() -> Option<PathBuf> {
+    let absolute = |dir: std::ffi::OsString| Some(PathBuf::from(dir)).filter(|d| d.is_absolute());
+    std::env::var_os("XDG_CACHE_HOME")
+        .and_then(absolute)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .and_then(absolute)
+                .map(|home| home.join(".cache"))
+        })
+        .map(|cache| cache.join("wasm-extproc"))
+}
+
 /// Loads everything a server would, reports, and exits.
 async fn check(config: Config) -> anyhow::Result<()> {
     let host = Host::load(&config).await?;
@@ -100,12 +132,16 @@ async fn check(config: Config) -> anyhow::Result<()> {
         let registration = plugin.registration();
         let needs = registration.envoy_needs();
         eprintln!(
-            "ok  {}  {}  sha256:{}  contract:{}  {}  phases:{:?}  needs from Envoy's processing_mode: {}",
+            "ok  {}{}  {}  sha256:{}  contract:{}  {}  phases:{:?}  needs from Envoy's processing_mode: {}",
             // Named chains' plugins as chain/plugin, as their files lie.
             if plugin.chain() == DEFAULT_CHAIN {
                 plugin.name().to_string()
             } else {
                 format!("{}/{}", plugin.chain(), plugin.name())
+            },
+            match &plugin.settings().shadows {
+                Some(beside) => format!(" (shadow of {beside}: compared, never applied)"),
+                None => String::new(),
             },
             plugin.path().display(),
             plugin.digest(),
@@ -243,7 +279,10 @@ fn signing(command: Option<&Command>) -> Option<anyhow::Result<()>> {
                     .map_err(|reason| anyhow::anyhow!("{}: {reason}", plugin.display()))?;
                 eprintln!("{}: {signature}", plugin.display());
             }
-            Some(Command::Check | Command::Test { .. } | Command::New { .. }) | None => {
+            Some(
+                Command::Check | Command::Test { .. } | Command::New { .. } | Command::Dev { .. },
+            )
+            | None => {
                 unreachable!("not a signing command")
             }
         }

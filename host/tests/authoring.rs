@@ -316,3 +316,81 @@ fn every_template_builds_and_passes_its_own_exchange_file() {
         );
     }
 }
+
+/// With no cache directory configured, `test` keeps compiled plugins in the user's cache: a
+/// JavaScript plugin (seconds to compile) is compiled at the first run and read back at the
+/// next, which adds nothing to the cache.
+#[test]
+fn test_keeps_compiled_plugins_in_the_users_cache_by_default() {
+    let home = tempfile::tempdir().unwrap();
+    let cache = home.path().join(".cache/wasm-extproc");
+    let entries = |dir: &Path| -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut pending = vec![dir.to_path_buf()];
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.is_dir() {
+                    pending.push(path);
+                } else {
+                    found.push(path);
+                }
+            }
+        }
+        found.sort();
+        found
+    };
+    let run = || {
+        let output = Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
+            .arg("test")
+            .arg("--plugin")
+            .arg(built("asm_demo_js"))
+            .arg(repo("plugins/asm-demo/exchanges.yaml"))
+            .env("RUST_LOG", "off")
+            .env("HOME", home.path())
+            .env_remove("XDG_CACHE_HOME")
+            .env_remove("WASM_EXTPROC_CACHE_DIR")
+            .env_remove("WASM_EXTPROC_CONFIG")
+            .output()
+            .expect("binary runs");
+        assert_eq!(output.status.code(), Some(0), "{}", text(&output.stderr));
+    };
+    run();
+    let first = entries(&cache);
+    assert!(!first.is_empty(), "nothing cached in {}", cache.display());
+    run();
+    assert_eq!(entries(&cache), first, "the second run compiled again");
+}
+
+/// A template's build script names a tool it cannot find, and how to get it, before it runs
+/// anything.
+#[test]
+fn a_template_build_names_the_tool_it_cannot_find() {
+    let dir = tempfile::tempdir().unwrap();
+    for (lang, variable, advice) in [
+        (
+            "python",
+            "COMPONENTIZE_PY",
+            "pip install componentize-py==0.25.1",
+        ),
+        (
+            "javascript",
+            "COMPONENTIZE_JS",
+            "npm install @bytecodealliance/componentize-js@0.23.0",
+        ),
+        ("c", "WIT_BINDGEN", "cargo install wit-bindgen-cli@0.61.1"),
+    ] {
+        let project = new(&format!("missing-{lang}"), lang, dir.path());
+        let built = Command::new("bash")
+            .arg(project.join("build.sh"))
+            .env(variable, "/nowhere/tool")
+            .output()
+            .unwrap();
+        let stderr = text(&built.stderr);
+        assert_eq!(built.status.code(), Some(127), "{lang}: {stderr}");
+        assert!(
+            stderr.starts_with("build.sh: /nowhere/tool not found: ") && stderr.contains(advice),
+            "{lang}: {stderr}"
+        );
+    }
+}

@@ -149,6 +149,34 @@ fn check_validates_every_plugin_without_serving() {
     );
 }
 
+/// `check` says which plugins are shadows, and beside which plugin each runs.
+#[test]
+fn check_names_each_shadow_and_the_plugin_it_runs_beside() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::copy(built("asm_demo"), plugins.join("10-asm.wasm")).unwrap();
+    std::fs::copy(built("asm_demo"), plugins.join("20-candidate.wasm")).unwrap();
+    let config = write(
+        dir.path(),
+        "host.toml",
+        format!(
+            "listen = \"127.0.0.1:0\"\nplugins_dir = {:?}\n\
+             [plugins.20-candidate]\nmode = \"shadow\"\nshadows = \"10-asm\"\n",
+            plugins.display().to_string()
+        )
+        .as_bytes(),
+    );
+    let output = host(&["check", "--config", &config]);
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("ok  10-asm  "), "{stderr}");
+    assert!(
+        stderr.contains("ok  20-candidate (shadow of 10-asm: compared, never applied)  "),
+        "{stderr}"
+    );
+}
+
 /// With `require_signatures`, only plugins signed by a trusted key load: `check` says who
 /// signed each, and an unsigned or altered plugin stops start-up (exit 1) naming the file.
 #[test]

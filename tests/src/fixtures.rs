@@ -69,6 +69,8 @@ pub const TAGGER: Component = Component("tagger", WASI_TARGET);
 pub const STATEFUL: Component = Component("stateful", WASI_TARGET);
 /// Panics (or hits `unreachable` when configured so) on request headers.
 pub const TRAP: Component = Component("trap", WASI_TARGET);
+/// The same, built for the bundled plugins' target, which has no stderr.
+pub const TRAP_BUNDLED: Component = Component("trap", BUNDLED_TARGET);
 /// Loops forever on request headers.
 pub const SPIN: Component = Component("spin", WASI_TARGET);
 /// Allocates without bound on request headers.

@@ -3,7 +3,7 @@
 // A request whose header is missing or holds another key gets 401 before the upstream is
 // touched; a valid one goes on, with the key removed so the upstream never sees it.
 
-import { config, log } from "wasm-extproc:processor/host@0.3.0";
+import { config, log } from "wasm-extproc:processor/host@0.4.0";
 
 const encoder = new TextEncoder();
 const decoder = new TextDecoder();

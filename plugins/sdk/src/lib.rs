@@ -490,9 +490,35 @@ impl<P: Plugin> Slot<P> {
     }
 
     fn with(&self, hook: impl FnOnce(&mut P) -> Action) -> types::Action {
+        report_panics();
         let mut slot = self.0.borrow_mut();
         hook(slot.get_or_insert_with(P::default)).into()
     }
+}
+
+/// Sends a panic's message and location to the host's log, at error level, just before the
+/// call traps: the same line on every target. Without it, `wasm32-unknown-unknown` (which has
+/// no stderr) loses the message, and WASI targets add a hint about `RUST_BACKTRACE`, which
+/// does nothing in a component.
+fn report_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let message = info
+                .payload_as_str()
+                .unwrap_or("(a panic without a message)");
+            let line = match info.location() {
+                Some(at) => format!(
+                    "panicked at {}:{}:{}: {message}",
+                    at.file(),
+                    at.line(),
+                    at.column()
+                ),
+                None => format!("panicked: {message}"),
+            };
+            log::error(&line);
+        }));
+    });
 }
 
 /// Implements the component's exports for `P`; used by [`export_plugin!`].

@@ -80,8 +80,8 @@ async fn each_route_gets_its_chain_and_a_disabled_route_opens_no_stream() {
     assert_eq!(
         listing["chains"],
         serde_json::json!([
-            {"name": "default", "routes": [], "plugins": ["tag"]},
-            {"name": "checkout", "routes": [], "plugins": ["tag"]},
+            {"name": "default", "routes": [], "plugins": ["tag"], "shadows": []},
+            {"name": "checkout", "routes": [], "plugins": ["tag"], "shadows": []},
         ])
     );
     assert_eq!(listing["plugins"][1]["chain"], "checkout");

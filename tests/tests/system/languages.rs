@@ -6,7 +6,7 @@ use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpRequest};
 use extproc_testkit::fixtures::{
     API_KEY_JS, ASM_DEMO, ASM_DEMO_C, ASM_DEMO_JS, ASM_DEMO_PY, Component, JSON_REWRITE_PY,
-    RAISE_ERROR_PY, THROW_JS,
+    RAISE_ERROR_PY, THROW_JS, TRAP, TRAP_BUNDLED,
 };
 use extproc_testkit::grpc::{self, ExtProcStream};
 use extproc_testkit::host::RunningHost;
@@ -226,21 +226,9 @@ async fn prints_and_uncaught_exceptions_reach_the_log() {
         ),
     )
     .await;
-    let mut stream = ExtProcStream::connect(host.address).await;
-    stream
-        .exchange(grpc::request_headers(&[(":path", "/")], true))
-        .await;
-    let log = captured.text();
+    let log = log_of_one_exchange(&host, &captured).await;
     for (plugin, expected) in cases {
-        assert_eq!(
-            host.metrics().plugin_outcomes(plugin, "trap"),
-            1,
-            "{plugin}"
-        );
-        let from_plugin: Vec<&str> = log
-            .lines()
-            .filter(|line| line.contains(&format!("plugin=\"{plugin}\"")))
-            .collect();
+        let from_plugin = trapped_and_logged(&host, &log, plugin);
         for text in expected {
             assert!(
                 from_plugin
@@ -250,4 +238,56 @@ async fn prints_and_uncaught_exceptions_reach_the_log() {
             );
         }
     }
+}
+
+/// A Rust panic's message and location reach the log as one error line, on both targets the
+/// templates and fixtures build for: `wasm32-unknown-unknown` has no stderr at all, and WASI's
+/// default hook adds a `RUST_BACKTRACE` hint that does nothing in a component.
+#[tokio::test(flavor = "current_thread")]
+async fn a_rust_panic_reaches_the_log_on_every_target() {
+    let (captured, _guard) = Captured::on_this_thread(tracing::Level::INFO);
+    let host = RunningHost::start(
+        &[("10-wasi", TRAP), ("20-bundled", TRAP_BUNDLED)],
+        "[defaults]\nfailure_policy = \"fail-open\"\n",
+    )
+    .await;
+    let log = log_of_one_exchange(&host, &captured).await;
+    for plugin in ["10-wasi", "20-bundled"] {
+        let from_plugin = trapped_and_logged(&host, &log, plugin);
+        assert!(
+            from_plugin.iter().any(|line| line.contains("ERROR")
+                && line.contains("phase=\"request_headers\"")
+                && line.contains("panicked at ")
+                && line.contains("src/lib.rs:")
+                && line.contains("trap fixture: panicking as asked")),
+            "{plugin}: no error line with the panic's location and message in\n{log}"
+        );
+        assert!(
+            !from_plugin
+                .iter()
+                .any(|line| line.contains("RUST_BACKTRACE")),
+            "{plugin}: a backtrace hint in\n{log}"
+        );
+    }
+}
+
+/// Checks that `plugin` trapped once; its lines in `log`.
+fn trapped_and_logged<'a>(host: &RunningHost, log: &'a str, plugin: &str) -> Vec<&'a str> {
+    assert_eq!(
+        host.metrics().plugin_outcomes(plugin, "trap"),
+        1,
+        "{plugin}"
+    );
+    log.lines()
+        .filter(|line| line.contains(&format!("plugin=\"{plugin}\"")))
+        .collect()
+}
+
+/// What the host logged while it served one exchange of request headers.
+async fn log_of_one_exchange(host: &RunningHost, captured: &Captured) -> String {
+    let mut stream = ExtProcStream::connect(host.address).await;
+    stream
+        .exchange(grpc::request_headers(&[(":path", "/")], true))
+        .await;
+    captured.text()
 }

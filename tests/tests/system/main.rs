@@ -3,6 +3,7 @@
 mod bodies;
 mod chains;
 mod conformance;
+mod dev;
 mod envoy_demo;
 mod exchange;
 mod guard;

@@ -113,6 +113,63 @@ async fn recorded_exchanges_replay_against_the_serving_plugins_and_a_candidate()
     );
 }
 
+/// A recording replays green against the chain that recorded it, with or without its bodies:
+/// left out, the body phases' answers (here the upper-cased body's new `content-length`) are
+/// no part of what the replay, which sends no body, must give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_rewriting_chain_replays_its_own_recording_with_or_without_bodies() {
+    use extproc_testkit::envoy::{EnvoyConfig, HttpRequest};
+    use extproc_testkit::fixtures::SHOUT;
+    let records = tempfile::tempdir().unwrap();
+    let toml = format!(
+        "[record]\ndir = {:?}\n",
+        records.path().display().to_string()
+    );
+    let host = RunningHost::start(&[("shout", SHOUT)], &toml).await;
+    let upstream = EchoServer::start().await.unwrap();
+    let config = EnvoyConfig::default()
+        .mode("request_body_mode", "BUFFERED")
+        .mode("response_body_mode", "BUFFERED");
+    let envoy = Envoy::start_with(&config, host.address, upstream.address)
+        .await
+        .unwrap();
+    for bodies in [false, true] {
+        let started = request(
+            host.admin,
+            "POST",
+            &format!("/record?chain=default&sample=1&max_exchanges=1&bodies={bodies}"),
+            &[],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            started.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&started.body)
+        );
+        let file = recording_file(&started);
+        let response = envoy
+            .send(&HttpRequest::new("POST", "/echo").body(b"quiet words".to_vec()))
+            .await
+            .unwrap();
+        assert_eq!(response.status, 200);
+        let text = recorded(&file, 1).await;
+        assert_eq!(
+            text.contains("QUIET WORDS"),
+            bodies,
+            "bodies = {bodies}: {text}"
+        );
+        let (summary, report) = replay(host.plugins_dir(), &file).await;
+        assert_eq!(
+            (summary.exchanges, summary.failed),
+            (1, 0),
+            "bodies = {bodies}: {report}\n{text}"
+        );
+    }
+}
+
 /// `POST /record` records only chains that exist, into files the host names inside `[record]
 /// dir`, readable by the host's user only: a chain name that is a path writes nothing, inside
 /// the directory or out.

@@ -2,7 +2,7 @@
 //! compared and never applied.
 
 use extproc_testkit::echo::EchoServer;
-use extproc_testkit::envoy::Envoy;
+use extproc_testkit::envoy::{Envoy, request};
 use extproc_testkit::fixtures::{ASM_DEMO, ASM_V2, Component, GATE, SPIN, TRAP};
 use extproc_testkit::host::RunningHost;
 
@@ -104,4 +104,46 @@ async fn a_shadow_of_no_serving_plugin_is_refused_at_load() {
         error.contains("20-candidate.wasm: mode = \"shadow\" beside \"10-auth\", which chain \"default\" does not serve with (its plugins: 10-asm)"),
         "{error}"
     );
+}
+
+/// Operators see a shadow as one: `/plugins` gives its mode and the plugin it runs beside, no
+/// failure policy (none applies to it), and its chain lists it apart from the plugins that
+/// serve.
+#[tokio::test]
+async fn the_admin_listing_shows_each_shadow_and_what_it_runs_beside() {
+    let host = RunningHost::start(
+        &[("10-asm", ASM_DEMO), ("20-candidate", ASM_V2)],
+        "[plugins.20-candidate]\nmode = \"shadow\"\nshadows = \"10-asm\"\n",
+    )
+    .await;
+    let listing = request(host.admin, "GET", "/plugins", &[], Vec::new())
+        .await
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(
+        listing["chains"][0]["plugins"],
+        serde_json::json!(["10-asm"])
+    );
+    assert_eq!(
+        listing["chains"][0]["shadows"],
+        serde_json::json!([{"name": "20-candidate", "beside": "10-asm"}])
+    );
+    let plugin = |name: &str| {
+        listing["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{name} in {listing}"))
+            .clone()
+    };
+    let candidate = plugin("20-candidate");
+    assert_eq!(candidate["mode"], "shadow", "{candidate}");
+    assert_eq!(candidate["shadows"], "10-asm", "{candidate}");
+    assert!(candidate["failure_policy"].is_null(), "{candidate}");
+    let serving = plugin("10-asm");
+    assert_eq!(serving["mode"], "serve", "{serving}");
+    assert!(serving["shadows"].is_null(), "{serving}");
+    assert!(serving["failure_policy"].is_string(), "{serving}");
 }
