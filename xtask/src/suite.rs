@@ -30,24 +30,32 @@ fn timed(clock: &mut Clock) -> anyhow::Result<()> {
         Ok(())
     })?;
     // On a fresh machine both take minutes, and neither needs the other: the installs mostly
-    // wait on the registries while cargo keeps the cores busy.
+    // wait on the registries while cargo keeps the cores busy, and the other languages'
+    // toolchains (one process at a time, mostly one core) fill what cargo leaves idle.
     clock.alongside(
         (
             "workspace: build and lint (release, every target)",
             &build_workspace,
         ),
-        ("setup: toolchains, Envoy, Redis, validators", &setup::all),
+        (
+            "setup (toolchains, Envoy, Redis, validators), then the JavaScript, Python and C \
+             plugins",
+            &|| {
+                setup::all()?;
+                languages::build()
+            },
+        ),
     )?;
     clock.time(
-        "plugins and fixtures: build and lint (wasm, four languages), the interpreted ones \
-         compiled for the tests",
+        "Rust plugins and fixtures: build and lint (wasm); the interpreted plugins compiled for \
+         the tests",
         || {
             at_once(&[
                 ("Rust plugins and fixtures", &build_rust_plugins),
-                ("the other languages' plugins", &|| {
-                    languages::build()?;
-                    languages::compile_ahead()
-                }),
+                (
+                    "the interpreted plugins, compiled ahead",
+                    &languages::compile_ahead,
+                ),
             ])
         },
     )?;
