@@ -8,16 +8,20 @@
 //! - [`transcript`]: an exchange's messages and answers read into what came out (and, for a
 //!   recording, into the exchange as a file describes it).
 //! - [`check`]: what came out against the file's `expect:`, and the report.
+//! - [`plugin_log`]: what the plugins log during an exchange, for its report.
 //! - [`templates`]: `wasm-extproc new`, a plugin project to start from.
 
 pub mod check;
 pub mod file;
 pub mod play;
+pub mod plugin_log;
 pub mod templates;
 pub mod transcript;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+use std::sync::OnceLock;
 
 use anyhow::Context;
 
@@ -43,6 +47,13 @@ pub enum TestError {
     Load(anyhow::Error),
 }
 
+/// Where the plugins' lines go while `test` runs, when the command's log sends them there
+/// (`main.rs` adds it to the log's layers); each exchange's report shows what they logged.
+pub fn plugin_log() -> &'static plugin_log::PluginLog {
+    static LOG: OnceLock<plugin_log::PluginLog> = OnceLock::new();
+    LOG.get_or_init(plugin_log::PluginLog::default)
+}
+
 /// Plays every exchange of `files` through the plugins `config` names, writing a report per
 /// exchange to `out`. Every file is read and checked before any exchange runs.
 pub async fn test(
@@ -61,20 +72,29 @@ pub async fn test(
         .map_err(TestError::Load)?;
     let metrics = host.metrics();
     let mut summary = Summary::default();
+    let log = plugin_log();
     for (path, file) in &loaded {
         for spec in &file.exchanges {
+            log.take();
             let played = play::play(&generation, &metrics, spec, &file.envoy).await;
             let differences = check::differences(&played, spec.expect.as_ref());
             summary.exchanges += 1;
             if !differences.is_empty() {
                 summary.failed += 1;
             }
-            let report = check::report(
+            let mut report = check::report(
                 &path.display().to_string(),
                 &spec.name,
                 &played,
                 &differences,
             );
+            let lines = log.take();
+            if !lines.is_empty() {
+                report.push_str("     plugin log:\n");
+                for line in lines {
+                    report.push_str(&format!("       {line}\n"));
+                }
+            }
             let _ = out.write_all(report.as_bytes());
         }
     }

@@ -12,10 +12,11 @@ const EXIT_CONFIG: u8 = 64;
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    // `test` reports on stdout; the host's own progress would only crowd it.
-    let log_filter = match cli.command {
-        Some(Command::Test { .. }) => "warn",
-        _ => "info",
+    // `test` reports on stdout; the host's own progress would only crowd it, and the
+    // plugins' lines go into the report, under the exchange they belong to.
+    let (log_filter, more_layers) = match cli.command {
+        Some(Command::Test { .. }) => ("warn,plugin=off", test_layers()),
+        _ => ("info", Vec::new()),
     };
     if let Some(Command::New {
         name,
@@ -27,7 +28,8 @@ async fn main() -> ExitCode {
         return match authoring::templates::write(dir, name, *lang, sdk) {
             Ok(project) => {
                 eprintln!(
-                    "wrote {}: ./build.sh, then wasm-extproc test --plugin {name}.wasm exchanges.yaml",
+                    "wrote {}: ./build.sh, then wasm-extproc test --plugin {name}.wasm \
+                     exchanges.yaml, then wasm-extproc dev {name}.wasm (its README says more)",
                     project.display()
                 );
                 ExitCode::SUCCESS
@@ -50,7 +52,12 @@ async fn main() -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let tracing = match telemetry::init(cli.log_format, log_filter, config.tracing.as_ref()) {
+    let tracing = match telemetry::init_with(
+        cli.log_format,
+        log_filter,
+        config.tracing.as_ref(),
+        more_layers,
+    ) {
         Ok(tracing) => tracing,
         Err(error) => {
             eprintln!("wasm-extproc: {error:#}");
@@ -106,6 +113,15 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `test`'s plugin log ([`authoring::plugin_log`]): the plugins' lines at info and above.
+fn test_layers()
+-> Vec<Box<dyn tracing_subscriber::Layer<tracing_subscriber::Registry> + Send + Sync>> {
+    use tracing_subscriber::Layer;
+    let targets = tracing_subscriber::filter::Targets::new()
+        .with_target("plugin", tracing::level_filters::LevelFilter::INFO);
+    vec![authoring::plugin_log().clone().with_filter(targets).boxed()]
 }
 
 /// Where `test` keeps compiled plugins when no cache directory is configured: the user's cache

@@ -68,6 +68,16 @@ pub fn init(
     default_filter: &str,
     tracing: Option<&FileTracing>,
 ) -> anyhow::Result<Option<Tracing>> {
+    init_with(format, default_filter, tracing, Vec::new())
+}
+
+/// [`init`], with `more` layers beside the log (`test`'s plugin log).
+pub fn init_with(
+    format: LogFormat,
+    default_filter: &str,
+    tracing: Option<&FileTracing>,
+    more: Vec<Box<dyn Layer<Registry> + Send + Sync>>,
+) -> anyhow::Result<Option<Tracing>> {
     let (spans, tracing) = match tracing {
         Some(settings) => {
             let (spans, tracing) = layer(settings)?;
@@ -85,7 +95,12 @@ pub fn init(
     );
     // A second init (tests starting several hosts) keeps the first subscriber.
     let _ = tracing_subscriber::registry()
-        .with(std::iter::once(logs).chain(spans).collect::<Vec<_>>())
+        .with(
+            std::iter::once(logs)
+                .chain(spans)
+                .chain(more)
+                .collect::<Vec<_>>(),
+        )
         .try_init();
     Ok(tracing)
 }

@@ -399,3 +399,45 @@ fn a_template_build_names_the_tool_it_cannot_find() {
         );
     }
 }
+
+/// What a plugin logs while an exchange plays shows in that exchange's report, and not on
+/// the log's stream: here the JavaScript fixture's `console.log`, then its uncaught
+/// exception.
+#[test]
+fn plugin_log_lines_show_under_their_exchange() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = exchange_file(
+        dir.path(),
+        r#"exchanges:
+  - name: throws
+    request:
+      headers: { ":method": GET, ":path": /, ":authority": a }
+"#,
+    );
+    let output = test(&[
+        "--plugin",
+        built("throw_js").to_str().unwrap(),
+        "--plugin-config",
+        "throw",
+        &file,
+    ]);
+    let stdout = text(&output.stdout);
+    let report = stdout
+        .split_once(": throws  (chain default)")
+        .map(|(_, report)| report)
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let log = report
+        .split_once("     plugin log:\n")
+        .map(|(_, log)| log)
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        log.contains("INFO throw_js request_headers (stdout): throw fixture: request headers seen"),
+        "{stdout}"
+    );
+    assert!(log.contains("boom from the throw fixture"), "{stdout}");
+    assert!(
+        !text(&output.stderr).contains("request headers seen"),
+        "{}",
+        text(&output.stderr)
+    );
+}
