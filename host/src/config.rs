@@ -118,7 +118,9 @@ pub enum Command {
         /// Envoy's listener port on 127.0.0.1.
         #[arg(long, default_value_t = 10000)]
         port: u16,
-        /// The Envoy binary [default: $ENVOY_BIN, else `envoy` on PATH].
+        /// The Envoy binary [default: $ENVOY_BIN, else target/tools/envoy/bin/envoy when this
+        /// binary was built in a checkout (`cargo xtask setup` installs it), else `envoy` on
+        /// PATH].
         #[arg(long)]
         envoy: Option<PathBuf>,
         /// Plugin files (.wasm), run in file-name order [default: the plugins directory].

@@ -4,7 +4,8 @@
 //! upstream (it answers every request with what it received, as JSON) and an Envoy in front of
 //! both, listening on 127.0.0.1 only, with the ext_proc filter set up for the phases the
 //! plugins handle. A plugin file rebuilt in place is copied in and reloaded; Ctrl-C stops
-//! all three. Envoy is the one `--envoy` names, else `$ENVOY_BIN`, else `envoy` on `PATH`.
+//! all three. Envoy is the one `--envoy` names, else `$ENVOY_BIN`, else the one a checkout's
+//! `cargo xtask setup` installed, else `envoy` on `PATH`.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -155,13 +156,22 @@ pub async fn run(mut config: Config, cli: Cli, dev: Dev) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The Envoy to run: `explicit`, else `$ENVOY_BIN`, else `envoy` on `PATH`.
+/// The Envoy to run: `explicit`, else `$ENVOY_BIN`, else the one `cargo xtask setup` installed
+/// when this binary was built in a checkout (`target/tools/envoy/bin/envoy` beside
+/// `target/release/`), else `envoy` on `PATH`.
 fn envoy_binary(explicit: Option<&Path>) -> anyhow::Result<PathBuf> {
     if let Some(path) = explicit {
         return Ok(path.to_path_buf());
     }
     if let Some(path) = std::env::var_os("ENVOY_BIN") {
         return Ok(path.into());
+    }
+    let installed = std::env::current_exe().ok().and_then(|exe| {
+        let target = exe.parent()?.parent()?;
+        Some(target.join("tools/envoy/bin/envoy")).filter(|envoy| envoy.is_file())
+    });
+    if let Some(envoy) = installed {
+        return Ok(envoy);
     }
     std::env::var_os("PATH")
         .into_iter()
