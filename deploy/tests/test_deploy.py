@@ -846,7 +846,7 @@ def test_what_the_image_ships_is_complete_and_passes_check():
     binary = DIST / "bin" / "wasm-extproc"
     assert os.access(binary, os.X_OK)
     result = subprocess.run(
-        [str(binary), "check", "--plugins-dir", str(DIST / "plugins"), "--admin-listen", "off"],
+        [str(binary), "--admin-listen", "off", "check", "--plugins-dir", str(DIST / "plugins")],
         capture_output=True,
         text=True,
         env={**os.environ, "RUST_LOG": "off"},

@@ -59,15 +59,17 @@ pub struct Cli {
     /// TOML configuration file.
     #[arg(long, short = 'c', env = "WASM_EXTPROC_CONFIG", global = true)]
     pub config: Option<PathBuf>,
+    // The server's own flags come before any subcommand (`check`, `test`, `dev` listen on
+    // nothing or on loopback ports of their own); the others apply to every command.
     /// Address of the gRPC listener: host:port or unix:/path [default: 0.0.0.0:9002].
-    #[arg(long, env = "WASM_EXTPROC_LISTEN", global = true)]
+    #[arg(long, env = "WASM_EXTPROC_LISTEN")]
     pub listen: Option<ListenAddr>,
     /// Address of the admin HTTP listener, or "off" [default: 0.0.0.0:9003].
-    #[arg(long, env = "WASM_EXTPROC_ADMIN_LISTEN", global = true)]
+    #[arg(long, env = "WASM_EXTPROC_ADMIN_LISTEN")]
     pub admin_listen: Option<AdminListen>,
     /// File holding the bearer token `POST /reload` requires [default: none: only local
     /// connections may POST].
-    #[arg(long, env = "WASM_EXTPROC_ADMIN_TOKEN_FILE", global = true)]
+    #[arg(long, env = "WASM_EXTPROC_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
     /// Directory for compiled plugins, so restarts and reloads skip compiling what they have
     /// seen [default: none; for `test`, the user's cache: $XDG_CACHE_HOME/wasm-extproc, else

@@ -441,3 +441,40 @@ fn plugin_log_lines_show_under_their_exchange() {
         text(&output.stderr)
     );
 }
+
+/// A removal of a header the message did not carry is still what came out (Envoy is asked to
+/// remove it, in case it holds one it did not forward), and the report says so.
+#[test]
+fn a_removal_of_a_header_the_message_lacked_is_explained() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = exchange_file(
+        dir.path(),
+        r#"exchanges:
+  - name: no subject sent
+    request:
+      headers: { ":method": GET, ":path": /, ":authority": a, authorization: Bearer junk }
+    expect:
+      request_headers:
+        remove: [x-auth-subject]
+"#,
+    );
+    let output = test_with(
+        &[
+            "--plugin",
+            built("token_introspect").to_str().unwrap(),
+            "--plugin-config",
+            "endpoint=http://127.0.0.1:9/introspect;on_error=allow",
+            &file,
+        ],
+        "[plugins.token_introspect]\nhttp_allow = [\"http://127.0.0.1:9\"]\n",
+    );
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{stdout}");
+    assert!(
+        stdout.contains(
+            "     removed from the request without being in it: x-auth-subject (Envoy is still \
+             asked to remove them, in case it holds them without forwarding them)\n"
+        ),
+        "{stdout}"
+    );
+}

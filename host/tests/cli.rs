@@ -10,8 +10,8 @@ use support::built;
 
 fn host(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
-        .args(args)
         .args(["--admin-listen", "off"])
+        .args(args)
         .env("RUST_LOG", "off")
         .env_remove("WASM_EXTPROC_CONFIG")
         .output()
@@ -466,5 +466,29 @@ fn the_readme_usage_line_names_every_flag() {
     assert!(flags.len() >= 6, "{help}");
     for flag in flags {
         assert!(usage.contains(flag), "the README's usage line lacks {flag}");
+    }
+}
+
+/// Each subcommand's `--help` lists what applies to it: not the server's listeners.
+#[test]
+fn subcommands_help_leaves_out_the_servers_own_flags() {
+    let help = |args: &[&str]| {
+        let output = Command::new(env!("CARGO_BIN_EXE_wasm-extproc"))
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let server = ["--listen", "--admin-listen", "--admin-token-file"];
+    let top = help(&["--help"]);
+    for flag in server {
+        assert!(top.contains(flag), "{flag} in\n{top}");
+    }
+    for command in ["check", "test", "new", "dev"] {
+        let text = help(&[command, "--help"]);
+        assert!(text.contains("--plugins-dir"), "{command}:\n{text}");
+        for flag in server {
+            assert!(!text.contains(flag), "{command} lists {flag}:\n{text}");
+        }
     }
 }
