@@ -46,6 +46,11 @@ pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(15);
 /// holds its plugins' instances for nothing.
 pub const DEFAULT_STREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
+/// The help heading of the server's own flags: accepted anywhere on the command line (scripts
+/// pass `check ... --admin-listen off`), and set apart in every subcommand's help, which they do
+/// not change.
+const SERVING: &str = "Serving (without a subcommand; the others ignore these)";
+
 /// Command-line flags. Each overrides the same setting in the file.
 #[derive(Debug, Parser)]
 #[command(
@@ -59,17 +64,15 @@ pub struct Cli {
     /// TOML configuration file.
     #[arg(long, short = 'c', env = "WASM_EXTPROC_CONFIG", global = true)]
     pub config: Option<PathBuf>,
-    // The server's own flags come before any subcommand (`check`, `test`, `dev` listen on
-    // nothing or on loopback ports of their own); the others apply to every command.
     /// Address of the gRPC listener: host:port or unix:/path [default: 0.0.0.0:9002].
-    #[arg(long, env = "WASM_EXTPROC_LISTEN")]
+    #[arg(long, env = "WASM_EXTPROC_LISTEN", global = true, help_heading = SERVING)]
     pub listen: Option<ListenAddr>,
     /// Address of the admin HTTP listener, or "off" [default: 0.0.0.0:9003].
-    #[arg(long, env = "WASM_EXTPROC_ADMIN_LISTEN")]
+    #[arg(long, env = "WASM_EXTPROC_ADMIN_LISTEN", global = true, help_heading = SERVING)]
     pub admin_listen: Option<AdminListen>,
     /// File holding the bearer token `POST /reload` requires [default: none: only local
     /// connections may POST].
-    #[arg(long, env = "WASM_EXTPROC_ADMIN_TOKEN_FILE")]
+    #[arg(long, env = "WASM_EXTPROC_ADMIN_TOKEN_FILE", global = true, help_heading = SERVING)]
     pub admin_token_file: Option<PathBuf>,
     /// Directory for compiled plugins, so restarts and reloads skip compiling what they have
     /// seen [default: none; for `test`, the user's cache: $XDG_CACHE_HOME/wasm-extproc, else
