@@ -47,43 +47,6 @@ pub enum TestError {
     Load(anyhow::Error),
 }
 
-/// A note on the headers a plugin removed that the message did not carry: the host still asks
-/// Envoy to remove them (Envoy may hold headers its filter does not forward to the host, and a
-/// removal meant to strip one must reach it), so they are in what came out; said, so that a
-/// `remove:` of a header the request never had does not look like a mistake. Empty otherwise.
-fn removals_of_absent_headers(spec: &file::ExchangeSpec, output: &transcript::Output) -> String {
-    let mut note = String::new();
-    let sides = [
-        ("request", Some(&spec.request), &output.request_headers),
-        ("response", spec.response.as_ref(), &output.response_headers),
-    ];
-    for (side, message, changes) in sides {
-        let (Some(message), Some(removed)) =
-            (message, changes.as_ref().and_then(|c| c.remove.as_ref()))
-        else {
-            continue;
-        };
-        let absent: Vec<&str> = removed
-            .iter()
-            .filter(|name| {
-                !message
-                    .headers
-                    .keys()
-                    .any(|sent| sent.eq_ignore_ascii_case(name))
-            })
-            .map(String::as_str)
-            .collect();
-        if !absent.is_empty() {
-            note.push_str(&format!(
-                "     removed from the {side} without being in it: {} (Envoy is still asked to \
-                 remove them, in case it holds them without forwarding them)\n",
-                absent.join(", ")
-            ));
-        }
-    }
-    note
-}
-
 /// Where the plugins' lines go while `test` runs, when the command's log sends them there
 /// (`main.rs` adds it to the log's layers); each exchange's report shows what they logged.
 pub fn plugin_log() -> &'static plugin_log::PluginLog {
@@ -125,7 +88,7 @@ pub async fn test(
                 &played,
                 &differences,
             );
-            report.push_str(&removals_of_absent_headers(spec, &played.output));
+            report.push_str(&check::removals_of_absent_headers(spec, &played.output));
             let lines = log.take();
             if !lines.is_empty() {
                 report.push_str("     plugin log:\n");

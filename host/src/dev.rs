@@ -82,9 +82,10 @@ pub async fn run(mut config: Config, cli: Cli, dev: Dev) -> anyhow::Result<()> {
     let phases = host
         .current()
         .context("no plugins loaded")?
-        .plugins()
-        .fold(wasm_extproc_core::http::PhaseSet::EMPTY, |all, p| {
-            all.union(p.phases())
+        .chains()
+        .iter()
+        .fold(wasm_extproc_core::http::PhaseSet::EMPTY, |all, chain| {
+            all.union(chain.phases())
         });
 
     let upstream = TcpListener::bind("127.0.0.1:0").await?;

@@ -2,13 +2,13 @@
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::thread;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use xtask::{
-    GUEST_WORKSPACES, at_once, build_dist, build_rust_plugins, cargo, cargo_unlinted, envoy_bin,
-    languages, live, repo_root, run, setup, target_dir,
+    GUEST_WORKSPACES, Task, at_once, build_dist, build_rust_plugins, cargo, cargo_unlinted,
+    envoy_bin, languages, live, repo_root, run, setup, target_dir,
 };
 
 pub fn test() -> anyhow::Result<()> {
@@ -161,6 +161,19 @@ impl Default for Clock {
     }
 }
 
+/// `task`, which leaves how long it took in `took`.
+fn timing<'a>(
+    task: &'a (dyn Fn() -> anyhow::Result<()> + Sync),
+    took: &'a Mutex<Duration>,
+) -> impl Fn() -> anyhow::Result<()> + Sync + 'a {
+    move || {
+        let started = Instant::now();
+        let result = task();
+        *took.lock().unwrap_or_else(|e| e.into_inner()) = started.elapsed();
+        result
+    }
+}
+
 /// How long ago the process that started this one (`cargo`) started, from `/proc`.
 fn time_since_parent_started() -> Option<Duration> {
     let stat = std::fs::read_to_string(format!(
@@ -195,29 +208,19 @@ impl Clock {
         result
     }
 
-    /// Runs two phases at once, each timed; the first one's time counts towards the total,
-    /// the second one is shown as alongside it. Fails naming each that failed.
-    fn alongside(
-        &mut self,
-        (name, phase): (&'static str, &(dyn Fn() -> anyhow::Result<()> + Sync)),
-        (beside_name, beside): (&'static str, &(dyn Fn() -> anyhow::Result<()> + Sync)),
-    ) -> anyhow::Result<()> {
+    /// Runs two phases at once; the first is timed until both are done (what the run waits
+    /// for), the second on its own, shown as alongside it. Fails naming each that failed.
+    fn alongside(&mut self, first: Task<'_>, beside: Task<'_>) -> anyhow::Result<()> {
         let started = Instant::now();
-        let (result, (beside_result, beside_took)) = thread::scope(|scope| {
-            let other = scope.spawn(|| {
-                let started = Instant::now();
-                (beside(), started.elapsed())
-            });
-            let result = phase();
-            (result, other.join().expect("the phase alongside panicked"))
-        });
-        self.phases.push((name, started.elapsed(), true));
-        self.phases.push((beside_name, beside_took, false));
-        match (result, beside_result) {
-            (Ok(()), Ok(())) => Ok(()),
-            (Err(error), Ok(())) | (Ok(()), Err(error)) => Err(error),
-            (Err(first), Err(second)) => bail!("{first:#}\n{second:#}"),
-        }
+        let beside_took = Mutex::new(Duration::ZERO);
+        let result = {
+            let beside_timed = timing(beside.1, &beside_took);
+            at_once(&[first, (beside.0, &beside_timed)])
+        };
+        let beside_took = beside_took.into_inner().unwrap_or_else(|e| e.into_inner());
+        self.phases.push((first.0, started.elapsed(), true));
+        self.phases.push((beside.0, beside_took, false));
+        result
     }
 
     /// The table of phases and seconds, and the total, on standard error.
@@ -304,7 +307,7 @@ fn run_tests(command: &mut Command, format: Format) -> anyhow::Result<(u64, u64)
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     let read = |stream: Box<dyn std::io::Read + Send>, to_stderr: bool| {
-        thread::spawn(move || -> std::io::Result<(u64, u64)> {
+        std::thread::spawn(move || -> std::io::Result<(u64, u64)> {
             let (mut passed, mut failed) = (0, 0);
             for line in BufReader::new(stream).lines() {
                 let line = line?;

@@ -230,6 +230,43 @@ pub fn report(file: &str, name: &str, played: &Played, differences: &[Difference
     out
 }
 
+/// A note on the headers a plugin removed that the message did not carry: the host still asks
+/// Envoy to remove them (Envoy may hold headers its filter does not forward to the host, and a
+/// removal meant to strip one must reach it), so they are in what came out; said, so that a
+/// `remove:` of a header the request never had does not look like a mistake. Empty otherwise.
+pub fn removals_of_absent_headers(spec: &super::file::ExchangeSpec, output: &Output) -> String {
+    let mut note = String::new();
+    let sides = [
+        ("request", Some(&spec.request), &output.request_headers),
+        ("response", spec.response.as_ref(), &output.response_headers),
+    ];
+    for (side, message, changes) in sides {
+        let (Some(message), Some(removed)) =
+            (message, changes.as_ref().and_then(|c| c.remove.as_ref()))
+        else {
+            continue;
+        };
+        let absent: Vec<&str> = removed
+            .iter()
+            .filter(|name| {
+                !message
+                    .headers
+                    .keys()
+                    .any(|sent| sent.eq_ignore_ascii_case(name))
+            })
+            .map(String::as_str)
+            .collect();
+        if !absent.is_empty() {
+            note.push_str(&format!(
+                "     removed from the {side} without being in it: {} (Envoy is still asked to \
+                 remove them, in case it holds them without forwarding them)\n",
+                absent.join(", ")
+            ));
+        }
+    }
+    note
+}
+
 fn write_value(out: &mut String, label: &str, value: &str) {
     let mut lines = value.lines();
     let _ = writeln!(out, "         {label}: {}", lines.next().unwrap_or(""));
