@@ -61,7 +61,7 @@ fn runtime(cache: Option<&Path>) -> Runtime {
             instance_wait: Duration::ZERO,
             max_memory_bytes: 128 << 20,
             cache_dir: cache.map(Path::to_path_buf),
-            kv: Default::default(),
+            capabilities: Default::default(),
         },
         &Metrics::new(),
     )

@@ -70,7 +70,7 @@ impl Bench {
                 instance_wait: Duration::ZERO,
                 max_memory_bytes: 64 << 20,
                 cache_dir: None,
-                kv: Default::default(),
+                capabilities: Default::default(),
             },
             &Metrics::new(),
         )

@@ -35,6 +35,9 @@
 //! [kv]                          # state plugins keep between exchanges (contract 0.4.0)
 //! backend = "redis"             # or "memory" (the default): one host only
 //! url = "redis://redis.default.svc:6379"
+//!
+//! [secrets]                     # NAME = "FILE": values plugins granted them read (wasi:config)
+//! api-tokens = "/var/run/secrets/api/tokens"
 //! ```
 //!
 //! The file also carries each front end's own keys: the server's listeners, TLS and shutdown
@@ -50,6 +53,7 @@ use serde::Deserialize;
 
 pub use crate::breaker::BreakerSettings;
 use crate::kv::{self, Backend, KvSettings, Limits};
+use crate::secrets::SecretsSettings;
 
 /// The mount point of the plugin volume in the container image and Kubernetes manifests.
 pub const DEFAULT_PLUGINS_DIR: &str = "/plugins";
@@ -143,6 +147,9 @@ pub struct FileConfig {
     /// `[kv]`: the state store.
     #[serde(default)]
     kv: FileKv,
+    /// `[secrets]`: each secret's name and file.
+    #[serde(default)]
+    secrets: BTreeMap<String, PathBuf>,
 }
 
 /// `[kv]`: where plugins' state lives and how much of it there may be.
@@ -435,6 +442,7 @@ struct FilePluginSettings {
     http_allow: Option<Vec<String>>,
     http_max_concurrent: Option<u32>,
     http_max_response_bytes: Option<u64>,
+    secrets: Option<Vec<String>>,
 }
 
 /// Whether a plugin's answers count (`serve`), or are only compared with another's (`shadow`).
@@ -504,6 +512,8 @@ pub struct Settings {
     pub envoy: EnvoySettings,
     /// `[kv]`: the state store plugins share.
     pub kv: KvSettings,
+    /// `[secrets]`: the secrets plugins may be granted.
+    pub secrets: SecretsSettings,
 }
 
 /// What the Envoy in front of the host is configured with. The host keeps its answers inside
@@ -558,6 +568,8 @@ pub struct PluginSettings {
     pub kv_namespaces: Vec<String>,
     /// What the plugin may call over HTTP (`wasi:http/outgoing-handler`).
     pub http: HttpSettings,
+    /// The secrets it may read (`wasi:config/store`), by name; none by default.
+    pub secrets: Vec<String>,
 }
 
 /// A plugin's outbound HTTP: where to, how many at once, how much back.
@@ -716,6 +728,7 @@ impl FileConfig {
             shadows: None,
             kv_namespaces: Vec::new(),
             http: HttpSettings::default(),
+            secrets: Vec::new(),
         };
         let defaults = self
             .defaults
@@ -726,12 +739,17 @@ impl FileConfig {
                 "[defaults]: mode = \"shadow\" is set per plugin, in [plugins.NAME]".into(),
             ));
         }
+        let secrets = SecretsSettings::from_table(self.secrets.clone()).map_err(ConfigError)?;
+        secrets
+            .check_grant(&defaults.secrets)
+            .map_err(|e| ConfigError(format!("[defaults]: {e}")))?;
         let plugins = self
             .plugins
             .iter()
             .map(|(name, settings)| {
                 let resolved = settings
                     .apply_to(&defaults)
+                    .and_then(|s| secrets.check_grant(&s.secrets).map(|()| s))
                     .map_err(|e| ConfigError(format!("[plugins.{name}]: {e}")))?;
                 Ok((name.clone(), resolved))
             })
@@ -753,9 +771,12 @@ impl FileConfig {
                 .iter()
                 .map(|(name, settings)| {
                     let base = plugins.get(name).unwrap_or(&defaults);
-                    let resolved = settings.apply_to(base).map_err(|e| {
-                        ConfigError(format!("[chains.{chain}.plugins.{name}]: {e}"))
-                    })?;
+                    let resolved = settings
+                        .apply_to(base)
+                        .and_then(|s| secrets.check_grant(&s.secrets).map(|()| s))
+                        .map_err(|e| {
+                            ConfigError(format!("[chains.{chain}.plugins.{name}]: {e}"))
+                        })?;
                     Ok((name.clone(), resolved))
                 })
                 .collect::<Result<_, ConfigError>>()?;
@@ -829,6 +850,7 @@ impl FileConfig {
             },
             envoy: self.envoy.resolve()?,
             kv: self.kv.resolve()?,
+            secrets,
         })
     }
 }
@@ -1040,6 +1062,7 @@ impl FilePluginSettings {
                     .http_max_response_bytes
                     .unwrap_or(base.http.max_response_bytes),
             },
+            secrets: self.secrets.clone().unwrap_or_else(|| base.secrets.clone()),
         })
     }
 }

@@ -7,12 +7,15 @@
 //! In Envoy's process the same rules hold, so that a plugin behaves the same in both modes.
 
 use crate::config::EnvoySettings;
-use crate::http::{HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase};
+use crate::http::{
+    HeaderChanges, HeaderMap, ImmediateResponse, MAX_MESSAGE_BYTES, MESSAGE_OVERHEAD_BYTES,
+    Message, Phase,
+};
 use crate::runtime::{Action, Outcome};
 
 /// Largest body a plugin may produce in one message: over ext_proc it travels in one gRPC
-/// message of at most 8 MiB, which also carries headers and framing.
-pub const MAX_ANSWER_BODY_BYTES: usize = (8 << 20) - 64 * 1024;
+/// message, which also carries headers and framing.
+pub const MAX_ANSWER_BODY_BYTES: usize = MAX_MESSAGE_BYTES - MESSAGE_OVERHEAD_BYTES;
 
 /// The rules in force, from what the operator says Envoy is configured with.
 #[derive(Debug, Clone)]

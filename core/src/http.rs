@@ -5,6 +5,14 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+/// Largest ext_proc message the server accepts or sends. Envoy buffers bodies up to its
+/// connection buffer limit before sending them whole in BUFFERED mode; 8 MiB leaves room for
+/// raised limits without letting one message hold unbounded memory.
+pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
+
+/// What a message needs besides the body it carries: its headers, mutations and framing.
+pub const MESSAGE_OVERHEAD_BYTES: usize = 64 << 10;
+
 /// One of the six points at which Envoy consults the processor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Phase {

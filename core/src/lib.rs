@@ -16,14 +16,16 @@
 //!   [`breaker`] quarantines plugins that keep failing; [`log_budget`] bounds what they log;
 //!   [`bodies`] bounds the body bytes all streams hold together.
 //! - [`kv`]: state plugins keep between exchanges (`wasi:keyvalue`, the contract's `state`),
-//!   in memory or in Redis.
+//!   in memory or in Redis; [`secrets`]: values the operator keeps in files, granted by name.
 //! - [`guard`]: keeps plugins' changes inside what Envoy accepts.
 //! - [`http`]: the types for headers, bodies and verdicts, shared by all of the above.
 //! - [`metrics`]: counters and histograms, in Prometheus form.
 //!
-//! Components are compiled and linked once per version ([`runtime::Plugin`]); every stream gets
-//! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another;
-//! what must outlive it goes through [`kv`], namespaced and bounded.
+//! Components are compiled and linked once per version ([`runtime::Plugin`]). By default every
+//! stream gets fresh instances, so plugin state lives for one HTTP exchange and never leaks into
+//! another (a plugin run with `isolation = "reuse"` keeps its instances between exchanges, and
+//! its globals with them); what must outlive an exchange goes through [`kv`], namespaced and
+//! bounded.
 
 pub mod bodies;
 pub mod breaker;
@@ -36,4 +38,5 @@ pub mod log_budget;
 pub mod metrics;
 pub mod registry;
 pub mod runtime;
+pub mod secrets;
 pub mod signing;

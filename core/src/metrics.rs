@@ -1,6 +1,7 @@
 //! Counters and histograms in Prometheus form: what the host received, what plugins did.
 
-use std::collections::BTreeSet;
+use std::any::Any;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -9,7 +10,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::http::{Direction, Phase};
 
@@ -145,8 +146,17 @@ pub struct Metrics {
     outbound_requests: Family<OutboundLabels, Counter>,
     outbound_seconds: Family<DestinationLabels, Histogram>,
     pool: PoolMetrics,
+    /// Families a capability registers for itself ([`family`](Metrics::family)).
+    families: Mutex<Families>,
     /// Every plugin that has had series, as (chain, plugin), for [`samples`](Metrics::samples).
     plugins: Mutex<BTreeSet<(String, String)>>,
+}
+
+/// The families capabilities registered, and each by name.
+#[derive(Debug)]
+struct Families {
+    registry: Registry,
+    by_name: HashMap<&'static str, Box<dyn Any + Send + Sync>>,
 }
 
 /// One counter or gauge series and its value now.
@@ -382,8 +392,33 @@ impl Metrics {
             outbound_requests,
             outbound_seconds,
             pool,
+            families: Mutex::new(Families {
+                registry: Registry::with_prefix("wasm_extproc"),
+                by_name: HashMap::new(),
+            }),
             plugins: Mutex::default(),
         })
+    }
+
+    /// The family `name`, registered with `help` on first use: how a capability's own module
+    /// keeps its series, without an entry here. Asked again (a second runtime on the same
+    /// metrics), it is the same family.
+    pub fn family<F>(&self, name: &'static str, help: &str, make: impl FnOnce() -> F) -> F
+    where
+        F: Metric + Clone,
+    {
+        let mut families = self.families.lock().expect("metric families");
+        if let Some(family) = families
+            .by_name
+            .get(name)
+            .and_then(|f| f.downcast_ref::<F>())
+        {
+            return family.clone();
+        }
+        let family = make();
+        families.registry.register(name, help, family.clone());
+        families.by_name.insert(name, Box::new(family.clone()));
+        family
     }
 
     /// The instance pool's series, for the runtime to update.
@@ -820,8 +855,12 @@ impl Metrics {
 
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
         let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)
+        let families = self.families.lock().expect("metric families");
+        encode_registry(&mut text, &self.registry)
+            .and_then(|()| encode_registry(&mut text, &families.registry))
+            .and_then(|()| encode_eof(&mut text))
             .expect("writing to a String cannot fail");
         text
     }

@@ -1,8 +1,9 @@
 //! The only module that speaks wasmtime.
 //!
 //! A [`Runtime`] owns the engine (pooling allocator, epoch interruption, async support) and a
-//! linker holding WASI (no preopens, no environment, no network) and the contract's `host`
-//! interface. [`Runtime::load`] compiles a component once, checks that it speaks this host's
+//! linker holding the contract's interfaces and what each capability provides (see
+//! [`capability`]: logging and WASI without authority, state, outbound HTTP to allowed
+//! origins, secrets). [`Runtime::load`] compiles a component once, checks that it speaks this host's
 //! contract and pre-links it ([`Plugin`]). [`Plugin::instantiate`] makes a fresh store and
 //! instance for one ext_proc stream ([`Instance`]), and [`Instance::call`] runs one handler on
 //! the plugin's budget, answering in the host's own types.
@@ -11,10 +12,12 @@
 //! tell a trap from a deadline from a memory ceiling.
 
 mod bindings;
+mod capability;
 mod epoch;
 mod handlers;
 mod outbound;
 mod output;
+mod secrets;
 mod slots;
 mod state;
 mod store;
@@ -41,54 +44,26 @@ use crate::http::{
     Delivery, Effects, ExchangeContext, HeaderMap, ImmediateResponse, Message, Phase, PhaseSet,
     Registration,
 };
-use crate::kv::{Access, Kv, KvSettings};
-use crate::log_budget::LogBudget;
 use crate::metrics::Metrics;
 use crate::signing::Signature;
 use bindings::current::wasm_extproc::processor::types as wit;
+use capability::{Capabilities, Grants, PluginId};
 use epoch::EpochTicker;
 use handlers::{BodyHandler, Exports, Handlers};
-use outbound::PluginHttp;
 use slots::{Slot, Slots};
-use state::PluginState;
 use store::StoreState;
+
+pub use capability::CapabilitySettings;
 
 /// The contract this host speaks, as it appears in import and export names.
 pub const CONTRACT_PACKAGE: &str = "wasm-extproc:processor";
-/// The current version: what `wit/processor.wit` declares.
-pub const CONTRACT_VERSION: &str = "0.4.0";
 
-/// A version of the contract the host runs plugins of.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Contract {
-    /// 0.4.0, the current one: state between exchanges (`wasi:keyvalue`, `state`).
-    V0_4,
-    /// 0.3.0: body handlers get the direction's headers while they can still change.
-    V0_3,
-    /// 0.2.0: body handlers get the body alone.
-    V0_2,
-}
+pub use bindings::Contract;
 
 impl Contract {
-    /// Every version the host speaks, newest first.
-    pub const SPOKEN: [Contract; 3] = [Contract::V0_4, Contract::V0_3, Contract::V0_2];
-
-    pub fn version(self) -> &'static str {
-        match self {
-            Contract::V0_4 => CONTRACT_VERSION,
-            Contract::V0_3 => "0.3.0",
-            Contract::V0_2 => "0.2.0",
-        }
-    }
-
     /// The name of the `handler` interface a plugin of this version exports.
     pub fn handler_export(self) -> String {
         format!("{CONTRACT_PACKAGE}/handler@{}", self.version())
-    }
-
-    /// Whether its body handlers take the direction's headers.
-    pub fn body_sees_headers(self) -> bool {
-        self != Contract::V0_2
     }
 
     fn spoken() -> String {
@@ -191,14 +166,13 @@ pub enum LoadError {
 
 /// The engine and linker, shared by every plugin.
 pub struct Runtime {
-    /// The state store every plugin reaches through `wasi:keyvalue` and `state`.
-    kv: Arc<Kv>,
+    /// What plugins may be granted besides their messages.
+    capabilities: Arc<Capabilities>,
     engine: Engine,
     linker: Linker<StoreState>,
     ticker: Arc<EpochTicker>,
     slots: Arc<Slots>,
     cache: Option<Cache>,
-    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -223,8 +197,8 @@ pub struct PoolLimits {
     /// a restart or a reload with a known component skips compilation (seconds for JavaScript
     /// and Python plugins).
     pub cache_dir: Option<PathBuf>,
-    /// The state store: `[kv]`.
-    pub kv: KvSettings,
+    /// What the capabilities live by: the state store (`[kv]`), the secrets (`[secrets]`).
+    pub capabilities: CapabilitySettings,
 }
 
 impl PoolLimits {
@@ -236,7 +210,7 @@ impl PoolLimits {
             instance_wait: settings.instance_wait,
             max_memory_bytes: settings.max_memory_limit_bytes(),
             cache_dir: settings.cache_dir.clone(),
-            kv: settings.kv.clone(),
+            capabilities: CapabilitySettings::of(settings),
         }
     }
 }
@@ -308,24 +282,9 @@ impl Runtime {
         })?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(to_anyhow)?;
-        wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker).map_err(to_anyhow)?;
-        bindings::current::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(to_anyhow)?;
-        bindings::v0_3::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(to_anyhow)?;
-        bindings::v0_2::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
-            &mut linker,
-            |s| s,
-        )
-        .map_err(to_anyhow)?;
-        let kv = Arc::new(Kv::new(limits.kv.clone())?);
+        bindings::link_contracts(&mut linker).map_err(to_anyhow)?;
+        Capabilities::link(&mut linker)?;
+        let capabilities = Arc::new(Capabilities::new(&limits.capabilities, metrics)?);
 
         let ticker = Arc::new(EpochTicker::start(engine.weak())?);
         let slots = Arc::new(Slots::new(
@@ -335,13 +294,12 @@ impl Runtime {
             metrics.pool(),
         ));
         Ok(Runtime {
-            kv,
+            capabilities,
             engine,
             linker,
             ticker,
             slots,
             cache,
-            metrics: metrics.clone(),
         })
     }
 
@@ -421,14 +379,12 @@ impl Runtime {
                 path: path.to_path_buf(),
                 digest,
                 loaded_at: SystemTime::now(),
-                metrics: self.metrics.clone(),
+                capabilities: self.capabilities.clone(),
             }),
             chain: chain.into(),
             name: name.into(),
             signature: Arc::new(Signature::NotChecked),
-            log_budget: log_budget(&self.metrics, chain, name, &settings),
-            kv: plugin_state(&self.kv, &self.metrics, chain, name, &settings),
-            http: plugin_http(&self.metrics, chain, name, &settings),
+            grants: Arc::new(self.capabilities.grant(PluginId { chain, name }, &settings)),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),
@@ -449,16 +405,19 @@ impl Runtime {
         Ok(plugin)
     }
 
-    /// How the host calls into `component`: directly when it imports nothing but the
-    /// contract's own interfaces that never wait, else on a fiber, so WASI and state store
-    /// calls can wait and long calls yield to other streams.
+    /// How the host calls into `component`: directly when it imports nothing but interfaces
+    /// that never wait (the contract's own, bar `state`; secrets), else on a fiber, so WASI
+    /// and state store calls can wait and long calls yield to other streams.
     fn entry(&self, component: &Component) -> Entry {
         let contract = format!("{CONTRACT_PACKAGE}/");
         let state = format!("{CONTRACT_PACKAGE}/state@");
         let only_contract = component
             .component_type()
             .imports(&self.engine)
-            .all(|(name, _)| name.starts_with(&contract) && !name.starts_with(&state));
+            .all(|(name, _)| {
+                (name.starts_with(&contract) && !name.starts_with(&state))
+                    || name.starts_with("wasi:config/store@")
+            });
         if only_contract {
             Entry::Direct
         } else {
@@ -474,13 +433,13 @@ impl Runtime {
             .exports(&self.engine)
             .map(|(n, _)| n.to_string())
             .collect();
-        if let Some(contract) = Contract::SPOKEN
-            .into_iter()
+        if let Some(&contract) = Contract::SPOKEN
+            .iter()
             .find(|c| exports.contains(&c.handler_export()))
         {
             return Ok(contract);
         }
-        let current = Contract::V0_4.handler_export();
+        let current = Contract::CURRENT.handler_export();
         let prefix = format!("{CONTRACT_PACKAGE}/handler@");
         if let Some(other) = exports.iter().find(|e| e.starts_with(&prefix)) {
             let version = &other[prefix.len()..];
@@ -526,67 +485,11 @@ pub struct Plugin {
     signature: Arc<Signature>,
     settings: Arc<PluginSettings>,
     breaker: Arc<Breaker>,
-    /// How many lines it may still log, shared by all its instances.
-    log_budget: Arc<LogBudget>,
     /// Instances that served an exchange and wait for the next (`isolation = "reuse"` only).
     idle: Arc<Mutex<Vec<Instance>>>,
-    /// Its namespaces in the state store.
-    kv: Arc<PluginState>,
-    /// What it may call over HTTP.
-    http: Arc<PluginHttp>,
-}
-
-/// The plugin `name`'s outbound HTTP: the origins its settings allow.
-fn plugin_http(
-    metrics: &Arc<Metrics>,
-    chain: &str,
-    name: &str,
-    settings: &PluginSettings,
-) -> Arc<PluginHttp> {
-    Arc::new(PluginHttp::new(
-        settings.http.clone(),
-        metrics.clone(),
-        chain.into(),
-        name.into(),
-    ))
-}
-
-/// The plugin `name`'s way into the state store: its own namespace (its chain and name) and
-/// the shared ones its settings grant.
-fn plugin_state(
-    kv: &Arc<Kv>,
-    metrics: &Arc<Metrics>,
-    chain: &str,
-    name: &str,
-    settings: &PluginSettings,
-) -> Arc<PluginState> {
-    let access = Access {
-        kv: kv.clone(),
-        chain: chain.into(),
-        own: name.into(),
-        shared: settings.kv_namespaces.clone().into(),
-    };
-    Arc::new(PluginState::new(
-        access,
-        metrics.clone(),
-        chain.into(),
-        name.into(),
-    ))
-}
-
-/// A fresh log budget for the plugin `name`, counting into its series.
-fn log_budget(
-    metrics: &Metrics,
-    chain: &str,
-    name: &str,
-    settings: &PluginSettings,
-) -> Arc<LogBudget> {
-    Arc::new(LogBudget::new(
-        chain.into(),
-        name.into(),
-        settings.log_lines_per_second,
-        metrics.log_lines_suppressed(chain, name),
-    ))
+    /// What its settings grant it of each capability: its log budget, its namespaces in the
+    /// state store, the origins it may call, its secrets.
+    grants: Arc<Grants>,
 }
 
 /// Idle instances a reused plugin keeps: enough for the streams a busy host finishes between
@@ -606,8 +509,8 @@ struct Compiled {
     path: PathBuf,
     digest: String,
     loaded_at: SystemTime,
-    /// Where plugins made of it count what they do.
-    metrics: Arc<Metrics>,
+    /// What plugins made of it are granted from.
+    capabilities: Arc<Capabilities>,
 }
 
 impl std::fmt::Debug for Plugin {
@@ -682,15 +585,11 @@ impl Plugin {
             chain: chain.into(),
             name: name.into(),
             signature: self.signature.clone(),
-            log_budget: log_budget(&self.compiled.metrics, chain, name, &settings),
-            kv: plugin_state(
-                &self.kv.access.kv,
-                &self.compiled.metrics,
-                chain,
-                name,
-                &settings,
+            grants: Arc::new(
+                self.compiled
+                    .capabilities
+                    .grant(PluginId { chain, name }, &settings),
             ),
-            http: plugin_http(&self.compiled.metrics, chain, name, &settings),
             breaker: Arc::new(Breaker::new(settings.breaker)),
             settings: Arc::new(settings),
             idle: Arc::default(),
@@ -740,12 +639,7 @@ impl Plugin {
             .take(compiled.entry == Entry::Fiber, arrived)
             .await?;
         let _running = compiled.ticker.enter();
-        let state = StoreState::new(
-            self.settings.clone(),
-            self.log_budget.clone(),
-            self.kv.clone(),
-            self.http.clone(),
-        );
+        let state = StoreState::new(self.settings.clone(), self.grants.store());
         let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);
         let entry = compiled.entry;

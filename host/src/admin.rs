@@ -348,6 +348,8 @@ fn plugins(state: &State) -> serde_json::Value {
                 },
                 "timeout_ms": settings.budget.timeout.as_millis() as u64,
                 "memory_limit_bytes": settings.budget.memory_limit_bytes,
+                // Names only: a secret's value never leaves the plugins granted it.
+                "secrets": settings.secrets,
                 "calls": calls,
             })
         })

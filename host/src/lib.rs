@@ -53,12 +53,8 @@ pub mod telemetry;
 
 pub use config::Config;
 pub use server::{Host, Listener, Listeners};
-pub use wasm_extproc_core::{breaker, chain, guard, http, kv, metrics, registry, runtime, signing};
+pub use wasm_extproc_core::{
+    breaker, chain, guard, http, kv, metrics, registry, runtime, secrets, signing,
+};
 
-/// Largest ext_proc message accepted or sent. Envoy buffers bodies up to its connection buffer
-/// limit before sending them whole in BUFFERED mode; 8 MiB leaves room for raised limits
-/// without letting one message hold unbounded memory.
-pub const MAX_MESSAGE_BYTES: usize = 8 << 20;
-
-// A plugin's largest body travels in one message with its headers and framing.
-const _: () = assert!(guard::MAX_ANSWER_BODY_BYTES + 64 * 1024 <= MAX_MESSAGE_BYTES);
+pub use wasm_extproc_core::http::MAX_MESSAGE_BYTES;

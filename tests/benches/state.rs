@@ -21,7 +21,7 @@ use wasm_extproc::config::Settings;
 use wasm_extproc::http::{ExchangeContext, HeaderMap, Message, Phase};
 use wasm_extproc::kv::{self, Backend, KvSettings};
 use wasm_extproc::metrics::Metrics;
-use wasm_extproc::runtime::{Plugin, PoolLimits, Runtime};
+use wasm_extproc::runtime::{CapabilitySettings, Plugin, PoolLimits, Runtime};
 
 /// State operations per measured call.
 const OPERATIONS: u32 = 100;
@@ -58,7 +58,10 @@ impl Bench {
                 instance_wait: Duration::ZERO,
                 max_memory_bytes: 64 << 20,
                 cache_dir: None,
-                kv,
+                capabilities: CapabilitySettings {
+                    state: kv,
+                    ..Default::default()
+                },
             },
             &Metrics::new(),
         )

@@ -3,6 +3,10 @@
 //! `fields` and `body` are the same host resources, so one store serves any of them. Nothing
 //! outside `runtime` sees them.
 
+use wasmtime::component::{HasSelf, Linker};
+
+use super::store::StoreState;
+
 /// `wasm-extproc:processor@0.4.0`, the current contract, which adds state between exchanges
 /// (`wasi:keyvalue`, `state`). Those imports are `async` on the host: they may wait on Redis.
 pub mod current {
@@ -53,4 +57,58 @@ pub mod v0_3 {
 /// `wasm-extproc:processor@0.2.0`: body handlers without headers.
 pub mod v0_2 {
     earlier_contract!("../wit/0.2.0");
+}
+
+/// Every version of the contract the host speaks, newest first: the first is the current one
+/// (`wit/processor.wit`). The enum, the version check, the names in errors and the linker all
+/// follow from this table; a new version is a line here, its WIT and its bindings module.
+macro_rules! contracts {
+    ($($variant:ident => $bindings:ident, $version:literal, body_sees_headers: $headers:literal, $doc:literal;)+) => {
+        /// A version of the contract the host runs plugins of.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum Contract {
+            $(#[doc = $doc] $variant,)+
+        }
+
+        impl Contract {
+            /// Every version the host speaks, newest first.
+            pub const SPOKEN: &[Contract] = &[$(Contract::$variant,)+];
+            /// The version `wit/processor.wit` declares.
+            pub const CURRENT: Contract = Contract::SPOKEN[0];
+
+            pub fn version(self) -> &'static str {
+                match self {
+                    $(Contract::$variant => $version,)+
+                }
+            }
+
+            /// Whether its body handlers take the direction's headers.
+            pub fn body_sees_headers(self) -> bool {
+                match self {
+                    $(Contract::$variant => $headers,)+
+                }
+            }
+        }
+
+        /// Links the contract's own interfaces (`types`, `host`, `context`) of every version.
+        /// What a version adds beyond them is a capability's, linked by it (`state`, with
+        /// `wasi:keyvalue`, in [`super::state`]).
+        pub fn link_contracts(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+            $(
+                $bindings::wasm_extproc::processor::types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+                $bindings::wasm_extproc::processor::host::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+                $bindings::wasm_extproc::processor::context::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
+            )+
+            Ok(())
+        }
+    };
+}
+
+contracts! {
+    V0_4 => current, "0.4.0", body_sees_headers: true,
+        "0.4.0, the current one: state between exchanges (`wasi:keyvalue`, `state`).";
+    V0_3 => v0_3, "0.3.0", body_sees_headers: true,
+        "0.3.0: body handlers get the direction's headers.";
+    V0_2 => v0_2, "0.2.0", body_sees_headers: false,
+        "0.2.0: body handlers get the body alone.";
 }

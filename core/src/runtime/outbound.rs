@@ -25,9 +25,48 @@ use wasmtime_wasi_http::{
     Error, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
 };
 
+use wasmtime::component::Linker;
+
+use super::capability::{Capability, PluginId};
 use super::store::StoreState;
-use crate::config::{HttpSettings, Origin};
+use crate::config::{HttpSettings, Origin, PluginSettings, Settings};
 use crate::metrics::Metrics;
+
+/// Outbound HTTP, to the origins each plugin's settings allow.
+pub struct Outbound {
+    metrics: Arc<Metrics>,
+}
+
+impl Capability for Outbound {
+    type Settings = ();
+    type Grant = Arc<PluginHttp>;
+    type Store = StoreHttp;
+
+    fn settings(_: &Settings) {}
+
+    fn new((): &(), metrics: &Arc<Metrics>) -> anyhow::Result<Outbound> {
+        Ok(Outbound {
+            metrics: metrics.clone(),
+        })
+    }
+
+    fn link(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+        wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker).map_err(super::to_anyhow)
+    }
+
+    fn grant(&self, plugin: PluginId<'_>, settings: &PluginSettings) -> Arc<PluginHttp> {
+        Arc::new(PluginHttp::new(
+            settings.http.clone(),
+            self.metrics.clone(),
+            plugin.chain.into(),
+            plugin.name.into(),
+        ))
+    }
+
+    fn store(grant: &Arc<PluginHttp>) -> StoreHttp {
+        StoreHttp::new(grant.clone())
+    }
+}
 
 /// How a request ended, as counted.
 pub const RESULTS: [&str; 6] = [
@@ -257,7 +296,7 @@ impl WasiHttpView for StoreState {
         let deadline = self.call_started.map_or_else(Instant::now, |started| {
             started + self.timeout.mul_f64(REQUEST_SHARE)
         });
-        let (http, table) = self.http_and_table();
+        let (http, table) = (&mut self.caps.http, &mut self.table);
         http.hooks.deadline = Some(deadline);
         WasiHttpCtxView {
             ctx: &mut http.ctx,

@@ -1,7 +1,12 @@
-//! A WASI plugin's stdout and stderr, into the host's log: a line at a time, tagged with the
-//! plugin, the phase and the stream, on the plugin's log budget. What a JavaScript plugin's
-//! `console.log` prints, and the message and stack an uncaught exception leaves on stderr
-//! before its trap, end up beside the host's own line about the failure.
+//! The logging capability: what a plugin logs through `host.log`, and a WASI plugin's stdout
+//! and stderr, into the host's log, a line at a time, tagged with the plugin, the phase and the
+//! stream, on the plugin's log budget. What a JavaScript plugin's `console.log` prints, and the
+//! message and stack an uncaught exception leaves on stderr before its trap, end up beside the
+//! host's own line about the failure.
+//!
+//! It also links WASI itself, with nothing of the host in it: no preopened directories, no
+//! environment, no arguments, no sockets. Output is all a plugin gets from it that reaches
+//! outside its instance.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -10,10 +15,108 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use tokio::io::AsyncWrite;
 use tracing::Level;
+use wasmtime::component::Linker;
+use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
+use super::capability::{Capability, PluginId};
+use super::store::StoreState;
+use crate::config::{PluginSettings, Settings};
+use crate::http::Phase;
 use crate::log_budget::{LogBudget, MAX_LINE_BYTES, Source};
+use crate::metrics::Metrics;
+
+/// Logging, and WASI without authority.
+pub struct Logging {
+    metrics: Arc<Metrics>,
+}
+
+impl Capability for Logging {
+    type Settings = ();
+    /// The plugin's log budget, shared by its instances.
+    type Grant = Arc<LogBudget>;
+    type Store = LogStore;
+
+    fn settings(_: &Settings) {}
+
+    fn new((): &(), metrics: &Arc<Metrics>) -> anyhow::Result<Logging> {
+        Ok(Logging {
+            metrics: metrics.clone(),
+        })
+    }
+
+    fn link(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+        wasmtime_wasi::p2::add_to_linker_async(linker).map_err(super::to_anyhow)
+    }
+
+    fn grant(&self, plugin: PluginId<'_>, settings: &PluginSettings) -> Arc<LogBudget> {
+        Arc::new(LogBudget::new(
+            plugin.chain.into(),
+            plugin.name.into(),
+            settings.log_lines_per_second,
+            self.metrics.log_lines_suppressed(plugin.chain, plugin.name),
+        ))
+    }
+
+    fn store(budget: &Arc<LogBudget>) -> LogStore {
+        LogStore {
+            budget: budget.clone(),
+            wasi: None,
+            output: None,
+        }
+    }
+}
+
+/// One store's logging: its plugin's budget, and its WASI context once the plugin uses WASI.
+pub struct LogStore {
+    budget: Arc<LogBudget>,
+    /// Made on the first WASI call: most plugins never make one, and building a context
+    /// (clocks, random sources) is a measurable part of a stream's cost.
+    wasi: Option<WasiCtx>,
+    /// The WASI context's stdout and stderr; made with it.
+    output: Option<GuestOutput>,
+}
+
+impl LogStore {
+    /// Writes a line the plugin logged in `phase` (`None`: while it loaded).
+    pub fn write(&self, level: Level, phase: Option<Phase>, message: &str) {
+        self.budget
+            .write(level, phase_name(phase), Source::Log, message);
+    }
+
+    /// Lines written from now on belong to `phase`.
+    pub fn set_phase(&self, phase: Option<Phase>) {
+        if let Some(output) = &self.output {
+            output.set_phase(phase_name(phase));
+        }
+    }
+
+    /// Writes out what the plugin left unfinished on stdout and stderr.
+    pub fn flush(&self) {
+        if let Some(output) = &self.output {
+            output.flush();
+        }
+    }
+
+    /// The store's WASI context, made on first use, its output tagged with `phase`.
+    pub fn wasi(&mut self, phase: Option<Phase>) -> &mut WasiCtx {
+        self.wasi.get_or_insert_with(|| {
+            let output = GuestOutput::new(self.budget.clone());
+            output.set_phase(phase_name(phase));
+            let ctx = WasiCtx::builder()
+                .stdout(output.stream(Source::Stdout))
+                .stderr(output.stream(Source::Stderr))
+                .build();
+            self.output = Some(output);
+            ctx
+        })
+    }
+}
+
+fn phase_name(phase: Option<Phase>) -> &'static str {
+    phase.map_or("load", Phase::as_str)
+}
 
 /// What one store's two streams share: the unfinished line of each, and the phase now.
 #[derive(Debug)]

@@ -1,21 +1,74 @@
-//! The host side of the contract's state imports: `wasi:keyvalue/store` and `atomics`, and the
-//! contract's own `state` interface, over the host's [`Kv`](crate::kv::Kv).
+//! The state capability: the contract's state imports, `wasi:keyvalue/store` and `atomics` and
+//! the contract's own `state` interface, over the host's [`Kv`].
 //!
-//! A bucket is a namespace the plugin may open ([`Access::open`]). Every operation runs within
-//! what is left of the plugin's call, and its result is counted per plugin.
+//! A bucket is a namespace the plugin may open ([`Access::open`]): its own, and the shared ones
+//! its settings grant. Every operation runs within what is left of the plugin's call, and its
+//! result is counted per plugin.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use wasmtime::Result;
-use wasmtime::component::Resource;
+use wasmtime::component::{HasSelf, Linker, Resource};
 
 use super::bindings::current::wasi::keyvalue::{atomics, store};
 use super::bindings::current::wasm_extproc::processor::state;
+use super::capability::{Capability, PluginId};
 use super::store::StoreState;
-use crate::kv::{Access, Count, KvError};
+use crate::config::{PluginSettings, Settings};
+use crate::kv::{Access, Count, Kv, KvError, KvSettings};
 use crate::metrics::Metrics;
+
+/// The state store every plugin reaches through `wasi:keyvalue` and `state`.
+pub struct State {
+    kv: Arc<Kv>,
+    metrics: Arc<Metrics>,
+}
+
+impl Capability for State {
+    type Settings = KvSettings;
+    /// The plugin's namespaces and counters.
+    type Grant = Arc<PluginState>;
+    type Store = Arc<PluginState>;
+
+    fn settings(settings: &Settings) -> KvSettings {
+        settings.kv.clone()
+    }
+
+    fn new(settings: &KvSettings, metrics: &Arc<Metrics>) -> anyhow::Result<State> {
+        Ok(State {
+            kv: Arc::new(Kv::new(settings.clone())?),
+            metrics: metrics.clone(),
+        })
+    }
+
+    fn link(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+        store::add_to_linker::<_, HasSelf<_>>(linker, |s| s).map_err(super::to_anyhow)?;
+        atomics::add_to_linker::<_, HasSelf<_>>(linker, |s| s).map_err(super::to_anyhow)?;
+        state::add_to_linker::<_, HasSelf<_>>(linker, |s| s).map_err(super::to_anyhow)
+    }
+
+    /// Its own namespace (its chain and name) and the shared ones its settings grant.
+    fn grant(&self, plugin: PluginId<'_>, settings: &PluginSettings) -> Arc<PluginState> {
+        let access = Access {
+            kv: self.kv.clone(),
+            chain: plugin.chain.into(),
+            own: plugin.name.into(),
+            shared: settings.kv_namespaces.clone().into(),
+        };
+        Arc::new(PluginState::new(
+            access,
+            self.metrics.clone(),
+            plugin.chain.into(),
+            plugin.name.into(),
+        ))
+    }
+
+    fn store(grant: &Arc<PluginState>) -> Arc<PluginState> {
+        grant.clone()
+    }
+}
 
 /// An open namespace, held in the store's resource table.
 pub struct Bucket {
@@ -123,7 +176,7 @@ impl StoreState {
     }
 
     fn bucket(&mut self, bucket: &Resource<Bucket>) -> Result<Arc<str>> {
-        Ok(self.table().get(bucket)?.namespace.clone())
+        Ok(self.table.get(bucket)?.namespace.clone())
     }
 
     /// Runs one operation on the namespace of `bucket`, counts it and answers in WIT's terms.
@@ -137,7 +190,7 @@ impl StoreState {
         F: Future<Output = Result<T, KvError>>,
     {
         let namespace = self.bucket(bucket)?;
-        let state = self.kv.clone();
+        let state = self.caps.state.clone();
         let result = run(state.clone(), namespace, self.left()).await;
         state.count(operation, &result);
         Ok(result.map_err(to_wit))
@@ -146,10 +199,10 @@ impl StoreState {
 
 impl store::Host for StoreState {
     fn open(&mut self, identifier: String) -> Result<Result<Resource<Bucket>, store::Error>> {
-        let opened = self.kv.access.open(&identifier);
-        self.kv.count(Operation::Open, &opened);
+        let opened = self.caps.state.access.open(&identifier);
+        self.caps.state.count(Operation::Open, &opened);
         match opened {
-            Ok(namespace) => Ok(Ok(self.table().push(Bucket { namespace })?)),
+            Ok(namespace) => Ok(Ok(self.table.push(Bucket { namespace })?)),
             Err(e) => Ok(Err(to_wit(e))),
         }
     }
@@ -214,7 +267,7 @@ impl store::HostBucket for StoreState {
     }
 
     fn drop(&mut self, bucket: Resource<Bucket>) -> Result<()> {
-        self.table().delete(bucket)?;
+        self.table.delete(bucket)?;
         Ok(())
     }
 }

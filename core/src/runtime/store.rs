@@ -1,20 +1,18 @@
-//! What one store holds, and the host side of the contract's imports: the `fields` and `body`
-//! resources lent to a handler, logging and configuration.
+//! What one store holds, and the host side of the contract's own imports: the `fields` and
+//! `body` resources lent to a handler, `host` (logging through the logging capability, and
+//! configuration) and `context`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Result, format_err};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{WasiCtxView, WasiView};
 
 use super::bindings;
-use super::outbound::{PluginHttp, StoreHttp};
-use super::output::GuestOutput;
-use super::state::PluginState;
+use super::capability::InStore;
 use crate::config::PluginSettings;
 use crate::http::{BodyChunk, Effects, ExchangeContext, HeaderMap, Message, Phase};
-use crate::log_budget::{LogBudget, Source};
 
 /// The handle a handler receives for the message it is lent. Only one message is lent at a
 /// time, and borrows end when the call returns, so a constant is enough.
@@ -89,16 +87,14 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// Everything one store holds: one plugin instance serving one stream.
+/// Everything one store holds: one plugin instance, serving one stream at a time (one
+/// exchange, or one after another under `isolation = "reuse"`).
 pub struct StoreState {
     settings: Arc<PluginSettings>,
-    log_budget: Arc<LogBudget>,
-    /// Made on the first WASI call: most plugins never make one, and building a context
-    /// (clocks, random sources) is a measurable part of a stream's cost.
-    wasi: Option<WasiCtx>,
-    /// The WASI context's stdout and stderr, into the log; made with it.
-    output: Option<GuestOutput>,
-    table: ResourceTable,
+    /// What it holds of each capability the plugin was granted.
+    pub caps: InStore,
+    /// The resources handed to the guest: WASI's, and open buckets.
+    pub table: ResourceTable,
     pub limits: MemoryLimiter,
     pub timeout: Duration,
     /// When the current guest call started; `None` between calls.
@@ -112,25 +108,12 @@ pub struct StoreState {
     pub context: Arc<ExchangeContext>,
     /// What the current call asked for besides changing the message.
     pub effects: Effects,
-    /// The plugin's way into the state store.
-    pub kv: Arc<PluginState>,
-    /// Its outbound HTTP.
-    http: StoreHttp,
 }
 
 impl StoreState {
-    pub fn new(
-        settings: Arc<PluginSettings>,
-        log_budget: Arc<LogBudget>,
-        kv: Arc<PluginState>,
-        http: Arc<PluginHttp>,
-    ) -> Self {
+    pub fn new(settings: Arc<PluginSettings>, caps: InStore) -> Self {
         StoreState {
-            kv,
-            http: StoreHttp::new(http),
-            log_budget,
-            wasi: None,
-            output: None,
+            caps,
             table: ResourceTable::new(),
             limits: MemoryLimiter {
                 limit: settings.budget.memory_limit_bytes,
@@ -147,29 +130,15 @@ impl StoreState {
         }
     }
 
-    /// The table of resources handed to the guest (WASI's, and open buckets).
-    pub fn table(&mut self) -> &mut ResourceTable {
-        &mut self.table
-    }
-
-    /// What `wasi:http` works on: its context and hooks, and the resource table.
-    pub fn http_and_table(&mut self) -> (&mut StoreHttp, &mut ResourceTable) {
-        (&mut self.http, &mut self.table)
-    }
-
     /// The phase the next call serves (`None`: `register`, at load).
     pub fn set_phase(&mut self, phase: Option<Phase>) {
         self.phase = phase;
-        if let Some(output) = &self.output {
-            output.set_phase(phase.map_or("load", Phase::as_str));
-        }
+        self.caps.log.set_phase(phase);
     }
 
     /// Writes out what the plugin left unfinished on stdout and stderr.
     pub fn flush_output(&mut self) {
-        if let Some(output) = &self.output {
-            output.flush();
-        }
+        self.caps.log.flush();
     }
 
     fn lent(&mut self, rep: u32) -> Result<&mut Message> {
@@ -205,19 +174,7 @@ impl StoreState {
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            // No preopened directories, no environment, no arguments, no sockets: a plugin
-            // sees nothing of the host unless the operator grants it. Its stdout and stderr go
-            // to the host's log.
-            ctx: self.wasi.get_or_insert_with(|| {
-                let output = GuestOutput::new(self.log_budget.clone());
-                output.set_phase(self.phase.map_or("load", Phase::as_str));
-                let ctx = WasiCtx::builder()
-                    .stdout(output.stream(Source::Stdout))
-                    .stderr(output.stream(Source::Stderr))
-                    .build();
-                self.output = Some(output);
-                ctx
-            }),
+            ctx: self.caps.log.wasi(self.phase),
             table: &mut self.table,
         }
     }
@@ -327,8 +284,7 @@ macro_rules! contract_imports {
                     host::LogLevel::Warn => tracing::Level::WARN,
                     host::LogLevel::Error => tracing::Level::ERROR,
                 };
-                let phase = self.phase.map(Phase::as_str).unwrap_or("load");
-                self.log_budget.write(level, phase, Source::Log, &message);
+                self.caps.log.write(level, self.phase, &message);
                 Ok(())
             }
 

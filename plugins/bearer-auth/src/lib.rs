@@ -2,9 +2,15 @@
 //! answers everything else with 401 and `www-authenticate`, before the upstream is touched.
 //! gRPC clients get `grpc-status: 16` (UNAUTHENTICATED) as well.
 //!
-//! Configuration: `realm=<realm>;tokens=<token>,<token>,...`, e.g. `realm=api;tokens=s3cret`.
+//! Configuration: `realm=<realm>;tokens=<token>,<token>,...`, e.g. `realm=api;tokens=s3cret`;
+//! or, to keep the tokens out of the configuration, `realm=api;tokens_secret=<secret>` with the
+//! secret granted to the plugin (`secrets = ["<secret>"]` in its settings): the secret's file
+//! holds one token per line (or comma-separated), and is read on every request, so a rotated
+//! file takes effect without a restart. Tokens from both are accepted.
 
-use wasm_extproc_sdk::{Action, Headers, ImmediateResponse, Phases, Plugin, config, export_plugin};
+use wasm_extproc_sdk::{
+    Action, Headers, ImmediateResponse, Phases, Plugin, config, export_plugin, log, secrets,
+};
 
 #[derive(Default)]
 struct BearerAuth;
@@ -22,17 +28,39 @@ fn settings() -> Settings {
     for part in config().split(';') {
         match part.trim().split_once('=') {
             Some(("realm", realm)) => settings.realm = realm.trim().into(),
-            Some(("tokens", tokens)) => {
-                settings.tokens = tokens
-                    .split(',')
-                    .map(|t| t.trim().to_string())
-                    .filter(|t| !t.is_empty())
-                    .collect();
-            }
+            Some(("tokens", tokens)) => settings.tokens.extend(split(tokens)),
+            Some(("tokens_secret", name)) => match secrets::get(name.trim()) {
+                Some(tokens) => settings.tokens.extend(split(&tokens)),
+                None => log::warn(&format!(
+                    "tokens_secret: the secret {:?} was not granted to this plugin (secrets = \
+                     [...] in its settings); its tokens are not accepted",
+                    name.trim()
+                )),
+            },
             _ => {}
         }
     }
     settings
+}
+
+/// Tokens separated by commas or line breaks.
+fn split(tokens: &str) -> impl Iterator<Item = String> + '_ {
+    tokens
+        .split([',', '\n'])
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether `presented` is one of `tokens`, in time that does not depend on where they differ.
+fn accepted(presented: &str, tokens: &[String]) -> bool {
+    tokens.iter().fold(false, |found, token| {
+        let same_length = token.len() == presented.len();
+        let difference = token
+            .bytes()
+            .zip(presented.bytes())
+            .fold(0u8, |d, (a, b)| d | (a ^ b));
+        found | (same_length & (difference == 0))
+    })
 }
 
 impl Plugin for BearerAuth {
@@ -43,7 +71,7 @@ impl Plugin for BearerAuth {
         let presented = headers
             .get_str("authorization")
             .and_then(|v| v.strip_prefix("Bearer ").map(|t| t.trim().to_string()));
-        if presented.is_some_and(|token| settings.tokens.contains(&token)) {
+        if presented.is_some_and(|token| accepted(&token, &settings.tokens)) {
             return Action::Continue;
         }
         let grpc = headers

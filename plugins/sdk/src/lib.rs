@@ -42,6 +42,19 @@ pub mod bindings {
     });
 }
 
+/// The standard `wasi:config/store`, through which the host hands a plugin its secrets. Bound
+/// apart from the contract's world: a plugin that never reads a secret does not import it.
+#[doc(hidden)]
+pub mod config_bindings {
+    wit_bindgen::generate!({
+        inline: "package wasm-extproc:sdk;
+                 world secrets { import wasi:config/store@0.2.0-rc.1; }",
+        path: "../../wit/deps/config",
+        world: "wasm-extproc:sdk/secrets",
+        generate_all,
+    });
+}
+
 use bindings::exports::wasm_extproc::processor::handler;
 use bindings::wasm_extproc::processor::host;
 use bindings::wasm_extproc::processor::types;
@@ -261,6 +274,22 @@ pub trait Plugin: Default + 'static {
 /// The configuration string the operator gave this plugin; empty if none.
 pub fn config() -> String {
     host::config()
+}
+
+/// Secrets the operator granted this plugin (`secrets = ["NAME", ...]` in its settings), as
+/// their files hold them now: a rotated secret is read without a restart.
+///
+/// ```ignore
+/// let tokens = secrets::get("api-tokens").unwrap_or_default();
+/// ```
+pub mod secrets {
+    use super::config_bindings::wasi::config::store;
+
+    /// The secret `name`'s value, verbatim (a trailing newline in its file included); `None`
+    /// when the plugin was not granted a secret of that name.
+    pub fn get(name: &str) -> Option<String> {
+        store::get(name).ok().flatten()
+    }
 }
 
 /// The exchange being handled, beyond its headers and body.

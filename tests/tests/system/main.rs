@@ -17,6 +17,7 @@ mod operations;
 mod outbound;
 mod phases;
 mod recording;
+mod secrets;
 mod shadow;
 mod shipped;
 mod state;
