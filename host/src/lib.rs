@@ -37,8 +37,11 @@
 //!                             (+ mode_override; the stream closes once nothing needed can come)
 //! ```
 //!
-//! Components are compiled and linked once per version ([`runtime::Plugin`]); every stream gets
-//! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another.
+//! Components are compiled and linked once per version ([`runtime::Plugin`]); by default every
+//! stream gets fresh instances, so plugin state lives for one HTTP exchange and never leaks into
+//! another. A plugin set to `isolation = "reuse"` gives up that isolation for speed: an instance
+//! that served an exchange without failing may serve later ones, its globals and heap carried
+//! over ([`Isolation::Reuse`](wasm_extproc_core::config::Isolation::Reuse)).
 
 pub mod access;
 pub mod admin;
