@@ -12,7 +12,8 @@
 //!   Envoy's protobufs, and the per-stream task around them.
 //! - [`admin`]: the HTTP admin listener -- health, readiness, metrics, plugins, reload,
 //!   recordings.
-//! - [`record`]: live exchanges written down as exchange files.
+//! - [`record`]: live exchanges written down as exchange files; it observes the streams
+//!   through [`ext_proc::observe`], which the service calls without knowing who listens.
 //! - [`server`]: the [`Host`] -- listeners, serving, health, draining at shutdown.
 //! - [`telemetry`], [`shutdown`]: logs and signals.
 //! - [`authoring`]: `wasm-extproc test` -- exchange files played through the plugins without
