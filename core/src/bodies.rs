@@ -8,13 +8,16 @@
 //! held for a whole-body plugin until its body is complete. A message there is no room for is
 //! not held: the plugins that would have seen it get their failure policy (kind
 //! `body_budget`), counted, and the host stays up for everyone else.
-//!
-//! [`MAX_HELD_BODY_BYTES`]: crate::chain::MAX_HELD_BODY_BYTES
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::metrics::counter::Counter;
+
+/// Largest body the host holds back for a plugin that wants it whole. Past this the plugin
+/// fails (kind `body_too_large`) and its policy applies; under fail-open what was held flows on
+/// unchanged.
+pub const MAX_HELD_BODY_BYTES: usize = 8 << 20;
 
 /// Body bytes the host holds at most across all streams, by default: room for sixteen bodies
 /// at the 8 MiB a whole-body plugin may be given, and with their copies inside the plugins

@@ -24,25 +24,20 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use crate::bodies::Reservation;
+use crate::bodies::{MAX_HELD_BODY_BYTES, Reservation};
 use crate::breaker::{Admission, Call, Client, Transition};
 use crate::config::FailurePolicy;
 use crate::http::{
     BodyChunk, BodyMode, Changes, Decision, Delivery, Direction, Effects, ExchangeContext,
     HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
 };
-use crate::registry::{Chain, Generation, Shadow};
+use crate::registry::{Chain, Generation, SHADOW_LOG_INTERVAL, Shadow};
 use crate::runtime::{Action, Instance, Outcome, Plugin, PluginError};
 
 /// The `tracing` target of the spans meant for traces: only a trace layer enables it.
 pub const TRACE_TARGET: &str = "wasm_extproc::trace";
 /// The span of one plugin call (instantiation included), child of the stream's.
 pub const CALL_SPAN: &str = "plugin call";
-
-/// Largest body the host holds back for a plugin that wants it whole. Past this the plugin
-/// fails (kind `body_too_large`) and its policy applies; under fail-open what was held flows on
-/// unchanged.
-pub const MAX_HELD_BODY_BYTES: usize = 8 << 20;
 
 /// The chain as one stream sees it: the plugins it started with, their instances, and the
 /// body chunks held for plugins that want whole bodies.
@@ -668,10 +663,6 @@ struct Shadowing {
     given: Given,
     served: Made,
 }
-
-/// How often a shadow plugin's differences are logged: at most once per interval each (the
-/// metrics count every one).
-pub const SHADOW_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Runs the shadows beside the plugin of `shadowing` on what it was given, each on its own
 /// instance and budget, and compares what they make of it with what the plugin made. Nothing

@@ -814,7 +814,7 @@ impl FileConfig {
             .runtime
             .max_body_bytes_in_flight
             .unwrap_or(crate::bodies::DEFAULT_MAX_BODY_BYTES_IN_FLIGHT);
-        let one_body = crate::chain::MAX_HELD_BODY_BYTES as u64;
+        let one_body = crate::bodies::MAX_HELD_BODY_BYTES as u64;
         if max_body_bytes_in_flight < one_body {
             return Err(ConfigError(format!(
                 "[runtime] max_body_bytes_in_flight {max_body_bytes_in_flight} is below \

@@ -21,11 +21,11 @@
 //! - [`http`]: the types for headers, bodies and verdicts, shared by all of the above.
 //! - [`metrics`]: counters and histograms, in Prometheus form.
 //!
-//! Components are compiled and linked once per version ([`runtime::Plugin`]). By default every
+//! Components are compiled and linked once per version ([`runtime::Plugin`]); by default every
 //! stream gets fresh instances, so plugin state lives for one HTTP exchange and never leaks into
-//! another (a plugin run with `isolation = "reuse"` keeps its instances between exchanges, and
-//! its globals with them); what must outlive an exchange goes through [`kv`], namespaced and
-//! bounded.
+//! another; what must outlive it goes through [`kv`], namespaced and bounded. A plugin set to
+//! `isolation = "reuse"` ([`config::Isolation::Reuse`]) trades that isolation for speed: an
+//! instance that served an exchange without failing may serve later ones.
 
 pub mod bodies;
 pub mod breaker;

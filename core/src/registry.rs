@@ -56,6 +56,10 @@ pub struct Chain {
     no_body_noticed: [AtomicBool; 2],
 }
 
+/// How often a shadow plugin's differences are logged: at most once per interval each (the
+/// metrics count every one).
+pub const SHADOW_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 /// A plugin in shadow mode: it runs beside the chain's plugin at `beside` on what that plugin
 /// is given, with its own budget and instances; its output is compared with that plugin's and
 /// never applied, and its failures touch nothing but its own metrics.
@@ -71,12 +75,11 @@ pub struct Shadow {
 }
 
 impl Shadow {
-    /// Whether a line about it may be logged `now`: at most one per
-    /// [`SHADOW_LOG_INTERVAL`](crate::chain::SHADOW_LOG_INTERVAL).
+    /// Whether a line about it may be logged `now`: at most one per [`SHADOW_LOG_INTERVAL`].
     pub fn may_log(&self, now: Instant) -> bool {
         let now_ms = now.saturating_duration_since(self.loaded).as_millis() as u64 + 1;
         let last = self.logged_ms.load(Ordering::Relaxed);
-        let interval = crate::chain::SHADOW_LOG_INTERVAL.as_millis() as u64;
+        let interval = SHADOW_LOG_INTERVAL.as_millis() as u64;
         (last == 0 || now_ms >= last + interval)
             && self
                 .logged_ms

@@ -23,6 +23,8 @@ use wasm_extproc_core::http::{
 use wasm_extproc_core::metrics::{Metrics, StreamGuard};
 use wasm_extproc_core::registry::Generation;
 
+use crate::worker::block_on;
+
 /// A header section of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Section {
@@ -249,7 +251,7 @@ impl Exchange {
             return TrailersStatus::StopIteration;
         }
         if self.chain.is_holding(direction) {
-            let verdict = crate::filter_config::block_on(self.chain.flush(
+            let verdict = block_on(self.chain.flush(
                 direction,
                 BodyMode::FullDuplexStreamed,
                 &self.context,
@@ -287,12 +289,10 @@ impl Exchange {
 
     fn run(&mut self, phase: Phase, message: Message) -> Verdict {
         self.metrics.message_received(phase);
-        crate::filter_config::block_on(self.chain.run(
-            phase,
-            message,
-            BodyMode::FullDuplexStreamed,
-            &self.context,
-        ))
+        block_on(
+            self.chain
+                .run(phase, message, BodyMode::FullDuplexStreamed, &self.context),
+        )
     }
 
     /// Applies the verdict on a header or trailer section; false if the stream was answered.

@@ -15,7 +15,7 @@
 //! - the [`Metrics`], published as Envoy stats;
 //! - a small Tokio runtime for loading and watching plugins, off Envoy's threads.
 //!
-//! The chain itself runs on Envoy's worker threads ([`block_on`]).
+//! The chain itself runs on Envoy's worker threads ([`block_on`](crate::worker::block_on)).
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -181,17 +181,4 @@ fn loader() -> &'static tokio::runtime::Runtime {
             .build()
             .expect("a Tokio runtime with one thread starts")
     })
-}
-
-/// Runs `future` to completion on the calling thread: an Envoy worker running the chain for
-/// one of its streams. Each worker has its own current-thread runtime, for the timers an
-/// instantiation waits on when the pool is full.
-pub fn block_on<F: Future>(future: F) -> F::Output {
-    thread_local! {
-        static WORKER: tokio::runtime::Runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .expect("a current-thread Tokio runtime starts");
-    }
-    WORKER.with(|runtime| runtime.block_on(future))
 }

@@ -15,6 +15,7 @@
 //! - [`exchange`]: one stream's logic -- which hook runs which phase, body holding, header
 //!   and body changes, immediate responses -- over an [`exchange::Envoy`] trait, so it is
 //!   tested without Envoy.
+//! - [`worker`]: the chain run to completion on the Envoy worker thread that calls a hook.
 //! - [`filter_config`]: one filter configuration: its settings, its registry of plugins,
 //!   reloads; the process-wide runtime the configurations share.
 //! - [`stats`]: the core's metrics as Envoy stats.
@@ -34,3 +35,4 @@ mod filter_config;
 mod hooks;
 mod logging;
 mod stats;
+mod worker;

@@ -136,7 +136,7 @@ pub enum Command {
     New {
         name: String,
         #[arg(long, value_enum)]
-        lang: crate::authoring::templates::Language,
+        lang: Language,
         /// Where to create the project's directory.
         #[arg(long, default_value = ".")]
         dir: PathBuf,
@@ -171,6 +171,15 @@ pub enum Command {
         public_keys: Vec<PathBuf>,
         plugin: PathBuf,
     },
+}
+
+/// The languages `new` has a template for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Language {
+    Rust,
+    Javascript,
+    Python,
+    C,
 }
 
 /// Where the gRPC listener listens: TCP, or a Unix domain socket for Envoy in the same pod

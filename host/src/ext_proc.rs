@@ -8,11 +8,14 @@
 //!   above and the plugin chain.
 //! - [`service`]: the tonic service, a thin loop that feeds each stream's messages to its
 //!   exchange.
+//! - [`observe`]: what the service shows of its streams to whoever watches them (the
+//!   recorder), without knowing who.
 //! - [`fuzz`]: the protocol's invariants under arbitrary input, for the fuzzer and a test.
 
 pub mod convert;
 pub mod exchange;
 pub mod fuzz;
+pub mod observe;
 pub mod protocol;
 pub mod service;
 

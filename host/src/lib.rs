@@ -12,7 +12,8 @@
 //!   Envoy's protobufs, and the per-stream task around them.
 //! - [`admin`]: the HTTP admin listener -- health, readiness, metrics, plugins, reload,
 //!   recordings.
-//! - [`record`]: live exchanges written down as exchange files.
+//! - [`record`]: live exchanges written down as exchange files; it observes the streams
+//!   through [`ext_proc::observe`], which the service calls without knowing who listens.
 //! - [`server`]: the [`Host`] -- listeners, serving, health, draining at shutdown.
 //! - [`telemetry`], [`shutdown`]: logs and signals.
 //! - [`authoring`]: `wasm-extproc test` -- exchange files played through the plugins without
@@ -37,8 +38,11 @@
 //!                             (+ mode_override; the stream closes once nothing needed can come)
 //! ```
 //!
-//! Components are compiled and linked once per version ([`runtime::Plugin`]); every stream gets
-//! fresh instances, so plugin state lives for one HTTP exchange and never leaks into another.
+//! Components are compiled and linked once per version ([`runtime::Plugin`]); by default every
+//! stream gets fresh instances, so plugin state lives for one HTTP exchange and never leaks into
+//! another. A plugin set to `isolation = "reuse"` gives up that isolation for speed: an instance
+//! that served an exchange without failing may serve later ones, its globals and heap carried
+//! over ([`Isolation::Reuse`](wasm_extproc_core::config::Isolation::Reuse)).
 
 pub mod access;
 pub mod admin;

@@ -328,6 +328,9 @@ async fn serve(config: Config, cli: Cli) -> anyhow::Result<()> {
     }
     tokio::select! {
         result = &mut serving => result,
-        () = shutdown::reload_requests(&host) => Ok(()),
+        () = shutdown::reload_requests(|| async {
+            // The registry logs a failed reload; the previous chain keeps serving.
+            let _ = host.reload().await;
+        }) => Ok(()),
     }
 }

@@ -22,13 +22,17 @@
 
 use std::collections::BTreeMap;
 use std::io::Write;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 
+use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
+
 use crate::authoring::transcript::{Bodies, Redaction, Transcript};
 use crate::config::FileRecord;
+use crate::ext_proc::observe::{Observer, StreamObserver};
 use crate::http::SENSITIVE_HEADERS;
 
 const DEFAULT_SAMPLE: f64 = 0.01;
@@ -283,7 +287,7 @@ impl Recorder {
 
     /// Whether this exchange of `chain` is one to record (sampled), and what of its bodies
     /// to keep if it is.
-    pub fn samples(&self, chain: &str) -> Option<Bodies> {
+    fn samples(&self, chain: &str) -> Option<Bodies> {
         let active = self.active.lock().expect("not poisoned");
         let recording = active.get(chain)?;
         let shared = &recording.shared;
@@ -297,7 +301,7 @@ impl Recorder {
     }
 
     /// Hands an exchange of `chain` that ended to its recording's writer.
-    pub fn record(&self, chain: &str, transcript: Box<Transcript>) {
+    fn record(&self, chain: &str, transcript: Box<Transcript>) {
         let mut active = self.active.lock().expect("not poisoned");
         let Some(recording) = active.get(chain) else {
             return;
@@ -332,6 +336,86 @@ impl Recorder {
             active.remove(chain);
             self.any.store(!active.is_empty(), Ordering::SeqCst);
         }
+    }
+}
+
+impl Observer for Recorder {
+    fn is_observing(&self) -> bool {
+        self.is_recording()
+    }
+
+    fn observe(self: Arc<Self>) -> Box<dyn StreamObserver> {
+        Box::new(StreamTranscript {
+            recorder: self,
+            // Until the chain is known to record and keep bodies: the first message carries
+            // headers.
+            transcript: Box::new(Transcript::recording(Bodies::Never)),
+            message: None,
+        })
+    }
+}
+
+/// A stream that may be recorded: its transcript so far, and the message being processed.
+/// Whether it is recorded is known at its first answer, once its chain is.
+struct StreamTranscript {
+    recorder: Arc<Recorder>,
+    transcript: Box<Transcript>,
+    message: Option<Box<ProcessingRequest>>,
+}
+
+impl StreamObserver for StreamTranscript {
+    /// Keeps a copy of `request`: without its body, unless the recording keeps bodies.
+    fn received(&mut self, request: &ProcessingRequest) {
+        self.message = Some(Box::new(copy(request, self.transcript.keeps_bodies())));
+    }
+
+    /// Adds the message kept and its answers to the transcript; after the first, goes on only
+    /// if the chain records and this exchange is sampled.
+    fn answered(&mut self, chain: &str, answers: &[ProcessingResponse]) -> ControlFlow<()> {
+        let Some(message) = self.message.take() else {
+            return ControlFlow::Continue(());
+        };
+        if self.transcript.messages.is_empty() {
+            let Some(bodies) = self.recorder.samples(chain) else {
+                return ControlFlow::Break(());
+            };
+            self.transcript.keep_bodies(bodies);
+        }
+        self.transcript.exchange(&message, answers);
+        ControlFlow::Continue(())
+    }
+
+    /// A recorded exchange goes to its recording when its stream ends.
+    fn ended(self: Box<Self>, chain: &str) {
+        if !self.transcript.messages.is_empty() {
+            self.recorder.record(chain, self.transcript);
+        }
+    }
+}
+
+/// A copy of `request` for a transcript, its body left out unless `body`: a recording that
+/// keeps no bodies copies none.
+fn copy(request: &ProcessingRequest, body: bool) -> ProcessingRequest {
+    use envoy_types::pb::envoy::service::ext_proc::v3::HttpBody;
+    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
+    let without = |b: &HttpBody| HttpBody {
+        body: Vec::new(),
+        end_of_stream: b.end_of_stream,
+        ..HttpBody::default()
+    };
+    let message = match &request.request {
+        Some(Request::RequestBody(b)) if !body => Some(Request::RequestBody(without(b))),
+        Some(Request::ResponseBody(b)) if !body => Some(Request::ResponseBody(without(b))),
+        other => other.clone(),
+    };
+    // What a transcript reads; flow control is no part of an exchange file.
+    ProcessingRequest {
+        request: message,
+        metadata_context: request.metadata_context.clone(),
+        attributes: request.attributes.clone(),
+        observability_mode: request.observability_mode,
+        protocol_config: request.protocol_config,
+        ..ProcessingRequest::default()
     }
 }
 

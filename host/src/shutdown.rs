@@ -2,8 +2,6 @@
 
 use std::future::Future;
 
-use crate::Host;
-
 /// A future that completes when the process is asked to stop. The handlers are installed
 /// when this is called, not when the future is first polled: call it before listening, so a
 /// SIGTERM that arrives during start-up drains instead of killing the process.
@@ -29,14 +27,13 @@ async fn received(signal: Option<tokio::signal::unix::Signal>) {
     }
 }
 
-/// Reloads `host` on every SIGHUP; never completes.
-pub async fn reload_requests(host: &Host) {
+/// Runs `reload` on every SIGHUP, one at a time; never completes.
+pub async fn reload_requests<F: Future<Output = ()>>(reload: impl Fn() -> F) {
     #[cfg(unix)]
     if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         while hangup.recv().await.is_some() {
             tracing::info!("SIGHUP; reloading");
-            // The registry logs a failed reload; the previous chain keeps serving.
-            let _ = host.reload().await;
+            reload().await;
         }
     }
     std::future::pending::<()>().await

@@ -151,7 +151,7 @@ fn wit_bindgen() -> PathBuf {
 /// The JavaScript toolchain (and jco's WASI adapter for the C example), from npm.
 /// componentize-py goes into the tools venv with the test tools (`setup::tools_venv`).
 pub fn install_npm() -> anyhow::Result<()> {
-    crate::setup::npm(&tools().join("jco"), &NPM_PACKAGES)
+    crate::install::npm(&tools().join("jco"), &NPM_PACKAGES)
 }
 
 /// The C toolchain's Debian packages, unless clang, the WASI sysroot and its runtime are there.

@@ -13,6 +13,7 @@ use std::thread;
 
 use anyhow::{Context, bail};
 
+pub mod install;
 pub mod languages;
 pub mod setup;
 

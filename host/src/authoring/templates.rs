@@ -5,14 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-/// The languages a template exists for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Language {
-    Rust,
-    Javascript,
-    Python,
-    C,
-}
+use crate::config::Language;
 
 /// The contract, and the standard interfaces it imports, where a toolchain reads them.
 const CONTRACT: [(&str, &str); 6] = [

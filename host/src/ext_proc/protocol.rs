@@ -142,7 +142,7 @@ impl StreamProtocol {
 
     /// Checks that `phase` may arrive now and records it. Nothing may follow in a direction
     /// once Envoy said it ended (`end_of_stream`, or trailers).
-    pub fn accept(&mut self, phase: Phase) -> Result<(), ProtocolError> {
+    fn accept(&mut self, phase: Phase) -> Result<(), ProtocolError> {
         if self.answered {
             return Err(ProtocolError::AfterImmediateResponse { phase });
         }
@@ -211,10 +211,6 @@ impl StreamProtocol {
         self.answered = true;
     }
 
-    pub fn is_answered(&self) -> bool {
-        self.answered
-    }
-
     /// How Envoy sends bodies in `direction`; `None` until Envoy says.
     pub fn body_mode(&self, direction: Direction) -> BodyMode {
         self.envoy_modes
@@ -251,7 +247,7 @@ impl StreamProtocol {
 
     /// The phases of the directions Envoy streams in `FULL_DUPLEX_STREAMED` mode: the host
     /// answers each of their messages, plugins or not (see the module's documentation).
-    pub fn handed_over(&self) -> PhaseSet {
+    fn handed_over(&self) -> PhaseSet {
         [Direction::Request, Direction::Response]
             .into_iter()
             .filter(|&d| self.body_mode(d) == BodyMode::FullDuplexStreamed)
@@ -287,7 +283,7 @@ impl StreamProtocol {
     /// what no `live` plugin needs. `None` when nothing would be skipped, when Envoy has not
     /// said which body modes it uses (the host cannot then restate them), or when it ignores
     /// overrides anyway. A direction Envoy hands over keeps its mode.
-    pub fn mode_override(&self, phase: Phase, live: PhaseSet) -> Option<ProcessingMode> {
+    fn mode_override(&self, phase: Phase, live: PhaseSet) -> Option<ProcessingMode> {
         if !matches!(phase, Phase::RequestHeaders | Phase::ResponseHeaders) {
             return None;
         }

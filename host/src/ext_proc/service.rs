@@ -22,11 +22,10 @@ use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::exchange::{Accepted, CHAIN_METADATA, Exchange, Then};
+use super::observe::{Observer, StreamObserver};
 use super::protocol::ProtocolError;
 use crate::access::ClientIdentities;
-use crate::authoring::transcript::{Bodies, Transcript};
 use crate::metrics::{Metrics, StreamGuard};
-use crate::record::Recorder;
 use crate::registry::Registry;
 use crate::telemetry::{STREAM_SPAN, TRACE_TARGET, remote_context};
 
@@ -40,7 +39,8 @@ pub struct ExtProcService {
     streams: TaskTracker,
     /// Which client certificates may open streams.
     identities: ClientIdentities,
-    recorder: Arc<Recorder>,
+    /// Whoever watches streams (the recorder).
+    observer: Arc<dyn Observer>,
     /// How long a stream may wait for Envoy's next message.
     idle_timeout: Duration,
 }
@@ -51,7 +51,7 @@ impl ExtProcService {
         metrics: Arc<Metrics>,
         shutting_down: Arc<AtomicBool>,
         streams: TaskTracker,
-        recorder: Arc<Recorder>,
+        observer: Arc<dyn Observer>,
         identities: ClientIdentities,
     ) -> Self {
         ExtProcService {
@@ -60,7 +60,7 @@ impl ExtProcService {
             shutting_down,
             streams,
             identities,
-            recorder,
+            observer,
             idle_timeout: crate::config::DEFAULT_STREAM_IDLE_TIMEOUT,
         }
     }
@@ -116,11 +116,10 @@ impl ExternalProcessor for ExtProcService {
             next: Next::Read,
             _active: self.metrics.stream_opened(),
             _tracked: self.streams.token(),
-            recording: if self.recorder.is_recording() {
-                Recording::Deciding(self.recorder.clone())
-            } else {
-                Recording::Off
-            },
+            observer: self
+                .observer
+                .is_observing()
+                .then(|| self.observer.clone().observe()),
             idle: Idle {
                 timeout: self.idle_timeout,
                 timer: None,
@@ -150,7 +149,8 @@ struct Serving {
     next: Next,
     _active: StreamGuard,
     _tracked: TaskTrackerToken,
-    recording: Recording,
+    /// The watch over this stream, if something watches it.
+    observer: Option<Box<dyn StreamObserver>>,
     idle: Idle,
 }
 
@@ -163,106 +163,12 @@ struct Idle {
     metrics: Arc<Metrics>,
 }
 
-/// Whether the stream's exchange is being recorded.
-enum Recording {
-    Off,
-    /// Some chain records: this stream keeps its first message until its chain is known.
-    Deciding(Arc<Recorder>),
-    /// Kept: the transcript so far, and the message being processed.
-    On {
-        recorder: Arc<Recorder>,
-        transcript: Box<Transcript>,
-        message: Option<Box<ProcessingRequest>>,
-    },
-}
-
-impl Serving {
-    /// Keeps a copy of `request` when the exchange may be recorded: without its body, unless
-    /// the recording keeps bodies.
-    fn keep(&mut self, request: &ProcessingRequest) {
-        match &mut self.recording {
-            Recording::Off => {}
-            Recording::Deciding(recorder) => {
-                self.recording = Recording::On {
-                    recorder: recorder.clone(),
-                    // Until the chain is known to record and keep bodies: the first message
-                    // carries headers.
-                    transcript: Box::new(Transcript::recording(Bodies::Never)),
-                    message: Some(Box::new(copy(request, false))),
-                };
-            }
-            Recording::On {
-                message,
-                transcript,
-                ..
-            } => *message = Some(Box::new(copy(request, transcript.keeps_bodies()))),
-        }
-    }
-
-    /// Adds the message kept and its answers to the transcript; after the first, records only
-    /// if the chain records and this exchange is sampled.
-    fn transcribe(&mut self, answers: &[ProcessingResponse]) {
-        let Recording::On {
-            recorder,
-            transcript,
-            message,
-        } = &mut self.recording
-        else {
-            return;
-        };
-        if let Some(message) = message.take() {
-            if transcript.messages.is_empty() {
-                match recorder.samples(self.exchange.chain_name()) {
-                    Some(bodies) => transcript.keep_bodies(bodies),
-                    None => {
-                        self.recording = Recording::Off;
-                        return;
-                    }
-                }
-            }
-            transcript.exchange(&message, answers);
-        }
-    }
-}
-
 impl Drop for Serving {
-    /// A recorded exchange goes to its recording when its stream ends, however it ends.
+    /// A watched stream's watch hears of its end, however it ends.
     fn drop(&mut self) {
-        if let Recording::On {
-            recorder,
-            transcript,
-            ..
-        } = std::mem::replace(&mut self.recording, Recording::Off)
-            && !transcript.messages.is_empty()
-        {
-            recorder.record(self.exchange.chain_name(), transcript);
+        if let Some(observer) = self.observer.take() {
+            observer.ended(self.exchange.chain_name());
         }
-    }
-}
-
-/// A copy of `request` for a transcript, its body left out unless `body`: a recording that
-/// keeps no bodies copies none.
-fn copy(request: &ProcessingRequest, body: bool) -> ProcessingRequest {
-    use envoy_types::pb::envoy::service::ext_proc::v3::HttpBody;
-    use envoy_types::pb::envoy::service::ext_proc::v3::processing_request::Request;
-    let without = |b: &HttpBody| HttpBody {
-        body: Vec::new(),
-        end_of_stream: b.end_of_stream,
-        ..HttpBody::default()
-    };
-    let message = match &request.request {
-        Some(Request::RequestBody(b)) if !body => Some(Request::RequestBody(without(b))),
-        Some(Request::ResponseBody(b)) if !body => Some(Request::ResponseBody(without(b))),
-        other => other.clone(),
-    };
-    // What a transcript reads; flow control is no part of an exchange file.
-    ProcessingRequest {
-        request: message,
-        metadata_context: request.metadata_context.clone(),
-        attributes: request.attributes.clone(),
-        observability_mode: request.observability_mode,
-        protocol_config: request.protocol_config,
-        ..ProcessingRequest::default()
     }
 }
 
@@ -292,7 +198,9 @@ impl Serving {
                         Ok(None) => return None,
                         Err(status) => return Some(Err(status)),
                     };
-                    self.keep(&request);
+                    if let Some(observer) = &mut self.observer {
+                        observer.received(&request);
+                    }
                     let exchange = &mut self.exchange;
                     let accepting = async {
                         #[cfg(test)]
@@ -320,7 +228,13 @@ impl Serving {
             };
             self.next = match contained(self.exchange.process(accepted)).await {
                 Ok(step) => {
-                    self.transcribe(&step.answers);
+                    if let Some(observer) = &mut self.observer
+                        && observer
+                            .answered(self.exchange.chain_name(), &step.answers)
+                            .is_break()
+                    {
+                        self.observer = None;
+                    }
                     self.pending = step.answers.into_iter();
                     match step.then {
                         Then::Continue => Next::Read,
