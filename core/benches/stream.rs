@@ -104,7 +104,7 @@ impl Bench {
         settings.isolation = isolation;
         let plugins = (0..n)
             .map(|i| {
-                plugin.with(
+                plugin.reconfigured(
                     DEFAULT_CHAIN,
                     &format!("{}-{i}", plugin.name()),
                     settings.clone(),

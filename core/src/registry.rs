@@ -652,7 +652,7 @@ pub async fn load_chains(
                     reason,
                 })?;
             let plugin = match compiled_before.get(digest.as_str()) {
-                Some(same) => same.with(&chain, &name, settings),
+                Some(same) => same.reconfigured(&chain, &name, settings),
                 None => {
                     compiled += 1;
                     let plugin = runtime

@@ -47,13 +47,13 @@ use crate::http::{
 use crate::metrics::Metrics;
 use crate::signing::Signature;
 use bindings::current::wasm_extproc::processor::types as wit;
-use capability::{Capabilities, Grants, PluginId};
+use capability::PluginId;
 use epoch::EpochTicker;
 use handlers::{BodyHandler, Exports, Handlers};
 use slots::{Slot, Slots};
-use store::StoreState;
+use store::{Capabilities, Grants, StoreState};
 
-pub use capability::CapabilitySettings;
+pub use store::CapabilitySettings;
 
 /// The contract this host speaks, as it appears in import and export names.
 pub const CONTRACT_PACKAGE: &str = "wasm-extproc:processor";
@@ -579,7 +579,7 @@ impl Plugin {
 
     /// The same compiled component under another chain, name and settings: what a reload does
     /// with a file whose bytes did not change, and with one file in several chains.
-    pub fn with(&self, chain: &str, name: &str, settings: PluginSettings) -> Plugin {
+    pub fn reconfigured(&self, chain: &str, name: &str, settings: PluginSettings) -> Plugin {
         Plugin {
             compiled: self.compiled.clone(),
             chain: chain.into(),
@@ -794,8 +794,8 @@ impl Instance {
             state.context = context.clone();
         }
         let (entry, exports) = (compiled.entry, &compiled.exports);
-        let fields = || Resource::<store::Fields>::new_borrow(store::LENT_REP);
-        let body = || Resource::<store::Body>::new_borrow(store::LENT_REP);
+        let fields = || Resource::<bindings::Fields>::new_borrow(store::LENT_REP);
+        let body = || Resource::<bindings::Body>::new_borrow(store::LENT_REP);
         let result = match phase {
             Phase::RequestHeaders | Phase::ResponseHeaders => {
                 match handlers.headers(exports, &mut *store, instance, phase) {

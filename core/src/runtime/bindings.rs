@@ -3,9 +3,19 @@
 //! `fields` and `body` are the same host resources, so one store serves any of them. Nothing
 //! outside `runtime` sees them.
 
+use std::sync::Arc;
+
 use wasmtime::component::{HasSelf, Linker};
 
-use super::store::StoreState;
+/// Marker for the `fields` resource: the data lives in the store, lent for one call.
+pub struct Fields;
+/// Marker for the `body` resource.
+pub struct Body;
+/// An open `wasi:keyvalue` bucket: a namespace the plugin may use, held in the store's
+/// resource table.
+pub struct Bucket {
+    pub namespace: Arc<str>,
+}
 
 /// `wasm-extproc:processor@0.4.0`, the current contract, which adds state between exchanges
 /// (`wasi:keyvalue`, `state`). Those imports are `async` on the host: they may wait on Redis.
@@ -26,9 +36,9 @@ pub mod current {
         },
         exports: { default: async },
         with: {
-            "wasm-extproc:processor/types.fields": crate::runtime::store::Fields,
-            "wasm-extproc:processor/types.body": crate::runtime::store::Body,
-            "wasi:keyvalue/store.bucket": crate::runtime::state::Bucket,
+            "wasm-extproc:processor/types.fields": crate::runtime::bindings::Fields,
+            "wasm-extproc:processor/types.body": crate::runtime::bindings::Body,
+            "wasi:keyvalue/store.bucket": crate::runtime::bindings::Bucket,
         },
     });
 }
@@ -42,8 +52,8 @@ macro_rules! earlier_contract {
             imports: { default: trappable },
             exports: { default: async },
             with: {
-                "wasm-extproc:processor/types.fields": crate::runtime::store::Fields,
-                "wasm-extproc:processor/types.body": crate::runtime::store::Body,
+                "wasm-extproc:processor/types.fields": crate::runtime::bindings::Fields,
+                "wasm-extproc:processor/types.body": crate::runtime::bindings::Body,
             },
         });
     };
@@ -90,10 +100,25 @@ macro_rules! contracts {
             }
         }
 
+        /// A store that implements every version's `types`, `host` and `context` imports.
+        pub trait ContractHost:
+            $($bindings::wasm_extproc::processor::types::Host
+                + $bindings::wasm_extproc::processor::host::Host
+                + $bindings::wasm_extproc::processor::context::Host +)+ Send + 'static
+        {
+        }
+
+        impl<T> ContractHost for T where
+            T: $($bindings::wasm_extproc::processor::types::Host
+                + $bindings::wasm_extproc::processor::host::Host
+                + $bindings::wasm_extproc::processor::context::Host +)+ Send + 'static
+        {
+        }
+
         /// Links the contract's own interfaces (`types`, `host`, `context`) of every version.
         /// What a version adds beyond them is a capability's, linked by it (`state`, with
         /// `wasi:keyvalue`, in [`super::state`]).
-        pub fn link_contracts(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+        pub fn link_contracts<T: ContractHost>(linker: &mut Linker<T>) -> wasmtime::Result<()> {
             $(
                 $bindings::wasm_extproc::processor::types::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;
                 $bindings::wasm_extproc::processor::host::add_to_linker::<_, HasSelf<_>>(linker, |s| s)?;

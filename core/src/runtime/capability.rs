@@ -1,14 +1,18 @@
 //! What a plugin may be given beyond the message it handles: logging, state, outbound HTTP,
 //! secrets. Each capability is one module that owns all of it -- the settings it lives by, what
 //! it grants each plugin, what each store holds of it, the imports it links and its metrics --
-//! and is registered once, in the list at the bottom of this file. The runtime, the plugin and
-//! the store see the capabilities only through the structs that list makes.
+//! and is registered once, in the list in `store.rs` ([`capabilities!`]). The runtime, the
+//! plugin and the store see the capabilities only through the structs that list makes, and a
+//! capability sees the store only through [`Host`]: its own part, the resource table and the
+//! current call's budget.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use wasmtime::component::Linker;
+use wasmtime::component::{Linker, ResourceTable};
+use wasmtime_wasi::WasiView;
+use wasmtime_wasi_http::WasiHttpView;
 
-use super::store::StoreState;
 use crate::config::{PluginSettings, Settings};
 use crate::metrics::Metrics;
 
@@ -36,18 +40,56 @@ pub trait Capability: Sized + Send + Sync + 'static {
     /// Its runtime-wide part.
     fn new(settings: &Self::Settings, metrics: &Arc<Metrics>) -> anyhow::Result<Self>;
     /// Adds the imports it provides to the linker every plugin is linked with.
-    fn link(linker: &mut Linker<StoreState>) -> anyhow::Result<()>;
+    fn link<T: Host<Self>>(linker: &mut Linker<T>) -> anyhow::Result<()>;
     /// What `plugin`, running with `settings`, is granted.
     fn grant(&self, plugin: PluginId<'_>, settings: &PluginSettings) -> Self::Grant;
     /// A new store's part, from its plugin's grant.
     fn store(grant: &Self::Grant) -> Self::Store;
 }
 
+/// A store, as a capability's imports reach it. WASI's and `wasi:http`'s own views are part of
+/// it, because wasmtime's WASI crates link against them.
+pub trait Host<C: Capability>: WasiView + WasiHttpView + Send + 'static {
+    /// The capability's part of the store, the resource table, and the current call's budget.
+    fn parts(&mut self) -> Parts<'_, C>;
+}
+
+/// What [`Host::parts`] lends.
+pub struct Parts<'a, C: Capability> {
+    pub part: &'a mut C::Store,
+    pub table: &'a mut ResourceTable,
+    pub call: Call,
+}
+
+/// The budget of the guest call under way.
+#[derive(Debug, Clone, Copy)]
+pub struct Call {
+    /// When it started; `None` between calls.
+    pub started: Option<Instant>,
+    /// How long it may take.
+    pub timeout: Duration,
+}
+
+impl Call {
+    /// What is left of it.
+    pub fn left(self) -> Duration {
+        self.started
+            .map_or(self.timeout, |t| self.timeout.saturating_sub(t.elapsed()))
+    }
+
+    /// When `share` of it will have passed (from now, between calls).
+    pub fn share_ends(self, share: f64) -> Instant {
+        self.started.map_or_else(Instant::now, |started| {
+            started + self.timeout.mul_f64(share)
+        })
+    }
+}
+
 /// Makes, from a list of `field: Capability => its Settings`, the structs that hold one of
 /// each: settings, runtime-wide parts, a plugin's grants and a store's parts. (The settings
 /// type is spelt out so that the public settings name no capability type.)
 macro_rules! capabilities {
-    ($($field:ident: $capability:ty => $settings:ty),* $(,)?) => {
+    (store: $store:ty; $($field:ident: $capability:ty => $settings:ty),* $(,)?) => {
         /// Every capability's settings: what a runtime is made with, besides its pool.
         #[derive(Debug, Clone, PartialEq, Eq, Default)]
         pub struct CapabilitySettings {
@@ -55,9 +97,9 @@ macro_rules! capabilities {
         }
 
         impl CapabilitySettings {
-            pub fn of(settings: &Settings) -> CapabilitySettings {
+            pub fn of(settings: &$crate::config::Settings) -> CapabilitySettings {
                 CapabilitySettings {
-                    $($field: <$capability>::settings(settings),)*
+                    $($field: <$capability as $crate::runtime::capability::Capability>::settings(settings),)*
                 }
             }
         }
@@ -70,49 +112,61 @@ macro_rules! capabilities {
         impl Capabilities {
             pub fn new(
                 settings: &CapabilitySettings,
-                metrics: &Arc<Metrics>,
+                metrics: &std::sync::Arc<$crate::metrics::Metrics>,
             ) -> anyhow::Result<Capabilities> {
                 Ok(Capabilities {
-                    $($field: <$capability>::new(&settings.$field, metrics)?,)*
+                    $($field: <$capability as $crate::runtime::capability::Capability>::new(&settings.$field, metrics)?,)*
                 })
             }
 
-            pub fn link(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
-                $(<$capability>::link(linker)?;)*
+            pub fn link(linker: &mut wasmtime::component::Linker<$store>) -> anyhow::Result<()> {
+                $(<$capability as $crate::runtime::capability::Capability>::link(linker)?;)*
                 Ok(())
             }
 
-            pub fn grant(&self, plugin: PluginId<'_>, settings: &PluginSettings) -> Grants {
+            pub fn grant(
+                &self,
+                plugin: $crate::runtime::capability::PluginId<'_>,
+                settings: &$crate::config::PluginSettings,
+            ) -> Grants {
                 Grants {
-                    $($field: self.$field.grant(plugin, settings),)*
+                    $($field: <$capability as $crate::runtime::capability::Capability>::grant(&self.$field, plugin, settings),)*
                 }
             }
         }
 
         /// What one plugin is granted of every capability.
         pub struct Grants {
-            $(pub $field: <$capability as Capability>::Grant,)*
+            $(pub $field: <$capability as $crate::runtime::capability::Capability>::Grant,)*
         }
 
         impl Grants {
             /// A new store's parts.
             pub fn store(&self) -> InStore {
                 InStore {
-                    $($field: <$capability>::store(&self.$field),)*
+                    $($field: <$capability as $crate::runtime::capability::Capability>::store(&self.$field),)*
                 }
             }
         }
 
         /// What one store holds of every capability.
         pub struct InStore {
-            $(pub $field: <$capability as Capability>::Store,)*
+            $(pub $field: <$capability as $crate::runtime::capability::Capability>::Store,)*
         }
+
+        $(
+            impl $crate::runtime::capability::Host<$capability> for $store {
+                fn parts(&mut self) -> $crate::runtime::capability::Parts<'_, $capability> {
+                    let call = self.call();
+                    $crate::runtime::capability::Parts {
+                        part: &mut self.caps.$field,
+                        table: &mut self.table,
+                        call,
+                    }
+                }
+            }
+        )*
     };
 }
 
-capabilities! {
-    log: super::output::Logging => (),
-    state: super::state::State => crate::kv::KvSettings,
-    http: super::outbound::Outbound => (),
-    secrets: super::secrets::Secrets => crate::secrets::SecretsSettings,
-}
+pub(super) use capabilities;

@@ -12,7 +12,7 @@ use wasmtime::{AsContextMut, Result};
 
 use super::Contract;
 use super::bindings::current::wasm_extproc::processor::types as wit;
-use super::store::{Body, Fields};
+use super::bindings::{Body, Fields};
 use crate::http::Phase;
 
 /// `on-*-headers`: the section and whether the direction ends with it.

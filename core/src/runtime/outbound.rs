@@ -22,13 +22,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime_wasi_http::{
-    Error, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+    Error, RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks,
 };
 
-use wasmtime::component::Linker;
+use wasmtime::component::{Linker, ResourceTable};
 
-use super::capability::{Capability, PluginId};
-use super::store::StoreState;
+use super::capability::{Call, Capability, Host, PluginId};
 use crate::config::{HttpSettings, Origin, PluginSettings, Settings};
 use crate::metrics::Metrics;
 
@@ -50,7 +49,7 @@ impl Capability for Outbound {
         })
     }
 
-    fn link(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+    fn link<T: Host<Self>>(linker: &mut Linker<T>) -> anyhow::Result<()> {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(linker).map_err(super::to_anyhow)
     }
 
@@ -291,17 +290,15 @@ impl StoreHttp {
 /// handle the answer, or the error if the request ran out of time.
 const REQUEST_SHARE: f64 = 0.9;
 
-impl WasiHttpView for StoreState {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        let deadline = self.call_started.map_or_else(Instant::now, |started| {
-            started + self.timeout.mul_f64(REQUEST_SHARE)
-        });
-        let (http, table) = (&mut self.caps.http, &mut self.table);
-        http.hooks.deadline = Some(deadline);
+impl StoreHttp {
+    /// What `wasi:http` works on during a call on `call`'s budget: the context, the hooks
+    /// (which learn when the call's requests must be over) and the store's resource table.
+    pub fn view<'a>(&'a mut self, table: &'a mut ResourceTable, call: Call) -> WasiHttpCtxView<'a> {
+        self.hooks.deadline = Some(call.share_ends(REQUEST_SHARE));
         WasiHttpCtxView {
-            ctx: &mut http.ctx,
+            ctx: &mut self.ctx,
             table,
-            hooks: &mut http.hooks,
+            hooks: &mut self.hooks,
         }
     }
 }

@@ -20,8 +20,7 @@ use wasmtime_wasi::WasiCtx;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::p2::{OutputStream, Pollable, StreamError};
 
-use super::capability::{Capability, PluginId};
-use super::store::StoreState;
+use super::capability::{Capability, Host, PluginId};
 use crate::config::{PluginSettings, Settings};
 use crate::http::Phase;
 use crate::log_budget::{LogBudget, MAX_LINE_BYTES, Source};
@@ -46,7 +45,7 @@ impl Capability for Logging {
         })
     }
 
-    fn link(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
+    fn link<T: Host<Self>>(linker: &mut Linker<T>) -> anyhow::Result<()> {
         wasmtime_wasi::p2::add_to_linker_async(linker).map_err(super::to_anyhow)
     }
 

@@ -8,8 +8,7 @@ use std::sync::{Arc, Mutex};
 use wasmtime::component::Linker;
 use wasmtime_wasi_config::{WasiConfig, WasiConfigVariables};
 
-use super::capability::{Capability, PluginId};
-use super::store::StoreState;
+use super::capability::{Capability, Host, PluginId};
 use crate::config::{PluginSettings, Settings};
 use crate::metrics::Metrics;
 use crate::secrets::SecretsSettings;
@@ -34,8 +33,8 @@ impl Capability for Secrets {
         })
     }
 
-    fn link(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
-        wasmtime_wasi_config::add_to_linker(linker, |state| state.caps.secrets.view())
+    fn link<T: Host<Self>>(linker: &mut Linker<T>) -> anyhow::Result<()> {
+        wasmtime_wasi_config::add_to_linker(linker, |store| store.parts().part.view())
             .map_err(super::to_anyhow)
     }
 

@@ -10,12 +10,12 @@ use std::time::Duration;
 
 use prometheus_client::metrics::counter::Counter;
 use wasmtime::Result;
-use wasmtime::component::{HasSelf, Linker, Resource};
+use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
+use super::bindings::Bucket;
 use super::bindings::current::wasi::keyvalue::{atomics, store};
 use super::bindings::current::wasm_extproc::processor::state;
-use super::capability::{Capability, PluginId};
-use super::store::StoreState;
+use super::capability::{Call, Capability, Host, PluginId};
 use crate::config::{PluginSettings, Settings};
 use crate::kv::{Access, Count, Kv, KvError, KvSettings};
 use crate::metrics::Metrics;
@@ -29,8 +29,8 @@ pub struct State {
 impl Capability for State {
     type Settings = KvSettings;
     /// The plugin's namespaces and counters.
-    type Grant = Arc<PluginState>;
-    type Store = Arc<PluginState>;
+    type Grant = Arc<StateGrant>;
+    type Store = Arc<StateGrant>;
 
     fn settings(settings: &Settings) -> KvSettings {
         settings.kv.clone()
@@ -43,21 +43,21 @@ impl Capability for State {
         })
     }
 
-    fn link(linker: &mut Linker<StoreState>) -> anyhow::Result<()> {
-        store::add_to_linker::<_, HasSelf<_>>(linker, |s| s).map_err(super::to_anyhow)?;
-        atomics::add_to_linker::<_, HasSelf<_>>(linker, |s| s).map_err(super::to_anyhow)?;
-        state::add_to_linker::<_, HasSelf<_>>(linker, |s| s).map_err(super::to_anyhow)
+    fn link<T: Host<Self>>(linker: &mut Linker<T>) -> anyhow::Result<()> {
+        store::add_to_linker::<T, InStore>(linker, view).map_err(super::to_anyhow)?;
+        atomics::add_to_linker::<T, InStore>(linker, view).map_err(super::to_anyhow)?;
+        state::add_to_linker::<T, InStore>(linker, view).map_err(super::to_anyhow)
     }
 
     /// Its own namespace (its chain and name) and the shared ones its settings grant.
-    fn grant(&self, plugin: PluginId<'_>, settings: &PluginSettings) -> Arc<PluginState> {
+    fn grant(&self, plugin: PluginId<'_>, settings: &PluginSettings) -> Arc<StateGrant> {
         let access = Access {
             kv: self.kv.clone(),
             chain: plugin.chain.into(),
             own: plugin.name.into(),
             shared: settings.kv_namespaces.clone().into(),
         };
-        Arc::new(PluginState::new(
+        Arc::new(StateGrant::new(
             access,
             self.metrics.clone(),
             plugin.chain.into(),
@@ -65,14 +65,9 @@ impl Capability for State {
         ))
     }
 
-    fn store(grant: &Arc<PluginState>) -> Arc<PluginState> {
+    fn store(grant: &Arc<StateGrant>) -> Arc<StateGrant> {
         grant.clone()
     }
-}
-
-/// An open namespace, held in the store's resource table.
-pub struct Bucket {
-    namespace: Arc<str>,
 }
 
 /// The operations, as counted: `set-with-ttl` counts as a `set`.
@@ -116,7 +111,7 @@ const RESULTS: [&str; 8] = [
 ];
 
 /// One plugin's way into the store, and its counters, looked up once each.
-pub struct PluginState {
+pub struct StateGrant {
     pub access: Access,
     metrics: Arc<Metrics>,
     chain: Arc<str>,
@@ -124,9 +119,9 @@ pub struct PluginState {
     counters: [[OnceLock<Counter>; RESULTS.len()]; Operation::COUNT],
 }
 
-impl PluginState {
+impl StateGrant {
     pub fn new(access: Access, metrics: Arc<Metrics>, chain: Arc<str>, plugin: Arc<str>) -> Self {
-        PluginState {
+        StateGrant {
             access,
             metrics,
             chain,
@@ -150,9 +145,9 @@ impl PluginState {
     }
 }
 
-impl std::fmt::Debug for PluginState {
+impl std::fmt::Debug for StateGrant {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PluginState")
+        f.debug_struct("StateGrant")
             .field("access", &self.access)
             .finish_non_exhaustive()
     }
@@ -168,11 +163,34 @@ fn to_wit(e: KvError) -> store::Error {
     }
 }
 
-impl StoreState {
+/// What the state imports work on in a store: the plugin's grant, the resource table its
+/// buckets live in, and the budget of the call under way.
+pub struct StateView<'a> {
+    state: &'a Arc<StateGrant>,
+    table: &'a mut ResourceTable,
+    call: Call,
+}
+
+fn view<T: Host<State>>(store: &mut T) -> StateView<'_> {
+    let parts = store.parts();
+    StateView {
+        state: parts.part,
+        table: parts.table,
+        call: parts.call,
+    }
+}
+
+/// The state imports' view of a store, for the linker.
+struct InStore;
+
+impl HasData for InStore {
+    type Data<'a> = StateView<'a>;
+}
+
+impl StateView<'_> {
     /// What is left of the current call's budget.
     fn left(&self) -> Duration {
-        self.call_started
-            .map_or(self.timeout, |t| self.timeout.saturating_sub(t.elapsed()))
+        self.call.left()
     }
 
     fn bucket(&mut self, bucket: &Resource<Bucket>) -> Result<Arc<str>> {
@@ -184,23 +202,23 @@ impl StoreState {
         &mut self,
         operation: Operation,
         bucket: &Resource<Bucket>,
-        run: impl FnOnce(Arc<PluginState>, Arc<str>, Duration) -> F,
+        run: impl FnOnce(Arc<StateGrant>, Arc<str>, Duration) -> F,
     ) -> Result<Result<T, store::Error>>
     where
         F: Future<Output = Result<T, KvError>>,
     {
         let namespace = self.bucket(bucket)?;
-        let state = self.caps.state.clone();
+        let state = self.state.clone();
         let result = run(state.clone(), namespace, self.left()).await;
         state.count(operation, &result);
         Ok(result.map_err(to_wit))
     }
 }
 
-impl store::Host for StoreState {
+impl store::Host for StateView<'_> {
     fn open(&mut self, identifier: String) -> Result<Result<Resource<Bucket>, store::Error>> {
-        let opened = self.caps.state.access.open(&identifier);
-        self.caps.state.count(Operation::Open, &opened);
+        let opened = self.state.access.open(&identifier);
+        self.state.count(Operation::Open, &opened);
         match opened {
             Ok(namespace) => Ok(Ok(self.table.push(Bucket { namespace })?)),
             Err(e) => Ok(Err(to_wit(e))),
@@ -208,7 +226,7 @@ impl store::Host for StoreState {
     }
 }
 
-impl store::HostBucket for StoreState {
+impl store::HostBucket for StateView<'_> {
     async fn get(
         &mut self,
         bucket: Resource<Bucket>,
@@ -272,7 +290,7 @@ impl store::HostBucket for StoreState {
     }
 }
 
-impl atomics::Host for StoreState {
+impl atomics::Host for StateView<'_> {
     async fn increment(
         &mut self,
         bucket: Resource<Bucket>,
@@ -287,7 +305,7 @@ impl atomics::Host for StoreState {
     }
 }
 
-impl state::Host for StoreState {
+impl state::Host for StateView<'_> {
     async fn set_with_ttl(
         &mut self,
         bucket: Resource<Bucket>,

@@ -8,9 +8,10 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{Resource, ResourceTable};
 use wasmtime::{ResourceLimiter, Result, format_err};
 use wasmtime_wasi::{WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtxView, WasiHttpView};
 
-use super::bindings;
-use super::capability::InStore;
+use super::bindings::{self, Body, Fields};
+use super::capability::{Call, capabilities};
 use crate::config::PluginSettings;
 use crate::http::{BodyChunk, Effects, ExchangeContext, HeaderMap, Message, Phase};
 
@@ -34,11 +35,6 @@ const MAX_REPLACEMENT_BYTES: usize = 16 << 20;
 const MAX_METADATA_ENTRIES: usize = 256;
 /// Longest namespace, key or value in one metadata entry.
 const MAX_METADATA_BYTES: usize = 16 * 1024;
-
-/// Marker for the `fields` resource: the data lives in [`StoreState::lent`].
-pub struct Fields;
-/// Marker for the `body` resource.
-pub struct Body;
 
 /// Enforces the plugin's memory ceiling and remembers whether it was hit, so a guest that
 /// aborts after a failed `memory.grow` is reported as out of memory, not as a plain trap.
@@ -87,6 +83,14 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
+capabilities! {
+    store: StoreState;
+    log: super::output::Logging => (),
+    state: super::state::State => crate::kv::KvSettings,
+    http: super::outbound::Outbound => (),
+    secrets: super::secrets::Secrets => crate::secrets::SecretsSettings,
+}
+
 /// Everything one store holds: one plugin instance, serving one stream at a time (one
 /// exchange, or one after another under `isolation = "reuse"`).
 pub struct StoreState {
@@ -130,6 +134,14 @@ impl StoreState {
         }
     }
 
+    /// The budget of the call under way.
+    pub fn call(&self) -> Call {
+        Call {
+            started: self.call_started,
+            timeout: self.timeout,
+        }
+    }
+
     /// The phase the next call serves (`None`: `register`, at load).
     pub fn set_phase(&mut self, phase: Option<Phase>) {
         self.phase = phase;
@@ -168,6 +180,13 @@ impl StoreState {
             Message::Body(body) => Ok(body),
             _ => Err(format_err!("body handle lent for headers")),
         }
+    }
+}
+
+impl WasiHttpView for StoreState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        let call = self.call();
+        self.caps.http.view(&mut self.table, call)
     }
 }
 

@@ -22,10 +22,12 @@
 //! export_plugin!(Tag);
 //! ```
 //!
-//! One value of the plugin type lives for one HTTP exchange: the host creates a fresh instance
-//! of the component for every ext_proc stream, and the SDK creates the value with
-//! [`Default`] on the first hook call. Fields set while handling the request are there when the
-//! response arrives, and never seen by another request.
+//! One value of the plugin type lives for one HTTP exchange: by default the host creates a
+//! fresh instance of the component for every ext_proc stream, and the SDK creates the value
+//! with [`Default`] on the first hook call. Fields set while handling the request are there
+//! when the response arrives, and never seen by another request. (An operator who runs the
+//! plugin with `isolation = "reuse"` keeps its instance, and so the value, for later exchanges:
+//! only for plugins whose fields hold nothing about one exchange.)
 //!
 //! [wasm-extproc]: https://github.com/wasm-extproc/wasm-extproc
 
@@ -503,25 +505,25 @@ pub mod log {
     }
 }
 
-/// The per-stream value of the plugin type. A component instance is single-threaded and lives
-/// for one stream, so a plain cell is enough.
+/// The instance's value of the plugin type, made on the first hook call. A component instance
+/// is single-threaded and serves one stream at a time, so a plain cell is enough.
 #[doc(hidden)]
-pub struct Slot<P>(core::cell::RefCell<Option<P>>);
+pub struct PluginCell<P>(core::cell::RefCell<Option<P>>);
 
 // SAFETY: a component instance runs on one thread and never re-enters a hook, so the cell is
-// never shared across threads; `Sync` is needed only to put the slot in a `static`.
-unsafe impl<P> Sync for Slot<P> {}
+// never shared across threads; `Sync` is needed only to put the cell in a `static`.
+unsafe impl<P> Sync for PluginCell<P> {}
 
-impl<P: Plugin> Slot<P> {
+impl<P: Plugin> PluginCell<P> {
     #[doc(hidden)]
     pub const fn new() -> Self {
-        Slot(core::cell::RefCell::new(None))
+        PluginCell(core::cell::RefCell::new(None))
     }
 
     fn with(&self, hook: impl FnOnce(&mut P) -> Action) -> types::Action {
         report_panics();
-        let mut slot = self.0.borrow_mut();
-        hook(slot.get_or_insert_with(P::default)).into()
+        let mut value = self.0.borrow_mut();
+        hook(value.get_or_insert_with(P::default)).into()
     }
 }
 
@@ -554,7 +556,7 @@ fn report_panics() {
 #[doc(hidden)]
 pub trait Exported {
     type Plugin: Plugin;
-    fn slot() -> &'static Slot<Self::Plugin>;
+    fn cell() -> &'static PluginCell<Self::Plugin>;
 }
 
 impl<E: Exported> handler::Guest for E {
@@ -567,7 +569,7 @@ impl<E: Exported> handler::Guest for E {
     }
 
     fn on_request_headers(headers: &types::Fields, end_of_stream: bool) -> types::Action {
-        E::slot().with(|p| p.on_request_headers(&Headers(headers), end_of_stream))
+        E::cell().with(|p| p.on_request_headers(&Headers(headers), end_of_stream))
     }
 
     fn on_request_body(body: &types::Body, headers: Option<&types::Fields>) -> types::Action {
@@ -575,15 +577,15 @@ impl<E: Exported> handler::Guest for E {
             body,
             headers: headers.map(Headers),
         };
-        E::slot().with(|p| p.on_request_body(&body))
+        E::cell().with(|p| p.on_request_body(&body))
     }
 
     fn on_request_trailers(trailers: &types::Fields) -> types::Action {
-        E::slot().with(|p| p.on_request_trailers(&Headers(trailers)))
+        E::cell().with(|p| p.on_request_trailers(&Headers(trailers)))
     }
 
     fn on_response_headers(headers: &types::Fields, end_of_stream: bool) -> types::Action {
-        E::slot().with(|p| p.on_response_headers(&Headers(headers), end_of_stream))
+        E::cell().with(|p| p.on_response_headers(&Headers(headers), end_of_stream))
     }
 
     fn on_response_body(body: &types::Body, headers: Option<&types::Fields>) -> types::Action {
@@ -591,11 +593,11 @@ impl<E: Exported> handler::Guest for E {
             body,
             headers: headers.map(Headers),
         };
-        E::slot().with(|p| p.on_response_body(&body))
+        E::cell().with(|p| p.on_response_body(&body))
     }
 
     fn on_response_trailers(trailers: &types::Fields) -> types::Action {
-        E::slot().with(|p| p.on_response_trailers(&Headers(trailers)))
+        E::cell().with(|p| p.on_response_trailers(&Headers(trailers)))
     }
 }
 
@@ -607,9 +609,9 @@ macro_rules! export_plugin {
 
         impl $crate::Exported for __WasmExtprocExport {
             type Plugin = $plugin;
-            fn slot() -> &'static $crate::Slot<$plugin> {
-                static SLOT: $crate::Slot<$plugin> = $crate::Slot::new();
-                &SLOT
+            fn cell() -> &'static $crate::PluginCell<$plugin> {
+                static CELL: $crate::PluginCell<$plugin> = $crate::PluginCell::new();
+                &CELL
             }
         }
 
