@@ -15,29 +15,6 @@ use prometheus_client::registry::{Metric, Registry};
 use crate::http::{Direction, Phase};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct KvLabels {
-    chain: String,
-    plugin: String,
-    operation: &'static str,
-    result: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct OutboundLabels {
-    chain: String,
-    plugin: String,
-    destination: String,
-    result: &'static str,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DestinationLabels {
-    chain: String,
-    plugin: String,
-    destination: String,
-}
-
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResponseLabels {
     chain: String,
     plugin: String,
@@ -142,9 +119,6 @@ pub struct Metrics {
     bodies_not_sent: Family<DirectionLabel, Counter>,
     refused: Family<RefusalLabel, Counter>,
     unknown_chains: Family<AnswerLabel, Counter>,
-    kv_operations: Family<KvLabels, Counter>,
-    outbound_requests: Family<OutboundLabels, Counter>,
-    outbound_seconds: Family<DestinationLabels, Histogram>,
     pool: PoolMetrics,
     /// Families a capability registers for itself ([`family`](Metrics::family)).
     families: Mutex<Families>,
@@ -190,7 +164,7 @@ pub struct PoolMetrics {
 }
 
 /// Plugin calls take microseconds to milliseconds; buckets from 1 µs to ~16 s.
-fn latency_histogram() -> Histogram {
+pub fn latency_histogram() -> Histogram {
     Histogram::new(exponential_buckets(1e-6, 4.0, 13))
 }
 
@@ -301,30 +275,6 @@ impl Metrics {
              (unknown_chain: default, reject)",
             unknown_chains.clone(),
         );
-        let kv_operations = Family::<KvLabels, Counter>::default();
-        registry.register(
-            "kv_operations",
-            "State store operations plugins made, by plugin, operation and result (ok, or \
-             denied, too_large, full, not_a_counter, invalid, timeout, unavailable)",
-            kv_operations.clone(),
-        );
-        let outbound_requests = Family::<OutboundLabels, Counter>::default();
-        registry.register(
-            "outbound_requests",
-            "HTTP requests plugins made, by plugin, destination (an allowed origin, or \
-             not_allowed) and result (ok, denied, limit, timeout, error; body_too_large counts a \
-             response whose body passed the cap)",
-            outbound_requests.clone(),
-        );
-        let outbound_seconds = Family::<DestinationLabels, Histogram>::new_with_constructor(
-            latency_histogram as fn() -> Histogram,
-        );
-        registry.register(
-            "outbound_request_duration_seconds",
-            "Time from a plugin's HTTP request to its response's headers, by plugin and \
-             destination",
-            outbound_seconds.clone(),
-        );
         let pool = PoolMetrics::default();
         registry.register(
             "instances_in_use",
@@ -388,9 +338,6 @@ impl Metrics {
             bodies_not_sent,
             refused,
             unknown_chains,
-            kv_operations,
-            outbound_requests,
-            outbound_seconds,
             pool,
             families: Mutex::new(Families {
                 registry: Registry::with_prefix("wasm_extproc"),
@@ -438,87 +385,17 @@ impl Metrics {
             .clone()
     }
 
-    /// The counter of `plugin`'s state store operations that ended with `result`.
-    pub fn kv_counter(
-        &self,
-        chain: &str,
-        plugin: &str,
-        operation: &'static str,
-        result: &'static str,
-    ) -> Counter {
-        self.kv_operations
-            .get_or_create(&KvLabels {
-                chain: chain.to_string(),
-                plugin: plugin.to_string(),
-                operation,
-                result,
-            })
-            .clone()
-    }
-
-    /// The counter of `plugin`'s HTTP requests to `destination` that ended with `result`.
-    pub fn outbound_counter(
-        &self,
-        chain: &str,
-        plugin: &str,
-        destination: &str,
-        result: &'static str,
-    ) -> Counter {
-        self.outbound_requests
-            .get_or_create(&OutboundLabels {
-                chain: chain.into(),
-                plugin: plugin.into(),
-                destination: destination.into(),
-                result,
-            })
-            .clone()
-    }
-
-    /// How many HTTP requests of `plugin` in `chain` to `destination` ended with `result`.
-    pub fn outbound_requests(
-        &self,
-        chain: &str,
-        plugin: &str,
-        destination: &str,
-        result: &'static str,
-    ) -> u64 {
-        self.outbound_requests
-            .get(&OutboundLabels {
-                chain: chain.into(),
-                plugin: plugin.into(),
-                destination: destination.into(),
-                result,
-            })
-            .map_or(0, |c| c.get())
-    }
-
-    /// The histogram of `plugin`'s HTTP request times to `destination`.
-    pub fn outbound_histogram(&self, chain: &str, plugin: &str, destination: &str) -> Histogram {
-        self.outbound_seconds
-            .get_or_create(&DestinationLabels {
-                chain: chain.into(),
-                plugin: plugin.into(),
-                destination: destination.into(),
-            })
-            .clone()
-    }
-
-    /// How many state store operations of `plugin` in `chain` ended with `result`.
-    pub fn kv_operations(
-        &self,
-        chain: &str,
-        plugin: &str,
-        operation: &'static str,
-        result: &'static str,
-    ) -> u64 {
-        self.kv_operations
-            .get(&KvLabels {
-                chain: chain.to_string(),
-                plugin: plugin.to_string(),
-                operation,
-                result,
-            })
-            .map_or(0, |c| c.get())
+    /// The value of the counter `name` (without the `wasm_extproc_` prefix and `_total`) with
+    /// `labels`, in the order its family declares them; 0 if it has no such series. It reads
+    /// the exposition, so it finds a capability's own families too: for tests and tools.
+    pub fn counter_value(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let labels: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        let series = format!("wasm_extproc_{name}_total{{{}}} ", labels.join(","));
+        self.render()
+            .lines()
+            .find_map(|line| line.strip_prefix(&series))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// Counts a call of the shadow plugin `plugin` whose output differed from its target's.

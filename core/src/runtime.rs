@@ -406,8 +406,9 @@ impl Runtime {
     }
 
     /// How the host calls into `component`: directly when it imports nothing but interfaces
-    /// that never wait (the contract's own, bar `state`; secrets), else on a fiber, so WASI
-    /// and state store calls can wait and long calls yield to other streams.
+    /// that never wait (the contract's own, bar `state`; those capabilities say never wait),
+    /// else on a fiber, so WASI and state store calls can wait and long calls yield to other
+    /// streams.
     fn entry(&self, component: &Component) -> Entry {
         let contract = format!("{CONTRACT_PACKAGE}/");
         let state = format!("{CONTRACT_PACKAGE}/state@");
@@ -416,7 +417,7 @@ impl Runtime {
             .imports(&self.engine)
             .all(|(name, _)| {
                 (name.starts_with(&contract) && !name.starts_with(&state))
-                    || name.starts_with("wasi:config/store@")
+                    || Capabilities::never_waits(name)
             });
         if only_contract {
             Entry::Direct

@@ -8,6 +8,7 @@
 //! - [`otlp`]: a stand-in OpenTelemetry collector that keeps the spans it is sent.
 //! - [`process`]: the host binary as a process of its own, for its memory and its exit.
 //! - [`redis`]: a real Redis server (Debian's `redis-server`) on a loopback port.
+//! - [`series`]: the capabilities' own counters, by label.
 //! - [`service`]: a service plugins call out to, answering what a test says, when it says.
 //! - [`deployment`]: the same plugins over ext_proc or in Envoy's process, for the conformance
 //!   suite.
@@ -21,6 +22,7 @@ pub mod host;
 pub mod otlp;
 pub mod process;
 pub mod redis;
+pub mod series;
 pub mod service;
 
 use std::path::PathBuf;

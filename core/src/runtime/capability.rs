@@ -1,7 +1,9 @@
 //! What a plugin may be given beyond the message it handles: logging, state, outbound HTTP,
 //! secrets. Each capability is one module that owns all of it -- the settings it lives by, what
 //! it grants each plugin, what each store holds of it, the imports it links and its metrics --
-//! and is registered once, in the list in `store.rs` ([`capabilities!`]). The runtime, the
+//! and is registered once, in the list in `store.rs` ([`capabilities!`]). Adding one is a module
+//! with a type that implements [`Capability`], a line in that list, and its settings in
+//! `config.rs` if it has any. The runtime, the
 //! plugin and the store see the capabilities only through the structs that list makes, and a
 //! capability sees the store only through [`Host`]: its own part, the resource table and the
 //! current call's budget.
@@ -34,6 +36,10 @@ pub trait Capability: Sized + Send + Sync + 'static {
     type Grant: Send + Sync + 'static;
     /// What one store holds of it.
     type Store: Send + 'static;
+
+    /// Imports it links (names, or their start) whose functions never wait: a plugin that
+    /// imports nothing else is called directly, without a fiber.
+    const NEVER_WAIT: &'static [&'static str] = &[];
 
     /// Its settings, from the whole configuration.
     fn settings(settings: &Settings) -> Self::Settings;
@@ -117,6 +123,13 @@ macro_rules! capabilities {
                 Ok(Capabilities {
                     $($field: <$capability as $crate::runtime::capability::Capability>::new(&settings.$field, metrics)?,)*
                 })
+            }
+
+            /// Whether every capability that links `import` says its functions never wait.
+            pub fn never_waits(import: &str) -> bool {
+                false $(|| <$capability as $crate::runtime::capability::Capability>::NEVER_WAIT
+                    .iter()
+                    .any(|start| import.starts_with(start)))*
             }
 
             pub fn link(linker: &mut wasmtime::component::Linker<$store>) -> anyhow::Result<()> {

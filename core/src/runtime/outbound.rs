@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime_wasi_http::{
@@ -29,11 +31,53 @@ use wasmtime::component::{Linker, ResourceTable};
 
 use super::capability::{Call, Capability, Host, PluginId};
 use crate::config::{HttpSettings, Origin, PluginSettings, Settings};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, latency_histogram};
 
 /// Outbound HTTP, to the origins each plugin's settings allow.
 pub struct Outbound {
-    metrics: Arc<Metrics>,
+    families: Families,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutboundLabels {
+    chain: String,
+    plugin: String,
+    destination: String,
+    result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DestinationLabels {
+    chain: String,
+    plugin: String,
+    destination: String,
+}
+
+/// Its series: requests by result, and their durations.
+#[derive(Clone)]
+pub struct Families {
+    requests: Family<OutboundLabels, Counter>,
+    seconds: Family<DestinationLabels, Histogram, fn() -> Histogram>,
+}
+
+impl Families {
+    pub fn register(metrics: &Metrics) -> Families {
+        Families {
+            requests: metrics.family(
+                "outbound_requests",
+                "HTTP requests plugins made, by plugin, destination (an allowed origin, or \
+                 not_allowed) and result (ok, denied, limit, timeout, error; body_too_large \
+                 counts a response whose body passed the cap)",
+                Family::default,
+            ),
+            seconds: metrics.family(
+                "outbound_request_duration_seconds",
+                "Time from a plugin's HTTP request to its response's headers, by plugin and \
+                 destination",
+                || Family::new_with_constructor(latency_histogram as fn() -> Histogram),
+            ),
+        }
+    }
 }
 
 impl Capability for Outbound {
@@ -45,7 +89,7 @@ impl Capability for Outbound {
 
     fn new((): &(), metrics: &Arc<Metrics>) -> anyhow::Result<Outbound> {
         Ok(Outbound {
-            metrics: metrics.clone(),
+            families: Families::register(metrics),
         })
     }
 
@@ -56,7 +100,7 @@ impl Capability for Outbound {
     fn grant(&self, plugin: PluginId<'_>, settings: &PluginSettings) -> Arc<PluginHttp> {
         Arc::new(PluginHttp::new(
             settings.http.clone(),
-            self.metrics.clone(),
+            self.families.clone(),
             plugin.chain.into(),
             plugin.name.into(),
         ))
@@ -81,7 +125,7 @@ pub const RESULTS: [&str; 6] = [
 pub struct PluginHttp {
     settings: HttpSettings,
     in_flight: Arc<Semaphore>,
-    metrics: Arc<Metrics>,
+    families: Families,
     chain: Arc<str>,
     plugin: Arc<str>,
     /// Per allowed origin (and one more for refused destinations): counters by result, and
@@ -101,7 +145,7 @@ const REFUSED: &str = "not_allowed";
 impl PluginHttp {
     pub fn new(
         settings: HttpSettings,
-        metrics: Arc<Metrics>,
+        families: Families,
         chain: Arc<str>,
         plugin: Arc<str>,
     ) -> Self {
@@ -111,7 +155,7 @@ impl PluginHttp {
         PluginHttp {
             in_flight: Arc::new(Semaphore::new(settings.max_concurrent as usize)),
             settings,
-            metrics,
+            families,
             chain,
             plugin,
             series,
@@ -129,12 +173,13 @@ impl PluginHttp {
         let at = RESULTS.iter().position(|r| *r == result).unwrap_or(0);
         self.series[index].results[at]
             .get_or_init(|| {
-                self.metrics.outbound_counter(
-                    &self.chain,
-                    &self.plugin,
-                    &self.destination(index),
+                let labels = OutboundLabels {
+                    chain: self.chain.to_string(),
+                    plugin: self.plugin.to_string(),
+                    destination: self.destination(index),
                     result,
-                )
+                };
+                self.families.requests.get_or_create(&labels).clone()
             })
             .inc();
     }
@@ -143,8 +188,12 @@ impl PluginHttp {
         self.series[index]
             .seconds
             .get_or_init(|| {
-                self.metrics
-                    .outbound_histogram(&self.chain, &self.plugin, &self.destination(index))
+                let labels = DestinationLabels {
+                    chain: self.chain.to_string(),
+                    plugin: self.plugin.to_string(),
+                    destination: self.destination(index),
+                };
+                self.families.seconds.get_or_create(&labels).clone()
             })
             .observe(took.as_secs_f64());
     }
@@ -360,7 +409,7 @@ mod tests {
                 allow: vec![Origin::parse("http://idp.example:8080").unwrap()],
                 ..HttpSettings::default()
             },
-            Metrics::new(),
+            Families::register(&Metrics::new()),
             "default".into(),
             "10-token".into(),
         );

@@ -23,6 +23,9 @@ impl Capability for Secrets {
     type Grant = Arc<Grant>;
     type Store = SecretsStore;
 
+    /// Reading a secret is a lookup in memory.
+    const NEVER_WAIT: &'static [&'static str] = &["wasi:config/store@"];
+
     fn settings(settings: &Settings) -> SecretsSettings {
         settings.secrets.clone()
     }

@@ -8,7 +8,9 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use wasmtime::Result;
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable};
 
@@ -23,7 +25,15 @@ use crate::metrics::Metrics;
 /// The state store every plugin reaches through `wasi:keyvalue` and `state`.
 pub struct State {
     kv: Arc<Kv>,
-    metrics: Arc<Metrics>,
+    operations: Family<KvLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KvLabels {
+    chain: String,
+    plugin: String,
+    operation: &'static str,
+    result: &'static str,
 }
 
 impl Capability for State {
@@ -39,7 +49,12 @@ impl Capability for State {
     fn new(settings: &KvSettings, metrics: &Arc<Metrics>) -> anyhow::Result<State> {
         Ok(State {
             kv: Arc::new(Kv::new(settings.clone())?),
-            metrics: metrics.clone(),
+            operations: metrics.family(
+                "kv_operations",
+                "State store operations plugins made, by plugin, operation and result (ok, or \
+                 denied, too_large, full, not_a_counter, invalid, timeout, unavailable)",
+                Family::default,
+            ),
         })
     }
 
@@ -59,7 +74,7 @@ impl Capability for State {
         };
         Arc::new(StateGrant::new(
             access,
-            self.metrics.clone(),
+            self.operations.clone(),
             plugin.chain.into(),
             plugin.name.into(),
         ))
@@ -113,17 +128,22 @@ const RESULTS: [&str; 8] = [
 /// One plugin's way into the store, and its counters, looked up once each.
 pub struct StateGrant {
     pub access: Access,
-    metrics: Arc<Metrics>,
+    operations: Family<KvLabels, Counter>,
     chain: Arc<str>,
     plugin: Arc<str>,
     counters: [[OnceLock<Counter>; RESULTS.len()]; Operation::COUNT],
 }
 
 impl StateGrant {
-    pub fn new(access: Access, metrics: Arc<Metrics>, chain: Arc<str>, plugin: Arc<str>) -> Self {
+    fn new(
+        access: Access,
+        operations: Family<KvLabels, Counter>,
+        chain: Arc<str>,
+        plugin: Arc<str>,
+    ) -> Self {
         StateGrant {
             access,
-            metrics,
+            operations,
             chain,
             plugin,
             counters: Default::default(),
@@ -138,8 +158,13 @@ impl StateGrant {
         let index = RESULTS.iter().position(|r| *r == outcome).unwrap_or(0);
         self.counters[operation as usize][index]
             .get_or_init(|| {
-                self.metrics
-                    .kv_counter(&self.chain, &self.plugin, operation.name(), outcome)
+                let labels = KvLabels {
+                    chain: self.chain.to_string(),
+                    plugin: self.plugin.to_string(),
+                    operation: operation.name(),
+                    result: outcome,
+                };
+                self.operations.get_or_create(&labels).clone()
             })
             .inc();
     }

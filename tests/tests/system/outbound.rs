@@ -2,6 +2,7 @@
 //! cached in the state store, a JavaScript plugin using `fetch`, a destination not on the
 //! allow-list refused before any connection, a slow one cut at the plugin's budget.
 
+use extproc_testkit::series::CapabilitySeries as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -3,6 +3,7 @@
 //! namespaces, private and shared namespaces, and plugins of three contract versions in one
 //! chain.
 
+use extproc_testkit::series::CapabilitySeries as _;
 use std::time::{Duration, Instant};
 
 use extproc_testkit::echo::EchoServer;
