@@ -102,6 +102,24 @@ impl Direction {
     pub const BOTH: [Direction; 2] = [Direction::Request, Direction::Response];
 }
 
+/// One `T` for each direction, indexed by [`Direction`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PerDirection<T>(pub [T; 2]);
+
+impl<T> std::ops::Index<Direction> for PerDirection<T> {
+    type Output = T;
+
+    fn index(&self, direction: Direction) -> &T {
+        &self.0[direction as usize]
+    }
+}
+
+impl<T> std::ops::IndexMut<Direction> for PerDirection<T> {
+    fn index_mut(&mut self, direction: Direction) -> &mut T {
+        &mut self.0[direction as usize]
+    }
+}
+
 /// How a plugin wants a body phase delivered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Delivery {

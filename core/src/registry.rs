@@ -29,7 +29,7 @@ use crate::bodies::BodyBudget;
 pub use crate::config::DEFAULT_CHAIN;
 use crate::config::{ConfigError, EnvoySettings, Settings, UnknownChain};
 use crate::guard::Guard;
-use crate::http::{Direction, Phase, PhaseSet};
+use crate::http::{Direction, PerDirection, Phase, PhaseSet};
 use crate::metrics::{Metrics, PluginMetrics};
 use crate::runtime::{EPOCH_CHECK, EPOCH_TICK, LoadError, Plugin, Runtime};
 use crate::signing::Trust;
@@ -53,7 +53,7 @@ pub struct Chain {
     budgets: [Duration; 6],
     /// Per direction, whether a front end has said that Envoy sends none of the body plugins
     /// here handle.
-    no_body_noticed: [AtomicBool; 2],
+    no_body_noticed: PerDirection<AtomicBool>,
 }
 
 /// How often a shadow plugin's differences are logged: at most once per interval each (the
@@ -184,7 +184,7 @@ impl Chain {
     /// True the first time it is asked for `direction`, false after: for a front end to say
     /// once per chain that Envoy sends none of the `direction` body its plugins handle.
     pub fn first_notice_of_no_body(&self, direction: Direction) -> bool {
-        !self.no_body_noticed[direction as usize].swap(true, Ordering::Relaxed)
+        !self.no_body_noticed[direction].swap(true, Ordering::Relaxed)
     }
 
     /// Each plugin's metric series, in chain order.
