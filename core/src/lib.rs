@@ -2,8 +2,8 @@
 //! (`wasm-extproc`) and the in-process Envoy module (`wasm-extproc-module`).
 //!
 //! Nothing here knows how messages reach it. A front end turns what Envoy gives it into
-//! [`http::Message`]s, runs them through a [`chain::StreamChain`], and turns the
-//! [`http::Verdict`] back into what Envoy understands.
+//! [`http::Message`]s, hands each to its [`stream::Stream`], and turns the [`stream::Turn`]
+//! of [`http::Verdict`]s back into what Envoy understands.
 //!
 //! # Layout
 //!
@@ -12,6 +12,8 @@
 //!   [`signing`] checks who signed them.
 //! - [`runtime`]: the only module that speaks wasmtime -- engine, pooling allocator, linker,
 //!   budgets, and the host side of `wit/processor.wit`.
+//! - [`stream`]: one stream's rules, for both front ends: what the plugins still want, headers
+//!   kept back for body handlers, instances given back early, when the stream may end.
 //! - [`chain`]: one phase of one stream through the chain, with each plugin's failure policy;
 //!   [`breaker`] quarantines plugins that keep failing; [`log_budget`] bounds what they log;
 //!   [`bodies`] bounds the body bytes all streams hold together.
@@ -40,3 +42,4 @@ pub mod registry;
 pub mod runtime;
 pub mod secrets;
 pub mod signing;
+pub mod stream;

@@ -15,13 +15,13 @@
 
 use std::sync::Arc;
 
-use wasm_extproc_core::chain::StreamChain;
 use wasm_extproc_core::http::{
     BodyChunk, BodyMode, Changes, Decision, Direction, Effects, ExchangeContext, HeaderChanges,
-    HeaderMap, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
+    HeaderMap, ImmediateResponse, Message, Phase, Verdict,
 };
 use wasm_extproc_core::metrics::{Metrics, StreamGuard};
 use wasm_extproc_core::registry::Generation;
+use wasm_extproc_core::stream::{Stream, Turn};
 
 use crate::worker::block_on;
 
@@ -100,12 +100,10 @@ pub struct Reads {
 /// One stream's state.
 #[derive(Debug)]
 pub struct Exchange {
-    chain: StreamChain,
+    stream: Stream,
     reads: Arc<Reads>,
     metrics: Arc<Metrics>,
     context: Arc<ExchangeContext>,
-    /// An immediate response went out: the stream is over for the chain.
-    answered: bool,
     flows: [Flow; 2],
     _active: StreamGuard,
 }
@@ -127,12 +125,12 @@ fn index(direction: Direction) -> usize {
 impl Exchange {
     pub fn new(generation: Arc<Generation>, reads: Arc<Reads>, metrics: Arc<Metrics>) -> Self {
         Exchange {
-            chain: StreamChain::new(generation, 0),
+            // Bodies flow as over ext_proc in FULL_DUPLEX_STREAMED mode (see the module's doc).
+            stream: Stream::new(generation, 0, [BodyMode::FullDuplexStreamed; 2]),
             reads,
             _active: metrics.stream_opened(),
             metrics,
             context: Arc::default(),
-            answered: false,
             flows: Default::default(),
         }
     }
@@ -144,42 +142,32 @@ impl Exchange {
         direction: Direction,
         end_of_stream: bool,
     ) -> HeadersStatus {
-        if self.answered {
+        if self.stream.over() {
             return HeadersStatus::StopIteration;
         }
         self.read_context(envoy, direction);
         let phase = direction.headers();
-        if self.chain.live_phases().contains(phase) {
-            let headers =
-                HeaderMap::from_entries(envoy.header_entries(Section::Headers(direction)));
-            let message = Message::Headers {
-                headers,
-                end_of_stream,
-            };
-            let verdict = self.run(phase, message);
-            if !self.apply_headers_verdict(envoy, phase, Section::Headers(direction), verdict) {
-                return HeadersStatus::StopIteration;
-            }
-        }
-        if end_of_stream {
-            self.end(direction);
-            return HeadersStatus::Continue;
-        }
-        if !self.chain.live_phases().contains(direction.body()) {
-            return HeadersStatus::Continue;
-        }
         let section = Section::Headers(direction);
-        if self.chain.wants_whole_body(direction) {
-            // Body handlers may still change the headers: they are open to them until the body
-            // goes on (the chain opened them if it ran the headers phase).
-            if !self.chain.headers_open(direction)
-                && self
-                    .chain
-                    .opens_headers(direction, BodyMode::FullDuplexStreamed)
-            {
-                let headers = HeaderMap::from_entries(envoy.header_entries(section));
-                self.chain.open_headers(direction, headers);
-            }
+        let headers = if self.stream.runs(phase) {
+            HeaderMap::from_entries(envoy.header_entries(section))
+        } else {
+            HeaderMap::default()
+        };
+        let message = Message::Headers {
+            headers,
+            end_of_stream,
+        };
+        // `None`: body handlers may still change the headers; their verdict comes with the
+        // body's.
+        if let Some(verdict) = self.run(phase, message).verdict
+            && !self.apply_headers_verdict(envoy, phase, section, verdict)
+        {
+            return HeadersStatus::StopIteration;
+        }
+        if end_of_stream || !self.stream.runs(direction.body()) {
+            return HeadersStatus::Continue;
+        }
+        if self.stream.wants_whole_body(direction) {
             let has_length = envoy
                 .header_entries(section)
                 .iter()
@@ -198,20 +186,26 @@ impl Exchange {
         direction: Direction,
         end_of_stream: bool,
     ) -> BodyStatus {
-        if self.answered {
+        if self.stream.over() {
             return BodyStatus::StopIterationNoBuffer;
         }
         let phase = direction.body();
-        let was_holding = self.chain.is_holding(direction);
-        if !self.chain.live_phases().contains(phase) && !was_holding {
+        let was_holding = self.stream.is_holding(direction);
+        let runs = self.stream.runs(phase);
+        let data = if runs {
+            envoy.received_body(direction)
+        } else {
+            Vec::new()
+        };
+        let turn = self.run(phase, Message::Body(BodyChunk::new(data, end_of_stream)));
+        if !runs {
             self.release_headers(envoy, direction, None);
-            if end_of_stream {
-                self.end(direction);
-            }
             return BodyStatus::Continue;
         }
-        let data = envoy.received_body(direction);
-        let verdict = self.run(phase, Message::Body(BodyChunk::new(data, end_of_stream)));
+        self.apply_released(envoy, direction, turn.released);
+        let Some(verdict) = turn.verdict else {
+            return BodyStatus::Continue;
+        };
         self.apply_effects(envoy, phase, verdict.effects);
         if let Some(changes) = verdict.headers {
             apply_header_changes(envoy, Section::Headers(direction), changes);
@@ -237,9 +231,6 @@ impl Exchange {
                     let whole = end_of_stream.then(|| envoy.received_body(direction).len());
                     self.release_headers(envoy, direction, whole);
                 }
-                if end_of_stream {
-                    self.end(direction);
-                }
                 BodyStatus::Continue
             }
         }
@@ -247,15 +238,19 @@ impl Exchange {
 
     /// The trailers arrived: the body, if the chain holds some, goes on before them.
     pub fn on_trailers(&mut self, envoy: &mut impl Envoy, direction: Direction) -> TrailersStatus {
-        if self.answered {
+        if self.stream.over() {
             return TrailersStatus::StopIteration;
         }
-        if self.chain.is_holding(direction) {
-            let verdict = block_on(self.chain.flush(
-                direction,
-                BodyMode::FullDuplexStreamed,
-                &self.context,
-            ));
+        let phase = direction.trailers();
+        let section = Section::Trailers(direction);
+        let trailers = if self.stream.runs(phase) {
+            HeaderMap::from_entries(envoy.header_entries(section))
+        } else {
+            HeaderMap::default()
+        };
+        let turn = self.run(phase, Message::Trailers(trailers));
+        self.apply_released(envoy, direction, turn.released);
+        if let Some(verdict) = turn.flushed {
             self.apply_effects(envoy, direction.body(), verdict.effects);
             if let Some(changes) = verdict.headers {
                 apply_header_changes(envoy, Section::Headers(direction), changes);
@@ -274,25 +269,33 @@ impl Exchange {
         // Trailers need chunked framing over HTTP/1.1: a `content-length` would have Envoy
         // drop them.
         self.release_headers(envoy, direction, None);
-        let phase = direction.trailers();
-        if self.chain.live_phases().contains(phase) {
-            let section = Section::Trailers(direction);
-            let trailers = HeaderMap::from_entries(envoy.header_entries(section));
-            let verdict = self.run(phase, Message::Trailers(trailers));
-            if !self.apply_headers_verdict(envoy, phase, section, verdict) {
-                return TrailersStatus::StopIteration;
-            }
+        if let Some(verdict) = turn.verdict
+            && !self.apply_headers_verdict(envoy, phase, section, verdict)
+        {
+            return TrailersStatus::StopIteration;
         }
-        self.end(direction);
         TrailersStatus::Continue
     }
 
-    fn run(&mut self, phase: Phase, message: Message) -> Verdict {
-        self.metrics.message_received(phase);
-        block_on(
-            self.chain
-                .run(phase, message, BodyMode::FullDuplexStreamed, &self.context),
-        )
+    /// Hands a message to the stream; counted when it reaches the plugins.
+    fn run(&mut self, phase: Phase, message: Message) -> Turn {
+        if self.stream.runs(phase) {
+            self.metrics.message_received(phase);
+        }
+        block_on(self.stream.handle(phase, message, &self.context))
+    }
+
+    /// Applies the verdict on `direction`'s headers that waited for the body.
+    fn apply_released(
+        &mut self,
+        envoy: &mut impl Envoy,
+        direction: Direction,
+        released: Option<Verdict>,
+    ) {
+        if let Some(verdict) = released {
+            let phase = direction.headers();
+            self.apply_headers_verdict(envoy, phase, Section::Headers(direction), verdict);
+        }
     }
 
     /// Applies the verdict on a header or trailer section; false if the stream was answered.
@@ -328,9 +331,8 @@ impl Exchange {
     }
 
     fn respond(&mut self, envoy: &mut impl Envoy, response: &ImmediateResponse) {
-        self.answered = true;
+        self.stream.answered();
         envoy.send_response(response);
-        self.chain.release_finished(PhaseSet::EMPTY);
     }
 
     /// The first time anything of `direction` goes on after its headers were held: corrects
@@ -355,21 +357,6 @@ impl Exchange {
             }
             None => envoy.remove_header(section, "content-length"),
         }
-    }
-
-    /// Nothing more of `direction` will come: instances only it needed go back to the pool.
-    fn end(&mut self, direction: Direction) {
-        let to_come = match direction {
-            Direction::Request => [
-                Phase::ResponseHeaders,
-                Phase::ResponseBody,
-                Phase::ResponseTrailers,
-            ]
-            .into_iter()
-            .collect(),
-            Direction::Response => PhaseSet::EMPTY,
-        };
-        self.chain.release_finished(to_come);
     }
 
     /// Reads the attributes and metadata `[module]` names, once per direction, before the

@@ -58,7 +58,7 @@ pub mod telemetry;
 pub use config::Config;
 pub use server::{Host, Listener, Listeners};
 pub use wasm_extproc_core::{
-    breaker, chain, guard, http, kv, metrics, registry, runtime, secrets, signing,
+    breaker, chain, guard, http, kv, metrics, registry, runtime, secrets, signing, stream,
 };
 
 pub use wasm_extproc_core::http::MAX_MESSAGE_BYTES;

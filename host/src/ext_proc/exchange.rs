@@ -12,14 +12,14 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, Processin
 
 use super::convert::{self, Envelope};
 use super::protocol::{EnvoyModes, Inbound, ProtocolError, StreamProtocol};
-use crate::chain::StreamChain;
 use crate::config::{EnvoySettings, UnknownChain};
 use crate::http::ImmediateResponse;
 use crate::http::{
-    BodyMode, Changes, Decision, Delivery, Direction, ExchangeContext, Phase, PhaseSet, Verdict,
+    BodyMode, Decision, Delivery, Direction, ExchangeContext, Phase, PhaseSet, Verdict,
 };
 use crate::metrics::Metrics;
 use crate::registry::{Chain, Generation};
+use crate::stream::{Stream, Turn};
 
 /// The gRPC initial metadata that names a stream's chain: Envoy sets it per route with
 /// `ExtProcPerRoute.overrides.grpc_initial_metadata`.
@@ -72,7 +72,7 @@ fn notice_bodies_not_sent(chain: &Chain, modes: &EnvoyModes, metrics: &Metrics) 
 #[derive(Debug)]
 pub struct Exchange {
     protocol: StreamProtocol,
-    chain: StreamChain,
+    stream: Stream,
     /// Attributes and forwarded metadata Envoy sent so far: plugins read them.
     context: Arc<ExchangeContext>,
     metrics: Arc<Metrics>,
@@ -81,10 +81,6 @@ pub struct Exchange {
     /// Envoy asked for a chain that does not exist, and `unknown_chain = "reject"`: the first
     /// message gets an error answer.
     rejected: bool,
-    /// Per direction (request, response): the answer to headers Envoy streams the body after
-    /// in `FULL_DUPLEX_STREAMED` mode, kept back while they are open to body handlers. Envoy
-    /// holds the headers until it comes (and times no message in that mode).
-    held_headers: [Option<Verdict>; 2],
 }
 
 /// A message the protocol accepted, for [`Exchange::process`].
@@ -133,22 +129,26 @@ impl Exchange {
             protocol: StreamProtocol::new(),
             route_may_choose: requested.is_none() && generation.maps_routes(),
             rejected,
-            chain: StreamChain::new(generation, index),
+            stream: Stream::new(generation, index, [BodyMode::None; 2]),
             context: Arc::default(),
             metrics,
-            held_headers: Default::default(),
         }
     }
 
     /// The name of the chain serving the stream (so far: a route name may still pick another
     /// at the first message).
     pub fn chain_name(&self) -> &str {
-        self.chain.chain().name()
+        self.stream.chain().name()
     }
 
     /// The stream's protocol state.
     pub fn protocol(&self) -> &StreamProtocol {
         &self.protocol
+    }
+
+    /// The stream's rules over its chain.
+    pub fn stream(&self) -> &Stream {
+        &self.stream
     }
 
     /// Checks one message from Envoy against the protocol and records what it says. An error
@@ -158,9 +158,10 @@ impl Exchange {
         self.protocol.observe(&inbound)?;
         if std::mem::take(&mut self.route_may_choose)
             && let Some(route) = inbound.attributes.get(ROUTE_ATTRIBUTE)
-            && let Some(index) = self.chain.generation().chain_for_route(route)
+            && let Some(index) = self.stream.generation().chain_for_route(route)
         {
-            self.chain = StreamChain::new(self.chain.generation().clone(), index);
+            let body_modes = Direction::BOTH.map(|d| self.protocol.body_mode(d));
+            self.stream = Stream::new(self.stream.generation().clone(), index, body_modes);
         }
         let phase = inbound.phase;
         self.metrics.message_received(phase);
@@ -172,7 +173,9 @@ impl Exchange {
             "ext_proc message"
         );
         if let Some(modes) = &inbound.envoy_modes {
-            notice_bodies_not_sent(self.chain.chain(), modes, &self.metrics);
+            notice_bodies_not_sent(self.stream.chain(), modes, &self.metrics);
+            let body_modes = Direction::BOTH.map(|d| self.protocol.body_mode(d));
+            self.stream.set_body_modes(body_modes);
         }
         if !inbound.attributes.is_empty() || !inbound.metadata.is_empty() {
             let context = Arc::make_mut(&mut self.context);
@@ -182,7 +185,7 @@ impl Exchange {
         let ahead = if inbound.observability {
             None
         } else {
-            extra_time(&self.chain.generation().envoy, self.chain.chain(), phase)
+            extra_time(&self.stream.generation().envoy, self.stream.chain(), phase)
                 .map(convert::more_time)
         };
         Ok(Accepted { inbound, ahead })
@@ -198,7 +201,6 @@ impl Exchange {
             ..
         } = accepted.inbound;
         let direction = phase.direction();
-        let body_mode = self.protocol.body_mode(direction);
         let mut step = Step::default();
         if std::mem::take(&mut self.rejected) {
             if !observability {
@@ -211,86 +213,62 @@ impl Exchange {
                     effects: Default::default(),
                     headers: None,
                 };
-                self.answer(phase, verdict, &mut step);
+                self.answer(phase, verdict, self.stream.wanted(), &mut step);
             }
             step.then = Then::Close;
             return step;
         }
 
-        // Trailers end a streamed body: plugins holding it for a whole-body call get it now,
-        // and what they make of it goes out before the trailers' answer.
-        if phase == direction.trailers() && self.chain.is_holding(direction) {
-            let flushed = self.chain.flush(direction, body_mode, &self.context).await;
-            self.answer(direction.body(), flushed, &mut step);
+        let Turn {
+            released,
+            flushed,
+            verdict,
+            wanted,
+            over,
+        } = self.stream.handle(phase, message, &self.context).await;
+        // The answer to headers that waited for their body goes just before the body's, unless
+        // that one answers the client: Envoy takes nothing after an immediate response.
+        let releasing = flushed.as_ref().or(verdict.as_ref());
+        if let Some(headers) = released
+            && !observability
+            && releasing.is_none_or(|v| matches!(v.decision, Decision::Continue(_)))
+        {
+            self.answer(direction.headers(), headers, wanted, &mut step);
+        }
+        // What plugins held of a streamed body goes out before the trailers' answer.
+        if let Some(flushed) = flushed {
+            self.answer(direction.body(), flushed, wanted, &mut step);
             if step.then == Then::Close {
                 return step;
             }
         }
-        let verdict = self
-            .chain
-            .run(phase, message, body_mode, &self.context)
-            .await;
-        self.chain.release_finished(self.protocol.to_come());
         if observability {
             // Envoy neither waits for nor reads an answer in observability mode.
             return step;
         }
-        self.answer(phase, verdict, &mut step);
-        if step.then == Then::Continue && self.protocol.may_close(self.wanted()) {
+        if let Some(verdict) = verdict {
+            self.answer(phase, verdict, wanted, &mut step);
+        }
+        if step.then == Then::Continue && over {
             tracing::trace!("nothing left for the plugins; closing the stream");
             step.then = Then::Close;
         }
         step
     }
 
-    /// The phases the host still needs from Envoy: those live plugins handle, and the headers
-    /// of a direction whose body handlers get them.
-    fn wanted(&self) -> PhaseSet {
-        let mut wanted = self.chain.live_phases();
-        for direction in Direction::BOTH {
-            if self
-                .chain
-                .opens_headers(direction, self.protocol.body_mode(direction))
-            {
-                wanted = wanted.with(direction.headers());
-            }
-        }
-        wanted
-    }
-
-    /// Adds the answers to a message of `phase` to `step`; an immediate response ends the
-    /// exchange. The answer to headers open to body handlers waits for the body's, and goes
-    /// out just before it, with what the body handlers changed.
-    fn answer(&mut self, phase: Phase, mut verdict: Verdict, step: &mut Step) {
+    /// Adds the answers to a message of `phase` to `step`, given what the plugins still
+    /// `wanted`; an immediate response ends the exchange.
+    fn answer(&mut self, phase: Phase, verdict: Verdict, wanted: PhaseSet, step: &mut Step) {
         let direction = phase.direction();
-        let held = &mut self.held_headers[usize::from(direction == Direction::Response)];
-        if phase == direction.headers()
-            && self.protocol.body_mode(direction) == BodyMode::FullDuplexStreamed
-            && self.chain.headers_open(direction)
-            && matches!(verdict.decision, Decision::Continue(_))
-        {
-            *held = Some(verdict);
-            return;
-        }
-        if held.is_some() && phase == direction.body() && verdict.decision != Decision::Held {
-            let mut headers = held.take().expect("held headers answer");
-            if let (Decision::Continue(Changes::Headers(changes)), Some(later)) =
-                (&mut headers.decision, verdict.headers.take())
-            {
-                changes.absorb(later);
-            }
-            if matches!(verdict.decision, Decision::Continue(_)) {
-                self.answer(direction.headers(), headers, step);
-            }
-        }
         if matches!(verdict.decision, Decision::Respond(_)) {
             self.protocol.answered();
+            self.stream.answered();
             step.then = Then::Close;
         }
         let envelope = Envelope {
             body_mode: self.protocol.body_mode(direction),
             content_length: self.protocol.content_length(direction),
-            mode_override: self.protocol.mode_override_to_send(phase, self.wanted()),
+            mode_override: self.protocol.mode_override_to_send(phase, wanted),
         };
         step.answers
             .extend(convert::replies(phase, verdict, &envelope));

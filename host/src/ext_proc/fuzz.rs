@@ -52,6 +52,11 @@ pub fn stream_protocol(data: &[u8]) {
             "{phase} accepted but not expected"
         );
         let now = protocol.to_come();
+        assert_eq!(
+            now,
+            exchange.stream().to_come(),
+            "the plugins' stream and the protocol disagree on what can come"
+        );
         assert!(
             now.iter().all(|p| could_come.contains(p)),
             "phases to come grew"

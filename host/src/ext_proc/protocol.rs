@@ -1,6 +1,8 @@
 //! The ext_proc protocol of one stream, as a pure state machine: which messages may arrive
 //! when, what Envoy said about its body modes, and which phases can still come -- so the host
-//! can tell Envoy to skip what no plugin needs, and close the stream once nothing is left.
+//! can tell Envoy to skip what no plugin needs. Whether the stream may close once nothing is
+//! left is the plugins' stream's to say ([`Turn::over`](crate::stream::Turn::over)), by the
+//! rule below.
 //!
 //! Envoy sends each direction's phases in order -- headers, body messages, trailers -- and may
 //! skip any of them (per its processing mode). The two directions interleave freely: a
@@ -256,13 +258,6 @@ impl StreamProtocol {
             })
     }
 
-    /// Whether the host may close the stream and let Envoy carry on without it: no phase
-    /// `live` plugins handle can still arrive, and no direction Envoy hands over is still
-    /// going.
-    pub fn may_close(&self, live: PhaseSet) -> bool {
-        !self.to_come().intersects(live.union(self.handed_over()))
-    }
-
     /// The `mode_override` for the answer to `phase`, once: `None` as well when the same
     /// override already went out with an earlier answer (Envoy applies one to both
     /// directions, and keeps it).
@@ -354,7 +349,6 @@ pub(crate) fn send_mode(mode: BodyMode) -> BodySendMode {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::http::BodyChunk;
     use Phase::*;
 
     fn run(phases: &[Phase]) -> Result<(), ProtocolError> {
@@ -467,9 +461,7 @@ mod tests {
 
     #[test]
     fn phases_to_come_shrink_as_the_exchange_moves_on() {
-        let live: PhaseSet = ASM.into_iter().collect();
         let mut protocol = StreamProtocol::new();
-        assert!(!protocol.may_close(live));
         protocol
             .observe(&inbound(
                 RequestHeaders,
@@ -479,25 +471,12 @@ mod tests {
             .unwrap();
         assert_eq!(protocol.content_length(Direction::Request), Some(12));
         assert!(protocol.to_come().contains(RequestBody));
-        assert!(!protocol.may_close(live));
+        assert!(!protocol.to_come().contains(RequestHeaders));
         protocol
             .observe(&inbound(ResponseHeaders, headers(&[], false), None))
             .unwrap();
         assert!(protocol.to_come().contains(ResponseBody));
-        assert!(
-            protocol.may_close(live),
-            "nothing the ASM plugin handles can come"
-        );
-    }
-
-    #[test]
-    fn a_request_without_body_ends_with_its_headers() {
-        let mut protocol = StreamProtocol::new();
-        protocol
-            .observe(&inbound(RequestHeaders, headers(&[], true), None))
-            .unwrap();
-        let live: PhaseSet = [RequestBody, RequestTrailers].into_iter().collect();
-        assert!(protocol.may_close(live));
+        assert!(!protocol.to_come().contains(ResponseHeaders));
     }
 
     #[test]
@@ -563,74 +542,6 @@ mod tests {
             BodySendMode::FullDuplexStreamed as i32
         );
         assert_eq!(mode.request_trailer_mode, HeaderSendMode::Send as i32);
-    }
-
-    #[test]
-    fn a_full_duplex_direction_keeps_the_stream_open_until_it_ends() {
-        // The ASM plugin handles no body, but Envoy hands the response body over: each chunk
-        // must come back, so the host may not close before the response ends.
-        let live: PhaseSet = ASM.into_iter().collect();
-        let modes = Some((BodyMode::None, BodyMode::FullDuplexStreamed));
-        let mut protocol = StreamProtocol::new();
-        protocol
-            .observe(&inbound(RequestHeaders, headers(&[], true), modes))
-            .unwrap();
-        protocol
-            .observe(&inbound(ResponseHeaders, headers(&[], false), None))
-            .unwrap();
-        assert!(!protocol.may_close(live));
-        let chunk = |end| {
-            inbound(
-                ResponseBody,
-                Message::Body(BodyChunk::new(vec![1], end)),
-                None,
-            )
-        };
-        protocol.observe(&chunk(false)).unwrap();
-        assert!(!protocol.may_close(live));
-        protocol.observe(&chunk(true)).unwrap();
-        assert!(protocol.may_close(live));
-
-        // The same exchange in STREAMED mode: Envoy keeps its copies, so the host may close
-        // once the response headers are answered.
-        let mut protocol = StreamProtocol::new();
-        let modes = Some((BodyMode::None, BodyMode::Streamed));
-        protocol
-            .observe(&inbound(RequestHeaders, headers(&[], true), modes))
-            .unwrap();
-        protocol
-            .observe(&inbound(ResponseHeaders, headers(&[], false), None))
-            .unwrap();
-        assert!(protocol.may_close(live));
-    }
-
-    #[test]
-    fn trailers_end_a_full_duplex_direction() {
-        let live: PhaseSet = ASM.into_iter().collect();
-        let modes = Some((BodyMode::FullDuplexStreamed, BodyMode::None));
-        let mut protocol = StreamProtocol::new();
-        protocol
-            .observe(&inbound(RequestHeaders, headers(&[], false), modes))
-            .unwrap();
-        protocol
-            .observe(&inbound(
-                RequestBody,
-                Message::Body(BodyChunk::new(vec![1], false)),
-                None,
-            ))
-            .unwrap();
-        protocol
-            .observe(&inbound(ResponseHeaders, headers(&[], false), None))
-            .unwrap();
-        assert!(!protocol.may_close(live), "the request body is still going");
-        protocol
-            .observe(&inbound(
-                RequestTrailers,
-                Message::Trailers(crate::http::HeaderMap::default()),
-                None,
-            ))
-            .unwrap();
-        assert!(protocol.may_close(live));
     }
 
     #[test]
