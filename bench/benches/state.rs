@@ -3,7 +3,7 @@
 //! divided by `N`. The backends: the embedded store, and a real Redis (`redis-server`) on
 //! loopback; the HTTP server is a local hyper server answering a few bytes.
 //!
-//!     cargo xtask build-plugins && cargo bench -p extproc-testkit --bench state
+//!     cargo xtask build-plugins && cargo bench -p extproc-bench --bench state
 //!
 //! Prints a Markdown table (medians; the machine is shared, so compare within a run) and
 //! writes it to target/bench/state.md.

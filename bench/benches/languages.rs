@@ -4,7 +4,7 @@
 //! apart: instantiating and dropping alone (the memory image, the engine's start-up), and the
 //! two handler calls alone on an instance kept from stream to stream (`isolation = "reuse"`).
 //!
-//!     cargo xtask build-plugins && cargo bench -p wasm-extproc-core --bench languages
+//!     cargo xtask build-plugins && cargo bench -p extproc-bench --bench languages
 //!
 //! Prints a Markdown table (medians; the machine is shared, so compare ratios) and writes it to
 //! target/bench/languages.md.
