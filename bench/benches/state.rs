@@ -14,6 +14,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use extproc_testkit::fixtures::{CALL_OUT, Component, KV_PROBE};
 use extproc_testkit::redis::Redis;
 use extproc_testkit::service::Service;
@@ -203,7 +205,7 @@ fn main() {
         micros(without)
     ));
     println!("{table}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let out = common::tables();
     std::fs::create_dir_all(&out).expect("target/bench");
     std::fs::write(out.join("state.md"), table).expect("write state.md");
 }
