@@ -1,11 +1,12 @@
-//! What the `cargo xtask` driver and its live runner (`xtask/live`) share: where things are,
-//! how the project's own builds are started, and the builds themselves.
+//! What the `cargo xtask` driver, its live runner (`xtask/live`) and the benchmark suite's
+//! driver (`bench/src/bin/bench/`) share: where things are, how the project's own builds are
+//! started, and the builds themselves.
 //!
 //! This crate is small on purpose. `cargo xtask` compiles it before it can do anything, so it
 //! depends on nothing of the host's (no wasmtime, no tonic): on a fresh machine it is ready in
 //! seconds and installs the toolchains while cargo compiles the workspace. What needs the
-//! test kit -- the demo, the load checks, the benchmarks -- is the `xtask-live` binary, which
-//! the workspace build compiles with everything else.
+//! test kit -- the demo and the reliability run (the `xtask-live` binary), the benchmarks (the
+//! bench crate's `bench` binary) -- the workspace build compiles with everything else.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -210,23 +211,38 @@ pub fn envoy_bin() -> PathBuf {
     setup::envoy_venv().join("bin/envoy")
 }
 
-/// The live runner (`xtask/live`: the demo, the load checks, the benchmarks), built in the
-/// release profile the tests share, with `args`.
+/// The live runner (`xtask/live`: the demo, the reliability run), built in the release
+/// profile the tests share, with `args`.
 pub fn live<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    run_in_release(&["--package", "xtask-live"], args)
+}
+
+/// The benchmark suite's driver (`bench/src/bin/bench/`), built in the release profile the
+/// tests share, with `args`.
+pub fn bench<I, S>(args: I) -> Command
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<std::ffi::OsStr>,
+{
+    run_in_release(&["--package", "extproc-bench", "--bin", "bench"], args)
+}
+
+/// `cargo run` of the binary `selected` names, with `args`, pointed at the Envoy
+/// [`envoy_bin`] names.
+fn run_in_release<I, S>(selected: &[&str], args: I) -> Command
 where
     I: IntoIterator<Item = S>,
     S: AsRef<std::ffi::OsStr>,
 {
     let mut command = cargo();
     command
-        .args([
-            "run",
-            "--quiet",
-            "--release",
-            "--package",
-            "xtask-live",
-            "--",
-        ])
+        .args(["run", "--quiet", "--release"])
+        .args(selected)
+        .arg("--")
         .args(args)
         .env("ENVOY_BIN", envoy_bin());
     command

@@ -7,8 +7,9 @@
 //! - `cargo xtask test`           every check and test; what CI runs
 //! - `cargo xtask bench`          the benchmark suite, into BENCHMARKS.md
 //!
-//! The verbs that run the system live (demo, reliability, bench) are the `xtask-live` binary
-//! (`xtask/live`), which this one builds and runs with the same arguments.
+//! The verbs that run the system live are binaries of their own, which this one builds and
+//! runs with the same arguments: demo and reliability are `xtask-live` (`xtask/live`), bench
+//! is the bench crate's `bench` (`bench/src/bin/bench/`).
 
 #![expect(
     clippy::print_stdout,
@@ -18,7 +19,7 @@
 use std::ffi::OsString;
 
 use clap::{Parser, Subcommand};
-use xtask::{build_plugins, live, run, setup};
+use xtask::{bench, build_plugins, live, run, setup};
 
 mod suite;
 
@@ -53,7 +54,7 @@ enum Verb {
     Bench(Forwarded),
 }
 
-/// A live verb's own arguments, which `xtask-live` parses (and explains with `--help`).
+/// A live verb's own arguments, which its binary parses (and explains with `--help`).
 #[derive(Debug, clap::Args)]
 struct Forwarded {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -71,6 +72,6 @@ fn dispatch(verb: Verb) -> anyhow::Result<()> {
         Verb::Test => suite::test(),
         Verb::Demo(Forwarded { args }) => run(live(["demo"]).args(args)),
         Verb::Reliability(Forwarded { args }) => run(live(["reliability"]).args(args)),
-        Verb::Bench(Forwarded { args }) => run(live(["bench"]).args(args)),
+        Verb::Bench(Forwarded { args }) => run(&mut bench(args)),
     }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use xtask::{
-    GUEST_WORKSPACES, Task, at_once, build_dist, build_rust_plugins, cargo, cargo_unlinted,
+    GUEST_WORKSPACES, Task, at_once, bench, build_dist, build_rust_plugins, cargo, cargo_unlinted,
     envoy_bin, languages, live, repo_root, run, setup, target_dir,
 };
 
@@ -84,7 +84,7 @@ fn timed(clock: &mut Clock) -> anyhow::Result<()> {
     // Load held: the shipped settings carry thousands of exchanges in flight through Envoy
     // with no error (the benchmark's concurrency run, reduced).
     clock.time("concurrency check", || {
-        run(&mut live(["concurrency-check"]))
+        run(&mut bench(["concurrency-check"]))
     })?;
     passed += 1;
     // Isolation under load, at a size that fits CI: fails on any request lost, duplicated or

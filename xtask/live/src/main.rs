@@ -1,8 +1,9 @@
-//! The verbs of `cargo xtask` that run the system live, through a real Envoy: the demo, the
-//! load checks and the benchmark suite. They need the test kit (Envoy's configuration, the
-//! host's processes, gRPC clients), so they live in this binary, which the workspace build
-//! compiles with everything else, and not in the driver (`xtask/`), which must be ready in
-//! seconds on a fresh machine. `cargo xtask <verb>` runs this with the same arguments.
+//! The verbs of `cargo xtask` that run the system live, through a real Envoy: the demo and the
+//! reliability run. They need the test kit (Envoy's configuration, the host's processes, gRPC
+//! clients), so they live in this binary, which the workspace build compiles with everything
+//! else, and not in the driver (`xtask/`), which must be ready in seconds on a fresh machine.
+//! `cargo xtask <verb>` runs this with the same arguments. The benchmark suite, which runs the
+//! system the same way, is the bench crate's `bench` binary (`bench/src/bin/bench/`).
 
 #![expect(clippy::print_stdout, reason = "the demo prints what `curl -i` would")]
 
@@ -15,7 +16,6 @@ use clap::{Parser, Subcommand};
 use extproc_testkit::envoy::{self, Envoy};
 use extproc_testkit::process::{KillOnDrop, wait_until_ready};
 
-mod bench;
 mod reliability;
 
 #[derive(Debug, Parser)]
@@ -45,13 +45,6 @@ enum Verb {
         #[arg(long, value_name = "SECONDS")]
         soak: Option<u64>,
     },
-    /// The concurrency benchmark's reduced form, which the test command runs: the host with
-    /// its shipped settings holds 2,000 exchanges in flight through Envoy with no error.
-    ConcurrencyCheck,
-    /// The benchmark suite: in-process criterion benchmarks, memory against open streams, and
-    /// four setups through a real Envoy (none, Lua, wasm-extproc, a native ext_proc server).
-    /// Writes BENCHMARKS.md, bench/plots/ and bench/results.json. Not part of `test`.
-    Bench(bench::Options),
 }
 
 #[derive(Debug, clap::Args)]
@@ -93,8 +86,6 @@ fn dispatch(verb: Verb) -> anyhow::Result<()> {
             };
             reliability::run(load, concurrency)
         }
-        Verb::ConcurrencyCheck => bench::concurrency::check(),
-        Verb::Bench(options) => bench::run_suite(&options),
     }
 }
 

@@ -11,12 +11,22 @@ use wasm_extproc_core::http::{HeaderMap, Message};
 pub const BUNDLED: &str = "wasm32-unknown-unknown";
 pub const WASI: &str = "wasm32-wasip2";
 
+/// The target directory every build shares, as xtask finds it: `$CARGO_TARGET_DIR`, else the
+/// repository's `target/`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+}
+
 /// Where the build leaves components for `target`.
 pub fn components(target: &str) -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    dir.join(target).join("release")
+    target_dir().join(target).join("release")
+}
+
+/// Where a benchmark that prints a table leaves it, for `cargo xtask bench` to put in the report.
+pub fn tables() -> PathBuf {
+    target_dir().join("bench")
 }
 
 /// Request headers as Envoy sends them for a typical API call behind an Istio sidecar.

@@ -1,4 +1,4 @@
-//! The in-process half: runs the criterion benchmarks in `core/benches/` and reads back the
+//! The in-process half: runs the criterion benchmarks in `bench/benches/` and reads back the
 //! median of each from criterion's own records (`target/criterion/**/new/`).
 
 use std::collections::BTreeMap;
@@ -33,14 +33,14 @@ impl Estimate {
 /// Results by id: `group/function` (`stream/asm_demo`, `chain/4`, `body/buffered/1024`).
 pub type Estimates = BTreeMap<String, Estimate>;
 
-/// Runs `core/benches/stream.rs` and returns its medians.
+/// Runs `bench/benches/stream.rs` and returns its medians.
 pub fn run_stream_benchmarks() -> anyhow::Result<Estimates> {
     let records = target_dir().join("criterion");
     // Results of benchmarks that no longer exist must not reach the report.
     if records.exists() {
         std::fs::remove_dir_all(&records)?;
     }
-    run(cargo().args(["bench", "-p", "wasm-extproc-core", "--bench", "stream"]))?;
+    run(cargo().args(["bench", "-p", "extproc-bench", "--bench", "stream"]))?;
     read(&records)
 }
 

@@ -4,7 +4,7 @@
 //! apart: instantiating and dropping alone (the memory image, the engine's start-up), and the
 //! two handler calls alone on an instance kept from stream to stream (`isolation = "reuse"`).
 //!
-//!     cargo xtask build-plugins && cargo bench -p wasm-extproc-core --bench languages
+//!     cargo xtask build-plugins && cargo bench -p extproc-bench --bench languages
 //!
 //! Prints a Markdown table (medians; the machine is shared, so compare ratios) and writes it to
 //! target/bench/languages.md.
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 
-use common::{WASI, components, request_headers, response_headers};
+use common::{WASI, components, request_headers, response_headers, tables};
 use wasm_extproc_core::config::{DEFAULT_CHAIN, Settings};
 use wasm_extproc_core::http::{ExchangeContext, Message, Phase};
 use wasm_extproc_core::metrics::Metrics;
@@ -182,7 +182,7 @@ fn main() {
         ));
     }
     print!("{table}");
-    let out = components(WASI).join("../../bench");
+    let out = tables();
     std::fs::create_dir_all(&out).unwrap();
     std::fs::write(out.join("languages.md"), &table).unwrap();
 }

@@ -49,9 +49,9 @@ pub struct Results {
     /// Exchanges in flight: connections through Envoy behind a slow upstream.
     #[serde(default)]
     pub concurrency: Vec<Level>,
-    /// The languages benchmark's table (core/benches/languages.rs), as it printed it.
+    /// The languages benchmark's table (bench/benches/languages.rs), as it printed it.
     pub languages: Option<String>,
-    /// The state and outbound benchmark's table (tests/benches/state.rs), as it printed it.
+    /// The state and outbound benchmark's table (bench/benches/state.rs), as it printed it.
     #[serde(default)]
     pub state: Option<String>,
 }
@@ -117,7 +117,7 @@ pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<(
         writeln!(
             md,
             "## Plugin languages\n\nThe ASM demo plugin built in each language \
-             (`core/benches/languages.rs`): component size, compile time cold and from the \
+             (`bench/benches/languages.rs`): component size, compile time cold and from the \
              compilation cache, and the per-stream work (instantiate + both header phases; \
              these components import WASI), taken apart: instantiating and dropping alone, and \
              the two calls alone on an instance kept from stream to stream (`isolation = \
@@ -129,7 +129,7 @@ pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<(
         writeln!(
             md,
             "## State and outbound calls\n\nWhat a plugin's state operations and HTTP \
-             requests cost, seen from the plugin (`tests/benches/state.rs`): a request-headers \
+             requests cost, seen from the plugin (`bench/benches/state.rs`): a request-headers \
              call making 100 operations, less the same call making none, per operation; the \
              call itself on an instance kept across calls, for scale. The embedded store is \
              the default backend; Redis (`redis-server` from Debian) and the HTTP server (hyper) \
@@ -632,7 +632,7 @@ fn micro_section(
     let us = |id: &str| results.micro.get(id).map(|e| e.micros());
     writeln!(
         md,
-        "## In process (criterion, `core/benches/stream.rs`)\n\n\
+        "## In process (criterion, `bench/benches/stream.rs`)\n\n\
          One stream's Wasm work for the bundled plugin: instantiate from the pre-linked \
          component (pooling allocator), run both header phases on 12 request and 6 response \
          headers, drop the instance. The bundled plugins build for `wasm32-unknown-unknown` and \

@@ -1,18 +1,25 @@
 //! `cargo xtask bench`: the benchmark suite, in one command. It builds what it measures, then
 //! runs, in order:
 //!
-//! - [`micro`]: criterion, in process -- per-stream cost, chain length, body throughput;
-//! - the languages benchmark (the ASM plugin in Rust, C, JavaScript and Python);
-//! - the state benchmark (state store operations on each backend, an outbound HTTP request);
+//! - [`micro`]: criterion, in process -- per-stream cost, chain length, body throughput
+//!   (`bench/benches/stream.rs`);
+//! - the languages benchmark (the ASM plugin in Rust, C, JavaScript and Python;
+//!   `bench/benches/languages.rs`);
+//! - the state benchmark (state store operations on each backend, an outbound HTTP request;
+//!   `bench/benches/state.rs`);
 //! - [`rss`]: the host's memory against open streams;
 //! - [`e2e`]: the setups through a real Envoy, pinned to cores, under wrk and hey;
 //! - [`concurrency`]: thousands of exchanges in flight behind a slow upstream, host and native;
 //!
 //! and writes BENCHMARKS.md with its plots (bench/plots/) and the raw figures
 //! (bench/results.json). `--report-only` renders the report again from the raw figures.
+//!
+//! `cargo xtask bench` builds this and runs it with the same arguments; `cargo xtask test` runs
+//! its `concurrency-check`. It needs the test kit, as the live verbs do (`xtask/live`), and the
+//! workspace build compiles it with everything else.
 
-pub mod concurrency;
-pub mod e2e;
+mod concurrency;
+mod e2e;
 mod micro;
 mod report;
 mod rss;
@@ -21,13 +28,46 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::{Parser, Subcommand};
 use xtask::{cargo, repo_root, run, target_dir};
 
 /// Open-stream counts for the memory benchmark.
 const STREAM_COUNTS: [usize; 4] = [1, 100, 1_000, 10_000];
 
+/// The benchmark suite: in-process criterion benchmarks, memory against open streams, and
+/// four setups through a real Envoy (none, Lua, wasm-extproc, a native ext_proc server).
+/// Writes BENCHMARKS.md, bench/plots/ and bench/results.json. Not part of `cargo xtask test`.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask bench",
+    bin_name = "cargo xtask bench",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    check: Option<Check>,
+    #[command(flatten)]
+    suite: Options,
+}
+
+/// What `cargo xtask test` runs of the suite, reduced to fit it.
+#[derive(Debug, Subcommand)]
+enum Check {
+    /// The concurrency benchmark's reduced form: the host with its shipped settings holds
+    /// 2,000 exchanges in flight through Envoy with no error.
+    ConcurrencyCheck,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    xtask::exit_code(match cli.check {
+        Some(Check::ConcurrencyCheck) => concurrency::check(),
+        None => run_suite(&cli.suite),
+    })
+}
+
 #[derive(Debug, clap::Args)]
-pub struct Options {
+struct Options {
     /// Length of each end-to-end load run, in seconds.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -51,17 +91,17 @@ pub struct Options {
 
 /// The parts of the suite.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Part {
+enum Part {
     Micro,
     Languages,
-    /// State store operations and outbound HTTP (tests/benches/state.rs).
+    /// State store operations and outbound HTTP (bench/benches/state.rs).
     State,
     Rss,
     E2e,
     Concurrency,
 }
 
-pub fn run_suite(options: &Options) -> anyhow::Result<()> {
+fn run_suite(options: &Options) -> anyhow::Result<()> {
     let results_path = repo_root().join("bench/results.json");
     let results = if options.report_only {
         serde_json::from_slice(
@@ -106,8 +146,9 @@ fn measure(
         ])
         .arg("--target-dir")
         .arg(target_dir()))?;
-    // What ships: the host, the module and the baselines linked with thin LTO, as the image's
-    // build does (`[profile.dist]`).
+    // What ships: the host and the module linked with thin LTO, as the image's build does
+    // (`[profile.dist]`); the baselines likewise. Their package's own features apart, so the
+    // host's and the module's stay those the image builds with.
     run(cargo().args([
         "build",
         "--profile",
@@ -116,8 +157,17 @@ fn measure(
         "wasm-extproc",
         "--package",
         "wasm-extproc-module",
+    ]))?;
+    // Without this driver (the `driver` feature), which is no baseline: neither it nor the
+    // test kit it needs is built with LTO for nothing.
+    run(cargo().args([
+        "build",
+        "--profile",
+        e2e::MEASURED_PROFILE,
         "--package",
         "extproc-bench",
+        "--no-default-features",
+        "--bins",
     ]))?;
 
     let wanted = |part: Part| options.only.is_none_or(|only| only == part);
@@ -126,11 +176,11 @@ fn measure(
         results.micro = micro::run_stream_benchmarks()?;
     }
     if wanted(Part::Languages) {
-        run(cargo().args(["bench", "-p", "wasm-extproc-core", "--bench", "languages"]))?;
+        run(cargo().args(["bench", "-p", "extproc-bench", "--bench", "languages"]))?;
         results.languages = std::fs::read_to_string(target_dir().join("bench/languages.md")).ok();
     }
     if wanted(Part::State) {
-        run(cargo().args(["bench", "-p", "extproc-testkit", "--bench", "state"]))?;
+        run(cargo().args(["bench", "-p", "extproc-bench", "--bench", "state"]))?;
         results.state = std::fs::read_to_string(target_dir().join("bench/state.md")).ok();
     }
     if wanted(Part::Rss) {

@@ -15,7 +15,7 @@ const LOAD_CORE: &str = "1";
 const WARM_UP: Duration = Duration::from_secs(1);
 
 /// A load generator on its own core.
-pub(in crate::bench) fn load_generator(program: &str) -> Command {
+pub(crate) fn load_generator(program: &str) -> Command {
     let mut command = Command::new("taskset");
     command.args(["-c", LOAD_CORE, program]);
     command
@@ -64,7 +64,7 @@ pub(super) fn hey(listener: SocketAddr, rate: u64, options: &Options) -> anyhow:
 }
 
 /// Runs a command to its end and returns its stdout; fails, with its stderr, if it does.
-pub(in crate::bench) fn output_of(command: &mut Command) -> anyhow::Result<String> {
+pub(crate) fn output_of(command: &mut Command) -> anyhow::Result<String> {
     let shown = format!("{command:?}");
     let output = command
         .output()

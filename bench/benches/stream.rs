@@ -13,7 +13,7 @@
 //! BENCHMARKS.md; once the components are built, this alone is:
 //!
 //! ```text
-//! cargo bench -p wasm-extproc-core --bench stream
+//! cargo bench -p extproc-bench --bench stream
 //! ```
 //!
 

@@ -3,7 +3,7 @@
 //! divided by `N`. The backends: the embedded store, and a real Redis (`redis-server`) on
 //! loopback; the HTTP server is a local hyper server answering a few bytes.
 //!
-//!     cargo xtask build-plugins && cargo bench -p extproc-testkit --bench state
+//!     cargo xtask build-plugins && cargo bench -p extproc-bench --bench state
 //!
 //! Prints a Markdown table (medians; the machine is shared, so compare within a run) and
 //! writes it to target/bench/state.md.
@@ -13,6 +13,8 @@
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod common;
 
 use extproc_testkit::fixtures::{CALL_OUT, Component, KV_PROBE};
 use extproc_testkit::redis::Redis;
@@ -203,7 +205,7 @@ fn main() {
         micros(without)
     ));
     println!("{table}");
-    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    let out = common::tables();
     std::fs::create_dir_all(&out).expect("target/bench");
     std::fs::write(out.join("state.md"), table).expect("write state.md");
 }
