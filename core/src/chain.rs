@@ -18,26 +18,42 @@
 //! caller keeps them back while a plugin wants the body whole
 //! ([`opens_headers`](StreamChain::opens_headers)). What body handlers change in them comes
 //! with the verdict on that last message ([`Verdict::headers`]).
+//!
+//! # Layout
+//!
+//! - `call`: the one way the chain calls a plugin, serving or shadow: breaker, instance, call,
+//!   guard, and what is counted and recorded of it.
+//! - `held`: the chunks held back for plugins that want whole bodies.
+//! - `shadow`: shadow plugins, run beside a serving one and compared with it.
+//! - `plugin_state`: what a stream keeps of each plugin.
+//!
+//! Imports run one way: this file uses all four; `shadow` uses `call`; each uses
+//! `plugin_state`.
 
+mod call;
+mod held;
+mod plugin_state;
+mod shadow;
+
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tracing::Instrument;
-
-use crate::bodies::{MAX_HELD_BODY_BYTES, Reservation};
-use crate::breaker::{Admission, Call, Client, Transition};
+use crate::bodies::Reservation;
 use crate::config::FailurePolicy;
 use crate::http::{
     BodyChunk, BodyMode, Changes, Decision, Delivery, Direction, Effects, ExchangeContext,
     HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
 };
-use crate::registry::{Chain, Generation, SHADOW_LOG_INTERVAL, Shadow};
-use crate::runtime::{Action, Instance, Outcome, Plugin, PluginError};
+use crate::metrics::PluginMetrics;
+use crate::registry::{Chain, Generation};
+use crate::runtime::{Action, Plugin, PluginError};
+use call::{Answered, Called, Callee, Pass, Role};
+use held::{Arrival, Holding, held_index, let_go, take_whole_body};
+use plugin_state::{PluginState, Slot};
+use shadow::{Given, Made, Shadowing, run_shadows};
 
-/// The `tracing` target of the spans meant for traces: only a trace layer enables it.
-pub const TRACE_TARGET: &str = "wasm_extproc::trace";
-/// The span of one plugin call (instantiation included), child of the stream's.
-pub const CALL_SPAN: &str = "plugin call";
+pub use call::{CALL_SPAN, SOURCE_ADDRESS, TRACE_TARGET};
 
 /// The chain as one stream sees it: the plugins it started with, their instances, and the
 /// body chunks held for plugins that want whole bodies.
@@ -59,53 +75,6 @@ struct OpenHeaders {
     headers: HeaderMap,
     /// What body handlers changed so far, checked by the guard.
     changes: HeaderChanges,
-}
-
-#[derive(Debug, Default)]
-struct PluginState {
-    slot: Slot,
-    /// Chunks held back, per direction (request, response).
-    held: [Option<Vec<u8>>; 2],
-    /// Their share of the host's body budget, per direction.
-    held_reserved: [Option<Reservation>; 2],
-    /// Whether the "cannot hold chunks in STREAMED mode" warning was logged for this stream.
-    warned_streamed: bool,
-}
-
-#[derive(Debug, Default)]
-enum Slot {
-    /// Not needed yet.
-    #[default]
-    Idle,
-    Live(Box<Instance>),
-    /// No phase it handles can still come: its instance went back to the pool early.
-    Done,
-    /// Failed earlier in this stream: skipped from now on.
-    Skipped,
-}
-
-/// How a body message reaches the chain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Arrival {
-    /// As Envoy sent it.
-    FromEnvoy,
-    /// Trailers came: whatever a plugin holds is all of the body there will be.
-    Flushed,
-}
-
-/// What a plugin that wants whole bodies does with a chunk.
-enum Holding {
-    /// It sees the message now: it is the whole body, or the plugin takes chunks.
-    PassOn,
-    /// It keeps the chunk until the body is complete: nothing goes on yet.
-    Held,
-}
-
-fn held_index(direction: Direction) -> usize {
-    match direction {
-        Direction::Request => 0,
-        Direction::Response => 1,
-    }
 }
 
 impl StreamChain {
@@ -271,6 +240,7 @@ impl StreamChain {
         .await
     }
 
+    /// Passes `message` through the plugins that handle `phase`, from the one at `first`.
     async fn run_from(
         &mut self,
         first: usize,
@@ -280,37 +250,21 @@ impl StreamChain {
         context: &Arc<ExchangeContext>,
         arrival: Arrival,
     ) -> Verdict {
-        let mut effects = Effects::default();
-        let mut changes = HeaderChanges::default();
         let direction = phase.direction();
-        // A plugin instantiated for this message waits for a full pool from now on.
-        let arrived = Instant::now();
-        let generation = &*self.generation;
-        let chain = generation.chain(self.index);
+        let pass = Pass {
+            generation: &self.generation,
+            phase,
+            context,
+            // A plugin instantiated for this message waits for a full pool from now on.
+            arrived: Instant::now(),
+        };
+        let chain = self.generation.chain(self.index);
         // Body handlers that take headers get these, while they are open.
-        let mut open = match message {
+        let open = match message {
             Message::Body(_) => self.open[held_index(direction)].take(),
             _ => None,
         };
-        // A body the plugins will see is held against the host-wide budget until the answer;
-        // without room, none of them sees it.
-        let mut reserved = Vec::new();
-        let over_budget = match &message {
-            Message::Body(chunk) if !chunk.data.is_empty() => {
-                let bytes = chunk.data.len() as u64;
-                match generation.bodies.reserve(bytes) {
-                    Some(reservation) => {
-                        reserved.push(reservation);
-                        None
-                    }
-                    None => Some(PluginError::BodyBudget {
-                        bytes,
-                        limit: generation.bodies.limit(),
-                    }),
-                }
-            }
-            _ => None,
-        };
+        let mut run = Run::new(pass, chain, (body_mode, arrival), open, &message);
         let plugins = chain
             .plugins()
             .iter()
@@ -319,208 +273,48 @@ impl StreamChain {
             .enumerate()
             .skip(first);
         let mut stopped = None;
-        // What shadow plugins run on, and what the plugins they run beside made of it.
-        let mut shadowing = Vec::new();
         for (index, ((plugin, metrics), state)) in plugins {
             if !plugin.phases().contains(phase) || matches!(state.slot, Slot::Skipped) {
                 continue;
             }
-            let failed = |state: &mut PluginState, error: PluginError, took: Duration| {
-                state.slot = Slot::Skipped;
-                metrics.call(phase, error.kind(), took);
-                if error.is_plugins_fault() {
-                    let call = Call::Failed(client_of(context));
-                    log_transition(plugin, plugin.breaker().record(Instant::now(), call));
-                }
-                on_failure(plugin, phase, &error)
-            };
-            if let Some(error) = &over_budget {
-                // What the plugin held of this body must not be lost: it flows on, unchanged,
-                // ahead of the message there was no room for.
-                if let Message::Body(chunk) = &mut message {
-                    let index = held_index(direction);
-                    if let Some(mut held) = state.held[index].take() {
-                        held.append(&mut chunk.data);
-                        chunk.data = held;
-                        reserved.extend(state.held_reserved[index].take());
-                    }
-                }
-                match failed(state, error.clone(), Duration::ZERO) {
-                    Some(response) => {
-                        stopped = Some(Decision::Respond(response));
-                        break;
-                    }
-                    None => continue,
-                }
-            }
-            if let Message::Body(chunk) = &mut message {
-                let holding = take_whole_body(
-                    plugin,
-                    state,
-                    (direction, &mut reserved),
-                    chunk,
-                    body_mode,
-                    arrival,
-                );
-                match holding {
-                    Ok(Holding::PassOn) => {}
-                    Ok(Holding::Held) => {
-                        stopped = Some(Decision::Held);
-                        break;
-                    }
-                    Err(error) => match failed(state, error, Duration::ZERO) {
-                        Some(response) => {
-                            stopped = Some(Decision::Respond(response));
-                            break;
-                        }
-                        None => continue,
-                    },
-                }
-            }
-            let started = Instant::now();
-            if let Admission::Quarantined(left) =
-                plugin.breaker().admit(started, || client_of(context))
-            {
-                match failed(state, PluginError::Quarantined(left), Duration::ZERO) {
-                    Some(response) => {
-                        stopped = Some(Decision::Respond(response));
-                        break;
-                    }
-                    None => continue,
-                }
-            }
-            let mut call_started = started;
-            // Disabled, and free, unless a trace layer wants it (the server's `[tracing]`).
-            let span = tracing::trace_span!(
-                target: TRACE_TARGET,
-                CALL_SPAN,
-                chain = plugin.chain(),
-                plugin = plugin.name(),
-                phase = phase.as_str(),
-                outcome = tracing::field::Empty,
-                instantiate_us = tracing::field::Empty,
-            );
-            if let Slot::Idle = state.slot
-                && let Some(instance) = plugin.take_idle()
-            {
-                state.slot = Slot::Live(Box::new(instance));
-            }
-            if let Slot::Idle = state.slot {
-                let instantiated = plugin
-                    .instantiate(started, arrived)
-                    .instrument(span.clone())
-                    .await;
-                call_started = Instant::now();
-                span.record(
-                    "instantiate_us",
-                    (call_started - started).as_micros() as u64,
-                );
-                match instantiated {
-                    Ok(instance) => {
-                        metrics.instantiated(call_started - started);
-                        state.slot = Slot::Live(Box::new(instance));
-                    }
-                    Err(error) => match failed(state, error, call_started - started) {
-                        Some(response) => {
-                            stopped = Some(Decision::Respond(response));
-                            break;
-                        }
-                        None => continue,
-                    },
-                }
-            }
-            let Slot::Live(instance) = &mut state.slot else {
-                continue;
-            };
-            // Only where a shadow runs beside this plugin: what it is given, copied.
-            let mut given = chain.is_shadowed(index).then(|| Given {
-                message: message.clone(),
-                headers: open.as_ref().map(|open| open.headers.clone()),
-            });
-            let lent = open
-                .as_mut()
-                .filter(|_| plugin.contract().body_sees_headers())
-                .map(|open| std::mem::take(&mut open.headers));
-            let (back, headers, result) = instance
-                .call(phase, message, lent, context, call_started)
-                .instrument(span.clone())
-                .await;
+            let (back, next) = run.through(index, (plugin, metrics), state, message).await;
             message = back;
-            if let (Some(open), Some(headers)) = (open.as_mut(), headers) {
-                open.headers = headers;
-            }
-            let check = |outcome: Outcome| -> Result<_, String> {
-                let checked = generation.guard.check(phase, &message, &outcome)?;
-                let opened = match &open {
-                    Some(open) => Some(
-                        generation
-                            .guard
-                            .check_open_headers(direction.headers(), &open.headers)?,
-                    ),
-                    None => None,
-                };
-                Ok((outcome, checked, opened))
-            };
-            let checked =
-                result.and_then(|outcome| check(outcome).map_err(PluginError::InvalidOutput));
-            let ended = Instant::now();
-            match checked {
-                Ok((outcome, checked, opened)) => {
-                    if let Some(given) = given.take() {
-                        shadowing.push(Shadowing {
-                            beside: index,
-                            given,
-                            served: Made {
-                                message: message.clone(),
-                                headers: open.as_ref().map(|open| open.headers.clone()),
-                                outcome: outcome.clone(),
-                            },
-                        });
-                    }
-                    message.checkpoint();
-                    if let Some(checked) = checked {
-                        changes.absorb(checked);
-                    }
-                    if let (Some(open), Some(opened)) = (open.as_mut(), opened) {
-                        open.headers.checkpoint();
-                        open.changes.absorb(opened);
-                    }
-                    metrics.call(phase, "ok", ended - started);
-                    span.record("outcome", "ok");
-                    log_transition(plugin, plugin.breaker().record(ended, Call::Succeeded));
-                    effects.absorb(outcome.effects);
-                    if let Action::Respond(response) = outcome.action {
-                        metrics.responded(response.status);
-                        stopped = Some(Decision::Respond(response));
-                        break;
-                    }
-                }
-                Err(error) => {
-                    span.record("outcome", error.kind());
-                    // Its changes are dropped: the message goes on as the plugin got it.
-                    message.rollback();
-                    if let Some(open) = open.as_mut() {
-                        open.headers.rollback();
-                    }
-                    if let Some(response) = failed(state, error, ended - started) {
-                        stopped = Some(Decision::Respond(response));
-                        break;
-                    }
-                }
+            if let ControlFlow::Break(decision) = next {
+                stopped = Some(decision);
+                break;
             }
         }
+        let Run {
+            pass,
+            answer,
+            reserved,
+            shadowing,
+            ..
+        } = run;
         for shadowing in shadowing {
-            run_shadows(
-                chain,
-                &mut self.shadows,
-                generation,
-                phase,
-                shadowing,
-                context,
-                arrived,
-            )
-            .await;
+            run_shadows(chain, &mut self.shadows, &pass, shadowing).await;
         }
+        let verdict = self.verdict(direction, body_mode, stopped, message, answer);
+        // The body the plugins saw was held against the budget until now.
+        drop(reserved);
+        verdict
+    }
+
+    /// The answer to Envoy on a message the plugins are through with: `stopped` where one of
+    /// them stopped it, else the message goes on with what `answer` gathered.
+    fn verdict(
+        &mut self,
+        direction: Direction,
+        body_mode: BodyMode,
+        stopped: Option<Decision>,
+        message: Message,
+        answer: Answer,
+    ) -> Verdict {
+        let Answer {
+            open,
+            changes,
+            effects,
+        } = answer;
         let decision = match stopped {
             Some(Decision::Held) => {
                 // The headers stay open until the body is let go.
@@ -559,6 +353,187 @@ impl StreamChain {
     }
 }
 
+/// One message on its way through the chain's plugins.
+struct Run<'a> {
+    pass: Pass<'a>,
+    chain: &'a Chain,
+    /// How Envoy sends bodies in the message's direction, and how this one reached the chain.
+    body_mode: BodyMode,
+    arrival: Arrival,
+    answer: Answer,
+    /// The share of the host's body budget of the body the plugins see, held until the answer.
+    reserved: Vec<Reservation>,
+    /// Why no plugin sees this body: there was no room for it in the host's body budget.
+    over_budget: Option<PluginError>,
+    /// What shadow plugins run on, and what the plugins they run beside made of it.
+    shadowing: Vec<Shadowing>,
+}
+
+/// What the plugins' changes that were kept add up to so far: what the answer carries.
+#[derive(Default)]
+struct Answer {
+    /// The direction's headers, while they are open to body handlers.
+    open: Option<OpenHeaders>,
+    changes: HeaderChanges,
+    effects: Effects,
+}
+
+impl<'a> Run<'a> {
+    fn new(
+        pass: Pass<'a>,
+        chain: &'a Chain,
+        (body_mode, arrival): (BodyMode, Arrival),
+        open: Option<OpenHeaders>,
+        message: &Message,
+    ) -> Self {
+        // A body the plugins will see is held against the host-wide budget until the answer;
+        // without room, none of them sees it.
+        let mut reserved = Vec::new();
+        let bodies = &pass.generation.bodies;
+        let over_budget = match message {
+            Message::Body(chunk) if !chunk.data.is_empty() => {
+                let bytes = chunk.data.len() as u64;
+                match bodies.reserve(bytes) {
+                    Some(reservation) => {
+                        reserved.push(reservation);
+                        None
+                    }
+                    None => Some(PluginError::BodyBudget {
+                        bytes,
+                        limit: bodies.limit(),
+                    }),
+                }
+            }
+            _ => None,
+        };
+        Run {
+            pass,
+            chain,
+            body_mode,
+            arrival,
+            answer: Answer {
+                open,
+                ..Answer::default()
+            },
+            reserved,
+            over_budget,
+            shadowing: Vec::new(),
+        }
+    }
+
+    /// Takes `message` through `plugin`, the chain's plugin at `index`: it may hold a body
+    /// chunk back, then the call, and what is kept of it. Breaks with the decision that stops
+    /// the message there.
+    async fn through(
+        &mut self,
+        index: usize,
+        (plugin, metrics): (&Plugin, &PluginMetrics),
+        state: &mut PluginState,
+        mut message: Message,
+    ) -> (Message, ControlFlow<Decision>) {
+        let phase = self.pass.phase;
+        let callee = Callee {
+            plugin,
+            metrics,
+            role: Role::Serving,
+        };
+        if let Message::Body(chunk) = &mut message {
+            match self.holding_for(plugin, state, chunk) {
+                Ok(Holding::PassOn) => {}
+                Ok(Holding::Held) => return (message, ControlFlow::Break(Decision::Held)),
+                Err(error) => {
+                    self.pass
+                        .fail(callee, &mut state.slot, &error, Duration::ZERO);
+                    return (message, on_failure(plugin, phase, &error));
+                }
+            }
+        }
+        // Only where a shadow runs beside this plugin: what it is given, copied.
+        let given = self.chain.is_shadowed(index).then(|| Given {
+            message: message.clone(),
+            headers: self.answer.open.as_ref().map(|open| open.headers.clone()),
+        });
+        let headers = self.answer.open.as_mut().map(|open| &mut open.headers);
+        let (mut message, called) = self
+            .pass
+            .call(callee, &mut state.slot, message, headers)
+            .await;
+        let next = match called {
+            Called::Answered(answered) => {
+                if let Some(given) = given {
+                    self.shadow(index, given, &message, &answered);
+                }
+                self.keep(metrics, &mut message, answered)
+            }
+            Called::Failed(error) => on_failure(plugin, phase, &error),
+            Called::Gone => ControlFlow::Continue(()),
+        };
+        (message, next)
+    }
+
+    /// Whether `plugin` sees `chunk` now (see [`take_whole_body`]); an error where it cannot
+    /// see it at all.
+    fn holding_for(
+        &mut self,
+        plugin: &Plugin,
+        state: &mut PluginState,
+        chunk: &mut BodyChunk,
+    ) -> Result<Holding, PluginError> {
+        let direction = self.pass.phase.direction();
+        if let Some(error) = &self.over_budget {
+            // What the plugin held of this body must not be lost: it flows on, unchanged,
+            // ahead of the message there was no room for.
+            let_go(state, direction, chunk, &mut self.reserved);
+            return Err(error.clone());
+        }
+        let reserved = (direction, &mut self.reserved);
+        take_whole_body(plugin, state, reserved, chunk, self.body_mode, self.arrival)
+    }
+
+    /// Keeps, for the shadows beside the plugin at `index`, what it was given and what it made.
+    fn shadow(&mut self, index: usize, given: Given, message: &Message, answered: &Answered) {
+        self.shadowing.push(Shadowing {
+            beside: index,
+            given,
+            served: Made {
+                message: message.clone(),
+                headers: self.answer.open.as_ref().map(|open| open.headers.clone()),
+                outcome: answered.outcome.clone(),
+            },
+        });
+    }
+
+    /// Keeps what a plugin that answered made of `message`: its changes and effects. Breaks
+    /// where it answered the client itself.
+    fn keep(
+        &mut self,
+        metrics: &PluginMetrics,
+        message: &mut Message,
+        answered: Answered,
+    ) -> ControlFlow<Decision> {
+        let Answered {
+            outcome,
+            changes,
+            opened,
+        } = answered;
+        let answer = &mut self.answer;
+        message.checkpoint();
+        if let Some(changes) = changes {
+            answer.changes.absorb(changes);
+        }
+        if let (Some(open), Some(opened)) = (answer.open.as_mut(), opened) {
+            open.headers.checkpoint();
+            open.changes.absorb(opened);
+        }
+        answer.effects.absorb(outcome.effects);
+        if let Action::Respond(response) = outcome.action {
+            metrics.responded(response.status);
+            return ControlFlow::Break(Decision::Respond(response));
+        }
+        ControlFlow::Continue(())
+    }
+}
+
 impl Drop for StreamChain {
     /// Instances still healthy at the end of the stream go back to their plugin, which keeps
     /// them if it is reused (`isolation = "reuse"`) and drops them otherwise.
@@ -567,353 +542,8 @@ impl Drop for StreamChain {
     }
 }
 
-/// What a plugin with shadows beside it was given: the message, and its direction's headers
-/// where they were open to body handlers.
-#[derive(Clone)]
-struct Given {
-    message: Message,
-    headers: Option<HeaderMap>,
-}
-
-/// What a plugin made of what it was given.
-struct Made {
-    message: Message,
-    headers: Option<HeaderMap>,
-    outcome: Outcome,
-}
-
-impl Made {
-    /// Whether `other` came out the same: the same headers (in any order) or body bytes, the
-    /// same open headers, the same decision and effects.
-    fn same_as(&self, other: &Made) -> bool {
-        let same_headers = |a: &HeaderMap, b: &HeaderMap| {
-            let sorted = |h: &HeaderMap| {
-                let mut entries = h.entries().to_vec();
-                entries.sort();
-                entries
-            };
-            sorted(a) == sorted(b)
-        };
-        let same_message = match (&self.message, &other.message) {
-            (Message::Headers { headers: a, .. }, Message::Headers { headers: b, .. })
-            | (Message::Trailers(a), Message::Trailers(b)) => same_headers(a, b),
-            (Message::Body(a), Message::Body(b)) => a.data == b.data,
-            _ => false,
-        };
-        let same_open = match (&self.headers, &other.headers) {
-            (Some(a), Some(b)) => same_headers(a, b),
-            _ => true,
-        };
-        same_message && same_open && self.outcome == other.outcome
-    }
-
-    /// What it did, for a log line: its changes, its decision. Values of sensitive headers
-    /// are left out.
-    fn describe(&self) -> String {
-        let mut parts = Vec::new();
-        let changes = |headers: &HeaderMap, parts: &mut Vec<String>| {
-            let changes = headers.changes();
-            for (name, values) in &changes.set {
-                let shown: Vec<String> = values
-                    .iter()
-                    .map(|v| {
-                        if crate::http::SENSITIVE_HEADERS.contains(&name.as_str()) {
-                            "[redacted]".to_string()
-                        } else {
-                            String::from_utf8_lossy(v).into_owned()
-                        }
-                    })
-                    .collect();
-                parts.push(format!("set {name}: {}", shown.join(", ")));
-            }
-            for name in &changes.removed {
-                parts.push(format!("removed {name}"));
-            }
-        };
-        match &self.message {
-            Message::Headers { headers, .. } | Message::Trailers(headers) => {
-                changes(headers, &mut parts);
-            }
-            Message::Body(body) if body.replaced => {
-                parts.push(format!("replaced the body ({} bytes)", body.data.len()));
-            }
-            Message::Body(_) => {}
-        }
-        if let Some(headers) = &self.headers {
-            changes(headers, &mut parts);
-        }
-        if let Action::Respond(response) = &self.outcome.action {
-            parts.push(format!("answered {}", response.status));
-        }
-        for (namespace, key, _) in &self.outcome.effects.metadata {
-            parts.push(format!("set metadata {namespace}.{key}"));
-        }
-        if parts.is_empty() {
-            "nothing changed".into()
-        } else {
-            parts.join("; ")
-        }
-    }
-}
-
-/// One call of a plugin with shadows beside it, for them to run on.
-struct Shadowing {
-    /// The plugin's index in the chain.
-    beside: usize,
-    given: Given,
-    served: Made,
-}
-
-/// Runs the shadows beside the plugin of `shadowing` on what it was given, each on its own
-/// instance and budget, and compares what they make of it with what the plugin made. Nothing
-/// they do reaches the exchange: their output is dropped, and a failure only takes the shadow
-/// out of the stream and is counted.
-async fn run_shadows(
-    chain: &Chain,
-    states: &mut [PluginState],
-    generation: &Generation,
-    phase: Phase,
-    shadowing: Shadowing,
-    context: &Arc<ExchangeContext>,
-    arrived: Instant,
-) {
-    for (shadow, state) in chain.shadows().iter().zip(states.iter_mut()) {
-        let plugin = &shadow.plugin;
-        if shadow.beside != shadowing.beside
-            || !plugin.phases().contains(phase)
-            || matches!(state.slot, Slot::Skipped)
-        {
-            continue;
-        }
-        let started = Instant::now();
-        let made = shadow_call(
-            shadow,
-            state,
-            generation,
-            phase,
-            shadowing.given.clone(),
-            context,
-            arrived,
-        )
-        .await;
-        match made {
-            Ok(made) if made.same_as(&shadowing.served) => {}
-            Ok(made) => {
-                shadow.metrics.shadow_difference();
-                if shadow.may_log(started) {
-                    tracing::info!(
-                        chain = plugin.chain(),
-                        plugin = plugin.name(),
-                        beside = chain.plugins()[shadowing.beside].name(),
-                        phase = phase.as_str(),
-                        serving = %shadowing.served.describe(),
-                        shadow = %made.describe(),
-                        "shadow plugin answered differently (never applied; logged at most \
-                         every {}s, counted in wasm_extproc_shadow_differences_total)",
-                        SHADOW_LOG_INTERVAL.as_secs()
-                    );
-                }
-            }
-            Err(error) => {
-                state.slot = Slot::Skipped;
-                shadow.metrics.shadow_failure(error.kind());
-                if shadow.may_log(started) {
-                    tracing::info!(
-                        chain = plugin.chain(),
-                        plugin = plugin.name(),
-                        phase = phase.as_str(),
-                        kind = error.kind(),
-                        "shadow plugin failed (never applied; counted in \
-                         wasm_extproc_shadow_failures_total): {error}"
-                    );
-                }
-            }
-        }
-    }
-}
-
-/// One call of a shadow plugin, as the chain calls any plugin: its breaker, an instance,
-/// the call within its budget, the guard.
-async fn shadow_call(
-    shadow: &Shadow,
-    state: &mut PluginState,
-    generation: &Generation,
-    phase: Phase,
-    given: Given,
-    context: &Arc<ExchangeContext>,
-    arrived: Instant,
-) -> Result<Made, PluginError> {
-    let plugin = &shadow.plugin;
-    let started = Instant::now();
-    let result = async {
-        if let Admission::Quarantined(left) = plugin.breaker().admit(started, || client_of(context))
-        {
-            return Err(PluginError::Quarantined(left));
-        }
-        if let Slot::Idle = state.slot
-            && let Some(instance) = plugin.take_idle()
-        {
-            state.slot = Slot::Live(Box::new(instance));
-        }
-        if let Slot::Idle = state.slot {
-            let instance = plugin.instantiate(started, arrived).await?;
-            shadow.metrics.instantiated(started.elapsed());
-            state.slot = Slot::Live(Box::new(instance));
-        }
-        let Slot::Live(instance) = &mut state.slot else {
-            unreachable!("skipped shadows are not called, and a live one is never done early");
-        };
-        let lent = given
-            .headers
-            .filter(|_| plugin.contract().body_sees_headers());
-        let (message, headers, outcome) = instance
-            .call(phase, given.message, lent, context, Instant::now())
-            .await;
-        let outcome = outcome?;
-        generation
-            .guard
-            .check(phase, &message, &outcome)
-            .map_err(PluginError::InvalidOutput)?;
-        Ok(Made {
-            message,
-            headers,
-            outcome,
-        })
-    }
-    .await;
-    let ended = Instant::now();
-    let kind = result.as_ref().err().map_or("ok", PluginError::kind);
-    shadow.metrics.call(phase, kind, ended - started);
-    match &result {
-        Ok(_) => log_transition(plugin, plugin.breaker().record(ended, Call::Succeeded)),
-        Err(error) if error.is_plugins_fault() => {
-            let call = Call::Failed(client_of(context));
-            log_transition(plugin, plugin.breaker().record(ended, call));
-        }
-        Err(_) => {}
-    }
-    result
-}
-
-/// Who sent the stream's request, as the breaker tells clients apart: Envoy's `source.address`.
-fn client_of(context: &ExchangeContext) -> Option<Client> {
-    Client::from_address(context.attributes.get(SOURCE_ADDRESS)?)
-}
-
-/// The attribute that tells the breaker clients apart.
-pub const SOURCE_ADDRESS: &str = "source.address";
-
-/// Logs a breaker transition: once per quarantine (or per run of failures that did not trip
-/// it), not once per request.
-fn log_transition(plugin: &Plugin, transition: Option<Transition>) {
-    match transition {
-        Some(Transition::Opened(backoff)) => tracing::warn!(
-            chain = plugin.chain(),
-            plugin = plugin.name(),
-            backoff_ms = backoff.as_millis() as u64,
-            "plugin keeps failing for several clients; quarantined: the clients it failed for \
-             get its failure policy without a call until the back-off ends and a probe call \
-             succeeds; other clients' requests are still called"
-        ),
-        Some(Transition::Recovered) => {
-            tracing::info!(
-                chain = plugin.chain(),
-                plugin = plugin.name(),
-                "quarantined plugin recovered"
-            )
-        }
-        Some(Transition::TooFewClients {
-            failures,
-            clients: 0,
-        }) => tracing::warn!(
-            chain = plugin.chain(),
-            plugin = plugin.name(),
-            failures,
-            "plugin failed {failures} calls in a row, but Envoy sends no {SOURCE_ADDRESS}, so \
-             the breaker cannot tell clients apart and does not quarantine it (one client's \
-             requests must not switch a plugin off for everyone): list {SOURCE_ADDRESS} in the \
-             ext_proc filter's request_attributes ([module] request_attributes in Envoy's \
-             process)"
-        ),
-        Some(Transition::TooFewClients { failures, clients }) => tracing::warn!(
-            chain = plugin.chain(),
-            plugin = plugin.name(),
-            failures,
-            clients,
-            "plugin failed {failures} calls in a row, from {clients} client(s): fewer than \
-             breaker_min_clients, so not quarantined (a client's own requests cannot switch a \
-             plugin off for everyone)"
-        ),
-        None => {}
-    }
-}
-
-/// Whether `plugin` sees `chunk` now. A plugin that wants whole bodies, where Envoy streams
-/// them in `FULL_DUPLEX_STREAMED` mode, has chunks held for it until the body is complete (or
-/// flushed by trailers); then `chunk` becomes everything held plus itself.
-///
-/// A held chunk keeps the share of the host's body budget its message had (the run's
-/// `reserved`) while held; let go, the share goes back to the run, with the message it joined.
-fn take_whole_body(
-    plugin: &Plugin,
-    state: &mut PluginState,
-    (direction, reserved): (Direction, &mut Vec<Reservation>),
-    chunk: &mut BodyChunk,
-    body_mode: BodyMode,
-    arrival: Arrival,
-) -> Result<Holding, PluginError> {
-    if plugin.registration().delivery(direction) != Delivery::Whole {
-        return Ok(Holding::PassOn);
-    }
-    match body_mode {
-        BodyMode::FullDuplexStreamed => {}
-        // Envoy already sends everything it will send in one message.
-        BodyMode::Buffered | BodyMode::BufferedPartial => return Ok(Holding::PassOn),
-        BodyMode::Streamed | BodyMode::None => {
-            if !state.warned_streamed && !chunk.end_of_stream {
-                state.warned_streamed = true;
-                tracing::warn!(
-                    plugin = plugin.name(),
-                    "plugin wants whole bodies, but Envoy streams this one (STREAMED mode \
-                     answers every chunk in turn, so the host cannot hold chunks back): it \
-                     gets chunks; use BUFFERED or FULL_DUPLEX_STREAMED for this plugin"
-                );
-            }
-            return Ok(Holding::PassOn);
-        }
-    }
-    let index = held_index(direction);
-    let slot = &mut state.held[index];
-    let held = slot.get_or_insert_with(Vec::new);
-    if held.len() + chunk.data.len() > MAX_HELD_BODY_BYTES {
-        // Whatever the policy, what was held must not be lost: it flows on unchanged.
-        let mut whole = slot.take().unwrap_or_default();
-        reserved.extend(state.held_reserved[index].take());
-        whole.append(&mut chunk.data);
-        chunk.data = whole;
-        return Err(PluginError::BodyTooLarge(MAX_HELD_BODY_BYTES));
-    }
-    if !chunk.end_of_stream && arrival == Arrival::FromEnvoy {
-        held.append(&mut chunk.data);
-        // The whole message is held here: its share of the budget stays with it.
-        let share = &mut state.held_reserved[index];
-        for reservation in reserved.drain(..) {
-            match share {
-                Some(share) => share.absorb(reservation),
-                None => *share = Some(reservation),
-            }
-        }
-        return Ok(Holding::Held);
-    }
-    let mut whole = slot.take().unwrap_or_default();
-    reserved.extend(state.held_reserved[index].take());
-    whole.append(&mut chunk.data);
-    chunk.data = whole;
-    Ok(Holding::PassOn)
-}
-
-/// Logs a plugin failure and returns the answer its policy calls for, if any.
-fn on_failure(plugin: &Plugin, phase: Phase, error: &PluginError) -> Option<ImmediateResponse> {
+/// Logs a plugin failure, and breaks with the answer its policy calls for, if any.
+fn on_failure(plugin: &Plugin, phase: Phase, error: &PluginError) -> ControlFlow<Decision> {
     let policy = plugin.settings().failure_policy;
     // A quarantined plugin was logged once, when the quarantine began; the metrics count
     // every skipped call.
@@ -931,70 +561,19 @@ fn on_failure(plugin: &Plugin, phase: Phase, error: &PluginError) -> Option<Imme
         );
     }
     match policy {
-        FailurePolicy::Open => None,
-        FailurePolicy::Closed { status } => Some(ImmediateResponse {
-            status,
-            // Envoy's access log shows this as %RESPONSE_CODE_DETAILS%; the client sees only
-            // the status.
-            details: format!(
-                "wasm_extproc_plugin_failed:{}:{}",
-                plugin.name(),
-                error.kind()
-            ),
-            ..ImmediateResponse::default()
-        }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn made(sets: &[(&str, &str)], action: Action) -> Made {
-        let mut headers = HeaderMap::from_entries([("host".to_string(), b"a".to_vec())]);
-        for (name, value) in sets {
-            headers.set(name.to_string(), value.as_bytes().to_vec());
+        FailurePolicy::Open => ControlFlow::Continue(()),
+        FailurePolicy::Closed { status } => {
+            ControlFlow::Break(Decision::Respond(ImmediateResponse {
+                status,
+                // Envoy's access log shows this as %RESPONSE_CODE_DETAILS%; the client sees only
+                // the status.
+                details: format!(
+                    "wasm_extproc_plugin_failed:{}:{}",
+                    plugin.name(),
+                    error.kind()
+                ),
+                ..ImmediateResponse::default()
+            }))
         }
-        Made {
-            message: Message::Headers {
-                headers,
-                end_of_stream: false,
-            },
-            headers: None,
-            outcome: Outcome {
-                action,
-                effects: Effects::default(),
-            },
-        }
-    }
-
-    #[test]
-    fn shadow_outputs_compare_by_content_whatever_the_order_of_changes() {
-        let one = made(&[("x-a", "1"), ("x-b", "2")], Action::Continue);
-        assert!(one.same_as(&made(&[("x-b", "2"), ("x-a", "1")], Action::Continue)));
-        assert!(!one.same_as(&made(&[("x-a", "1"), ("x-b", "3")], Action::Continue)));
-        let refused = Action::Respond(ImmediateResponse {
-            status: 403,
-            ..ImmediateResponse::default()
-        });
-        assert!(!one.same_as(&made(&[("x-a", "1"), ("x-b", "2")], refused)));
-    }
-
-    #[test]
-    fn a_difference_is_described_without_sensitive_values() {
-        let refused = Action::Respond(ImmediateResponse {
-            status: 403,
-            ..ImmediateResponse::default()
-        });
-        let text = made(
-            &[("x-tag", "v2"), ("authorization", "Bearer s3cret")],
-            refused,
-        )
-        .describe();
-        assert_eq!(
-            text,
-            "set x-tag: v2; set authorization: [redacted]; answered 403"
-        );
-        assert_eq!(made(&[], Action::Continue).describe(), "nothing changed");
     }
 }

@@ -1,0 +1,28 @@
+//! What one stream keeps of each plugin of its chain (and of each shadow): its instance, and
+//! the body chunks held back for it.
+
+use crate::bodies::Reservation;
+use crate::runtime::Instance;
+
+#[derive(Debug, Default)]
+pub(super) struct PluginState {
+    pub(super) slot: Slot,
+    /// Chunks held back, per direction (request, response).
+    pub(super) held: [Option<Vec<u8>>; 2],
+    /// Their share of the host's body budget, per direction.
+    pub(super) held_reserved: [Option<Reservation>; 2],
+    /// Whether the "cannot hold chunks in STREAMED mode" warning was logged for this stream.
+    pub(super) warned_streamed: bool,
+}
+
+#[derive(Debug, Default)]
+pub(super) enum Slot {
+    /// Not needed yet.
+    #[default]
+    Idle,
+    Live(Box<Instance>),
+    /// No phase it handles can still come: its instance went back to the pool early.
+    Done,
+    /// Failed earlier in this stream: skipped from now on.
+    Skipped,
+}
