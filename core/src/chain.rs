@@ -43,14 +43,14 @@ use crate::bodies::Reservation;
 use crate::config::FailurePolicy;
 use crate::http::{
     BodyChunk, BodyMode, Changes, Decision, Delivery, Direction, Effects, ExchangeContext,
-    HeaderChanges, HeaderMap, ImmediateResponse, Message, Phase, PhaseSet, Verdict,
+    HeaderChanges, HeaderMap, ImmediateResponse, Message, PerDirection, Phase, PhaseSet, Verdict,
 };
 use crate::metrics::PluginMetrics;
 use crate::registry::{Chain, Generation};
 use crate::runtime::{Action, Plugin, PluginError};
 use call::{Answered, Called, Callee, Pass, Role};
-use held::{Arrival, Holding, held_index, let_go, take_whole_body};
-use plugin_state::{PluginState, Slot};
+use held::{Arrival, Holding, let_go, take_whole_body};
+use plugin_state::{InstanceState, PluginState};
 use shadow::{Given, Made, Shadowing, run_shadows};
 
 pub use call::{CALL_SPAN, SOURCE_ADDRESS, TRACE_TARGET};
@@ -66,7 +66,7 @@ pub struct StreamChain {
     /// The chain's shadow plugins' states, in the chain's order of shadows.
     shadows: Vec<PluginState>,
     /// Per direction (request, response): the headers while they are open to body handlers.
-    open: [Option<OpenHeaders>; 2],
+    open: PerDirection<Option<OpenHeaders>>,
 }
 
 /// A direction's headers, as the headers phase left them, lent to body handlers.
@@ -116,7 +116,7 @@ impl StreamChain {
             .plugins()
             .iter()
             .zip(&self.plugins)
-            .filter(|(_, state)| !matches!(state.slot, Slot::Skipped))
+            .filter(|(_, state)| !matches!(state.instance, InstanceState::Skipped))
             .fold(PhaseSet::EMPTY, |set, (plugin, _)| {
                 set.union(plugin.phases())
             })
@@ -132,9 +132,10 @@ impl StreamChain {
             .iter()
             .zip(&mut self.plugins)
         {
-            if matches!(state.slot, Slot::Live(_))
+            if matches!(state.instance, InstanceState::Live(_))
                 && !plugin.phases().intersects(to_come)
-                && let Slot::Live(instance) = std::mem::replace(&mut state.slot, Slot::Done)
+                && let InstanceState::Live(instance) =
+                    std::mem::replace(&mut state.instance, InstanceState::Done)
             {
                 plugin.release(*instance);
             }
@@ -148,7 +149,8 @@ impl StreamChain {
             .iter()
             .zip(&self.plugins)
             .filter(move |(plugin, state)| {
-                !matches!(state.slot, Slot::Skipped) && plugin.phases().contains(direction.body())
+                !matches!(state.instance, InstanceState::Skipped)
+                    && plugin.phases().contains(direction.body())
             })
             .map(|(plugin, _)| plugin)
     }
@@ -182,13 +184,13 @@ impl StreamChain {
     /// Whether `direction`'s headers are open to body handlers now: the caller holds its answer
     /// to them until a verdict carries [`Verdict::headers`].
     pub fn headers_open(&self, direction: Direction) -> bool {
-        self.open[held_index(direction)].is_some()
+        self.open[direction].is_some()
     }
 
     /// Opens `direction`'s headers to body handlers, as they are after the headers phase: for
     /// a caller whose chain did not run that phase (no plugin handles it).
     pub fn open_headers(&mut self, direction: Direction, headers: HeaderMap) {
-        self.open[held_index(direction)] = Some(OpenHeaders {
+        self.open[direction] = Some(OpenHeaders {
             headers,
             changes: HeaderChanges::default(),
         });
@@ -198,7 +200,7 @@ impl StreamChain {
     pub fn is_holding(&self, direction: Direction) -> bool {
         self.plugins
             .iter()
-            .any(|state| state.held[held_index(direction)].is_some())
+            .any(|state| state.held[direction].is_some())
     }
 
     /// Passes `message` through every plugin that handles `phase`, in order. `body_mode` is how
@@ -222,11 +224,10 @@ impl StreamChain {
         body_mode: BodyMode,
         context: &Arc<ExchangeContext>,
     ) -> Verdict {
-        let index = held_index(direction);
         let first = self
             .plugins
             .iter()
-            .position(|state| state.held[index].is_some())
+            .position(|state| state.held[direction].is_some())
             .unwrap_or(self.plugins.len());
         let empty = Message::Body(BodyChunk::new(Vec::new(), false));
         self.run_from(
@@ -261,7 +262,7 @@ impl StreamChain {
         let chain = self.generation.chain(self.index);
         // Body handlers that take headers get these, while they are open.
         let open = match message {
-            Message::Body(_) => self.open[held_index(direction)].take(),
+            Message::Body(_) => self.open[direction].take(),
             _ => None,
         };
         let mut run = Run::new(pass, chain, (body_mode, arrival), open, &message);
@@ -274,7 +275,8 @@ impl StreamChain {
             .skip(first);
         let mut stopped = None;
         for (index, ((plugin, metrics), state)) in plugins {
-            if !plugin.phases().contains(phase) || matches!(state.slot, Slot::Skipped) {
+            if !plugin.phases().contains(phase) || matches!(state.instance, InstanceState::Skipped)
+            {
                 continue;
             }
             let (back, next) = run.through(index, (plugin, metrics), state, message).await;
@@ -318,7 +320,7 @@ impl StreamChain {
         let decision = match stopped {
             Some(Decision::Held) => {
                 // The headers stay open until the body is let go.
-                self.open[held_index(direction)] = open;
+                self.open[direction] = open;
                 return Verdict {
                     decision: Decision::Held,
                     effects,
@@ -443,7 +445,7 @@ impl<'a> Run<'a> {
                 Ok(Holding::Held) => return (message, ControlFlow::Break(Decision::Held)),
                 Err(error) => {
                     self.pass
-                        .fail(callee, &mut state.slot, &error, Duration::ZERO);
+                        .fail(callee, &mut state.instance, &error, Duration::ZERO);
                     return (message, on_failure(plugin, phase, &error));
                 }
             }
@@ -456,7 +458,7 @@ impl<'a> Run<'a> {
         let headers = self.answer.open.as_mut().map(|open| &mut open.headers);
         let (mut message, called) = self
             .pass
-            .call(callee, &mut state.slot, message, headers)
+            .call(callee, &mut state.instance, message, headers)
             .await;
         let next = match called {
             Called::Answered(answered) => {

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use wasm_extproc_core::http::{
     BodyChunk, BodyMode, Changes, Decision, Direction, Effects, ExchangeContext, HeaderChanges,
-    HeaderMap, ImmediateResponse, Message, Phase, Verdict,
+    HeaderMap, ImmediateResponse, Message, PerDirection, Phase, Verdict,
 };
 use wasm_extproc_core::metrics::{Metrics, StreamGuard};
 use wasm_extproc_core::registry::Generation;
@@ -104,7 +104,7 @@ pub struct Exchange {
     reads: Arc<Reads>,
     metrics: Arc<Metrics>,
     context: Arc<ExchangeContext>,
-    flows: [Flow; 2],
+    flows: PerDirection<Flow>,
     _active: StreamGuard,
 }
 
@@ -113,13 +113,6 @@ pub struct Exchange {
 struct Flow {
     /// The headers wait for the whole body; whether they had a `content-length` to correct.
     headers_held: Option<bool>,
-}
-
-fn index(direction: Direction) -> usize {
-    match direction {
-        Direction::Request => 0,
-        Direction::Response => 1,
-    }
 }
 
 impl Exchange {
@@ -172,7 +165,7 @@ impl Exchange {
                 .header_entries(section)
                 .iter()
                 .any(|(name, _)| name == "content-length");
-            self.flows[index(direction)].headers_held = Some(has_length);
+            self.flows[direction].headers_held = Some(has_length);
             return HeadersStatus::StopIteration;
         }
         envoy.remove_header(section, "content-length");
@@ -344,7 +337,7 @@ impl Exchange {
         direction: Direction,
         whole: Option<usize>,
     ) {
-        let Some(had_length) = self.flows[index(direction)].headers_held.take() else {
+        let Some(had_length) = self.flows[direction].headers_held.take() else {
             return;
         };
         if !had_length {

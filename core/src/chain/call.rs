@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use tracing::Instrument;
 
-use super::plugin_state::Slot;
+use super::plugin_state::InstanceState;
 use crate::breaker::{Admission, Call, Client, Transition};
 use crate::http::{ExchangeContext, HeaderChanges, HeaderMap, Message, Phase};
 use crate::metrics::PluginMetrics;
@@ -80,7 +80,7 @@ impl Pass<'_> {
     pub(super) async fn call(
         &self,
         callee: Callee<'_>,
-        slot: &mut Slot,
+        slot: &mut InstanceState,
         mut message: Message,
         mut headers: Option<&mut HeaderMap>,
     ) -> (Message, Called) {
@@ -113,7 +113,7 @@ impl Pass<'_> {
                 return (message, Called::Failed(error));
             }
         };
-        let Slot::Live(instance) = slot else {
+        let InstanceState::Live(instance) = slot else {
             return (message, Called::Gone);
         };
         let lent = headers
@@ -159,17 +159,17 @@ impl Pass<'_> {
     async fn instance(
         &self,
         callee: Callee<'_>,
-        slot: &mut Slot,
+        slot: &mut InstanceState,
         started: Instant,
         span: &tracing::Span,
     ) -> Result<Instant, PluginError> {
         let plugin = callee.plugin;
-        if let Slot::Idle = slot
+        if let InstanceState::Idle = slot
             && let Some(instance) = plugin.take_idle()
         {
-            *slot = Slot::Live(Box::new(instance));
+            *slot = InstanceState::Live(Box::new(instance));
         }
-        if let Slot::Idle = slot {
+        if let InstanceState::Idle = slot {
             let instance = plugin
                 .instantiate(started, self.arrived)
                 .instrument(span.clone())
@@ -181,7 +181,7 @@ impl Pass<'_> {
             );
             let instance = instance?;
             callee.metrics.instantiated(instantiated - started);
-            *slot = Slot::Live(Box::new(instance));
+            *slot = InstanceState::Live(Box::new(instance));
             return Ok(instantiated);
         }
         Ok(started)
@@ -216,11 +216,11 @@ impl Pass<'_> {
     pub(super) fn fail(
         &self,
         callee: Callee<'_>,
-        slot: &mut Slot,
+        slot: &mut InstanceState,
         error: &PluginError,
         took: Duration,
     ) {
-        *slot = Slot::Skipped;
+        *slot = InstanceState::Skipped;
         callee.metrics.call(self.phase, error.kind(), took);
         if error.is_plugins_fault() {
             let call = Call::Failed(client_of(self.context));

@@ -25,14 +25,6 @@ pub(super) enum Holding {
     Held,
 }
 
-/// The index of `direction` in the per-direction arrays (request, response).
-pub(super) fn held_index(direction: Direction) -> usize {
-    match direction {
-        Direction::Request => 0,
-        Direction::Response => 1,
-    }
-}
-
 /// Whether `plugin` sees `chunk` now. A plugin that wants whole bodies, where Envoy streams
 /// them in `FULL_DUPLEX_STREAMED` mode, has chunks held for it until the body is complete (or
 /// flushed by trailers); then `chunk` becomes everything held plus itself.
@@ -67,8 +59,7 @@ pub(super) fn take_whole_body(
             return Ok(Holding::PassOn);
         }
     }
-    let index = held_index(direction);
-    let held = state.held[index].get_or_insert_with(Vec::new);
+    let held = state.held[direction].get_or_insert_with(Vec::new);
     if held.len() + chunk.data.len() > MAX_HELD_BODY_BYTES {
         // Whatever the policy, what was held must not be lost: it flows on unchanged.
         let_go(state, direction, chunk, reserved);
@@ -77,7 +68,7 @@ pub(super) fn take_whole_body(
     if !chunk.end_of_stream && arrival == Arrival::FromEnvoy {
         held.append(&mut chunk.data);
         // The whole message is held here: its share of the budget stays with it.
-        let share = &mut state.held_reserved[index];
+        let share = &mut state.held_reserved[direction];
         for reservation in reserved.drain(..) {
             match share {
                 Some(share) => share.absorb(reservation),
@@ -98,10 +89,9 @@ pub(super) fn let_go(
     chunk: &mut BodyChunk,
     reserved: &mut Vec<Reservation>,
 ) {
-    let index = held_index(direction);
-    if let Some(mut held) = state.held[index].take() {
+    if let Some(mut held) = state.held[direction].take() {
         held.append(&mut chunk.data);
         chunk.data = held;
-        reserved.extend(state.held_reserved[index].take());
+        reserved.extend(state.held_reserved[direction].take());
     }
 }

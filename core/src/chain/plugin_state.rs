@@ -2,21 +2,22 @@
 //! the body chunks held back for it.
 
 use crate::bodies::Reservation;
+use crate::http::PerDirection;
 use crate::runtime::Instance;
 
 #[derive(Debug, Default)]
 pub(super) struct PluginState {
-    pub(super) slot: Slot,
-    /// Chunks held back, per direction (request, response).
-    pub(super) held: [Option<Vec<u8>>; 2],
+    pub(super) instance: InstanceState,
+    /// Chunks held back, per direction.
+    pub(super) held: PerDirection<Option<Vec<u8>>>,
     /// Their share of the host's body budget, per direction.
-    pub(super) held_reserved: [Option<Reservation>; 2],
+    pub(super) held_reserved: PerDirection<Option<Reservation>>,
     /// Whether the "cannot hold chunks in STREAMED mode" warning was logged for this stream.
     pub(super) warned_streamed: bool,
 }
 
 #[derive(Debug, Default)]
-pub(super) enum Slot {
+pub(super) enum InstanceState {
     /// Not needed yet.
     #[default]
     Idle,

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use super::call::{Called, Callee, Pass, Role};
-use super::plugin_state::{PluginState, Slot};
+use super::plugin_state::{InstanceState, PluginState};
 use crate::http::{HeaderMap, Message};
 use crate::registry::{Chain, SHADOW_LOG_INTERVAL, Shadow};
 use crate::runtime::{Action, Outcome, PluginError};
@@ -123,7 +123,7 @@ pub(super) async fn run_shadows(
         let plugin = &shadow.plugin;
         if shadow.beside != shadowing.beside
             || !plugin.phases().contains(phase)
-            || matches!(state.slot, Slot::Skipped)
+            || matches!(state.instance, InstanceState::Skipped)
         {
             continue;
         }
@@ -183,7 +183,7 @@ async fn shadow_call(
         mut headers,
     } = given;
     let (message, called) = pass
-        .call(callee, &mut state.slot, message, headers.as_mut())
+        .call(callee, &mut state.instance, message, headers.as_mut())
         .await;
     match called {
         Called::Answered(answered) => Ok(Made {

@@ -28,7 +28,7 @@ use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_
 
 use std::collections::BTreeMap;
 
-use crate::http::{BodyMode, Direction, Message, Phase, PhaseSet};
+use crate::http::{BodyMode, Direction, Message, PerDirection, Phase, PhaseSet};
 
 /// One message from Envoy in the host's terms (`convert::inbound` reads it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,10 +117,10 @@ impl Progress {
 pub struct StreamProtocol {
     request: Progress,
     response: Progress,
-    /// Per direction (request, response): whether Envoy said the direction ended.
-    ended: [bool; 2],
+    /// Per direction: whether Envoy said the direction ended.
+    ended: PerDirection<bool>,
     /// Per direction: the `content-length` its headers carried.
-    content_length: [Option<u64>; 2],
+    content_length: PerDirection<Option<u64>>,
     /// Envoy's processing mode, from the first message that said.
     envoy_modes: Option<EnvoyModes>,
     /// The phase of the last message accepted.
@@ -128,13 +128,6 @@ pub struct StreamProtocol {
     /// The processing mode last sent to Envoy (`mode_override`), if any.
     overridden: Option<ProcessingMode>,
     answered: bool,
-}
-
-fn index(direction: Direction) -> usize {
-    match direction {
-        Direction::Request => 0,
-        Direction::Response => 1,
-    }
 }
 
 impl StreamProtocol {
@@ -157,7 +150,7 @@ impl StreamProtocol {
         } else {
             &mut self.response
         };
-        if self.ended[index(phase.direction())] {
+        if self.ended[phase.direction()] {
             return Err(ProtocolError::AfterEndOfStream { phase });
         }
         let next = match phase {
@@ -190,7 +183,7 @@ impl StreamProtocol {
         if self.envoy_modes.is_none() {
             self.envoy_modes = inbound.envoy_modes;
         }
-        let direction = index(inbound.phase.direction());
+        let direction = inbound.phase.direction();
         match &inbound.message {
             Message::Headers {
                 headers,
@@ -221,7 +214,7 @@ impl StreamProtocol {
 
     /// The `content-length` of `direction`'s headers, if they had one.
     pub fn content_length(&self, direction: Direction) -> Option<u64> {
-        self.content_length[index(direction)]
+        self.content_length[direction]
     }
 
     /// The phases that may still arrive on this stream.
@@ -234,7 +227,7 @@ impl StreamProtocol {
             (Direction::Request, self.request),
             (Direction::Response, self.response),
         ] {
-            if self.ended[index(direction)] {
+            if self.ended[direction] {
                 continue;
             }
             if progress < Progress::Headers {
