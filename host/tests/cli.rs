@@ -43,7 +43,7 @@ fn invalid_configuration_exits_64_naming_the_file_and_line() {
     assert_eq!(
         one_line(&output),
         format!(
-            "wasm-extproc: config file {config} (line 3): unknown field `timeout`, expected one of `config`, `failure_policy`, `failure_status`, `timeout_ms`, `memory_limit_mib`, `breaker_threshold`, `breaker_min_clients`, `breaker_window_ms`, `breaker_backoff_ms`, `isolation`, `log_lines_per_second`, `mode`, `shadows`, `kv_namespaces`, `http_allow`, `http_max_concurrent`, `http_max_response_bytes`"
+            "wasm-extproc: config file {config} (line 3): unknown field `timeout`, expected one of `config`, `failure_policy`, `failure_status`, `timeout_ms`, `memory_limit_mib`, `breaker_threshold`, `breaker_min_clients`, `breaker_window_ms`, `breaker_backoff_ms`, `isolation`, `log_lines_per_second`, `mode`, `shadows`, `kv_namespaces`, `http_allow`, `http_max_concurrent`, `http_max_response_bytes`, `secrets`"
         )
     );
 }

@@ -220,9 +220,9 @@ impl Player {
                 return;
             }
         };
-        let ahead = accepted.ahead.clone();
+        let more_time = accepted.more_time.clone();
         let step = self.exchange.process(accepted).await;
-        let answers: Vec<ProcessingResponse> = ahead.into_iter().chain(step.answers).collect();
+        let answers: Vec<ProcessingResponse> = more_time.into_iter().chain(step.answers).collect();
         self.transcript.exchange(&kept, &answers);
         if self.transcript.answered_instead() {
             self.ended = true;

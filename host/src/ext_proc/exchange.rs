@@ -89,7 +89,7 @@ pub struct Accepted {
     inbound: Inbound,
     /// An answer that must reach Envoy before the plugins run: more time, when their budgets
     /// for the phase add up to more than Envoy's `message_timeout`.
-    pub ahead: Option<ProcessingResponse>,
+    pub more_time: Option<ProcessingResponse>,
 }
 
 /// What one message leads to.
@@ -182,13 +182,13 @@ impl Exchange {
             context.attributes.append(&mut inbound.attributes);
             context.metadata.append(&mut inbound.metadata);
         }
-        let ahead = if inbound.observability {
+        let more_time = if inbound.observability {
             None
         } else {
             extra_time(&self.stream.generation().envoy, self.stream.chain(), phase)
                 .map(convert::more_time)
         };
-        Ok(Accepted { inbound, ahead })
+        Ok(Accepted { inbound, more_time })
     }
 
     /// Runs an accepted message through the plugins: the answers to send, and whether the

@@ -42,7 +42,10 @@ pub fn stream_protocol(data: &[u8]) {
             // The host ends the stream here; carrying on explores more states.
             continue;
         };
-        assert!(accepted.ahead.is_none(), "no plugin, no budget to extend");
+        assert!(
+            accepted.more_time.is_none(),
+            "no plugin, no budget to extend"
+        );
         // No plugin is loaded: processing awaits nothing.
         let step = futures::executor::block_on(exchange.process(accepted));
         let protocol = exchange.protocol();

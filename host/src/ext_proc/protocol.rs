@@ -89,25 +89,13 @@ enum Progress {
 }
 
 impl Progress {
-    fn last_phase(self, request: bool) -> Option<Phase> {
-        let (h, b, t) = if request {
-            (
-                Phase::RequestHeaders,
-                Phase::RequestBody,
-                Phase::RequestTrailers,
-            )
-        } else {
-            (
-                Phase::ResponseHeaders,
-                Phase::ResponseBody,
-                Phase::ResponseTrailers,
-            )
-        };
+    /// The phase of `direction` it has reached, if any.
+    fn phase_in(self, direction: Direction) -> Option<Phase> {
         match self {
             Progress::Nothing => None,
-            Progress::Headers => Some(h),
-            Progress::Body => Some(b),
-            Progress::Trailers => Some(t),
+            Progress::Headers => Some(direction.headers()),
+            Progress::Body => Some(direction.body()),
+            Progress::Trailers => Some(direction.trailers()),
         }
     }
 }
@@ -115,8 +103,8 @@ impl Progress {
 /// The protocol state of one ext_proc stream.
 #[derive(Debug, Clone, Default)]
 pub struct StreamProtocol {
-    request: Progress,
-    response: Progress,
+    /// How far each direction has got.
+    progress: PerDirection<Progress>,
     /// Per direction: whether Envoy said the direction ended.
     ended: PerDirection<bool>,
     /// Per direction: the `content-length` its headers carried.
@@ -141,16 +129,8 @@ impl StreamProtocol {
         if self.answered {
             return Err(ProtocolError::AfterImmediateResponse { phase });
         }
-        let request = matches!(
-            phase,
-            Phase::RequestHeaders | Phase::RequestBody | Phase::RequestTrailers
-        );
-        let progress = if request {
-            &mut self.request
-        } else {
-            &mut self.response
-        };
-        if self.ended[phase.direction()] {
+        let direction = phase.direction();
+        if self.ended[direction] {
             return Err(ProtocolError::AfterEndOfStream { phase });
         }
         let next = match phase {
@@ -158,13 +138,14 @@ impl StreamProtocol {
             Phase::RequestBody | Phase::ResponseBody => Progress::Body,
             Phase::RequestTrailers | Phase::ResponseTrailers => Progress::Trailers,
         };
+        let progress = &mut self.progress[direction];
         // Body messages repeat; headers and trailers come at most once, and nothing goes back.
         let allowed = match next {
             Progress::Body => *progress <= Progress::Body,
             _ => *progress < next,
         };
         if !allowed {
-            let after = progress.last_phase(request).expect("progress past nothing");
+            let after = progress.phase_in(direction).expect("progress past nothing");
             return Err(ProtocolError::OutOfOrder { phase, after });
         }
         *progress = next;
@@ -223,10 +204,8 @@ impl StreamProtocol {
             return PhaseSet::EMPTY;
         }
         let mut set = PhaseSet::EMPTY;
-        for (direction, progress) in [
-            (Direction::Request, self.request),
-            (Direction::Response, self.response),
-        ] {
+        for direction in Direction::BOTH {
+            let progress = self.progress[direction];
             if self.ended[direction] {
                 continue;
             }

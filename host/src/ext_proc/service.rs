@@ -208,10 +208,10 @@ impl Serving {
                         exchange.accept(request)
                     };
                     match contained(accepting).await {
-                        Ok(Ok(mut accepted)) => match accepted.ahead.take() {
-                            Some(ahead) => {
+                        Ok(Ok(mut accepted)) => match accepted.more_time.take() {
+                            Some(more_time) => {
                                 self.next = Next::Process(Box::new(accepted));
-                                return Some(Ok(ahead));
+                                return Some(Ok(more_time));
                             }
                             None => accepted,
                         },
