@@ -51,7 +51,7 @@ use crate::runtime::{Action, Plugin, PluginError};
 use call::{Answered, Called, Callee, Pass, Role};
 use held::{Arrival, Holding, let_go, take_whole_body};
 use plugin_state::{InstanceState, PluginState};
-use shadow::{Given, Made, Shadowing, run_shadows};
+use shadow::{CallInput, CallOutput, Shadowing, run_shadows};
 
 pub use call::{CALL_SPAN, SOURCE_ADDRESS, TRACE_TARGET};
 
@@ -451,7 +451,7 @@ impl<'a> Run<'a> {
             }
         }
         // Only where a shadow runs beside this plugin: what it is given, copied.
-        let given = self.chain.is_shadowed(index).then(|| Given {
+        let given = self.chain.is_shadowed(index).then(|| CallInput {
             message: message.clone(),
             headers: self.answer.open.as_ref().map(|open| open.headers.clone()),
         });
@@ -493,11 +493,11 @@ impl<'a> Run<'a> {
     }
 
     /// Keeps, for the shadows beside the plugin at `index`, what it was given and what it made.
-    fn shadow(&mut self, index: usize, given: Given, message: &Message, answered: &Answered) {
+    fn shadow(&mut self, index: usize, given: CallInput, message: &Message, answered: &Answered) {
         self.shadowing.push(Shadowing {
             beside: index,
             given,
-            served: Made {
+            served: CallOutput {
                 message: message.clone(),
                 headers: self.answer.open.as_ref().map(|open| open.headers.clone()),
                 outcome: answered.outcome.clone(),

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use crate::chain::StreamChain;
 use crate::http::{
-    BodyMode, Changes, Decision, Direction, ExchangeContext, Message, Phase, PhaseSet, Verdict,
+    BodyMode, Changes, Decision, Direction, ExchangeContext, Message, PerDirection, Phase,
+    PhaseSet, Verdict,
 };
 use crate::registry::{Chain, Generation};
 
@@ -21,7 +22,7 @@ use crate::registry::{Chain, Generation};
 pub struct Stream {
     chain: StreamChain,
     /// How Envoy sends each direction's body (request, response).
-    body_modes: [BodyMode; 2],
+    body_modes: PerDirection<BodyMode>,
     ahead: Ahead,
     /// The phases the plugins still want: those live plugins handle, and the headers of a
     /// direction whose body handlers get them. Computed once per message, after the chain.
@@ -29,7 +30,7 @@ pub struct Stream {
     /// Per direction (request, response): the verdict on headers that stay open to body
     /// handlers where Envoy streams the body (`FULL_DUPLEX_STREAMED`), kept back until the
     /// body goes on. Envoy holds the headers until it comes.
-    held_headers: [Option<Verdict>; 2],
+    held_headers: PerDirection<Option<Verdict>>,
 }
 
 /// What one message from Envoy leads to, in the order the front end passes it on.
@@ -52,20 +53,13 @@ pub struct Turn {
     pub over: bool,
 }
 
-fn side(direction: Direction) -> usize {
-    match direction {
-        Direction::Request => 0,
-        Direction::Response => 1,
-    }
-}
-
 impl Stream {
     /// A stream on `generation`'s chain at `index` (0: the default chain), where Envoy sends
     /// bodies in `body_modes` (request, response).
     pub fn new(generation: Arc<Generation>, index: usize, body_modes: [BodyMode; 2]) -> Self {
         let mut stream = Stream {
             chain: StreamChain::new(generation, index),
-            body_modes,
+            body_modes: PerDirection(body_modes),
             ahead: Ahead::default(),
             wanted: PhaseSet::EMPTY,
             held_headers: Default::default(),
@@ -86,7 +80,7 @@ impl Stream {
 
     /// Envoy said how it sends bodies (request, response).
     pub fn set_body_modes(&mut self, body_modes: [BodyMode; 2]) {
-        self.body_modes = body_modes;
+        self.body_modes = PerDirection(body_modes);
         self.wanted = self.compute_wanted();
     }
 
@@ -120,6 +114,23 @@ impl Stream {
         self.chain.wants_whole_body(direction)
     }
 
+    /// Whether a message of `phase` needs the plugins ([`handle`](Self::handle)): they want
+    /// it, or it lets go of body chunks they hold. Else [`pass`](Self::pass) does the same,
+    /// without a plugin call to wait on.
+    pub fn needs_plugins(&self, phase: Phase) -> bool {
+        let direction = phase.direction();
+        self.runs(phase) || (phase == direction.trailers() && self.chain.is_holding(direction))
+    }
+
+    /// [`handle`](Self::handle) for a message no plugin needs ([`needs_plugins`](Self::needs_plugins)
+    /// is false): it goes on as it came, and the stream's rules move on.
+    pub fn pass(&mut self, phase: Phase, message: Message) -> Turn {
+        debug_assert!(!self.needs_plugins(phase));
+        self.ahead.passed(phase, ends(&message));
+        let verdict = passed_on(message);
+        self.after_plugins(phase, None, None, verdict)
+    }
+
     /// Runs one message from Envoy through the chain. Trailers first let go of the body
     /// plugins hold; the verdict on headers open to body handlers waits for the body.
     pub async fn handle(
@@ -129,13 +140,8 @@ impl Stream {
         context: &Arc<ExchangeContext>,
     ) -> Turn {
         let direction = phase.direction();
-        let body_mode = self.body_modes[side(direction)];
-        let ends = match &message {
-            Message::Headers { end_of_stream, .. } => *end_of_stream,
-            Message::Body(chunk) => chunk.end_of_stream,
-            Message::Trailers(_) => true,
-        };
-        self.ahead.passed(phase, ends);
+        let body_mode = self.body_modes[direction];
+        self.ahead.passed(phase, ends(&message));
         let mut released = None;
         let mut flushed = None;
         if phase == direction.trailers() && self.chain.is_holding(direction) {
@@ -149,24 +155,38 @@ impl Stream {
                 return self.turn(released, flushed, None);
             }
         }
-        let mut verdict = if self.runs(phase) {
+        let verdict = if self.runs(phase) {
             self.chain.run(phase, message, body_mode, context).await
         } else {
             passed_on(message)
         };
+        self.after_plugins(phase, released, flushed, verdict)
+    }
+
+    /// Ends a message once the plugins had it: the verdict on open headers waits for their
+    /// body, or the body lets it go.
+    fn after_plugins(
+        &mut self,
+        phase: Phase,
+        mut released: Option<Verdict>,
+        flushed: Option<Verdict>,
+        mut verdict: Verdict,
+    ) -> Turn {
+        let direction = phase.direction();
+        let body_mode = self.body_modes[direction];
         if phase == direction.headers()
             && body_mode == BodyMode::FullDuplexStreamed
             && self.chain.headers_open(direction)
             && matches!(verdict.decision, Decision::Continue(_))
         {
-            self.held_headers[side(direction)] = Some(verdict);
+            self.held_headers[direction] = Some(verdict);
             return self.turn(released, flushed, None);
         }
         if phase == direction.body() {
             released = released.or_else(|| self.release_headers(direction, &mut verdict));
         } else if phase == direction.trailers() {
             // No body came to let them go: they go before the trailers.
-            released = released.or_else(|| self.held_headers[side(direction)].take());
+            released = released.or_else(|| self.held_headers[direction].take());
         }
         self.turn(released, flushed, Some(verdict))
     }
@@ -185,7 +205,7 @@ impl Stream {
     /// Lets go of the verdict on `direction`'s headers once `body`'s verdict is not held: it
     /// carries what the body handlers changed in them.
     fn release_headers(&mut self, direction: Direction, body: &mut Verdict) -> Option<Verdict> {
-        let held = &mut self.held_headers[side(direction)];
+        let held = &mut self.held_headers[direction];
         if held.is_none() || body.decision == Decision::Held {
             return None;
         }
@@ -222,12 +242,21 @@ impl Stream {
         for direction in Direction::BOTH {
             if self
                 .chain
-                .opens_headers(direction, self.body_modes[side(direction)])
+                .opens_headers(direction, self.body_modes[direction])
             {
                 wanted = wanted.with(direction.headers());
             }
         }
         wanted
+    }
+}
+
+/// Whether `message` is its direction's last.
+fn ends(message: &Message) -> bool {
+    match message {
+        Message::Headers { end_of_stream, .. } => *end_of_stream,
+        Message::Body(chunk) => chunk.end_of_stream,
+        Message::Trailers(_) => true,
     }
 }
 
@@ -280,10 +309,10 @@ impl Ahead {
     /// Whether no phase in `wanted` can still come, and no direction Envoy streams in
     /// `FULL_DUPLEX_STREAMED` mode is still going: it sends each chunk without waiting for the
     /// headers' answer and lets only what comes back go on, so every one must be answered.
-    fn over(&self, wanted: PhaseSet, body_modes: [BodyMode; 2]) -> bool {
+    fn over(&self, wanted: PhaseSet, body_modes: PerDirection<BodyMode>) -> bool {
         let handed_over = Direction::BOTH
             .into_iter()
-            .filter(|&d| body_modes[side(d)] == BodyMode::FullDuplexStreamed)
+            .filter(|&d| body_modes[d] == BodyMode::FullDuplexStreamed)
             .fold(PhaseSet::EMPTY, |set, d| {
                 set.with(d.headers()).with(d.body()).with(d.trailers())
             });
@@ -297,7 +326,7 @@ mod tests {
     use Phase::*;
 
     const ASM: [Phase; 2] = [RequestHeaders, ResponseHeaders];
-    const NONE: [BodyMode; 2] = [BodyMode::None, BodyMode::None];
+    const NONE: PerDirection<BodyMode> = PerDirection([BodyMode::None, BodyMode::None]);
 
     #[test]
     fn phases_to_come_shrink_as_the_exchange_moves_on() {
@@ -346,11 +375,11 @@ mod tests {
         let mut ahead = Ahead::default();
         ahead.passed(RequestHeaders, true);
         ahead.passed(ResponseHeaders, false);
-        assert!(!ahead.over(live, modes));
+        assert!(!ahead.over(live, PerDirection(modes)));
         ahead.passed(ResponseBody, false);
-        assert!(!ahead.over(live, modes));
+        assert!(!ahead.over(live, PerDirection(modes)));
         ahead.passed(ResponseBody, true);
-        assert!(ahead.over(live, modes));
+        assert!(ahead.over(live, PerDirection(modes)));
 
         // The same exchange in STREAMED mode: Envoy keeps its copies, so the stream may end
         // once the response headers are answered.
@@ -358,7 +387,7 @@ mod tests {
         let mut ahead = Ahead::default();
         ahead.passed(RequestHeaders, true);
         ahead.passed(ResponseHeaders, false);
-        assert!(ahead.over(live, modes));
+        assert!(ahead.over(live, PerDirection(modes)));
     }
 
     #[test]
@@ -369,8 +398,11 @@ mod tests {
         ahead.passed(RequestHeaders, false);
         ahead.passed(RequestBody, false);
         ahead.passed(ResponseHeaders, false);
-        assert!(!ahead.over(live, modes), "the request body is still going");
+        assert!(
+            !ahead.over(live, PerDirection(modes)),
+            "the request body is still going"
+        );
         ahead.passed(RequestTrailers, true);
-        assert!(ahead.over(live, modes));
+        assert!(ahead.over(live, PerDirection(modes)));
     }
 }

@@ -275,6 +275,10 @@ impl Exchange {
         if self.stream.runs(phase) {
             self.metrics.message_received(phase);
         }
+        if !self.stream.needs_plugins(phase) {
+            // Nothing to wait on: no trip through the worker's runtime.
+            return self.stream.pass(phase, message);
+        }
         block_on(self.stream.handle(phase, message, &self.context))
     }
 

@@ -14,22 +14,22 @@ use crate::runtime::{Action, Outcome, PluginError};
 /// What a plugin with shadows beside it was given: the message, and its direction's headers
 /// where they were open to body handlers.
 #[derive(Clone)]
-pub(super) struct Given {
+pub(super) struct CallInput {
     pub(super) message: Message,
     pub(super) headers: Option<HeaderMap>,
 }
 
 /// What a plugin made of what it was given.
-pub(super) struct Made {
+pub(super) struct CallOutput {
     pub(super) message: Message,
     pub(super) headers: Option<HeaderMap>,
     pub(super) outcome: Outcome,
 }
 
-impl Made {
+impl CallOutput {
     /// Whether `other` came out the same: the same headers (in any order) or body bytes, the
     /// same open headers, the same decision and effects.
-    fn same_as(&self, other: &Made) -> bool {
+    fn same_as(&self, other: &CallOutput) -> bool {
         let same_headers = |a: &HeaderMap, b: &HeaderMap| {
             let sorted = |h: &HeaderMap| {
                 let mut entries = h.entries().to_vec();
@@ -104,8 +104,8 @@ impl Made {
 pub(super) struct Shadowing {
     /// The plugin's index in the chain.
     pub(super) beside: usize,
-    pub(super) given: Given,
-    pub(super) served: Made,
+    pub(super) given: CallInput,
+    pub(super) served: CallOutput,
 }
 
 /// Runs the shadows beside the plugin of `shadowing` on what it was given, each on its own
@@ -170,15 +170,15 @@ async fn shadow_call(
     shadow: &Shadow,
     state: &mut PluginState,
     pass: &Pass<'_>,
-    given: Given,
-) -> Result<Made, PluginError> {
+    given: CallInput,
+) -> Result<CallOutput, PluginError> {
     let plugin = &shadow.plugin;
     let callee = Callee {
         plugin,
         metrics: &shadow.metrics,
         role: Role::Shadow,
     };
-    let Given {
+    let CallInput {
         message,
         mut headers,
     } = given;
@@ -186,7 +186,7 @@ async fn shadow_call(
         .call(callee, &mut state.instance, message, headers.as_mut())
         .await;
     match called {
-        Called::Answered(answered) => Ok(Made {
+        Called::Answered(answered) => Ok(CallOutput {
             message,
             // What it was lent, as it left them: it sees them only where its contract says.
             headers: headers.filter(|_| plugin.contract().body_sees_headers()),
@@ -204,12 +204,12 @@ mod tests {
     use super::*;
     use crate::http::{Effects, ImmediateResponse};
 
-    fn made(sets: &[(&str, &str)], action: Action) -> Made {
+    fn made(sets: &[(&str, &str)], action: Action) -> CallOutput {
         let mut headers = HeaderMap::from_entries([("host".to_string(), b"a".to_vec())]);
         for (name, value) in sets {
             headers.set(name.to_string(), value.as_bytes().to_vec());
         }
-        Made {
+        CallOutput {
             message: Message::Headers {
                 headers,
                 end_of_stream: false,
