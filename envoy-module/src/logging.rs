@@ -63,6 +63,8 @@ pub fn init() {
     let _ = tracing_subscriber::registry()
         .with(tracing_subscriber::Layer::with_filter(layer, filter))
         .try_init();
+    // `try_init` let every `log` line through to the filter, which is called per line.
+    limit_log_crate();
 }
 
 /// The writer thread: Envoy's log, off any fiber.
@@ -95,6 +97,21 @@ fn refresh_level() {
     .find(|level| envoy::log_enabled(*level))
     .unwrap_or(log_level::OFF);
     ENVOY_LEVEL.store(lowest, Ordering::Relaxed);
+    limit_log_crate();
+}
+
+/// Stops the lines the filter would drop where they are made: wasmtime logs through the `log`
+/// crate, below info on every instantiation and drop (four lines an exchange, each a trip
+/// through the subscriber to be filtered out). Only the module's own targets go below info,
+/// and they log through `tracing`.
+fn limit_log_crate() {
+    let filter = match ENVOY_LEVEL.load(Ordering::Relaxed).max(log_level::INFO) {
+        log_level::INFO => log::LevelFilter::Info,
+        log_level::WARN => log::LevelFilter::Warn,
+        log_level::ERROR => log::LevelFilter::Error,
+        _ => log::LevelFilter::Off,
+    };
+    log::set_max_level(filter);
 }
 
 fn level(level: Level) -> u32 {

@@ -11,5 +11,8 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
             .build()
             .expect("a current-thread Tokio runtime starts");
     }
+    // Pinned here, the future stays where it is: the runtime's layers pass a pointer on, not
+    // the future (the stream's, with the chain's and the call's inside it, is kilobytes).
+    let future = std::pin::pin!(future);
     WORKER.with(|runtime| runtime.block_on(future))
 }
