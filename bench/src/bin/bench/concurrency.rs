@@ -103,6 +103,7 @@ fn measure(
         Variation {
             upstream_delay: UPSTREAM_DELAY,
             many_in_flight: true,
+            ..Variation::default()
         },
     )?;
     let (load, statuses) = hold(binaries, running.listener, connections, duration)?;

@@ -442,10 +442,10 @@ impl Setup {
 
     /// `deploy/envoy/envoy.yaml`, with the ext_proc filter kept, removed or replaced; or
     /// `deploy/envoy/envoy-in-process.yaml` with the plugins in `plugins`.
-    fn envoy_config(&self, plugins: &Path) -> anyhow::Result<EnvoyConfig> {
+    fn envoy_config(&self, plugins: &Path, module_toml: &str) -> anyhow::Result<EnvoyConfig> {
         let config = EnvoyConfig::default();
         if self.filter == Filter::InProcess {
-            return Ok(config.in_process(plugins, ""));
+            return Ok(config.in_process(plugins, module_toml));
         }
         if let Filter::ExtProc(_) = self.filter {
             if self.full_duplex_response {
@@ -529,6 +529,20 @@ impl Binaries {
     }
 }
 
+/// valgrind's callgrind, following the exec of Envoy's launcher into its binary, and seeing
+/// the code wasmtime compiles into anonymous memory.
+const CALLGRIND: [&str; 4] = [
+    "valgrind",
+    "--tool=callgrind",
+    "--trace-children=yes",
+    "--smc-check=all-non-file",
+];
+
+/// Where callgrind writes the profiles of server `name` (`%p`: its pid; dumps add `.N`).
+pub(super) fn callgrind_out(dir: &Path, name: &str) -> String {
+    format!("{}/{name}.%p.callgrind", dir.display())
+}
+
 /// `path` if it exists, or an error saying which command builds it.
 fn built(path: PathBuf, how: &str) -> anyhow::Result<PathBuf> {
     if path.is_file() {
@@ -556,20 +570,28 @@ impl Server {
         args: &[&str],
         dir: &Path,
     ) -> anyhow::Result<Server> {
-        Self::spawn_with(name, program, args, dir, &[])
+        Self::spawn_with(name, program, args, dir, &[], false)
     }
 
-    /// [`spawn`](Self::spawn), with `env` set.
+    /// [`spawn`](Self::spawn), with `env` set, and under callgrind if `callgrind` (its
+    /// profiles in `dir`, named after the server and the pid).
     fn spawn_with(
         name: &'static str,
         program: &Path,
         args: &[&str],
         dir: &Path,
         env: &[(&str, &Path)],
+        callgrind: bool,
     ) -> anyhow::Result<Server> {
         let log = dir.join(format!("{name}.log"));
-        let child = Command::new("taskset")
-            .args(["-c", SERVER_CORE])
+        let mut command = Command::new("taskset");
+        command.args(["-c", SERVER_CORE]);
+        if callgrind {
+            command
+                .args(CALLGRIND)
+                .arg(format!("--callgrind-out-file={}", callgrind_out(dir, name)));
+        }
+        let child = command
             .arg(program)
             .args(args)
             .envs(env.iter().copied())
@@ -627,7 +649,7 @@ pub(super) struct Running {
     servers: Vec<Server>,
     /// Where a traced setup's spans go.
     sink: Option<SpanSink>,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 /// How a run departs from the plain end-to-end setup.
@@ -639,7 +661,23 @@ pub(super) struct Variation {
     /// thousands of requests in flight need neither thousands of connections nor trip
     /// Envoy's default limit of 1,024.
     pub many_in_flight: bool,
+    /// Envoy and the ext_proc server run under callgrind (`--trace-children`: Envoy's
+    /// launcher execs the binary), with instance pools small enough for valgrind's address
+    /// space.
+    pub under_callgrind: bool,
 }
+
+/// Under callgrind, code runs some fifty times slower: plugins' budgets and Envoy's wait for
+/// each answer grow to match.
+const CALLGRIND_PLUGIN_TIMEOUT: &str = "timeout_ms = 5000\n";
+const CALLGRIND_MESSAGE_TIMEOUT: (&str, &str) = ("message_timeout: 0.2s", "message_timeout: 20s");
+/// Instance pools that fit in valgrind's address space (each instance reserves gigabytes), and
+/// what the host knows of Envoy's longer wait.
+const CALLGRIND_RUNTIME: &str = "[runtime]\nmax_instances = 4\nmax_wasi_instances = 1\n\
+                                 [envoy]\nmessage_timeout_ms = 20000\n";
+/// The same for the module, which has no `[envoy]` wait to know of.
+const CALLGRIND_MODULE: &str =
+    "[defaults]\ntimeout_ms = 5000\n[runtime]\nmax_instances = 4\nmax_wasi_instances = 1\n";
 
 /// The line of the deploy file's listener before its filters.
 const FILTER_CHAINS: &str = "      filter_chains:\n";
@@ -707,6 +745,10 @@ impl Running {
                 let config = dir.path().join("host.toml");
                 let isolation = if reuse { "reuse" } else { "exchange" };
                 let mut toml = format!("[defaults]\nisolation = \"{isolation}\"\n");
+                if variation.under_callgrind {
+                    toml += CALLGRIND_PLUGIN_TIMEOUT;
+                    toml += CALLGRIND_RUNTIME;
+                }
                 if language != Language::Rust {
                     // An interpreter's heap lives in the instance's memory (plugins/README.md);
                     // compiled code is kept across the rounds' restarts, as an operator's
@@ -722,7 +764,7 @@ impl Running {
                 }
                 std::fs::write(&config, toml)?;
                 let admin = loopback(free_port()?);
-                let mut host = Server::spawn(
+                let mut host = Server::spawn_with(
                     "ext_proc",
                     &binaries.wasm_extproc,
                     &[
@@ -736,16 +778,20 @@ impl Running {
                         &plugins.to_string_lossy(),
                     ],
                     dir.path(),
+                    &[],
+                    variation.under_callgrind,
                 )?;
                 wait_until_ready(admin, &mut host.process.0).with_context(|| host.log())?;
                 Some(host)
             }
             Filter::ExtProc(Processor::Native) => {
-                let mut native = Server::spawn(
+                let mut native = Server::spawn_with(
                     "ext_proc",
                     &binaries.native_extproc,
                     &["--listen", &listen],
                     dir.path(),
+                    &[],
+                    variation.under_callgrind,
                 )?;
                 native.wait_listening(ext_proc_address)?;
                 Some(native)
@@ -754,7 +800,16 @@ impl Running {
         };
 
         let listener = loopback(free_port()?);
-        let mut envoy_config = setup.envoy_config(&plugins)?;
+        let module_toml = if variation.under_callgrind {
+            CALLGRIND_MODULE
+        } else {
+            ""
+        };
+        let mut envoy_config = setup.envoy_config(&plugins, module_toml)?;
+        if variation.under_callgrind && matches!(setup.filter, Filter::ExtProc(_)) {
+            let (from, to) = CALLGRIND_MESSAGE_TIMEOUT;
+            envoy_config = envoy_config.edit(from, to);
+        }
         if let Some(sink) = &sink {
             envoy_config = envoy_config.traced(sink.address);
         }
@@ -799,6 +854,7 @@ impl Running {
             ],
             dir.path(),
             &module_search_path,
+            variation.under_callgrind,
         )?;
         envoy
             .wait_listening(listener)
@@ -809,7 +865,7 @@ impl Running {
             listener,
             servers: [envoy, upstream].into_iter().chain(ext_proc).collect(),
             sink,
-            _dir: dir,
+            dir,
         };
         running.check()?;
         Ok(running)
@@ -880,6 +936,21 @@ impl Running {
 
     fn cpu_ticks(&self) -> anyhow::Result<Vec<u64>> {
         self.servers.iter().map(Server::cpu_ticks).collect()
+    }
+
+    /// The processes a request costs work in, by name: Envoy, and the ext_proc server if the
+    /// setup has one (not the upstream, the same in every setup).
+    pub(super) fn measured(&self) -> Vec<(&'static str, u32)> {
+        self.servers
+            .iter()
+            .filter(|server| server.name != "upstream")
+            .map(|server| (server.name, server.process.0.id()))
+            .collect()
+    }
+
+    /// The setup's own directory: its configuration, logs and profiles.
+    pub(super) fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// The peak resident set of the server called `name` so far.
@@ -1104,7 +1175,7 @@ mod tests {
         let render = |setup: &Setup| {
             let address = loopback(9);
             setup
-                .envoy_config(Path::new("/plugins"))
+                .envoy_config(Path::new("/plugins"), "")
                 .unwrap()
                 .render(1, address, address, 2)
                 .unwrap()

@@ -19,6 +19,7 @@
 //! workspace build compiles it with everything else.
 
 mod concurrency;
+mod counts;
 mod e2e;
 mod micro;
 mod report;
@@ -98,6 +99,8 @@ enum Part {
     State,
     Rss,
     E2e,
+    /// Instructions and system calls per request, by process (callgrind and strace).
+    Counts,
     Concurrency,
 }
 
@@ -198,6 +201,9 @@ fn measure(
         results.e2e_duration_s = options.duration;
         results.e2e_rounds = options.rounds;
         results.e2e_connections = options.connections;
+    }
+    if wanted(Part::Counts) {
+        results.counts = counts::run()?;
     }
     if wanted(Part::Concurrency) {
         results.concurrency = concurrency::run(Duration::from_secs(options.duration))?;

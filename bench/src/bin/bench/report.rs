@@ -8,6 +8,7 @@ use plotters::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::concurrency::Level;
+use super::counts::Counted;
 use super::e2e::ScenarioResult;
 use super::micro::Estimates;
 use super::rss::{Point, StreamState};
@@ -54,6 +55,9 @@ pub struct Results {
     /// The state and outbound benchmark's table (bench/benches/state.rs), as it printed it.
     #[serde(default)]
     pub state: Option<String>,
+    /// Instructions and system calls per request, by setup and process.
+    #[serde(default)]
+    pub counts: Vec<Counted>,
 }
 
 impl Results {
@@ -73,6 +77,7 @@ impl Results {
             concurrency: Vec::new(),
             languages: None,
             state: None,
+            counts: Vec::new(),
         }
     }
 }
@@ -111,6 +116,7 @@ pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<(
         e2e_section(results, &mut md, &link, plots)?;
     }
     micro_section(results, &mut md, &link, plots)?;
+    counts_section(results, &mut md)?;
     rss_section(results, &mut md, &link, plots)?;
     concurrency_section(results, &mut md, &link, plots)?;
     if let Some(table) = &results.languages {
@@ -751,6 +757,61 @@ fn micro_section(
         )?;
         writeln!(md, "\n![body throughput]({})\n", link("body.svg"))?;
     }
+    Ok(())
+}
+
+fn counts_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
+    if results.counts.is_empty() {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "## Work per request: instructions and system calls\n\n\
+         What a request costs each process in counts that do not move with the machine's \
+         load (`--only counts`, `bench/src/bin/bench/counts.rs`): instructions under \
+         callgrind (1,000 requests one at a time after 200 to warm up; the ext_proc server's \
+         and the in-process module's instance pools made small enough for valgrind), and \
+         system calls under strace (992 requests from 16 connections at 160 req/s). The \
+         setups are those of the end-to-end table; \"over (a)\" is Envoy's work beyond \
+         Envoy alone's, plus the ext_proc server's. `ioctl` is wasmtime finding the pages an \
+         instance dirtied (PAGEMAP_SCAN) when its memory goes back to the pool; \
+         `clock_nanosleep` is the epoch ticker, on a clock while plugins run rather than per request.\n\n\
+         | setup | process | instructions | over (a) | system calls | of which |\n\
+         |---|---|---|---|---|---|"
+    )?;
+    let alone = results
+        .counts
+        .iter()
+        .find(|c| c.setup == "envoy" && c.process == "envoy");
+    for counted in &results.counts {
+        let label = results
+            .e2e
+            .iter()
+            .find(|s| s.key == counted.setup)
+            .map_or(counted.setup.clone(), |s| s.label.clone());
+        let over = match (counted.process.as_str(), alone) {
+            ("envoy", Some(alone)) if counted.setup != "envoy" => format!(
+                "{:+.1}k",
+                (counted.instructions_per_request - alone.instructions_per_request) / 1e3
+            ),
+            ("ext_proc", _) => format!("{:+.1}k", counted.instructions_per_request / 1e3),
+            _ => "-".into(),
+        };
+        let calls: Vec<String> = counted
+            .syscalls
+            .iter()
+            .map(|(name, per)| format!("{name} {per:.2}"))
+            .collect();
+        writeln!(
+            md,
+            "| {label} | {} | {:.1}k | {over} | {:.2} | {} |",
+            counted.process,
+            counted.instructions_per_request / 1e3,
+            counted.syscalls_per_request,
+            calls.join(", "),
+        )?;
+    }
+    md.push('\n');
     Ok(())
 }
 
