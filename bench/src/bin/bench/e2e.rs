@@ -493,13 +493,21 @@ pub(super) struct Binaries {
 pub const MEASURED_PROFILE: &str = "dist";
 
 impl Binaries {
-    /// The binaries cargo built in `profile` (its directory under the target directory).
+    /// The binaries cargo built in `profile` (its directory under the target directory); the
+    /// host and the module from elsewhere if `WASM_EXTPROC_BIN` or `WASM_EXTPROC_MODULE_DIR`
+    /// say so, to measure another build of them against the same baselines.
     pub(super) fn find(profile: &str) -> anyhow::Result<Binaries> {
         let release = target_dir().join(profile);
         let build = |package: &str| format!("cargo build --profile {profile} -p {package}");
+        let module_dir = std::env::var_os("WASM_EXTPROC_MODULE_DIR")
+            .map_or_else(|| release.clone(), PathBuf::from);
         Ok(Binaries {
             envoy: envoy::binary(),
-            wasm_extproc: built(release.join("wasm-extproc"), &build("wasm-extproc"))?,
+            wasm_extproc: match std::env::var_os("WASM_EXTPROC_BIN") {
+                Some(path) if Path::new(&path).is_file() => PathBuf::from(path),
+                Some(path) => bail!("WASM_EXTPROC_BIN: {} is no file", path.display()),
+                None => built(release.join("wasm-extproc"), &build("wasm-extproc"))?,
+            },
             // As the container image ships it (deploy/build.sh).
             asm_plugin: built(
                 target_dir()
@@ -513,7 +521,7 @@ impl Binaries {
             hold_load: built(release.join("hold-load"), &build("extproc-bench"))?,
             // Checked by the setups that load it (`Binaries::module_dir`): the concurrency
             // check in `cargo xtask test` runs without it.
-            module: release.join("libwasm_extproc_module.so"),
+            module: module_dir.join("libwasm_extproc_module.so"),
         })
     }
 
@@ -529,13 +537,15 @@ impl Binaries {
     }
 }
 
-/// valgrind's callgrind, following the exec of Envoy's launcher into its binary, and seeing
-/// the code wasmtime compiles into anonymous memory.
-const CALLGRIND: [&str; 4] = [
+/// valgrind's callgrind, following the exec of Envoy's launcher into its binary, seeing the
+/// code wasmtime compiles into anonymous memory, and writing function names in full into every
+/// dump (a dump after the counters were zeroed then reads on its own in `callgrind_annotate`).
+const CALLGRIND: [&str; 5] = [
     "valgrind",
     "--tool=callgrind",
     "--trace-children=yes",
     "--smc-check=all-non-file",
+    "--compress-strings=no",
 ];
 
 /// Where callgrind writes the profiles of server `name` (`%p`: its pid; dumps add `.N`).

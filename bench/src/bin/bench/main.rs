@@ -9,10 +9,14 @@
 //!   `bench/benches/state.rs`);
 //! - [`rss`]: the host's memory against open streams;
 //! - [`e2e`]: the setups through a real Envoy, pinned to cores, under wrk and hey;
+//! - [`counts`]: instructions and system calls per request in each process of those setups;
 //! - [`concurrency`]: thousands of exchanges in flight behind a slow upstream, host and native;
 //!
 //! and writes BENCHMARKS.md with its plots (bench/plots/) and the raw figures
 //! (bench/results.json). `--report-only` renders the report again from the raw figures.
+//!
+//! `WASM_EXTPROC_BIN` (the host) and `WASM_EXTPROC_MODULE_DIR` (the module's directory) measure
+//! another build of them against the same baselines: an older commit's, say, side by side.
 //!
 //! `cargo xtask bench` builds this and runs it with the same arguments; `cargo xtask test` runs
 //! its `concurrency-check`. It needs the test kit, as the live verbs do (`xtask/live`), and the
