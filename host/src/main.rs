@@ -324,8 +324,10 @@ async fn serve(config: Config, cli: Cli) -> anyhow::Result<()> {
         config.clone(),
         Box::new(move || Config::load(&cli).map(|c| c.settings)),
     )?;
-    // Before listening: a SIGTERM from the moment the port is open must drain, not kill.
+    // Before listening: a SIGTERM from the moment the port is open must drain, not kill; a
+    // SIGHUP from then on reloads once the first load is done.
     let stop = shutdown::signal();
+    let hangups = shutdown::hangups();
     let listeners = Listeners::bind(&config).await?;
     let serving = host.serve(listeners, stop);
     tokio::pin!(serving);
@@ -335,7 +337,7 @@ async fn serve(config: Config, cli: Cli) -> anyhow::Result<()> {
     }
     tokio::select! {
         result = &mut serving => result,
-        () = shutdown::reload_requests(|| async {
+        () = hangups.reload_on_each(|| async {
             // The registry logs a failed reload; the previous chain keeps serving.
             let _ = host.reload().await;
         }) => Ok(()),

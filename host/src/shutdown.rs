@@ -27,14 +27,26 @@ async fn received(signal: Option<tokio::signal::unix::Signal>) {
     }
 }
 
-/// Runs `reload` on every SIGHUP, one at a time; never completes.
-pub async fn reload_requests<F: Future<Output = ()>>(reload: impl Fn() -> F) {
-    #[cfg(unix)]
-    if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-        while hangup.recv().await.is_some() {
-            tracing::info!("SIGHUP; reloading");
-            reload().await;
+/// SIGHUPs, from the moment this is called: call it before start-up's first load, so a SIGHUP
+/// that comes before the plugins are loaded (or just after) waits for them instead of killing
+/// the process, SIGHUP's default.
+pub fn hangups() -> Hangups {
+    Hangups(tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok())
+}
+
+/// The SIGHUPs [`hangups`] listens for.
+#[derive(Debug)]
+pub struct Hangups(Option<tokio::signal::unix::Signal>);
+
+impl Hangups {
+    /// Runs `reload` on every SIGHUP, one at a time; never completes.
+    pub async fn reload_on_each<F: Future<Output = ()>>(self, reload: impl Fn() -> F) {
+        if let Some(mut hangup) = self.0 {
+            while hangup.recv().await.is_some() {
+                tracing::info!("SIGHUP; reloading");
+                reload().await;
+            }
         }
+        std::future::pending::<()>().await
     }
-    std::future::pending::<()>().await
 }

@@ -346,18 +346,7 @@ fn sighup_reloads_the_plugins() {
     // No watching: only the signal can make it reload.
     let config = write(dir.path(), "host.toml", b"watch = false\n");
     let mut child = serving(&plugins, &["--config", &config]);
-    let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
-    let mut wait_for = |text: &str| {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            let read = std::io::BufRead::read_line(&mut log, &mut line).unwrap();
-            assert!(read > 0, "the log ended before {text:?}");
-            if line.contains(text) {
-                return line.clone();
-            }
-        }
-    };
+    let mut wait_for = log_lines(&mut child);
     let loaded = wait_for("plugin chain loaded");
     // A pipe gets plain text: no colour codes for a log pipeline to carry.
     assert!(!loaded.contains('\x1b'), "{loaded:?}");
@@ -370,6 +359,38 @@ fn sighup_reloads_the_plugins() {
         loaded.contains("generation=2") && loaded.contains("plugins=2"),
         "{loaded}"
     );
+    send_signal(&child, "TERM");
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
+/// Reads `child`'s log up to the next line containing the text asked for, and returns it.
+fn log_lines(child: &mut std::process::Child) -> impl FnMut(&str) -> String + use<> {
+    let mut log = std::io::BufReader::new(child.stderr.take().unwrap());
+    move |text: &str| {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let read = std::io::BufRead::read_line(&mut log, &mut line).unwrap();
+            assert!(read > 0, "the log ended before {text:?}");
+            if line.contains(text) {
+                return line;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_sighup_during_start_up_reloads_once_the_plugins_are_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(built("asm_demo"), dir.path().join("10-asm.wasm")).unwrap();
+    let config = write(dir.path(), "host.toml", b"watch = false\n");
+    // Listening, the plugins perhaps still compiling: SIGHUP's default would end the process.
+    let mut child = serving(dir.path(), &["--config", &config]);
+    send_signal(&child, "HUP");
+    let mut wait_for = log_lines(&mut child);
+    assert!(wait_for("plugin chain loaded").contains("generation=1"));
+    wait_for("SIGHUP; reloading");
+    assert!(wait_for("plugin chain loaded").contains("generation=2"));
     send_signal(&child, "TERM");
     assert_eq!(child.wait().unwrap().code(), Some(0));
 }
