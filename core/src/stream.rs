@@ -371,38 +371,35 @@ mod tests {
         // The ASM plugin handles no body, but Envoy hands the response body over: each chunk
         // must come back, so the stream may not end before the response does.
         let live: PhaseSet = ASM.into_iter().collect();
-        let modes = [BodyMode::None, BodyMode::FullDuplexStreamed];
+        let modes = PerDirection([BodyMode::None, BodyMode::FullDuplexStreamed]);
         let mut ahead = Ahead::default();
         ahead.passed(RequestHeaders, true);
         ahead.passed(ResponseHeaders, false);
-        assert!(!ahead.over(live, PerDirection(modes)));
+        assert!(!ahead.over(live, modes));
         ahead.passed(ResponseBody, false);
-        assert!(!ahead.over(live, PerDirection(modes)));
+        assert!(!ahead.over(live, modes));
         ahead.passed(ResponseBody, true);
-        assert!(ahead.over(live, PerDirection(modes)));
+        assert!(ahead.over(live, modes));
 
         // The same exchange in STREAMED mode: Envoy keeps its copies, so the stream may end
         // once the response headers are answered.
-        let modes = [BodyMode::None, BodyMode::Streamed];
+        let modes = PerDirection([BodyMode::None, BodyMode::Streamed]);
         let mut ahead = Ahead::default();
         ahead.passed(RequestHeaders, true);
         ahead.passed(ResponseHeaders, false);
-        assert!(ahead.over(live, PerDirection(modes)));
+        assert!(ahead.over(live, modes));
     }
 
     #[test]
     fn trailers_end_a_full_duplex_direction() {
         let live: PhaseSet = ASM.into_iter().collect();
-        let modes = [BodyMode::FullDuplexStreamed, BodyMode::None];
+        let modes = PerDirection([BodyMode::FullDuplexStreamed, BodyMode::None]);
         let mut ahead = Ahead::default();
         ahead.passed(RequestHeaders, false);
         ahead.passed(RequestBody, false);
         ahead.passed(ResponseHeaders, false);
-        assert!(
-            !ahead.over(live, PerDirection(modes)),
-            "the request body is still going"
-        );
+        assert!(!ahead.over(live, modes), "the request body is still going");
         ahead.passed(RequestTrailers, true);
-        assert!(ahead.over(live, PerDirection(modes)));
+        assert!(ahead.over(live, modes));
     }
 }

@@ -55,9 +55,13 @@ fn runs(program: &str, arg: &str) -> bool {
 /// Debian packages holding the load generators the benchmarks and load checks use.
 const LOAD_GENERATORS: [(&str, &str); 2] = [("wrk", "wrk"), ("hey", "hey")];
 
-/// wrk and hey, unless already installed.
-fn missing_load_generators() -> Vec<&'static str> {
-    LOAD_GENERATORS
+/// Debian packages holding the profilers the benchmarks count work with
+/// (`cargo xtask bench --only counts`); not needed by the tests.
+const PROFILERS: [(&str, &str); 2] = [("valgrind", "valgrind"), ("strace", "strace")];
+
+/// The packages of `programs` (program, package) whose program is not on the path.
+fn missing(programs: &[(&'static str, &'static str)]) -> Vec<&'static str> {
+    programs
         .iter()
         .filter(|(program, _)| {
             Command::new("which")
@@ -67,6 +71,11 @@ fn missing_load_generators() -> Vec<&'static str> {
         })
         .map(|(_, package)| *package)
         .collect()
+}
+
+/// valgrind and strace, unless already installed.
+pub fn profilers() -> anyhow::Result<()> {
+    apt_install(&missing(&PROFILERS))
 }
 
 /// Debian's packages the tests use.
@@ -113,7 +122,7 @@ pub fn all() -> anyhow::Result<()> {
         .filter(|p| !(p.present)())
         .map(|p| p.name)
         .collect();
-    debian.extend(missing_load_generators());
+    debian.extend(missing(&LOAD_GENERATORS));
     debian.extend(languages::missing_packages());
     at_once(&[
         ("Debian packages", &|| apt_install(&debian)),

@@ -17,7 +17,7 @@ use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
 
 use super::e2e::load::{load_generator, output_of};
-use super::e2e::{Binaries, MEASURED_PROFILE, Running, SETUPS, Variation, callgrind_out};
+use super::e2e::{Binaries, MEASURED_PROFILE, Running, SETUPS, Setup, Variation, callgrind_out};
 
 /// The setups counted: the baselines and the two ways of running the bundled plugin.
 const COUNTED: [&str; 5] = ["envoy", "lua", "wasm", "native", "in-process"];
@@ -46,17 +46,7 @@ pub struct Counted {
 
 /// Counts every setup of [`COUNTED`].
 pub fn run() -> anyhow::Result<Vec<Counted>> {
-    for (program, package) in [("valgrind", "valgrind"), ("strace", "strace")] {
-        if Command::new("which")
-            .arg(program)
-            .output()?
-            .status
-            .success()
-        {
-            continue;
-        }
-        xtask::install::apt_install(&[package])?;
-    }
+    xtask::setup::profilers()?;
     let binaries = Binaries::find(MEASURED_PROFILE)?;
     let mut counted = Vec::new();
     for key in COUNTED {
@@ -90,7 +80,7 @@ pub fn run() -> anyhow::Result<Vec<Counted>> {
 
 /// Instructions per request in each measured process of `setup`, under callgrind.
 fn instructions(
-    setup: &'static super::e2e::Setup,
+    setup: &'static Setup,
     binaries: &Binaries,
 ) -> anyhow::Result<Vec<(&'static str, f64)>> {
     let running = Running::start_with(
@@ -160,10 +150,11 @@ fn dumped_total(dir: &Path, name: &str, pid: u32) -> anyhow::Result<u64> {
         .with_context(|| format!("{dump} has no totals line"))
 }
 
-/// System calls per request in each measured process of `setup`, in all and by name.
+/// Per measured process: its system calls per request, in all and by name.
 type Syscalls = Vec<(&'static str, f64, Vec<(String, f64)>)>;
 
-fn syscalls(setup: &'static super::e2e::Setup, binaries: &Binaries) -> anyhow::Result<Syscalls> {
+/// System calls per request in each measured process of `setup`, under strace.
+fn syscalls(setup: &'static Setup, binaries: &Binaries) -> anyhow::Result<Syscalls> {
     let running = Running::start_with(setup, binaries, Variation::default())?;
     let url = format!("http://{}/", running.listener);
     sequential(&url, WARM_UP_REQUESTS)?;

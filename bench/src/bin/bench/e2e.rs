@@ -677,17 +677,13 @@ pub(super) struct Variation {
     pub under_callgrind: bool,
 }
 
-/// Under callgrind, code runs some fifty times slower: plugins' budgets and Envoy's wait for
-/// each answer grow to match.
+/// Under callgrind, code runs some fifty times slower: plugins' budgets (a `[defaults]` line)
+/// and Envoy's wait for each answer grow to match; instance pools shrink (`[runtime]` lines)
+/// to fit valgrind's address space, where each instance reserves gigabytes.
 const CALLGRIND_PLUGIN_TIMEOUT: &str = "timeout_ms = 5000\n";
+const CALLGRIND_POOL: &str = "max_instances = 4\nmax_wasi_instances = 1\n";
 const CALLGRIND_MESSAGE_TIMEOUT: (&str, &str) = ("message_timeout: 0.2s", "message_timeout: 20s");
-/// Instance pools that fit in valgrind's address space (each instance reserves gigabytes), and
-/// what the host knows of Envoy's longer wait.
-const CALLGRIND_RUNTIME: &str = "[runtime]\nmax_instances = 4\nmax_wasi_instances = 1\n\
-                                 [envoy]\nmessage_timeout_ms = 20000\n";
-/// The same for the module, which has no `[envoy]` wait to know of.
-const CALLGRIND_MODULE: &str =
-    "[defaults]\ntimeout_ms = 5000\n[runtime]\nmax_instances = 4\nmax_wasi_instances = 1\n";
+const CALLGRIND_ENVOY: &str = "[envoy]\nmessage_timeout_ms = 20000\n";
 
 /// The line of the deploy file's listener before its filters.
 const FILTER_CHAINS: &str = "      filter_chains:\n";
@@ -754,20 +750,23 @@ impl Running {
                 }
                 let config = dir.path().join("host.toml");
                 let isolation = if reuse { "reuse" } else { "exchange" };
-                let mut toml = format!("[defaults]\nisolation = \"{isolation}\"\n");
-                if variation.under_callgrind {
-                    toml += CALLGRIND_PLUGIN_TIMEOUT;
-                    toml += CALLGRIND_RUNTIME;
-                }
+                let mut defaults = format!("isolation = \"{isolation}\"\n");
+                let mut runtime = String::new();
                 if language != Language::Rust {
                     // An interpreter's heap lives in the instance's memory (plugins/README.md);
                     // compiled code is kept across the rounds' restarts, as an operator's
                     // cache_dir keeps it across a pod's.
                     let cache = target_dir().join("bench/compile-cache");
-                    toml += &format!(
-                        "memory_limit_mib = 128\n[runtime]\ncache_dir = {:?}\n",
-                        cache.display().to_string()
-                    );
+                    defaults += "memory_limit_mib = 128\n";
+                    runtime += &format!("cache_dir = {:?}\n", cache.display().to_string());
+                }
+                if variation.under_callgrind {
+                    defaults += CALLGRIND_PLUGIN_TIMEOUT;
+                    runtime += CALLGRIND_POOL;
+                }
+                let mut toml = format!("[defaults]\n{defaults}[runtime]\n{runtime}");
+                if variation.under_callgrind {
+                    toml += CALLGRIND_ENVOY;
                 }
                 if let Some(sink) = &sink {
                     toml += &format!("[tracing]\notlp_endpoint = \"http://{}\"\n", sink.address);
@@ -811,11 +810,11 @@ impl Running {
 
         let listener = loopback(free_port()?);
         let module_toml = if variation.under_callgrind {
-            CALLGRIND_MODULE
+            format!("[defaults]\n{CALLGRIND_PLUGIN_TIMEOUT}[runtime]\n{CALLGRIND_POOL}")
         } else {
-            ""
+            String::new()
         };
-        let mut envoy_config = setup.envoy_config(&plugins, module_toml)?;
+        let mut envoy_config = setup.envoy_config(&plugins, &module_toml)?;
         if variation.under_callgrind && matches!(setup.filter, Filter::ExtProc(_)) {
             let (from, to) = CALLGRIND_MESSAGE_TIMEOUT;
             envoy_config = envoy_config.edit(from, to);
