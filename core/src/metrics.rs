@@ -104,6 +104,8 @@ pub struct Metrics {
     messages: Family<PhaseLabel, Counter>,
     /// `messages` per phase, resolved once: counting a message is one atomic add.
     messages_by_phase: [Counter; 6],
+    /// `message_seconds` per phase, resolved once.
+    message_seconds_by_phase: [Histogram; 6],
     calls: Family<CallLabels, Counter>,
     responses: Family<ResponseLabels, Counter>,
     call_seconds: Family<PluginPhaseLabels, Histogram>,
@@ -176,6 +178,17 @@ impl Metrics {
             "messages_received",
             "ext_proc messages received from Envoy, by phase",
             messages.clone(),
+        );
+        let message_seconds = Family::<PhaseLabel, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        registry.register(
+            "message_duration_seconds",
+            "Time from reading an ext_proc message to having its answers ready to send, by \
+             phase: the plugins' calls, any wait for an instance and the host's own work. The \
+             time a message waited before the host read it is in Envoy's ext_proc latency \
+             (access log: request_header_latency_us and the like), not here",
+            message_seconds.clone(),
         );
         let calls = Family::<CallLabels, Counter>::default();
         registry.register(
@@ -303,6 +316,13 @@ impl Metrics {
                 })
                 .clone()
         });
+        let message_seconds_by_phase = Phase::ALL.map(|phase| {
+            message_seconds
+                .get_or_create(&PhaseLabel {
+                    phase: phase.as_str(),
+                })
+                .clone()
+        });
         // Series with a fixed set of labels exist from the start, at zero, so that the first
         // event is an increase a query over a time window can see.
         for result in ["ok", "error"] {
@@ -322,6 +342,7 @@ impl Metrics {
         Arc::new(Metrics {
             registry,
             messages_by_phase,
+            message_seconds_by_phase,
             messages,
             calls,
             responses,
@@ -507,6 +528,11 @@ impl Metrics {
 
     pub fn message_received(&self, phase: Phase) {
         self.messages_by_phase[phase as usize].inc();
+    }
+
+    /// A message of `phase` took `took` from being read to having its answers.
+    pub fn message_handled(&self, phase: Phase, took: Duration) {
+        self.message_seconds_by_phase[phase as usize].observe(took.as_secs_f64());
     }
 
     /// How many messages of `phase` arrived.

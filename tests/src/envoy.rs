@@ -165,6 +165,12 @@ impl EnvoyConfig {
     /// Writes an access log line per request to `path`: `%RESPONSE_CODE%
     /// %RESPONSE_CODE_DETAILS%`, what an operator reads to tell why a request was answered.
     pub fn access_log(self, path: &Path) -> Self {
+        self.access_log_as(path, "%RESPONSE_CODE% %RESPONSE_CODE_DETAILS%")
+    }
+
+    /// Writes an access log line per request to `path` in `format` (Envoy's command
+    /// operators, without the newline; no double quotes).
+    pub fn access_log_as(self, path: &Path, format: &str) -> Self {
         let log = format!(
             "{ACCESS_LOG_ANCHOR}\
              {indent}access_log:\n\
@@ -174,7 +180,7 @@ impl EnvoyConfig {
              {indent}      path: {path:?}\n\
              {indent}      log_format:\n\
              {indent}        text_format_source:\n\
-             {indent}          inline_string: \"%RESPONSE_CODE% %RESPONSE_CODE_DETAILS%\\n\"\n",
+             {indent}          inline_string: \"{format}\\n\"\n",
             indent = " ".repeat(16),
             path = path.display().to_string(),
         );

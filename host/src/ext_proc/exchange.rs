@@ -6,7 +6,7 @@
 //! so the gRPC service and the fuzz target drive it the same way.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, ProcessingResponse};
 
@@ -90,6 +90,8 @@ pub struct Accepted {
     /// An answer that must reach Envoy before the plugins run: more time, when their budgets
     /// for the phase add up to more than Envoy's `message_timeout`.
     pub more_time: Option<ProcessingResponse>,
+    /// When the host read it.
+    received: Instant,
 }
 
 /// What one message leads to.
@@ -154,6 +156,7 @@ impl Exchange {
     /// Checks one message from Envoy against the protocol and records what it says. An error
     /// breaks the protocol: the stream ends with it.
     pub fn accept(&mut self, request: ProcessingRequest) -> Result<Accepted, ProtocolError> {
+        let received = Instant::now();
         let mut inbound = convert::inbound(request)?;
         self.protocol.observe(&inbound)?;
         if std::mem::take(&mut self.route_may_choose)
@@ -188,18 +191,30 @@ impl Exchange {
             extra_time(&self.stream.generation().envoy, self.stream.chain(), phase)
                 .map(convert::more_time)
         };
-        Ok(Accepted { inbound, more_time })
+        Ok(Accepted {
+            inbound,
+            more_time,
+            received,
+        })
     }
 
     /// Runs an accepted message through the plugins: the answers to send, and whether the
     /// stream goes on.
     pub async fn process(&mut self, accepted: Accepted) -> Step {
+        let (phase, received) = (accepted.inbound.phase, accepted.received);
+        let step = self.answers(accepted.inbound).await;
+        self.metrics.message_handled(phase, received.elapsed());
+        step
+    }
+
+    /// What the plugins make of a message: its answers, and whether the stream goes on.
+    async fn answers(&mut self, inbound: Inbound) -> Step {
         let Inbound {
             phase,
             message,
             observability,
             ..
-        } = accepted.inbound;
+        } = inbound;
         let direction = phase.direction();
         let mut step = Step::default();
         if std::mem::take(&mut self.rejected) {

@@ -655,6 +655,18 @@ async fn metrics_count_exactly_what_happened() {
             7.0,
         ),
         (
+            "wasm_extproc_message_duration_seconds_count{phase=\"request_headers\"}",
+            7.0,
+        ),
+        (
+            "wasm_extproc_message_duration_seconds_count{phase=\"response_headers\"}",
+            7.0,
+        ),
+        (
+            "wasm_extproc_message_duration_seconds_count{phase=\"request_body\"}",
+            0.0,
+        ),
+        (
             "wasm_extproc_plugin_calls_total{chain=\"default\",plugin=\"asm\",phase=\"request_headers\",outcome=\"ok\"}",
             7.0,
         ),

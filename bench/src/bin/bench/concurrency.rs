@@ -54,7 +54,7 @@ struct HoldReport {
 }
 
 /// `connections` connections through `listener`, opened over 2 s, for `duration`.
-fn hold(
+pub(super) fn hold(
     binaries: &Binaries,
     listener: std::net::SocketAddr,
     connections: usize,
@@ -97,6 +97,16 @@ fn measure(
     duration: Duration,
     binaries: &Binaries,
 ) -> anyhow::Result<Level> {
+    measure_running(key, connections, duration, binaries).map(|(level, _)| level)
+}
+
+/// [`measure`], with the servers still running, for their logs.
+fn measure_running(
+    key: &str,
+    connections: usize,
+    duration: Duration,
+    binaries: &Binaries,
+) -> anyhow::Result<(Level, Running)> {
     let running = Running::start_with(
         setup(key),
         binaries,
@@ -126,7 +136,7 @@ fn measure(
         level.statuses,
         peak_rss_kib / 1024
     );
-    Ok(level)
+    Ok((level, running))
 }
 
 /// Every level, the host and the native server in turn.
@@ -146,15 +156,17 @@ pub fn run(duration: Duration) -> anyhow::Result<Vec<Level>> {
 pub fn check() -> anyhow::Result<()> {
     // The release build the tests share (the benchmark measures the image's LTO build).
     let binaries = Binaries::find("release")?;
-    let level = measure("wasm", CHECK_CONNECTIONS, CHECK_DURATION, &binaries)
+    let (level, running) = measure_running("wasm", CHECK_CONNECTIONS, CHECK_DURATION, &binaries)
         .context("the concurrency check")?;
     if level.load.errors > 0 || level.load.requests == 0 {
         bail!(
-            "{} connections through Envoy for {:?}: {} errors in {} requests",
+            "{} connections through Envoy for {:?}: {} errors in {} requests; the servers' \
+             logs:\n{}",
             CHECK_CONNECTIONS,
             CHECK_DURATION,
             level.load.errors,
-            level.load.requests
+            level.load.requests,
+            running.logs()
         );
     }
     Ok(())

@@ -52,6 +52,8 @@ use load::{hey, output_of, warm_up, wrk};
 
 /// The core Envoy, the upstream and the ext_proc server share.
 const SERVER_CORE: &str = "0";
+/// Where a run's Envoy logs its ext_proc messages, in the run's directory.
+const MESSAGE_LOG: &str = "messages.log";
 /// How long a server may take to listen; Envoy is the slowest, at about a second.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -580,22 +582,24 @@ impl Server {
         args: &[&str],
         dir: &Path,
     ) -> anyhow::Result<Server> {
-        Self::spawn_with(name, program, args, dir, &[], false)
+        Self::spawn_with(name, program, args, dir, &[], Variation::default())
     }
 
-    /// [`spawn`](Self::spawn), with `env` set, and under callgrind if `callgrind` (its
-    /// profiles in `dir`, named after the server and the pid).
+    /// [`spawn`](Self::spawn), with `env` set, on the cores `variation` gives the servers, and
+    /// under callgrind if it says so (the profiles in `dir`, named after the server and the
+    /// pid).
     fn spawn_with(
         name: &'static str,
         program: &Path,
         args: &[&str],
         dir: &Path,
         env: &[(&str, &Path)],
-        callgrind: bool,
+        variation: Variation,
     ) -> anyhow::Result<Server> {
         let log = dir.join(format!("{name}.log"));
         let mut command = Command::new("taskset");
-        command.args(["-c", SERVER_CORE]);
+        command.args(["-c", &variation.server_cores()]);
+        let callgrind = variation.under_callgrind;
         if callgrind {
             command
                 .args(CALLGRIND)
@@ -675,7 +679,43 @@ pub(super) struct Variation {
     /// launcher execs the binary), with instance pools small enough for valgrind's address
     /// space.
     pub under_callgrind: bool,
+    /// The servers share every core, Envoy with a worker per core, instead of core 0 with
+    /// one: the machine saturated as a node is, not one core measured.
+    pub all_cores: bool,
+    /// Envoy logs each request's status and its ext_proc messages' round trips
+    /// ([`MESSAGE_LOG_FORMAT`]) to [`Running::message_log`].
+    pub message_log: bool,
 }
+
+impl Variation {
+    /// The cores the servers run on, as taskset takes them.
+    fn server_cores(self) -> String {
+        if self.all_cores {
+            format!("0-{}", envoy_workers(self) - 1)
+        } else {
+            SERVER_CORE.to_string()
+        }
+    }
+}
+
+/// Envoy's workers: one, or one per core.
+fn envoy_workers(variation: Variation) -> usize {
+    if variation.all_cores {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        1
+    }
+}
+
+/// The access log line of [`Variation::message_log`]: the response's status, then, for the
+/// request's and the response's headers message, how long Envoy waited for the answer (µs)
+/// and the gRPC status of the call, `-` where there was none (ext_proc's filter state,
+/// `ExtProcLoggingInfo`).
+pub(super) const MESSAGE_LOG_FORMAT: &str = "%RESPONSE_CODE% \
+    %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_header_latency_us)% \
+    %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:request_header_call_status)% \
+    %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:response_header_latency_us)% \
+    %FILTER_STATE(envoy.filters.http.ext_proc:FIELD:response_header_call_status)%";
 
 /// Under callgrind, code runs some fifty times slower: plugins' budgets (a `[defaults]` line)
 /// and Envoy's wait for each answer grow to match; instance pools shrink (`[runtime]` lines)
@@ -788,7 +828,7 @@ impl Running {
                     ],
                     dir.path(),
                     &[],
-                    variation.under_callgrind,
+                    variation,
                 )?;
                 wait_until_ready(admin, &mut host.process.0).with_context(|| host.log())?;
                 Some(host)
@@ -800,7 +840,7 @@ impl Running {
                     &["--listen", &listen],
                     dir.path(),
                     &[],
-                    variation.under_callgrind,
+                    variation,
                 )?;
                 native.wait_listening(ext_proc_address)?;
                 Some(native)
@@ -821,6 +861,10 @@ impl Running {
         }
         if let Some(sink) = &sink {
             envoy_config = envoy_config.traced(sink.address);
+        }
+        if variation.message_log {
+            envoy_config =
+                envoy_config.access_log_as(&dir.path().join(MESSAGE_LOG), MESSAGE_LOG_FORMAT);
         }
         if variation.many_in_flight {
             envoy_config = envoy_config
@@ -849,6 +893,7 @@ impl Running {
             }
             _ => vec![],
         };
+        let workers = envoy_workers(variation).to_string();
         let mut envoy = Server::spawn_with(
             "envoy",
             &binaries.envoy,
@@ -856,14 +901,14 @@ impl Running {
                 "-c",
                 &config_path.to_string_lossy(),
                 "--concurrency",
-                "1",
+                &workers,
                 "--disable-hot-restart",
                 "--log-level",
                 "warn",
             ],
             dir.path(),
             &module_search_path,
-            variation.under_callgrind,
+            variation,
         )?;
         envoy
             .wait_listening(listener)
@@ -912,7 +957,7 @@ impl Running {
     }
 
     /// Every server's log.
-    fn logs(&self) -> String {
+    pub(super) fn logs(&self) -> String {
         self.servers
             .iter()
             .map(|server| format!("{}: {}", server.name, server.log()))
@@ -928,19 +973,32 @@ impl Running {
         load: impl FnOnce() -> anyhow::Result<Load>,
     ) -> anyhow::Result<(Load, Vec<(String, f64)>)> {
         warm_up(self.listener, options)?;
+        let (load, cpu) = self.cpu_over(tick_us, load)?;
+        let cpu = cpu
+            .into_iter()
+            .map(|(name, us)| (name, us / load.requests.max(1) as f64))
+            .collect();
+        Ok((load, cpu))
+    }
+
+    /// Runs `load`; each server's CPU time (utime + stime) over it, µs, `tick_us` a clock tick.
+    pub(super) fn cpu_over<T>(
+        &self,
+        tick_us: f64,
+        load: impl FnOnce() -> anyhow::Result<T>,
+    ) -> anyhow::Result<(T, Vec<(String, f64)>)> {
         let before = self.cpu_ticks()?;
-        let load = load()?;
+        let measured = load()?;
         let after = self.cpu_ticks()?;
         let cpu = self
             .servers
             .iter()
             .zip(before.into_iter().zip(after))
             .map(|(server, (before, after))| {
-                let us = (after - before) as f64 * tick_us;
-                (server.name.to_string(), us / load.requests.max(1) as f64)
+                (server.name.to_string(), (after - before) as f64 * tick_us)
             })
             .collect();
-        Ok((load, cpu))
+        Ok((measured, cpu))
     }
 
     fn cpu_ticks(&self) -> anyhow::Result<Vec<u64>> {
@@ -955,6 +1013,11 @@ impl Running {
             .filter(|server| server.name != "upstream")
             .map(|server| (server.name, server.process.0.id()))
             .collect()
+    }
+
+    /// Envoy's log of each request and its ext_proc messages ([`Variation::message_log`]).
+    pub(super) fn message_log(&self) -> PathBuf {
+        self.dir.path().join(MESSAGE_LOG)
     }
 
     /// The setup's own directory: its configuration, logs and profiles.
@@ -1036,7 +1099,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// `getconf CLK_TCK`: the unit of /proc's CPU times.
-fn clock_ticks_per_second() -> anyhow::Result<f64> {
+pub(super) fn clock_ticks_per_second() -> anyhow::Result<f64> {
     let ticks = output_of(Command::new("getconf").arg("CLK_TCK"))?;
     ticks
         .trim()

@@ -11,6 +11,8 @@
 //! - [`e2e`]: the setups through a real Envoy, pinned to cores, under wrk and hey;
 //! - [`counts`]: instructions and system calls per request in each process of those setups;
 //! - [`concurrency`]: thousands of exchanges in flight behind a slow upstream, host and native;
+//! - [`overload`]: more clients than the machine serves, host and native: failed requests and
+//!   each ext_proc message's wait, as Envoy saw it;
 //!
 //! and writes BENCHMARKS.md with its plots (bench/plots/) and the raw figures
 //! (bench/results.json). `--report-only` renders the report again from the raw figures.
@@ -26,6 +28,7 @@ mod concurrency;
 mod counts;
 mod e2e;
 mod micro;
+mod overload;
 mod report;
 mod rss;
 
@@ -106,6 +109,8 @@ enum Part {
     /// Instructions and system calls per request, by process (callgrind and strace).
     Counts,
     Concurrency,
+    /// More clients than the machine serves: failed requests and ext_proc message latency.
+    Overload,
 }
 
 fn run_suite(options: &Options) -> anyhow::Result<()> {
@@ -211,6 +216,9 @@ fn measure(
     }
     if wanted(Part::Concurrency) {
         results.concurrency = concurrency::run(Duration::from_secs(options.duration))?;
+    }
+    if wanted(Part::Overload) {
+        results.overload = overload::run(options.rounds)?;
     }
     results.date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
     results.machine = machine()?;

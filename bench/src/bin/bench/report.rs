@@ -11,6 +11,7 @@ use super::concurrency::Level;
 use super::counts::Counted;
 use super::e2e::ScenarioResult;
 use super::micro::Estimates;
+use super::overload::{self, Overloaded};
 use super::rss::{Point, StreamState};
 
 /// Targets the figures are held to: the host against the native server (ratios in one run),
@@ -58,6 +59,9 @@ pub struct Results {
     /// Instructions and system calls per request, by setup and process.
     #[serde(default)]
     pub counts: Vec<Counted>,
+    /// More clients than the machine serves, every round.
+    #[serde(default)]
+    pub overload: Vec<Overloaded>,
 }
 
 impl Results {
@@ -78,6 +82,7 @@ impl Results {
             languages: None,
             state: None,
             counts: Vec::new(),
+            overload: Vec::new(),
         }
     }
 }
@@ -119,6 +124,7 @@ pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<(
     counts_section(results, &mut md)?;
     rss_section(results, &mut md, &link, plots)?;
     concurrency_section(results, &mut md, &link, plots)?;
+    overload_section(results, &mut md)?;
     if let Some(table) = &results.languages {
         writeln!(
             md,
@@ -949,6 +955,72 @@ fn concurrency_section(
         "\n![exchanges in flight]({})\n",
         link("concurrency.svg")
     )?;
+    Ok(())
+}
+
+fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
+    if results.overload.is_empty() {
+        return Ok(());
+    }
+    let rounds = results.overload.iter().map(|r| r.round).max().unwrap_or(0) + 1;
+    writeln!(
+        md,
+        "## Overload\n\n\
+         More clients than this machine serves (`bench/src/bin/bench/overload.rs`): Envoy with a \
+         worker per core, the upstream and the ext_proc server share both cores, nothing \
+         pinned; Envoy's circuit breakers raised as above; the host with its shipped settings \
+         and the bundled plugin, alternating with the native server, {rounds} rounds. \
+         *slow-upstream*: 3,000 connections opened over 2 s to an upstream that answers after \
+         1 s, for 8 s; *closed-loop*: 2,000 connections to an upstream that answers at once, \
+         for 10 s. Failed: answers other than 2xx (Envoy's `message_timeout`, 200 ms, expiring \
+         on an ext_proc message) and requests with no answer, summed over the rounds. Message \
+         latency: how long Envoy waited for each headers message's answer, from its access log \
+         (`ExtProcLoggingInfo`), queueing in the server included; a message that failed counts \
+         as slower than any answer (\"failed\" where a percentile falls on one); medians over \
+         rounds.\n\n\
+         | load | server | failed requests | messages failed | message p50 | p99 | p99.9 | slowest answer |\n\
+         |---|---|---|---|---|---|---|---|"
+    )?;
+    for load in overload::LOADS {
+        for server in overload::SERVERS {
+            let runs: Vec<&Overloaded> = results
+                .overload
+                .iter()
+                .filter(|r| r.load == load.key && r.server == server)
+                .collect();
+            if runs.is_empty() {
+                continue;
+            }
+            let requests: u64 = runs.iter().map(|r| r.requests).sum();
+            let failed: u64 = runs.iter().map(|r| r.failed).sum();
+            let messages: u64 = runs
+                .iter()
+                .map(|r| r.messages.answered + r.messages.failed)
+                .sum();
+            let failed_messages: u64 = runs.iter().map(|r| r.messages.failed).sum();
+            let median_of = |figure: fn(&Overloaded) -> Option<u64>| {
+                let mut values: Vec<u64> =
+                    runs.iter().map(|r| figure(r).unwrap_or(u64::MAX)).collect();
+                values.sort_unstable();
+                let middle = values[values.len() / 2];
+                overload::millis((middle != u64::MAX).then_some(middle))
+            };
+            let mut slowest: Vec<u64> = runs.iter().map(|r| r.messages.max_us).collect();
+            slowest.sort_unstable();
+            writeln!(
+                md,
+                "| {} | {} | {failed} of {requests} ({:.2}%) | {failed_messages} of {messages} | {} | {} | {} | {:.1} ms |",
+                load.key,
+                if server == "wasm" { "host" } else { "native" },
+                100.0 * failed as f64 / requests.max(1) as f64,
+                median_of(|r| r.messages.p50_us),
+                median_of(|r| r.messages.p99_us),
+                median_of(|r| r.messages.p999_us),
+                slowest[slowest.len() / 2] as f64 / 1000.0,
+            )?;
+        }
+    }
+    md.push('\n');
     Ok(())
 }
 

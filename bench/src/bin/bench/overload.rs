@@ -1,0 +1,250 @@
+//! Overload: more clients than this machine can serve, the host and the native server side by
+//! side. Envoy with a worker per core, the upstream and the ext_proc server share every core
+//! (nothing pinned), with the concurrency runs' raised circuit breakers, and the host with its
+//! shipped settings. Two loads from `hold-load`:
+//!
+//! - `slow-upstream`: 3,000 connections to an upstream that answers after 1 s, for 8 s: a burst
+//!   of new streams while thousands are in flight;
+//! - `closed-loop`: 2,000 connections to an upstream that answers at once, for 10 s: every
+//!   core busy, each connection's next request the moment the last is answered.
+//!
+//! What counts is what fails: answers other than 2xx (every one of them, at this load, Envoy's
+//! `message_timeout` expiring on an ext_proc message), and how long Envoy waited for each
+//! headers message's answer, from Envoy's own access log (`ExtProcLoggingInfo`): the time a
+//! message spends queued in the server is in it, as Envoy's timeout sees it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::concurrency::hold;
+use super::e2e::{Binaries, MEASURED_PROFILE, Running, SETUPS, Variation, clock_ticks_per_second};
+
+/// One load past what the machine serves.
+#[derive(Debug, Clone, Copy)]
+pub struct Saturation {
+    pub key: &'static str,
+    pub connections: usize,
+    pub upstream_delay: Duration,
+    pub duration: Duration,
+}
+
+pub const LOADS: [Saturation; 2] = [
+    Saturation {
+        key: "slow-upstream",
+        connections: 3_000,
+        upstream_delay: Duration::from_secs(1),
+        duration: Duration::from_secs(8),
+    },
+    Saturation {
+        key: "closed-loop",
+        connections: 2_000,
+        upstream_delay: Duration::ZERO,
+        duration: Duration::from_secs(10),
+    },
+];
+
+/// Longer than Envoy takes to write out its access log.
+const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(2_500);
+
+/// The servers compared: the setups' keys.
+pub const SERVERS: [&str; 2] = ["wasm", "native"];
+
+/// One server under one load, one round.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Overloaded {
+    /// `wasm` or `native`.
+    pub server: String,
+    /// [`Saturation::key`].
+    pub load: String,
+    pub round: usize,
+    /// Requests answered or failed.
+    pub requests: u64,
+    /// Answers other than 2xx, and requests that got none.
+    pub failed: u64,
+    /// Answers by status.
+    pub statuses: BTreeMap<u16, u64>,
+    pub messages: Messages,
+    /// Per server process (`envoy`, `upstream`, `ext_proc`): CPU time in µs per request
+    /// completed, over the run.
+    #[serde(default)]
+    pub cpu_us_per_request: Vec<(String, f64)>,
+}
+
+/// The headers messages of one run, as Envoy saw them.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Messages {
+    /// Answered with gRPC OK.
+    pub answered: u64,
+    /// Ended otherwise: Envoy's `message_timeout` (DEADLINE_EXCEEDED) or the server's error.
+    pub failed: u64,
+    /// Over every message, a failed one counted as slower than any answer: a percentile that
+    /// falls on a failed message is `None`.
+    pub p50_us: Option<u64>,
+    pub p99_us: Option<u64>,
+    pub p999_us: Option<u64>,
+    /// The slowest answer.
+    pub max_us: u64,
+}
+
+/// Every load, each server in turn, `rounds` times.
+pub fn run(rounds: usize) -> anyhow::Result<Vec<Overloaded>> {
+    let binaries = Binaries::find(MEASURED_PROFILE)?;
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        for load in LOADS {
+            for server in SERVERS {
+                runs.push(measure(server, load, round, &binaries)?);
+            }
+        }
+    }
+    Ok(runs)
+}
+
+fn measure(
+    server: &str,
+    load: Saturation,
+    round: usize,
+    binaries: &Binaries,
+) -> anyhow::Result<Overloaded> {
+    let setup = SETUPS
+        .iter()
+        .find(|s| s.key == server)
+        .expect("the setup exists");
+    let running = Running::start_with(
+        setup,
+        binaries,
+        Variation {
+            upstream_delay: load.upstream_delay,
+            many_in_flight: true,
+            all_cores: true,
+            message_log: true,
+            ..Variation::default()
+        },
+    )?;
+    let tick_us = 1e6 / clock_ticks_per_second()?;
+    let ((measured, statuses), cpu) = running.cpu_over(tick_us, || {
+        hold(binaries, running.listener, load.connections, load.duration)
+    })?;
+    // Envoy flushes its access log's buffer every second (`file_flush_interval_msec`).
+    std::thread::sleep(ACCESS_LOG_FLUSH);
+    let messages = read_messages(&running.message_log())?;
+    drop(running);
+    let run = Overloaded {
+        server: server.into(),
+        load: load.key.into(),
+        round,
+        requests: measured.requests,
+        failed: measured.errors,
+        statuses,
+        messages,
+        cpu_us_per_request: cpu
+            .into_iter()
+            .map(|(name, us)| (name, us / measured.requests.max(1) as f64))
+            .collect(),
+    };
+    eprintln!(
+        "bench: overload {:<13} {server:<6} round {round}: {} of {} requests failed; messages: \
+         {} answered, {} failed, p50 {} p99 {} p99.9 {} max {:.1} ms; CPU µs per request \
+         {:?}",
+        load.key,
+        run.failed,
+        run.requests,
+        run.messages.answered,
+        run.messages.failed,
+        millis(run.messages.p50_us),
+        millis(run.messages.p99_us),
+        millis(run.messages.p999_us),
+        run.messages.max_us as f64 / 1000.0,
+        run.cpu_us_per_request,
+    );
+    Ok(run)
+}
+
+/// A latency for the report: ms, or that it failed.
+pub fn millis(us: Option<u64>) -> String {
+    match us {
+        Some(us) => format!("{:.1} ms", us as f64 / 1000.0),
+        None => "failed".into(),
+    }
+}
+
+fn read_messages(log: &Path) -> anyhow::Result<Messages> {
+    let text = std::fs::read_to_string(log)
+        .with_context(|| format!("Envoy's message log {}", log.display()))?;
+    Ok(messages(&text))
+}
+
+/// The headers messages in the access log's lines ([`super::e2e::MESSAGE_LOG_FORMAT`]): the
+/// request's and the response's, each a latency and a gRPC status; `-` where the message was
+/// never sent.
+fn messages(log: &str) -> Messages {
+    // An answer's latency; a failed message as u64::MAX, slower than any answer.
+    let mut latencies = Vec::new();
+    for line in log.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        for pair in fields.get(1..).unwrap_or_default().chunks(2) {
+            let [latency, status] = pair else { continue };
+            match (latency.parse::<u64>(), status.parse::<u32>()) {
+                (Ok(us), Ok(0)) => latencies.push(us),
+                (_, Ok(_)) => latencies.push(u64::MAX),
+                _ => {}
+            }
+        }
+    }
+    latencies.sort_unstable();
+    let at = |q: f64| -> Option<u64> {
+        let last = latencies.len().checked_sub(1)?;
+        let value = latencies[((last as f64) * q).round() as usize];
+        (value != u64::MAX).then_some(value)
+    };
+    let failed = latencies.iter().filter(|&&l| l == u64::MAX).count() as u64;
+    Messages {
+        answered: latencies.len() as u64 - failed,
+        failed,
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        p999_us: at(0.999),
+        max_us: latencies
+            .iter()
+            .copied()
+            .filter(|&l| l != u64::MAX)
+            .max()
+            .unwrap_or(0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_messages_count_as_slower_than_every_answer() {
+        let mut log = String::new();
+        for us in 1..=98 {
+            log.push_str(&format!("200 {us} 0 {} 0\n", us + 1000));
+        }
+        // A request whose headers message timed out (DEADLINE_EXCEEDED), so no response
+        // message; one whose response message did.
+        log.push_str("500 200000 4 - -\n");
+        log.push_str("504 50 0 - 4\n");
+        let m = messages(&log);
+        assert_eq!(m.answered, 98 * 2 + 1);
+        assert_eq!(m.failed, 2);
+        assert_eq!(m.max_us, 1098);
+        // 199 messages, 99 of them under 100 µs: the median is the fastest response message.
+        assert_eq!(m.p50_us, Some(1001));
+        assert_eq!(m.p99_us, Some(1098));
+        // The slowest two in a thousand fall on the failed.
+        assert_eq!(m.p999_us, None);
+    }
+
+    #[test]
+    fn an_empty_log_has_no_percentiles() {
+        let m = messages("");
+        assert_eq!(m, Messages::default());
+    }
+}
