@@ -1162,7 +1162,7 @@ fn median_per_process(
 }
 
 /// The middle value; the mean of the middle two for an even count.
-fn median(mut values: Vec<f64>) -> f64 {
+pub(super) fn median(mut values: Vec<f64>) -> f64 {
     if values.is_empty() {
         return f64::NAN;
     }

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::concurrency::Level;
 use super::counts::Counted;
-use super::e2e::ScenarioResult;
+use super::e2e::{ScenarioResult, median};
 use super::micro::Estimates;
 use super::overload::{self, Overloaded};
 use super::rss::{Point, StreamState};
@@ -967,8 +967,8 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
         md,
         "## Overload\n\n\
          More clients than this machine serves (`bench/src/bin/bench/overload.rs`): Envoy with a \
-         worker per core, the upstream and the ext_proc server share both cores, nothing \
-         pinned; Envoy's circuit breakers raised as above; the host with its shipped settings \
+         worker per core, the upstream and the ext_proc server share both cores, unpinned, \
+         the load generator (`hold-load`) pinned to core 1 as above; Envoy's circuit breakers raised as above; the host with its shipped settings \
          and the bundled plugin, alternating with the native server, {rounds} rounds. \
          *slow-upstream*: 3,000 connections opened over 2 s to an upstream that answers after \
          1 s, for 8 s; *closed-loop*: 2,000 connections to an upstream that answers at once, \
@@ -977,9 +977,10 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
          latency: how long Envoy waited for each headers message's answer, from its access log \
          (`ExtProcLoggingInfo`), queueing in the server included; a message that failed counts \
          as slower than any answer (\"failed\" where a percentile falls on one); medians over \
-         rounds.\n\n\
-         | load | server | failed requests | messages failed | message p50 | p99 | p99.9 | slowest answer |\n\
-         |---|---|---|---|---|---|---|---|"
+         rounds; req/s: requests completed per second, median; CPU: the ext_proc server's and \
+         Envoy's CPU time per request completed, median.\n\n\
+         | load | server | failed requests | req/s | messages failed | message p50 | p99 | p99.9 | slowest answer | CPU µs/request: server, Envoy |\n\
+         |---|---|---|---|---|---|---|---|---|---|"
     )?;
     for load in overload::LOADS {
         for server in overload::SERVERS {
@@ -1007,9 +1008,26 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
             };
             let mut slowest: Vec<u64> = runs.iter().map(|r| r.messages.max_us).collect();
             slowest.sort_unstable();
+            let rate = median(
+                runs.iter()
+                    .map(|r| r.requests as f64 / load.duration.as_secs_f64())
+                    .collect(),
+            );
+            let cpu = |process: &str| {
+                median(
+                    runs.iter()
+                        .filter_map(|r| {
+                            r.cpu_us_per_request
+                                .iter()
+                                .find(|(name, _)| name == process)
+                                .map(|(_, us)| *us)
+                        })
+                        .collect(),
+                )
+            };
             writeln!(
                 md,
-                "| {} | {} | {failed} of {requests} ({:.2}%) | {failed_messages} of {messages} | {} | {} | {} | {:.1} ms |",
+                "| {} | {} | {failed} of {requests} ({:.2}%) | {rate:.0} | {failed_messages} of {messages} | {} | {} | {} | {:.1} ms | {:.0}, {:.0} |",
                 load.key,
                 if server == "wasm" { "host" } else { "native" },
                 100.0 * failed as f64 / requests.max(1) as f64,
@@ -1017,6 +1035,8 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
                 median_of(|r| r.messages.p99_us),
                 median_of(|r| r.messages.p999_us),
                 slowest[slowest.len() / 2] as f64 / 1000.0,
+                cpu("ext_proc"),
+                cpu("envoy"),
             )?;
         }
     }
