@@ -123,6 +123,8 @@ pub struct FileConfig {
     pub tracing: Option<FileTracing>,
     /// Server only: live exchanges written down as exchange files.
     pub record: Option<FileRecord>,
+    /// Server only: new streams refused while the server runs too far behind.
+    pub overload: Option<FileOverload>,
     /// What the in-process module reads from Envoy for plugins (module only).
     #[serde(default)]
     pub module: FileModule,
@@ -328,6 +330,16 @@ pub struct FileTracing {
     pub otlp_endpoint: String,
     /// The spans' `service.name` (default `wasm-extproc`).
     pub service_name: Option<String>,
+}
+
+/// `[overload]`: when the ext_proc server refuses new streams to answer those in progress in
+/// time.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileOverload {
+    /// New streams are refused (UNAVAILABLE) while work waits this long for a worker; 0:
+    /// never (default: `[envoy] message_timeout_ms`).
+    pub shed_after_ms: Option<u64>,
 }
 
 /// `[record]`: live exchanges written down in the exchange file format, to replay against a
@@ -705,6 +717,8 @@ impl FileConfig {
             ),
             ("[tls]", self.tls.is_some()),
             ("[tracing]", self.tracing.is_some()),
+            ("[record]", self.record.is_some()),
+            ("[overload]", self.overload.is_some()),
         ]
         .into_iter()
         .filter_map(|(key, set)| set.then_some(key))

@@ -76,12 +76,13 @@ struct ResultLabel {
 }
 
 /// Every (listener, reason) a client can be refused for.
-pub const REFUSALS: [(&str, &str); 5] = [
+pub const REFUSALS: [(&str, &str); 6] = [
     ("admin", "missing_token"),
     ("admin", "wrong_token"),
     ("admin", "not_local"),
     ("admin", "token_unavailable"),
     ("ext_proc", "identity"),
+    ("ext_proc", "overload"),
 ];
 
 /// Every outcome a plugin call can have: `ok`, or a failure kind.

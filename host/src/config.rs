@@ -19,6 +19,10 @@
 //!
 //! [tracing]                     # OpenTelemetry spans, continuing Envoy's traces
 //! otlp_endpoint = "http://otel-collector:4317"
+//!
+//! [overload]                    # new streams refused (UNAVAILABLE) while work waits this
+//! shed_after_ms = 200           # long for a worker; 0 = never; default: [envoy]
+//!                               # message_timeout_ms (ext_proc::overload)
 //! ```
 
 use std::fmt;
@@ -253,6 +257,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// How long a stream may go without a message from Envoy before it is ended.
     pub stream_idle_timeout: Duration,
+    /// New streams are refused while work waits this long for a worker; `None`: never.
+    pub shed_after: Option<Duration>,
     pub tls: Option<TlsSettings>,
     /// Where spans go, if anywhere (`[tracing]`).
     pub tracing: Option<FileTracing>,
@@ -352,6 +358,11 @@ impl Config {
                 Some(ms) => Duration::from_millis(ms),
                 None => DEFAULT_STREAM_IDLE_TIMEOUT,
             },
+            shed_after: match file.overload.as_ref().and_then(|o| o.shed_after_ms) {
+                Some(0) => None,
+                Some(ms) => Some(Duration::from_millis(ms)),
+                None => Some(settings.envoy.message_timeout),
+            },
             tls: file.tls.as_ref().map(read_tls).transpose()?,
             tracing: file.tracing.clone(),
             record: file.record.clone(),
@@ -428,6 +439,19 @@ mod tests {
         assert_eq!(config.tls, None);
         assert_eq!(config.admin_token_file, None);
         assert_eq!(config.settings.plugins_dir, Path::new(DEFAULT_PLUGINS_DIR));
+        assert_eq!(config.shed_after, Some(Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn new_streams_are_shed_at_envoys_timeout_unless_told_otherwise() {
+        let follows_envoy = parse("[envoy]\nmessage_timeout_ms = 1000\n").unwrap();
+        assert_eq!(follows_envoy.shed_after, Some(Duration::from_millis(1000)));
+        let set = parse("[overload]\nshed_after_ms = 40\n").unwrap();
+        assert_eq!(set.shed_after, Some(Duration::from_millis(40)));
+        let never = parse("[overload]\nshed_after_ms = 0\n").unwrap();
+        assert_eq!(never.shed_after, None);
+        let misspelt = parse("[overload]\nshed_after = 40\n").unwrap_err();
+        assert!(misspelt.to_string().contains("shed_after"), "{misspelt}");
     }
 
     #[test]

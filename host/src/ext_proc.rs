@@ -10,12 +10,15 @@
 //!   exchange.
 //! - [`observe`]: what the service shows of its streams to whoever watches them (the
 //!   recorder), without knowing who.
+//! - [`overload`]: how far behind the host runs, and new streams refused while it runs too
+//!   far behind to answer them in time.
 //! - [`fuzz`]: the protocol's invariants under arbitrary input, for the fuzzer and a test.
 
 pub mod convert;
 pub mod exchange;
 pub mod fuzz;
 pub mod observe;
+pub mod overload;
 pub mod protocol;
 pub mod service;
 

@@ -12,7 +12,7 @@ use anyhow::Context;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
-use tokio_util::task::TaskTracker;
+use tokio_util::task::{AbortOnDropHandle, TaskTracker};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
@@ -22,6 +22,7 @@ use crate::access::{AdminAccess, ClientIdentities};
 use crate::admin;
 use crate::config::{Config, ListenAddr};
 use crate::ext_proc::ExtProcService;
+use crate::ext_proc::overload::Overload;
 use crate::metrics::Metrics;
 use crate::record::Recorder;
 use crate::registry::{self, ConfigSource, Generation, Mode, Registry, ReloadSummary};
@@ -217,6 +218,9 @@ impl Host {
         let health_service = tonic_health::pb::health_server::HealthServer::new(
             tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
         );
+        // The lag is measured for as long as the host serves.
+        let overload = Overload::new(self.config.shed_after, self.metrics.clone());
+        let _probe = AbortOnDropHandle::new(tokio::spawn(overload.clone().probe()));
         let ext_proc = ExternalProcessorServer::new(
             ExtProcService::new(
                 self.registry.clone(),
@@ -230,6 +234,7 @@ impl Host {
                         .as_ref()
                         .map_or(&[][..], |tls| &tls.allowed_client_sans),
                 ),
+                overload,
             )
             .idle_timeout(self.config.stream_idle_timeout),
         )

@@ -59,8 +59,11 @@ pub const GATE: Component = Component("gate", WASI_TARGET);
 pub const CONTEXT_PROBE: Component = Component("context_probe", WASI_TARGET);
 /// Produces the invalid output its configuration names.
 pub const MISBEHAVE: Component = Component("misbehave", WASI_TARGET);
-/// Busy-waits as many milliseconds as configured.
+/// Busy-waits as many milliseconds as configured, or computes `cpu:N` million iterations.
 pub const SLOW: Component = Component("slow", WASI_TARGET);
+/// The same, built for the bundled plugins' target: called without a fiber, it holds its
+/// worker for the whole call (configure it `cpu:N`: there is no clock).
+pub const SLOW_BUNDLED: Component = Component("slow", BUNDLED_TARGET);
 /// The ASM plugin's next version: `-v2` header values.
 pub const ASM_V2: Component = Component("asm_v2", WASI_TARGET);
 /// Handles all six phases, marking each with its configuration string.

@@ -184,11 +184,20 @@ pub fn build_rust_plugins() -> anyhow::Result<()> {
             .args(["build", "--release", "--target", target, "--target-dir"])
             .arg(target_dir()))?;
     }
-    // The trap fixture for the bundled plugins' target as well, which has no stderr: the SDK
-    // must bring a panic's message to the log there too.
+    // Two fixtures for the bundled plugins' target as well: trap, which has no stderr there
+    // (the SDK must bring a panic's message to the log too), and slow, which there is called
+    // without a fiber and so holds its worker for the whole call, as the bundled plugins do.
     run(cargo()
         .current_dir(repo_root().join("tests/fixtures"))
-        .args(["build", "--release", "--package", "trap", "--target"])
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "trap",
+            "--package",
+            "slow",
+        ])
+        .arg("--target")
         .args([BUNDLED_TARGET, "--target-dir"])
         .arg(target_dir()))
 }

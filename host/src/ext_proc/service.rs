@@ -23,6 +23,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::exchange::{Accepted, CHAIN_METADATA, Exchange, Then};
 use super::observe::{Observer, StreamObserver};
+use super::overload::Overload;
 use super::protocol::ProtocolError;
 use crate::access::ClientIdentities;
 use crate::metrics::{Metrics, StreamGuard};
@@ -43,6 +44,8 @@ pub struct ExtProcService {
     observer: Arc<dyn Observer>,
     /// How long a stream may wait for Envoy's next message.
     idle_timeout: Duration,
+    /// When new streams are refused for the host's lag.
+    overload: Arc<Overload>,
 }
 
 impl ExtProcService {
@@ -53,8 +56,10 @@ impl ExtProcService {
         streams: TaskTracker,
         observer: Arc<dyn Observer>,
         identities: ClientIdentities,
+        overload: Arc<Overload>,
     ) -> Self {
         ExtProcService {
+            overload,
             registry,
             metrics,
             shutting_down,
@@ -86,6 +91,15 @@ impl ExternalProcessor for ExtProcService {
         self.identities.admit(&request, &self.metrics)?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(Status::unavailable("shutting down"));
+        }
+        if let Some(lag) = self.overload.shedding() {
+            self.metrics.refused("ext_proc", "overload");
+            return Err(Status::unavailable(format!(
+                "overloaded: work waits {} ms for a worker, at or over [overload] \
+                 shed_after_ms ({} ms); new streams are refused until it catches up",
+                lag.as_millis(),
+                self.overload.shed_after().unwrap_or_default().as_millis()
+            )));
         }
         // The generation current now serves the whole stream, whatever reloads happen.
         let generation = self
@@ -129,6 +143,7 @@ impl ExternalProcessor for ExtProcService {
         if !span.is_disabled() {
             span.record("chain", serving.exchange.chain_name());
         }
+        self.overload.stream_opened();
         let answers = futures::stream::unfold(serving, move |mut serving| {
             let span = span.clone();
             async move {

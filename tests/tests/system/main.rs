@@ -15,6 +15,7 @@ mod loading;
 mod module;
 mod operations;
 mod outbound;
+mod overload;
 mod phases;
 mod recording;
 mod secrets;
