@@ -88,6 +88,13 @@ pub struct Messages {
     pub p999_us: Option<u64>,
     /// The slowest answer.
     pub max_us: u64,
+    /// The failed messages by gRPC status: 4 (DEADLINE_EXCEEDED) is Envoy's `message_timeout`,
+    /// 14 (UNAVAILABLE) the host shedding a new stream.
+    #[serde(default)]
+    pub failed_by_status: BTreeMap<u32, u64>,
+    /// How long Envoy had waited when a message failed, median, where it says.
+    #[serde(default)]
+    pub failed_p50_us: Option<u64>,
 }
 
 /// Every load, each server in turn, `rounds` times.
@@ -148,13 +155,15 @@ fn measure(
     };
     eprintln!(
         "bench: overload {:<13} {server:<6} round {round}: {} of {} requests failed; messages: \
-         {} answered, {} failed, p50 {} p99 {} p99.9 {} max {:.1} ms; CPU µs per request \
-         {:?}",
+         {} answered, {} failed {:?} after {}, p50 {} p99 {} p99.9 {} max {:.1} ms; CPU µs \
+         per request {:?}",
         load.key,
         run.failed,
         run.requests,
         run.messages.answered,
         run.messages.failed,
+        run.messages.failed_by_status,
+        millis(run.messages.failed_p50_us),
         millis(run.messages.p50_us),
         millis(run.messages.p99_us),
         millis(run.messages.p999_us),
@@ -184,17 +193,24 @@ fn read_messages(log: &Path) -> anyhow::Result<Messages> {
 fn messages(log: &str) -> Messages {
     // An answer's latency; a failed message as u64::MAX, slower than any answer.
     let mut latencies = Vec::new();
+    let mut failed_by_status = BTreeMap::new();
+    let mut failed_latencies = Vec::new();
     for line in log.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
         for pair in fields.get(1..).unwrap_or_default().chunks(2) {
             let [latency, status] = pair else { continue };
             match (latency.parse::<u64>(), status.parse::<u32>()) {
                 (Ok(us), Ok(0)) => latencies.push(us),
-                (_, Ok(_)) => latencies.push(u64::MAX),
+                (latency, Ok(status)) => {
+                    latencies.push(u64::MAX);
+                    *failed_by_status.entry(status).or_insert(0) += 1;
+                    failed_latencies.extend(latency.ok());
+                }
                 _ => {}
             }
         }
     }
+    failed_latencies.sort_unstable();
     latencies.sort_unstable();
     let at = |q: f64| -> Option<u64> {
         let last = latencies.len().checked_sub(1)?;
@@ -214,6 +230,8 @@ fn messages(log: &str) -> Messages {
             .filter(|&l| l != u64::MAX)
             .max()
             .unwrap_or(0),
+        failed_by_status,
+        failed_p50_us: failed_latencies.get(failed_latencies.len() / 2).copied(),
     }
 }
 
@@ -234,6 +252,8 @@ mod tests {
         let m = messages(&log);
         assert_eq!(m.answered, 98 * 2 + 1);
         assert_eq!(m.failed, 2);
+        assert_eq!(m.failed_by_status, BTreeMap::from([(4, 2)]));
+        assert_eq!(m.failed_p50_us, Some(200_000));
         assert_eq!(m.max_us, 1098);
         // 199 messages, 99 of them under 100 µs: the median is the fastest response message.
         assert_eq!(m.p50_us, Some(1001));
