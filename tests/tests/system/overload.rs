@@ -15,8 +15,9 @@ const CLIENTS: usize = 40;
 /// How long they keep sending.
 const LOAD: Duration = Duration::from_secs(2);
 
-/// A plugin that computes some 20 ms per request, holding its worker (no fiber), on a host with
-/// two workers, twelve clients sending back to back: work waits longer than `shed_after_ms` (50) and new streams are refused;
+/// A plugin that computes some 20 ms per request, holding its worker (no fiber; a budget far
+/// above it, so that a busy test machine cannot make it fail), on a host with two workers,
+/// forty clients sending back to back: work waits longer than `shed_after_ms` (50) and new streams are refused;
 /// Envoy, failing open, passes their requests on unprocessed. Every request is answered 200
 /// and reaches the upstream; exactly those the host counted as refused pass without the
 /// plugin's header, as many as Envoy let through for a failed stream; none waited out Envoy's
@@ -27,7 +28,8 @@ async fn while_the_host_runs_behind_new_streams_are_refused_and_envoy_decides() 
         &[("slow", SLOW_BUNDLED)],
         "[envoy]\nmessage_timeout_ms = 5000\n\
          [overload]\nshed_after_ms = 50\n\
-         [plugins.slow]\nconfig = \"cpu:30\"\ntimeout_ms = 200\n",
+         [plugins.slow]\nconfig = \"cpu:30\"\n\
+         timeout_ms = 2000\n",
     )
     .await;
     let upstream = EchoServer::start().await.unwrap();
