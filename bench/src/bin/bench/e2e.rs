@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use extproc_testkit::envoy::{self, EnvoyConfig};
-use extproc_testkit::fixtures::{ASM_DEMO, BUNDLED_TARGET, WASI_TARGET};
+use extproc_testkit::fixtures::{ASM_DEMO, BUNDLED_TARGET, SLOW_BUNDLED, WASI_TARGET};
 use extproc_testkit::otlp::Collector;
 use extproc_testkit::repo_root;
 use serde::{Deserialize, Serialize};
@@ -685,6 +685,12 @@ pub(super) struct Variation {
     /// Envoy logs each request's status and its ext_proc messages' round trips
     /// ([`MESSAGE_LOG_FORMAT`]) to [`Running::message_log`].
     pub message_log: bool,
+    /// After the host's plugins, one that computes this many million loop iterations on each
+    /// request's headers, holding its worker (the `slow` test fixture, built for the bundled
+    /// plugins' target).
+    pub heavy_plugin: Option<u32>,
+    /// The host's `[overload] shed_after_ms`, if not its default (0: never shed).
+    pub shed_after_ms: Option<u64>,
 }
 
 impl Variation {
@@ -805,6 +811,15 @@ impl Running {
                     runtime += CALLGRIND_POOL;
                 }
                 let mut toml = format!("[defaults]\n{defaults}[runtime]\n{runtime}");
+                if let Some(millions) = variation.heavy_plugin {
+                    std::fs::copy(SLOW_BUNDLED.path(), plugins.join("90-slow.wasm"))?;
+                    toml += &format!(
+                        "[plugins.90-slow]\nconfig = \"cpu:{millions}\"\ntimeout_ms = 100\n"
+                    );
+                }
+                if let Some(ms) = variation.shed_after_ms {
+                    toml += &format!("[overload]\nshed_after_ms = {ms}\n");
+                }
                 if variation.under_callgrind {
                     toml += CALLGRIND_ENVOY;
                 }

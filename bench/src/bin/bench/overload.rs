@@ -6,7 +6,11 @@
 //! - `slow-upstream`: 3,000 connections to an upstream that answers after 1 s, for 8 s: a burst
 //!   of new streams while thousands are in flight;
 //! - `closed-loop`: 2,000 connections to an upstream that answers at once, for 10 s: every
-//!   core busy, each connection's next request the moment the last is answered.
+//!   core busy, each connection's next request the moment the last is answered;
+//! - `heavy-plugin`: the closed loop with 1,000 connections, the host's chain ending in a plugin
+//!   that computes about a millisecond per request: far more work than the cores do, the host
+//!   with its overload policy against the same host never shedding (no native server: it has
+//!   no such plugin).
 //!
 //! What counts is what fails: answers other than 2xx (every one of them, at this load, Envoy's
 //! `message_timeout` expiring on an ext_proc message), and how long Envoy waited for each
@@ -30,33 +34,66 @@ pub struct Saturation {
     pub connections: usize,
     pub upstream_delay: Duration,
     pub duration: Duration,
+    /// The host's chain ends in a plugin computing this many million iterations per request.
+    pub heavy_plugin: Option<u32>,
+    /// The servers compared: `wasm`, `native`, or the host with another overload threshold
+    /// ([`shed_after_ms`]).
+    pub servers: &'static [&'static str],
 }
 
-pub const LOADS: [Saturation; 2] = [
+pub const LOADS: [Saturation; 3] = [
     Saturation {
         key: "slow-upstream",
         connections: 3_000,
         upstream_delay: Duration::from_secs(1),
         duration: Duration::from_secs(8),
+        heavy_plugin: None,
+        servers: &["wasm", "native"],
     },
     Saturation {
         key: "closed-loop",
         connections: 2_000,
         upstream_delay: Duration::ZERO,
         duration: Duration::from_secs(10),
+        heavy_plugin: None,
+        servers: &["wasm", "native"],
+    },
+    Saturation {
+        key: "heavy-plugin",
+        connections: 1_000,
+        upstream_delay: Duration::ZERO,
+        duration: Duration::from_secs(10),
+        heavy_plugin: Some(1),
+        servers: &["wasm", "wasm-shed-at-50", "wasm-never-shed"],
     },
 ];
 
 /// Longer than Envoy takes to write out its access log.
 const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(2_500);
 
-/// The servers compared: the setups' keys.
-pub const SERVERS: [&str; 2] = ["wasm", "native"];
+/// How the report names a server.
+pub fn server_label(key: &str) -> &'static str {
+    match key {
+        "wasm" => "host",
+        "wasm-shed-at-50" => "host, shedding at 50 ms",
+        "wasm-never-shed" => "host, never shedding",
+        _ => "native",
+    }
+}
+
+/// The host's `[overload] shed_after_ms` for a server key, where it is not the default.
+fn shed_after_ms(key: &str) -> Option<u64> {
+    match key {
+        "wasm-shed-at-50" => Some(50),
+        "wasm-never-shed" => Some(0),
+        _ => None,
+    }
+}
 
 /// One server under one load, one round.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Overloaded {
-    /// `wasm` or `native`.
+    /// `wasm`, `wasm-never-shed` or `native`.
     pub server: String,
     /// [`Saturation::key`].
     pub load: String,
@@ -88,8 +125,8 @@ pub struct Messages {
     pub p999_us: Option<u64>,
     /// The slowest answer.
     pub max_us: u64,
-    /// The failed messages by gRPC status: 4 (DEADLINE_EXCEEDED) is Envoy's `message_timeout`,
-    /// 14 (UNAVAILABLE) the host shedding a new stream.
+    /// The failed messages by gRPC status: 4 (DEADLINE_EXCEEDED) is Envoy's `message_timeout`;
+    /// 14 (UNAVAILABLE) the host shedding a new stream, or Envoy failing to open or keep one.
     #[serde(default)]
     pub failed_by_status: BTreeMap<u32, u64>,
     /// How long Envoy had waited when a message failed, median, where it says.
@@ -103,7 +140,7 @@ pub fn run(rounds: usize) -> anyhow::Result<Vec<Overloaded>> {
     let mut runs = Vec::new();
     for round in 0..rounds {
         for load in LOADS {
-            for server in SERVERS {
+            for &server in load.servers {
                 runs.push(measure(server, load, round, &binaries)?);
             }
         }
@@ -117,9 +154,15 @@ fn measure(
     round: usize,
     binaries: &Binaries,
 ) -> anyhow::Result<Overloaded> {
+    let shed_after_ms = shed_after_ms(server);
+    let key = if server.starts_with("wasm") {
+        "wasm"
+    } else {
+        server
+    };
     let setup = SETUPS
         .iter()
-        .find(|s| s.key == server)
+        .find(|s| s.key == key)
         .expect("the setup exists");
     let running = Running::start_with(
         setup,
@@ -129,6 +172,8 @@ fn measure(
             many_in_flight: true,
             all_cores: true,
             message_log: true,
+            heavy_plugin: load.heavy_plugin,
+            shed_after_ms,
             ..Variation::default()
         },
     )?;
@@ -154,7 +199,7 @@ fn measure(
             .collect(),
     };
     eprintln!(
-        "bench: overload {:<13} {server:<6} round {round}: {} of {} requests failed; messages: \
+        "bench: overload {:<13} {server:<15} round {round}: {} of {} requests failed; messages: \
          {} answered, {} failed {:?} after {}, p50 {} p99 {} p99.9 {} max {:.1} ms; CPU µs \
          per request {:?}",
         load.key,

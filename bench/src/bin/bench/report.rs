@@ -972,8 +972,15 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
          and the bundled plugin, alternating with the native server, {rounds} rounds. \
          *slow-upstream*: 3,000 connections opened over 2 s to an upstream that answers after \
          1 s, for 8 s; *closed-loop*: 2,000 connections to an upstream that answers at once, \
-         for 10 s. Failed: answers other than 2xx (Envoy's `message_timeout`, 200 ms, expiring \
-         on an ext_proc message) and requests with no answer, summed over the rounds. Message \
+         for 10 s; *heavy-plugin*: 1,000 connections to an upstream that answers at once, for \
+         10 s, the host's chain ending in a plugin that computes about a millisecond per \
+         request (the `slow` test fixture, `cpu:1`), far past what the cores do: the host with \
+         its overload policy (new streams refused while work waits Envoy's `message_timeout` \
+         for a worker) against the same host never shedding. Failed: answers other than 2xx (an ext_proc message failed) and requests \
+         with no answer, summed over the rounds; messages failed by gRPC status in brackets: 4 \
+         is Envoy's `message_timeout` (200 ms) expiring, 14 (UNAVAILABLE) what the host's \
+         shedding answers but also what Envoy reports for a stream it could not open or that \
+         was reset (it appears with shedding off too), 13 an internal error. Message \
          latency: how long Envoy waited for each headers message's answer, from its access log \
          (`ExtProcLoggingInfo`), queueing in the server included; a message that failed counts \
          as slower than any answer (\"failed\" where a percentile falls on one); medians over \
@@ -983,7 +990,7 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
          |---|---|---|---|---|---|---|---|---|---|"
     )?;
     for load in overload::LOADS {
-        for server in overload::SERVERS {
+        for &server in load.servers {
             let runs: Vec<&Overloaded> = results
                 .overload
                 .iter()
@@ -999,6 +1006,21 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
                 .map(|r| r.messages.answered + r.messages.failed)
                 .sum();
             let failed_messages: u64 = runs.iter().map(|r| r.messages.failed).sum();
+            let mut by_status = std::collections::BTreeMap::<u32, u64>::new();
+            for run in &runs {
+                for (status, count) in &run.messages.failed_by_status {
+                    *by_status.entry(*status).or_default() += count;
+                }
+            }
+            let by_status = if by_status.is_empty() {
+                String::new()
+            } else {
+                let each: Vec<String> = by_status
+                    .iter()
+                    .map(|(status, count)| format!("{status}: {count}"))
+                    .collect();
+                format!(" [{}]", each.join(", "))
+            };
             let median_of = |figure: fn(&Overloaded) -> Option<u64>| {
                 let mut values: Vec<u64> =
                     runs.iter().map(|r| figure(r).unwrap_or(u64::MAX)).collect();
@@ -1027,9 +1049,9 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
             };
             writeln!(
                 md,
-                "| {} | {} | {failed} of {requests} ({:.2}%) | {rate:.0} | {failed_messages} of {messages} | {} | {} | {} | {:.1} ms | {:.0}, {:.0} |",
+                "| {} | {} | {failed} of {requests} ({:.2}%) | {rate:.0} | {failed_messages} of {messages}{by_status} | {} | {} | {} | {:.1} ms | {:.0}, {:.0} |",
                 load.key,
-                if server == "wasm" { "host" } else { "native" },
+                overload::server_label(server),
                 100.0 * failed as f64 / requests.max(1) as f64,
                 median_of(|r| r.messages.p50_us),
                 median_of(|r| r.messages.p99_us),
