@@ -663,6 +663,8 @@ pub(super) struct Running {
     servers: Vec<Server>,
     /// Where a traced setup's spans go.
     sink: Option<SpanSink>,
+    /// The host's admin listener, in the setups that run the host.
+    host_admin: Option<SocketAddr>,
     dir: tempfile::TempDir,
 }
 
@@ -783,6 +785,7 @@ impl Running {
         if setup.filter == Filter::InProcess {
             std::fs::copy(&binaries.asm_plugin, plugins.join("10-asm-demo.wasm"))?;
         }
+        let mut host_admin = None;
         let ext_proc = match setup.filter {
             Filter::ExtProc(Processor::Wasm {
                 plugins: count,
@@ -846,6 +849,7 @@ impl Running {
                     variation,
                 )?;
                 wait_until_ready(admin, &mut host.process.0).with_context(|| host.log())?;
+                host_admin = Some(admin);
                 Some(host)
             }
             Filter::ExtProc(Processor::Native) => {
@@ -934,6 +938,7 @@ impl Running {
             listener,
             servers: [envoy, upstream].into_iter().chain(ext_proc).collect(),
             sink,
+            host_admin,
             dir,
         };
         running.check()?;
@@ -1028,6 +1033,27 @@ impl Running {
             .filter(|server| server.name != "upstream")
             .map(|server| (server.name, server.process.0.id()))
             .collect()
+    }
+
+    /// The host's counter `series` (a full series name, labels included, as its `/metrics`
+    /// writes it); `None` where the setup runs no host.
+    pub(super) fn host_counter(&self, series: &str) -> anyhow::Result<Option<u64>> {
+        let Some(admin) = self.host_admin else {
+            return Ok(None);
+        };
+        let scrape = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(envoy::request(admin, "GET", "/metrics", &[], Vec::new()))
+            .context("the host's /metrics")?;
+        let text = String::from_utf8_lossy(&scrape.body);
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .with_context(|| format!("no {series} in the host's /metrics"))?
+            .trim()
+            .parse()
+            .map(Some)
+            .with_context(|| format!("{series} is no count"))
     }
 
     /// Envoy's log of each request and its ext_proc messages ([`Variation::message_log`]).

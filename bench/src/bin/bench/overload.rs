@@ -68,6 +68,9 @@ pub const LOADS: [Saturation; 3] = [
     },
 ];
 
+/// The host's count of streams it shed.
+const SHED_SERIES: &str = "wasm_extproc_refused_total{listener=\"ext_proc\",reason=\"overload\"}";
+
 /// Longer than Envoy takes to write out its access log.
 const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(2_500);
 
@@ -105,6 +108,10 @@ pub struct Overloaded {
     /// Answers by status.
     pub statuses: BTreeMap<u16, u64>,
     pub messages: Messages,
+    /// New streams the host refused for its lag (`refused_total{reason="overload"}`); `None`
+    /// for the native server.
+    #[serde(default)]
+    pub shed: Option<u64>,
     /// Per server process (`envoy`, `upstream`, `ext_proc`): CPU time in µs per request
     /// completed, over the run.
     #[serde(default)]
@@ -184,6 +191,7 @@ fn measure(
     // Envoy flushes its access log's buffer every second (`file_flush_interval_msec`).
     std::thread::sleep(ACCESS_LOG_FLUSH);
     let messages = read_messages(&running.message_log())?;
+    let shed = running.host_counter(SHED_SERIES)?;
     drop(running);
     let run = Overloaded {
         server: server.into(),
@@ -193,6 +201,7 @@ fn measure(
         failed: measured.errors,
         statuses,
         messages,
+        shed,
         cpu_us_per_request: cpu
             .into_iter()
             .map(|(name, us)| (name, us / measured.requests.max(1) as f64))
@@ -200,8 +209,8 @@ fn measure(
     };
     eprintln!(
         "bench: overload {:<13} {server:<15} round {round}: {} of {} requests failed; messages: \
-         {} answered, {} failed {:?} after {}, p50 {} p99 {} p99.9 {} max {:.1} ms; CPU µs \
-         per request {:?}",
+         {} answered, {} failed {:?} after {}, p50 {} p99 {} p99.9 {} max {:.1} ms; streams \
+         shed by the host {:?}; CPU µs per request {:?}",
         load.key,
         run.failed,
         run.requests,
@@ -213,6 +222,7 @@ fn measure(
         millis(run.messages.p99_us),
         millis(run.messages.p999_us),
         run.messages.max_us as f64 / 1000.0,
+        run.shed,
         run.cpu_us_per_request,
     );
     Ok(run)

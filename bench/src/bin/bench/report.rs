@@ -980,7 +980,9 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
          with no answer, summed over the rounds; messages failed by gRPC status in brackets: 4 \
          is Envoy's `message_timeout` (200 ms) expiring, 14 (UNAVAILABLE) what the host's \
          shedding answers but also what Envoy reports for a stream it could not open or that \
-         was reset (it appears with shedding off too), 13 an internal error. Message \
+         was reset (it appears with shedding off too), 13 an internal error; and, for the host, how \
+         many of its streams it shed itself (`refused_total{{reason=\"overload\"}}`, scraped at \
+         the end of each run). Message \
          latency: how long Envoy waited for each headers message's answer, from its access log \
          (`ExtProcLoggingInfo`), queueing in the server included; a message that failed counts \
          as slower than any answer (\"failed\" where a percentile falls on one); medians over \
@@ -1020,6 +1022,11 @@ fn overload_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
                     .map(|(status, count)| format!("{status}: {count}"))
                     .collect();
                 format!(" [{}]", each.join(", "))
+            };
+            let shed: Option<u64> = runs.iter().map(|r| r.shed).sum();
+            let by_status = match shed {
+                Some(shed) => format!("{by_status}; {shed} shed by the host"),
+                None => by_status,
             };
             let median_of = |figure: fn(&Overloaded) -> Option<u64>| {
                 let mut values: Vec<u64> =
