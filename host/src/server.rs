@@ -219,7 +219,7 @@ impl Host {
             tonic_health::server::HealthService::from_health_reporter(self.health.clone()),
         );
         // The lag is measured for as long as the host serves.
-        let overload = Overload::new(self.config.shed_after, self.metrics.clone());
+        let overload = Overload::new(self.config.shed_after, &self.metrics);
         let _probe = AbortOnDropHandle::new(tokio::spawn(overload.clone().probe()));
         let ext_proc = ExternalProcessorServer::new(
             ExtProcService::new(

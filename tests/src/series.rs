@@ -3,6 +3,16 @@
 
 use wasm_extproc::metrics::Metrics;
 
+/// The value of the series `name{labels}` (written as the exposition writes it) in a
+/// Prometheus text exposition, as a scrape of `/metrics` returns it.
+pub fn scraped(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The capabilities' counters a test asserts on, by their labels.
 pub trait CapabilitySeries {
     /// State store operations of `plugin` in `chain` that ended with `result`.

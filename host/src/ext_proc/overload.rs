@@ -66,7 +66,7 @@ pub struct Overload {
 impl Overload {
     /// Sheds new streams at a lag of `shed_after` (`None`: never). The lag is measured once
     /// [`probe`](Self::probe) runs.
-    pub fn new(shed_after: Option<Duration>, metrics: Arc<Metrics>) -> Arc<Overload> {
+    pub fn new(shed_after: Option<Duration>, metrics: &Metrics) -> Arc<Overload> {
         let gauge = metrics.family(
             "runtime_lag_seconds",
             "How long work made ready now waits for a worker (measured while streams keep \
@@ -185,14 +185,14 @@ mod tests {
 
     #[test]
     fn without_a_threshold_nothing_is_shed() {
-        let overload = Overload::new(None, Metrics::new());
+        let overload = Overload::new(None, &Metrics::new());
         overload.set_lag(Duration::from_secs(5));
         assert_eq!(overload.shedding(), None);
     }
 
     #[test]
     fn new_streams_are_shed_from_the_threshold_on() {
-        let overload = Overload::new(Some(Duration::from_millis(100)), Metrics::new());
+        let overload = Overload::new(Some(Duration::from_millis(100)), &Metrics::new());
         overload.set_lag(Duration::from_millis(99));
         assert_eq!(overload.shedding(), None);
         overload.set_lag(Duration::from_millis(100));
@@ -201,7 +201,7 @@ mod tests {
 
     #[test]
     fn a_wait_still_under_way_counts_once_it_is_long_enough() {
-        let overload = Overload::new(Some(Duration::from_millis(100)), Metrics::new());
+        let overload = Overload::new(Some(Duration::from_millis(100)), &Metrics::new());
         overload.set_lag(Duration::ZERO);
         overload
             .queued_at_us

@@ -623,12 +623,8 @@ async fn the_dashboard_and_the_alerts_query_only_metrics_the_host_exports() {
 
 /// The value of the series `name{labels}` in a Prometheus text exposition.
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+    extproc_testkit::series::scraped(text, series)
         .unwrap_or_else(|| panic!("no {series} in\n{text}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1046,14 +1046,10 @@ impl Running {
             .build()?
             .block_on(envoy::request(admin, "GET", "/metrics", &[], Vec::new()))
             .context("the host's /metrics")?;
-        let text = String::from_utf8_lossy(&scrape.body);
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .with_context(|| format!("no {series} in the host's /metrics"))?
-            .trim()
-            .parse()
-            .map(Some)
-            .with_context(|| format!("{series} is no count"))
+        let value =
+            extproc_testkit::series::scraped(&String::from_utf8_lossy(&scrape.body), series)
+                .with_context(|| format!("no {series} in the host's /metrics"))?;
+        Ok(Some(value as u64))
     }
 
     /// Envoy's log of each request and its ext_proc messages ([`Variation::message_log`]).

@@ -74,23 +74,31 @@ const SHED_SERIES: &str = "wasm_extproc_refused_total{listener=\"ext_proc\",reas
 /// Longer than Envoy takes to write out its access log.
 const ACCESS_LOG_FLUSH: Duration = Duration::from_millis(2_500);
 
-/// How the report names a server.
-pub fn server_label(key: &str) -> &'static str {
-    match key {
-        "wasm" => "host",
-        "wasm-shed-at-50" => "host, shedding at 50 ms",
-        "wasm-never-shed" => "host, never shedding",
-        _ => "native",
-    }
+/// Each server key: the setup it runs, how the report names it, and the host's `[overload]
+/// shed_after_ms` where it is not the default.
+const SERVER_KEYS: [(&str, &str, &str, Option<u64>); 4] = [
+    ("wasm", "wasm", "host", None),
+    (
+        "wasm-shed-at-50",
+        "wasm",
+        "host, shedding at 50 ms",
+        Some(50),
+    ),
+    ("wasm-never-shed", "wasm", "host, never shedding", Some(0)),
+    ("native", "native", "native", None),
+];
+
+fn server(key: &str) -> (&'static str, &'static str, Option<u64>) {
+    SERVER_KEYS
+        .iter()
+        .find(|(k, ..)| *k == key)
+        .map(|&(_, setup, label, shed)| (setup, label, shed))
+        .expect("a known server key")
 }
 
-/// The host's `[overload] shed_after_ms` for a server key, where it is not the default.
-fn shed_after_ms(key: &str) -> Option<u64> {
-    match key {
-        "wasm-shed-at-50" => Some(50),
-        "wasm-never-shed" => Some(0),
-        _ => None,
-    }
+/// How the report names a server.
+pub fn server_label(key: &str) -> &'static str {
+    server(key).1
 }
 
 /// One server under one load, one round.
@@ -161,12 +169,7 @@ fn measure(
     round: usize,
     binaries: &Binaries,
 ) -> anyhow::Result<Overloaded> {
-    let shed_after_ms = shed_after_ms(server);
-    let key = if server.starts_with("wasm") {
-        "wasm"
-    } else {
-        server
-    };
+    let (key, _, shed_after_ms) = self::server(server);
     let setup = SETUPS
         .iter()
         .find(|s| s.key == key)
