@@ -197,6 +197,8 @@ mod tests {
         assert_eq!(overload.shedding(), None);
         overload.set_lag(Duration::from_millis(100));
         assert_eq!(overload.shedding(), Some(Duration::from_millis(100)));
+        // What `runtime_lag_seconds` shows.
+        assert_eq!(overload.gauge.get(), 0.1);
     }
 
     #[test]
