@@ -634,13 +634,26 @@ impl Plugin {
         started: Instant,
         arrived: Instant,
     ) -> Result<Instance, PluginError> {
+        self.instantiate_within(started, arrived, self.settings.budget.timeout)
+            .await
+    }
+
+    /// [`instantiate`](Self::instantiate) with the instance's calls on `timeout` rather than
+    /// the plugin's own budget.
+    async fn instantiate_within(
+        &self,
+        started: Instant,
+        arrived: Instant,
+        timeout: Duration,
+    ) -> Result<Instance, PluginError> {
         let compiled = &self.compiled;
         let slot = compiled
             .slots
             .take(compiled.entry == Entry::Fiber, arrived)
             .await?;
         let _running = compiled.ticker.enter();
-        let state = StoreState::new(self.settings.clone(), self.grants.store());
+        let mut state = StoreState::new(self.settings.clone(), self.grants.store());
+        state.timeout = timeout;
         let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);
         let entry = compiled.entry;
@@ -673,11 +686,13 @@ impl Plugin {
         }
     }
 
-    /// Checks a fresh instance's handlers and asks it what it handles.
+    /// Checks a fresh instance's handlers and asks it what it handles, on [`LOAD_BUDGET`]
+    /// (or the plugin's own budget, if longer).
     async fn probe(&self) -> Result<Registration, Probe> {
         let started = Instant::now();
+        let budget = self.settings.budget.timeout.max(LOAD_BUDGET);
         let mut instance = self
-            .instantiate(started, started)
+            .instantiate_within(started, started, budget)
             .await
             .map_err(Probe::Failed)?;
         let Instance {
@@ -704,6 +719,12 @@ impl Plugin {
         })
     }
 }
+
+/// How long a plugin may take, at load, to start and say what it handles. No request waits on
+/// it, so it is not the plugin's per-call budget: a large guest (an interpreter's snapshot)
+/// starting on a busy machine takes tens of milliseconds, and this only stops one that never
+/// answers.
+pub const LOAD_BUDGET: Duration = Duration::from_secs(1);
 
 /// Why asking a new plugin what it handles failed.
 enum Probe {

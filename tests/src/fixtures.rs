@@ -88,6 +88,8 @@ pub const FLOOD: Component = Component("flood", WASI_TARGET);
 pub const FLAKY: Component = Component("flaky", WASI_TARGET);
 /// Imports `acme:vault/secrets`, which the host does not provide.
 pub const BAD_IMPORT: Component = Component("bad_import", WASI_TARGET);
+/// Never answers `register`.
+pub const NO_ANSWER: Component = Component("no_answer", WASI_TARGET);
 /// Built against contract version 0.0.9.
 pub const WRONG_CONTRACT: Component = Component("wrong_contract", WASI_TARGET);
 

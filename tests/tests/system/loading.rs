@@ -1,6 +1,6 @@
 //! What the host refuses to start with, and what it says.
 
-use extproc_testkit::fixtures::{ASM_DEMO, CONTRACT_0_2, CONTRACT_0_3, WRONG_CONTRACT};
+use extproc_testkit::fixtures::{ASM_DEMO, CONTRACT_0_2, CONTRACT_0_3, NO_ANSWER, WRONG_CONTRACT};
 use extproc_testkit::host::{config, plugin_dir};
 use wasm_extproc::Host;
 use wasm_extproc::runtime::Contract;
@@ -24,6 +24,25 @@ async fn a_component_built_against_another_contract_is_refused_by_name() {
         error.contains("this host speaks wasm-extproc:processor@0.4.0, 0.3.0 and 0.2.0"),
         "{error}"
     );
+}
+
+/// Asking a plugin what it handles runs on the load budget, not the per-call one: long enough
+/// for an interpreter's snapshot to start on a busy machine, short enough that a plugin that
+/// never answers stops the load with its name.
+#[tokio::test]
+async fn a_plugin_that_never_says_what_it_handles_is_refused_by_name_within_the_load_budget() {
+    let dir = plugin_dir(&[("10-good", ASM_DEMO), ("20-silent", NO_ANSWER)]);
+    let started = std::time::Instant::now();
+    let error = load_error(dir.path(), "[plugins.\"20-silent\"]\ntimeout_ms = 5\n").await;
+    let waited = started.elapsed();
+    assert!(
+        error.contains(
+            "20-silent.wasm: failed while the host asked what it handles (register): ran past \
+             its 1s deadline"
+        ),
+        "{error}"
+    );
+    assert!(waited < std::time::Duration::from_secs(10), "{waited:?}");
 }
 
 #[tokio::test]
