@@ -6,7 +6,7 @@
 //!
 //! Instructions: each setup's Envoy and ext_proc server run under callgrind; after a warm-up
 //! the counters are zeroed, `REQUESTS` requests go through one at a time, and the counters are
-//! dumped. System calls: the same setup without valgrind, strace attached to each process for
+//! dumped, and each dump kept in `target/bench/callgrind/` for `callgrind_annotate`. System calls: the same setup without valgrind, strace attached to each process for
 //! `REQUESTS` requests from 16 connections at a modest rate (as the fixed-rate runs send them).
 
 use std::path::Path;
@@ -48,13 +48,15 @@ pub struct Counted {
 pub fn run() -> anyhow::Result<Vec<Counted>> {
     xtask::setup::profilers()?;
     let binaries = Binaries::find(MEASURED_PROFILE)?;
+    let kept = xtask::target_dir().join("bench/callgrind");
+    std::fs::create_dir_all(&kept).with_context(|| kept.display().to_string())?;
     let mut counted = Vec::new();
     for key in COUNTED {
         let setup = SETUPS
             .iter()
             .find(|s| s.key == key)
             .with_context(|| format!("no setup {key}"))?;
-        let instructions = instructions(setup, &binaries)?;
+        let instructions = instructions(setup, &binaries, &kept)?;
         let syscalls = syscalls(setup, &binaries)?;
         for (process, instructions) in instructions {
             let (total, by_name) = syscalls
@@ -78,10 +80,13 @@ pub fn run() -> anyhow::Result<Vec<Counted>> {
     Ok(counted)
 }
 
-/// Instructions per request in each measured process of `setup`, under callgrind.
+/// Instructions per request in each measured process of `setup`, under callgrind. Each
+/// process's dump of the measured requests is kept in `kept` as `SETUP.PROCESS.callgrind`, for
+/// `callgrind_annotate` to say where they went.
 fn instructions(
     setup: &'static Setup,
     binaries: &Binaries,
+    kept: &Path,
 ) -> anyhow::Result<Vec<(&'static str, f64)>> {
     let running = Running::start_with(
         setup,
@@ -100,7 +105,10 @@ fn instructions(
     let mut counts = Vec::new();
     for (name, pid) in running.measured() {
         callgrind_control("-d", pid)?;
-        let total = dumped_total(running.dir(), name, pid)?;
+        let dump = newest_dump(running.dir(), name, pid)?;
+        let copy = kept.join(format!("{}.{name}.callgrind", setup.key));
+        std::fs::copy(&dump, &copy).with_context(|| copy.display().to_string())?;
+        let total = dumped_total(&dump)?;
         counts.push((name, total as f64 / REQUESTS as f64));
     }
     Ok(counts)
@@ -132,15 +140,19 @@ fn callgrind_control(command: &str, pid: u32) -> anyhow::Result<()> {
         .with_context(|| format!("callgrind_control {command} {pid}"))
 }
 
-/// The instructions in the newest dump callgrind wrote for process `pid`.
-fn dumped_total(dir: &Path, name: &str, pid: u32) -> anyhow::Result<u64> {
+/// The newest dump callgrind wrote for process `pid`.
+fn newest_dump(dir: &Path, name: &str, pid: u32) -> anyhow::Result<String> {
     let prefix = callgrind_out(dir, name).replace("%p", &pid.to_string());
-    let dump = (1..)
+    (1..)
         .map(|n| format!("{prefix}.{n}"))
         .take_while(|path| Path::new(path).is_file())
         .last()
-        .with_context(|| format!("callgrind wrote no dump at {prefix}.N"))?;
-    let text = std::fs::read_to_string(&dump).with_context(|| dump.clone())?;
+        .with_context(|| format!("callgrind wrote no dump at {prefix}.N"))
+}
+
+/// The instructions counted in callgrind's `dump`.
+fn dumped_total(dump: &str) -> anyhow::Result<u64> {
+    let text = std::fs::read_to_string(dump).with_context(|| dump.to_string())?;
     text.lines()
         .find_map(|line| {
             line.strip_prefix("totals:")

@@ -781,7 +781,9 @@ fn counts_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
          setups are those of the end-to-end table; \"over (a)\" is Envoy's work beyond \
          Envoy alone's, plus the ext_proc server's. `ioctl` is wasmtime finding the pages an \
          instance dirtied (PAGEMAP_SCAN) when its memory goes back to the pool; \
-         `clock_nanosleep` is the epoch ticker, on a clock while plugins run rather than per request.\n\n\
+         `clock_nanosleep` is the epoch ticker, on a clock while plugins run rather than per request. \
+         Each process's dump is kept (`target/bench/callgrind/SETUP.PROCESS.callgrind`): \
+         `callgrind_annotate` on it says where the instructions went.\n\n\
          | setup | process | instructions | over (a) | system calls | of which |\n\
          |---|---|---|---|---|---|"
     )?;
