@@ -205,25 +205,28 @@ impl StreamChain {
 
     /// Passes `message` through every plugin that handles `phase`, in order. `body_mode` is how
     /// Envoy sends bodies in the message's direction.
-    pub async fn run(
+    ///
+    /// This and [`flush`](Self::flush) hand back [`run_from`](Self::run_from)'s future itself
+    /// rather than awaiting it in one of their own: each level of `async fn` adds its own
+    /// state to the stream's future, which is built and moved for every message.
+    pub fn run(
         &mut self,
         phase: Phase,
         message: Message,
         body_mode: BodyMode,
         context: &Arc<ExchangeContext>,
-    ) -> Verdict {
+    ) -> impl Future<Output = Verdict> {
         self.run_from(0, phase, message, body_mode, context, Arrival::FromEnvoy)
-            .await
     }
 
     /// Trailers arrived while plugins hold body chunks: each holding plugin gets what it holds
     /// as its whole body (end-of-stream false), and the result flows on through the chain.
-    pub async fn flush(
+    pub fn flush(
         &mut self,
         direction: Direction,
         body_mode: BodyMode,
         context: &Arc<ExchangeContext>,
-    ) -> Verdict {
+    ) -> impl Future<Output = Verdict> {
         let first = self
             .plugins
             .iter()
@@ -238,7 +241,6 @@ impl StreamChain {
             context,
             Arrival::Flushed,
         )
-        .await
     }
 
     /// Passes `message` through the plugins that handle `phase`, from the one at `first`.
@@ -294,7 +296,9 @@ impl StreamChain {
             ..
         } = run;
         for shadowing in shadowing {
-            run_shadows(chain, &mut self.shadows, &pass, shadowing).await;
+            // Boxed: only chains with shadows get here, and unboxed its state would make
+            // every message's future larger by more than a plugin call's.
+            Box::pin(run_shadows(chain, &mut self.shadows, &pass, shadowing)).await;
         }
         let verdict = self.verdict(direction, body_mode, stopped, message, answer);
         // The body the plugins saw was held against the budget until now.

@@ -629,13 +629,12 @@ impl Plugin {
     /// message at `arrived` (a full pool is waited on from then, for `[runtime]
     /// instance_wait_ms`). Its start code runs on the budget of a call that started at
     /// `started`.
-    pub async fn instantiate(
+    pub fn instantiate(
         &self,
         started: Instant,
         arrived: Instant,
-    ) -> Result<Instance, PluginError> {
+    ) -> impl Future<Output = Result<Instance, PluginError>> {
         self.instantiate_within(started, arrived, self.settings.budget.timeout)
-            .await
     }
 
     /// [`instantiate`](Self::instantiate) with the instance's calls on `timeout` rather than
@@ -671,7 +670,9 @@ impl Plugin {
         store.set_epoch_deadline(1);
         let result = match entry {
             Entry::Direct => compiled.pre.instantiate(&mut store),
-            Entry::Fiber => compiled.pre.instantiate_async(&mut store).await,
+            // Boxed: its state is most of this future's, which every stream's future would
+            // otherwise carry, whether its plugins need a fiber or not.
+            Entry::Fiber => Box::pin(compiled.pre.instantiate_async(&mut store)).await,
         };
         store.data_mut().call_started = None;
         match result {

@@ -320,12 +320,12 @@ impl Serving {
     }
 }
 
-/// Runs `work`, turning a panic in the host's own code into the end of this stream only.
-async fn contained<T>(work: impl Future<Output = T>) -> Result<T, Status> {
-    AssertUnwindSafe(work)
-        .catch_unwind()
-        .await
-        .map_err(|panic| {
+/// Runs `work`, turning a panic in the host's own code into the end of this stream only. Not
+/// an `async fn`: one would hold `work` twice in its state (the argument and the awaited
+/// future), and the stream's future is built anew for every answer.
+fn contained<T>(work: impl Future<Output = T>) -> impl Future<Output = Result<T, Status>> {
+    AssertUnwindSafe(work).catch_unwind().map(|caught| {
+        caught.map_err(|panic| {
             let message = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
@@ -334,6 +334,7 @@ async fn contained<T>(work: impl Future<Output = T>) -> Result<T, Status> {
             tracing::error!(%message, "serving a stream panicked; ending the stream");
             Status::internal("ext_proc host error")
         })
+    })
 }
 
 /// The status for a message that breaks the protocol; the only place one is built.
