@@ -271,55 +271,73 @@ fn new(name: &str, lang: &str, dir: &Path) -> PathBuf {
     dir.join(name)
 }
 
-/// From `wasm-extproc new` to a passing `wasm-extproc test`, in every language, with the
-/// toolchains `cargo xtask build-plugins` installs.
+/// From `wasm-extproc new` to a passing `wasm-extproc test`, in each language, with the
+/// toolchains `cargo xtask build-plugins` installs: a test per language, so that the runner
+/// builds them side by side.
 #[test]
-fn every_template_builds_and_passes_its_own_exchange_file() {
+fn the_rust_template_builds_and_passes_its_own_exchange_file() {
+    template_builds_and_passes_its_own_exchange_file("rust");
+}
+
+#[test]
+fn the_javascript_template_builds_and_passes_its_own_exchange_file() {
+    template_builds_and_passes_its_own_exchange_file("javascript");
+}
+
+#[test]
+fn the_python_template_builds_and_passes_its_own_exchange_file() {
+    template_builds_and_passes_its_own_exchange_file("python");
+}
+
+#[test]
+fn the_c_template_builds_and_passes_its_own_exchange_file() {
+    template_builds_and_passes_its_own_exchange_file("c");
+}
+
+fn template_builds_and_passes_its_own_exchange_file(lang: &str) {
     let dir = tempfile::tempdir().unwrap();
     let target = support::target_dir();
     let tools = target.join("tools");
-    for lang in ["rust", "javascript", "python", "c"] {
-        let name = format!("my-{lang}-plugin");
-        let project = new(&name, lang, dir.path());
-        // The Rust template resolves its dependencies as the bundled plugins do (a fresh
-        // resolution would take whatever was published since), and shares their build: the
-        // same profile, target and versions, compiled once.
-        if lang == "rust" {
-            std::fs::copy(repo("plugins/Cargo.lock"), project.join("Cargo.lock")).unwrap();
-        }
-        let built = Command::new("bash")
-            .arg(project.join("build.sh"))
-            .env("CARGO_TARGET_DIR", &target)
-            .env(
-                "COMPONENTIZE_JS",
-                tools.join("jco/node_modules/.bin/componentize-js"),
-            )
-            .env("COMPONENTIZE_PY", tools.join("py/bin/componentize-py"))
-            .env("WIT_BINDGEN", tools.join("cargo/bin/wit-bindgen"))
-            .env("JCO", tools.join("jco/node_modules/.bin/jco"))
-            .output()
-            .unwrap();
-        assert_eq!(
-            built.status.code(),
-            Some(0),
-            "{lang}: {}{}",
-            text(&built.stdout),
-            text(&built.stderr)
-        );
-        let plugin = project.join(format!("{name}.wasm"));
-        let exchanges = project.join("exchanges.yaml");
-        let output = test(&[
-            "--plugin",
-            plugin.to_str().unwrap(),
-            exchanges.to_str().unwrap(),
-        ]);
-        let stdout = text(&output.stdout);
-        assert_eq!(output.status.code(), Some(0), "{lang}: {stdout}");
-        assert!(
-            stdout.contains("2 exchange(s), 2 passed, 0 failed"),
-            "{stdout}"
-        );
+    let name = format!("my-{lang}-plugin");
+    let project = new(&name, lang, dir.path());
+    // The Rust template resolves its dependencies as the bundled plugins do (a fresh
+    // resolution would take whatever was published since), and shares their build: the
+    // same profile, target and versions, compiled once.
+    if lang == "rust" {
+        std::fs::copy(repo("plugins/Cargo.lock"), project.join("Cargo.lock")).unwrap();
     }
+    let built = Command::new("bash")
+        .arg(project.join("build.sh"))
+        .env("CARGO_TARGET_DIR", &target)
+        .env(
+            "COMPONENTIZE_JS",
+            tools.join("jco/node_modules/.bin/componentize-js"),
+        )
+        .env("COMPONENTIZE_PY", tools.join("py/bin/componentize-py"))
+        .env("WIT_BINDGEN", tools.join("cargo/bin/wit-bindgen"))
+        .env("JCO", tools.join("jco/node_modules/.bin/jco"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        built.status.code(),
+        Some(0),
+        "{lang}: {}{}",
+        text(&built.stdout),
+        text(&built.stderr)
+    );
+    let plugin = project.join(format!("{name}.wasm"));
+    let exchanges = project.join("exchanges.yaml");
+    let output = test(&[
+        "--plugin",
+        plugin.to_str().unwrap(),
+        exchanges.to_str().unwrap(),
+    ]);
+    let stdout = text(&output.stdout);
+    assert_eq!(output.status.code(), Some(0), "{lang}: {stdout}");
+    assert!(
+        stdout.contains("2 exchange(s), 2 passed, 0 failed"),
+        "{stdout}"
+    );
 }
 
 /// With no cache directory configured, `test` keeps compiled plugins in the user's cache: a
