@@ -656,14 +656,16 @@ impl Plugin {
         let mut store = Store::new(&compiled.engine, state);
         store.limiter(|s| &mut s.limits);
         let entry = compiled.entry;
-        store.epoch_deadline_callback(move |ctx| {
-            let state = ctx.data();
-            Ok(match state.call_started {
-                Some(started) if started.elapsed() < state.timeout => match entry {
+        store.epoch_deadline_callback(move |mut ctx| {
+            let state = ctx.data_mut();
+            state.ticks_seen = state.ticks_seen.saturating_add(1);
+            Ok(if state.within_budget() {
+                match entry {
                     Entry::Direct => wasmtime::UpdateDeadline::Continue(1),
                     Entry::Fiber => wasmtime::UpdateDeadline::Yield(1),
-                },
-                _ => wasmtime::UpdateDeadline::Interrupt,
+                }
+            } else {
+                wasmtime::UpdateDeadline::Interrupt
             })
         });
         store.data_mut().call_started = Some(started);
@@ -867,6 +869,7 @@ fn begin(store: &mut Store<StoreState>, phase: Option<Phase>, started: Instant) 
     state.set_phase(phase);
     state.limits.reset();
     state.call_started = Some(started);
+    state.ticks_seen = 0;
     store.set_epoch_deadline(1);
 }
 

@@ -103,6 +103,8 @@ pub struct StoreState {
     pub timeout: Duration,
     /// When the current guest call started; `None` between calls.
     pub call_started: Option<Instant>,
+    /// Epoch ticks the current call was seen running at (see [`within_budget`](Self::within_budget)).
+    pub ticks_seen: u32,
     pub phase: Option<Phase>,
     /// The message the current call is working on.
     pub lent: Option<Message>,
@@ -126,12 +128,20 @@ impl StoreState {
             timeout: settings.budget.timeout,
             settings,
             call_started: None,
+            ticks_seen: 0,
             phase: None,
             lent: None,
             lent_headers: None,
             context: Arc::default(),
             effects: Effects::default(),
         }
+    }
+
+    /// Whether the call under way may go on when the epoch asks ([`super::epoch::may_go_on`]).
+    pub fn within_budget(&self) -> bool {
+        self.call_started.is_some_and(|started| {
+            super::epoch::may_go_on(started.elapsed(), self.timeout, self.ticks_seen)
+        })
     }
 
     /// The budget of the call under way.
