@@ -31,7 +31,7 @@ use crate::config::{ConfigError, EnvoySettings, Settings, UnknownChain};
 use crate::guard::Guard;
 use crate::http::{Direction, PerDirection, Phase, PhaseSet};
 use crate::metrics::{Metrics, PluginMetrics};
-use crate::runtime::{EPOCH_CHECK, EPOCH_TICK, LoadError, Plugin, Runtime};
+use crate::runtime::{LoadError, Plugin, Runtime, longest_call};
 use crate::signing::Trust;
 
 pub use watch::{WatchGuard, watch};
@@ -244,11 +244,10 @@ impl Chain {
     }
 }
 
-/// The longest a call with budget `timeout` can run before it is stopped: the epoch ticker
-/// notices a running call within `EPOCH_CHECK` and stops it within `EPOCH_TICK` of its budget
-/// (see `runtime::epoch`).
+/// The longest a call with budget `timeout` can run before it is stopped (see
+/// `runtime::epoch`).
 fn deadline(timeout: Duration) -> Duration {
-    timeout.max(EPOCH_CHECK) + EPOCH_TICK
+    longest_call(timeout)
 }
 
 /// The `.wasm` files in `dir`, in chain order, with their plugin names.

@@ -73,7 +73,7 @@ impl Contract {
     }
 }
 
-pub use epoch::{CHECK as EPOCH_CHECK, TICK as EPOCH_TICK};
+pub use epoch::longest_call;
 
 /// Dirtied memory per linear memory that is reset in place and kept resident between streams
 /// (the rest is returned to the kernel). A Rust plugin dirties a few dozen KiB per stream;

@@ -15,8 +15,8 @@
 //! nothing running, and a busy host pays a wake-up per `CHECK`, not per request.
 //!
 //! The price is precision where it does not matter: a runaway call is noticed within `CHECK`
-//! and interrupted within `TICK` of its budget running out (budgets shorter than `CHECK` are
-//! enforced at `CHECK`), and an async guest yields to other streams within `CHECK` + `TICK`.
+//! and interrupted within `TICK` of its budget running out (a budget under twice `CHECK`, by
+//! [`longest_call`]), and an async guest yields to other streams within `CHECK` + `TICK`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -41,11 +41,21 @@ const QUIET_CHECKS: u32 = 10;
 /// microseconds is then not interrupted for the time its worker waited for a core; one that
 /// loops is asked at every tick, and stops once both its budget and those ticks have passed.
 pub fn may_go_on(elapsed: Duration, timeout: Duration, ticks_seen: u32) -> bool {
-    if elapsed < timeout {
-        return true;
-    }
-    let ticks = (timeout.as_nanos() / TICK.as_nanos() / 2).max(1);
-    u128::from(ticks_seen) < ticks
+    elapsed < timeout || ticks_seen < ticks_to_stop(timeout)
+}
+
+/// The ticks a call on a budget of `timeout` must be seen running at before it is stopped.
+fn ticks_to_stop(timeout: Duration) -> u32 {
+    u32::try_from(timeout.as_nanos() / TICK.as_nanos() / 2)
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
+/// The longest a call on a budget of `timeout` that never stops by itself runs: the ticker
+/// notices it within [`CHECK`], it is asked at every [`TICK`] from then on, and it is stopped
+/// at the first tick by which both its budget and [`ticks_to_stop`] have passed.
+pub fn longest_call(timeout: Duration) -> Duration {
+    timeout.max(CHECK + TICK * ticks_to_stop(timeout)) + TICK
 }
 
 /// Counts the guest calls under way and keeps the epoch moving while there are any.
@@ -167,6 +177,10 @@ mod tests {
         assert!(!may_go_on(ms(21), budget, 20));
         // A budget shorter than two ticks stops at the first tick past it.
         assert!(!may_go_on(ms(2), Duration::from_micros(500), 1));
+        // What the start-up check counts a plugin's call as, at most.
+        assert_eq!(longest_call(budget), ms(21));
+        assert_eq!(longest_call(ms(5)), ms(13));
+        assert_eq!(longest_call(ms(200)), ms(201));
     }
 
     fn ticks(ticker: &EpochTicker) -> u64 {
