@@ -135,7 +135,7 @@ impl Chain {
                 Some(first) => {
                     handling
                         .chain([first])
-                        .map(|p| deadline(p.settings().budget.timeout))
+                        .map(|p| longest_call(p.settings().budget.timeout))
                         .sum::<Duration>()
                         + instance_wait
                 }
@@ -242,12 +242,6 @@ impl Chain {
         }
         Ok(())
     }
-}
-
-/// The longest a call with budget `timeout` can run before it is stopped (see
-/// `runtime::epoch`).
-fn deadline(timeout: Duration) -> Duration {
-    longest_call(timeout)
 }
 
 /// The `.wasm` files in `dir`, in chain order, with their plugin names.
