@@ -694,6 +694,16 @@ impl Metrics {
                 self.messages_received(phase),
             ));
         }
+        for answer in ["default", "reject"] {
+            let value = self.unknown_chains(answer);
+            if value > 0 {
+                samples.push(counter(
+                    "unknown_chain_streams",
+                    vec![("answer", answer.to_string())],
+                    value,
+                ));
+            }
+        }
         let plugins = self
             .plugins
             .lock()

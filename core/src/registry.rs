@@ -435,15 +435,58 @@ impl Generation {
         })
     }
 
+    /// The chain serving a stream that asked for the chain `name` through `asked_with` (how
+    /// Envoy names chains in this mode, for the log line): that chain if there is one; else,
+    /// as `unknown_chain` says, the default chain or a rejection -- said once per name and
+    /// generation, and counted.
+    pub fn choose_chain(&self, name: &str, metrics: &Metrics, asked_with: &str) -> ChainChoice {
+        if let Some(index) = self.find_chain(name) {
+            return ChainChoice::Serve(index);
+        }
+        let reject = self.unknown_chain == UnknownChain::Reject;
+        let answer = if reject { "reject" } else { "default" };
+        metrics.unknown_chain(answer);
+        if self.first_notice_of_unknown_chain(name) {
+            let chains: Vec<&str> = self.chains.iter().map(Chain::name).collect();
+            tracing::warn!(
+                requested = name,
+                chains = ?chains,
+                "a stream asked for chain {name:?} ({asked_with}), which the plugins directory \
+                 does not have; {} (unknown_chain = \"{answer}\"; said once per name and load, \
+                 counted in wasm_extproc_unknown_chain_streams_total)",
+                if reject {
+                    "answering 500"
+                } else {
+                    "serving it the default chain"
+                },
+            );
+        }
+        if reject {
+            ChainChoice::Reject
+        } else {
+            ChainChoice::Serve(0)
+        }
+    }
+
     /// True the first time a stream asks for the unknown chain `name` in this generation (for
     /// the first 64 names: a bound on what the set may hold).
-    pub fn first_notice_of_unknown_chain(&self, name: &str) -> bool {
+    fn first_notice_of_unknown_chain(&self, name: &str) -> bool {
         let mut noticed = self
             .unknown_noticed
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         noticed.len() < 64 && noticed.insert(name.to_string())
     }
+}
+
+/// What a stream that named its chain gets ([`Generation::choose_chain`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChainChoice {
+    /// The chain at this index.
+    Serve(usize),
+    /// Nothing: the chain it named does not exist, and `unknown_chain = "reject"`. Its first
+    /// message is answered 500 (`wasm_extproc_unknown_chain`).
+    Reject,
 }
 
 /// Where a reload reads its settings from: the file and flags again, or a fixed value.

@@ -86,6 +86,8 @@ pub type ConfigEnvoyPtr = *mut c_void;
 pub type ConfigModulePtr = *const c_void;
 pub type FilterEnvoyPtr = *mut c_void;
 pub type FilterModulePtr = *const c_void;
+/// A route's configuration of this filter, as `on_http_filter_per_route_config_new` made it.
+pub type RouteConfigModulePtr = *const c_void;
 
 /// `envoy_dynamic_module_type_http_header_type`.
 pub mod header_type {
@@ -332,6 +334,11 @@ envoy_callbacks! {
         result: *mut bool,
     ) -> bool;
     pub fn envoy_dynamic_module_callback_http_clear_route_cache(filter: FilterEnvoyPtr);
+    // The configuration of this filter on the stream's route (or virtual host), `NULL` if
+    // it has none.
+    pub fn envoy_dynamic_module_callback_get_most_specific_route_config(
+        filter: FilterEnvoyPtr,
+    ) -> RouteConfigModulePtr;
     pub fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
         filter: FilterEnvoyPtr,
         attribute_id: u32,

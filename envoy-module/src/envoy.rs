@@ -16,6 +16,7 @@ use crate::abi::{
     self, EnvoyBuffer, EnvoyHttpHeader, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader,
 };
 use crate::exchange::{BodyPlace, Envoy, Section};
+use crate::filter_config::RouteConfig;
 
 /// One stream's side in Envoy, for the length of one hook.
 ///
@@ -303,6 +304,16 @@ impl Envoy for EnvoyStream {
     fn clear_route_cache(&mut self) {
         // SAFETY: the stream pointer is live.
         unsafe { abi::envoy_dynamic_module_callback_http_clear_route_cache(self.ptr) };
+    }
+
+    fn route_chain(&mut self) -> Option<String> {
+        // SAFETY: the stream pointer is live.
+        let config =
+            unsafe { abi::envoy_dynamic_module_callback_get_most_specific_route_config(self.ptr) };
+        // SAFETY: a non-null pointer is one `on_http_filter_per_route_config_new` made from a
+        // `Box<RouteConfig>`; the route holds it for as long as its streams may ask.
+        let config = unsafe { config.cast::<RouteConfig>().as_ref() }?;
+        Some(config.chain.clone())
     }
 
     fn attribute(&mut self, name: &str) -> Option<String> {

@@ -20,10 +20,13 @@ use wasm_extproc_core::http::{
     HeaderMap, ImmediateResponse, Message, PerDirection, Phase, Verdict,
 };
 use wasm_extproc_core::metrics::{Metrics, StreamGuard};
-use wasm_extproc_core::registry::Generation;
+use wasm_extproc_core::registry::{ChainChoice, Generation};
 use wasm_extproc_core::stream::{Stream, Turn};
 
 use crate::worker::block_on;
+
+/// The attribute that names a stream's route, mapped to chains by `[chains.NAME] routes`.
+const ROUTE_ATTRIBUTE: &str = "xds.route_name";
 
 /// A header section of the stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +90,8 @@ pub trait Envoy {
     fn attribute(&mut self, name: &str) -> Option<String>;
     /// The entries of dynamic metadata `namespace`, each value as JSON.
     fn metadata(&mut self, namespace: &str) -> Vec<(String, String)>;
+    /// The chain the stream's route names in its configuration of this filter, if it does.
+    fn route_chain(&mut self) -> Option<String>;
 }
 
 /// What the exchange reads from Envoy for plugins (`[module]` in the configuration).
@@ -105,6 +110,9 @@ pub struct Exchange {
     metrics: Arc<Metrics>,
     context: Arc<ExchangeContext>,
     flows: PerDirection<Flow>,
+    /// The route named a chain that does not exist, and `unknown_chain = "reject"`: the
+    /// request's headers are answered 500.
+    rejected: bool,
     _active: StreamGuard,
 }
 
@@ -116,15 +124,41 @@ struct Flow {
 }
 
 impl Exchange {
-    pub fn new(generation: Arc<Generation>, reads: Arc<Reads>, metrics: Arc<Metrics>) -> Self {
+    /// A new stream on `generation`, which serves it to the end whatever reloads happen. Its
+    /// chain, as over ext_proc: the one the route's configuration of this filter names
+    /// ([`RouteConfig`](crate::filter_config::RouteConfig)), else the one `[chains.NAME]
+    /// routes` maps the route's name to, else the default chain. Called with the request's
+    /// headers, once Envoy knows the route.
+    pub fn start(
+        generation: Arc<Generation>,
+        reads: Arc<Reads>,
+        metrics: Arc<Metrics>,
+        envoy: &mut impl Envoy,
+    ) -> Self {
+        let (index, rejected) = match envoy.route_chain() {
+            Some(name) => {
+                match generation.choose_chain(&name, &metrics, "the route's per-route config") {
+                    ChainChoice::Serve(index) => (index, false),
+                    ChainChoice::Reject => (0, true),
+                }
+            }
+            None if generation.maps_routes() => {
+                let index = envoy
+                    .attribute(ROUTE_ATTRIBUTE)
+                    .and_then(|route| generation.chain_for_route(&route));
+                (index.unwrap_or(0), false)
+            }
+            None => (0, false),
+        };
         Exchange {
             // Bodies flow as over ext_proc in FULL_DUPLEX_STREAMED mode (see the module's doc).
-            stream: Stream::new(generation, 0, [BodyMode::FullDuplexStreamed; 2]),
+            stream: Stream::new(generation, index, [BodyMode::FullDuplexStreamed; 2]),
             reads,
             _active: metrics.stream_opened(),
             metrics,
             context: Arc::default(),
             flows: Default::default(),
+            rejected,
         }
     }
 
@@ -136,6 +170,17 @@ impl Exchange {
         end_of_stream: bool,
     ) -> HeadersStatus {
         if self.stream.over() {
+            return HeadersStatus::StopIteration;
+        }
+        if std::mem::take(&mut self.rejected) {
+            self.respond(
+                envoy,
+                &ImmediateResponse {
+                    status: 500,
+                    details: "wasm_extproc_unknown_chain".into(),
+                    ..ImmediateResponse::default()
+                },
+            );
             return HeadersStatus::StopIteration;
         }
         self.read_context(envoy, direction);

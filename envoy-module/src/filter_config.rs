@@ -27,7 +27,7 @@ use wasm_extproc_core::registry::{self, Generation, Mode, Registry};
 use wasm_extproc_core::runtime::{PoolLimits, Runtime};
 
 use crate::abi;
-use crate::exchange::{Exchange, Reads};
+use crate::exchange::{Envoy, Exchange, Reads};
 use crate::stats::Stats;
 
 /// Instances alive at once in Envoy's process, where the ext_proc server allows 14,000: each
@@ -105,18 +105,56 @@ impl FilterConfig {
         })
     }
 
-    /// A new stream's exchange, on the generation current now.
-    pub fn exchange(&self) -> Option<Exchange> {
+    /// A new stream's exchange, on the generation current now and the chain its route
+    /// chooses (see [`Exchange::start`]).
+    pub fn exchange(&self, envoy: &mut impl Envoy) -> Option<Exchange> {
         let generation: Arc<Generation> = self.registry.current()?;
-        Some(Exchange::new(
+        Some(Exchange::start(
             generation,
             self.reads.clone(),
             self.metrics.clone(),
+            envoy,
         ))
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+}
+
+/// This filter's configuration on one route (or virtual host): Envoy's
+/// `DynamicModuleFilterPerRoute`, whose `filter_config` (a `google.protobuf.StringValue`) is
+/// TOML naming the chain that serves the route's streams, as the server's streams name theirs
+/// in their gRPC initial metadata:
+///
+/// ```toml
+/// chain = "checkout"
+/// ```
+///
+/// A chain the plugins directory does not have is answered as `unknown_chain` says. To run no
+/// plugin at all on a route, Envoy's own `envoy.config.route.v3.FilterConfig` with
+/// `disabled: true` takes the filter out of its streams.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// The chain serving the route: a subdirectory of `plugins_dir`, `[chains.NAME]`.
+    pub chain: String,
+}
+
+impl RouteConfig {
+    /// Parses the per-route `filter_config` Envoy passed for `name` (its `filter_name`).
+    pub fn parse(name: &str, text: &[u8]) -> anyhow::Result<RouteConfig> {
+        let origin = format!("per-route filter_config {name:?} of dynamic module filter");
+        let text = std::str::from_utf8(text).with_context(|| {
+            format!("{origin}: not UTF-8 text; give the TOML as a google.protobuf.StringValue")
+        })?;
+        let config: RouteConfig = toml::from_str(text).with_context(|| {
+            format!("{origin}: expected `chain = \"NAME\"` (the chain serving the route)")
+        })?;
+        if config.chain.is_empty() {
+            bail!("{origin}: `chain` is empty; name a chain of plugins_dir");
+        }
+        Ok(config)
     }
 }
 
@@ -181,4 +219,25 @@ fn loader() -> &'static tokio::runtime::Runtime {
             .build()
             .expect("a Tokio runtime with one thread starts")
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_names_its_chain_and_nothing_else() {
+        let config = RouteConfig::parse("r", b"chain = \"checkout\"\n").unwrap();
+        assert_eq!(config.chain, "checkout");
+        for (text, expected) in [
+            (&b"chain = \"\""[..], "`chain` is empty"),
+            (b"chian = \"checkout\"", "unknown field `chian`"),
+            (b"checkout", "expected `chain = \"NAME\"`"),
+            (b"\xff", "not UTF-8"),
+        ] {
+            let error = format!("{:#}", RouteConfig::parse("r", text).unwrap_err());
+            assert!(error.contains(expected), "{error}");
+            assert!(error.contains("per-route filter_config \"r\""), "{error}");
+        }
+    }
 }

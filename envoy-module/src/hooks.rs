@@ -19,11 +19,11 @@ use wasm_extproc_core::http::{Direction, ImmediateResponse};
 
 use crate::abi::{
     self, ConfigEnvoyPtr, ConfigModulePtr, EnvoyBuffer, EnvoyHttpHeader, FilterEnvoyPtr,
-    FilterModulePtr, log_level,
+    FilterModulePtr, RouteConfigModulePtr, log_level,
 };
 use crate::envoy::{self, EnvoyStream};
 use crate::exchange::{BodyStatus, Envoy, Exchange, HeadersStatus, TrailersStatus};
-use crate::filter_config::FilterConfig;
+use crate::filter_config::{FilterConfig, RouteConfig};
 use crate::logging;
 use crate::stats::Stats;
 
@@ -31,8 +31,10 @@ use crate::stats::Stats;
 #[derive(Debug)]
 struct Filter {
     config: Arc<FilterConfig>,
-    /// `None` when nothing is loaded, or after a panic: the filter passes everything on.
+    /// Started with the request's headers, when Envoy knows the route. `None` when nothing is
+    /// loaded, or after a panic: the filter passes everything on.
     exchange: Option<Exchange>,
+    started: bool,
 }
 
 /// Runs `body`, turning a panic into `fallback` (and a log line naming `hook`).
@@ -81,9 +83,14 @@ fn stream_hook<T: Copy>(
     let status = {
         // SAFETY: as above (see `filter_of`); the borrow ends with this block.
         let filter = unsafe { filter_of(filter_ptr) };
-        let result = catch_unwind(AssertUnwindSafe(|| match filter.exchange.as_mut() {
-            Some(exchange) => step(exchange, &mut envoy),
-            None => pass,
+        let result = catch_unwind(AssertUnwindSafe(|| {
+            if !std::mem::replace(&mut filter.started, true) {
+                filter.exchange = filter.config.exchange(&mut envoy);
+            }
+            match filter.exchange.as_mut() {
+                Some(exchange) => step(exchange, &mut envoy),
+                None => pass,
+            }
         }));
         match result {
             Ok(status) => status,
@@ -194,6 +201,39 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(config: Con
 }
 
 #[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_new(
+    name: EnvoyBuffer,
+    config: EnvoyBuffer,
+) -> RouteConfigModulePtr {
+    guarded("http_filter_per_route_config_new", std::ptr::null(), || {
+        // SAFETY: Envoy lends both buffers for the length of this call.
+        let (name, text) = unsafe { (name.bytes(), config.bytes()) };
+        let name = String::from_utf8_lossy(name);
+        match RouteConfig::parse(&name, text) {
+            Ok(config) => Box::into_raw(Box::new(config)).cast_const().cast(),
+            Err(error) => {
+                envoy::log(
+                    log_level::ERROR,
+                    &format!("[wasm-extproc] route configuration refused: {error:#}"),
+                );
+                std::ptr::null()
+            }
+        }
+    })
+}
+
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_per_route_config_destroy(
+    config: RouteConfigModulePtr,
+) {
+    guarded("http_filter_per_route_config_destroy", (), || {
+        // SAFETY: `config` came from `Box::into_raw` in `per_route_config_new`; Envoy
+        // destroys it once, after the last stream that could read it.
+        drop(unsafe { Box::from_raw(config as *mut RouteConfig) });
+    })
+}
+
+#[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     config: ConfigModulePtr,
     _filter_envoy: FilterEnvoyPtr,
@@ -206,10 +246,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
             Arc::increment_strong_count(config);
             Arc::from_raw(config)
         };
-        let exchange = config.exchange();
-        Box::into_raw(Box::new(Filter { config, exchange }))
-            .cast_const()
-            .cast()
+        let filter = Filter {
+            config,
+            exchange: None,
+            started: false,
+        };
+        Box::into_raw(Box::new(filter)).cast_const().cast()
     })
 }
 

@@ -24,7 +24,7 @@ use crate::envoy::EnvoyStream;
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// Every series, its kind and its label names, in the order of their values.
-const SERIES: [(&str, SampleKind, &[&str]); 8] = [
+const SERIES: [(&str, SampleKind, &[&str]); 9] = [
     ("streams", SampleKind::Counter, &[]),
     ("active_streams", SampleKind::Gauge, &[]),
     ("instances_in_use", SampleKind::Gauge, &[]),
@@ -32,6 +32,7 @@ const SERIES: [(&str, SampleKind, &[&str]); 8] = [
     ("instance_pool_exhausted", SampleKind::Counter, &[]),
     ("reloads", SampleKind::Counter, &["result"]),
     ("messages_received", SampleKind::Counter, &["phase"]),
+    ("unknown_chain_streams", SampleKind::Counter, &["answer"]),
     (
         "plugin_calls",
         SampleKind::Counter,

@@ -223,29 +223,56 @@ impl Deployment {
     }
 
     /// How many calls of `plugin`, in any phase, ended with `outcome` (one of
-    /// [`OUTCOMES`]): the host's metrics, or Envoy's stats in-process. Envoy's copy trails by
-    /// up to a second and is refreshed when a stream ends: this waits, then sends one request
-    /// to `/` (whose own calls count too).
+    /// [`OUTCOMES`]): the host's metrics, or Envoy's stats in-process (of the default chain).
+    /// Envoy's copy trails by up to a second and is refreshed when a stream ends: this waits,
+    /// then sends one request to `/` (whose own calls count too).
     pub async fn plugin_outcomes(&self, plugin: &str, outcome: &'static str) -> u64 {
-        assert!(OUTCOMES.contains(&outcome), "{outcome} is not an outcome");
         if let Some(host) = &self.host {
             return host.metrics().plugin_outcomes(plugin, outcome);
         }
+        self.chain_plugin_outcomes("default", plugin, outcome).await
+    }
+
+    /// [`plugin_outcomes`](Self::plugin_outcomes) in the chain `chain`.
+    pub async fn chain_plugin_outcomes(
+        &self,
+        chain: &str,
+        plugin: &str,
+        outcome: &'static str,
+    ) -> u64 {
+        assert!(OUTCOMES.contains(&outcome), "{outcome} is not an outcome");
+        if let Some(host) = &self.host {
+            return host.metrics().chain_plugin_outcomes(chain, plugin, outcome);
+        }
+        let prefix = format!("plugin_calls.chain.{chain}.plugin.{plugin}.phase.");
+        let suffix = format!(".outcome.{outcome}");
+        self.module_stats("plugin_calls")
+            .await
+            .into_iter()
+            .filter_map(|(name, value)| {
+                let phase = name.strip_prefix(&prefix)?.strip_suffix(&suffix)?;
+                (!phase.contains('.')).then_some(value)
+            })
+            .sum()
+    }
+
+    /// The module's Envoy stats whose names contain `filter`, without the
+    /// `dynamicmodulescustom.` prefix, once Envoy's copy is fresh (see
+    /// [`plugin_outcomes`](Self::plugin_outcomes): a request to `/` refreshes it).
+    pub async fn module_stats(&self, filter: &str) -> Vec<(String, u64)> {
+        assert_eq!(self.mode, Mode::InProcess, "the module's stats are Envoy's");
         tokio::time::sleep(Duration::from_millis(1100)).await;
         let _ = self.envoy.get("/").await;
-        let prefix =
-            format!("dynamicmodulescustom.plugin_calls.chain.default.plugin.{plugin}.phase.");
-        let suffix = format!(".outcome.{outcome}");
         self.envoy
-            .admin_get("/stats?filter=plugin_calls")
+            .admin_get(&format!("/stats?filter={filter}"))
             .await
             .unwrap_or_default()
             .lines()
             .filter_map(|line| {
                 let (name, value) = line.split_once(": ")?;
-                let phase = name.strip_prefix(&prefix)?.strip_suffix(&suffix)?;
-                (!phase.contains('.')).then(|| value.trim().parse::<u64>().ok())?
+                let name = name.strip_prefix("dynamicmodulescustom.")?;
+                Some((name.to_string(), value.trim().parse().ok()?))
             })
-            .sum()
+            .collect()
     }
 }

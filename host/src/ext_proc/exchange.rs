@@ -12,13 +12,13 @@ use envoy_types::pb::envoy::service::ext_proc::v3::{ProcessingRequest, Processin
 
 use super::convert::{self, Envelope};
 use super::protocol::{EnvoyModes, Inbound, ProtocolError, StreamProtocol};
-use crate::config::{EnvoySettings, UnknownChain};
+use crate::config::EnvoySettings;
 use crate::http::ImmediateResponse;
 use crate::http::{
     BodyMode, Decision, Delivery, Direction, ExchangeContext, Phase, PhaseSet, Verdict,
 };
 use crate::metrics::Metrics;
-use crate::registry::{Chain, Generation};
+use crate::registry::{Chain, ChainChoice, Generation};
 use crate::stream::{Stream, Turn};
 
 /// The gRPC initial metadata that names a stream's chain: Envoy sets it per route with
@@ -122,10 +122,11 @@ impl Exchange {
         metrics: Arc<Metrics>,
         requested: Option<&str>,
     ) -> Exchange {
-        let (index, rejected) = match requested.map(|name| (name, generation.find_chain(name))) {
+        let choice = requested.map(|name| generation.choose_chain(name, &metrics, CHAIN_METADATA));
+        let (index, rejected) = match choice {
             None => (0, false),
-            Some((_, Some(index))) => (index, false),
-            Some((name, None)) => (0, unknown_chain(&generation, &metrics, name)),
+            Some(ChainChoice::Serve(index)) => (index, false),
+            Some(ChainChoice::Reject) => (0, true),
         };
         Exchange {
             protocol: StreamProtocol::new(),
@@ -288,30 +289,6 @@ impl Exchange {
         step.answers
             .extend(convert::replies(phase, verdict, &envelope));
     }
-}
-
-/// A stream asked for the chain `name`, which `generation` does not have: logged (once per
-/// name) and counted. Whether it is rejected (else it gets the default chain).
-fn unknown_chain(generation: &Generation, metrics: &Metrics, name: &str) -> bool {
-    let reject = generation.unknown_chain == UnknownChain::Reject;
-    metrics.unknown_chain(if reject { "reject" } else { "default" });
-    if generation.first_notice_of_unknown_chain(name) {
-        let chains: Vec<&str> = generation.chains().iter().map(Chain::name).collect();
-        tracing::warn!(
-            requested = name,
-            chains = ?chains,
-            "a stream asked for chain {name:?} ({CHAIN_METADATA}), which the plugins directory \
-             does not have; {} (unknown_chain = \"{}\"; said once per name and load, counted \
-             in wasm_extproc_unknown_chain_streams_total)",
-            if reject {
-                "answering 500"
-            } else {
-                "serving it the default chain"
-            },
-            if reject { "reject" } else { "default" },
-        );
-    }
-    reject
 }
 
 /// How long to ask Envoy to wait for `phase` on `chain`, when its plugins' budgets add up to

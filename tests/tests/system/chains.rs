@@ -1,14 +1,16 @@
 //! Per-route chains through a real Envoy running deploy/envoy/envoy.yaml's routes: `/checkout`
 //! names the chain `checkout` in its stream's initial metadata, `/static` has ext_proc
-//! disabled, everything else gets the default chain.
+//! disabled, everything else gets the default chain. The same in Envoy's process, with
+//! deploy/envoy/envoy-in-process.yaml's routes (`in_envoys_process_*`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use extproc_testkit::deployment::{Case, Deployment, Mode};
 use extproc_testkit::echo::EchoServer;
 use extproc_testkit::envoy::{Envoy, EnvoyConfig, HttpResponse, first_access_log_line};
-use extproc_testkit::fixtures::{ASM_DEMO, ASM_V2, BEARER_AUTH, TAGGER};
+use extproc_testkit::fixtures::{ASM_DEMO, ASM_V2, BEARER_AUTH, Component, TAGGER};
 use extproc_testkit::host::RunningHost;
 use wasm_extproc::http::Phase;
 
@@ -17,6 +19,15 @@ use super::operations::replace_file;
 /// The tagger in both chains, configured per chain: the tag says which chain ran.
 const TAGGERS: &str = "[plugins.tag]\nconfig = \"everyone\"\n\
                        [chains.checkout.plugins.tag]\nconfig = \"checkout\"\n";
+
+/// A third chain, `search`, serving the route named `default` (by `[chains.NAME] routes`).
+const SEARCH_PLUGINS: [(&str, Component); 3] = [
+    ("tag", TAGGER),
+    ("checkout/tag", TAGGER),
+    ("search/tag", TAGGER),
+];
+const SEARCH: &str = "[chains.search]\nroutes = [\"default\"]\n\
+                      [chains.search.plugins.tag]\nconfig = \"search\"\n";
 
 fn tag(response: &HttpResponse) -> String {
     response.header_values("x-chain").join(",")
@@ -122,18 +133,7 @@ async fn a_stream_naming_an_unknown_chain_gets_the_configured_answer() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_route_name_picks_the_chain_when_envoy_sends_it() {
-    let host = RunningHost::start(
-        &[
-            ("tag", TAGGER),
-            ("checkout/tag", TAGGER),
-            ("search/tag", TAGGER),
-        ],
-        &format!(
-            "{TAGGERS}[chains.search]\nroutes = [\"default\"]\n\
-             [chains.search.plugins.tag]\nconfig = \"search\"\n"
-        ),
-    )
-    .await;
+    let host = RunningHost::start(&SEARCH_PLUGINS, &format!("{TAGGERS}{SEARCH}")).await;
     let config =
         EnvoyConfig::default().filter("request_attributes: [xds.route_name, source.address]");
     let (envoy, _upstream) = envoy_for(&host, &config).await;
@@ -227,4 +227,87 @@ async fn a_chain_that_needs_only_request_headers_gets_no_response_phases() {
 
     assert_eq!(tag(&envoy.get("/headers").await.unwrap()), "everyone");
     assert_eq!(response_headers(), 1);
+}
+
+/// The routes of deploy/envoy/envoy-in-process.yaml, plugins in Envoy's process: `/checkout`'s
+/// configuration of the filter names the chain `checkout`, Envoy takes the filter out of
+/// `/static`'s streams, everything else gets the default chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_envoys_process_each_route_gets_its_chain_and_a_disabled_route_runs_no_plugin() {
+    let case = Case::new(&[("tag", TAGGER), ("checkout/tag", TAGGER)], TAGGERS);
+    let d = Deployment::start(Mode::InProcess, &case).await;
+    assert_eq!(tag(&d.envoy.get("/headers").await.unwrap()), "everyone");
+    assert_eq!(
+        tag(&d.envoy.get("/checkout/cart").await.unwrap()),
+        "checkout"
+    );
+    let response = d.envoy.get("/static/logo.png").await.unwrap();
+    assert_eq!(response.status, 200);
+    assert_eq!(tag(&response), "");
+    assert_eq!(d.upstream.seen().last().unwrap().path, "/static/logo.png");
+    // Per chain, as over ext_proc: /headers and the count's own request to / in the default
+    // chain (not /static), /checkout/cart in `checkout`.
+    let calls = d.module_stats("phase.request_headers.outcome.ok").await;
+    assert_eq!(
+        calls,
+        [
+            (
+                "plugin_calls.chain.checkout.plugin.tag.phase.request_headers.outcome.ok".into(),
+                1
+            ),
+            (
+                "plugin_calls.chain.default.plugin.tag.phase.request_headers.outcome.ok".into(),
+                2
+            ),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_envoys_process_a_route_naming_an_unknown_chain_gets_the_configured_answer() {
+    let plugins = [("tag", TAGGER), ("checkout/tag", TAGGER)];
+    let nowhere =
+        |toml: &str| Case::new(&plugins, toml).edit("chain = \"checkout\"", "chain = \"nowhere\"");
+    // By default: the default chain, said once and counted.
+    let d = Deployment::start(Mode::InProcess, &nowhere(TAGGERS)).await;
+    for _ in 0..2 {
+        assert_eq!(
+            tag(&d.envoy.get("/checkout/cart").await.unwrap()),
+            "everyone"
+        );
+    }
+    assert_eq!(
+        d.module_stats("unknown_chain_streams").await,
+        [("unknown_chain_streams.answer.default".to_string(), 2)]
+    );
+
+    // Rejected: 500 before the upstream, and Envoy's log says why.
+    let log = tempfile::tempdir().unwrap();
+    let access_log = log.path().join("access.log");
+    let case = nowhere(&format!("unknown_chain = \"reject\"\n{TAGGERS}")).access_log(&access_log);
+    let d = Deployment::start(Mode::InProcess, &case).await;
+    let response = d.envoy.get("/checkout/cart").await.unwrap();
+    assert_eq!(response.status, 500);
+    assert!(d.upstream.seen().is_empty());
+    assert_eq!(
+        first_access_log_line(&access_log).await,
+        "500 wasm_extproc_unknown_chain"
+    );
+    assert_eq!(tag(&d.envoy.get("/headers").await.unwrap()), "everyone");
+    assert_eq!(
+        d.module_stats("unknown_chain_streams").await,
+        [("unknown_chain_streams.answer.reject".to_string(), 1)]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_envoys_process_the_route_name_picks_the_chain() {
+    let case = Case::new(&SEARCH_PLUGINS, &format!("{TAGGERS}{SEARCH}"));
+    let d = Deployment::start(Mode::InProcess, &case).await;
+    // The route `default` maps to `search`; `/checkout` names its chain, which comes first.
+    assert_eq!(tag(&d.envoy.get("/headers").await.unwrap()), "search");
+    assert_eq!(
+        tag(&d.envoy.get("/checkout/cart").await.unwrap()),
+        "checkout"
+    );
 }
