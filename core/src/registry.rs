@@ -49,6 +49,8 @@ pub struct Chain {
     /// Per plugin, in order: whether some shadow runs beside it.
     shadowed: Vec<bool>,
     phases: PhaseSet,
+    /// Whether some plugin or shadow may wait inside a call ([`Plugin::may_wait`]).
+    may_wait: bool,
     /// Per phase, the budgets of the plugins that handle it, added up.
     budgets: [Duration; 6],
     /// Per direction, whether a front end has said that Envoy sends none of the body plugins
@@ -142,6 +144,10 @@ impl Chain {
                 None => Duration::ZERO,
             }
         });
+        let may_wait = plugins
+            .iter()
+            .chain(shadows.iter().map(|s| &s.plugin))
+            .any(Plugin::may_wait);
         Chain {
             name: name.into(),
             plugins,
@@ -149,6 +155,7 @@ impl Chain {
             shadows,
             shadowed,
             phases,
+            may_wait,
             budgets,
             no_body_noticed: Default::default(),
         }
@@ -195,6 +202,13 @@ impl Chain {
     /// Every phase some plugin handles.
     pub fn phases(&self) -> PhaseSet {
         self.phases
+    }
+
+    /// Whether a message's future can be pending: some plugin or shadow may wait inside a
+    /// call (outbound HTTP, the state store, WASI). Otherwise the chain only waits for a free
+    /// instance when the pool is full.
+    pub fn may_wait(&self) -> bool {
+        self.may_wait
     }
 
     /// The most time the chain can take on one message of `phase`: the budgets of the

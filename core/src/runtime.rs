@@ -529,6 +529,14 @@ impl Plugin {
         &self.chain
     }
 
+    /// Whether a call into it can wait on something outside it (WASI, the state store,
+    /// outbound HTTP; a long call yields too): it runs on a fiber, and its calls' futures can
+    /// be pending. A plugin importing only the contract's interfaces that never wait runs to
+    /// the end of each call on the calling thread.
+    pub fn may_wait(&self) -> bool {
+        self.compiled.entry == Entry::Fiber
+    }
+
     /// Who signed the file it was loaded from.
     pub fn signature(&self) -> &Signature {
         &self.signature

@@ -88,6 +88,9 @@ pub type FilterEnvoyPtr = *mut c_void;
 pub type FilterModulePtr = *const c_void;
 /// A route's configuration of this filter, as `on_http_filter_per_route_config_new` made it.
 pub type RouteConfigModulePtr = *const c_void;
+/// A stream's scheduler: `commit` from any thread has Envoy call the stream's `scheduled`
+/// hook on its worker.
+pub type SchedulerPtr = *mut c_void;
 
 /// `envoy_dynamic_module_type_http_header_type`.
 pub mod header_type {
@@ -334,6 +337,16 @@ envoy_callbacks! {
         result: *mut bool,
     ) -> bool;
     pub fn envoy_dynamic_module_callback_http_clear_route_cache(filter: FilterEnvoyPtr);
+    pub fn envoy_dynamic_module_callback_http_filter_continue_decoding(filter: FilterEnvoyPtr);
+    pub fn envoy_dynamic_module_callback_http_filter_continue_encoding(filter: FilterEnvoyPtr);
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_new(
+        filter: FilterEnvoyPtr,
+    ) -> SchedulerPtr;
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_commit(
+        scheduler: SchedulerPtr,
+        event_id: u64,
+    );
+    pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: SchedulerPtr);
     // The configuration of this filter on the stream's route (or virtual host), `NULL` if
     // it has none.
     pub fn envoy_dynamic_module_callback_get_most_specific_route_config(

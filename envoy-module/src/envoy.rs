@@ -9,13 +9,16 @@
 #![allow(unsafe_code, reason = "calls into Envoy's C ABI")]
 
 use std::ptr;
+use std::sync::{Arc, Mutex};
+use std::task::{Wake, Waker};
 
-use wasm_extproc_core::http::{Direction, ImmediateResponse};
+use wasm_extproc_core::http::{Direction, ImmediateResponse, PerDirection};
 
 use crate::abi::{
     self, EnvoyBuffer, EnvoyHttpHeader, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader,
+    SchedulerPtr,
 };
-use crate::exchange::{BodyPlace, Envoy, Section};
+use crate::exchange::{Alarm, BodyPlace, Envoy, Section};
 use crate::filter_config::RouteConfig;
 
 /// One stream's side in Envoy, for the length of one hook.
@@ -28,6 +31,9 @@ use crate::filter_config::RouteConfig;
 pub struct EnvoyStream {
     ptr: FilterEnvoyPtr,
     response: Option<ImmediateResponse>,
+    /// Directions to let go on once the hook's borrows end: Envoy may call the filter's
+    /// other hooks from inside `continue_decoding` (a local reply further on).
+    go_on: PerDirection<bool>,
 }
 
 impl EnvoyStream {
@@ -39,13 +45,36 @@ impl EnvoyStream {
         EnvoyStream {
             ptr,
             response: None,
+            go_on: PerDirection::default(),
         }
     }
 
-    /// Sends the immediate response the exchange asked for, if any. Envoy may call the
-    /// filter's hooks before this returns.
-    pub fn send_held_response(&mut self) {
+    /// Does what the hook left for after its borrows: sends the immediate response the
+    /// exchange asked for, if any, or else lets the directions it asked for go on. Envoy may
+    /// call the filter's hooks before this returns.
+    pub fn send_held(&mut self) {
+        let go_on = std::mem::take(&mut self.go_on);
         let Some(response) = self.response.take() else {
+            for direction in Direction::BOTH {
+                if !go_on[direction] {
+                    continue;
+                }
+                // SAFETY: the stream pointer is live.
+                unsafe {
+                    match direction {
+                        Direction::Request => {
+                            abi::envoy_dynamic_module_callback_http_filter_continue_decoding(
+                                self.ptr,
+                            );
+                        }
+                        Direction::Response => {
+                            abi::envoy_dynamic_module_callback_http_filter_continue_encoding(
+                                self.ptr,
+                            );
+                        }
+                    }
+                }
+            }
             return;
         };
         let grpc_status = response.grpc_status.map(|status| status.to_string());
@@ -127,6 +156,50 @@ fn body_type(direction: Direction, place: BodyPlace) -> u32 {
         (Direction::Request, BodyPlace::Buffered) => abi::body_type::BUFFERED_REQUEST,
         (Direction::Response, BodyPlace::Received) => abi::body_type::RECEIVED_RESPONSE,
         (Direction::Response, BodyPlace::Buffered) => abi::body_type::BUFFERED_RESPONSE,
+    }
+}
+
+/// A stream's Envoy scheduler, as a waker: waking it, from any thread, has Envoy call the
+/// stream's `scheduled` hook on its worker. Closed (deleted) on the worker when the exchange
+/// ends; a wake after that does nothing.
+#[derive(Debug)]
+struct Scheduler(Mutex<Option<SchedulerHandle>>);
+
+#[derive(Debug)]
+struct SchedulerHandle(SchedulerPtr);
+
+// SAFETY: Envoy's scheduler is made to be committed to from any thread; the pointer is only
+// used under the mutex, and deleted once, under it.
+unsafe impl Send for SchedulerHandle {}
+
+impl Scheduler {
+    fn close(&self) {
+        let taken = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(handle) = taken {
+            // SAFETY: made by `scheduler_new` and deleted only here, once.
+            unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_delete(handle.0) };
+        }
+    }
+}
+
+impl Wake for Scheduler {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let scheduler = self
+            .0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(handle) = scheduler.as_ref() {
+            // SAFETY: the scheduler is live until `close`, which takes the same lock.
+            unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(handle.0, 0) };
+        }
     }
 }
 
@@ -304,6 +377,19 @@ impl Envoy for EnvoyStream {
     fn clear_route_cache(&mut self) {
         // SAFETY: the stream pointer is live.
         unsafe { abi::envoy_dynamic_module_callback_http_clear_route_cache(self.ptr) };
+    }
+
+    fn alarm(&mut self) -> Alarm {
+        // SAFETY: the stream pointer is live; Envoy makes a scheduler for its worker.
+        let scheduler =
+            unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(self.ptr) };
+        let scheduler = Arc::new(Scheduler(Mutex::new(Some(SchedulerHandle(scheduler)))));
+        let waker = Waker::from(scheduler.clone());
+        Alarm::new(waker, move || scheduler.close())
+    }
+
+    fn continue_after(&mut self, direction: Direction) {
+        self.go_on[direction] = true;
     }
 
     fn route_chain(&mut self) -> Option<String> {

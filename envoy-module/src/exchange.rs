@@ -11,9 +11,24 @@
 //! length can be set to what the body became. When plugins take chunks, the headers go on at
 //! once without a length, since a chunk may change size after they left.
 //!
+//! **Waiting without holding the worker.** A chain whose plugins may wait inside a call
+//! (outbound HTTP, the state store in Redis, WASI:
+//! [`Chain::may_wait`](wasm_extproc_core::registry::Chain::may_wait)) runs each message as
+//! a future polled on the worker. When it is pending -- a plugin waits on the network, its
+//! call still on its budget -- the hook tells Envoy to stop, and the stream's other events
+//! wait behind it in order: body chunks are taken out of Envoy's buffer and kept, headers and
+//! trailers stay where Envoy has them. The I/O and timers the plugin waits on run on the
+//! module's own thread ([`background`]), whose wake-up reaches the worker through Envoy's
+//! scheduler ([`Alarm`]); the worker polls again there, applies the verdict, works through
+//! what waited, puts the bodies back in Envoy's buffer and lets Envoy continue. A chain whose
+//! plugins never wait runs each message to its end inside the hook, as before.
+//!
 //! Everything Envoy-facing goes through the [`Envoy`] trait: this module is tested with a fake.
 
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
 use wasm_extproc_core::http::{
     BodyChunk, BodyMode, Changes, Decision, Direction, Effects, ExchangeContext, HeaderChanges,
@@ -23,6 +38,7 @@ use wasm_extproc_core::metrics::{Metrics, StreamGuard};
 use wasm_extproc_core::registry::{ChainChoice, Generation};
 use wasm_extproc_core::stream::{Stream, Turn};
 
+use crate::filter_config::background;
 use crate::worker::block_on;
 
 /// The attribute that names a stream's route, mapped to chains by `[chains.NAME] routes`.
@@ -92,6 +108,42 @@ pub trait Envoy {
     fn metadata(&mut self, namespace: &str) -> Vec<(String, String)>;
     /// The chain the stream's route names in its configuration of this filter, if it does.
     fn route_chain(&mut self) -> Option<String>;
+    /// What wakes this stream on its worker when a message in flight can move on.
+    fn alarm(&mut self) -> Alarm;
+    /// Lets `direction` go on past this filter, once the hook that asked returned: what a
+    /// hook stopped for a message in flight.
+    fn continue_after(&mut self, direction: Direction);
+}
+
+/// Wakes a stream whose message is in flight: its waker has Envoy call the stream's
+/// `scheduled` hook on its worker. Dropped with the exchange, on the worker, it closes:
+/// wakes after that reach nothing.
+pub struct Alarm {
+    waker: Waker,
+    close: Option<Box<dyn FnOnce()>>,
+}
+
+impl Alarm {
+    pub fn new(waker: Waker, close: impl FnOnce() + 'static) -> Alarm {
+        Alarm {
+            waker,
+            close: Some(Box::new(close)),
+        }
+    }
+}
+
+impl Drop for Alarm {
+    fn drop(&mut self) {
+        if let Some(close) = self.close.take() {
+            close();
+        }
+    }
+}
+
+impl std::fmt::Debug for Alarm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Alarm").finish_non_exhaustive()
+    }
 }
 
 /// What the exchange reads from Envoy for plugins (`[module]` in the configuration).
@@ -105,7 +157,15 @@ pub struct Reads {
 /// One stream's state.
 #[derive(Debug)]
 pub struct Exchange {
-    stream: Stream,
+    /// `None` while a message is in flight: its future has the stream.
+    stream: Option<Stream>,
+    in_flight: Option<InFlight>,
+    /// Events that came while a message was in flight, in order.
+    deferred: VecDeque<Event>,
+    /// Per direction: a hook stopped for a message in flight, and Envoy waits to be told to
+    /// go on.
+    owed: PerDirection<bool>,
+    alarm: Option<Alarm>,
     reads: Arc<Reads>,
     metrics: Arc<Metrics>,
     context: Arc<ExchangeContext>,
@@ -114,6 +174,66 @@ pub struct Exchange {
     /// request's headers are answered 500.
     rejected: bool,
     _active: StreamGuard,
+}
+
+/// A message whose verdict is not back yet, and what its hook does with it when it is.
+struct InFlight {
+    future: Pin<Box<dyn Future<Output = (Stream, Turn)>>>,
+    event: Event,
+    body: BodyState,
+}
+
+impl std::fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InFlight")
+            .field("event", &self.event)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A hook's event: what a message came with, and what applying its verdict needs.
+#[derive(Debug)]
+enum Event {
+    Headers {
+        direction: Direction,
+        end_of_stream: bool,
+    },
+    Body {
+        direction: Direction,
+        end_of_stream: bool,
+        chunk: Chunk,
+    },
+    Trailers {
+        direction: Direction,
+    },
+}
+
+impl Event {
+    fn direction(&self) -> Direction {
+        match self {
+            Event::Headers { direction, .. }
+            | Event::Body { direction, .. }
+            | Event::Trailers { direction } => *direction,
+        }
+    }
+}
+
+/// Where a body chunk is.
+#[derive(Debug)]
+enum Chunk {
+    /// Envoy's buffer of the running body hook.
+    Received,
+    /// Taken out of Envoy's buffer while the stream waited; what goes on is added to Envoy's
+    /// buffered body.
+    Taken(Vec<u8>),
+}
+
+/// What a body chunk's verdict needs besides the chunk: whether plugins held chunks of the
+/// body before it, and whether the chain ran it (else it passes as it came).
+#[derive(Debug, Clone, Copy, Default)]
+struct BodyState {
+    was_holding: bool,
+    runs: bool,
 }
 
 /// One direction of the stream.
@@ -152,7 +272,15 @@ impl Exchange {
         };
         Exchange {
             // Bodies flow as over ext_proc in FULL_DUPLEX_STREAMED mode (see the module's doc).
-            stream: Stream::new(generation, index, [BodyMode::FullDuplexStreamed; 2]),
+            stream: Some(Stream::new(
+                generation,
+                index,
+                [BodyMode::FullDuplexStreamed; 2],
+            )),
+            in_flight: None,
+            deferred: VecDeque::new(),
+            owed: PerDirection::default(),
+            alarm: None,
             reads,
             _active: metrics.stream_opened(),
             metrics,
@@ -162,6 +290,18 @@ impl Exchange {
         }
     }
 
+    /// The stream's rules over its chain; not while a message is in flight.
+    fn stream(&mut self) -> &mut Stream {
+        self.stream
+            .as_mut()
+            .expect("the stream is only lent while a message is in flight")
+    }
+
+    /// Whether an event must wait: a message is in flight, or others already wait.
+    fn busy(&self) -> bool {
+        self.in_flight.is_some() || !self.deferred.is_empty()
+    }
+
     /// The request's or the response's headers arrived.
     pub fn on_headers(
         &mut self,
@@ -169,8 +309,153 @@ impl Exchange {
         direction: Direction,
         end_of_stream: bool,
     ) -> HeadersStatus {
-        if self.stream.over() {
+        if self.busy() {
+            self.defer(Event::Headers {
+                direction,
+                end_of_stream,
+            });
             return HeadersStatus::StopIteration;
+        }
+        self.headers(envoy, direction, end_of_stream)
+            .unwrap_or_else(|| self.stopped(direction, HeadersStatus::StopIteration))
+    }
+
+    /// A chunk of the body arrived: it is Envoy's received buffer.
+    pub fn on_body(
+        &mut self,
+        envoy: &mut impl Envoy,
+        direction: Direction,
+        end_of_stream: bool,
+    ) -> BodyStatus {
+        if self.busy() {
+            let data = envoy.received_body(direction);
+            envoy.drain_received_body(direction);
+            self.defer(Event::Body {
+                direction,
+                end_of_stream,
+                chunk: Chunk::Taken(data),
+            });
+            return BodyStatus::StopIterationNoBuffer;
+        }
+        self.body(envoy, direction, end_of_stream, Chunk::Received)
+            .unwrap_or_else(|| self.stopped(direction, BodyStatus::StopIterationNoBuffer))
+    }
+
+    /// The trailers arrived: the body, if the chain holds some, goes on before them.
+    pub fn on_trailers(&mut self, envoy: &mut impl Envoy, direction: Direction) -> TrailersStatus {
+        if self.busy() {
+            self.defer(Event::Trailers { direction });
+            return TrailersStatus::StopIteration;
+        }
+        self.trailers(envoy, direction)
+            .unwrap_or_else(|| self.stopped(direction, TrailersStatus::StopIteration))
+    }
+
+    /// Envoy's scheduler called back: the message in flight may have its verdict. Applies it,
+    /// then what waited behind it, until one is in flight again; lets each direction with
+    /// nothing left waiting go on, if its last event did.
+    pub fn resume(&mut self, envoy: &mut impl Envoy) {
+        let Some((event, body, turn)) = self.poll() else {
+            return;
+        };
+        let mut went_on = PerDirection::<Option<bool>>::default();
+        let direction = event.direction();
+        let goes_on = self.finish(envoy, event, body, turn);
+        went_on[direction] = Some(goes_on);
+        while self.in_flight.is_none()
+            && let Some(event) = self.deferred.pop_front()
+        {
+            let direction = event.direction();
+            went_on[direction] = self.run_deferred(envoy, event);
+        }
+        for direction in Direction::BOTH {
+            let waiting = self.deferred.iter().any(|e| e.direction() == direction)
+                || self
+                    .in_flight
+                    .as_ref()
+                    .is_some_and(|f| f.event.direction() == direction);
+            if waiting || !self.owed[direction] {
+                continue;
+            }
+            self.owed[direction] = false;
+            if went_on[direction] == Some(true) {
+                envoy.continue_after(direction);
+            }
+        }
+    }
+
+    fn defer(&mut self, event: Event) {
+        self.owed[event.direction()] = true;
+        self.deferred.push_back(event);
+    }
+
+    /// A hook returns `status` while its message is in flight: Envoy is owed a go-on.
+    fn stopped<T>(&mut self, direction: Direction, status: T) -> T {
+        self.owed[direction] = true;
+        status
+    }
+
+    /// A deferred event, now; `None` when it is in flight. Whether its direction goes on.
+    fn run_deferred(&mut self, envoy: &mut impl Envoy, event: Event) -> Option<bool> {
+        match event {
+            Event::Headers {
+                direction,
+                end_of_stream,
+            } => self
+                .headers(envoy, direction, end_of_stream)
+                .map(|s| s == HeadersStatus::Continue),
+            Event::Body {
+                direction,
+                end_of_stream,
+                chunk,
+            } => self
+                .body(envoy, direction, end_of_stream, chunk)
+                .map(|s| s == BodyStatus::Continue),
+            Event::Trailers { direction } => self
+                .trailers(envoy, direction)
+                .map(|s| s == TrailersStatus::Continue),
+        }
+    }
+
+    /// Applies the verdict of the message that was in flight: whether its direction goes on.
+    fn finish(
+        &mut self,
+        envoy: &mut impl Envoy,
+        event: Event,
+        body: BodyState,
+        turn: Turn,
+    ) -> bool {
+        match event {
+            Event::Headers {
+                direction,
+                end_of_stream,
+            } => {
+                self.headers_verdict(envoy, direction, end_of_stream, turn)
+                    == HeadersStatus::Continue
+            }
+            Event::Body {
+                direction,
+                end_of_stream,
+                chunk,
+            } => {
+                self.body_verdict(envoy, direction, end_of_stream, body, chunk, turn)
+                    == BodyStatus::Continue
+            }
+            Event::Trailers { direction } => {
+                self.trailers_verdict(envoy, direction, turn) == TrailersStatus::Continue
+            }
+        }
+    }
+
+    /// Headers through the chain; `None` while they are in flight.
+    fn headers(
+        &mut self,
+        envoy: &mut impl Envoy,
+        direction: Direction,
+        end_of_stream: bool,
+    ) -> Option<HeadersStatus> {
+        if self.stream().over() {
+            return Some(HeadersStatus::StopIteration);
         }
         if std::mem::take(&mut self.rejected) {
             self.respond(
@@ -181,12 +466,12 @@ impl Exchange {
                     ..ImmediateResponse::default()
                 },
             );
-            return HeadersStatus::StopIteration;
+            return Some(HeadersStatus::StopIteration);
         }
         self.read_context(envoy, direction);
         let phase = direction.headers();
         let section = Section::Headers(direction);
-        let headers = if self.stream.runs(phase) {
+        let headers = if self.stream().runs(phase) {
             HeaderMap::from_entries(envoy.header_entries(section))
         } else {
             HeaderMap::default()
@@ -195,17 +480,34 @@ impl Exchange {
             headers,
             end_of_stream,
         };
+        let event = Event::Headers {
+            direction,
+            end_of_stream,
+        };
+        let (_, turn) = self.run(envoy, phase, message, event, BodyState::default())?;
+        Some(self.headers_verdict(envoy, direction, end_of_stream, turn))
+    }
+
+    fn headers_verdict(
+        &mut self,
+        envoy: &mut impl Envoy,
+        direction: Direction,
+        end_of_stream: bool,
+        turn: Turn,
+    ) -> HeadersStatus {
+        let phase = direction.headers();
+        let section = Section::Headers(direction);
         // `None`: body handlers may still change the headers; their verdict comes with the
         // body's.
-        if let Some(verdict) = self.run(phase, message).verdict
+        if let Some(verdict) = turn.verdict
             && !self.apply_headers_verdict(envoy, phase, section, verdict)
         {
             return HeadersStatus::StopIteration;
         }
-        if end_of_stream || !self.stream.runs(direction.body()) {
+        if end_of_stream || !self.stream().runs(direction.body()) {
             return HeadersStatus::Continue;
         }
-        if self.stream.wants_whole_body(direction) {
+        if self.stream().wants_whole_body(direction) {
             let has_length = envoy
                 .header_entries(section)
                 .iter()
@@ -217,31 +519,59 @@ impl Exchange {
         HeadersStatus::Continue
     }
 
-    /// A chunk of the body arrived: it is Envoy's received buffer.
-    pub fn on_body(
+    /// A body chunk through the chain; `None` while it is in flight.
+    fn body(
         &mut self,
         envoy: &mut impl Envoy,
         direction: Direction,
         end_of_stream: bool,
-    ) -> BodyStatus {
-        if self.stream.over() {
-            return BodyStatus::StopIterationNoBuffer;
+        chunk: Chunk,
+    ) -> Option<BodyStatus> {
+        if self.stream().over() {
+            return Some(BodyStatus::StopIterationNoBuffer);
         }
         let phase = direction.body();
-        let was_holding = self.stream.is_holding(direction);
-        let runs = self.stream.runs(phase);
-        let data = if runs {
-            envoy.received_body(direction)
-        } else {
-            Vec::new()
+        let body = BodyState {
+            was_holding: self.stream().is_holding(direction),
+            runs: self.stream().runs(phase),
         };
-        let turn = self.run(phase, Message::Body(BodyChunk::new(data, end_of_stream)));
+        let data = match (&chunk, body.runs) {
+            (_, false) => Vec::new(),
+            (Chunk::Received, true) => envoy.received_body(direction),
+            (Chunk::Taken(data), true) => data.clone(),
+        };
+        let message = Message::Body(BodyChunk::new(data, end_of_stream));
+        let event = Event::Body {
+            direction,
+            end_of_stream,
+            chunk,
+        };
+        let (event, turn) = self.run(envoy, phase, message, event, body)?;
+        let Event::Body { chunk, .. } = event else {
+            unreachable!("a message comes back with what it came with")
+        };
+        Some(self.body_verdict(envoy, direction, end_of_stream, body, chunk, turn))
+    }
+
+    /// Applies a body chunk's verdict.
+    fn body_verdict(
+        &mut self,
+        envoy: &mut impl Envoy,
+        direction: Direction,
+        end_of_stream: bool,
+        BodyState { was_holding, runs }: BodyState,
+        chunk: Chunk,
+        turn: Turn,
+    ) -> BodyStatus {
+        let phase = direction.body();
         if !runs {
             self.release_headers(envoy, direction, None);
+            put_back(envoy, direction, chunk);
             return BodyStatus::Continue;
         }
         self.apply_released(envoy, direction, turn.released);
         let Some(verdict) = turn.verdict else {
+            put_back(envoy, direction, chunk);
             return BodyStatus::Continue;
         };
         self.apply_effects(envoy, phase, verdict.effects);
@@ -250,7 +580,9 @@ impl Exchange {
         }
         match verdict.decision {
             Decision::Held => {
-                envoy.drain_received_body(direction);
+                if let Chunk::Received = chunk {
+                    envoy.drain_received_body(direction);
+                }
                 BodyStatus::StopIterationNoBuffer
             }
             Decision::Respond(response) => {
@@ -258,35 +590,58 @@ impl Exchange {
                 BodyStatus::StopIterationNoBuffer
             }
             Decision::Continue(changes) => {
-                if let Changes::Body(chunk) = changes
-                    && (was_holding || chunk.replaced)
-                {
-                    envoy.drain_received_body(direction);
-                    envoy.append_body(direction, BodyPlace::Received, &chunk.data);
-                    let whole = end_of_stream.then_some(chunk.data.len());
-                    self.release_headers(envoy, direction, whole);
-                } else {
-                    let whole = end_of_stream.then(|| envoy.received_body(direction).len());
-                    self.release_headers(envoy, direction, whole);
+                let replaced = match changes {
+                    Changes::Body(out) if was_holding || out.replaced => Some(out.data),
+                    _ => None,
+                };
+                match (chunk, replaced) {
+                    (Chunk::Received, Some(data)) => {
+                        envoy.drain_received_body(direction);
+                        envoy.append_body(direction, BodyPlace::Received, &data);
+                        let whole = end_of_stream.then_some(data.len());
+                        self.release_headers(envoy, direction, whole);
+                    }
+                    (Chunk::Received, None) => {
+                        let whole = end_of_stream.then(|| envoy.received_body(direction).len());
+                        self.release_headers(envoy, direction, whole);
+                    }
+                    (Chunk::Taken(data), replaced) => {
+                        let data = replaced.unwrap_or(data);
+                        envoy.append_body(direction, BodyPlace::Buffered, &data);
+                        let whole = end_of_stream.then_some(data.len());
+                        self.release_headers(envoy, direction, whole);
+                    }
                 }
                 BodyStatus::Continue
             }
         }
     }
 
-    /// The trailers arrived: the body, if the chain holds some, goes on before them.
-    pub fn on_trailers(&mut self, envoy: &mut impl Envoy, direction: Direction) -> TrailersStatus {
-        if self.stream.over() {
-            return TrailersStatus::StopIteration;
+    /// Trailers through the chain; `None` while they are in flight.
+    fn trailers(&mut self, envoy: &mut impl Envoy, direction: Direction) -> Option<TrailersStatus> {
+        if self.stream().over() {
+            return Some(TrailersStatus::StopIteration);
         }
         let phase = direction.trailers();
-        let section = Section::Trailers(direction);
-        let trailers = if self.stream.runs(phase) {
-            HeaderMap::from_entries(envoy.header_entries(section))
+        let trailers = if self.stream().runs(phase) {
+            HeaderMap::from_entries(envoy.header_entries(Section::Trailers(direction)))
         } else {
             HeaderMap::default()
         };
-        let turn = self.run(phase, Message::Trailers(trailers));
+        let event = Event::Trailers { direction };
+        let message = Message::Trailers(trailers);
+        let (_, turn) = self.run(envoy, phase, message, event, BodyState::default())?;
+        Some(self.trailers_verdict(envoy, direction, turn))
+    }
+
+    fn trailers_verdict(
+        &mut self,
+        envoy: &mut impl Envoy,
+        direction: Direction,
+        turn: Turn,
+    ) -> TrailersStatus {
+        let phase = direction.trailers();
+        let section = Section::Trailers(direction);
         self.apply_released(envoy, direction, turn.released);
         if let Some(verdict) = turn.flushed {
             self.apply_effects(envoy, direction.body(), verdict.effects);
@@ -315,18 +670,81 @@ impl Exchange {
         TrailersStatus::Continue
     }
 
-    /// Hands a message to the stream; counted when it reaches the plugins.
-    fn run(&mut self, phase: Phase, message: Message) -> Turn {
-        if self.stream.runs(phase) {
+    /// Hands a message to the stream; counted when it reaches the plugins. `None` while it
+    /// is in flight: [`resume`](Self::resume) applies its verdict.
+    fn run(
+        &mut self,
+        envoy: &mut impl Envoy,
+        phase: Phase,
+        message: Message,
+        event: Event,
+        body: BodyState,
+    ) -> Option<(Event, Turn)> {
+        if self.stream().runs(phase) {
             self.metrics.message_received(phase);
         }
-        if !self.stream.needs_plugins(phase) {
+        let stream = self.stream.as_mut().expect("no message in flight");
+        if !stream.needs_plugins(phase) {
             // Nothing to wait on: no trip through the worker's runtime.
-            return self.stream.pass(phase, message);
+            return Some((event, stream.pass(phase, message)));
         }
-        block_on(self.stream.handle(phase, message, &self.context))
+        if !stream.chain().may_wait() {
+            // Nothing but a full pool to wait on, briefly: run to the end here.
+            return Some((
+                event,
+                block_on(stream.handle(phase, message, &self.context)),
+            ));
+        }
+        let mut stream = self.stream.take().expect("no message in flight");
+        let context = self.context.clone();
+        let future = Box::pin(async move {
+            let turn = stream.handle(phase, message, &context).await;
+            (stream, turn)
+        });
+        self.in_flight = Some(InFlight {
+            future,
+            event,
+            body,
+        });
+        if self.alarm.is_none() {
+            self.alarm = Some(envoy.alarm());
+        }
+        if let Some((event, _, turn)) = self.poll() {
+            return Some((event, turn));
+        }
+        // In flight: a chunk still in Envoy's buffer leaves it, so that what arrives next
+        // waits behind it, and goes back in when its verdict comes.
+        if let Some(InFlight {
+            event: Event::Body {
+                direction, chunk, ..
+            },
+            ..
+        }) = &mut self.in_flight
+            && matches!(chunk, Chunk::Received)
+        {
+            *chunk = Chunk::Taken(envoy.received_body(*direction));
+            envoy.drain_received_body(*direction);
+        }
+        None
     }
 
+    /// Polls the message in flight, on the worker, with the I/O and timers it waits on
+    /// driven by the module's own thread.
+    fn poll(&mut self) -> Option<(Event, BodyState, Turn)> {
+        let in_flight = self.in_flight.as_mut()?;
+        let alarm = self.alarm.as_ref()?;
+        let mut cx = Context::from_waker(&alarm.waker);
+        let polled = {
+            let _background = background().enter();
+            in_flight.future.as_mut().poll(&mut cx)
+        };
+        let Poll::Ready((stream, turn)) = polled else {
+            return None;
+        };
+        self.stream = Some(stream);
+        let in_flight = self.in_flight.take()?;
+        Some((in_flight.event, in_flight.body, turn))
+    }
     /// Applies the verdict on `direction`'s headers that waited for the body.
     fn apply_released(
         &mut self,
@@ -373,7 +791,7 @@ impl Exchange {
     }
 
     fn respond(&mut self, envoy: &mut impl Envoy, response: &ImmediateResponse) {
-        self.stream.answered();
+        self.stream().answered();
         envoy.send_response(response);
     }
 
@@ -440,5 +858,12 @@ fn apply_header_changes(envoy: &mut impl Envoy, section: Section, changes: Heade
         for value in values {
             envoy.add_header(section, name, value);
         }
+    }
+}
+
+/// A chunk taken out of Envoy's buffer goes back in as it came (one in Envoy's buffer stays).
+fn put_back(envoy: &mut impl Envoy, direction: Direction, chunk: Chunk) {
+    if let Chunk::Taken(data) = chunk {
+        envoy.append_body(direction, BodyPlace::Buffered, &data);
     }
 }

@@ -13,7 +13,8 @@
 //!   address space, and a listener update creates the new configuration before the old one
 //!   goes; the first configuration's `[runtime]` settings hold while any configuration lives;
 //! - the [`Metrics`], published as Envoy stats;
-//! - a small Tokio runtime for loading and watching plugins, off Envoy's threads.
+//! - a small Tokio runtime for loading and watching plugins, and for what plugins wait on,
+//!   off Envoy's threads ([`background`]).
 //!
 //! The chain itself runs on Envoy's worker threads ([`block_on`](crate::worker::block_on)).
 
@@ -83,7 +84,7 @@ impl FilterConfig {
             metrics(),
             Mode::InProcess,
         ));
-        let loader = loader();
+        let loader = background();
         loader.block_on(registry.reload())?;
         let watch = if settings.watch && settings.plugins_dir.is_dir() {
             let _in_loader = loader.enter();
@@ -208,8 +209,10 @@ fn shared_runtime(settings: &Settings) -> anyhow::Result<Arc<Runtime>> {
     Ok(runtime)
 }
 
-/// The Tokio runtime that loads and watches plugins: one thread, beside Envoy's.
-fn loader() -> &'static tokio::runtime::Runtime {
+/// The module's own Tokio runtime, one thread beside Envoy's: it loads and watches plugins,
+/// and drives the I/O and timers plugins wait on inside a call (outbound HTTP, Redis), so
+/// that no Envoy worker waits for them.
+pub fn background() -> &'static tokio::runtime::Runtime {
     static LOADER: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     LOADER.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()

@@ -117,7 +117,7 @@ fn stream_hook<T: Copy>(
             }
         }
     };
-    if catch_unwind(AssertUnwindSafe(|| envoy.send_held_response())).is_err() {
+    if catch_unwind(AssertUnwindSafe(|| envoy.send_held())).is_err() {
         envoy::log(
             log_level::ERROR,
             &format!("[wasm-extproc] bug: panic sending the answer in {hook}"),
@@ -395,16 +395,21 @@ fn trailers_status(status: TrailersStatus) -> u32 {
     }
 }
 
-// Hooks Envoy requires but this filter has no use for: it schedules nothing, makes no
-// callouts, and does not watch the downstream's buffers.
-
+/// A message in flight may have its verdict: the waker a plugin's wait was handed went off
+/// (see `exchange`).
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
-    _envoy: FilterEnvoyPtr,
-    _filter: FilterModulePtr,
+    envoy: FilterEnvoyPtr,
+    filter: FilterModulePtr,
     _event_id: u64,
 ) {
+    stream_hook("scheduled", envoy, filter, (), (), |exchange, envoy| {
+        exchange.resume(envoy)
+    });
 }
+
+// Hooks Envoy requires but this filter has no use for: it makes no callouts, and does not
+// watch the downstream's buffers.
 
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(

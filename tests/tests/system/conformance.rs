@@ -13,8 +13,15 @@ use extproc_testkit::fixtures::{
     KV_PROBE, MEMORY_HOG, MISBEHAVE, RATE_LIMIT, RECURSE, SHOUT, SLOW, SPIN, TAGGER, TRAP,
 };
 
+use std::time::{Duration, Instant};
+
+use extproc_testkit::fixtures::TOKEN_INTROSPECT;
+use extproc_testkit::redis::Redis;
+use extproc_testkit::service::Service;
+
 use super::bodies::{assert_length_fits, assert_same, in_chunks, redacted};
 use super::operations::replace_file;
+use super::outbound::{introspection, with_token};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_guides_headers_both_ways() {
@@ -449,7 +456,7 @@ async fn a_replaced_plugin_file_is_served_without_a_restart() {
         let before = d.envoy.get("/headers").await.unwrap();
         assert_eq!(tag(&before), "hello-from-asm", "{mode:?}");
         replace_file(&d.plugins_dir().join("asm.wasm"), &ASM_V2.bytes());
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+        let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             let response = d.envoy.get("/headers").await.unwrap();
             assert_eq!(response.status, 200, "{mode:?}");
@@ -462,10 +469,10 @@ async fn a_replaced_plugin_file_is_served_without_a_restart() {
                 "{mode:?}: old or new, nothing else"
             );
             assert!(
-                std::time::Instant::now() < deadline,
+                Instant::now() < deadline,
                 "{mode:?}: the new version never served"
             );
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -617,7 +624,7 @@ async fn a_plugin_failing_on_every_call_is_quarantined_and_probed() {
         for n in [1, 2, 3, 1, 2] {
             assert_eq!(d.envoy.send(&from(n)).await.unwrap().status, 500, "{label}");
         }
-        let tripped = std::time::Instant::now();
+        let tripped = Instant::now();
         for n in [1, 2, 3, 1, 2, 3] {
             assert_eq!(d.envoy.send(&from(n)).await.unwrap().status, 500, "{label}");
         }
@@ -626,13 +633,180 @@ async fn a_plugin_failing_on_every_call_is_quarantined_and_probed() {
         let quarantined = d.plugin_outcomes("10-broken", "quarantined").await;
         assert!((6..=8).contains(&quarantined), "{label}: {quarantined}");
         // After the back-off, one probe call: it fails, and the quarantine goes on.
-        tokio::time::sleep(
-            std::time::Duration::from_millis(3200).saturating_sub(tripped.elapsed()),
-        )
-        .await;
+        tokio::time::sleep(Duration::from_millis(3200).saturating_sub(tripped.elapsed())).await;
         for n in [1, 2, 3] {
             assert_eq!(d.envoy.send(&from(n)).await.unwrap().status, 500, "{label}");
         }
         assert_eq!(d.plugin_outcomes("10-broken", "trap").await, 6, "{label}");
+    }
+}
+
+/// A token check calling out to its endpoint, in both modes: the answer cached in the state
+/// store, an inactive token refused before the upstream, and an endpoint slower than the
+/// plugin's budget answered by the plugin's choice (503) at the budget, not the endpoint's
+/// pace. In Envoy's process the wait holds no worker (see the test after this one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_calls_both_ways() {
+    let endpoint = introspection(Duration::ZERO).await;
+    let slow = introspection(Duration::from_secs(3)).await;
+    let token_check = |endpoint: &Service, defaults: &str| {
+        Case::new(
+            &[("10-token", TOKEN_INTROSPECT)],
+            &format!(
+                "{defaults}[plugins.10-token]\nconfig = \"endpoint={}/introspect\"\n\
+                 http_allow = [\"{}\"]\n",
+                endpoint.origin(),
+                endpoint.origin()
+            ),
+        )
+    };
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &token_check(&endpoint, "")).await;
+        let before = endpoint.received();
+        for _ in 0..3 {
+            let response = with_token(&d.envoy, Some("good")).await;
+            assert_eq!(response.status, 200, "{mode:?}: {}", d.envoy.log());
+            assert_eq!(
+                response.json().unwrap()["headers"]["X-Auth-Subject"],
+                "alice",
+                "{mode:?}"
+            );
+        }
+        assert_eq!(endpoint.received() - before, 1, "{mode:?}: cached");
+        let refused = with_token(&d.envoy, Some("revoked")).await;
+        assert_eq!(refused.status, 401, "{mode:?}");
+        assert_eq!(d.upstream.seen().len(), 3, "{mode:?}");
+
+        let budget = "[defaults]\ntimeout_ms = 100\n[envoy]\nmessage_timeout_ms = 200\n";
+        let d = Deployment::start(mode, &token_check(&slow, budget)).await;
+        let started = Instant::now();
+        let response = with_token(&d.envoy, Some("good")).await;
+        let took = started.elapsed();
+        assert_eq!(response.status, 503, "{mode:?}: {}", d.envoy.log());
+        assert!(
+            took < Duration::from_secs(2),
+            "{mode:?}: cut at the budget, not the endpoint: {took:?}"
+        );
+    }
+}
+
+/// In Envoy's process, a plugin waiting on a slow endpoint holds no worker: while one
+/// request's token check waits a second, requests on another route (a chain that calls out
+/// to nothing) are answered as fast as on an idle Envoy. Envoy runs two workers here, and
+/// each request opens its own connection: a worker held for the wait would hold about half
+/// of them for most of a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_envoys_process_a_plugin_waiting_on_the_network_holds_no_worker() {
+    let endpoint = introspection(Duration::from_secs(1)).await;
+    let case = Case::new(
+        &[("asm", ASM_DEMO), ("checkout/10-token", TOKEN_INTROSPECT)],
+        &format!(
+            "[defaults]\ntimeout_ms = 3000\n\
+             [chains.checkout.plugins.10-token]\nconfig = \"endpoint={}/introspect\"\n\
+             http_allow = [\"{}\"]\n",
+            endpoint.origin(),
+            endpoint.origin()
+        ),
+    );
+    let d = Deployment::start(Mode::InProcess, &case).await;
+    let idle = ten_quick_requests(&d).await;
+
+    let envoy = &d.envoy;
+    let waiting = async {
+        let started = Instant::now();
+        let response = envoy
+            .request(
+                "GET",
+                "/checkout/cart",
+                &[("authorization", "Bearer good")],
+                Vec::new(),
+            )
+            .await
+            .unwrap();
+        (response, started.elapsed())
+    };
+    let meanwhile = async {
+        // Once the check is under way.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        ten_quick_requests(&d).await
+    };
+    let ((response, waited), meanwhile) = tokio::join!(waiting, meanwhile);
+    assert_eq!(response.status, 200, "{}", d.envoy.log());
+    let checked = d.upstream.seen();
+    let checked = checked.iter().find(|r| r.path == "/checkout/cart").unwrap();
+    assert_eq!(checked.header("x-auth-subject").as_deref(), Some("alice"));
+    assert!(waited >= Duration::from_secs(1), "{waited:?}");
+    assert_eq!(endpoint.received(), 1);
+    let slowest = |took: &[Duration]| took.iter().max().copied().unwrap_or_default();
+    eprintln!("idle: {idle:?}\nwhile one waits: {meanwhile:?}");
+    assert!(
+        slowest(&meanwhile) < slowest(&idle) + Duration::from_millis(200),
+        "a request waited behind the check: idle {idle:?}, while it waited {meanwhile:?}"
+    );
+}
+
+/// How long each of ten requests to `/headers` took, one after the other.
+async fn ten_quick_requests(d: &Deployment) -> Vec<Duration> {
+    let mut took = Vec::new();
+    for _ in 0..10 {
+        let started = Instant::now();
+        let response = d.envoy.get("/headers").await.unwrap();
+        took.push(started.elapsed());
+        response.assert_tagged_by_asm("the default chain");
+    }
+    took
+}
+
+/// The state store in Redis, in both modes: a rate limit kept across exchanges, and a Redis
+/// outage answered by the plugin's choice (`on_store_error = deny`: 503) within its budget.
+/// In Envoy's process the operations complete off the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_in_redis_both_ways_and_an_outage_is_the_plugins_choice() {
+    let mut redis = Redis::start().unwrap();
+    let case = Case::new(
+        &[("10-rate", RATE_LIMIT)],
+        &format!(
+            "[kv]\nbackend = \"redis\"\nurl = \"{}\"\ntimeout_ms = 200\n\
+             [plugins.10-rate]\nconfig = \"limit=3;window_ms=60000;key_header=x-api-key;\
+             on_store_error=deny\"\n",
+            redis.url()
+        ),
+    );
+    let mut deployments = Vec::new();
+    for mode in Mode::BOTH {
+        let d = Deployment::start(mode, &case).await;
+        // A key of its own per mode: both count in the one Redis.
+        let key = format!("{mode:?}");
+        let mut statuses = Vec::new();
+        for _ in 0..4 {
+            let response = d
+                .envoy
+                .request("GET", "/headers", &[("x-api-key", &key)], Vec::new())
+                .await
+                .unwrap();
+            statuses.push(response.status);
+        }
+        assert_eq!(
+            statuses,
+            [200, 200, 200, 429],
+            "{mode:?}: {}",
+            d.envoy.log()
+        );
+        deployments.push(d);
+    }
+    redis.stop();
+    for d in &deployments {
+        let started = Instant::now();
+        let response = d
+            .envoy
+            .request("GET", "/headers", &[("x-api-key", "other")], Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(response.status, 503, "{:?}: {}", d.mode, d.envoy.log());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}: answered, not hung",
+            d.mode
+        );
     }
 }

@@ -14,7 +14,7 @@ use extproc_testkit::service::Service;
 
 /// An OAuth introspection endpoint: `good` is active for alice for another minute, anything
 /// else is inactive.
-async fn introspection(delay: Duration) -> Service {
+pub(super) async fn introspection(delay: Duration) -> Service {
     Service::start(
         delay,
         Arc::new(|body: &[u8]| {
@@ -38,7 +38,7 @@ async fn introspection(delay: Duration) -> Service {
     .unwrap()
 }
 
-async fn with_token(envoy: &Envoy, token: Option<&str>) -> HttpResponse {
+pub(super) async fn with_token(envoy: &Envoy, token: Option<&str>) -> HttpResponse {
     let header = token.map(|t| format!("Bearer {t}"));
     let headers: Vec<(&str, &str)> = header
         .iter()
