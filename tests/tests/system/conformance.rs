@@ -810,3 +810,48 @@ async fn state_in_redis_both_ways_and_an_outage_is_the_plugins_choice() {
         );
     }
 }
+
+/// In Envoy's process, what arrives while a plugin waits follows it, in order: the request's
+/// body chunks and trailers come while the token check waits on its endpoint, wait behind it,
+/// and then go through the rest of the chain (which shouts the body) to the upstream, whole
+/// (HTTP/2 both sides, which carries trailers).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_envoys_process_what_arrives_while_a_plugin_waits_follows_it_in_order() {
+    let endpoint = introspection(Duration::from_millis(300)).await;
+    let case = Case::new(
+        &[
+            ("asm", ASM_DEMO),
+            ("checkout/10-token", TOKEN_INTROSPECT),
+            ("checkout/20-shout", SHOUT),
+        ],
+        &format!(
+            "[defaults]\ntimeout_ms = 3000\n\
+             [chains.checkout.plugins.10-token]\nconfig = \"endpoint={}/introspect\"\n\
+             http_allow = [\"{}\"]\n",
+            endpoint.origin(),
+            endpoint.origin()
+        ),
+    )
+    .upstream_http2();
+    let d = Deployment::start(Mode::InProcess, &case).await;
+    let body = generated(100_000, false);
+    let response = d
+        .envoy
+        .send(
+            &HttpRequest::new("POST", "/checkout/cart")
+                .header("authorization", "Bearer good")
+                .chunked(in_chunks(&body))
+                .paced(Duration::from_millis(40))
+                .trailer("x-checksum", "abc")
+                .http2(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status, 200, "{}", d.envoy.log());
+    let seen = d.upstream.seen();
+    let seen = seen.last().unwrap();
+    assert_eq!(seen.header("x-auth-subject").as_deref(), Some("alice"));
+    assert_same(&seen.body, &body.to_ascii_uppercase(), "at the upstream");
+    assert_eq!(seen.trailers, [("x-checksum".into(), b"abc".to_vec())]);
+    assert_eq!(endpoint.received(), 1);
+}
