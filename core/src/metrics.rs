@@ -142,7 +142,7 @@ pub struct Sample {
     /// The series' name, without the `wasm_extproc_` prefix.
     pub name: &'static str,
     /// Label names and values, in the order the series defines them.
-    pub labels: Vec<(&'static str, String)>,
+    pub labels: Vec<(String, String)>,
     pub value: u64,
     pub kind: SampleKind,
 }
@@ -657,9 +657,12 @@ impl Metrics {
     /// Every counter and gauge series that has a value, for a front end that publishes them
     /// elsewhere than the Prometheus endpoint (histograms are only there).
     pub fn samples(&self) -> Vec<Sample> {
-        let counter = |name, labels, value| Sample {
+        let counter = |name, labels: Vec<(&str, String)>, value| Sample {
             name,
-            labels,
+            labels: labels
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect(),
             value,
             kind: SampleKind::Counter,
         };
@@ -764,7 +767,31 @@ impl Metrics {
                 }
             }
         }
+        samples.extend(self.capability_counters());
         samples
+    }
+
+    /// The counters capabilities registered ([`family`](Self::family): outbound requests,
+    /// state store operations), read back from their exposition.
+    fn capability_counters(&self) -> Vec<Sample> {
+        use prometheus_client::encoding::text::encode_registry;
+        let families = self.families.lock().expect("metric families");
+        let mut text = String::new();
+        encode_registry(&mut text, &families.registry).expect("writing to a String cannot fail");
+        text.lines()
+            .filter_map(|line| {
+                let (series, value) = line.rsplit_once(' ')?;
+                let (name, labels) = series.split_once('{')?;
+                let name = name.strip_prefix("wasm_extproc_")?.strip_suffix("_total")?;
+                let name = *families.by_name.keys().find(|n| **n == name)?;
+                Some(Sample {
+                    name,
+                    labels: exposition_labels(labels.strip_suffix('}')?)?,
+                    value: value.parse().ok()?,
+                    kind: SampleKind::Counter,
+                })
+            })
+            .collect()
     }
 
     /// The Prometheus text exposition.
@@ -870,5 +897,78 @@ pub struct StreamGuard(Arc<Metrics>);
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         self.0.active_streams.dec();
+    }
+}
+
+/// The labels of one exposition line, `name="value",...` (values escaped as the exposition
+/// escapes them).
+fn exposition_labels(text: &str) -> Option<Vec<(String, String)>> {
+    let mut labels = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let (name, after) = rest.split_once("=\"")?;
+        let mut value = String::new();
+        let mut chars = after.char_indices();
+        let end = loop {
+            match chars.next()? {
+                (i, '"') => break i,
+                (_, '\\') => match chars.next()?.1 {
+                    'n' => value.push('\n'),
+                    other => value.push(other),
+                },
+                (_, c) => value.push(c),
+            }
+        };
+        labels.push((name.to_string(), value));
+        rest = after[end + 1..]
+            .strip_prefix(',')
+            .unwrap_or(&after[end + 1..]);
+    }
+    Some(labels)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+    struct Labels {
+        chain: String,
+        destination: String,
+    }
+
+    #[test]
+    fn counters_capabilities_register_are_samples_too() {
+        let metrics = Metrics::new();
+        let family = metrics.family(
+            "outbound_requests",
+            "help",
+            Family::<Labels, Counter>::default,
+        );
+        let labels = Labels {
+            chain: "default".into(),
+            destination: "http://127.0.0.1:80".into(),
+        };
+        family.get_or_create(&labels).inc_by(2);
+        let sample = metrics
+            .samples()
+            .into_iter()
+            .find(|s| s.name == "outbound_requests")
+            .expect("the capability's counter");
+        assert_eq!(
+            sample.labels,
+            [
+                ("chain".to_string(), "default".to_string()),
+                ("destination".to_string(), "http://127.0.0.1:80".to_string()),
+            ]
+        );
+        assert_eq!((sample.value, sample.kind), (2, SampleKind::Counter));
+        assert_eq!(
+            exposition_labels(r#"a="x\"y,z",b="""#),
+            Some(vec![
+                ("a".to_string(), "x\"y,z".to_string()),
+                ("b".to_string(), String::new()),
+            ])
+        );
     }
 }

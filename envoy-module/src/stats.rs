@@ -24,7 +24,7 @@ use crate::envoy::EnvoyStream;
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(1);
 
 /// Every series, its kind and its label names, in the order of their values.
-const SERIES: [(&str, SampleKind, &[&str]); 9] = [
+const SERIES: [(&str, SampleKind, &[&str]); 11] = [
     ("streams", SampleKind::Counter, &[]),
     ("active_streams", SampleKind::Gauge, &[]),
     ("instances_in_use", SampleKind::Gauge, &[]),
@@ -33,6 +33,16 @@ const SERIES: [(&str, SampleKind, &[&str]); 9] = [
     ("reloads", SampleKind::Counter, &["result"]),
     ("messages_received", SampleKind::Counter, &["phase"]),
     ("unknown_chain_streams", SampleKind::Counter, &["answer"]),
+    (
+        "outbound_requests",
+        SampleKind::Counter,
+        &["chain", "plugin", "destination", "result"],
+    ),
+    (
+        "kv_operations",
+        SampleKind::Counter,
+        &["chain", "plugin", "operation", "result"],
+    ),
     (
         "plugin_calls",
         SampleKind::Counter,

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use extproc_testkit::fixtures::TOKEN_INTROSPECT;
 use extproc_testkit::redis::Redis;
+use extproc_testkit::series::CapabilitySeries as _;
 use extproc_testkit::service::Service;
 
 use super::bodies::{assert_length_fits, assert_same, in_chunks, redacted};
@@ -676,6 +677,24 @@ async fn outbound_calls_both_ways() {
         let refused = with_token(&d.envoy, Some("revoked")).await;
         assert_eq!(refused.status, 401, "{mode:?}");
         assert_eq!(d.upstream.seen().len(), 3, "{mode:?}");
+        // Counted per destination and result, in Envoy's stats in-process.
+        let ok = format!("http://{}", endpoint.address);
+        let calls = match &d.host {
+            Some(host) => host
+                .metrics()
+                .outbound_requests("default", "10-token", &ok, "ok"),
+            None => d
+                .module_stats("outbound_requests")
+                .await
+                .iter()
+                .filter(|(name, _)| {
+                    name.starts_with("outbound_requests.chain.default.plugin.10-token.")
+                        && name.ends_with(".result.ok")
+                })
+                .map(|(_, n)| n)
+                .sum(),
+        };
+        assert_eq!(calls, 2, "{mode:?}");
 
         let budget = "[defaults]\ntimeout_ms = 100\n[envoy]\nmessage_timeout_ms = 200\n";
         let d = Deployment::start(mode, &token_check(&slow, budget)).await;
@@ -808,6 +827,28 @@ async fn state_in_redis_both_ways_and_an_outage_is_the_plugins_choice() {
             "{:?}: answered, not hung",
             d.mode
         );
+        // Counted, in Envoy's stats in-process.
+        let failed: u64 = match &d.host {
+            Some(host) => ["unavailable", "timeout"]
+                .map(|r| {
+                    host.metrics()
+                        .kv_operations("default", "10-rate", "increment_in_window", r)
+                })
+                .iter()
+                .sum(),
+            None => d
+                .module_stats("kv_operations")
+                .await
+                .iter()
+                .filter(|(name, _)| {
+                    name.contains(".operation.increment_in_window.")
+                        && (name.ends_with(".result.unavailable")
+                            || name.ends_with(".result.timeout"))
+                })
+                .map(|(_, n)| n)
+                .sum(),
+        };
+        assert!(failed >= 1, "{:?}: {failed}", d.mode);
     }
 }
 

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use extproc_testkit::envoy::{self, EnvoyConfig};
-use extproc_testkit::fixtures::{ASM_DEMO, BUNDLED_TARGET, SLOW_BUNDLED, WASI_TARGET};
+use extproc_testkit::fixtures::{ASM_DEMO, BUNDLED_TARGET, CALL_OUT, SLOW_BUNDLED, WASI_TARGET};
 use extproc_testkit::otlp::Collector;
 use extproc_testkit::repo_root;
 use serde::{Deserialize, Serialize};
@@ -243,6 +243,10 @@ pub(super) struct Setup {
     /// Measured in the closed loop only: a setup far slower than the others (an interpreted
     /// plugin) would set the fixed rate for all of them.
     pub(super) closed_loop_only: bool,
+    /// After the ASM plugin, one that calls out on each request's headers (the `call-out`
+    /// test fixture: a GET to the upstream, through `wasi:http`), waiting on the network
+    /// inside its call.
+    calls_out: bool,
 }
 
 /// What stands in Envoy's filter chain before the router.
@@ -314,10 +318,11 @@ const fn interpreted(
         full_duplex_response: false,
         traced: false,
         closed_loop_only: true,
+        calls_out: false,
     }
 }
 
-pub(super) static SETUPS: [Setup; 13] = [
+pub(super) static SETUPS: [Setup; 15] = [
     Setup {
         key: "envoy",
         label: "(a) Envoy alone, no header work",
@@ -325,6 +330,7 @@ pub(super) static SETUPS: [Setup; 13] = [
         full_duplex_response: false,
         traced: false,
         closed_loop_only: false,
+        calls_out: false,
     },
     Setup {
         key: "lua",
@@ -333,6 +339,7 @@ pub(super) static SETUPS: [Setup; 13] = [
         full_duplex_response: false,
         traced: false,
         closed_loop_only: false,
+        calls_out: false,
     },
     Setup {
         key: "wasm",
@@ -345,6 +352,7 @@ pub(super) static SETUPS: [Setup; 13] = [
         full_duplex_response: false,
         traced: false,
         closed_loop_only: false,
+        calls_out: false,
     },
     Setup {
         key: "wasm4",
@@ -357,6 +365,7 @@ pub(super) static SETUPS: [Setup; 13] = [
         full_duplex_response: false,
         traced: false,
         closed_loop_only: false,
+        calls_out: false,
     },
     Setup {
         key: "wasm4-reuse",
@@ -369,6 +378,7 @@ pub(super) static SETUPS: [Setup; 13] = [
         full_duplex_response: false,
         traced: false,
         closed_loop_only: false,
+        calls_out: false,
     },
     Setup {
         key: "wasm-fd",
@@ -381,6 +391,7 @@ pub(super) static SETUPS: [Setup; 13] = [
         full_duplex_response: true,
         traced: false,
         closed_loop_only: false,
+        calls_out: false,
     },
     Setup {
         key: "wasm-traced",
@@ -393,6 +404,7 @@ pub(super) static SETUPS: [Setup; 13] = [
         full_duplex_response: false,
         traced: true,
         closed_loop_only: false,
+        calls_out: false,
     },
     Setup {
         key: "native",
@@ -401,6 +413,7 @@ pub(super) static SETUPS: [Setup; 13] = [
         full_duplex_response: false,
         traced: false,
         closed_loop_only: false,
+        calls_out: false,
     },
     Setup {
         key: "in-process",
@@ -409,6 +422,32 @@ pub(super) static SETUPS: [Setup; 13] = [
         full_duplex_response: false,
         traced: false,
         closed_loop_only: false,
+        calls_out: false,
+    },
+    // A plugin that waits on the network: an outbound GET per request, in both modes. Each
+    // call opens a connection of its own, so these are far slower than the others: measured
+    // in the closed loop only.
+    Setup {
+        key: "wasm-call",
+        label: "(co) wasm-extproc + ASM + a plugin calling out (a GET per request)",
+        filter: Filter::ExtProc(Processor::Wasm {
+            plugins: 1,
+            reuse: false,
+            language: Language::Rust,
+        }),
+        full_duplex_response: false,
+        traced: false,
+        closed_loop_only: true,
+        calls_out: true,
+    },
+    Setup {
+        key: "in-process-call",
+        label: "(eo) in Envoy's process: ASM + a plugin calling out (a GET per request)",
+        filter: Filter::InProcess,
+        full_duplex_response: false,
+        traced: false,
+        closed_loop_only: true,
+        calls_out: true,
     },
     interpreted(
         "wasm-js",
@@ -785,6 +824,15 @@ impl Running {
         if setup.filter == Filter::InProcess {
             std::fs::copy(&binaries.asm_plugin, plugins.join("10-asm-demo.wasm"))?;
         }
+        // The settings of the plugin that calls out, in either mode.
+        let mut call_out = String::new();
+        if setup.calls_out {
+            std::fs::copy(CALL_OUT.path(), plugins.join("20-call-out.wasm"))?;
+            call_out = format!(
+                "[plugins.20-call-out]\nconfig = \"http://{upstream_address}/\"\n\
+                 http_allow = [\"http://{upstream_address}\"]\ntimeout_ms = 1000\n"
+            );
+        }
         let mut host_admin = None;
         let ext_proc = match setup.filter {
             Filter::ExtProc(Processor::Wasm {
@@ -813,7 +861,7 @@ impl Running {
                     defaults += CALLGRIND_PLUGIN_TIMEOUT;
                     runtime += CALLGRIND_POOL;
                 }
-                let mut toml = format!("[defaults]\n{defaults}[runtime]\n{runtime}");
+                let mut toml = format!("[defaults]\n{defaults}[runtime]\n{runtime}{call_out}");
                 if let Some(millions) = variation.heavy_plugin {
                     std::fs::copy(SLOW_BUNDLED.path(), plugins.join("90-slow.wasm"))?;
                     toml += &format!(
@@ -868,11 +916,12 @@ impl Running {
         };
 
         let listener = loopback(free_port()?);
-        let module_toml = if variation.under_callgrind {
+        let mut module_toml = if variation.under_callgrind {
             format!("[defaults]\n{CALLGRIND_PLUGIN_TIMEOUT}[runtime]\n{CALLGRIND_POOL}")
         } else {
             String::new()
         };
+        module_toml += &call_out;
         let mut envoy_config = setup.envoy_config(&plugins, &module_toml)?;
         if variation.under_callgrind && matches!(setup.filter, Filter::ExtProc(_)) {
             let (from, to) = CALLGRIND_MESSAGE_TIMEOUT;
