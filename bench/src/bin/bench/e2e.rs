@@ -322,6 +322,19 @@ const fn interpreted(
     }
 }
 
+/// The ASM plugin and, after it, the plugin that calls out: measured in the closed loop.
+const fn calling_out(key: &'static str, label: &'static str, filter: Filter) -> Setup {
+    Setup {
+        key,
+        label,
+        filter,
+        full_duplex_response: false,
+        traced: false,
+        closed_loop_only: true,
+        calls_out: true,
+    }
+}
+
 pub(super) static SETUPS: [Setup; 15] = [
     Setup {
         key: "envoy",
@@ -427,28 +440,20 @@ pub(super) static SETUPS: [Setup; 15] = [
     // A plugin that waits on the network: an outbound GET per request, in both modes. Each
     // call opens a connection of its own, so these are far slower than the others: measured
     // in the closed loop only.
-    Setup {
-        key: "wasm-call",
-        label: "(co) wasm-extproc + ASM + a plugin calling out (a GET per request)",
-        filter: Filter::ExtProc(Processor::Wasm {
+    calling_out(
+        "wasm-call",
+        "(co) wasm-extproc + ASM + a plugin calling out (a GET per request)",
+        Filter::ExtProc(Processor::Wasm {
             plugins: 1,
             reuse: false,
             language: Language::Rust,
         }),
-        full_duplex_response: false,
-        traced: false,
-        closed_loop_only: true,
-        calls_out: true,
-    },
-    Setup {
-        key: "in-process-call",
-        label: "(eo) in Envoy's process: ASM + a plugin calling out (a GET per request)",
-        filter: Filter::InProcess,
-        full_duplex_response: false,
-        traced: false,
-        closed_loop_only: true,
-        calls_out: true,
-    },
+    ),
+    calling_out(
+        "in-process-call",
+        "(eo) in Envoy's process: ASM + a plugin calling out (a GET per request)",
+        Filter::InProcess,
+    ),
     interpreted(
         "wasm-js",
         "(cj) wasm-extproc + the ASM plugin in JavaScript",
