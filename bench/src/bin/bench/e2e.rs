@@ -246,7 +246,7 @@ pub(super) struct Setup {
     /// After the ASM plugin, one that calls out on each request's headers (the `call-out`
     /// test fixture: a GET to the upstream, through `wasi:http`), waiting on the network
     /// inside its call.
-    calls_out: bool,
+    pub(super) calls_out: bool,
 }
 
 /// What stands in Envoy's filter chain before the router.
@@ -835,7 +835,7 @@ impl Running {
             std::fs::copy(CALL_OUT.path(), plugins.join("20-call-out.wasm"))?;
             call_out = format!(
                 "[plugins.20-call-out]\nconfig = \"http://{upstream_address}/\"\n\
-                 http_allow = [\"http://{upstream_address}\"]\ntimeout_ms = 1000\n"
+                 http_allow = [\"http://{upstream_address}\"]\ntimeout_ms = 100\n"
             );
         }
         let mut host_admin = None;

@@ -392,12 +392,70 @@ fn closed_loop_only(key: &str) -> bool {
         .any(|s| s.key == key && s.closed_loop_only)
 }
 
+/// Whether the setup `key` has a plugin calling out.
+fn calls_out(key: &str) -> bool {
+    super::e2e::SETUPS
+        .iter()
+        .any(|s| s.key == key && s.calls_out)
+}
+
+/// A plugin waiting on the network, over ext_proc and in Envoy's process, beside the same
+/// setups without it.
+fn calling_out_e2e(results: &Results, md: &mut String) -> anyhow::Result<()> {
+    let by_key = |key: &str| results.e2e.iter().find(|s| s.key == key);
+    let rows: Vec<&ScenarioResult> = ["wasm", "wasm-call", "in-process", "in-process-call"]
+        .into_iter()
+        .filter_map(by_key)
+        .collect();
+    if !rows.iter().any(|s| calls_out(&s.key)) {
+        return Ok(());
+    }
+    writeln!(
+        md,
+        "### A plugin waiting on the network, in both modes\n\n\
+         After the ASM plugin, the `call-out` test fixture: on each request's headers, a GET to \
+         the upstream through `wasi:http` (a connection per call), waited for inside the call. \
+         Over ext_proc (co) the host waits; in Envoy's process (eo) the request leaves from the \
+         module's own thread, the worker serves its other streams meanwhile, and Envoy's \
+         scheduler brings the stream back (README, \"Waiting holds no worker\"). Closed loop \
+         only (`wrk`, {} connections); the upstream serves the calls too.\n\n\
+         | setup | req/s | p50 / p99 ms | CPU µs/req: envoy | ext_proc | upstream | envoy + ext_proc |\n\
+         |---|---|---|---|---|---|---|",
+        results.e2e_connections
+    )?;
+    for s in rows {
+        let (envoy, host) = (closed_cpu(s, "envoy"), closed_cpu(s, "ext_proc"));
+        let has_host = s
+            .closed_cpu_us_per_request
+            .iter()
+            .any(|(p, _)| p == "ext_proc");
+        writeln!(
+            md,
+            "| {} | {:.0} | {:.2} / {:.2} | {:.1} | {} | {:.1} | {:.1} |",
+            s.label,
+            s.closed.rps,
+            s.closed.p50_ms,
+            s.closed.p99_ms,
+            envoy,
+            if has_host {
+                format!("{host:.1}")
+            } else {
+                "-".into()
+            },
+            closed_cpu(s, "upstream"),
+            envoy + host,
+        )?;
+    }
+    md.push('\n');
+    Ok(())
+}
+
 /// The ASM plugin in each language through Envoy, closed loop: the languages issue's figures.
 fn languages_e2e(results: &Results, rust: &ScenarioResult, md: &mut String) -> anyhow::Result<()> {
     let languages: Vec<&ScenarioResult> = results
         .e2e
         .iter()
-        .filter(|s| closed_loop_only(&s.key))
+        .filter(|s| closed_loop_only(&s.key) && !calls_out(&s.key))
         .collect();
     if languages.is_empty() {
         return Ok(());
@@ -574,6 +632,7 @@ fn e2e_section(
     }
     if let Some(rust) = by_key("wasm") {
         languages_e2e(results, rust, md)?;
+        calling_out_e2e(results, md)?;
     }
     let names: Vec<String> = main.iter().map(|s| short(&s.key)).collect();
     bar_chart(
