@@ -528,20 +528,23 @@ async fn state_between_exchanges_both_ways() {
         );
         // A key past the store's 512-byte key bound is limited like any other.
         let long = "k".repeat(600);
-        let statuses = {
-            let mut statuses = Vec::new();
-            for _ in 0..4 {
-                let response = d
-                    .envoy
-                    .request("GET", "/headers", &[("x-api-key", &long)], Vec::new())
-                    .await
-                    .unwrap();
-                statuses.push(response.status);
-            }
-            statuses
-        };
+        let statuses = four_requests_as(&d, &long).await;
         assert_eq!(statuses, [200, 200, 200, 429], "{label}: a 600-byte key");
     }
+}
+
+/// The statuses of four requests to `/headers` with `x-api-key: key`, one after the other.
+async fn four_requests_as(d: &Deployment, key: &str) -> Vec<u16> {
+    let mut statuses = Vec::new();
+    for _ in 0..4 {
+        let response = d
+            .envoy
+            .request("GET", "/headers", &[("x-api-key", key)], Vec::new())
+            .await
+            .unwrap();
+        statuses.push(response.status);
+    }
+    statuses
 }
 
 /// No client can switch a plugin off: a client whose requests make a plugin trap (here, a
@@ -795,16 +798,7 @@ async fn state_in_redis_both_ways_and_an_outage_is_the_plugins_choice() {
     for mode in Mode::BOTH {
         let d = Deployment::start(mode, &case).await;
         // A key of its own per mode: both count in the one Redis.
-        let key = format!("{mode:?}");
-        let mut statuses = Vec::new();
-        for _ in 0..4 {
-            let response = d
-                .envoy
-                .request("GET", "/headers", &[("x-api-key", &key)], Vec::new())
-                .await
-                .unwrap();
-            statuses.push(response.status);
-        }
+        let statuses = four_requests_as(&d, &format!("{mode:?}")).await;
         assert_eq!(
             statuses,
             [200, 200, 200, 429],
