@@ -403,6 +403,11 @@ pub struct FileModule {
     /// Dynamic metadata namespaces plugins may read (`context.metadata`).
     #[serde(default)]
     pub metadata_namespaces: Vec<String>,
+    /// Origins plugins may call (`http_allow`) to the Envoy cluster that reaches each: their
+    /// requests go out through Envoy's own HTTP callouts to that cluster. Other allowed
+    /// origins are called from the module's own thread.
+    #[serde(default)]
+    pub http_clusters: BTreeMap<String, String>,
 }
 
 impl FileModule {
@@ -410,6 +415,7 @@ impl FileModule {
         self.request_attributes.is_empty()
             && self.response_attributes.is_empty()
             && self.metadata_namespaces.is_empty()
+            && self.http_clusters.is_empty()
     }
 }
 

@@ -74,6 +74,9 @@ impl Contract {
 }
 
 pub use epoch::longest_call;
+/// How a front end routes plugins' outbound requests its own way (Envoy's callouts, in-process).
+pub use outbound::{Answer, Way, set_way};
+pub use wasmtime_wasi_http::{Error as HttpError, WasiBody as HttpBody};
 
 /// Dirtied memory per linear memory that is reset in place and kept resident between streams
 /// (the rest is returned to the kernel). A Rust plugin dirties a few dozen KiB per stream;

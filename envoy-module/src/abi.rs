@@ -92,6 +92,11 @@ pub type RouteConfigModulePtr = *const c_void;
 /// hook on its worker.
 pub type SchedulerPtr = *mut c_void;
 
+/// `envoy_dynamic_module_type_http_callout_init_result_Success`.
+pub const CALLOUT_STARTED: u32 = 0;
+/// `envoy_dynamic_module_type_http_callout_result_Success`.
+pub const CALLOUT_ANSWERED: u32 = 0;
+
 /// `envoy_dynamic_module_type_http_header_type`.
 pub mod header_type {
     pub const REQUEST_HEADER: u32 = 0;
@@ -347,6 +352,15 @@ envoy_callbacks! {
         event_id: u64,
     );
     pub fn envoy_dynamic_module_callback_http_filter_scheduler_delete(scheduler: SchedulerPtr);
+    pub fn envoy_dynamic_module_callback_http_filter_http_callout(
+        filter: FilterEnvoyPtr,
+        callout_id: *mut u64,
+        cluster: ModuleBuffer,
+        headers: *mut ModuleHttpHeader,
+        headers_size: usize,
+        body: ModuleBuffer,
+        timeout_ms: u64,
+    ) -> u32;
     // The configuration of this filter on the stream's route (or virtual host), `NULL` if
     // it has none.
     pub fn envoy_dynamic_module_callback_get_most_specific_route_config(

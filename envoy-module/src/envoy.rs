@@ -11,6 +11,13 @@
 use std::ptr;
 use std::sync::{Arc, Mutex};
 use std::task::{Wake, Waker};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::Body as _;
+use http_body_util::{BodyExt, Full};
+use wasm_extproc_core::config::Origin;
+use wasm_extproc_core::runtime::{Answer, HttpBody, HttpError, Way};
 
 use wasm_extproc_core::http::{Direction, ImmediateResponse, PerDirection};
 
@@ -18,7 +25,7 @@ use crate::abi::{
     self, EnvoyBuffer, EnvoyHttpHeader, FilterEnvoyPtr, ModuleBuffer, ModuleHttpHeader,
     SchedulerPtr,
 };
-use crate::exchange::{Alarm, BodyPlace, Envoy, Section};
+use crate::exchange::{Alarm, BodyPlace, Clusters, Envoy, Section};
 use crate::filter_config::RouteConfig;
 
 /// One stream's side in Envoy, for the length of one hook.
@@ -385,7 +392,23 @@ impl Envoy for EnvoyStream {
             unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_new(self.ptr) };
         let scheduler = Arc::new(Scheduler(Mutex::new(Some(SchedulerHandle(scheduler)))));
         let waker = Waker::from(scheduler.clone());
-        Alarm::new(waker, move || scheduler.close())
+        let stream = self.ptr;
+        Alarm::new(waker, move || {
+            scheduler.close();
+            forget_callouts(stream);
+        })
+    }
+
+    fn polling<R>(&mut self, clusters: &Arc<Clusters>, poll: impl FnOnce() -> R) -> R {
+        let polling = Polling {
+            ptr: self.ptr,
+            clusters: clusters.clone(),
+        };
+        let before = with_calls(|calls| calls.polling.replace(polling));
+        let polled = poll();
+        start_waiting_callouts(self.ptr);
+        with_calls(|calls| calls.polling = before);
+        polled
     }
 
     fn continue_after(&mut self, direction: Direction) {
@@ -527,4 +550,280 @@ pub fn log(level: u32, message: &str) {
 pub fn log_enabled(level: u32) -> bool {
     // SAFETY: a read of Envoy's logger level, from any thread.
     unsafe { abi::envoy_dynamic_module_callback_log_enabled(level) }
+}
+
+/// Plugins' outbound requests to an origin the filter configuration maps to an Envoy cluster
+/// (`[module] http_clusters`) go out through Envoy's own HTTP callouts, on the stream's worker:
+/// Envoy's cluster settings (TLS, circuit breakers, its stats) apply to them. The request is
+/// started while the guest runs (polled on the worker, see `exchange`), and the answer arrives
+/// with the stream's `http_callout_done` hook, on the same worker.
+#[derive(Debug)]
+pub struct EnvoyWay;
+
+/// What the stream being polled on this thread can reach through Envoy's clusters.
+struct Polling {
+    ptr: FilterEnvoyPtr,
+    clusters: Arc<Clusters>,
+}
+
+/// A callout's answer, for the future waiting on it.
+type Answered = Result<http::Response<HttpBody>, HttpError>;
+
+/// This worker's side of plugins' requests through Envoy's clusters. One thread-local
+/// pointer, allocated on first use: a module Envoy loads with `dlopen` has little static TLS.
+#[derive(Default)]
+struct Calls {
+    /// The stream being polled now.
+    polling: Option<Polling>,
+    /// Requests waiting for the guest to finish their bodies.
+    starts: Vec<Start>,
+    /// Callouts in flight, by stream and callout id.
+    callouts: std::collections::HashMap<(usize, u64), tokio::sync::oneshot::Sender<Answered>>,
+}
+
+thread_local! {
+    static CALLS: std::cell::RefCell<Option<Box<Calls>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` on this worker's [`Calls`] (not from inside another `with_calls`).
+fn with_calls<R>(f: impl FnOnce(&mut Calls) -> R) -> R {
+    CALLS.with(|calls| f(calls.borrow_mut().get_or_insert_with(Box::default)))
+}
+
+impl Way for EnvoyWay {
+    fn send(
+        &self,
+        origin: &Origin,
+        request: http::Request<HttpBody>,
+        deadline: Instant,
+    ) -> Result<Answer, Box<http::Request<HttpBody>>> {
+        let target = with_calls(|calls| {
+            let polling = calls.polling.as_ref()?;
+            let cluster = polling.clusters.get(&origin.to_string())?.clone();
+            Some((polling.ptr, cluster))
+        });
+        let Some((ptr, cluster)) = target else {
+            return Err(Box::new(request));
+        };
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let (parts, body) = request.into_parts();
+        let start = Start {
+            ptr,
+            cluster,
+            origin: origin.to_string(),
+            parts,
+            body,
+            data: Vec::new(),
+            deadline,
+            answer,
+        };
+        // Envoy takes the whole body with the request: it goes once the guest has finished
+        // it, which it may do after sending (see `start_waiting_callouts`).
+        if let Some(start) = start.read_body() {
+            with_calls(|calls| calls.starts.push(start));
+        }
+        Ok(Box::pin(async move {
+            answered
+                .await
+                .unwrap_or(Err(HttpError::ConnectionTerminated))
+        }))
+    }
+}
+
+/// A request for an Envoy cluster whose body the guest is still writing.
+struct Start {
+    ptr: FilterEnvoyPtr,
+    cluster: String,
+    origin: String,
+    parts: http::request::Parts,
+    body: HttpBody,
+    data: Vec<u8>,
+    deadline: Instant,
+    answer: tokio::sync::oneshot::Sender<Answered>,
+}
+
+impl Start {
+    /// Reads what the guest has written of the body; once it has finished, sends the request
+    /// (or answers why not). The request, if the body is not finished yet.
+    fn read_body(mut self) -> Option<Start> {
+        let mut cx = std::task::Context::from_waker(Waker::noop());
+        loop {
+            match std::pin::Pin::new(&mut self.body).poll_frame(&mut cx) {
+                std::task::Poll::Pending => return Some(self),
+                std::task::Poll::Ready(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        self.data.extend_from_slice(&data);
+                    }
+                }
+                std::task::Poll::Ready(Some(Err(e))) => {
+                    let _ = self.answer.send(Err(e));
+                    return None;
+                }
+                std::task::Poll::Ready(None) => {
+                    self.call_out();
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Sends the request through Envoy's cluster, on the stream's worker.
+    fn call_out(self) {
+        let path = self
+            .parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let authority = self
+            .parts
+            .uri
+            .authority()
+            .map_or(String::new(), |a| a.to_string());
+        let mut fields: Vec<(&[u8], &[u8])> = vec![
+            (b":method", self.parts.method.as_str().as_bytes()),
+            (b":path", path.as_bytes()),
+            (b"host", authority.as_bytes()),
+        ];
+        fields.extend(
+            self.parts
+                .headers
+                .iter()
+                .filter(|(name, _)| *name != http::header::HOST)
+                .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())),
+        );
+        let mut headers: Vec<ModuleHttpHeader> = fields
+            .iter()
+            .map(|(name, value)| ModuleHttpHeader {
+                key_ptr: name.as_ptr().cast(),
+                key_length: name.len(),
+                value_ptr: value.as_ptr().cast(),
+                value_length: value.len(),
+            })
+            .collect();
+        let timeout_ms = self
+            .deadline
+            .saturating_duration_since(Instant::now())
+            .as_millis()
+            .max(1) as u64;
+        let mut id = 0u64;
+        // SAFETY: `ptr` is the stream being polled on this thread, inside one of its hooks;
+        // every buffer outlives the call, which copies; `id` is written before it is read.
+        let started = unsafe {
+            abi::envoy_dynamic_module_callback_http_filter_http_callout(
+                self.ptr,
+                &mut id,
+                ModuleBuffer::of(self.cluster.as_bytes()),
+                headers.as_mut_ptr(),
+                headers.len(),
+                ModuleBuffer::of(&self.data),
+                timeout_ms,
+            )
+        };
+        if started != abi::CALLOUT_STARTED {
+            let why = format!(
+                "Envoy refused the callout to cluster {:?} for {} (result {started}: 1 missing \
+                 :path, :method or host; 2 no such cluster; 4 no healthy host)",
+                self.cluster, self.origin
+            );
+            let _ = self.answer.send(Err(HttpError::InternalError(Some(why))));
+            return;
+        }
+        let key = (self.ptr as usize, id);
+        with_calls(|calls| calls.callouts.insert(key, self.answer));
+    }
+}
+
+/// After a poll of stream `ptr`'s message: sends its requests whose bodies the guest has
+/// finished meanwhile.
+fn start_waiting_callouts(ptr: FilterEnvoyPtr) {
+    let waiting: Vec<Start> = with_calls(|calls| {
+        let (mine, others) = calls.starts.drain(..).partition(|start| start.ptr == ptr);
+        calls.starts = others;
+        mine
+    });
+    let still: Vec<Start> = waiting.into_iter().filter_map(Start::read_body).collect();
+    with_calls(|calls| calls.starts.extend(still));
+}
+
+/// Envoy answered callout `id` of stream `ptr`: `result`, and the response's headers and body
+/// (both Envoy's, valid for this call).
+///
+/// # Safety
+///
+/// The arrays hold `headers_size` headers and `chunks_size` buffers, as Envoy passed them.
+pub unsafe fn callout_done(
+    ptr: FilterEnvoyPtr,
+    id: u64,
+    result: u32,
+    headers: *const EnvoyHttpHeader,
+    headers_size: usize,
+    chunks: *const EnvoyBuffer,
+    chunks_size: usize,
+) {
+    let Some(answer) = with_calls(|calls| calls.callouts.remove(&(ptr as usize, id))) else {
+        return;
+    };
+    if result != abi::CALLOUT_ANSWERED {
+        let _ = answer.send(Err(HttpError::ConnectionTerminated));
+        return;
+    }
+    let mut response = http::Response::builder();
+    let mut status = 502u16;
+    // SAFETY: the caller's promise: Envoy's arrays and buffers, for this call.
+    let headers = unsafe { slice_of(headers, headers_size) };
+    for header in headers {
+        // SAFETY: as above.
+        let (name, value) = unsafe {
+            (
+                copy(header.key_ptr, header.key_length),
+                copy(header.value_ptr, header.value_length),
+            )
+        };
+        if name == b":status" {
+            status = std::str::from_utf8(&value)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(502);
+        } else if !name.starts_with(b":") {
+            response = response.header(name, value);
+        }
+    }
+    let mut body = Vec::new();
+    // SAFETY: as above.
+    for chunk in unsafe { slice_of(chunks, chunks_size) } {
+        // SAFETY: as above.
+        body.append(&mut unsafe { copy(chunk.ptr, chunk.length) });
+    }
+    let body = Full::new(Bytes::from(body))
+        .map_err(|never| match never {})
+        .boxed_unsync();
+    let answered = response
+        .status(status)
+        .body(body)
+        .map_err(|e| HttpError::InternalError(Some(e.to_string())));
+    let _ = answer.send(answered);
+}
+
+/// Forgets the callouts of stream `ptr`, which ended: their answers reach nobody.
+pub fn forget_callouts(ptr: FilterEnvoyPtr) {
+    with_calls(|calls| {
+        calls
+            .callouts
+            .retain(|(stream, _), _| *stream != ptr as usize);
+        calls.starts.retain(|start| start.ptr != ptr);
+    });
+}
+
+/// `count` items from `ptr`, or none.
+///
+/// # Safety
+///
+/// `ptr` points at `count` items, valid for the returned slice's use.
+unsafe fn slice_of<'a, T>(ptr: *const T, count: usize) -> &'a [T] {
+    if ptr.is_null() || count == 0 {
+        return &[];
+    }
+    // SAFETY: the caller's promise.
+    unsafe { std::slice::from_raw_parts(ptr, count) }
 }

@@ -25,7 +25,7 @@
 //!
 //! Everything Envoy-facing goes through the [`Envoy`] trait: this module is tested with a fake.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -113,6 +113,9 @@ pub trait Envoy {
     /// Lets `direction` go on past this filter, once the hook that asked returned: what a
     /// hook stopped for a message in flight.
     fn continue_after(&mut self, direction: Direction);
+    /// Runs `poll`, a poll of the message in flight, with this stream as the one whose
+    /// plugins' requests to the origins in `clusters` go out through Envoy's clusters.
+    fn polling<R>(&mut self, clusters: &Arc<Clusters>, poll: impl FnOnce() -> R) -> R;
 }
 
 /// Wakes a stream whose message is in flight: its waker has Envoy call the stream's
@@ -146,13 +149,19 @@ impl std::fmt::Debug for Alarm {
     }
 }
 
-/// What the exchange reads from Envoy for plugins (`[module]` in the configuration).
+/// What the exchange reads from Envoy for plugins, and where their requests go
+/// (`[module]` in the configuration).
 #[derive(Debug, Clone, Default)]
 pub struct Reads {
     pub request_attributes: Vec<String>,
     pub response_attributes: Vec<String>,
     pub metadata_namespaces: Vec<String>,
+    /// Allowed origins whose requests go through an Envoy cluster, and that cluster.
+    pub http_clusters: Arc<Clusters>,
 }
+
+/// Origins (`http://host:port`) to the Envoy cluster that reaches each.
+pub type Clusters = HashMap<String, String>;
 
 /// One stream's state.
 #[derive(Debug)]
@@ -355,7 +364,7 @@ impl Exchange {
     /// then what waited behind it, until one is in flight again; lets each direction with
     /// nothing left waiting go on, if its last event did.
     pub fn resume(&mut self, envoy: &mut impl Envoy) {
-        let Some((event, body, turn)) = self.poll() else {
+        let Some((event, body, turn)) = self.poll(envoy) else {
             return;
         };
         let mut went_on = PerDirection::<Option<bool>>::default();
@@ -709,7 +718,7 @@ impl Exchange {
         if self.alarm.is_none() {
             self.alarm = Some(envoy.alarm());
         }
-        if let Some((event, _, turn)) = self.poll() {
+        if let Some((event, _, turn)) = self.poll(envoy) {
             return Some((event, turn));
         }
         // In flight: a chunk still in Envoy's buffer leaves it, so that what arrives next
@@ -730,14 +739,14 @@ impl Exchange {
 
     /// Polls the message in flight, on the worker, with the I/O and timers it waits on
     /// driven by the module's own thread.
-    fn poll(&mut self) -> Option<(Event, BodyState, Turn)> {
+    fn poll(&mut self, envoy: &mut impl Envoy) -> Option<(Event, BodyState, Turn)> {
         let in_flight = self.in_flight.as_mut()?;
         let alarm = self.alarm.as_ref()?;
         let mut cx = Context::from_waker(&alarm.waker);
-        let polled = {
+        let polled = envoy.polling(&self.reads.http_clusters, || {
             let _background = background().enter();
             in_flight.future.as_mut().poll(&mut cx)
-        };
+        });
         let Poll::Ready((stream, turn)) = polled else {
             return None;
         };

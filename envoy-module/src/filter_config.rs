@@ -22,13 +22,13 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use anyhow::{Context, bail};
-use wasm_extproc_core::config::{FileConfig, Overrides, Settings};
+use wasm_extproc_core::config::{FileConfig, Origin, Overrides, Settings};
 use wasm_extproc_core::metrics::Metrics;
 use wasm_extproc_core::registry::{self, Generation, Mode, Registry};
 use wasm_extproc_core::runtime::{PoolLimits, Runtime};
 
 use crate::abi;
-use crate::exchange::{Envoy, Exchange, Reads};
+use crate::exchange::{Clusters, Envoy, Exchange, Reads};
 use crate::stats::Stats;
 
 /// Instances alive at once in Envoy's process, where the ext_proc server allows 14,000: each
@@ -174,10 +174,20 @@ fn reads(file: &FileConfig) -> anyhow::Result<Reads> {
             );
         }
     }
+    let mut http_clusters = Clusters::new();
+    for (origin, cluster) in &module.http_clusters {
+        let parsed =
+            Origin::parse(origin).map_err(|e| anyhow::anyhow!("[module] http_clusters: {e}"))?;
+        if cluster.is_empty() {
+            bail!("[module] http_clusters: {origin:?} names no cluster");
+        }
+        http_clusters.insert(parsed.to_string(), cluster.clone());
+    }
     Ok(Reads {
         request_attributes: module.request_attributes.clone(),
         response_attributes: module.response_attributes.clone(),
         metadata_namespaces: module.metadata_namespaces.clone(),
+        http_clusters: Arc::new(http_clusters),
     })
 }
 

@@ -159,6 +159,7 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
             return std::ptr::null();
         }
         logging::init();
+        wasm_extproc_core::runtime::set_way(Box::new(envoy::EnvoyWay));
         abi::ABI_VERSION.as_ptr().cast()
     })
 }
@@ -408,20 +409,35 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
     });
 }
 
-// Hooks Envoy requires but this filter has no use for: it makes no callouts, and does not
-// watch the downstream's buffers.
+// Hooks Envoy requires but this filter has no use for: it opens no HTTP streams of its own,
+// and does not watch the downstream's buffers.
 
+/// Envoy answered a plugin's request sent through one of its clusters (`envoy::EnvoyWay`).
 #[unsafe(no_mangle)]
 pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
-    _envoy: FilterEnvoyPtr,
+    envoy: FilterEnvoyPtr,
     _filter: FilterModulePtr,
-    _callout_id: u64,
-    _result: u32,
-    _headers: *mut EnvoyHttpHeader,
-    _headers_size: usize,
-    _body_chunks: *mut EnvoyBuffer,
-    _body_chunks_size: usize,
+    callout_id: u64,
+    result: u32,
+    headers: *mut EnvoyHttpHeader,
+    headers_size: usize,
+    body_chunks: *mut EnvoyBuffer,
+    body_chunks_size: usize,
 ) {
+    guarded("http_callout_done", (), || {
+        // SAFETY: Envoy passes arrays of the sizes it gives, valid for this call.
+        unsafe {
+            envoy::callout_done(
+                envoy,
+                callout_id,
+                result,
+                headers,
+                headers_size,
+                body_chunks,
+                body_chunks_size,
+            );
+        }
+    });
 }
 
 #[unsafe(no_mangle)]

@@ -2,6 +2,7 @@
 //! filter with the host as its server, or in Envoy's process through the dynamic module. The
 //! conformance tests run each case in both and expect the same from the outside.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -48,6 +49,10 @@ pub struct Case {
     pub edits: Vec<(String, String)>,
     /// Where Envoy writes `%RESPONSE_CODE% %RESPONSE_CODE_DETAILS%` per request, if anywhere.
     pub access_log: Option<PathBuf>,
+    /// Clusters added to Envoy's configuration in both modes: name, address.
+    pub clusters: Vec<(String, SocketAddr)>,
+    /// In-process, origins plugins call through an Envoy cluster (`[module] http_clusters`).
+    pub http_clusters: Vec<(String, String)>,
 }
 
 impl Case {
@@ -72,6 +77,14 @@ impl Case {
     /// Envoy logs each request's status and response code details to `path`.
     pub fn access_log(mut self, path: &Path) -> Case {
         self.access_log = Some(path.to_path_buf());
+        self
+    }
+
+    /// Envoy has the cluster `name`, reaching `address`; in Envoy's process, plugins' requests
+    /// to `origin` go through it.
+    pub fn through_cluster(mut self, origin: &str, name: &str, address: SocketAddr) -> Case {
+        self.clusters.push((name.into(), address));
+        self.http_clusters.push((origin.into(), name.into()));
         self
     }
 
@@ -126,6 +139,9 @@ impl Case {
         if let Some(path) = &self.access_log {
             config = config.access_log(path);
         }
+        for (name, address) in &self.clusters {
+            config = config.cluster(name, *address);
+        }
         config
     }
 
@@ -147,12 +163,18 @@ impl Case {
         if !toml.contains("[runtime]") {
             toml.push_str("\n[runtime]\nmax_instances = 1000\nmax_wasi_instances = 1000\n");
         }
+        let clusters: Vec<String> = self
+            .http_clusters
+            .iter()
+            .map(|(origin, cluster)| format!("{origin:?} = {cluster:?}"))
+            .collect();
         toml.push_str(&format!(
             "\n[module]\nrequest_attributes = [{}]\nresponse_attributes = [{}]\n\
-             metadata_namespaces = [{}]\n",
+             metadata_namespaces = [{}]\nhttp_clusters = {{ {} }}\n",
             quoted(&self.request_attributes),
             quoted(&self.response_attributes),
-            quoted(&self.metadata_namespaces)
+            quoted(&self.metadata_namespaces),
+            clusters.join(", ")
         ));
         toml
     }

@@ -222,6 +222,26 @@ impl EnvoyConfig {
             .edit(CLUSTERS_START, &cluster)
     }
 
+    /// Adds the cluster `name`, HTTP/1.1 to `address`.
+    pub fn cluster(self, name: &str, address: SocketAddr) -> Self {
+        let cluster = format!(
+            "{CLUSTERS_START}    - name: {name}
+      type: STATIC
+      connect_timeout: 1s
+      load_assignment:
+        cluster_name: {name}
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {{ address: {}, port_value: {} }}
+",
+            address.ip(),
+            address.port()
+        );
+        self.edit(CLUSTERS_START, &cluster)
+    }
+
     /// Speaks HTTP/2 to the upstream.
     pub fn upstream_http2(mut self) -> Self {
         self.upstream_http2 = true;

@@ -33,6 +33,33 @@ use super::capability::{Call, Capability, Host, PluginId};
 use crate::config::{HttpSettings, Origin, PluginSettings, Settings};
 use crate::metrics::{Metrics, latency_histogram};
 
+/// Where a request to an allowed origin goes out, other than straight there: a front end's
+/// own proxy (in Envoy's process, Envoy's HTTP callouts). Called on the thread running the
+/// guest, inside its call, when the request is sent.
+pub trait Way: Send + Sync {
+    /// Sends `request` to `origin` this way, to be answered by `deadline`; or hands it back
+    /// to go straight to the origin.
+    fn send(
+        &self,
+        origin: &Origin,
+        request: http::Request<WasiBody>,
+        deadline: Instant,
+    ) -> Result<Answer, Box<http::Request<WasiBody>>>;
+}
+
+/// The response a [`Way`] will have.
+pub type Answer = Pin<Box<dyn Future<Output = Result<http::Response<WasiBody>, Error>> + Send>>;
+
+/// The process's [`Way`], if a front end set one.
+static WAY: OnceLock<Box<dyn Way>> = OnceLock::new();
+
+/// Sets the process's [`Way`] out for outbound requests, once.
+pub fn set_way(way: Box<dyn Way>) {
+    if WAY.set(way).is_err() {
+        tracing::warn!("an outbound way was set already; the first one stays");
+    }
+}
+
 /// Outbound HTTP, to the origins each plugin's settings allow.
 pub struct Outbound {
     families: Families,
@@ -244,7 +271,9 @@ impl WasiHttpHooks for Hooks {
     ) -> Sent {
         let plugin = self.plugin.clone();
         let deadline = self.deadline.unwrap_or_else(Instant::now);
-        Box::new(async move {
+        // What is refused is refused now; what is allowed may start now (on the guest's
+        // thread: a front end's own way needs that), and is waited for below.
+        let checked = (|| {
             let index = match plugin.allowed(request.uri()) {
                 Ok(index) => index,
                 Err(reason) => {
@@ -268,18 +297,47 @@ impl WasiHttpHooks for Hooks {
                 plugin.count(index, "timeout");
                 return Err(Error::ConnectionTimeout);
             }
-            // Every wait the guest asked for, but none past the call's end.
-            let within = |asked: Option<Duration>| Some(asked.map_or(left, |a| a.min(left)));
-            let options = RequestOptions {
-                connect_timeout: within(options.and_then(|o| o.connect_timeout)),
-                first_byte_timeout: within(options.and_then(|o| o.first_byte_timeout)),
-                between_bytes_timeout: within(options.and_then(|o| o.between_bytes_timeout)),
+            let origin = &plugin.settings.allow[index];
+            let way = match WAY.get() {
+                Some(way) => way.send(origin, request, deadline),
+                None => Err(Box::new(request)),
             };
-            let sent = tokio::time::timeout_at(
-                deadline.into(),
-                wasmtime_wasi_http::default_send_request(request, Some(options)),
-            )
-            .await;
+            Ok((index, permit, started, left, way))
+        })();
+        Box::new(async move {
+            let (index, permit, started, left, way) = checked?;
+            let sent = match way {
+                Ok(answer) => {
+                    tokio::time::timeout_at(deadline.into(), async move {
+                        let response = answer.await?;
+                        let io: Box<dyn Future<Output = Result<(), Error>> + Send> =
+                            Box::new(async { Ok(()) });
+                        Ok((response, io))
+                    })
+                    .await
+                }
+                Err(request) => {
+                    // Every wait the guest asked for, but none past the call's end.
+                    let within =
+                        |asked: Option<Duration>| Some(asked.map_or(left, |a| a.min(left)));
+                    let options = RequestOptions {
+                        connect_timeout: within(options.and_then(|o| o.connect_timeout)),
+                        first_byte_timeout: within(options.and_then(|o| o.first_byte_timeout)),
+                        between_bytes_timeout: within(
+                            options.and_then(|o| o.between_bytes_timeout),
+                        ),
+                    };
+                    tokio::time::timeout_at(deadline.into(), async move {
+                        let (response, io) =
+                            wasmtime_wasi_http::default_send_request(*request, Some(options))
+                                .await?;
+                        let response = response.map(|b| b.boxed_unsync());
+                        let io: Box<dyn Future<Output = Result<(), Error>> + Send> = Box::new(io);
+                        Ok((response, io))
+                    })
+                    .await
+                }
+            };
             let (response, io) = match sent {
                 Ok(Ok(sent)) => sent,
                 Ok(Err(e)) => {
@@ -309,10 +367,7 @@ impl WasiHttpHooks for Hooks {
                 index,
                 _permit: permit,
             };
-            Ok((
-                http::Response::from_parts(head, body.boxed_unsync()),
-                Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>,
-            ))
+            Ok((http::Response::from_parts(head, body.boxed_unsync()), io))
         })
     }
 }

@@ -890,3 +890,59 @@ async fn in_envoys_process_what_arrives_while_a_plugin_waits_follows_it_in_order
     assert_eq!(seen.trailers, [("x-checksum".into(), b"abc".to_vec())]);
     assert_eq!(endpoint.received(), 1);
 }
+
+/// In Envoy's process, a plugin's requests to an origin the configuration maps to an Envoy
+/// cluster (`[module] http_clusters`) go out through Envoy's callouts to that cluster: Envoy's
+/// own counters see them, the plugin gets the answer as from any request, and an endpoint
+/// slower than the plugin's budget is cut at the budget all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_envoys_process_requests_go_through_the_cluster_their_origin_maps_to() {
+    let through_envoy = |endpoint: &Service, defaults: &str| {
+        Case::new(
+            &[("10-token", TOKEN_INTROSPECT)],
+            &format!(
+                "{defaults}[plugins.10-token]\nconfig = \"endpoint={}/introspect\"\n\
+                 http_allow = [\"{}\"]\n",
+                endpoint.origin(),
+                endpoint.origin()
+            ),
+        )
+        .through_cluster(&endpoint.origin(), "introspection", endpoint.address)
+    };
+    let endpoint = introspection(Duration::ZERO).await;
+    let d = Deployment::start(Mode::InProcess, &through_envoy(&endpoint, "")).await;
+    for _ in 0..2 {
+        let response = with_token(&d.envoy, Some("good")).await;
+        assert_eq!(response.status, 200, "{}", d.envoy.log());
+        assert_eq!(
+            response.json().unwrap()["headers"]["X-Auth-Subject"],
+            "alice"
+        );
+    }
+    assert_eq!(with_token(&d.envoy, Some("revoked")).await.status, 401);
+    assert_eq!(endpoint.received(), 2, "each token checked once");
+    let stats = d
+        .envoy
+        .admin_get("/stats?filter=cluster.introspection.upstream_rq_completed")
+        .await
+        .unwrap();
+    assert!(
+        stats.contains("cluster.introspection.upstream_rq_completed: 2"),
+        "Envoy's cluster carried both checks: {stats}"
+    );
+
+    let slow = introspection(Duration::from_secs(3)).await;
+    let d = Deployment::start(
+        Mode::InProcess,
+        &through_envoy(&slow, "[defaults]\ntimeout_ms = 100\n"),
+    )
+    .await;
+    let started = Instant::now();
+    let response = with_token(&d.envoy, Some("good")).await;
+    assert_eq!(response.status, 503, "{}", d.envoy.log());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "cut at the budget"
+    );
+    assert_eq!(slow.received(), 1);
+}
