@@ -239,6 +239,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn http_clusters_map_origins_to_named_clusters() {
+        let parse = |clusters: &str| {
+            let text = format!("plugins_dir = \"/p\"\n[module]\nhttp_clusters = {clusters}\n");
+            reads(&FileConfig::parse(&text, Path::new("t")).unwrap())
+        };
+        let reads = parse(r#"{ "http://Auth:8080/" = "authz" }"#).unwrap();
+        assert_eq!(
+            reads
+                .http_clusters
+                .get("http://auth:8080")
+                .map(String::as_str),
+            Some("authz")
+        );
+        for bad in [
+            r#"{ "ftp://auth" = "authz" }"#,
+            r#"{ "http://auth:8080" = "" }"#,
+        ] {
+            let error = format!("{:#}", parse(bad).unwrap_err());
+            assert!(error.contains("[module] http_clusters"), "{error}");
+        }
+    }
+
+    #[test]
     fn a_route_names_its_chain_and_nothing_else() {
         let config = RouteConfig::parse("r", b"chain = \"checkout\"\n").unwrap();
         assert_eq!(config.chain, "checkout");
