@@ -94,12 +94,7 @@ impl EnvoyStream {
                     .as_deref()
                     .map(|s| (&b"grpc-status"[..], s.as_bytes())),
             )
-            .map(|(name, value)| ModuleHttpHeader {
-                key_ptr: name.as_ptr().cast(),
-                key_length: name.len(),
-                value_ptr: value.as_ptr().cast(),
-                value_length: value.len(),
-            })
+            .map(lent_header)
             .collect();
         // SAFETY: the stream pointer is live; every buffer outlives the call, which copies.
         unsafe {
@@ -207,6 +202,16 @@ impl Wake for Scheduler {
             // SAFETY: the scheduler is live until `close`, which takes the same lock.
             unsafe { abi::envoy_dynamic_module_callback_http_filter_scheduler_commit(handle.0, 0) };
         }
+    }
+}
+
+/// A header lent to Envoy for one call: the bytes must outlive it.
+fn lent_header((name, value): (&[u8], &[u8])) -> ModuleHttpHeader {
+    ModuleHttpHeader {
+        key_ptr: name.as_ptr().cast(),
+        key_length: name.len(),
+        value_ptr: value.as_ptr().cast(),
+        value_length: value.len(),
     }
 }
 
@@ -692,15 +697,7 @@ impl Start {
                 .filter(|(name, _)| *name != http::header::HOST)
                 .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes())),
         );
-        let mut headers: Vec<ModuleHttpHeader> = fields
-            .iter()
-            .map(|(name, value)| ModuleHttpHeader {
-                key_ptr: name.as_ptr().cast(),
-                key_length: name.len(),
-                value_ptr: value.as_ptr().cast(),
-                value_length: value.len(),
-            })
-            .collect();
+        let mut headers: Vec<ModuleHttpHeader> = fields.iter().copied().map(lent_header).collect();
         let timeout_ms = self
             .deadline
             .saturating_duration_since(Instant::now())

@@ -645,6 +645,19 @@ async fn a_plugin_failing_on_every_call_is_quarantined_and_probed() {
     }
 }
 
+/// The token-introspect plugin checking tokens with `endpoint`, after `defaults` (TOML).
+fn token_check(endpoint: &Service, defaults: &str) -> Case {
+    Case::new(
+        &[("10-token", TOKEN_INTROSPECT)],
+        &format!(
+            "{defaults}[plugins.10-token]\nconfig = \"endpoint={}/introspect\"\n\
+             http_allow = [\"{}\"]\n",
+            endpoint.origin(),
+            endpoint.origin()
+        ),
+    )
+}
+
 /// A token check calling out to its endpoint, in both modes: the answer cached in the state
 /// store, an inactive token refused before the upstream, and an endpoint slower than the
 /// plugin's budget answered by the plugin's choice (503) at the budget, not the endpoint's
@@ -653,17 +666,6 @@ async fn a_plugin_failing_on_every_call_is_quarantined_and_probed() {
 async fn outbound_calls_both_ways() {
     let endpoint = introspection(Duration::ZERO).await;
     let slow = introspection(Duration::from_secs(3)).await;
-    let token_check = |endpoint: &Service, defaults: &str| {
-        Case::new(
-            &[("10-token", TOKEN_INTROSPECT)],
-            &format!(
-                "{defaults}[plugins.10-token]\nconfig = \"endpoint={}/introspect\"\n\
-                 http_allow = [\"{}\"]\n",
-                endpoint.origin(),
-                endpoint.origin()
-            ),
-        )
-    };
     for mode in Mode::BOTH {
         let d = Deployment::start(mode, &token_check(&endpoint, "")).await;
         let before = endpoint.received();
@@ -898,16 +900,11 @@ async fn in_envoys_process_what_arrives_while_a_plugin_waits_follows_it_in_order
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_envoys_process_requests_go_through_the_cluster_their_origin_maps_to() {
     let through_envoy = |endpoint: &Service, defaults: &str| {
-        Case::new(
-            &[("10-token", TOKEN_INTROSPECT)],
-            &format!(
-                "{defaults}[plugins.10-token]\nconfig = \"endpoint={}/introspect\"\n\
-                 http_allow = [\"{}\"]\n",
-                endpoint.origin(),
-                endpoint.origin()
-            ),
+        token_check(endpoint, defaults).through_cluster(
+            &endpoint.origin(),
+            "introspection",
+            endpoint.address,
         )
-        .through_cluster(&endpoint.origin(), "introspection", endpoint.address)
     };
     let endpoint = introspection(Duration::ZERO).await;
     let d = Deployment::start(Mode::InProcess, &through_envoy(&endpoint, "")).await;
