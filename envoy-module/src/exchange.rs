@@ -23,7 +23,7 @@
 //! what waited, puts the bodies back in Envoy's buffer and lets Envoy continue. A chain whose
 //! plugins never wait runs each message to its end inside the hook, as before.
 //!
-//! Everything Envoy-facing goes through the [`Envoy`] trait: this module is tested with a fake.
+//! Everything Envoy-facing goes through the [`Envoy`] trait.
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
