@@ -133,6 +133,26 @@ pub fn lua_filter(on_request: &str) -> String {
 /// The attributes `deploy/envoy/envoy.yaml` has its ext_proc filter send.
 const SHIPPED_ATTRIBUTES: &str = "                      request_attributes: [source.address]\n";
 const UPSTREAM_ANCHOR: &str = "    - name: httpbin\n      type: STATIC\n";
+/// The clusters' list with the static cluster `name` to `address` first, `options` (protocol
+/// options, indented as a cluster's fields) among its settings.
+fn cluster_yaml(name: &str, address: SocketAddr, options: &str) -> String {
+    format!(
+        "{CLUSTERS_START}    - name: {name}
+      type: STATIC
+      connect_timeout: 1s
+{options}      load_assignment:
+        cluster_name: {name}
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {{ address: {}, port_value: {} }}
+",
+        address.ip(),
+        address.port()
+    )
+}
+
 const HTTP2_OPTIONS: &str = "      typed_extension_protocol_options:
         envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
           \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
@@ -203,43 +223,15 @@ impl EnvoyConfig {
              {indent}      service_name: envoy\n",
             indent = " ".repeat(16),
         );
-        let cluster = format!(
-            "{CLUSTERS_START}    - name: otlp
-      type: STATIC
-      connect_timeout: 1s
-{HTTP2_OPTIONS}      load_assignment:
-        cluster_name: otlp
-        endpoints:
-          - lb_endpoints:
-              - endpoint:
-                  address:
-                    socket_address: {{ address: {}, port_value: {} }}
-",
-            collector.ip(),
-            collector.port()
-        );
-        self.edit(ACCESS_LOG_ANCHOR, &tracing)
-            .edit(CLUSTERS_START, &cluster)
+        self.edit(ACCESS_LOG_ANCHOR, &tracing).edit(
+            CLUSTERS_START,
+            &cluster_yaml("otlp", collector, HTTP2_OPTIONS),
+        )
     }
 
     /// Adds the cluster `name`, HTTP/1.1 to `address`.
     pub fn cluster(self, name: &str, address: SocketAddr) -> Self {
-        let cluster = format!(
-            "{CLUSTERS_START}    - name: {name}
-      type: STATIC
-      connect_timeout: 1s
-      load_assignment:
-        cluster_name: {name}
-        endpoints:
-          - lb_endpoints:
-              - endpoint:
-                  address:
-                    socket_address: {{ address: {}, port_value: {} }}
-",
-            address.ip(),
-            address.port()
-        );
-        self.edit(CLUSTERS_START, &cluster)
+        self.edit(CLUSTERS_START, &cluster_yaml(name, address, ""))
     }
 
     /// Speaks HTTP/2 to the upstream.
