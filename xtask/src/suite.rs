@@ -145,16 +145,31 @@ fn build_workspace() -> anyhow::Result<()> {
 /// shows.
 #[derive(Debug)]
 struct Clock {
-    /// Each phase, how long it took, and whether it counts towards the total (a phase that ran
-    /// alongside another does not).
-    phases: Vec<(&'static str, Duration, bool)>,
+    phases: Vec<Phase>,
+}
+
+/// One line of the table.
+#[derive(Debug)]
+struct Phase {
+    name: &'static str,
+    took: Duration,
+    /// Whether it counts towards the total (a phase that ran alongside another does not).
+    counted: bool,
+    /// The CPU time its processes took, where known: on two cores a phase that keeps both
+    /// busy shows twice its seconds here, and only less CPU makes it shorter.
+    cpu: Option<Duration>,
 }
 
 impl Default for Clock {
     /// A clock whose first phase is what came before xtask ran: cargo building xtask itself.
     fn default() -> Self {
         let phases = match time_since_parent_started() {
-            Some(before) => vec![("cargo xtask: building xtask", before, true)],
+            Some(took) => vec![Phase {
+                name: "cargo xtask: building xtask",
+                took,
+                counted: true,
+                cpu: None,
+            }],
             None => Vec::new(),
         };
         Clock { phases }
@@ -172,6 +187,18 @@ fn timing<'a>(
         *took.lock().unwrap_or_else(|e| e.into_inner()) = started.elapsed();
         result
     }
+}
+
+/// The CPU time (user and system) of this process's children that have ended, from `/proc`:
+/// every command a phase ran, and all they ran in turn.
+fn children_cpu() -> Option<Duration> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let mut fields = after_name.split_whitespace().skip(13);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    // In the kernel's USER_HZ, 100 on Linux.
+    Some(Duration::from_millis((user + system) * 10))
 }
 
 /// How long ago the process that started this one (`cargo`) started, from `/proc`.
@@ -202,47 +229,72 @@ impl Clock {
         name: &'static str,
         phase: impl FnOnce() -> anyhow::Result<T>,
     ) -> anyhow::Result<T> {
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), children_cpu());
         let result = phase();
-        self.phases.push((name, started.elapsed(), true));
+        self.phases.push(Phase {
+            name,
+            took: started.elapsed(),
+            counted: true,
+            cpu: cpu_since(cpu),
+        });
         result
     }
 
     /// Runs two phases at once; the first is timed until both are done (what the run waits
     /// for), the second on its own, shown as alongside it. Fails naming each that failed.
     fn alongside(&mut self, first: Task<'_>, beside: Task<'_>) -> anyhow::Result<()> {
-        let started = Instant::now();
+        let (started, cpu) = (Instant::now(), children_cpu());
         let beside_took = Mutex::new(Duration::ZERO);
         let result = {
             let beside_timed = timing(beside.1, &beside_took);
             at_once(&[first, (beside.0, &beside_timed)])
         };
         let beside_took = beside_took.into_inner().unwrap_or_else(|e| e.into_inner());
-        self.phases.push((first.0, started.elapsed(), true));
-        self.phases.push((beside.0, beside_took, false));
+        // The CPU both took together, on the first's line.
+        self.phases.push(Phase {
+            name: first.0,
+            took: started.elapsed(),
+            counted: true,
+            cpu: cpu_since(cpu),
+        });
+        self.phases.push(Phase {
+            name: beside.0,
+            took: beside_took,
+            counted: false,
+            cpu: None,
+        });
         result
     }
 
-    /// The table of phases and seconds, and the total, on standard error.
+    /// The table of phases, seconds and CPU seconds, and the totals, on standard error.
     fn report(&self) {
-        let total: Duration = self
-            .phases
-            .iter()
-            .filter(|(_, _, counted)| *counted)
-            .map(|(_, took, _)| *took)
-            .sum();
+        let counted = || self.phases.iter().filter(|phase| phase.counted);
+        let total: Duration = counted().map(|phase| phase.took).sum();
+        let cpu: Duration = counted().filter_map(|phase| phase.cpu).sum();
+        let seconds = |cpu: Option<Duration>| {
+            cpu.map_or("-".to_string(), |cpu| format!("{:.0}", cpu.as_secs_f64()))
+        };
         eprintln!("\nwhere the time went:\n");
-        eprintln!("| phase | seconds |\n|---|---:|");
-        for (name, took, counted) in &self.phases {
-            let took = took.as_secs_f64();
-            if *counted {
-                eprintln!("| {name} | {took:.0} |");
+        eprintln!("| phase | seconds | CPU seconds |\n|---|---:|---:|");
+        for phase in &self.phases {
+            let (name, took, cpu) = (phase.name, phase.took.as_secs_f64(), seconds(phase.cpu));
+            if phase.counted {
+                eprintln!("| {name} | {took:.0} | {cpu} |");
             } else {
-                eprintln!("| {name} (alongside the phase above) | ({took:.0}) |");
+                eprintln!("| {name} (alongside the phase above; CPU there) | ({took:.0}) | |");
             }
         }
-        eprintln!("| **total** | **{:.0}** |", total.as_secs_f64());
+        eprintln!(
+            "| **total** | **{:.0}** | **{:.0}** |",
+            total.as_secs_f64(),
+            cpu.as_secs_f64()
+        );
     }
+}
+
+/// The CPU children took since `before`.
+fn cpu_since(before: Option<Duration>) -> Option<Duration> {
+    Some(children_cpu()?.saturating_sub(before?))
 }
 
 fn nextest_installed() -> bool {
@@ -339,7 +391,24 @@ fn run_tests(command: &mut Command, format: Format) -> anyhow::Result<(u64, u64)
 
 #[cfg(test)]
 mod tests {
-    use super::{Format, counts};
+    use std::process::Command;
+    use std::time::Duration;
+
+    use super::{Format, children_cpu, counts, cpu_since};
+
+    /// A phase's CPU is what its commands spent, however long they waited for a core.
+    #[test]
+    fn a_phase_counts_the_cpu_its_commands_spent() {
+        let before = children_cpu();
+        assert!(before.is_some(), "/proc/self/stat is readable");
+        let spent = Command::new("python3")
+            .args(["-c", "import time\nwhile time.process_time() < 0.3: pass"])
+            .status()
+            .expect("python3 runs");
+        assert!(spent.success());
+        let cpu = cpu_since(before).expect("read again");
+        assert!(cpu >= Duration::from_millis(280), "{cpu:?}");
+    }
 
     #[test]
     fn each_runners_summary_is_counted_and_nothing_else() {
