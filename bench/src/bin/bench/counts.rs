@@ -42,7 +42,54 @@ pub struct Counted {
     pub syscalls_per_request: f64,
     /// The system calls made at least once per ten requests, by name, per request.
     pub syscalls: Vec<(String, f64)>,
+    /// For an ext_proc server: its instructions per request by [`ITEMS`], each the inclusive
+    /// count of the item's outermost function found in the dump (`None`: not found, e.g.
+    /// inlined away or no Wasm in the process).
+    #[serde(default)]
+    pub items: Items,
 }
+
+/// Instructions per request by item: each item's label and count, if found.
+pub type Items = Vec<(String, Option<f64>)>;
+
+/// Where an ext_proc server's instructions go, in parts that do not overlap (none runs inside
+/// another): each a label and the functions that stand for it in a dump, the outermost found
+/// counting. The build links with LTO, so where one function is inlined another name may hold
+/// the same work. What no item covers is the rest: the ext_proc protocol, the conversions, the
+/// chain, futures and allocation.
+pub const ITEMS: [(&str, &[&str]); 7] = [
+    (
+        "Wasm: instantiation (pool slot, store, instance)",
+        &["wasm_extproc_core::runtime::Plugin::instantiate_within"],
+    ),
+    (
+        "Wasm: instance drop (memory and tables reset for the next stream)",
+        &["core::ptr::drop_in_place<wasm_extproc_core::runtime::Instance>"],
+    ),
+    (
+        "Wasm: the two header calls, host functions included",
+        &["wasmtime::runtime::component::func::Func::call_raw"],
+    ),
+    (
+        "protobuf: decoding Envoy's messages",
+        &["<tonic_prost::codec::ProstDecoder<U> as tonic::codec::Decoder>::decode"],
+    ),
+    (
+        "protobuf: encoding the answers",
+        &[
+            "<tonic_prost::codec::ProstEncoder<T> as tonic::codec::Encoder>::encode",
+            "prost::message::Message::encode",
+        ],
+    ),
+    (
+        "HTTP/2 connection: frames read and written, HPACK",
+        &["h2::proto::connection::Connection<T,P,B>::poll"],
+    ),
+    (
+        "tokio: waiting for work (I/O driver, timers, waking tasks)",
+        &["tokio::runtime::scheduler::multi_thread::worker::Context::park_internal"],
+    ),
+];
 
 /// Counts every setup of [`COUNTED`].
 pub fn run() -> anyhow::Result<Vec<Counted>> {
@@ -58,7 +105,7 @@ pub fn run() -> anyhow::Result<Vec<Counted>> {
             .with_context(|| format!("no setup {key}"))?;
         let instructions = instructions(setup, &binaries, &kept)?;
         let syscalls = syscalls(setup, &binaries)?;
-        for (process, instructions) in instructions {
+        for (process, instructions, items) in instructions {
             let (total, by_name) = syscalls
                 .iter()
                 .find(|(name, ..)| *name == process)
@@ -74,6 +121,7 @@ pub fn run() -> anyhow::Result<Vec<Counted>> {
                 instructions_per_request: instructions,
                 syscalls_per_request: total,
                 syscalls: by_name,
+                items,
             });
         }
     }
@@ -87,7 +135,7 @@ fn instructions(
     setup: &'static Setup,
     binaries: &Binaries,
     kept: &Path,
-) -> anyhow::Result<Vec<(&'static str, f64)>> {
+) -> anyhow::Result<Vec<(&'static str, f64, Items)>> {
     let running = Running::start_with(
         setup,
         binaries,
@@ -109,7 +157,12 @@ fn instructions(
         let copy = kept.join(format!("{}.{name}.callgrind", setup.key));
         std::fs::copy(&dump, &copy).with_context(|| copy.display().to_string())?;
         let total = dumped_total(&dump)?;
-        counts.push((name, total as f64 / REQUESTS as f64));
+        let items = if name == "ext_proc" {
+            items(&copy)?
+        } else {
+            Vec::new()
+        };
+        counts.push((name, total as f64 / REQUESTS as f64, items));
     }
     Ok(counts)
 }
@@ -160,6 +213,46 @@ fn dumped_total(dump: &str) -> anyhow::Result<u64> {
         })
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .with_context(|| format!("{dump} has no totals line"))
+}
+
+/// The instructions per request of each of [`ITEMS`] in `dump`, from `callgrind_annotate`'s
+/// inclusive counts.
+fn items(dump: &Path) -> anyhow::Result<Items> {
+    let annotated = output_of(
+        Command::new("callgrind_annotate")
+            .args(["--inclusive=yes", "--threshold=100"])
+            .arg(dump),
+    )
+    .with_context(|| format!("callgrind_annotate {}", dump.display()))?;
+    Ok(items_in(&annotated, REQUESTS))
+}
+
+/// [`ITEMS`] in `annotated` (callgrind_annotate's inclusive listing), per request.
+fn items_in(annotated: &str, requests: u64) -> Items {
+    // Lines such as `22,834,675 (12.11%)  ???:path::to::function [/object]`.
+    let functions: Vec<(u64, &str)> = annotated
+        .lines()
+        .filter_map(|line| {
+            let (count, rest) = line.trim_start().split_once(' ')?;
+            let count = count.replace(',', "").parse().ok()?;
+            let (_, function) = rest.split_once(':')?;
+            Some((count, function))
+        })
+        .collect();
+    ITEMS
+        .iter()
+        .map(|(label, names)| {
+            let outermost = functions
+                .iter()
+                .filter(|(_, function)| names.iter().any(|name| function.starts_with(name)))
+                .map(|(count, _)| *count)
+                .max();
+            (
+                label.to_string(),
+                outermost.map(|count| count as f64 / requests as f64),
+            )
+        })
+        .collect()
 }
 
 /// Per measured process: its system calls per request, in all and by name.
@@ -264,6 +357,32 @@ mod tests {
                 ("epoll_wait".to_string(), 17)
             ]
         );
+    }
+
+    #[test]
+    fn each_item_counts_its_outermost_function_and_a_missing_one_says_so() {
+        let annotated = "\
+--------------------------------------------------------------------------------
+188,588,305 (100.0%)  PROGRAM TOTALS
+22,834,675 (12.11%)  ???:wasm_extproc_core::runtime::Plugin::instantiate_within::{{closure}} [/x]
+ 9,126 ( 0.00%)  ???:wasm_extproc_core::runtime::Plugin::instantiate_within::{{closure}}::{{closure}} [/x]
+3,350,970 ( 3.09%)  ???:<tonic_prost::codec::ProstEncoder<T> as tonic::codec::Encoder>::encode [/x]
+1,400,000 ( 1.29%)  ???:prost::message::Message::encode [/x]
+";
+        let items = items_in(annotated, 1_000);
+        assert_eq!(items.len(), ITEMS.len());
+        assert_eq!(items[0].1, Some(22_834.675));
+        // Two names for the same work, nested: the outer one.
+        let encode = items
+            .iter()
+            .find(|(label, _)| label.contains("encoding"))
+            .unwrap();
+        assert_eq!(encode.1, Some(3_350.97));
+        let calls = items
+            .iter()
+            .find(|(label, _)| label.contains("header calls"))
+            .unwrap();
+        assert_eq!(calls.1, None);
     }
 
     #[test]

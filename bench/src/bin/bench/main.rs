@@ -220,9 +220,22 @@ fn measure(
     if wanted(Part::Overload) {
         results.overload = overload::run(options.rounds)?;
     }
-    results.date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
-    results.machine = machine()?;
-    results.command = command_line(options);
+    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    match options.only {
+        // One part again: the rest was measured by the run the header names, perhaps on
+        // another machine, so the header keeps it and lists this part after it.
+        Some(part) if !results.date.is_empty() => results.later.push(format!(
+            "`--only {}` {date} on {}",
+            part_name(part),
+            machine()?
+        )),
+        _ => {
+            results.date = date;
+            results.machine = machine()?;
+            results.command = command_line(options);
+            results.later.clear();
+        }
+    }
     Ok(results)
 }
 
@@ -236,12 +249,14 @@ fn command_line(options: &Options) -> String {
         line.push_str(&format!(" --fixed-rate {rate}"));
     }
     if let Some(part) = options.only {
-        line.push_str(&format!(
-            " (then --only {})",
-            format!("{part:?}").to_lowercase()
-        ));
+        line.push_str(&format!(" --only {}", part_name(part)));
     }
     line
+}
+
+/// How `--only` spells `part`.
+fn part_name(part: Part) -> String {
+    format!("{part:?}").to_lowercase()
 }
 
 /// CPU model, cores and kernel, for the report's header.

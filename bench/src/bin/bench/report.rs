@@ -62,6 +62,9 @@ pub struct Results {
     /// More clients than the machine serves, every round.
     #[serde(default)]
     pub overload: Vec<Overloaded>,
+    /// Parts measured again since (`--only`), each with its date and machine.
+    #[serde(default)]
+    pub later: Vec<String>,
 }
 
 impl Results {
@@ -83,6 +86,7 @@ impl Results {
             state: None,
             counts: Vec::new(),
             overload: Vec::new(),
+            later: Vec::new(),
         }
     }
 }
@@ -115,6 +119,13 @@ pub fn write(results: &Results, report: &Path, plots: &Path) -> anyhow::Result<(
          what to compare. Raw figures, every round included: [bench/results.json](bench/results.json).\n",
         results.command, results.date, results.machine
     )?;
+    if !results.later.is_empty() {
+        writeln!(
+            md,
+            "Measured again since, the rest as above: {}.\n",
+            results.later.join("; ")
+        )?;
+    }
 
     md.push_str(&summary(results));
     if !results.e2e.is_empty() {
@@ -879,6 +890,55 @@ fn counts_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
         )?;
     }
     md.push('\n');
+    items_table(results, md)
+}
+
+/// The host's and the native server's instructions per request by item, side by side.
+fn items_table(results: &Results, md: &mut String) -> anyhow::Result<()> {
+    let server = |setup: &str| {
+        results
+            .counts
+            .iter()
+            .find(|c| c.setup == setup && c.process == "ext_proc" && !c.items.is_empty())
+    };
+    let (Some(host), Some(native)) = (server("wasm"), server("native")) else {
+        return Ok(());
+    };
+    writeln!(
+        md,
+        "Where the ext_proc servers' instructions go, per request, from the same dumps \
+         (`callgrind_annotate --inclusive=yes`: each item is the work under the functions \
+         `bench/src/bin/bench/counts.rs` names for it, none inside another; the rest is the \
+         ext_proc protocol, conversions, the chain, futures and allocation):\n\n\
+         | item | host | native server | host - native |\n|---|---|---|---|"
+    )?;
+    let shown = |count: Option<f64>| count.map_or("-".to_string(), |c| format!("{:.1}k", c / 1e3));
+    let mut rest = (
+        host.instructions_per_request,
+        native.instructions_per_request,
+    );
+    for ((label, in_host), (_, in_native)) in host.items.iter().zip(&native.items) {
+        rest.0 -= in_host.unwrap_or(0.0);
+        rest.1 -= in_native.unwrap_or(0.0);
+        let difference = in_host.unwrap_or(0.0) - in_native.unwrap_or(0.0);
+        writeln!(
+            md,
+            "| {label} | {} | {} | {:+.1}k |",
+            shown(*in_host),
+            shown(*in_native),
+            difference / 1e3
+        )?;
+    }
+    writeln!(
+        md,
+        "| the rest | {} | {} | {:+.1}k |\n| **total** | **{}** | **{}** | **{:+.1}k** |\n",
+        shown(Some(rest.0)),
+        shown(Some(rest.1)),
+        (rest.0 - rest.1) / 1e3,
+        shown(Some(host.instructions_per_request)),
+        shown(Some(native.instructions_per_request)),
+        (host.instructions_per_request - native.instructions_per_request) / 1e3
+    )?;
     Ok(())
 }
 
@@ -1351,7 +1411,9 @@ for comparison. Each run's CPU per request is measured from /proc; the split com
 `perf record -e cpu-clock --call-graph dwarf` profile of the same setup, each sample attributed
 to the first item (in this order) found in its call stack. The profile of the old host
 attributes calls made on a fiber less well (unwinding stops at the fiber's stack), so its Wasm
-rows are approximate; their sum is not.
+rows are approximate; their sum is not. The same split in instructions, which do not move with
+the machine's load, is rerun with every `--only counts` (the items under \"Work per request\"
+above).
 
 | item, µs per request | before | after | native server |
 |---|---|---|---|
