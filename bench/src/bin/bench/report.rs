@@ -909,7 +909,10 @@ fn items_table(results: &Results, md: &mut String) -> anyhow::Result<()> {
         "Where the ext_proc servers' instructions go, per request, from the same dumps \
          (`callgrind_annotate --inclusive=yes`: each item is the work under the functions \
          `bench/src/bin/bench/counts.rs` names for it, none inside another; the rest is the \
-         ext_proc protocol, conversions, the chain, futures and allocation):\n\n\
+         ext_proc protocol, conversions, the chain, futures and allocation). Valgrind counts \
+         each byte a `rep stos` or `rep movs` moves as an instruction: glibc's `memset` and \
+         `memcpy` of a few KiB (the pool clearing a page of a table or a memory for the next \
+         stream) weigh more here than their time does:\n\n\
          | item | host | native server | host - native |\n|---|---|---|---|"
     )?;
     let shown = |count: Option<f64>| count.map_or("-".to_string(), |c| format!("{:.1}k", c / 1e3));
