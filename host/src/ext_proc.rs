@@ -8,6 +8,8 @@
 //!   above and the plugin chain.
 //! - [`service`]: the tonic service, a thin loop that feeds each stream's messages to its
 //!   exchange.
+//! - [`grpc`]: the service's one gRPC method as tonic serves it, with stream buffers sized
+//!   for ext_proc's messages.
 //! - [`observe`]: what the service shows of its streams to whoever watches them (the
 //!   recorder), without knowing who.
 //! - [`overload`]: how far behind the host runs, and new streams refused while it runs too
@@ -17,9 +19,11 @@
 pub mod convert;
 pub mod exchange;
 pub mod fuzz;
+pub mod grpc;
 pub mod observe;
 pub mod overload;
 pub mod protocol;
 pub mod service;
 
+pub use grpc::ExtProcServer;
 pub use service::ExtProcService;

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
-use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::task::{AbortOnDropHandle, TaskTracker};
@@ -17,18 +16,15 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic_health::server::HealthReporter;
 
-use crate::MAX_MESSAGE_BYTES;
 use crate::access::{AdminAccess, ClientIdentities};
 use crate::admin;
 use crate::config::{Config, ListenAddr};
-use crate::ext_proc::ExtProcService;
 use crate::ext_proc::overload::Overload;
+use crate::ext_proc::{ExtProcServer, ExtProcService};
 use crate::metrics::Metrics;
 use crate::record::Recorder;
 use crate::registry::{self, ConfigSource, Generation, Mode, Registry, ReloadSummary};
 use crate::runtime::{PoolLimits, Runtime};
-
-type ExtProcServer = ExternalProcessorServer<ExtProcService>;
 
 /// How long closing listeners may take once draining is over.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -221,7 +217,7 @@ impl Host {
         // The lag is measured for as long as the host serves.
         let overload = Overload::new(self.config.shed_after, &self.metrics);
         let _probe = AbortOnDropHandle::new(tokio::spawn(overload.clone().probe()));
-        let ext_proc = ExternalProcessorServer::new(
+        let ext_proc = ExtProcServer::new(
             ExtProcService::new(
                 self.registry.clone(),
                 self.metrics.clone(),
@@ -237,9 +233,7 @@ impl Host {
                 overload,
             )
             .idle_timeout(self.config.stream_idle_timeout),
-        )
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        );
 
         let settings = &self.config.settings;
         let _watch = match (settings.watch, settings.plugins_dir.is_dir()) {
