@@ -68,7 +68,10 @@ pub const ITEMS: [(&str, &[&str]); 7] = [
     ),
     (
         "Wasm: the two header calls, host functions included",
-        &["wasmtime::runtime::component::func::Func::call_raw"],
+        &[
+            "wasm_extproc_core::runtime::Instance::call",
+            "wasmtime::runtime::component::func::Func::call_raw",
+        ],
     ),
     (
         "protobuf: decoding Envoy's messages",

@@ -224,11 +224,14 @@ fn measure(
     match options.only {
         // One part again: the rest was measured by the run the header names, perhaps on
         // another machine, so the header keeps it and lists this part after it.
-        Some(part) if !results.date.is_empty() => results.later.push(format!(
-            "`--only {}` {date} on {}",
-            part_name(part),
-            machine()?
-        )),
+        Some(part) if !results.date.is_empty() => {
+            // A part measured again replaces its earlier entry.
+            let only = format!("`--only {}`", part_name(part));
+            results.later.retain(|entry| !entry.starts_with(&only));
+            results
+                .later
+                .push(format!("{only} {date} on {}", machine()?));
+        }
         _ => {
             results.date = date;
             results.machine = machine()?;
