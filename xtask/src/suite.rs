@@ -189,36 +189,36 @@ fn timing<'a>(
     }
 }
 
+/// The kernel's clock ticks per second (`USER_HZ`), in which /proc gives times: 100 on Linux.
+const TICKS_PER_SECOND: u64 = 100;
+
+/// Field `number` (as `proc(5)` numbers them, from 1) of process `pid`'s `/proc/PID/stat`, as
+/// a number. Fields are counted after the command name's closing parenthesis, since the name
+/// may hold spaces.
+fn stat_field(pid: &str, number: usize) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    // The first field after the name is field 3.
+    after_name.split_whitespace().nth(number - 3)?.parse().ok()
+}
+
 /// The CPU time (user and system) of this process's children that have ended, from `/proc`:
 /// every command a phase ran, and all they ran in turn.
 fn children_cpu() -> Option<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    let mut fields = after_name.split_whitespace().skip(13);
-    let user: u64 = fields.next()?.parse().ok()?;
-    let system: u64 = fields.next()?.parse().ok()?;
-    // In the kernel's USER_HZ, 100 on Linux.
-    Some(Duration::from_millis((user + system) * 10))
+    let ticks = stat_field("self", 16)? + stat_field("self", 17)?;
+    Some(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
 }
 
 /// How long ago the process that started this one (`cargo`) started, from `/proc`.
 fn time_since_parent_started() -> Option<Duration> {
-    let stat = std::fs::read_to_string(format!(
-        "/proc/{}/stat",
-        std::os::unix::process::parent_id()
-    ))
-    .ok()?;
-    // Field 22, counted after the command name's closing parenthesis (which may hold spaces).
-    let after_name = &stat[stat.rfind(')')? + 2..];
-    let started_ticks: f64 = after_name.split_whitespace().nth(19)?.parse().ok()?;
+    let parent = std::os::unix::process::parent_id().to_string();
+    let started = stat_field(&parent, 22)? as f64 / TICKS_PER_SECOND as f64;
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")
         .ok()?
         .split_whitespace()
         .next()?
         .parse()
         .ok()?;
-    // The kernel's USER_HZ, 100 on Linux.
-    let started = started_ticks / 100.0;
     (uptime > started).then(|| Duration::from_secs_f64(uptime - started))
 }
 
