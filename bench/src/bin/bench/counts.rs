@@ -19,8 +19,16 @@ use serde::{Deserialize, Serialize};
 use super::e2e::load::{load_generator, output_of};
 use super::e2e::{Binaries, MEASURED_PROFILE, Running, SETUPS, Setup, Variation, callgrind_out};
 
-/// The setups counted: the baselines and the two ways of running the bundled plugin.
-const COUNTED: [&str; 5] = ["envoy", "lua", "wasm", "native", "in-process"];
+/// The setups counted: the baselines, the two ways of running the bundled plugin, and the host
+/// with tracing on (its spans' cost, beside `wasm`'s).
+const COUNTED: [&str; 6] = [
+    "envoy",
+    "lua",
+    "wasm",
+    "wasm-traced",
+    "native",
+    "in-process",
+];
 /// Requests per count: enough that start-up work left in the counters is noise.
 const REQUESTS: u64 = 1_000;
 /// Requests before counting: connection pools filled, instances and caches warm.

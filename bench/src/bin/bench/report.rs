@@ -890,6 +890,22 @@ fn counts_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
         )?;
     }
     md.push('\n');
+    let server = |setup: &str| {
+        results
+            .counts
+            .iter()
+            .find(|c| c.setup == setup && c.process == "ext_proc")
+    };
+    if let (Some(off), Some(on)) = (server("wasm"), server("wasm-traced")) {
+        writeln!(
+            md,
+            "Tracing on, the host runs {:.1}k instructions per request against {:.1}k with it \
+             off: {:.2}× (three spans per request, exported over OTLP/gRPC).\n",
+            on.instructions_per_request / 1e3,
+            off.instructions_per_request / 1e3,
+            on.instructions_per_request / off.instructions_per_request
+        )?;
+    }
     items_table(results, md)
 }
 
