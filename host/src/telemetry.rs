@@ -224,6 +224,14 @@ pub fn layer(
     let tracer = provider.tracer("wasm-extproc");
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        // A span carries the fields the host gives it and nothing else: the layer's own
+        // additions (the `tracing` target, the source file and line, the thread, busy and idle
+        // time, clocked at every poll that enters the span) cost each span work and export
+        // bytes and say nothing about the exchange.
+        .with_target(false)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
         .with_filter(Targets::new().with_target(TRACE_TARGET, LevelFilter::TRACE))
         .boxed();
     Ok((layer, Tracing { provider }))

@@ -55,7 +55,17 @@ async fn the_hosts_spans_continue_envoys_trace() {
         };
         assert!(attribute("plugin").contains("asm"), "{call:?}");
         assert!(attribute("outcome").contains("ok"), "{call:?}");
+        // The host's fields, and nothing the tracing layer would add on its own (target,
+        // source location, thread, busy and idle time): each is work and bytes on every span.
+        // (`instantiate_us` on the call that made the stream's instance only.)
+        let mut keys: Vec<&str> = call.attributes.iter().map(|a| a.key.as_str()).collect();
+        keys.retain(|key| *key != "instantiate_us");
+        keys.sort_unstable();
+        assert_eq!(keys, ["chain", "outcome", "phase", "plugin"], "{call:?}");
     }
+    let mut keys: Vec<&str> = stream.attributes.iter().map(|a| a.key.as_str()).collect();
+    keys.sort_unstable();
+    assert_eq!(keys, ["chain"], "{stream:?}");
 }
 
 /// With tracing on, a line the host logs inside a recorded trace ends with the trace's id and
