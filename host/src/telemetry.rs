@@ -26,12 +26,12 @@ use opentelemetry::trace::{SpanId, TraceContextExt, TraceId, TracerProvider};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use tracing_log::{AsLog, LogTracer};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::{FormatEvent, FormatFields, Writer};
 use tracing_subscriber::fmt::{FmtContext, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
-use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry};
 
 pub use wasm_extproc_core::chain::{CALL_SPAN, TRACE_TARGET};
@@ -93,16 +93,40 @@ pub fn init_with(
         ansi,
         tracing.is_some(),
     );
+    let (subscriber, log_level) = assemble(logs, spans, more);
     // A second init (tests starting several hosts) keeps the first subscriber.
-    let _ = tracing_subscriber::registry()
-        .with(
-            std::iter::once(logs)
-                .chain(spans)
-                .chain(more)
-                .collect::<Vec<_>>(),
-        )
-        .try_init();
+    if tracing::subscriber::set_global_default(subscriber).is_ok() {
+        let _ = LogTracer::builder().with_max_level(log_level).init();
+    }
     Ok(tracing)
+}
+
+/// The subscriber of these layers, and the level at which `log` records reach it.
+///
+/// `log` records (wasmtime logs through `log`, a dozen calls per exchange) can only reach the
+/// log layers: the trace layer takes spans of `TRACE_TARGET`, which no record is. So `log`'s own
+/// level is theirs, not the trace layer's TRACE, which would send each of wasmtime's
+/// `log::trace!` calls through the subscriber only to be dropped there.
+fn assemble(
+    logs: Box<dyn Layer<Registry> + Send + Sync>,
+    spans: Option<Box<dyn Layer<Registry> + Send + Sync>>,
+    more: Vec<Box<dyn Layer<Registry> + Send + Sync>>,
+) -> (
+    impl tracing::Subscriber + Send + Sync,
+    tracing_log::log::LevelFilter,
+) {
+    let log_level = std::iter::once(&logs)
+        .chain(&more)
+        .map(|layer| layer.max_level_hint().unwrap_or(LevelFilter::TRACE))
+        .max()
+        .unwrap_or(LevelFilter::OFF);
+    let subscriber = tracing_subscriber::registry().with(
+        std::iter::once(logs)
+            .chain(spans)
+            .chain(more)
+            .collect::<Vec<_>>(),
+    );
+    (subscriber, log_level.as_log())
 }
 
 /// The log layer: `format` lines to `writer`, filtered by `RUST_LOG` (else `default_filter`);
@@ -255,4 +279,35 @@ pub fn remote_context(metadata: &tonic::metadata::MetadataMap) -> opentelemetry:
         }
     }
     TraceContextPropagator::new().extract(&Metadata(metadata))
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Subscriber;
+    use tracing_log::log;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn log_records_are_filtered_at_the_logs_level_whatever_the_trace_layer_takes() {
+        let settings = FileTracing {
+            otlp_endpoint: "http://127.0.0.1:9".into(),
+            service_name: None,
+        };
+        let (spans, _tracing) = layer(&settings).unwrap();
+        let logs = logs(LogFormat::Text, "info", std::io::sink, false, true);
+        let (subscriber, log_level) = assemble(logs, Some(spans), Vec::new());
+        // The trace layer takes its spans at TRACE...
+        assert_eq!(subscriber.max_level_hint(), Some(LevelFilter::TRACE));
+        // ... and `log` records below the logs' INFO stop at `log`'s own filter.
+        assert_eq!(log_level, log::LevelFilter::Info);
+
+        let logs = logs_at("debug");
+        let (_, log_level) = assemble(logs, None, vec![logs_at("warn")]);
+        assert_eq!(log_level, log::LevelFilter::Debug);
+    }
+
+    fn logs_at(filter: &str) -> Box<dyn Layer<Registry> + Send + Sync> {
+        logs(LogFormat::Text, filter, std::io::sink, false, false)
+    }
 }
