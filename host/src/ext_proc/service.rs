@@ -18,7 +18,6 @@ use futures::{FutureExt, Stream};
 use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::exchange::{Accepted, CHAIN_METADATA, Exchange, Then};
@@ -144,12 +143,19 @@ impl ExternalProcessor for ExtProcService {
             span.record("chain", serving.exchange.chain_name());
         }
         self.overload.stream_opened();
-        let answers = futures::stream::unfold(serving, move |mut serving| {
-            let span = span.clone();
-            async move {
-                let answer = serving.next_answer().instrument(span).await?;
-                Some((answer, serving))
-            }
+        // The stream's span is entered while its work runs: for each poll of an answer, by
+        // reference (`Instrument` would take a clone of it for each answer, and enter it again
+        // to drop each finished future).
+        let answers = futures::stream::unfold((serving, span), |(mut serving, span)| async move {
+            let answer = {
+                let mut answering = std::pin::pin!(serving.next_answer());
+                std::future::poll_fn(|cx| {
+                    let _entered = span.enter();
+                    answering.as_mut().poll(cx)
+                })
+                .await?
+            };
+            Some((answer, (serving, span)))
         });
         Ok(Response::new(Box::pin(answers)))
     }
