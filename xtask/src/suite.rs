@@ -192,27 +192,35 @@ fn timing<'a>(
 /// The kernel's clock ticks per second (`USER_HZ`), in which /proc gives times: 100 on Linux.
 const TICKS_PER_SECOND: u64 = 100;
 
-/// Field `number` (as `proc(5)` numbers them, from 1) of process `pid`'s `/proc/PID/stat`, as
-/// a number. Fields are counted after the command name's closing parenthesis, since the name
-/// may hold spaces.
-fn stat_field(pid: &str, number: usize) -> Option<u64> {
+/// Fields `numbers` (as `proc(5)` numbers them, from 1) of process `pid`'s `/proc/PID/stat`,
+/// as numbers, read at once. Fields are counted after the command name's closing parenthesis,
+/// since the name may hold spaces.
+fn stat_fields<const N: usize>(pid: &str, numbers: [usize; N]) -> Option<[u64; N]> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 2..];
-    // The first field after the name is field 3.
-    after_name.split_whitespace().nth(number - 3)?.parse().ok()
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let mut values = [0; N];
+    for (value, number) in values.iter_mut().zip(numbers) {
+        // The first field after the name is field 3.
+        *value = fields.get(number.checked_sub(3)?)?.parse().ok()?;
+    }
+    Some(values)
 }
 
 /// The CPU time (user and system) of this process's children that have ended, from `/proc`:
 /// every command a phase ran, and all they ran in turn.
 fn children_cpu() -> Option<Duration> {
-    let ticks = stat_field("self", 16)? + stat_field("self", 17)?;
-    Some(Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND))
+    let [user, system] = stat_fields("self", [16, 17])?;
+    Some(Duration::from_millis(
+        (user + system) * 1000 / TICKS_PER_SECOND,
+    ))
 }
 
 /// How long ago the process that started this one (`cargo`) started, from `/proc`.
 fn time_since_parent_started() -> Option<Duration> {
     let parent = std::os::unix::process::parent_id().to_string();
-    let started = stat_field(&parent, 22)? as f64 / TICKS_PER_SECOND as f64;
+    let [started] = stat_fields(&parent, [22])?;
+    let started = started as f64 / TICKS_PER_SECOND as f64;
     let uptime: f64 = std::fs::read_to_string("/proc/uptime")
         .ok()?
         .split_whitespace()

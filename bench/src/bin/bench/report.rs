@@ -890,13 +890,10 @@ fn counts_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
         )?;
     }
     md.push('\n');
-    let server = |setup: &str| {
-        results
-            .counts
-            .iter()
-            .find(|c| c.setup == setup && c.process == "ext_proc")
-    };
-    if let (Some(off), Some(on)) = (server("wasm"), server("wasm-traced")) {
+    if let (Some(off), Some(on)) = (
+        ext_proc_counted(results, "wasm"),
+        ext_proc_counted(results, "wasm-traced"),
+    ) {
         writeln!(
             md,
             "Tracing on, the host runs {:.1}k instructions per request against {:.1}k with it \
@@ -909,14 +906,18 @@ fn counts_section(results: &Results, md: &mut String) -> anyhow::Result<()> {
     items_table(results, md)
 }
 
+/// The ext_proc server's counts in `setup`, if counted.
+fn ext_proc_counted<'a>(results: &'a Results, setup: &str) -> Option<&'a Counted> {
+    results
+        .counts
+        .iter()
+        .find(|c| c.setup == setup && c.process == "ext_proc")
+}
+
 /// The host's and the native server's instructions per request by item, side by side.
 fn items_table(results: &Results, md: &mut String) -> anyhow::Result<()> {
-    let server = |setup: &str| {
-        results
-            .counts
-            .iter()
-            .find(|c| c.setup == setup && c.process == "ext_proc" && !c.items.is_empty())
-    };
+    let server =
+        |setup: &str| ext_proc_counted(results, setup).filter(|counted| !counted.items.is_empty());
     let (Some(host), Some(native)) = (server("wasm"), server("native")) else {
         return Ok(());
     };
